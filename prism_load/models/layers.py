@@ -1,0 +1,194 @@
+"""Layers shared by every family: RMSNorm, the KV cache, grouped-query attention, the SwiGLU MLP.
+
+Shape key: B batch, T new tokens, S cached + new tokens, H hidden, h heads, g kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, then scaled in the input dtype (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache:
+    """Per-layer key/value buffers that grow by doubling, so decode appends without reallocating each step."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths) if self.lengths else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v [B, g, T, D] for a layer; return all cached k/v [B, g, S, D]."""
+        n, t = self.lengths[layer], k.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or n + t > buf_k.shape[2]:
+            capacity = max(2 * (n + t), 64)
+            new_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            new_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if buf_k is not None:
+                new_k[:, :, :n] = buf_k[:, :, :n]
+                new_v[:, :, :n] = buf_v[:, :, :n]
+            buf_k, buf_v = self.keys[layer], self.values[layer] = new_k, new_v
+        buf_k[:, :, n : n + t] = k
+        buf_v[:, :, n : n + t] = v
+        self.lengths[layer] = n + t
+        return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs besides its input: positions, rotary tables and the cache."""
+
+    positions: torch.Tensor  # [T] absolute positions of the new tokens
+    cos: torch.Tensor  # [T, D_rot]
+    sin: torch.Tensor
+    cache: KVCache | None = None
+
+
+def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
+    """Boolean [T, S] mask, True where attending is allowed: causal, and within the sliding window if any."""
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scaling: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention. q [B, h, T, D]; k/v [B, g, S, D]; returns [B, h, T, Dv].
+
+    SDPA handles the plain causal case; sinks (GPT-OSS: a learned per-head logit that joins the softmax
+    and is then dropped) need the explicit form.
+    """
+    t, s = q.shape[2], k.shape[2]
+    if sinks is None:
+        gqa = q.shape[1] != k.shape[1]
+        if window is None and t == s:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        mask = None if (window is None and t == 1) else attention_mask(q_pos, s, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B, h, T, S]
+    scores = scores.masked_fill(~attention_mask(q_pos, s, window), float("-inf"))
+    sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, t, 1).to(scores.dtype)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+@dataclass
+class AttentionSpec:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None, "head" (Qwen3: per head), "full" (OLMoE: over the whole projection)
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    sinks: bool = False
+    rms_norm_eps: float = 1e-6
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with the per-family switches of AttentionSpec."""
+
+    def __init__(self, spec: AttentionSpec, layer_index: int):
+        super().__init__()
+        self.spec, self.layer_index = spec, layer_index
+        h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, spec.rms_norm_eps), RMSNorm(d, spec.rms_norm_eps)
+        elif spec.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * d, spec.rms_norm_eps), RMSNorm(g * d, spec.rms_norm_eps)
+        if spec.sinks:
+            self.sinks = nn.Parameter(torch.zeros(h))
+        self.scaling = d**-0.5
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        spec = self.spec
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if spec.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.clip_qkv is not None:
+            q, k, v = (z.clamp(-spec.clip_qkv, spec.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, -1, spec.head_dim)
+        k = k.view(b, t, -1, spec.head_dim)
+        if spec.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, h|g, T, D]
+        v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_index, k, v)
+        out = attend(q, k, v, ctx.positions, self.scaling, spec.sliding_window, getattr(self, "sinks", None))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class SwiGLU(nn.Module):
+    """Dense gated MLP: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then the MLP (dense or MoE)."""
+
+    def __init__(self, index: int, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.index = index
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,179 @@
+"""The MoE block: a router and an expert source kept apart, so later stages can watch and replace them.
+
+- `router(x)` returns logits, the top-k expert indices and the weights actually applied.
+- `experts` is any ExpertSource: resident stacked tensors here, a budgeted cache in the runtime.
+- `observer`, when set, sees the router output and each expert's inputs (prism profile uses it).
+
+Shape key: N tokens (batch x time flattened), H hidden, E experts, K top-k, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [N, E] raw router logits
+    indices: torch.Tensor  # [N, K] chosen experts
+    weights: torch.Tensor  # [N, K] weights applied to the chosen experts' outputs
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """softmax(fp32) -> top-k -> optional renormalisation (Mixtral always; Qwen-MoE/OLMoE by norm_topk_prob).
+
+    Reference: transformers MixtralTopKRouter / Qwen2MoeTopKRouter / OlmoeTopKRouter.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits, indices, weights.to(x.dtype))
+
+
+class ExpertWeights:
+    """One expert's tensors in the runtime layout: gate_up [2I, H] (gate rows, then up rows), down [H, I].
+
+    gate_up and down are plain tensors or any callable linear operator (a low-rank pair, for example).
+    """
+
+    __slots__ = ("gate_up", "down", "gate_up_bias", "down_bias")
+
+    def __init__(self, gate_up, down, gate_up_bias=None, down_bias=None):
+        self.gate_up, self.down = gate_up, down
+        self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
+
+
+def apply_linear(x: torch.Tensor, op, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = F.linear(x, op) if isinstance(op, torch.Tensor) else op(x)
+    return y if bias is None else y + bias
+
+
+def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def expert_forward(x: torch.Tensor, w: ExpertWeights, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (output [n, H], down-projection input [n, I])."""
+    gate, up = apply_linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    h = act(gate, up)
+    return apply_linear(h, w.down, w.down_bias), h
+
+
+class ExpertSource(Protocol):
+    num_experts: int
+
+    def acquire(self, layer_index: int, expert_ids: list[int]) -> dict[int, ExpertWeights]:
+        """Weights of the given experts, ready to multiply; may block on a fetch."""
+
+
+class StackedExperts(nn.Module):
+    """All experts of one layer resident as stacked tensors (the transformers v5 in-memory layout)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if bias:
+            self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size))
+            self.down_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def acquire(self, layer_index: int, expert_ids: list[int]) -> dict[int, ExpertWeights]:
+        gb, db = getattr(self, "gate_up_bias", None), getattr(self, "down_bias", None)
+        return {
+            e: ExpertWeights(
+                self.gate_up_proj[e],
+                self.down_proj[e],
+                None if gb is None else gb[e],
+                None if db is None else db[e],
+            )
+            for e in expert_ids
+        }
+
+
+class MoEObserver(Protocol):
+    def on_route(self, layer_index: int, x: torch.Tensor, route: RouterOutput) -> None: ...
+
+    def on_expert(
+        self, layer_index: int, expert: int, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor
+    ) -> None: ...
+
+
+class MoEBlock(nn.Module):
+    """Routed experts plus an optional shared expert (sigmoid-gated for Qwen2-MoE, ungated for DeepSeek)."""
+
+    def __init__(
+        self,
+        layer_index: int,
+        router: nn.Module,
+        experts: nn.Module,
+        activation: Activation = silu_glu,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.layer_index = layer_index
+        self.router = router
+        self.experts = experts
+        self.activation = activation
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+        self.observer: MoEObserver | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        route = self.router(flat)
+        if self.observer is not None:
+            self.observer.on_route(self.layer_index, flat, route)
+        out = self.routed(flat, route)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        return out.reshape(shape)
+
+    def routed(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """Sum of weight x expert(x) over each token's chosen experts; one matmul pair per used expert."""
+        out = torch.zeros_like(flat)
+        indices = route.indices
+        if indices.shape[0] == 1:  # decode: no sort needed, just the K chosen experts
+            ids = indices[0].tolist()
+            weights = self.experts.acquire(self.layer_index, ids)
+            for k, e in enumerate(ids):
+                y, h = expert_forward(flat, weights[e], self.activation)
+                w = route.weights[:, k : k + 1]
+                if self.observer is not None:
+                    self.observer.on_expert(self.layer_index, e, flat, h, w[:, 0])
+                out += y * w
+            return out
+        used = torch.unique(indices).tolist()
+        weights = self.experts.acquire(self.layer_index, used)
+        for e in used:
+            token_idx, slot = torch.where(indices == e)
+            xe = flat[token_idx]
+            y, h = expert_forward(xe, weights[e], self.activation)
+            w = route.weights[token_idx, slot]
+            if self.observer is not None:
+                self.observer.on_expert(self.layer_index, e, xe, h, w)
+            out.index_add_(0, token_idx, (y * w[:, None]).to(out.dtype))
+        return out
