@@ -1,0 +1,219 @@
+"""`prism profile`: run calibration tokens through the model layer by layer and record what routing does.
+
+Per MoE layer and expert: top-k hits, gate mass, per-channel second moments of the expert's inputs (the
+gate/up input and the down-projection input, like llama.cpp's importance matrix), co-activation counts,
+and how well the next MoE layer's router, applied to this layer's output, predicts the next layer's
+experts (the shadow router the runtime prefetches with).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from prism_load.models.moe import MoEBlock, RouterOutput
+
+from .atomic import atomic_folder, write_json
+from .profile_schema import (
+    CALIBRATION_FILE,
+    PROFILE_FORMAT,
+    PROFILE_JSON,
+    PROFILE_VERSION,
+    STATS_FILE,
+    config_sha256,
+)
+from .stream import LayerStream
+
+
+@dataclass
+class LayerRecorder:
+    """MoEObserver for one layer: accumulates statistics over every micro-batch of calibration tokens."""
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    tokens: torch.Tensor = field(init=False)
+    gate_mass: torch.Tensor = field(init=False)
+    input_sq: torch.Tensor = field(init=False)
+    down_input_sq: torch.Tensor = field(init=False)
+    coactivation: torch.Tensor = field(init=False)
+    routed: list = field(default_factory=list)  # [n, K] chosen experts per micro-batch, in token order
+    applied_weight: float = 0.0
+
+    def __post_init__(self):
+        e = self.num_experts
+        self.tokens = torch.zeros(e, dtype=torch.int64)
+        self.gate_mass = torch.zeros(e, dtype=torch.float64)
+        self.input_sq = torch.zeros(e, self.hidden_size, dtype=torch.float64)
+        self.down_input_sq = torch.zeros(e, self.intermediate_size, dtype=torch.float64)
+        self.coactivation = torch.zeros(e, e, dtype=torch.int64)
+
+    def on_route(self, layer_index: int, x: torch.Tensor, route: RouterOutput) -> None:
+        self.routed.append(route.indices.clone())
+        self.applied_weight += float(route.weights.double().sum())
+        onehot = torch.zeros(route.indices.shape[0], self.num_experts, dtype=torch.int64)
+        onehot.scatter_(1, route.indices, 1)
+        self.coactivation += onehot.T @ onehot
+
+    def on_expert(self, layer_index: int, expert: int, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+        self.tokens[expert] += x.shape[0]
+        self.gate_mass[expert] += weight.double().sum()
+        self.input_sq[expert] += x.double().pow(2).sum(0)
+        self.down_input_sq[expert] += h.double().pow(2).sum(0)
+
+    def indices(self) -> torch.Tensor:
+        return torch.cat(self.routed)  # [N*L, K]
+
+    def mean_sq(self, which: torch.Tensor) -> torch.Tensor:
+        return (which / self.tokens.clamp_min(1)[:, None].double()).float()
+
+
+def set_overlap(pred: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """Per token, how many of `actual` [n, K] appear in `pred` [n, P]."""
+    return (pred[:, :, None] == actual[:, None, :]).any(1).sum(-1)
+
+
+def routing_summary(tokens: torch.Tensor, top_k: int) -> dict:
+    """Entropy and skew of the per-expert assignment distribution."""
+    p = tokens.double() / tokens.sum().clamp_min(1)
+    entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    ordered = p.sort(descending=True).values
+    quarter = max(1, math.ceil(len(p) / 4))
+    return {
+        "routing_entropy_bits": entropy,
+        "max_entropy_bits": math.log2(len(p)),
+        "top_expert_share": float(ordered[0]),
+        "top_quarter_share": float(ordered[:quarter].sum()),
+    }
+
+
+def temporal_reuse(indices: torch.Tensor, seq_len: int, tokens: torch.Tensor) -> tuple[float, float]:
+    """Share of token t's experts also chosen by token t-1 (same sequence), and its value under independence."""
+    k = indices.shape[-1]
+    seq = indices.reshape(-1, seq_len, k)
+    reuse = set_overlap(seq[:, :-1].reshape(-1, k), seq[:, 1:].reshape(-1, k)).double().mean() / k
+    p = tokens.double() / tokens.sum().clamp_min(1)
+    baseline = float((p * p).sum() * k)  # P(a given expert of t was also in t-1's set) if independent
+    return float(reuse), min(1.0, baseline)
+
+
+def shadow_prediction(block: MoEBlock, norm, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k experts the next MoE layer's router picks from `hidden` (this layer's output) [n, k]."""
+    logits = block.router(norm(hidden.reshape(-1, hidden.shape[-1]))).logits
+    return torch.topk(logits.float(), k, dim=-1).indices
+
+
+def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress | None = None,
+                   min_tokens: int = 16) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Runs `tokens` [N, L] through every layer; returns per-MoE-layer JSON entries and statistic tensors."""
+    args = stream.args
+    hidden = stream.embed(tokens)
+    seq_len = tokens.shape[1]
+    entries: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+    previous: tuple[dict, torch.Tensor] | None = None  # (entry of last MoE layer, its output hidden)
+    task = progress.add_task("profile", total=stream.num_layers) if progress else None
+    for i in range(stream.num_layers):
+        layer = stream.load_layer(i)
+        block = layer.mlp if isinstance(layer.mlp, MoEBlock) else None
+        if block is not None:
+            k = block.router.top_k
+            recorder = LayerRecorder(args.num_experts, args.hidden_size, args.moe_intermediate_size)
+            block.observer = recorder
+            if previous is not None:
+                entry, prev_out = previous
+                preds = [
+                    shadow_prediction(block, layer.post_attention_layernorm, prev_out, n)
+                    for n in (k, min(2 * k, args.num_experts))
+                ]
+        out = stream.run_layer(layer, hidden)
+        if block is not None:
+            actual = recorder.indices()
+            if previous is not None:
+                hits = set_overlap(preds[0], actual).sum().item()
+                hits2 = set_overlap(preds[1], actual).sum().item()
+                entry["next_layer"] = i
+                entry["next_layer_recall"] = entry["next_layer_precision"] = hits / actual.numel()
+                # with 2k >= E every expert is predicted: recall is trivially 1, so report nothing
+                entry["next_layer_recall_at_2k"] = hits2 / actual.numel() if 2 * k < args.num_experts else None
+            entry = layer_entry(i, recorder, seq_len, min_tokens)
+            entries.append(entry)
+            tensors[f"layers.{i}.input_sq"] = recorder.mean_sq(recorder.input_sq)
+            tensors[f"layers.{i}.down_input_sq"] = recorder.mean_sq(recorder.down_input_sq)
+            tensors[f"layers.{i}.coactivation"] = recorder.coactivation
+            previous = (entry, out)
+        hidden = out
+        del layer
+        if progress:
+            progress.update(task, advance=1, description=f"profile: layer {i + 1}/{stream.num_layers}")
+    return entries, tensors
+
+
+def layer_entry(i: int, rec: LayerRecorder, seq_len: int, min_tokens: int) -> dict:
+    reuse, baseline = temporal_reuse(rec.indices(), seq_len, rec.tokens)
+    experts = [
+        {"expert": e, "tokens": int(rec.tokens[e]), "gate_mass": float(rec.gate_mass[e])}
+        for e in range(rec.num_experts)
+    ]
+    return {
+        "layer": i,
+        "experts": experts,
+        "applied_weight": rec.applied_weight,
+        "next_layer": None,
+        "next_layer_recall": None,
+        "next_layer_precision": None,
+        "next_layer_recall_at_2k": None,
+        **routing_summary(rec.tokens, rec.indices().shape[-1]),
+        "temporal_reuse": reuse,
+        "temporal_reuse_baseline": baseline,
+        "rare_experts": [e for e in range(rec.num_experts) if rec.tokens[e] < min_tokens],
+    }
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_profile(model: Path, tokens: torch.Tensor, out: Path, dataset: dict, min_tokens: int = 16,
+                progress: Progress | None = None) -> dict:
+    """Profile `model` on calibration `tokens` [N, L] and write the profile folder atomically."""
+    from safetensors.torch import save_file
+
+    stream = LayerStream(Path(model))
+    start = time.perf_counter()
+    entries, tensors = profile_tokens(stream, tokens, progress, min_tokens)
+    seconds = time.perf_counter() - start
+    args = stream.args
+    data = {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "model": {
+            "path": str(model),
+            "model_type": args.model_type,
+            "num_hidden_layers": args.num_hidden_layers,
+            "num_experts": args.num_experts,
+            "hidden_size": args.hidden_size,
+            "moe_intermediate_size": args.moe_intermediate_size,
+            "config_sha256": config_sha256(stream.ckpt.config),
+        },
+        "dataset": dataset,
+        "tokens": int(tokens.numel()),
+        "top_k": args.num_experts_per_tok,
+        "min_tokens": min_tokens,
+        "layers": entries,
+        "rare_experts": [[x["layer"], e] for x in entries for e in x["rare_experts"]],
+        "seconds": seconds,
+        "tokens_per_second": tokens.numel() / seconds if seconds > 0 else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    with atomic_folder(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STATS_FILE)
+        save_file({"tokens": tokens.to(torch.int64).contiguous()}, tmp / CALIBRATION_FILE)
+        write_json(tmp / PROFILE_JSON, data)
+    return data
