@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.resources
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from prism_load.codecs import INT_BITS, Encoding
 from prism_load.errors import RecipeError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 DENSE_CLASSES = ("attention", "shared_expert", "dense_mlp", "router", "embedding", "lm_head", "norm")
 DENSE_FORMATS = ("bf16", "fp16", "fp32", "int8", "int6", "int5", "int4")
