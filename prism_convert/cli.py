@@ -42,22 +42,93 @@ def _not_yet(name: str) -> None:
     raise PrismError(f"'prism {name}' is not implemented yet")
 
 
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=False)
+
+
 @app.command()
-def profile(model: Path = typer.Argument(..., help="Hugging Face checkpoint folder.")) -> None:
+def profile(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder."),
+    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Calibration source: builtin:prose|code|mix, a file, or hf:NAME."),
+    samples: int = typer.Option(128, "--samples", min=1, help="Number of token sequences."),
+    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
+    seed: int = typer.Option(0, "--seed"),
+    min_tokens: int = typer.Option(16, "--min-tokens", help="Experts routed fewer tokens are rare (neutral prior)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Profile folder to write."),
+) -> None:
     """Run calibration data through the model layer by layer and record routing and activation statistics."""
-    _not_yet("profile")
+    from prism_convert.profile import profile_model
+    from prism_convert.report import profile_table, verdicts
+
+    with _progress() as progress:
+        data = profile_model(model, dataset, samples, seq_len, seed, out, min_tokens, progress)
+    console.print(profile_table(data))
+    for line in verdicts(data):
+        console.print(f"- {line}", highlight=False)
+    console.print(f"[dim]{data['tokens']:,} tokens in {data['seconds']:.1f} s "
+                  f"({data['tokens_per_second']:,.0f} tokens/s), peak RSS {data['peak_rss_bytes'] / 2**20:,.0f} MiB; "
+                  f"wrote {out}/profile.json and {data['heatmap']}[/]")
 
 
 @app.command()
-def compress(model: Path = typer.Argument(..., help="Hugging Face checkpoint folder.")) -> None:
-    """Allocate bits and rank per expert from activation-weighted error, under a size budget."""
-    _not_yet("compress")
+def shift(
+    profile_a: Path = typer.Argument(..., help="Profile folder (for example, calibrated on prose)."),
+    profile_b: Path = typer.Argument(..., help="Profile folder of the same model on other data (for example, code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Routing shift between two profiles of one model: per-layer total-variation distance, hot/cold changes."""
+    import json
+
+    from prism_convert.profile_schema import Profile
+    from prism_convert.report import routing_shift, shift_table
+
+    a, b = Profile.load(profile_a), Profile.load(profile_b)
+    if a.data["model"]["config_sha256"] != b.data["model"]["config_sha256"]:
+        raise PrismError(f"{profile_a} and {profile_b} profile different models")
+    result = routing_shift(a.data, b.data)
+    console.print_json(json.dumps(result)) if as_json else console.print(shift_table(result))
 
 
 @app.command()
-def pack(work_dir: Path = typer.Argument(..., help="Output folder of prism compress.")) -> None:
-    """Write a sharded .prism container with tier metadata."""
-    _not_yet("pack")
+def compress(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder."),
+    profile_dir: Path = typer.Option(..., "--profile", "-p", help="Folder written by prism profile."),
+    bits: float | None = typer.Option(None, "--bits", help="Average bits per routed-expert weight (e.g. 3.25)."),
+    size: str | None = typer.Option(None, "--size", help="Total bytes of all stored tensors (e.g. 12GB)."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe file or built-in name (default: the family's)."),
+    layers: str | None = typer.Option(None, "--layers", help="Layer range a:b for this machine (pack merges ranges)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Layers encoded in parallel."),
+    out: Path = typer.Option(..., "-o", "--out", help="Work folder (resumable)."),
+) -> None:
+    """Measure candidate encodings per expert tensor and allocate a bits-and-rank budget over the model."""
+    from prism_convert.pipeline import compress_model
+
+    compress_model(model, profile_dir, _budget(bits, size), recipe, out, layers, workers, console, _progress)
+
+
+def _budget(bits, size):
+    from prism_convert.bitplan import Budget, parse_size
+
+    return Budget(bits=bits, size_bytes=parse_size(size) if size is not None else None)
+
+
+@app.command()
+def pack(
+    work_dirs: list[Path] = typer.Argument(..., help="Work folder(s) of prism compress (several --layers ranges merge)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Container folder to write (e.g. model.prism)."),
+    bits: float | None = typer.Option(None, "--bits", help="Override the budget recorded in the work folder."),
+    size: str | None = typer.Option(None, "--size", help="Override the budget recorded in the work folder."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum bytes per expert shard."),
+) -> None:
+    """Write a sharded .prism container with tier metadata from finished compress work."""
+    from prism_convert.bitplan import parse_size
+    from prism_convert.pipeline import pack_work
+
+    budget = _budget(bits, size) if (bits is not None or size is not None) else None
+    pack_work(work_dirs, out, budget, parse_size(shard_size), console)
 
 
 @app.command()

@@ -217,3 +217,29 @@ def run_profile(model: Path, tokens: torch.Tensor, out: Path, dataset: dict, min
         save_file({"tokens": tokens.to(torch.int64).contiguous()}, tmp / CALIBRATION_FILE)
         write_json(tmp / PROFILE_JSON, data)
     return data
+
+
+def calibration_tokens(model: Path, dataset: str, samples: int, seq_len: int, seed: int,
+                       split: str = "calibration") -> torch.Tensor:
+    """Token samples [samples, seq_len] of a calibration source, tokenised with the model's tokenizer."""
+    import calibration
+    from prism_load.errors import CalibrationError
+    from prism_load.hf_loader import load_tokenizer
+
+    path = Path(model) / "tokenizer.json"
+    if not path.is_file():
+        raise CalibrationError(f"{model}: no tokenizer.json, so calibration text cannot be tokenised")
+    source = calibration.resolve(dataset)
+    return calibration.token_samples(source, load_tokenizer(path), samples, seq_len, seed=seed, split=split)
+
+
+def profile_model(model: Path, dataset: str, samples: int, seq_len: int, seed: int, out: Path,
+                  min_tokens: int = 16, progress: Progress | None = None) -> dict:
+    """`prism profile`: calibration tokens from `dataset`, then run_profile, then the heatmap beside it."""
+    from .report import write_heatmap
+
+    tokens = calibration_tokens(model, dataset, samples, seq_len, seed)
+    spec = {"spec": dataset, "samples": samples, "seq_len": seq_len, "seed": seed}
+    data = run_profile(model, tokens, out, spec, min_tokens=min_tokens, progress=progress)
+    data["heatmap"] = str(write_heatmap(data, Path(out)))
+    return data

@@ -51,12 +51,11 @@ class Encoding:
             return
         if len(self.shape) != 2:
             raise ContainerError(f"{self.kind} encoding needs a 2-D shape, got {list(self.shape)}")
-        if self.kind in ("int", "int+lowrank"):
-            if self.bits not in INT_BITS:
-                raise ContainerError(f"int bits must be one of {INT_BITS}, got {self.bits}")
-        if self.kind in ("int", "int+lowrank") or (self.factor_bits not in (None, 16)):
-            if not isinstance(self.group_size, int) or self.group_size <= 0:
-                raise ContainerError(f"{self.kind} encoding needs a positive group_size, got {self.group_size}")
+        if self.kind in ("int", "int+lowrank") and self.bits not in INT_BITS:
+            raise ContainerError(f"int bits must be one of {INT_BITS}, got {self.bits}")
+        needs_groups = self.kind in ("int", "int+lowrank") or self.factor_bits not in (None, 16)
+        if needs_groups and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ContainerError(f"{self.kind} encoding needs a positive group_size, got {self.group_size}")
         if self.kind in ("lowrank", "int+lowrank"):
             if not isinstance(self.rank, int) or not 0 < self.rank <= min(self.shape):
                 raise ContainerError(f"rank must be in 1..{min(self.shape)}, got {self.rank}")

@@ -31,3 +31,7 @@ class ProfileError(PrismError):
 
 class BudgetError(PrismError):
     """A size or bits budget cannot be met by any allocation."""
+
+
+class EncodingError(PrismError):
+    """A tensor cannot be encoded as asked (bad shape, non-finite values, mismatched statistics)."""

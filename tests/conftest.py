@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from tiny import save_tiny
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from tiny import CASES
 
 import prism_load
-from tiny import CASES
 
 
 def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:

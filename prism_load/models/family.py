@@ -6,6 +6,7 @@ names to the checkpoint's (mlx-lm's `sanitize`, split per layer so nothing needs
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -46,10 +47,8 @@ def family_for(config: dict) -> Family:
 def _import_all() -> None:
     from . import mixtral, olmoe, qwen_moe  # noqa: F401  (registration side effect)
 
-    try:
+    with contextlib.suppress(ImportError):
         from . import deepseek, gpt_oss  # noqa: F401
-    except ImportError:
-        pass
 
 
 def require(config: dict, key: str, *aliases: str) -> Any:

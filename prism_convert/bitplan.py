@@ -1,0 +1,181 @@
+"""The bits-and-rank plan: one allocation over every expert tensor of the model, from the work folder(s).
+
+Budget: `--bits B` = average bits per routed-expert weight (scales, zeros, padding and low-rank factors
+counted; expert biases, where a family has them, are paid from the same budget), or `--size S` = total
+bytes of all stored tensors (dense + experts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from prism_load.codecs import Encoding
+from prism_load.errors import BudgetError
+
+from .allocate import Option, allocate
+from .workdir import WorkDir, WorkError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'12GB' -> 12e9 bytes (decimal units; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise BudgetError(f"size {text!r} not understood (examples: 12GB, 900MiB, 123456789)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Budget:
+    bits: float | None = None
+    size_bytes: int | None = None
+
+    def __post_init__(self):
+        if (self.bits is None) == (self.size_bytes is None):
+            raise BudgetError("give exactly one budget: --bits B or --size S")
+        if self.bits is not None and not 0 < self.bits <= 32:
+            raise BudgetError(f"--bits {self.bits} is out of range (0, 32]")
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits} if self.bits is not None else {"size_bytes": self.size_bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Budget:
+        return cls(bits=data.get("bits"), size_bytes=data.get("size_bytes"))
+
+
+def gather_layers(works: list[WorkDir]) -> tuple[dict, dict[int, WorkDir]]:
+    """The job all folders share, and which folder holds each layer; refuses mismatched or incomplete work."""
+    jobs = [w.job() for w in works]
+    first = jobs[0]
+    for w, job in zip(works[1:], jobs[1:]):
+        for key in ("model", "profile", "recipe"):
+            if job.get(key) != first.get(key):
+                raise WorkError(f"{w.folder}: {key} differs from {works[0].folder}'s; these work folders cannot be merged")
+    owner: dict[int, WorkDir] = {}
+    for w in works:
+        for i in w.done_layers():
+            if i in owner and owner[i].folder != w.folder:
+                raise WorkError(f"layer {i} was compressed twice ({owner[i].folder} and {w.folder})")
+            owner[i] = w
+    n = first["model"]["num_hidden_layers"]
+    missing = [i for i in range(n) if i not in owner]
+    if missing:
+        raise WorkError(f"incomplete work: layers {_ranges(missing)} of 0..{n - 1} are missing; run prism compress --layers for them")
+    return first, owner
+
+
+def _ranges(ids: list[int]) -> str:
+    out, start = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+@dataclass
+class PlanInputs:
+    """Every candidate table of the model, read once from the work folder(s)."""
+
+    job: dict
+    keys: list[tuple[int, int, str]]
+    tables: list[list[Option]]
+    records: dict[tuple[int, int], dict]
+    expert_weights: int
+    fixed_bytes: int
+    dense_bytes: int
+
+    @classmethod
+    def read(cls, works: list[WorkDir]) -> PlanInputs:
+        job, owner = gather_layers(works)
+        top_meta, _ = works[0].top()
+        keys, tables, records = [], [], {}
+        expert_weights = fixed_bytes = 0
+        dense_bytes = sum(r["nbytes"] for r in top_meta["dense"].values())
+        for i in sorted(owner):
+            meta = owner[i].layer_meta(i)
+            dense_bytes += sum(r["nbytes"] for r in meta["dense"].values())
+            for rec in meta.get("experts", []):
+                records[(i, rec["expert"])] = rec
+                for bias in rec.get("biases", {}).values():
+                    fixed_bytes += Encoding.from_dict(bias["encoding"]).nbytes()
+                for name, cands in rec["tensors"].items():
+                    expert_weights += math.prod(cands[0]["encoding"]["shape"])
+                    keys.append((i, rec["expert"], name))
+                    tables.append([Option(c["nbytes"], rec["importance"] * c["error"]) for c in cands])
+        return cls(job, keys, tables, records, expert_weights, fixed_bytes, dense_bytes)
+
+    def budget_bytes(self, budget: Budget) -> int:
+        """Bytes the allocator may spend on expert matrices."""
+        if budget.bits is not None:
+            return math.floor(budget.bits * self.expert_weights / 8) - self.fixed_bytes
+        spare = budget.size_bytes - self.dense_bytes - self.fixed_bytes
+        if spare <= 0:
+            raise BudgetError(
+                f"--size {budget.size_bytes:,} bytes does not even hold the dense weights ({self.dense_bytes:,} bytes)"
+            )
+        return spare
+
+
+def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> dict:
+    inputs = works if isinstance(works, PlanInputs) else PlanInputs.read(works)
+    budget_bytes = inputs.budget_bytes(budget)
+    try:
+        picks = allocate(inputs.tables, budget_bytes)
+    except BudgetError as e:
+        lowest = sum(min(o.nbytes for o in t) for t in inputs.tables) + inputs.fixed_bytes
+        raise BudgetError(
+            f"{e}; the lowest this recipe allows is {8 * lowest / inputs.expert_weights:.3f} bits per expert weight"
+        ) from None
+    chosen: dict[tuple[int, int], dict] = {}
+    spent = weighted = 0.0
+    for (i, e, name), table, j in zip(inputs.keys, inputs.tables, picks):
+        cand = inputs.records[(i, e)]["tensors"][name][j]
+        enc = Encoding.from_dict(cand["encoding"])
+        spent += cand["nbytes"]
+        weighted += table[j].error
+        chosen.setdefault((i, e), {})[name] = {
+            "candidate": j, "label": enc.label(), "bits_per_weight": enc.bits_per_weight,
+            "rank": enc.rank, "nbytes": cand["nbytes"], "error": cand["error"],
+        }
+    experts = []
+    for (i, e), tensors in sorted(chosen.items()):
+        rec = inputs.records[(i, e)]
+        weights = sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
+        experts.append({
+            "layer": i, "expert": e, "tokens": rec["tokens"], "gate_mass": rec["gate_mass"],
+            "importance": rec["importance"], "rare": rec["rare"],
+            "bits_per_weight": 8 * sum(t["nbytes"] for t in tensors.values()) / weights,
+            "tensors": tensors,
+        })
+    fixed = inputs.fixed_bytes
+    return {
+        "budget": budget.to_dict(),
+        "expert_weights": inputs.expert_weights,
+        "budget_bytes": budget_bytes + fixed,
+        "expert_bytes": int(spent) + fixed,
+        "dense_bytes": inputs.dense_bytes,
+        "total_bytes": int(spent) + fixed + inputs.dense_bytes,
+        "bits_per_expert_weight": 8 * (spent + fixed) / inputs.expert_weights,
+        "expected_error": weighted,
+        "rare_experts": [[x["layer"], x["expert"]] for x in experts if x["rare"]],
+        "experts": experts,
+        "job": {k: inputs.job[k] for k in ("model", "profile")},
+    }
+
+
+def error_size_curve(inputs: PlanInputs, bits_grid: list[float]) -> list[dict]:
+    """Expected weighted error of the optimal allocation at each average bit-width (the trade-off curve)."""
+    points = []
+    for bits in bits_grid:
+        try:
+            plan = make_plan(inputs, Budget(bits=bits))
+        except BudgetError:
+            continue
+        points.append({"bits": plan["bits_per_expert_weight"], "error": plan["expected_error"]})
+    return points

@@ -1,0 +1,73 @@
+"""Candidate encodings of one tensor and their measured, activation-weighted output error.
+
+The error of a candidate Ŵ for a tensor with inputs x (second moments H = E[x xᵀ]) is the expected
+squared error of its output channels, each weighted by how much that channel moves the expert's output:
+
+    error = Σ_j s_j · E[((W − Ŵ)_j · x)²] = Σ_j s_j · (ΔW H ΔWᵀ)_jj
+
+For down_proj s = 1 (its output is the expert's output). For gate_proj / up_proj, s_j is a first-order
+sensitivity: s_j = ‖W_down[:, j]‖² · E[(∂h_j/∂gate_j)²] (resp. ∂h_j/∂up_j), with h the activation
+output — so errors of the three tensors are in the same units and can share one budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from prism_load.codecs import Encoding, decode
+
+from .allocate import Option, pareto
+
+
+@dataclass
+class TensorStats:
+    hessian: torch.Tensor | None = None  # [in, in] E[x xᵀ] of the tensor's routed inputs
+    channel_weights: torch.Tensor | None = None  # [in] its diagonal, when the full matrix is unknown
+    output_weights: torch.Tensor | None = None  # [out] sensitivities s_j (None: all 1)
+
+
+def weighted_error(weight: torch.Tensor, decoded: torch.Tensor, stats: TensorStats) -> float:
+    d = (weight.double() - decoded.double())  # [out, in]
+    if stats.hessian is not None:
+        per_row = ((d @ stats.hessian.double()) * d).sum(1)
+    elif stats.channel_weights is not None:
+        per_row = (d * d * stats.channel_weights.double()).sum(1)
+    else:
+        per_row = (d * d).sum(1)
+    if stats.output_weights is not None:
+        per_row = per_row * stats.output_weights.double()
+    return float(per_row.sum())
+
+
+@dataclass
+class Candidate:
+    encoding: Encoding
+    tensors: dict[str, torch.Tensor]
+    error: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.encoding.nbytes()
+
+
+Encoder = Callable[..., dict[str, torch.Tensor]]
+
+
+def measure_candidates(weight: torch.Tensor, menu: list[Encoding], stats: TensorStats, encoder: Encoder,
+                       use_hessian_for_rounding: bool = True) -> list[Candidate]:
+    """Encode `weight` with every menu entry, measure each, keep only the Pareto-optimal ones
+    (a candidate with more bytes and more error than another is never chosen by an optimal allocation)."""
+    candidates = []
+    for enc in menu:
+        tensors = encoder(
+            weight,
+            enc,
+            hessian=stats.hessian if use_hessian_for_rounding else None,
+            channel_weights=stats.channel_weights,
+        )
+        candidates.append(Candidate(enc, tensors, weighted_error(weight, decode(enc, tensors), stats)))
+    front = pareto([Option(c.nbytes, c.error) for c in candidates])
+    return [candidates[i] for i in front]

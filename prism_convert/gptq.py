@@ -1,0 +1,75 @@
+"""GPTQ: error-compensating rounding from the input Hessian (Frantar et al., 2022, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers"), with static groups.
+
+Columns are quantized left to right; each column's rounding error is spread onto the not-yet-quantized
+columns through the inverse Hessian's Cholesky factor, so tr(ΔW H ΔWᵀ) — the expected squared output
+error — is what rounding minimises, not ‖ΔW‖². Each group's scale/zero is chosen (with the clipping
+search) on the weights as updated when the group starts, as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prism_load.codecs import Encoding
+
+from .quantize import SHRINK_GRID, dequantize_with, quantize_with, search_scales, store
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + λI)⁻¹, and the mask of dead input channels (zero second moment)."""
+    h = hessian.double().clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    lam = damp * h.diagonal().mean()
+    h.diagonal().add_(lam)
+    for attempt in range(6):  # grow damping until the factorisation succeeds (ill-conditioned H)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            break
+        h.diagonal().add_(lam * 10**attempt)
+    inv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(inv, upper=True), dead
+
+
+def gptq(w: torch.Tensor, enc: Encoding, hessian: torch.Tensor, damp: float = 0.01, block: int = 128,
+         grid: torch.Tensor = SHRINK_GRID) -> dict[str, torch.Tensor]:
+    """Quantize w [O, I] to an `int` encoding with GPTQ rounding under Hessian [I, I]."""
+    out, inp = w.shape
+    g, bits = enc.group_size, enc.bits
+    hinv, dead = inverse_hessian_factor(hessian, damp)
+    hinv = hinv.float()
+    block = g * max(1, block // g)  # whole groups per block: a group's parameters see all its updates
+    weights = w.float().clone()
+    weights[:, dead] = 0.0
+    diag = hessian.float().diagonal().clamp_min(0)
+    groups = math.ceil(inp / g)
+    scales = torch.empty(out, groups, 1)
+    zeros = torch.empty(out, groups, 1)
+    codes = torch.zeros(out, groups * g)
+    for b0 in range(0, inp, block):
+        b1 = min(b0 + block, inp)
+        wb = weights[:, b0:b1].clone()
+        errs = torch.zeros_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for c in range(b1 - b0):
+            col = b0 + c
+            if col % g == 0:
+                gi = col // g
+                span = slice(col, min(col + g, inp))
+                # group parameters from the current (error-updated) weights of the whole group
+                current = wb[:, c : c + (span.stop - col)]
+                mask = torch.ones(1, span.stop - col, dtype=torch.bool)
+                s, z = search_scales(current[:, None, :], bits, diag[span][None, None, :], mask, grid)
+                scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+            s, z = scales[:, col // g], zeros[:, col // g]  # [O, 1]
+            x = wb[:, c : c + 1]
+            q = quantize_with(x, s, z, bits)
+            codes[:, col] = q[:, 0]
+            err = (x - dequantize_with(q, s, z)) / hb[c, c]
+            wb[:, c + 1 :] -= err @ hb[c : c + 1, c + 1 :]
+            errs[:, c : c + 1] = err
+        weights[:, b1:] -= errs @ hinv[b0:b1, b1:]
+    return store(codes.reshape(out, groups, g), scales, zeros, enc)

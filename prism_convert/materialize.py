@@ -1,0 +1,97 @@
+"""Turn a plan over work folders into stored tensors: the chosen candidate of every expert tensor and the
+dense tensors — used by pack (to write the container) and by the in-memory check (same decode, same bits)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from prism_load.codecs import Encoding, decode
+
+from .bitplan import gather_layers
+from .workdir import WorkDir, split_encoded
+
+EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
+
+
+@dataclass
+class PlannedExpert:
+    layer: int
+    expert: int
+    tokens: int
+    gate_mass: float
+    frequency: float  # share of the layer's calibration tokens routed to this expert
+    tier: str  # "hot" | "cold"
+    placement: str  # "fast" | "host" | "cold": where the runtime should keep it when memory is short
+    tensors: dict[str, EncodedTensor]
+
+
+def dense_tensors(works: list[WorkDir]) -> dict[str, EncodedTensor]:
+    """Every dense tensor (top level and per layer), by prism state_dict name."""
+    _, owner = gather_layers(works)
+    top_meta, top_stored = works[0].top()
+    out = {name: (Encoding.from_dict(r["encoding"]), split_encoded(top_stored, f"dense.{name}"))
+           for name, r in top_meta["dense"].items()}
+    for i in sorted(owner):
+        meta = owner[i].layer_meta(i)
+        stored = owner[i].layer_tensors(i, "dense")
+        for name, r in meta["dense"].items():
+            out[name] = (Encoding.from_dict(r["encoding"]), split_encoded(stored, name))
+    return out
+
+
+def planned_experts(works: list[WorkDir], plan: dict, hot_share: float, hot_min_frequency: float) -> Iterator[PlannedExpert]:
+    """The chosen encodings of every expert, one layer in memory at a time."""
+    _, owner = gather_layers(works)
+    chosen = {(x["layer"], x["expert"]): x for x in plan["experts"]}
+    for i in sorted(owner):
+        meta = owner[i].layer_meta(i)
+        if not meta.get("experts"):
+            continue
+        stored = owner[i].layer_tensors(i, "experts")
+        seen = max(1, meta["seen_tokens"])
+        order = sorted(meta["experts"], key=lambda r: (-r["tokens"], r["expert"]))
+        hot_n = math.ceil(hot_share * len(order))
+        rank = {r["expert"]: n for n, r in enumerate(order)}
+        for rec in meta["experts"]:
+            e = rec["expert"]
+            freq = rec["tokens"] / seen
+            tensors = {}
+            for name, pick in chosen[(i, e)]["tensors"].items():
+                cand = rec["tensors"][name][pick["candidate"]]
+                tensors[name] = (Encoding.from_dict(cand["encoding"]), split_encoded(stored, f"{e}.{name}.c{pick['candidate']}"))
+            for name, bias in rec.get("biases", {}).items():
+                tensors[name] = (Encoding.from_dict(bias["encoding"]), split_encoded(stored, f"{e}.{name}"))
+            hot = rank[e] < hot_n and freq >= hot_min_frequency
+            placement = "fast" if hot else ("host" if rank[e] < 2 * hot_n else "cold")
+            yield PlannedExpert(i, e, rec["tokens"], rec["gate_mass"], freq, "hot" if hot else "cold", placement, tensors)
+
+
+def decoded_state(dense: dict[str, EncodedTensor], experts: list[PlannedExpert], dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """prism model state_dict with every tensor decoded exactly as the runtime decodes it."""
+    state = {name: decode(enc, t, dtype) for name, (enc, t) in dense.items()}
+    by_layer: dict[int, list[PlannedExpert]] = {}
+    for x in experts:
+        by_layer.setdefault(x.layer, []).append(x)
+    for i, xs in by_layer.items():
+        xs.sort(key=lambda x: x.expert)
+        dec = [{k: decode(enc, t, dtype) for k, (enc, t) in x.tensors.items()} for x in xs]
+        state[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([d["gate_proj"], d["up_proj"]]) for d in dec])
+        state[f"layers.{i}.mlp.experts.down_proj"] = torch.stack([d["down_proj"] for d in dec])
+        if "gate_bias" in dec[0]:
+            state[f"layers.{i}.mlp.experts.gate_up_bias"] = torch.stack([torch.cat([d["gate_bias"], d["up_bias"]]) for d in dec])
+            state[f"layers.{i}.mlp.experts.down_bias"] = torch.stack([d["down_bias"] for d in dec])
+    return state
+
+
+def apply_in_memory(model, state: dict[str, torch.Tensor]):
+    """Replace a resident model's weights with decoded ones (the reference for the container round trip)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.args.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"decoded state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model

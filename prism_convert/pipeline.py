@@ -1,0 +1,57 @@
+"""The stages the CLI runs, each callable from Python: compress (measure + plan), pack, convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from .atomic import write_json
+from .bitplan import Budget, PlanInputs, error_size_curve, make_plan
+from .compress import run_compress
+from .recipe import load_recipe
+from .workdir import WorkDir
+
+CURVE_BITS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.25, 5.0, 6.0, 8.25]
+
+
+def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path, console: Console | None = None) -> dict:
+    """Allocate over complete work, write plan.json and plan.png into out_folder, print the table."""
+    from .plan_report import plan_table, write_plan_plot
+
+    inputs = PlanInputs.read(works)
+    plan = make_plan(inputs, budget)
+    write_json(out_folder / "plan.json", plan)
+    curve = error_size_curve(inputs, CURVE_BITS)
+    plot = write_plan_plot(plan, curve, out_folder / "plan.png")
+    if console is not None:
+        console.print(plan_table(plan))
+        if plan["rare_experts"]:
+            console.print(f"rare experts (neutral prior, still encoded): {plan['rare_experts']}", highlight=False)
+        if plot:
+            console.print(f"[dim]wrote {out_folder / 'plan.json'} and {plot}[/]")
+    return plan
+
+
+def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: str | None, out: Path,
+                   layers: str | None, workers: int, console: Console | None = None, progress_factory=None) -> dict | None:
+    """Measure the layer range into `out`; when the model is complete there, plan the allocation."""
+    from prism_load.checkpoint import read_config
+
+    recipe = load_recipe(recipe_spec, read_config(Path(model)).get("model_type"))
+    if progress_factory is not None:
+        with progress_factory() as progress:
+            result = run_compress(model, profile_dir, recipe, out, layers, workers, progress)
+    else:
+        result = run_compress(model, profile_dir, recipe, out, layers, workers)
+    work = WorkDir(out)
+    job = work.job()
+    job["budget"] = budget.to_dict()
+    write_json(work.folder / "job.json", job)
+    n = job["model"]["num_hidden_layers"]
+    if work.done_layers() == list(range(n)):
+        return plan_work([work], budget, work.folder, console)
+    if console is not None:
+        console.print(f"layers {result['layers'][0]}–{result['layers'][-1]} of 0–{n - 1} done in {out}; "
+                      "compress the other ranges, then `prism pack` all work folders together.")
+    return None

@@ -1,0 +1,124 @@
+"""The compress work folder: what `prism compress` writes and `prism pack` merges.
+
+    WORK_DIR/job.json              model, profile, recipe and layer range of this job (its identity)
+    WORK_DIR/config.json           the model's config (copied), tokenizer files beside it
+    WORK_DIR/top.safetensors|json  embedding, final norm, LM head, encoded by the recipe's dense rules
+    WORK_DIR/layers/NNNN.json      per layer: dense tensors' encodings; per expert: tokens, gate mass,
+                                   importance, and the Pareto candidates of each tensor (encoding, bytes, error)
+    WORK_DIR/layers/NNNN.safetensors  every stored tensor of that layer, candidates included:
+                                   `dense.{name}.{suffix}`, `experts.{e}.{tensor}.c{j}.{suffix}`
+    WORK_DIR/plan.json             the allocation (written once every layer of the model is present)
+
+Candidates do not depend on the budget, so a finished work folder can be re-planned at any budget.
+Layer files are written atomically and a layer whose pair of files exists is not redone (resume).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prism_load.codecs import Encoding
+from prism_load.errors import PrismError
+
+from .atomic import write_json
+
+WORK_FORMAT, WORK_VERSION = "prism-work", 1
+
+
+class WorkError(PrismError):
+    """A work folder is incomplete, from another job, or damaged."""
+
+
+def layer_stem(i: int) -> str:
+    return f"{i:04d}"
+
+
+class WorkDir:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.layers_dir = self.folder / "layers"
+
+    # -- job identity ----------------------------------------------------------------------------------
+    def job(self) -> dict:
+        path = self.folder / "job.json"
+        if not path.is_file():
+            raise WorkError(f"{self.folder}: no job.json (not a prism compress work folder)")
+        job = json.loads(path.read_text())
+        if job.get("format") != WORK_FORMAT or job.get("version") != WORK_VERSION:
+            raise WorkError(f"{path}: not a {WORK_FORMAT} v{WORK_VERSION} job")
+        return job
+
+    def start(self, job: dict, model_folder: Path, identity_keys: tuple[str, ...]) -> None:
+        """Create the folder for `job`, or check that an existing one belongs to the same job (resume)."""
+        job = {"format": WORK_FORMAT, "version": WORK_VERSION, **job}
+        if (self.folder / "job.json").is_file():
+            old = self.job()
+            for key in identity_keys:
+                if old.get(key) != job.get(key):
+                    raise WorkError(
+                        f"{self.folder}: holds work of another job ({key} differs); use another -o folder"
+                    )
+            job["layers_done_before"] = self.done_layers()
+        self.layers_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (model_folder / name).is_file() and not (self.folder / name).is_file():
+                shutil.copyfile(model_folder / name, self.folder / name)
+        write_json(self.folder / "job.json", job)
+
+    # -- per-layer results -----------------------------------------------------------------------------
+    def has_layer(self, i: int) -> bool:
+        stem = layer_stem(i)
+        return (self.layers_dir / f"{stem}.json").is_file() and (self.layers_dir / f"{stem}.safetensors").is_file()
+
+    def done_layers(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.layers_dir.glob("*.json") if self.has_layer(int(p.stem)))
+
+    def write_layer(self, i: int, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors first, then the JSON: the JSON's presence marks the layer complete."""
+        stem = layer_stem(i)
+        tmp = self.layers_dir / f".{stem}.safetensors.partial"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        tmp.replace(self.layers_dir / f"{stem}.safetensors")
+        write_json(self.layers_dir / f"{stem}.json", meta, indent=None)
+
+    def layer_meta(self, i: int) -> dict:
+        path = self.layers_dir / f"{layer_stem(i)}.json"
+        if not path.is_file():
+            raise WorkError(f"{self.folder}: layer {i} is missing (layers/{path.name})")
+        return json.loads(path.read_text())
+
+    def layer_tensors(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Stored tensors of layer i whose names start with `prefix.` (prefix stripped)."""
+        with safe_open(self.layers_dir / f"{layer_stem(i)}.safetensors", framework="pt") as f:
+            return {k[len(prefix) + 1 :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+
+    def write_top(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.folder / ".top.safetensors.partial"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        tmp.replace(self.folder / "top.safetensors")
+        write_json(self.folder / "top.json", meta)
+
+    def top(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta_path = self.folder / "top.json"
+        if not meta_path.is_file():
+            raise WorkError(f"{self.folder}: top.json is missing")
+        with safe_open(self.folder / "top.safetensors", framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return json.loads(meta_path.read_text()), tensors
+
+
+def encoded_entry(enc: Encoding, prefix: str, tensors: dict[str, torch.Tensor], out: dict) -> dict:
+    """Adds `prefix.suffix` tensors to `out`; returns the JSON record of the encoding."""
+    for suffix, t in tensors.items():
+        out[f"{prefix}.{suffix}"] = t
+    return {"encoding": enc.to_dict(), "nbytes": enc.nbytes()}
+
+
+def split_encoded(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
