@@ -143,6 +143,42 @@ def run(
     run_prompt(model, prompt, max_new_tokens, console)
 
 
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="config.json, a checkpoint folder, or a .prism container."),
+    bits: float = typer.Option(..., "--bits", help="Routed-expert bits: 2-6 or 8 (int, group scales counted), 16 (bf16), or an average like 2.5."),
+    gpu: str = typer.Option(..., "--gpu", help="GPU memory, e.g. 24GB (0 for a CPU-only machine)."),
+    ram: str = typer.Option(..., "--ram", help="RAM for the model, e.g. 64GB."),
+    context: int = typer.Option(4096, "--context", help="Tokens of KV cache to reserve."),
+    group_size: int = typer.Option(128, "--group-size", help="Input channels per fp16 scale+zero pair."),
+    dense: str = typer.Option("bf16", "--dense", help="Dense weights: bf16 | int8 | same (as the experts)."),
+    zipf: float = typer.Option(0.0, "--zipf", help="Routing skew: 0 uniform; a>0 weighs the r-th hottest expert (r+1)^-a."),
+    gpu_bandwidth: str = typer.Option("1000GB/s", "--gpu-bandwidth"),
+    pcie_bandwidth: str = typer.Option("25GB/s", "--pcie-bandwidth"),
+    ram_bandwidth: str = typer.Option("60GB/s", "--ram-bandwidth"),
+    disk_bandwidth: str = typer.Option("5GB/s", "--disk-bandwidth"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """What fits in GPU, RAM and disk at these bits, and the bandwidth-bound ceiling of decode tokens/s."""
+    import json
+
+    from prism_convert import plan as plan_mod
+
+    size = plan_mod.parse_bytes
+    machine = plan_mod.Machine(
+        size(gpu, "--gpu"), size(ram, "--ram"), size(gpu_bandwidth, "--gpu-bandwidth"),
+        size(pcie_bandwidth, "--pcie-bandwidth"), size(ram_bandwidth, "--ram-bandwidth"),
+        size(disk_bandwidth, "--disk-bandwidth"),
+    )
+    result = plan_mod.plan(model, bits, machine.gpu_bytes, machine.ram_bytes, context=context,
+                           group_size=group_size, dense=dense, zipf=zipf, machine=machine)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    for part in plan_mod.render(result):
+        console.print(part, highlight=False)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, no traceback."""
     try:
