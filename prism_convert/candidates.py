@@ -58,16 +58,14 @@ Encoder = Callable[..., dict[str, torch.Tensor]]
 
 def measure_candidates(weight: torch.Tensor, menu: list[Encoding], stats: TensorStats, encoder: Encoder,
                        use_hessian_for_rounding: bool = True) -> list[Candidate]:
-    """Encode `weight` with every menu entry, measure each, keep only the Pareto-optimal ones
+    """Encode `weight` with every menu entry (`encoder` is prism_convert.encode.encode_many), measure each, keep only the Pareto-optimal ones
     (a candidate with more bytes and more error than another is never chosen by an optimal allocation)."""
-    candidates = []
-    for enc in menu:
-        tensors = encoder(
-            weight,
-            enc,
-            hessian=stats.hessian if use_hessian_for_rounding else None,
-            channel_weights=stats.channel_weights,
-        )
-        candidates.append(Candidate(enc, tensors, weighted_error(weight, decode(enc, tensors), stats)))
+    stored = encoder(
+        weight,
+        menu,
+        hessian=stats.hessian if use_hessian_for_rounding else None,
+        channel_weights=stats.channel_weights,
+    )
+    candidates = [Candidate(enc, t, weighted_error(weight, decode(enc, t), stats)) for enc, t in zip(menu, stored)]
     front = pareto([Option(c.nbytes, c.error) for c in candidates])
     return [candidates[i] for i in front]

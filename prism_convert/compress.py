@@ -23,7 +23,7 @@ from prism_load.models.moe import MoEBlock
 from .candidates import TensorStats, measure_candidates
 from .capture import ExpertCapture
 from .dense import encode_dense_layer, encode_top
-from .encode import encode
+from .encode import encode_many
 from .profile_schema import Profile, config_sha256
 from .recipe import Recipe
 from .stream import LayerStream
@@ -115,7 +115,7 @@ def compress_experts(block: MoEBlock, capture: ExpertCapture, recipe: Recipe, mi
         for name in EXPERT_MATRICES:
             full = f"layers.{i}.experts.{e}.{name}"
             menu = recipe.expert_candidates(tuple(mats[name].shape), full)
-            cands = measure_candidates(mats[name], menu, stats[name], encode, recipe.quantization.gptq)
+            cands = measure_candidates(mats[name], menu, stats[name], encode_many, recipe.quantization.gptq)
             entries = []
             for j, c in enumerate(cands):
                 for suffix, t in c.tensors.items():

@@ -1,13 +1,17 @@
-"""Group-wise asymmetric integer quantization (w ≈ (q − zero) · scale per group of input channels).
+"""Group-wise asymmetric integer quantization: w ≈ (q − zero) · scale per group of `group_size` inputs.
 
-Scales and zeros are stored in fp16, so every rounding decision here is made against the fp16-rounded
-values the decoder will use: decode(encode(W)) is exactly what was optimised.
+Scales and zeros are stored in fp16 and decoded in fp32 (prism_load.codecs.dequantize_int), so every
+choice here is made with the fp16 values the decoder will use and scored with the decoder's own
+formula: what decode(encode(W)) returns is exactly what was optimised.
 
-- `rtn`: round-to-nearest from each group's min/max (the plain baseline, as llama.cpp's Q4_1 / GPTQ's
-  "RTN" rows). Also the uniform baseline of prism's quality benchmark.
-- `clipped`: importance-aware range search: per group, shrink the range and keep the shrink that minimises
-  Σ_j m_j (w_j − ŵ_j)², with m_j the per-channel second moments of the inputs (AWQ/imatrix-style
-  weighting; plain MSE without them).
+- `rtn`: round-to-nearest from each group's min/max — the plain baseline (GPTQ's "RTN" rows; prism's
+  uniform benchmark baseline at group 128).
+- `clipped`: importance-aware range search. Per group, shrink the range towards zero over a grid (as
+  GPTQ's `Quantizer(mse=True)` and AWQ's clipping do), then refit scale and zero by weighted least
+  squares on the chosen codes (as llama.cpp's `make_qkx2_quants`), keeping whatever minimises
+  Σ_j m_j (w_j − ŵ_j)², where m_j is the second moment of input channel j (AWQ / llama.cpp imatrix
+  weighting; plain MSE when no statistics). The min/max candidate is always among those scored, so the
+  search never does worse than `rtn` on that error.
 
 Shape key: O output rows, I input channels, G groups per row, g group size.
 """
@@ -15,16 +19,22 @@ Shape key: O output rows, I input channels, G groups per row, g group size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from prism_load.codecs import Encoding, pack_bits
+from prism_load.errors import EncodingError
 
-SHRINK_GRID = torch.linspace(1.0, 0.55, 19)  # range shrink factors tried by the clipping search
+SHRINK_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)  # range shrink factors; 1.0 first
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+ZERO_RANGE = 2.0**14  # |zero| stays below this: finer steps than fp16 can place the zero buy nothing
+CHUNK_ELEMENTS = 1 << 18  # rows per pass sized so the search's work buffers stay in cache
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[O, I] -> [O, G, g], zero-padding the last group (padding never affects the stored values)."""
+    """[O, I] -> [O, G, g], zero-padding the last group (the mask keeps padding out of every choice)."""
     out, inp = w.shape
     groups = math.ceil(inp / group_size)
     pad = groups * group_size - inp
@@ -39,68 +49,145 @@ def group_mask(inp: int, group_size: int) -> torch.Tensor:
     return (torch.arange(groups * group_size) < inp).reshape(groups, group_size)
 
 
-def scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-representable scale and zero mapping [lo, hi] onto [0, 2^bits − 1]."""
-    qmax = 2**bits - 1
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale16 = scale.to(torch.float16)
-    scale16 = torch.where(scale16 > 0, scale16, torch.full_like(scale16, 2.0**-24))  # underflow guard
-    zero16 = (-lo / scale16.float()).to(torch.float16)
-    return scale16.float(), zero16.float()
+def fp16_params(scale: torch.Tensor, zero_point: torch.Tensor, bound: torch.Tensor,
+                bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-representable (scale, zero) as fp32 for a wanted scale and real-valued lower end
+    `zero_point` (the value that code 0 decodes to); `bound` [.., 1] = max |w| of the group.
+
+    The scale is rounded up, never down, so the group's range still fits in 2^bits codes; it is kept
+    at least max|w| / 2^14 so the zero (≈ −lo / scale) stays well inside fp16 and its rounding error
+    (≤ 2^-11 |lo|) is no larger than fp16's own precision of the weights."""
+    scale = torch.maximum(scale, bound / ZERO_RANGE).clamp_min(FP16_TINY)
+    if not bool((scale <= FP16_MAX).all()):
+        worst = float(scale.max()) * (2**bits - 1)
+        raise EncodingError(f"a group's range {worst:.4g} is too wide for fp16 scales at {bits} bits (max {FP16_MAX * (2**bits - 1):.4g})")
+    s16 = scale.to(torch.float16)
+    s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    s = s16.float()
+    z = (-zero_point / s).to(torch.float16).float()
+    return s, z
+
+
+def range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, bound: torch.Tensor):
+    """(scale, zero) mapping [lo, hi] onto codes [0, 2^bits − 1]."""
+    return fp16_params((hi - lo) / (2**bits - 1), lo, bound, bits)
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes for w given (broadcastable) scale and zero."""
+    """Integer codes (as float) for w given broadcastable scale and zero: nearest code, clamped."""
     return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
 
 
 def dequantize_with(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The decoder's formula, in the decoder's order of operations (bit-exact with codecs)."""
     return (q - zero) * scale
 
 
-def search_scales(wg: torch.Tensor, bits: int, weights: torch.Tensor | None, mask: torch.Tensor,
-                  grid: torch.Tensor = SHRINK_GRID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (row, group) scale/zero [O, G, 1] minimising the (weighted) squared error over a shrink grid."""
-    lo = torch.where(mask, wg, torch.full_like(wg, math.inf)).amin(-1, keepdim=True)
-    hi = torch.where(mask, wg, torch.full_like(wg, -math.inf)).amax(-1, keepdim=True)
+def _scored(w, cw, plain, scale, zero, bits):
+    """Codes, Σ cw (ŵ − w)² and (when `plain` is a mask) Σ (ŵ − w)² per group [.., 1], with ŵ
+    computed exactly as the decoder does."""
+    q = quantize_with(w, scale, zero, bits)
+    sq = dequantize_with(q, scale, zero).sub_(w).square_()
+    err = (sq * cw).sum(-1, keepdim=True)
+    return q, err, (err if plain is None else (sq * plain).sum(-1, keepdim=True))
+
+
+def _refit(w, cw, q, bound, bits):
+    """Weighted least-squares (scale, zero) for fixed codes q: min Σ cw (s q + b − w)², zero = −b/s.
+    Returns None where the fit is degenerate (one distinct code, or a non-positive slope)."""
+    m = cw.sum(-1, keepdim=True)
+    sq, sw = (cw * q).sum(-1, keepdim=True), (cw * w).sum(-1, keepdim=True)
+    sqq, sqw = (cw * q * q).sum(-1, keepdim=True), (cw * q * w).sum(-1, keepdim=True)
+    det = m * sqq - sq * sq
+    ok = det > 1e-6 * m * m.clamp_min(1e-30)
+    slope = torch.where(ok, (m * sqw - sq * sw) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+    ok &= slope > 0
+    slope = torch.where(ok, slope, torch.ones_like(slope))
+    offset = (sw - slope * sq) / m.clamp_min(1e-30)
+    return ok, fp16_params(slope, offset, bound, bits)
+
+
+@dataclass
+class GroupFit:
+    """Per (row, group) parameters [O, G, 1] and codes [O, G, g] (codes as float, padding included)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    codes: torch.Tensor
+
+
+def _fit_chunk(w, cw, mask, weighted, bits, grid, refit):
+    lo = torch.where(mask, w, math.inf).amin(-1, keepdim=True)
+    hi = torch.where(mask, w, -math.inf).amax(-1, keepdim=True)
+    bound = torch.maximum(lo.abs(), hi.abs())
+    # ties in the weighted error (a group whose channels all weigh zero) go to the plain error
+    plain = mask.float() if weighted else None
+    best = None
+    for alpha in grid:
+        scale, zero = range_params(lo * alpha, hi * alpha, bits, bound)
+        q, err, tie = _scored(w, cw, plain, scale, zero, bits)
+        best = _keep(best, (err, tie, scale, zero, q))
+    if refit:
+        ok, (scale, zero) = _refit(w, cw, best[4], bound, bits)
+        q, err, tie = _scored(w, cw, plain, scale, zero, bits)
+        best = _keep(best, (torch.where(ok, err, math.inf), tie, scale, zero, q))
+    return best[2], best[3], best[4]
+
+
+def _keep(best, cand):
+    """Elementwise choice between two (err, tie_err, scale, zero, codes) candidates: strictly better
+    weighted error wins; an exact tie goes to the lower plain error; otherwise the incumbent stays."""
+    if best is None:
+        return cand
+    err, tie = cand[0], cand[1]
+    better = (err < best[0]) | ((err == best[0]) & (tie < best[1]))
+    return tuple(torch.where(better, c, b) for c, b in zip(cand, best))
+
+
+def fit_groups(wg: torch.Tensor, bits: int, weights: torch.Tensor | None, mask: torch.Tensor,
+               grid=SHRINK_GRID, refit: bool = True) -> GroupFit:
+    """Scale/zero/codes for grouped weights wg [O, G, g] minimising Σ weights·(ŵ − w)² per group
+    (weights [G, g] or [O, G, g], None for plain MSE); mask [G, g] marks real channels."""
+    out, groups, g = wg.shape
     cw = mask.float() if weights is None else weights * mask
-    best_err = best_scale = best_zero = None
-    for shrink in grid:
-        scale, zero = scale_zero(lo * shrink, hi * shrink, bits)
-        err = ((dequantize_with(quantize_with(wg, scale, zero, bits), scale, zero) - wg) ** 2 * cw).sum(-1, keepdim=True)
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    cw = cw.expand(out, groups, g)
+    rows = max(1, CHUNK_ELEMENTS // (groups * g))
+    parts = [_fit_chunk(wg[r : r + rows], cw[r : r + rows], mask, weights is not None, bits, grid, refit)
+             for r in range(0, out, rows)]
+    scale, zero, codes = (torch.cat(p) for p in zip(*parts))
+    return GroupFit(scale, zero, codes)
 
 
-def store(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, enc: Encoding) -> dict[str, torch.Tensor]:
-    """q [O, G, g] codes, scale/zero [O, G, 1] -> the stored tensors of an `int` encoding."""
+def store(fit: GroupFit, enc: Encoding) -> dict[str, torch.Tensor]:
+    """Codes and parameters -> the stored tensors of an `int` encoding (enc.tensor_specs())."""
     out, inp = enc.shape
-    codes = q.reshape(out, -1)[:, :inp].to(torch.uint8)
+    codes = fit.codes.reshape(out, -1)[:, :inp].to(torch.uint8)
     return {
         "qweight": pack_bits(codes, enc.bits),
-        "scales": scale[..., 0].to(torch.float16).contiguous(),
-        "zeros": zero[..., 0].to(torch.float16).contiguous(),
+        "scales": fit.scale[..., 0].to(torch.float16).contiguous(),
+        "zeros": fit.zero[..., 0].to(torch.float16).contiguous(),
     }
 
 
-def rtn(w: torch.Tensor, enc: Encoding) -> dict[str, torch.Tensor]:
-    """Plain round-to-nearest from each group's min/max."""
-    return clipped(w, enc, None, grid=torch.ones(1))
+def channel_weights_grouped(channel_weights: torch.Tensor | None, group_size: int) -> torch.Tensor | None:
+    """[I] -> [G, g] non-negative importance weights (padding gets weight 0)."""
+    if channel_weights is None:
+        return None
+    return grouped(channel_weights.float().clamp_min(0)[None], group_size)[0]
 
 
-def clipped(w: torch.Tensor, enc: Encoding, channel_weights: torch.Tensor | None,
-            grid: torch.Tensor = SHRINK_GRID) -> dict[str, torch.Tensor]:
-    """Round-to-nearest with a per-group range chosen by (importance-weighted) error search."""
+def rtn(weight: torch.Tensor, enc: Encoding) -> dict[str, torch.Tensor]:
+    """Plain round-to-nearest from each group's min/max: the stored tensors of `enc` (kind `int`)."""
     g = enc.group_size
-    wg = grouped(w.float(), g)
-    mask = group_mask(w.shape[1], g)
-    weights = None if channel_weights is None else grouped(channel_weights.float()[None], g)[0].clamp_min(0)
-    scale, zero = search_scales(wg, enc.bits, weights, mask, grid)
-    return store(quantize_with(wg, scale, zero, enc.bits), scale, zero, enc)
+    fit = fit_groups(grouped(weight.float(), g), enc.bits, None, group_mask(weight.shape[1], g), grid=(1.0,), refit=False)
+    return store(fit, enc)
+
+
+def clipped(weight: torch.Tensor, enc: Encoding, channel_weights: torch.Tensor | None = None,
+            grid=SHRINK_GRID) -> dict[str, torch.Tensor]:
+    """Round-to-nearest with each group's range chosen to minimise Σ_j m_j (w_j − ŵ_j)² (m =
+    `channel_weights` [I], the inputs' per-channel second moments; plain MSE when None)."""
+    g = enc.group_size
+    weights = channel_weights_grouped(channel_weights, g)
+    fit = fit_groups(grouped(weight.float(), g), enc.bits, weights, group_mask(weight.shape[1], g), grid)
+    return store(fit, enc)

@@ -121,3 +121,15 @@ def test_bad_inputs(problem):
         Encoding("int", (5,), bits=4, group_size=64)
     with pytest.raises(ContainerError, match="int bits must be one of"):
         Encoding("int", (5, 5), bits=7, group_size=64)
+
+
+def test_encode_many_equals_one_at_a_time(problem):
+    """Sharing the GPTQ pass across bit-widths (and int+lowrank bases) changes no stored bit."""
+    from prism_convert.encode import encode_many
+
+    w, h = problem
+    menu = [e for e in ALL_KINDS if e.kind in ("int", "int+lowrank")]
+    together = encode_many(w, menu, hessian=h)
+    for enc, stored in zip(menu, together):
+        alone = encode(w, enc, hessian=h)
+        assert stored.keys() == alone.keys() and all(torch.equal(stored[k], alone[k]) for k in stored)

@@ -1,0 +1,97 @@
+"""Profiling benchmark on the reference model (issue: calibration + prism profile).
+
+Records, in one run: profiling tokens/s; peak RSS against model size for truncated copies of the model
+with more and more layers (flat = layer-sequential streaming works); next-layer prediction recall per
+layer; routing skew per layer (share of assignments taken by the top 25% of experts); and the routing
+shift between prose and code. Writes bench/results/profile.json.
+
+    python bench/bench_profile.py [--model PATH] [--samples 64] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import reference, run_measured, write_result
+
+
+def truncated_copy(model: Path, layers: int, folder: Path) -> Path:
+    """The same checkpoint with config.json claiming fewer layers (tensors are only read for those)."""
+    out = folder / f"L{layers}"
+    out.mkdir()
+    for f in model.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def profile_in_subprocess(model: Path, dataset: str, samples: int, seq_len: int, out: Path) -> tuple[dict, int]:
+    code = f"""
+import json
+from pathlib import Path
+from prism_convert.profile import profile_model
+d = profile_model(Path({str(model)!r}), {dataset!r}, {samples}, {seq_len}, 0, Path({str(out)!r}))
+print(json.dumps({{k: d[k] for k in ("seconds", "tokens_per_second", "tokens")}}))
+"""
+    return run_measured(code)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+    model = args.model or reference("full")
+    config = json.loads((model / "config.json").read_text())
+    n_layers = config["num_hidden_layers"]
+    tmp = Path(tempfile.mkdtemp(prefix="prism-bench-profile-"))
+    try:
+        memory = []
+        for layers in sorted({1, max(1, n_layers // 2), n_layers}):
+            copy = truncated_copy(model, layers, tmp)
+            stats, rss = profile_in_subprocess(copy, "builtin:mix", args.samples, args.seq_len, tmp / f"p{layers}")
+            weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) * layers / n_layers
+            memory.append({"layers": layers, "peak_rss_bytes": rss, "approx_weight_bytes": int(weights),
+                           "tokens_per_second": stats["tokens_per_second"]})
+            print(f"{layers} layers: peak RSS {rss / 2**20:.0f} MiB, weights ~{weights / 2**20:.0f} MiB, "
+                  f"{stats['tokens_per_second']:.0f} tokens/s")
+        from prism_convert.profile import profile_model
+        from prism_convert.report import routing_shift, verdicts
+
+        runs = {}
+        for name in ("prose", "code"):
+            runs[name] = profile_model(model, f"builtin:{name}", args.samples, args.seq_len, 0, tmp / name)
+        full = json.loads((tmp / f"p{n_layers}" / "profile.json").read_text())
+        layers = [{
+            "layer": x["layer"], "next_layer_recall": x["next_layer_recall"],
+            "next_layer_recall_at_2k": x["next_layer_recall_at_2k"], "top_quarter_share": x["top_quarter_share"],
+            "top_expert_share": x["top_expert_share"], "routing_entropy_bits": x["routing_entropy_bits"],
+            "temporal_reuse": x["temporal_reuse"], "temporal_reuse_baseline": x["temporal_reuse_baseline"],
+            "prose_top_quarter_share": p["top_quarter_share"], "code_top_quarter_share": c["top_quarter_share"],
+        } for x, p, c in zip(full["layers"], runs["prose"]["layers"], runs["code"]["layers"])]
+        shift = routing_shift(runs["prose"], runs["code"])
+        result = {
+            "model": str(model), "samples": args.samples, "seq_len": args.seq_len,
+            "profiling_tokens_per_second": full["tokens_per_second"],
+            "memory_vs_layers": memory, "layers": layers, "shift_prose_vs_code": shift,
+            "verdicts": verdicts(full),
+        }
+        path = write_result("profile", result)
+        for line in result["verdicts"]:
+            print("-", line)
+        print(f"prose vs code: mean TV distance {shift['mean_total_variation']:.3f}")
+        print(f"wrote {path}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
