@@ -1,0 +1,141 @@
+"""Build a runnable prism model from a .prism container, every expert resident (decoded).
+
+The skeleton comes from the embedded config through the family registry (on the meta device); dense
+tensors are checked against it by name and shape before anything is decoded, then assigned. A MoE layer
+whose experts all decode to dense tensors gets them stacked into its StackedExperts; a layer with a
+factored (low-rank) expert gets a ResidentExperts source instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .codecs import decode
+from .container import model_args
+from .container_reader import ConcatLinear, Container, ResolveFile
+from .errors import ContainerError
+from .hf_loader import stack_experts
+from .models.model import MoEForCausalLM
+from .models.moe import ExpertWeights, MoEBlock
+from .models.rope import Rotary
+
+
+class ResidentExperts(nn.Module):
+    """An ExpertSource holding every expert of one layer decoded (plain tensors or factored operators)."""
+
+    def __init__(self, experts: list[ExpertWeights]):
+        super().__init__()
+        self.experts = experts
+        self.num_experts = len(experts)
+
+    def acquire(self, layer_index: int, expert_ids: list[int]) -> dict[int, ExpertWeights]:
+        return {e: self.experts[e] for e in expert_ids}
+
+
+def load_container(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                   verify_checksums: bool = True, resolve_file: ResolveFile | None = None) -> MoEForCausalLM:
+    """Open, validate and load a container; with verify_checksums every byte read is checked."""
+    with Container(path, resolve_file) as c:
+        family, args = model_args(c.config)
+        model = _skeleton(family, args)
+        dense = c.dense_encoded(verify_checksum=verify_checksums)
+        _check_dense_names(model, dense)
+        state = {name: decode(enc, t, _dense_dtype(family, args, name, dtype)) for name, (enc, t) in dense.items()}
+        model.load_state_dict(state, assign=True, strict=False)
+        for i, block in model.moe_blocks():
+            experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums) for e in range(args.num_experts)]
+            _attach_experts(block, experts, device)
+        model.tie_weights()
+        model.rotary = _rotary(family, args)
+        model.tokenizer = _tokenizer(c, verify_checksums)
+    return model.to(device).eval()
+
+
+def _skeleton(family, args) -> MoEForCausalLM:
+    """The model on the meta device; an embedded config that cannot build one is the container's fault."""
+    try:
+        with torch.device("meta"):
+            return MoEForCausalLM(args, family, [family.build_layer(args, i) for i in range(args.num_hidden_layers)])
+    except Exception as e:  # noqa: BLE001 - untrusted config values may break module construction anyway
+        raise ContainerError(f"manifest.json: config does not build a model ({type(e).__name__}: {e})") from None
+
+
+def _rotary(family, args) -> Rotary:
+    try:
+        return Rotary(family.rotary_config(args))
+    except Exception as e:  # noqa: BLE001
+        raise ContainerError(f"manifest.json: config's rotary settings are invalid ({type(e).__name__}: {e})") from None
+
+
+def _check_dense_names(model: MoEForCausalLM, dense: dict) -> None:
+    """Dense tensors must be exactly the model's non-expert parameters, with its shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if ".mlp.experts." not in k}
+    if model.args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(dense)), sorted(set(dense) - set(expected))
+    if missing or unexpected:
+        raise ContainerError(f"manifest.json: dense tensors do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        if dense[name][0].shape != shape:
+            raise ContainerError(f"manifest.json: dense[{name!r}]: shape {list(dense[name][0].shape)}, "
+                                 f"the model needs {list(shape)}")
+
+
+def _dense_dtype(family, args, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The reference keeps some tensors in fp32 whatever the model dtype (as hf_loader does)."""
+    if name.startswith("layers."):
+        _, i, key = name.split(".", 2)
+        checkpoint_name = family.checkpoint_name(args, int(i), key)
+    else:
+        checkpoint_name = family.top_level_names(args).get(name, name)
+    return torch.float32 if family.keeps_fp32(checkpoint_name) else dtype
+
+
+def _attach_experts(block: MoEBlock, experts: list[ExpertWeights], device) -> None:
+    has_bias = hasattr(block.experts, "gate_up_bias")
+    if (experts[0].gate_up_bias is not None) != has_bias:
+        raise ContainerError(f"layer {block.layer_index}: expert biases {'missing' if has_bias else 'unexpected'} "
+                             f"for this model family")
+    if all(isinstance(w.gate_up, torch.Tensor) and isinstance(w.down, torch.Tensor) for w in experts):
+        per_expert = [_canonical(w) for w in experts]
+        block.experts.load_state_dict(stack_experts(per_expert), assign=True, strict=True)
+    else:
+        block.experts = ResidentExperts([_moved(w, device) for w in experts])
+
+
+def _canonical(w: ExpertWeights) -> dict[str, torch.Tensor]:
+    """ExpertWeights -> the canonical per-expert tensors stack_experts expects."""
+    inter = w.gate_up.shape[0] // 2
+    out = {"gate_proj": w.gate_up[:inter], "up_proj": w.gate_up[inter:], "down_proj": w.down}
+    if w.gate_up_bias is not None:
+        out |= {"gate_bias": w.gate_up_bias[:inter], "up_bias": w.gate_up_bias[inter:], "down_bias": w.down_bias}
+    return out
+
+
+def _moved(w: ExpertWeights, device) -> ExpertWeights:
+    """ResidentExperts holds plain objects that model.to() does not see: move them here."""
+
+    def move(op):
+        if op is None or isinstance(op, torch.Tensor):
+            return None if op is None else op.to(device)
+        if isinstance(op, ConcatLinear):
+            return ConcatLinear([move(o) for o in op.ops])
+        return type(op)(move(op.a), move(op.b), move(op.base))  # LowRankLinear
+
+    return ExpertWeights(move(w.gate_up), move(w.down), move(w.gate_up_bias), move(w.down_bias))
+
+
+def _tokenizer(c: Container, verify_checksums: bool):
+    if not any(f.name == "tokenizer.json" for f in c.manifest.tokenizer_files):
+        return None
+    from tokenizers import Tokenizer
+
+    data = c.file_bytes("tokenizer.json", verify_checksum=verify_checksums)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise ContainerError(f"tokenizer.json: not a valid tokenizer ({e})") from None

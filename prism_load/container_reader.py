@@ -1,0 +1,393 @@
+"""Read a .prism container: validated at open, one positional read per expert, checksums on demand.
+
+`Container(path)` parses and validates manifest.json (prism_load/container.py) and checks the size of every
+file present; shard headers are checked against the manifest when a shard is first used. A shard that is
+not in the folder is looked up through `resolve_file(name) -> Path` (the Hub fetches it on demand).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .codecs import Encoding, check_tensors, decode, decode_linear
+from .container import (
+    ALIGNMENT_BYTES,
+    MANIFEST_NAME,
+    MAX_HEADER_BYTES,
+    MAX_MANIFEST_BYTES,
+    SHARD_FORMATS,
+    DataFile,
+    ExpertRecord,
+    ExpertShard,
+    Manifest,
+    aligned,
+    checksum,
+    expert_blob_name,
+)
+from .errors import ContainerError
+from .models.moe import ExpertWeights
+
+EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
+ResolveFile = Callable[[str], "str | Path"]
+Progress = Callable[..., None]  # progress(bytes just checked[, total bytes])
+MAX_OPEN_SHARDS = 64
+CHUNK_BYTES = 64 << 20
+
+
+class Container:
+    """A .prism folder. `read_expert` fetches one expert with one read; `verify` checks every byte."""
+
+    def __init__(self, path: str | Path, resolve_file: ResolveFile | None = None, *, check_files: bool = True):
+        self.folder = Path(path)
+        if not self.folder.is_dir():
+            raise ContainerError(f"{self.folder}: not a folder")
+        self.root = self.folder.resolve()
+        self.resolve_file = resolve_file
+        self.manifest = _read_manifest(self._local(MANIFEST_NAME, required=True))
+        self.config = self.manifest.config
+        self.records = self.manifest.experts
+        self._by_id = {(r.layer, r.expert): r for r in self.records}
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._checked_shards: set[int] = set()
+        self._lock = threading.Lock()
+        if check_files:
+            for f in self._files():
+                local = self._local(f.name)
+                if local is not None:
+                    _check_size(local, f)
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        if hasattr(self, "_fds"):
+            self._fds.clear()
+
+    # -- files ---------------------------------------------------------------------------------------
+    def _files(self) -> list[DataFile | ExpertShard]:
+        m = self.manifest
+        return [*m.tokenizer_files, *m.dense_shards, *m.expert_shards]
+
+    def _local(self, name: str, required: bool = False) -> Path | None:
+        """The file inside the folder, refusing symlinks that lead out of it; None if absent."""
+        path = self.folder / name
+        if not os.path.lexists(path):
+            if required:
+                raise ContainerError(f"{path}: missing (not a .prism container?)")
+            return None
+        real = path.resolve()
+        if not real.is_relative_to(self.root):
+            raise ContainerError(f"{path}: symlink leads outside the container folder (to {real})")
+        if not real.is_file():
+            raise ContainerError(f"{path}: not a regular file")
+        return real
+
+    def path(self, name: str) -> Path:
+        """Local path of a file listed in the manifest: in the folder, else through resolve_file."""
+        if not any(f.name == name for f in self._files()):
+            raise ContainerError(f"{self.folder}: {name} is not listed in {MANIFEST_NAME}")
+        local = self._local(name)
+        if local is not None:
+            return local
+        if self.resolve_file is None:
+            raise ContainerError(f"{self.folder / name}: missing (listed in {MANIFEST_NAME})")
+        try:
+            path = Path(self.resolve_file(name))
+        except ContainerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a fetch may fail in any way; name the file
+            raise ContainerError(f"{name}: could not be fetched ({type(e).__name__}: {e})") from None
+        if not path.is_file():
+            raise ContainerError(f"{name}: resolve_file returned {path}, which is not a file")
+        return path
+
+    def shard_fd(self, shard_index: int) -> int:
+        """Open file descriptor of an expert shard; its size and header are checked on first open."""
+        with self._lock:
+            if shard_index in self._fds:
+                self._fds.move_to_end(shard_index)
+                return self._fds[shard_index]
+            shard = self.manifest.expert_shards[shard_index]
+            path = self.path(shard.name)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _check_size(path, shard, os.fstat(fd).st_size)
+                if shard_index not in self._checked_shards:
+                    self._check_expert_header(fd, shard_index)
+                    self._checked_shards.add(shard_index)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[shard_index] = fd
+            while len(self._fds) > MAX_OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def _check_expert_header(self, fd: int, shard_index: int) -> None:
+        """The safetensors header must list exactly this shard's experts, each blob covering its range
+        plus the zero padding to the next 4 KiB boundary, tiling the data area."""
+        shard = self.manifest.expert_shards[shard_index]
+        data_start, entries, metadata = read_safetensors_header(fd, shard.bytes, shard.name)
+        where = f"{shard.name}: safetensors header"
+        if metadata != {"format": SHARD_FORMATS["experts"], "format_version": str(self.manifest.format_version)}:
+            raise ContainerError(f"{where}: __metadata__ {metadata} is not a prism expert shard's")
+        if data_start % ALIGNMENT_BYTES:
+            raise ContainerError(f"{where}: data starts at {data_start}, not on a {ALIGNMENT_BYTES}-byte boundary")
+        records = [r for r in self.records if r.shard == shard_index]
+        expected = {expert_blob_name(r.layer, r.expert): r for r in records}
+        if set(entries) != set(expected):
+            extra, missing = sorted(set(entries) - set(expected)), sorted(set(expected) - set(entries))
+            raise ContainerError(f"{where}: tensors do not match {MANIFEST_NAME} (unexpected {extra[:3]}, missing {missing[:3]})")
+        for name, r in expected.items():
+            dtype, shape, (begin, end) = entries[name]
+            blob = aligned(r.length)
+            if dtype != "U8" or shape != [blob] or (begin + data_start, end + data_start) != (r.offset, r.offset + blob):
+                raise ContainerError(
+                    f"{where}: {name} is {dtype} {shape} at data offsets [{begin}, {end}); {MANIFEST_NAME} says U8 "
+                    f"[{blob}] at [{r.offset - data_start}, {r.offset - data_start + blob})")
+
+    # -- experts -------------------------------------------------------------------------------------
+    def record(self, layer: int, expert: int) -> ExpertRecord:
+        try:
+            return self._by_id[(layer, expert)]
+        except KeyError:
+            raise ContainerError(f"{self.folder}: no expert {expert} in layer {layer}") from None
+
+    def read_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False) -> bytearray:
+        """The expert's byte range, fetched with one positional read."""
+        shard = self.manifest.expert_shards[record.shard]
+        buf = bytearray(record.length)
+        n = os.preadv(self.shard_fd(record.shard), [buf], record.offset)
+        if n != record.length:
+            raise ContainerError(f"{shard.name}: {record.where()}: read {n} of {record.length} bytes (file truncated?)")
+        if verify_checksum and checksum(buf) != record.checksum:
+            raise ContainerError(
+                f"{shard.name}: {record.where()}: checksum {checksum(buf)} != {record.checksum} in {MANIFEST_NAME} "
+                f"(bytes [{record.offset}, {record.end}) are damaged)")
+        return buf
+
+    def read_expert(self, layer: int, expert: int, verify_checksum: bool = False) -> dict[str, EncodedTensor]:
+        """{tensor name: (Encoding, {suffix: stored tensor})} of one expert; tensors view one read buffer."""
+        record = self.record(layer, expert)
+        raw = torch.frombuffer(self.read_expert_bytes(record, verify_checksum), dtype=torch.uint8)
+        out: dict[str, EncodedTensor] = {name: (enc, {}) for name, enc in record.encodings.items()}
+        for t in record.layout():
+            tensor, suffix = t.key.split(".", 1)
+            out[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
+        return out
+
+    def expert_weights(self, layer: int, expert: int, dtype: torch.dtype = torch.float32,
+                       verify_checksum: bool = False) -> ExpertWeights:
+        return decode_expert(self.read_expert(layer, expert, verify_checksum), dtype)
+
+    # -- dense tensors -------------------------------------------------------------------------------
+    def dense_encoded(self, verify_checksum: bool = False) -> dict[str, EncodedTensor]:
+        """Every dense tensor as stored, checked against its encoding (names, dtypes, shapes)."""
+        out: dict[str, EncodedTensor] = {}
+        for i in range(len(self.manifest.dense_shards)):
+            out.update(self.dense_shard(i, verify_checksum))
+        return out
+
+    def dense_shard(self, index: int, verify_checksum: bool = False) -> dict[str, EncodedTensor]:
+        """The dense tensors of one dense shard, read with the stock safetensors reader."""
+        from safetensors import SafetensorError, safe_open
+
+        shard = self.manifest.dense_shards[index]
+        path = self.path(shard.name)
+        _check_size(path, shard)
+        if verify_checksum and (problem := file_checksum_problem(path, shard)):
+            raise ContainerError(problem)
+        records = [r for r in self.manifest.dense.values() if r.shard == index]
+        expected = {key for r in records for key in r.keys().values()}
+        out: dict[str, EncodedTensor] = {}
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = set(f.keys())
+                if f.metadata() != {"format": SHARD_FORMATS["dense"]} or keys != expected:
+                    raise ContainerError(
+                        f"{shard.name}: tensors or metadata do not match {MANIFEST_NAME} (unexpected "
+                        f"{sorted(keys - expected)[:3]}, missing {sorted(expected - keys)[:3]}, metadata {f.metadata()})")
+                for r in records:
+                    tensors = {suffix: f.get_tensor(key) for suffix, key in r.keys().items()}
+                    check_tensors(r.encoding, tensors, f"{shard.name}: {r.name}")
+                    out[r.name] = (r.encoding, tensors)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ContainerError(f"{shard.name}: unreadable safetensors file ({e})") from None
+        return out
+
+    def dense_state(self, dtype: torch.dtype = torch.float32, verify_checksum: bool = False) -> dict[str, torch.Tensor]:
+        """prism state_dict names -> decoded dense tensors."""
+        return {name: decode(enc, t, dtype) for name, (enc, t) in self.dense_encoded(verify_checksum).items()}
+
+    def file_bytes(self, name: str, verify_checksum: bool = False) -> bytes:
+        """A whole listed file (a tokenizer file, for example), checked against the manifest."""
+        entry = next((f for f in self.manifest.tokenizer_files if f.name == name), None)
+        if entry is None:
+            raise ContainerError(f"{self.folder}: {name} is not a tokenizer file of {MANIFEST_NAME}")
+        data = self.path(name).read_bytes()
+        if len(data) != entry.bytes or (verify_checksum and checksum(data) != entry.checksum):
+            raise ContainerError(f"{name}: size or checksum differs from {MANIFEST_NAME} (damaged)")
+        return data
+
+    # -- verification --------------------------------------------------------------------------------
+    def data_bytes(self) -> int:
+        return sum(f.bytes for f in self._files())
+
+    def verify(self, check_checksums: bool = True, progress: Progress | None = None) -> list[str]:
+        """Every problem found (empty: intact). Reads every byte when check_checksums is set."""
+        from .container_verify import verify_container_files
+
+        return verify_container_files(self, check_checksums, progress)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Bytes a container spends beyond its stored tensors, against its routed-expert weights."""
+
+    manifest_bytes: int
+    header_bytes: int  # safetensors headers (with their alignment padding) of every shard
+    padding_bytes: int  # zeros between an expert's range and the next 4 KiB boundary
+    expert_weights: int
+
+    @property
+    def bits_per_expert_weight(self) -> float:
+        return 8 * (self.manifest_bytes + self.header_bytes + self.padding_bytes) / self.expert_weights
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits_per_expert_weight": self.bits_per_expert_weight}
+
+
+def metadata_overhead(container: Container) -> Overhead:
+    c = container
+    dense_headers = 0
+    for shard in c.manifest.dense_shards:
+        with open(c.path(shard.name), "rb") as f:
+            dense_headers += 8 + int.from_bytes(f.read(8), "little")
+    first = {}
+    for r in c.records:
+        first.setdefault(r.shard, r.offset)  # records are in file order: the first starts where the data does
+    return Overhead(
+        manifest_bytes=(c.folder / MANIFEST_NAME).stat().st_size,
+        header_bytes=dense_headers + sum(first.values()),
+        padding_bytes=sum(aligned(r.length) - r.length for r in c.records),
+        expert_weights=sum(r.numel for r in c.records),
+    )
+
+
+def overhead_bits_per_expert_weight(container: Container | str | Path) -> float:
+    """(manifest + safetensors headers + alignment padding) in bits, per routed-expert weight."""
+    if not isinstance(container, Container):
+        with Container(container) as c:
+            return metadata_overhead(c).bits_per_expert_weight
+    return metadata_overhead(container).bits_per_expert_weight
+
+
+def decode_expert(encoded: dict[str, EncodedTensor], dtype: torch.dtype = torch.float32) -> ExpertWeights:
+    """Stored tensors of one expert -> runtime ExpertWeights (gate and up rows concatenated; a low-rank
+    tensor stays factored when that is smaller). The one decode path of every expert source."""
+    ops = {name: decode_linear(enc, t, dtype) for name, (enc, t) in encoded.items()}
+    gate, up = ops["gate_proj"], ops["up_proj"]
+    if isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor):
+        gate_up = torch.cat([gate, up])
+    else:
+        gate_up = ConcatLinear([gate, up])
+    bias = None
+    if "gate_bias" in ops:
+        bias = torch.cat([ops["gate_bias"], ops["up_bias"]])
+    return ExpertWeights(gate_up, ops["down_proj"], bias, ops.get("down_bias"))
+
+
+class ConcatLinear:
+    """x -> cat([op(x) for op]) along the last dim: gate and up when one of them is kept factored."""
+
+    def __init__(self, ops: list):
+        self.ops = ops
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.linear(x, op) if isinstance(op, torch.Tensor) else op(x)
+                          for op in self.ops], dim=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(op.numel() * op.element_size() if isinstance(op, torch.Tensor) else op.nbytes for op in self.ops)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _read_manifest(path: Path) -> Manifest:
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ContainerError(f"{path}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+    return Manifest.from_json(path.read_bytes())
+
+
+def _check_size(path: Path, entry: DataFile | ExpertShard, size: int | None = None) -> None:
+    size = path.stat().st_size if size is None else size
+    if size != entry.bytes:
+        what = "truncated" if size < entry.bytes else "longer than listed"
+        raise ContainerError(f"{entry.name}: {size} bytes on disk, {MANIFEST_NAME} says {entry.bytes} ({what})")
+
+
+def file_checksum_problem(path: Path, entry: DataFile, progress: Progress | None = None) -> str | None:
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    if h.hexdigest() != entry.checksum:
+        return f"{entry.name}: checksum {h.hexdigest()} != {entry.checksum} in {MANIFEST_NAME} (file damaged)"
+    return None
+
+
+def read_safetensors_header(fd: int, file_bytes: int, name: str) -> tuple[int, dict, dict]:
+    """(data start, {key: (dtype, shape, (begin, end))}, metadata) of a safetensors file; every field checked."""
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise ContainerError(f"{name}: shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if n > min(MAX_HEADER_BYTES, file_bytes - 8):
+        raise ContainerError(f"{name}: safetensors header length {n} is past the file end or the limit")
+    text = os.pread(fd, n, 8)
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ContainerError(f"{name}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ContainerError(f"{name}: safetensors header is not an object")
+    metadata = header.pop("__metadata__", {})
+    entries, spans = {}, []
+    for key, v in header.items():
+        ok = (isinstance(v, dict) and set(v) == {"dtype", "shape", "data_offsets"} and isinstance(v["dtype"], str)
+              and isinstance(v["shape"], list) and all(type(s) is int and s >= 0 for s in v["shape"])
+              and isinstance(v["data_offsets"], list) and len(v["data_offsets"]) == 2
+              and all(type(o) is int and o >= 0 for o in v["data_offsets"]))
+        if not ok:
+            raise ContainerError(f"{name}: safetensors header entry {key!r} is malformed: {v!r}"[:300])
+        entries[key] = (v["dtype"], v["shape"], tuple(v["data_offsets"]))
+        spans.append(tuple(v["data_offsets"]))
+    data_start, end = 8 + n, 0
+    for begin, stop in sorted(spans):
+        if begin != end or stop < begin:
+            raise ContainerError(f"{name}: safetensors data offsets leave a hole or overlap at byte {begin}")
+        end = stop
+    if data_start + end != file_bytes:
+        raise ContainerError(f"{name}: safetensors data ends at {data_start + end}, the file has {file_bytes} bytes")
+    return data_start, entries, metadata
