@@ -179,6 +179,30 @@ def plan(
         console.print(part, highlight=False)
 
 
+@app.command()
+def push(
+    container: Path = typer.Argument(..., help="A .prism container folder."),
+    repo_id: str = typer.Argument(..., help="Hub repository, ORG/NAME (created if needed)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if needed)."),
+    token: str | None = typer.Option(None, "--token", help="Hub token (default: the saved login or HF_TOKEN)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Override the card's base_model (ORG/NAME)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write README.md and list the files; upload nothing."),
+) -> None:
+    """Upload a container to the Hugging Face Hub with a generated model card (resumable: re-run to continue)."""
+    from prism_convert.hub import push as push_container
+    from prism_convert.hub import push_table
+
+    result = push_container(container, repo_id, private=private, revision=revision, token=token,
+                            dry_run=dry_run, base_model=base_model)
+    console.print(push_table(result))
+    if dry_run:
+        console.print(f"dry run: wrote {container / 'README.md'}; nothing was uploaded")
+    else:
+        console.print(f"uploaded to https://huggingface.co/{repo_id}"
+                      + (f" ({result.commit_url})" if result.commit_url else ""))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, no traceback."""
     try:

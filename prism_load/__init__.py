@@ -16,16 +16,29 @@ from .errors import (  # noqa: F401
 )
 
 
-def load(path, dtype=None, device="cpu", **runtime_options):
+def load(path, dtype=None, device="cpu", *, revision=None, token=None, cache_dir=None, local_files_only=None,
+         download_experts="lazy", **runtime_options):
     """Load a model: a Hugging Face checkpoint folder (more sources come with the container and Hub).
 
     Returns a torch.nn.Module: `model(input_ids)` gives logits [B, T, V]; `model.generate(...)` decodes.
+    `path` may also be a Hub repo id ("org/name" where no such local path exists), resolved through
+    huggingface_hub (`revision`, `token`, `cache_dir`, `local_files_only`, else HF_HUB_OFFLINE): manifest,
+    dense shards and tokenizer first, expert shards on demand (`download_experts="lazy"`) or all at once ("all").
     """
     from pathlib import Path
 
     import torch
 
     from .hf_loader import load_hf
+    from .hub import is_repo_id, load_from_hub
+
+    hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    if is_repo_id(path):
+        return load_from_hub(str(path), **hub, download_experts=download_experts, dtype=dtype, device=device,
+                             **runtime_options)
+    if any(v is not None for v in hub.values()) or download_experts != "lazy":
+        raise TypeError(f"{path}: revision, token, cache_dir, local_files_only and download_experts apply to "
+                        "Hub repo ids, not to local folders")
 
     dtype = dtype or torch.float32
     folder = Path(path)
