@@ -146,7 +146,7 @@ def run(
 @app.command()
 def plan(
     model: str = typer.Argument(..., help="config.json, a checkpoint folder, or a .prism container."),
-    bits: float = typer.Option(..., "--bits", help="Routed-expert bits: 2-6 or 8 (int, group scales counted), 16 (bf16), or an average like 2.5."),
+    bits: float | None = typer.Option(None, "--bits", help="Routed-expert bits: 2-6 or 8 (int, group scales counted), 16 (bf16), or an average like 2.5. Not for containers."),
     gpu: str = typer.Option(..., "--gpu", help="GPU memory, e.g. 24GB (0 for a CPU-only machine)."),
     ram: str = typer.Option(..., "--ram", help="RAM for the model, e.g. 64GB."),
     context: int = typer.Option(4096, "--context", help="Tokens of KV cache to reserve."),

@@ -264,17 +264,41 @@ def gpt_oss_shape(config: dict) -> ModelShape:
 ARITHMETIC = {"deepseek_v3": deepseek_v3_shape, "gpt_oss": gpt_oss_shape}
 
 
-def load_shape(source: str | Path) -> ModelShape:
-    """A config.json file, or a folder holding one."""
+@dataclass
+class ContainerBytes:
+    """What a .prism container really stores, from its manifest alone (no data file is read)."""
+
+    path: str
+    dense: list[tuple[str, int]]  # (prism name, stored bytes)
+    experts: list[tuple[int, int, int, float, str]]  # (layer, expert, stored bytes, routing frequency, tier)
+    file_bytes: int  # every listed file: headers and alignment padding included
+
+
+def read_container(folder: Path) -> ContainerBytes:
+    from prism_load.container_reader import Container
+
+    with Container(folder, check_files=False) as c:
+        dense = [(name, r.encoding.nbytes()) for name, r in c.manifest.dense.items()]
+        experts = [(r.layer, r.expert, r.length, r.frequency, r.tier) for r in c.records]
+        return ContainerBytes(str(folder), dense, experts, c.data_bytes()), c.config
+
+
+def load_shape(source: str | Path) -> tuple[ModelShape, ContainerBytes | None]:
+    """A config.json file, a folder holding one, or a .prism container (its embedded config and real bytes)."""
     path = Path(source)
+    if (path / "manifest.json").is_file():
+        container, config = read_container(path)
+        return shape_from_config(config), container
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{source}: neither a config.json file nor a folder holding one")
+        raise ConfigError(
+            f"{source}: neither a config.json file, a folder holding one, nor a .prism container"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    return shape_from_config(config)
+    return shape_from_config(config), None

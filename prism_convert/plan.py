@@ -16,7 +16,7 @@ from pathlib import Path
 from prism_load.codecs import INT_BITS, Encoding
 from prism_load.errors import BudgetError
 
-from .model_shape import CLASSES, ModelShape, load_shape
+from .model_shape import CLASSES, ContainerBytes, ModelShape, classify, load_shape
 
 DENSE_POLICIES = ("bf16", "int8", "same")
 KV_BYTES_PER_ELEMENT = 2  # the KV cache is assumed bf16
@@ -258,6 +258,9 @@ class Inventory:
     kv_layers: list[tuple[int, int | None]]  # per layer: (KV bytes per cached token, sliding window)
     vocab_size: int
     expert_bits_per_weight: float
+    expert_label: str  # "int2/g128", or "the container's encodings"
+    storage: str  # how every class is stored, in words
+    routing: str  # where the expected shares come from, in words
 
 
 def inventory(shape: ModelShape, storage: Storage, zipf: float = 0.0) -> Inventory:
@@ -281,8 +284,62 @@ def inventory(shape: ModelShape, storage: Storage, zipf: float = 0.0) -> Invento
     expert_params = params["routed_experts"]
     bpw = 8 * class_bytes["routed_experts"] / expert_params if expert_params else 0.0
     experts = [(nbytes, share) for *_, nbytes, share in sorted(ranked)]
-    kv = [(KV_BYTES_PER_ELEMENT * n, window) for n, window in shape.kv_elements]
-    return Inventory(params, class_bytes, active, experts, kv, vocab, bpw)
+    routing = (
+        "uniform (each expert gets top_k/E of tokens)"
+        if zipf == 0
+        else (f"Zipf-skewed: the r-th hottest expert of a layer weighs (r+1)^-{zipf:g}")
+    )
+    return Inventory(
+        params,
+        class_bytes,
+        active,
+        experts,
+        kv_bytes(shape),
+        vocab,
+        bpw,
+        storage.expert.label(),
+        storage.describe(),
+        routing,
+    )
+
+
+def kv_bytes(shape: ModelShape) -> list[tuple[int, int | None]]:
+    return [(KV_BYTES_PER_ELEMENT * n, window) for n, window in shape.kv_elements]
+
+
+def container_inventory(shape: ModelShape, container: ContainerBytes) -> Inventory:
+    """Real stored bytes from a container's manifest; parameters from its embedded config. Routing shares are
+    the calibration frequencies the manifest records, scaled per layer to sum to top_k (uniform if absent)."""
+    base = inventory(shape, Storage(WeightFormat(16)))
+    class_bytes = dict.fromkeys(CLASSES, 0)
+    moe = set(shape.expert_tensors)
+    for name, nbytes in container.dense:
+        class_bytes[classify(name, moe)] += nbytes
+    k = shape.experts_per_token
+    by_layer: dict[int, list[tuple[int, int, float]]] = {}
+    for layer, expert, nbytes, freq, _ in container.experts:
+        by_layer.setdefault(layer, []).append((expert, nbytes, freq))
+    ranked = []
+    for layer, xs in by_layer.items():
+        total = sum(f for _, _, f in xs)
+        for expert, nbytes, freq in xs:
+            share = k * freq / total if total > 0 else k / len(xs)
+            ranked.append((-share, expert, layer, nbytes, share))
+    class_bytes["routed_experts"] = sum(nbytes for *_, nbytes, _ in ranked)
+    bpw = 8 * class_bytes["routed_experts"] / base.params["routed_experts"]
+    return Inventory(
+        base.params,
+        class_bytes,
+        base.active_params,
+        [(n, sh) for *_, n, sh in sorted(ranked)],
+        base.kv_layers,
+        base.vocab_size,
+        bpw,
+        "the container's encodings",
+        f"as stored in {container.path}: routed experts {bpw:.3f} bits per weight on average, dense tensors as "
+        "its manifest records them",
+        "calibration routing frequencies from the manifest, scaled to top_k per layer",
+    )
 
 
 BLOCK_ORDER = ("lm_head", "attention", "norms", "routers", "shared_experts", "dense_mlp", "embedding")
@@ -328,7 +385,7 @@ def make_plan(inv: Inventory, machine: Machine, context: int = 4096) -> dict:
 
 def plan(
     source: str | Path,
-    bits: float,
+    bits: float | None,
     gpu_bytes: int,
     ram_bytes: int,
     *,
@@ -338,11 +395,23 @@ def plan(
     zipf: float = 0.0,
     machine: Machine | None = None,
 ) -> dict:
-    """The whole answer for `prism plan`, as a JSON-able dict."""
+    """The whole answer for `prism plan`, as a JSON-able dict. `source`: config.json, a folder holding one, or
+    a .prism container (then its real bytes and routing frequencies replace bits, dense policy and skew)."""
     machine = machine or Machine(gpu_bytes, ram_bytes)
-    storage = Storage(WeightFormat(bits, group_size), dense)
-    shape = load_shape(source)
-    inv = inventory(shape, storage, zipf)
+    shape, container = load_shape(source)
+    if container is None:
+        if bits is None:
+            raise BudgetError(f"{source}: give --bits (only a .prism container knows its own stored bytes)")
+        storage = Storage(WeightFormat(bits, group_size), dense)
+        inv = inventory(shape, storage, zipf)
+    else:
+        if bits is not None or zipf or dense != "bf16" or group_size != 128:
+            raise BudgetError(
+                f"{source} is a .prism container: its stored bytes and routing frequencies are known, "
+                "so --bits, --group-size, --dense and --zipf do not apply"
+            )
+        storage = None
+        inv = container_inventory(shape, container)
     result = make_plan(inv, machine, context)
     result["model"] = {
         "source": str(source),
@@ -358,29 +427,34 @@ def plan(
         "active_per_token": inv.active_params,
     }
     result["class_bytes"] = inv.class_bytes
-    result["assumptions"] = assumptions(storage, machine, inv, context, zipf)
-    result["verdict"] = verdict(result, storage, machine)
+    result["assumptions"] = assumptions(storage, machine, inv, context)
+    if container is not None:
+        hot = [x for x in container.experts if x[4] == "hot"]
+        result["container"] = {
+            "file_bytes": container.file_bytes,
+            "hot_experts": len(hot),
+            "hot_bytes": sum(x[2] for x in hot),
+            "cold_bytes": sum(x[2] for x in container.experts) - sum(x[2] for x in hot),
+        }
+    result["verdict"] = verdict(result, inv, machine)
     result["warnings"] = plan_warnings(result, machine)
     return result
 
 
-def assumptions(storage: Storage, machine: Machine, inv: Inventory, context: int, zipf: float) -> dict:
-    routing = (
-        "uniform (each expert gets top_k/E of tokens)"
-        if zipf == 0
-        else (f"Zipf-skewed: the r-th hottest expert of a layer weighs (r+1)^-{zipf:g}")
-    )
+def assumptions(storage: Storage | None, machine: Machine, inv: Inventory, context: int) -> dict:
     return {
-        "bits": storage.expert.bits,
-        "group_size": storage.expert.group_size,
-        "expert_encoding": storage.expert.label(),
+        "bits": storage.expert.bits if storage else None,
+        "group_size": storage.expert.group_size if storage else None,
+        "dense_policy": storage.dense_policy if storage else None,
+        "expert_encoding": inv.expert_label,
         "expert_bits_per_weight": inv.expert_bits_per_weight,
-        "dense_policy": storage.dense_policy,
-        "storage": storage.describe(),
+        "storage": inv.storage,
+        "resident_form": "every tier holds weights as stored (packed); a runtime that decodes experts to bf16 in "
+        "its fast tier needs 16 / bits times more there",
         "context_tokens": context,
         "kv_cache": f"bf16, {sum(b for b, _ in inv.kv_layers):,} bytes per token; sliding-window layers read "
         "only their window but the cache keeps every token",
-        "routing": routing,
+        "routing": inv.routing,
         "placement": "KV cache, then LM head, attention, norms, routers, shared experts, dense MLP layers and "
         "embedding in the fastest tier with room; then routed experts, hottest first, spread "
         "evenly over layers; GPU, then RAM, then disk (memory-mapped)",
@@ -398,9 +472,9 @@ def assumptions(storage: Storage, machine: Machine, inv: Inventory, context: int
     }
 
 
-def verdict(result: dict, storage: Storage, machine: Machine) -> str:
+def verdict(result: dict, inv: Inventory, machine: Machine) -> str:
     need, have = result["needed_bytes"], result["memory_bytes"]
-    at = f"at {storage.expert.label()} ({result['assumptions']['expert_bits_per_weight']:.3f} bits per expert weight)"
+    at = f"at {inv.expert_label} ({inv.expert_bits_per_weight:.3f} bits per expert weight)"
     memory = (
         f"GPU {human_bytes(machine.gpu_bytes)} + RAM {human_bytes(machine.ram_bytes)} = {human_bytes(have)}"
     )
@@ -484,4 +558,11 @@ def render(result: dict) -> list:
         f"parameters counted by the {result['model']['parameter_count']}[/]",
     ]
     warn = [f"[yellow]warning:[/] {w}" for w in result["warnings"]]
+    if "container" in result:
+        c = result["container"]
+        notes.insert(
+            0,
+            f"[dim]container: {human_bytes(c['file_bytes'])} of files; hot tier {c['hot_experts']:,} experts "
+            f"({human_bytes(c['hot_bytes'])}), cold tier {human_bytes(c['cold_bytes'])}[/]",
+        )
     return [classes, tiers, f"[{style}]{result['verdict']}[/]", *warn, speed, "\n".join(notes)]

@@ -383,3 +383,45 @@ def test_cli_json_and_table():
     table = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
     assert "122.6 GB short" in table.output and "routed experts" in table.output
+
+
+# -- a .prism container: its real bytes and calibration frequencies -----------------------------------------
+HAS_CONTAINER = (Path(__file__).parents[1] / "prism_load" / "container.py").is_file()
+
+
+@pytest.mark.skipif(not HAS_CONTAINER, reason="prism_load/container.py has not landed yet")
+def test_container_plan_uses_stored_bytes_and_routing_frequencies(tmp_path):
+    from containers import TINY_CONFIG, write_tiny
+
+    from prism_load.codecs import Encoding
+
+    folder = write_tiny(tmp_path / "tiny.prism")
+    m = json.loads((folder / "manifest.json").read_text())
+    encodings = [Encoding.from_dict(e) for e in m["encodings"]]
+    dense = {name: encodings[r["encoding"]].nbytes() for name, r in m["dense"].items()}
+    experts = {(r["layer"], r["expert"]): (r["length"], r["frequency"]) for r in m["experts"]}
+    # the writer recorded frequency 0.5 / (e + 1): per layer 0.5, 0.25, 1/6, 0.125; top-2 scales them to sum to 2
+    total_freq = sum(f for (layer, _), (_, f) in experts.items() if layer == 0)
+    share = {key: 2 * f / total_freq for key, (_, f) in experts.items()}
+    kv = 16 * 2 * 2 * 2 * 8 * 2  # 16 tokens x 2 layers x (K, V) x 2 kv heads x head dim 8 x bf16
+    hottest = [(0, 0), (1, 0)]
+    ram = sum(dense.values()) + kv + sum(experts[x][0] for x in hottest)
+    r = plan(folder, None, 0, ram, context=16)
+    assert r["dense_bytes"] == sum(dense.values())
+    assert r["class_bytes"]["embedding"] == dense["embed_tokens.weight"]
+    assert r["expert_bytes"] == sum(n for n, _ in experts.values())
+    assert r["experts"] == {"ram": 2, "disk": 6, "total": 8}
+    dense_read = sum(dense.values()) - dense["embed_tokens.weight"] + dense["embed_tokens.weight"] / 64
+    assert r["read_bytes_per_token"] == {
+        "ram": round(dense_read + kv + sum(share[x] * experts[x][0] for x in hottest)),
+        "disk": round(sum(share[x] * experts[x][0] for x in experts if x not in hottest)),
+    }
+    assert r["fits"] is False and r["shortfall_bytes"] == r["needed_bytes"] - ram
+    assert r["container"]["hot_bytes"] == sum(x["length"] for x in m["experts"] if x["tier"] == "hot")
+    # parameters come from the embedded config, exactly as for the config alone
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    assert r["parameters"] == plan(tmp_path, 16, 0, ram)["parameters"]
+    with pytest.raises(BudgetError, match="is a .prism container"):
+        plan(folder, 2, 0, ram)
+    with pytest.raises(BudgetError, match="give --bits"):
+        plan(tmp_path, None, 0, ram)
