@@ -242,15 +242,15 @@ def push(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    from prism_load.hub import _hub_call
+    from prism_load.hub import hub_call
 
     where = f"{repo_id}@{revision or 'main'}"
-    _hub_call(where, api.create_repo, repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+    hub_call(where, api.create_repo, repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
     plan.operations.append("create_repo")
     if revision not in (None, "main"):
-        _hub_call(where, api.create_branch, repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+        hub_call(where, api.create_branch, repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
         plan.operations.append("create_branch")
-    info = _hub_call(
+    info = hub_call(
         where,
         api.upload_folder,
         repo_id=repo_id,

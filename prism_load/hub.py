@@ -58,7 +58,7 @@ class HubSnapshot:
         return self.fetch(name)
 
 
-def _hub_call(what: str, fn, *args, **kwargs):
+def hub_call(what: str, fn, *args, **kwargs):
     """Call huggingface_hub, turning its errors into one HubError that names the repo, revision and file."""
     from huggingface_hub import errors
 
@@ -107,7 +107,7 @@ def resolve(
         repo_type="model", cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only)
     )
     probe = Path(
-        _hub_call(
+        hub_call(
             where, hf.snapshot_download, repo_id, revision=revision, allow_patterns=PROBE_PATTERNS, **common
         )
     )
@@ -116,13 +116,13 @@ def resolve(
 
     def fetch(name: str) -> Path:
         return Path(
-            _hub_call(f"{where}: {name}", hf.hf_hub_download, repo_id, name, revision=commit, **common)
+            hub_call(f"{where}: {name}", hf.hf_hub_download, repo_id, name, revision=commit, **common)
         )
 
     if not (probe / MANIFEST).is_file():
         if not (probe / "config.json").is_file():
             raise HubError(f"{where}: neither {MANIFEST} (a .prism container) nor config.json (a checkpoint)")
-        folder = _hub_call(
+        folder = hub_call(
             where,
             hf.snapshot_download,
             repo_id,
@@ -137,7 +137,7 @@ def resolve(
     first = [MANIFEST, *(f.name for f in manifest.dense_shards), *(f.name for f in manifest.tokenizer_files)]
     if download_experts == "all":
         first += [s.name for s in manifest.expert_shards]
-    folder = _hub_call(where, hf.snapshot_download, repo_id, revision=commit, allow_patterns=first, **common)
+    folder = hub_call(where, hf.snapshot_download, repo_id, revision=commit, allow_patterns=first, **common)
     return HubSnapshot(repo_id, commit, Path(folder), "container", fetch=fetch, prefetched=frozenset(first))
 
 
