@@ -366,6 +366,13 @@ def test_push_operations_and_card(pushable, fake_api):
     assert plan.commit_message.startswith(message) and plan.commit_message.endswith("with prism 0.1.0")
     assert plan.commit_url == "https://huggingface.co/org/tiny/commit/abc"
     assert (pushable / "README.md").read_text() == expected_card(pushable) == plan.card
+    # the recorded calls are valid for the installed huggingface_hub's own signatures
+    import inspect
+
+    from huggingface_hub import HfApi
+
+    for method, args, kwargs in api.calls:
+        inspect.signature(getattr(HfApi, method)).bind(None, *args, **kwargs)
 
 
 @needs_container
