@@ -501,10 +501,12 @@ def plan_warnings(result: dict, machine: Machine) -> list[str]:
             f"{human_bytes(resident - machine.gpu_bytes)} of what every token reads crosses PCIe"
         )
     if result["experts"]["disk"]:
-        share = result["read_bytes_per_token"]["disk"] / max(1, sum(result["read_bytes_per_token"].values()))
+        disk = next(t for t in result["tiers"] if t["name"] == "disk")
+        seconds = disk["read_bytes_per_token"] / disk["path_bandwidth_bytes_per_second"]
         out.append(
-            f"{result['experts']['disk']:,} of {result['experts']['total']:,} experts stay on disk; "
-            f"{100 * share:.0f}% of the bytes each token reads come from disk"
+            f"{result['experts']['disk']:,} of {result['experts']['total']:,} experts stay on disk: "
+            f"{human_bytes(disk['read_bytes_per_token'])} of each token's reads, "
+            f"{100 * seconds / result['seconds_per_token']:.0f}% of its time at these bandwidths"
         )
     return out
 

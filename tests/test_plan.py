@@ -206,6 +206,13 @@ def test_deepseek_v3_at_2_bits_does_not_fit_32gb_gpu_64gb_ram(plans):
     )
     assert "GPU 32.0 GB + RAM 64.0 GB = 96.0 GB; 122.6 GB short (122,649,876,480 bytes)" in r["verdict"]
     assert any("exceed the GPU" in w for w in r["warnings"])
+    # uniform routing: each expert is read by 8/256 of tokens, so the disk serves 9,903 x 12,386,304 / 32 bytes
+    assert r["read_bytes_per_token"]["disk"] == 9903 * per_expert // 32 == 3_833_174_016
+    assert r["tokens_per_second_ceiling"] < 1 / (3_833_174_016 / 5e9)
+    assert any(
+        w.startswith("9,903 of 14,848 experts stay on disk: 3.8 GB of each token's reads")
+        for w in r["warnings"]
+    )
 
 
 def test_qwen3_fits_and_its_kv_cache(plans):
