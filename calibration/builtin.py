@@ -11,6 +11,7 @@ Docstrings are not counted as prose: they live inside code and would blur the tw
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sysconfig
 from html.parser import HTMLParser
@@ -60,11 +61,11 @@ def code_files() -> list[Path]:
     if not root.is_dir():
         raise CalibrationError(f"builtin:code: the standard library folder {root} does not exist")
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if CODE_SKIP_DIRS.isdisjoint(parts[:-1]) and not parts[0].startswith("config-"):
-            files.append(path)
-    return files
+    for folder, dirs, names in os.walk(root):
+        # Prune while walking: site-packages alone can hold tens of thousands of files.
+        dirs[:] = [d for d in dirs if d not in CODE_SKIP_DIRS and not d.startswith("config-")]
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
 
 
 def paragraph_documents(text: str, min_chars: int = 2000) -> list[str]:

@@ -203,6 +203,42 @@ def push(
                       + (f" ({result.commit_url})" if result.commit_url else ""))
 
 
+@app.command()
+def reference(
+    out: Path | None = typer.Option(None, "-o", "--out", help="Folder to write (default: the cache, $PRISM_CACHE or ~/.cache/prism)."),
+    preset: str = typer.Option("full", "--preset", help="tiny (tests, seconds), quick (~3 min), full (~15 min on 2 cores)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: all cores)."),
+) -> None:
+    """Train the reference Mixtral-layout MoE on built-in prose + code and save it as a HF checkpoint."""
+    from rich import progress as rp
+
+    from prism_convert.reference import preset_by_name, reference_model, train_reference
+
+    preset_by_name(preset)
+    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                     rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), console=err_console) as progress:
+        if out is None:
+            out = reference_model(preset, seed, progress=progress, threads=threads)
+        else:
+            train_reference(out, preset, seed, progress, threads)
+    _print_training(out)
+
+
+def _print_training(folder: Path) -> None:
+    import json
+
+    report = json.loads((folder / "training.json").read_text())
+    loss, params = report["loss"], report["parameters"]
+    console.print(f"{folder}: {report['preset']} preset, seed {report['seed']}, {params['total']:,} parameters "
+                  f"({params['experts'] / params['total']:.0%} in experts)", highlight=False)
+    console.print(f"{report['steps']} steps, {report['tokens_seen']:,} tokens in {report['train_seconds']:.0f} s "
+                  f"({report['tokens_per_second']:,.0f} tokens/s); total {report['seconds']:.0f} s", highlight=False)
+    for split in ("train", "heldout"):
+        parts = ", ".join(f"{d} {v:.3f}" for d, v in loss[split].items() if v is not None)
+        console.print(f"{split} loss (nats/token): {parts}", highlight=False)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, no traceback."""
     try:
