@@ -501,9 +501,26 @@ def model_args(config: dict):
         _fail("config.num_hidden_layers", f"expected an integer in 1..{MAX_LAYERS}, got {layers!r}")
     try:
         family = family_for(config)
-        return family, family.parse_config(config)
+        args = family.parse_config(config)
     except Exception as e:  # noqa: BLE001 - an untrusted config may break parsing in any way
         _fail("config", f"not a supported model config ({type(e).__name__}: {e})")
+    _check_args(args)
+    return family, args
+
+
+def _check_args(args) -> None:
+    """Values a model cannot be built or run with (the parsers check presence, not sense)."""
+    for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        v = getattr(args, name)
+        if not isinstance(v, int) or not 0 < v < 2**31:
+            _fail(f"config.{name}", f"expected a positive integer, got {v!r}")
+    if args.num_experts_per_tok > args.num_experts:
+        _fail("config.num_experts_per_tok", f"{args.num_experts_per_tok} > {args.num_experts} experts")
+    if args.num_attention_heads % args.num_key_value_heads:
+        _fail("config.num_key_value_heads", f"{args.num_key_value_heads} does not divide {args.num_attention_heads} heads")
+    if not (isinstance(args.rms_norm_eps, float) and math.isfinite(args.rms_norm_eps) and args.rms_norm_eps >= 0):
+        _fail("config.rms_norm_eps", f"expected a finite number >= 0, got {args.rms_norm_eps!r}")
 
 
 def _validate_against_config(m: Manifest) -> None:

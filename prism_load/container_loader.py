@@ -15,7 +15,7 @@ from torch import nn
 
 from .codecs import decode
 from .container import model_args
-from .container_reader import ConcatLinear, Container, ResolveFile
+from .container_reader import ConcatLinear, Container, ResolveFile, owned
 from .errors import ContainerError
 from .hf_loader import stack_experts
 from .models.model import MoEForCausalLM
@@ -43,7 +43,9 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.float32, device:
         model = _skeleton(family, args)
         dense = c.dense_encoded(verify_checksum=verify_checksums)
         _check_dense_names(model, dense)
-        state = {name: decode(enc, t, _dense_dtype(family, args, name, dtype)) for name, (enc, t) in dense.items()}
+        state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
+                             {x.untyped_storage().data_ptr() for x in t.values()})
+                 for name, (enc, t) in dense.items()}
         model.load_state_dict(state, assign=True, strict=False)
         for i, block in model.moe_blocks():
             experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums) for e in range(args.num_experts)]
@@ -85,8 +87,9 @@ def _check_dense_names(model: MoEForCausalLM, dense: dict) -> None:
                                  f"the model needs {list(shape)}")
 
 
-def _dense_dtype(family, args, name: str, dtype: torch.dtype) -> torch.dtype:
-    """The reference keeps some tensors in fp32 whatever the model dtype (as hf_loader does)."""
+def dense_decode_dtype(family, args, name: str, dtype: torch.dtype) -> torch.dtype:
+    """Dtype to decode a dense tensor in: fp32 where the family's reference keeps it so whatever the model
+    dtype (DeepSeek's router, for example), as hf_loader does; otherwise `dtype`."""
     if name.startswith("layers."):
         _, i, key = name.split(".", 2)
         checkpoint_name = family.checkpoint_name(args, int(i), key)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .codecs import Encoding, check_tensors, decode, decode_linear
+from .codecs import Encoding, LowRankLinear, check_tensors, decode, decode_linear
 from .container import (
     ALIGNMENT_BYTES,
     MANIFEST_NAME,
@@ -233,7 +233,10 @@ class Container:
 
     def dense_state(self, dtype: torch.dtype = torch.float32, verify_checksum: bool = False) -> dict[str, torch.Tensor]:
         """prism state_dict names -> decoded dense tensors."""
-        return {name: decode(enc, t, dtype) for name, (enc, t) in self.dense_encoded(verify_checksum).items()}
+        out = {}
+        for name, (enc, t) in self.dense_encoded(verify_checksum).items():
+            out[name] = owned(decode(enc, t, dtype), {x.untyped_storage().data_ptr() for x in t.values()})
+        return out
 
     def file_bytes(self, name: str, verify_checksum: bool = False) -> bytes:
         """A whole listed file (a tokenizer file, for example), checked against the manifest."""
@@ -301,7 +304,8 @@ def overhead_bits_per_expert_weight(container: Container | str | Path) -> float:
 def decode_expert(encoded: dict[str, EncodedTensor], dtype: torch.dtype = torch.float32) -> ExpertWeights:
     """Stored tensors of one expert -> runtime ExpertWeights (gate and up rows concatenated; a low-rank
     tensor stays factored when that is smaller). The one decode path of every expert source."""
-    ops = {name: decode_linear(enc, t, dtype) for name, (enc, t) in encoded.items()}
+    stored = {t.untyped_storage().data_ptr() for _, ts in encoded.values() for t in ts.values()}
+    ops = {name: owned(decode_linear(enc, t, dtype), stored) for name, (enc, t) in encoded.items()}
     gate, up = ops["gate_proj"], ops["up_proj"]
     if isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor):
         gate_up = torch.cat([gate, up])
@@ -311,6 +315,17 @@ def decode_expert(encoded: dict[str, EncodedTensor], dtype: torch.dtype = torch.
     if "gate_bias" in ops:
         bias = torch.cat([ops["gate_bias"], ops["up_bias"]])
     return ExpertWeights(gate_up, ops["down_proj"], bias, ops.get("down_bias"))
+
+
+def owned(op, stored_ptrs: set[int]):
+    """`op` with no tensor aliasing stored data (a same-dtype passthrough decode is a view): copies are fresh,
+    64-byte-aligned allocations, so matmul results do not depend on where a tensor sat in a file or read
+    buffer (CPU GEMM kernels round differently on misaligned inputs), and no view pins a whole read buffer."""
+    if isinstance(op, torch.Tensor):
+        return op.clone() if op.untyped_storage().data_ptr() in stored_ptrs else op
+    if isinstance(op, LowRankLinear):
+        return LowRankLinear(owned(op.a, stored_ptrs), owned(op.b, stored_ptrs), op.base)
+    return op
 
 
 class ConcatLinear:

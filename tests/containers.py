@@ -102,8 +102,12 @@ def container_inputs(model, mix=EXACT_MIX, hot_per_layer: int = 1):
     inter = args.moe_intermediate_size
     for layer, block in model.moe_blocks():
         gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        biases = getattr(block.experts, "gate_up_bias", None)
         for e in range(args.num_experts):
             tensors = {"gate_proj": gate_up[e, :inter], "up_proj": gate_up[e, inter:], "down_proj": down[e]}
+            if biases is not None:
+                tensors |= {"gate_bias": biases[e, :inter].detach(), "up_bias": biases[e, inter:].detach(),
+                            "down_bias": block.experts.down_bias[e].detach()}
             encoded = {}
             for name, w in tensors.items():
                 enc = make_encoding(next(cycle), tuple(w.shape))
@@ -114,14 +118,28 @@ def container_inputs(model, mix=EXACT_MIX, hot_per_layer: int = 1):
     return dense, experts
 
 
-def decoded_state(dense, experts, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """The model state with every tensor decoded in memory (the reference for the round trip)."""
-    state = {name: decode(enc, t, dtype) for name, (enc, t) in dense.items()}
+def decoded_state(dense, experts, dtype=torch.float32, model=None) -> dict[str, torch.Tensor]:
+    """The model state with every tensor decoded in memory (the reference for the round trip); with `model`,
+    dense tensors its family keeps in fp32 are decoded in fp32, as the loaders do. Every tensor is a fresh
+    allocation: CPU matmuls round differently on misaligned memory (an mmap view), so a reference that
+    computes on views is not bit-comparable."""
+    from prism_load.container_loader import dense_decode_dtype
+
+    dtype_for = (lambda name: dtype) if model is None else (lambda name: dense_decode_dtype(model.family, model.args, name, dtype))
+    state = {name: decode(enc, t, dtype_for(name)).clone() for name, (enc, t) in dense.items()}
     for layer in sorted({x.layer for x in experts}):
         xs = sorted((x for x in experts if x.layer == layer), key=lambda x: x.expert)
         stacked = stack_experts([{n: decode(enc, t, dtype) for n, (enc, t) in x.tensors.items()} for x in xs])
         state.update({f"layers.{layer}.mlp.experts.{k}": v for k, v in stacked.items()})
     return state
+
+
+def assign_state(model, state: dict[str, torch.Tensor]):
+    """Put fresh tensors into a model (assign, not copy into its possibly memory-mapped parameters)."""
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model
 
 
 def write_tiny(out: Path, model=None, config: dict = TINY_CONFIG, mix=EXACT_MIX, **kwargs) -> Path:

@@ -13,12 +13,14 @@ import xxhash
 from containers import (
     FACTORED_MIX,
     TINY_CONFIG,
+    assign_state,
     container_inputs,
     decoded_state,
     random_model,
     write_tiny,
 )
 from safetensors import safe_open
+from tiny import CASES
 
 import prism_load
 from prism_convert.pack import ExpertInput, write_container
@@ -119,10 +121,15 @@ def damaged(tiny, tmp_path):
     return path
 
 
+ALL_FAMILIES = [pytest.param(name, dtype, marks=pytest.mark.slow) for name in CASES
+                for dtype in (torch.float32, torch.bfloat16)]
+
+
 @pytest.mark.parametrize("name, dtype", [("mixtral", torch.float32), ("qwen2_moe", torch.float32),
-                                         ("mixtral", torch.bfloat16)])
+                                         ("mixtral", torch.bfloat16), ("gpt_oss", torch.float32), *ALL_FAMILIES])
 def test_round_trip_is_bit_exact(name, dtype, tiny_checkpoint, tmp_path):
-    """Logits of the loaded container equal those of the original model with the same decoded weights."""
+    """Logits of the loaded container equal those of the original model with the same decoded weights
+    (gpt_oss: expert biases; slow: every family in both dtypes)."""
     folder, _ = tiny_checkpoint(name)
     model = load_hf(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -130,13 +137,14 @@ def test_round_trip_is_bit_exact(name, dtype, tiny_checkpoint, tmp_path):
     out = write_container(tmp_path / "m.prism", config=config, source={"model_id": name, "revision": "r1"},
                           tokenizer_files=[], dense=dense, experts=experts, recipe={}, budget={}, shard_size_bytes=50_000)
     reference = load_hf(folder, dtype=dtype)
-    reference.load_state_dict(decoded_state(dense, experts, dtype), strict=True)
+    assign_state(reference, decoded_state(dense, experts, dtype, reference))
     loaded = prism_load.load(out, dtype=dtype)
     ids = torch.randint(0, config["vocab_size"], (2, 11))
     with torch.no_grad():
         assert torch.equal(loaded(ids), reference(ids))
-    kinds = {enc.kind for x in experts for enc, _ in x.tensors.values()}
-    assert kinds == {"int", "bf16", "fp16", "fp32", "lowrank", "int+lowrank"}
+    if name == "mixtral":
+        kinds = {enc.kind for x in experts for enc, _ in x.tensors.values()}
+        assert kinds == {"int", "bf16", "fp16", "fp32", "lowrank", "int+lowrank"}
 
 
 def test_factored_low_rank_experts_stay_factored(tmp_path):
@@ -145,7 +153,7 @@ def test_factored_low_rank_experts_stay_factored(tmp_path):
     loaded = prism_load.load(out)
     assert all(isinstance(block.experts, ResidentExperts) for _, block in loaded.moe_blocks())
     dense, experts = container_inputs(model, FACTORED_MIX)
-    model.load_state_dict(decoded_state(dense, experts), strict=True)
+    assign_state(model, decoded_state(dense, experts))
     ids = torch.randint(0, TINY_CONFIG["vocab_size"], (2, 9))
     with torch.no_grad():
         a, b = loaded(ids), model(ids)
