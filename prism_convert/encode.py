@@ -1,9 +1,17 @@
 """encode(): the one entry point from a weight matrix and an Encoding to the exact stored tensors.
 
-Which algorithm runs: `int` uses GPTQ when a Hessian is given, else the importance-weighted clipping search
-(plain MSE without channel weights); low-rank factors come from whitened SVD and are stored per
-`factor_bits` (int factors with the clipping search); `int+lowrank` quantizes the base, then fits the
-low-rank pair to the activation-weighted residual W − deq(base).
+Which algorithm runs:
+- `int`: GPTQ rounding when the input Hessian is given (prism_convert.gptq), else the importance-weighted
+  clipping search on the per-channel second moments (plain MSE without them; prism_convert.quantize);
+- `lowrank`: whitened truncated SVD (full Hessian, else its diagonal, else plain), factors stored per
+  `factor_bits` (prism_convert.lowrank);
+- `int+lowrank`: the `int` base as above, then a whitened low-rank fit of the residual W − deq(base), so
+  decode = base + A @ B;
+- `bf16` / `fp16` / `fp32`: the tensor itself.
+
+`encode_many` encodes one matrix under a whole candidate menu and shares the work: one Hessian
+factorisation, one GPTQ pass for all bit-widths of a group size, int+lowrank bases reused from the int
+candidates. Its output is bit-identical to calling `encode` once per encoding.
 """
 
 from __future__ import annotations
@@ -14,70 +22,76 @@ from prism_load.codecs import PASSTHROUGH_DTYPES, Encoding, decode
 from prism_load.errors import EncodingError
 
 from .gptq import gptq_many
-from .lowrank import whitened_svd
-from .quantize import clipped
+from .hessian import check_hessian, hessian_factors
+from .lowrank import factor_tensors, whitening
+from .quantize import FP16_MAX, clipped
 
 
-def _check(w: torch.Tensor, enc: Encoding, hessian, channel_weights) -> None:
+def check_inputs(w: torch.Tensor, enc: Encoding, hessian: torch.Tensor | None,
+                 channel_weights: torch.Tensor | None) -> None:
+    """Shapes and values a caller can get wrong, named in the error."""
+    if not isinstance(enc, Encoding):
+        raise EncodingError(f"expected an Encoding, got {type(enc).__name__}")
+    if enc.kind not in PASSTHROUGH_DTYPES and w.dim() != 2:
+        raise EncodingError(f"{enc.kind} encoding needs a 2-D weight [out, in], got shape {list(w.shape)}")
     if tuple(w.shape) != enc.shape:
         raise EncodingError(f"weight of shape {list(w.shape)} does not match encoding shape {list(enc.shape)}")
-    if not torch.isfinite(w).all():
-        raise EncodingError(f"weight {list(w.shape)} has non-finite values (NaN or inf); refusing to encode it")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise EncodingError(f"weight {list(w.shape)} has {bad} non-finite values (NaN or inf); refusing to encode it")
+    if enc.kind == "fp16" and float(w.abs().max()) > FP16_MAX:
+        raise EncodingError(f"weight {list(w.shape)} has |w| up to {float(w.abs().max()):.4g}, beyond fp16's {FP16_MAX}")
     if enc.kind in PASSTHROUGH_DTYPES:
         return
     inp = w.shape[1]
-    if hessian is not None and tuple(hessian.shape) != (inp, inp):
-        raise EncodingError(f"Hessian of shape {list(hessian.shape)} does not match {inp} input channels")
-    if channel_weights is not None and tuple(channel_weights.shape) != (inp,):
-        raise EncodingError(f"channel weights of shape {list(channel_weights.shape)} do not match {inp} input channels")
-
-
-def _ints(w, encs: list[Encoding], hessian, channel_weights, damp) -> list[dict[str, torch.Tensor]]:
-    if not encs:
-        return []
     if hessian is not None:
-        by_group: dict[int, list[int]] = {}
-        for k, e in enumerate(encs):
-            by_group.setdefault(e.group_size, []).append(k)
-        out: list = [None] * len(encs)
-        for ks in by_group.values():
-            for k, stored in zip(ks, gptq_many(w, [encs[k] for k in ks], hessian, damp=damp)):
-                out[k] = stored
-        return out
-    return [clipped(w, e, channel_weights) for e in encs]
+        check_hessian(hessian, inp)
+    if channel_weights is not None:
+        if tuple(channel_weights.shape) != (inp,):
+            raise EncodingError(f"channel weights of shape {list(channel_weights.shape)} do not match {inp} input channels (expected [{inp}])")
+        if not bool(torch.isfinite(channel_weights).all()) or bool((channel_weights < 0).any()):
+            raise EncodingError(f"channel weights [{inp}] must be finite and non-negative (second moments)")
 
 
-def _factors(w, enc: Encoding, hessian, channel_weights) -> dict[str, torch.Tensor]:
-    a, b = whitened_svd(w, enc.rank, hessian, channel_weights)
-    parts = enc.parts()
-    out = {}
-    for prefix, factor, weights in (("lr_a", a, None), ("lr_b", b, channel_weights)):
-        sub = parts[prefix]
-        tensors = factor.to(torch.bfloat16) if sub.kind == "bf16" else None
-        stored = {"weight": tensors} if tensors is not None else clipped(factor, sub, weights)
-        out.update({f"{prefix}.{k}": v for k, v in stored.items()})
+def _ints(w, encs: list[Encoding], hessian, channel_weights, damp, act_order) -> list[dict[str, torch.Tensor]]:
+    if hessian is None:
+        return [clipped(w, e, channel_weights) for e in encs]
+    by_group: dict[int, list[int]] = {}
+    for k, e in enumerate(encs):
+        by_group.setdefault(e.group_size, []).append(k)
+    out: list = [None] * len(encs)
+    for ks in by_group.values():
+        stored = gptq_many(w, [encs[k] for k in ks], hessian_factors(hessian, damp, act_order))
+        for k, s in zip(ks, stored):
+            out[k] = s
     return out
 
 
 def encode(weight: torch.Tensor, enc: Encoding, *, hessian: torch.Tensor | None = None,
-           channel_weights: torch.Tensor | None = None, damp: float = 0.01) -> dict[str, torch.Tensor]:
-    """Stored tensors of `weight` under `enc` (exactly enc.tensor_specs()). `hessian` is E[x xᵀ] [in, in]
-    of the tensor's inputs; `channel_weights` its diagonal when the full matrix is unknown."""
-    return encode_many(weight, [enc], hessian=hessian, channel_weights=channel_weights, damp=damp)[0]
+           channel_weights: torch.Tensor | None = None, damp: float = 0.01,
+           act_order: bool = False) -> dict[str, torch.Tensor]:
+    """Stored tensors of `weight` under `enc`: exactly enc.tensor_specs() (names, dtypes, shapes).
+
+    `hessian`: H = E[x xᵀ] [in, in] of the tensor's routed inputs; `channel_weights`: E[x_j²] [in], its
+    diagonal, used when H is unknown. `damp`: GPTQ/whitening damping as a share of mean(diag H).
+    `act_order`: GPTQ columns by descending E[x_j²] (static groups). Deterministic."""
+    return encode_many(weight, [enc], hessian=hessian, channel_weights=channel_weights, damp=damp, act_order=act_order)[0]
 
 
 def encode_many(weight: torch.Tensor, encs: list[Encoding], *, hessian: torch.Tensor | None = None,
-                channel_weights: torch.Tensor | None = None, damp: float = 0.01) -> list[dict[str, torch.Tensor]]:
-    """encode() for several encodings of one matrix, sharing work: all int bit-widths run in one GPTQ
-    pass, and an int+lowrank base reuses the plain int result of the same bits."""
+                channel_weights: torch.Tensor | None = None, damp: float = 0.01,
+                act_order: bool = False) -> list[dict[str, torch.Tensor]]:
+    """encode() for several encodings of one matrix, sharing work; the same stored bits as one at a time."""
     w = weight.detach().float()
     for enc in encs:
-        _check(w, enc, hessian, channel_weights)
+        check_inputs(w, enc, hessian, channel_weights)
     if channel_weights is None and hessian is not None:
-        channel_weights = hessian.diagonal().float()
+        channel_weights = hessian.diagonal().float().clamp_min(0)
     bases = {e.parts()["base"] for e in encs if e.kind == "int+lowrank"}
     ints = list(dict.fromkeys([e for e in encs if e.kind == "int"] + sorted(bases, key=lambda e: e.bits)))
-    int_stored = dict(zip(ints, _ints(w, ints, hessian, channel_weights, damp)))
+    int_stored = dict(zip(ints, _ints(w, ints, hessian, channel_weights, damp, act_order)))
+    needs_factors = any(e.kind in ("lowrank", "int+lowrank") for e in encs)
+    white = whitening(w.shape[1], hessian, channel_weights, damp) if needs_factors else None
     out = []
     for enc in encs:
         if enc.kind in PASSTHROUGH_DTYPES:
@@ -85,11 +99,11 @@ def encode_many(weight: torch.Tensor, encs: list[Encoding], *, hessian: torch.Te
         elif enc.kind == "int":
             out.append(int_stored[enc])
         elif enc.kind == "lowrank":
-            out.append(_factors(w, enc, hessian, channel_weights))
+            out.append(factor_tensors(w, enc, white, channel_weights, damp))
         else:
             base_enc = enc.parts()["base"]
             base = int_stored[base_enc]
             stored = {f"base.{k}": v for k, v in base.items()}
-            stored.update(_factors(w - decode(base_enc, base), enc, hessian, channel_weights))
+            stored.update(factor_tensors(w - decode(base_enc, base), enc, white, channel_weights, damp))
             out.append(stored)
     return out
