@@ -122,7 +122,7 @@ def write_container(
         _write_text(tmp / MANIFEST_NAME, manifest.to_json())
         with Container(tmp) as c:  # what we wrote must open and its headers must match the manifest
             for i in range(len(c.manifest.expert_shards)):
-                c.shard_fd(i)
+                c.check_shard(i)
     return out_dir
 
 

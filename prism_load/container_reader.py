@@ -12,6 +12,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Container:
         self._by_id = {(r.layer, r.expert): r for r in self.records}
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._checked_shards: set[int] = set()
+        self._pins: dict[int, int] = {}
         self._lock = threading.Lock()
         if check_files:
             for f in self._files():
@@ -117,27 +119,57 @@ class Container:
             raise ContainerError(f"{name}: resolve_file returned {path}, which is not a file")
         return path
 
-    def shard_fd(self, shard_index: int) -> int:
-        """Open file descriptor of an expert shard; its size and header are checked on first open."""
+    @contextmanager
+    def shard_fd(self, shard_index: int):
+        """A pinned file descriptor of an expert shard (size and header checked when the file is first opened).
+        Descriptors are cached, at most MAX_OPEN_SHARDS unpinned ones; a pinned one is never closed under a
+        reader in another thread (a reused descriptor number could otherwise read another file)."""
+        fd = self._acquire(shard_index)
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._pins[shard_index] -= 1
+                self._evict()
+
+    def _acquire(self, shard_index: int) -> int:
         with self._lock:
             if shard_index in self._fds:
                 self._fds.move_to_end(shard_index)
+                self._pins[shard_index] = self._pins.get(shard_index, 0) + 1
                 return self._fds[shard_index]
-            shard = self.manifest.expert_shards[shard_index]
-            path = self.path(shard.name)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                _check_size(path, shard, os.fstat(fd).st_size)
-                if shard_index not in self._checked_shards:
-                    self._check_expert_header(fd, shard_index)
-                    self._checked_shards.add(shard_index)
-            except BaseException:
+        shard = self.manifest.expert_shards[shard_index]
+        path = self.path(shard.name)  # may fetch through resolve_file: not under the lock
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _check_size(path, shard, os.fstat(fd).st_size)
+            if shard_index not in self._checked_shards:
+                self._check_expert_header(fd, shard_index)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._checked_shards.add(shard_index)
+            if shard_index in self._fds:  # another thread opened it meanwhile
                 os.close(fd)
-                raise
-            self._fds[shard_index] = fd
-            while len(self._fds) > MAX_OPEN_SHARDS:
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
+            else:
+                self._fds[shard_index] = fd
+            self._fds.move_to_end(shard_index)
+            self._pins[shard_index] = self._pins.get(shard_index, 0) + 1
+            self._evict()
+            return self._fds[shard_index]
+
+    def _evict(self) -> None:
+        for index in list(self._fds):
+            if len(self._fds) <= MAX_OPEN_SHARDS:
+                return
+            if not self._pins.get(index):
+                os.close(self._fds.pop(index))
+
+    def check_shard(self, shard_index: int) -> None:
+        """Open an expert shard now: its size and safetensors header are checked against the manifest."""
+        with self.shard_fd(shard_index):
+            pass
 
     def _check_expert_header(self, fd: int, shard_index: int) -> None:
         """The safetensors header must list exactly this shard's experts, each blob covering its range
@@ -173,7 +205,8 @@ class Container:
         """The expert's byte range, fetched with one positional read."""
         shard = self.manifest.expert_shards[record.shard]
         buf = bytearray(record.length)
-        n = os.preadv(self.shard_fd(record.shard), [buf], record.offset)
+        with self.shard_fd(record.shard) as fd:
+            n = os.preadv(fd, [buf], record.offset)
         if n != record.length:
             raise ContainerError(f"{shard.name}: {record.where()}: read {n} of {record.length} bytes (file truncated?)")
         if verify_checksum and checksum(buf) != record.checksum:

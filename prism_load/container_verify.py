@@ -60,15 +60,19 @@ def _check_whole_file(c: Container, entry, check_checksums: bool, progress: Prog
 
 def _expert_shard_problems(c: Container, index: int, check_checksums: bool, progress: Progress | None) -> list[str]:
     """Header against the manifest, then each expert's checksum and its zero padding."""
-    shard = c.manifest.expert_shards[index]
     try:
-        fd = c.shard_fd(index)  # checks size and header
+        with c.shard_fd(index) as fd:  # checks size and header
+            return _expert_range_problems(c, index, fd, check_checksums, progress)
     except ContainerError as e:
         return [str(e)]
+
+
+def _expert_range_problems(c: Container, index: int, fd: int, check_checksums: bool, progress) -> list[str]:
+    shard = c.manifest.expert_shards[index]
     problems = []
     records = [r for r in c.records if r.shard == index]
     if progress is not None:
-        progress(records[0].offset)  # the header, checked above
+        progress(records[0].offset)  # the header, checked when the shard was opened
     for r in records:
         if check_checksums:
             blob = os.pread(fd, aligned(r.length), r.offset)

@@ -198,6 +198,21 @@ def test_one_read_per_expert_and_stock_safetensors(tiny, monkeypatch):
         assert w.gate_up.shape == (2 * 40, 32) and w.down.shape == (32, 40)
 
 
+def test_concurrent_reads_with_descriptor_eviction(tiny, monkeypatch):
+    """Threads read experts while the descriptor cache holds one shard: every read returns its own bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import prism_load.container_reader as reader
+
+    monkeypatch.setattr(reader, "MAX_OPEN_SHARDS", 1)
+    with Container(tiny[1]) as c:
+        ids = [(r.layer, r.expert) for r in c.records] * 25
+        with ThreadPoolExecutor(8) as pool:
+            blobs = list(pool.map(lambda le: bytes(c.read_expert_bytes(c.record(*le), verify_checksum=True)), ids))
+        assert len(c._fds) <= 1
+    assert len(set(zip(ids, blobs))) == len(c.records)
+
+
 def test_resolve_file_is_lazy(tiny, damaged, tmp_path):
     """A shard absent from the folder is fetched through resolve_file, only when first needed."""
     elsewhere = tmp_path / "remote"
