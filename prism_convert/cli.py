@@ -204,6 +204,42 @@ def push(
 
 
 @app.command()
+def verify(
+    container: Path = typer.Argument(..., help="A .prism container folder."),
+    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Read every byte and compare checksums."),
+) -> None:
+    """Check a container against its manifest (files, headers, byte ranges, checksums); exit 1 naming each problem."""
+    from prism_load.container_verify import verify_container
+
+    with _progress() as progress:
+        task = progress.add_task("verifying", total=None)
+        problems = verify_container(container, checksums,
+                                    lambda n, total: progress.update(task, advance=n, total=total))
+    for problem in problems:
+        err_console.print(f"[bold red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{container}: intact{'' if checksums else ' (checksums not read)'}")
+
+
+@app.command()
+def inspect(
+    container: Path = typer.Argument(..., help="A .prism container folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Summarise a container: model, tiers, bits histogram, bytes per tier, hottest experts, overhead."""
+    import json
+
+    from prism_convert.inspect import inspect_container, summary_tables
+
+    summary = inspect_container(container)
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    console.print(summary_tables(summary))
+
+
+@app.command()
 def reference(
     out: Path | None = typer.Option(None, "-o", "--out", help="Folder to write (default: the cache, $PRISM_CACHE or ~/.cache/prism)."),
     preset: str = typer.Option("full", "--preset", help="tiny (tests, seconds), quick (~3 min), full (~15 min on 2 cores)."),

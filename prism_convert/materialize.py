@@ -70,9 +70,16 @@ def planned_experts(works: list[WorkDir], plan: dict, hot_share: float, hot_min_
             yield PlannedExpert(i, e, rec["tokens"], rec["gate_mass"], freq, "hot" if hot else "cold", placement, tensors)
 
 
-def decoded_state(dense: dict[str, EncodedTensor], experts: list[PlannedExpert], dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """prism model state_dict with every tensor decoded exactly as the runtime decodes it."""
-    state = {name: decode(enc, t, dtype) for name, (enc, t) in dense.items()}
+def decoded_state(dense: dict[str, EncodedTensor], experts: list[PlannedExpert], dtype=torch.float32,
+                  family=None, args=None) -> dict[str, torch.Tensor]:
+    """prism model state_dict with every tensor decoded exactly as the container loader decodes it
+    (with `family`/`args`, tensors the family keeps in fp32 stay fp32 whatever `dtype`)."""
+    from prism_load.container_loader import dense_decode_dtype
+
+    def dense_dtype(name):
+        return dtype if family is None else dense_decode_dtype(family, args, name, dtype)
+
+    state = {name: decode(enc, t, dense_dtype(name)) for name, (enc, t) in dense.items()}
     by_layer: dict[int, list[PlannedExpert]] = {}
     for x in experts:
         by_layer.setdefault(x.layer, []).append(x)
@@ -88,8 +95,11 @@ def decoded_state(dense: dict[str, EncodedTensor], experts: list[PlannedExpert],
 
 
 def apply_in_memory(model, state: dict[str, torch.Tensor]):
-    """Replace a resident model's weights with decoded ones (the reference for the container round trip)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Replace a resident model's weights with decoded ones (the reference for the container round trip).
+    Tensors are assigned, not copied into the old (possibly file-backed, unaligned) storage: CPU matmuls
+    round differently by alignment, and the container loader also hands out fresh, owned tensors."""
+    state = {k: v.clone() for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.args.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"decoded state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

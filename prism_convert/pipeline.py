@@ -55,3 +55,63 @@ def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: 
         console.print(f"layers {result['layers'][0]}–{result['layers'][-1]} of 0–{n - 1} done in {out}; "
                       "compress the other ranges, then `prism pack` all work folders together.")
     return None
+
+
+def source_of(model: Path) -> dict:
+    """Hub id and revision when the folder is a huggingface_hub snapshot, else the folder's name."""
+    parts = Path(model).resolve().parts
+    for k, part in enumerate(parts):
+        if part.startswith("models--") and k + 2 < len(parts) and parts[k + 1] == "snapshots":
+            return {"model_id": part[len("models--"):].replace("--", "/"), "revision": parts[k + 2]}
+    return {"model_id": Path(model).resolve().name, "revision": None}
+
+
+def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_size_bytes: int,
+              console: Console | None = None, quality: dict | None = None) -> dict:
+    """Allocate over the merged work folders (budget from the work unless given), then write the container."""
+    from .materialize import dense_tensors, planned_experts
+    from .pack import ExpertInput, write_container
+
+    works = [WorkDir(p) for p in work_dirs]
+    jobs = [w.job() for w in works]
+    if budget is None:
+        budgets = {json_key(j.get("budget")) for j in jobs}
+        if len(budgets) != 1 or None in budgets:
+            from prism_load.errors import BudgetError
+
+            raise BudgetError("the work folders record no common budget; give --bits or --size")
+        budget = Budget.from_dict(jobs[0]["budget"])
+    plan = plan_work(works, budget, works[0].folder, console)
+    recipe = jobs[0]["recipe"]
+    experts = [
+        ExpertInput(x.layer, x.expert, x.tier, x.frequency, x.gate_mass, x.placement, x.tensors)
+        for x in planned_experts(works, plan, recipe["tiers"]["hot_share"], recipe["tiers"]["hot_min_frequency"])
+    ]
+    folder = works[0].folder
+    tokenizers = [folder / n for n in ("tokenizer.json", "tokenizer_config.json", "generation_config.json") if (folder / n).is_file()]
+    import json
+
+    write_container(
+        out,
+        config=json.loads((folder / "config.json").read_text()),
+        source=source_of(Path(jobs[0]["model"]["path"])),
+        tokenizer_files=tokenizers,
+        dense=dense_tensors(works),
+        experts=experts,
+        recipe=recipe,
+        budget={**budget.to_dict(), "bits_per_expert_weight": plan["bits_per_expert_weight"],
+                "total_bytes": plan["total_bytes"]},
+        quality=quality,
+        shard_size_bytes=shard_size_bytes,
+        extra={"profile": jobs[0]["profile"], "rare_experts": plan["rare_experts"]},
+    )
+    if console is not None:
+        console.print(f"wrote {out}: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "
+                      f"{plan['bits_per_expert_weight']:.3f} bits per expert weight")
+    return plan
+
+
+def json_key(value) -> str | None:
+    import json
+
+    return None if value is None else json.dumps(value, sort_keys=True)

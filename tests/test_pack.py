@@ -1,0 +1,72 @@
+"""prism pack: the converted container loads and equals the original with the same encodings applied in
+memory (decode is bit-exact); tiers and placement follow the recipe; partitions merge."""
+
+import json
+
+import pytest
+import torch
+
+import prism_load
+from prism_convert.bitplan import Budget
+from prism_convert.compress import run_compress
+from prism_convert.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+from prism_convert.pipeline import pack_work
+from prism_convert.profile import run_profile
+from prism_convert.recipe import Recipe
+from prism_convert.workdir import WorkDir
+
+RECIPE = {"quantization": {"group_size": 16, "max_tokens_per_expert": 64},
+          "candidates": {"int_bits": [2, 3, 4, 8], "int_lowrank": [[2, 0.25]], "lowrank_ranks": [0.5]},
+          "limits": {"max_bits": 12.0}, "dense": {"attention": "int8"}}
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def packed(request, tiny_checkpoint, tmp_path_factory):
+    folder, ref = tiny_checkpoint(request.param)
+    root = tmp_path_factory.mktemp(f"pack_{request.param}")
+    tokens = torch.randint(0, ref.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(5))
+    run_profile(folder, tokens, root / "profile", {"spec": "random"}, min_tokens=4)
+    run_compress(folder, root / "profile", Recipe.from_dict(RECIPE), root / "work")
+    plan = pack_work([root / "work"], root / "m.prism", Budget(bits=5.0), shard_size_bytes=1 << 16)
+    return folder, ref, tokens, root, plan
+
+
+def test_container_equals_in_memory_decode(packed):
+    folder, ref, tokens, root, plan = packed
+    works = [WorkDir(root / "work")]
+    state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
+    expected = apply_in_memory(prism_load.load(folder), state)
+    model = prism_load.load(root / "m.prism")
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected(tokens))
+    prompt = tokens[:1, :5]
+    assert model.generate(prompt, max_new_tokens=6).tolist() == expected.generate(prompt, max_new_tokens=6).tolist()
+
+
+def test_manifest_records_plan_tiers_and_budget(packed):
+    _, ref, _, root, plan = packed
+    manifest = json.loads((root / "m.prism" / "manifest.json").read_text())
+    assert manifest["budget"]["bits"] == 5.0
+    assert manifest["budget"]["bits_per_expert_weight"] == pytest.approx(plan["bits_per_expert_weight"])
+    assert plan["bits_per_expert_weight"] <= 5.0
+    records = manifest["experts"]
+    moe_layers = {x["layer"] for x in plan["experts"]}
+    assert sorted((r["layer"], r["expert"]) for r in records) == [(x["layer"], x["expert"]) for x in plan["experts"]]
+    for layer in moe_layers:
+        mine = sorted((r for r in records if r["layer"] == layer), key=lambda r: -r["frequency"])
+        hot = [r for r in mine if r["tier"] == "hot"]
+        assert len(hot) == -(-len(mine) // 4)  # hot_share 0.25, rounded up
+        assert all(r["placement"] == "fast" for r in hot)
+        assert min(r["frequency"] for r in hot) >= max(r["frequency"] for r in mine if r["tier"] == "cold")
+
+
+def test_pack_merges_layer_ranges(packed, tmp_path):
+    folder, _, tokens, root, _ = packed
+    recipe = Recipe.from_dict(RECIPE)
+    n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    run_compress(folder, root / "profile", recipe, tmp_path / "a", layers=f"0:{n // 2}")
+    run_compress(folder, root / "profile", recipe, tmp_path / "b", layers=f"{n // 2}:")
+    pack_work([tmp_path / "a", tmp_path / "b"], tmp_path / "merged.prism", Budget(bits=5.0), 1 << 16)
+    merged, whole = prism_load.load(tmp_path / "merged.prism"), prism_load.load(root / "m.prism")
+    with torch.no_grad():
+        assert torch.equal(merged(tokens), whole(tokens))
