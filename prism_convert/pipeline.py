@@ -115,3 +115,49 @@ def json_key(value) -> str | None:
     import json
 
     return None if value is None else json.dumps(value, sort_keys=True)
+
+
+def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix", recipe_spec: str | None = None,
+            samples: int = 128, seq_len: int = 256, seed: int = 0, work: Path | None = None,
+            eval_samples: int = 16, workers: int = 1, console: Console | None = None, progress=None) -> dict:
+    """profile -> compress -> (held-out quality of the plan, in memory) -> pack, under one progress display.
+    Intermediate folders go to `work` (default: a hidden folder beside `out`), so a rerun resumes."""
+    from prism_load.checkpoint import read_config
+
+    from .profile import calibration_tokens, run_profile
+
+    model, out = Path(model), Path(out)
+    work = Path(work) if work is not None else out.parent / f".{out.name}.work"
+    profile_dir, work_dir = work / "profile", work / "compress"
+    recipe = load_recipe(recipe_spec, read_config(model).get("model_type"))
+    if not (profile_dir / "profile.json").is_file():
+        tokens = calibration_tokens(model, dataset, samples, seq_len, seed)
+        spec = {"spec": dataset, "samples": samples, "seq_len": seq_len, "seed": seed}
+        run_profile(model, tokens, profile_dir, spec, progress=progress)
+    run_compress(model, profile_dir, recipe, work_dir, None, workers, progress)
+    works = [WorkDir(work_dir)]
+    job = works[0].job()
+    job["budget"] = budget.to_dict()
+    write_json(work_dir / "job.json", job)
+    plan = make_plan(works, budget)
+    quality = None
+    if eval_samples:
+        heldout = calibration_tokens(model, dataset, eval_samples, seq_len, seed, split="heldout")
+        quality = plan_quality(model, works, plan, heldout, recipe) | {"dataset": dataset, "samples": eval_samples,
+                                                                       "seq_len": seq_len, "split": "heldout"}
+    pack_work([work_dir], out, budget, shard_size_bytes=2 * 10**9, console=console, quality=quality)
+    return {"plan": plan, "quality": quality, "out": str(out), "work": str(work)}
+
+
+def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) -> dict:
+    """KL(original || planned) and perplexities on held-out tokens, with the plan's encodings applied in memory."""
+    import prism_load
+
+    from .eval import compare_models
+    from .materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+
+    original = prism_load.load(model)
+    experts = list(planned_experts(works, plan, recipe.tiers.hot_share, recipe.tiers.hot_min_frequency))
+    state = decoded_state(dense_tensors(works), experts, family=original.family, args=original.args)
+    candidate = apply_in_memory(prism_load.load(model), state)
+    return compare_models(original, candidate, tokens)
