@@ -140,18 +140,31 @@ def packed_row_bytes(cols: int, bits: int) -> int:
 
 
 # -- bit packing ---------------------------------------------------------------------------------------
+PACK_CHUNK_WORDS = 1 << 16  # 8-value words per pass: keeps the int64 temporaries in cache
+
+
+def _rows_per_chunk(words: int) -> int:
+    return max(1, PACK_CHUNK_WORDS // max(words, 1))
+
+
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """q uint8 [rows, cols] with values < 2**bits -> uint8 [rows, ceil(cols*bits/8)], little-endian per row."""
+    """q uint8 [rows, cols] with values < 2**bits -> uint8 [rows, ceil(cols*bits/8)], little-endian per row.
+
+    Value j of a row occupies bits j*bits .. j*bits+bits-1 of the row's bit stream (bit 0 = LSB of byte 0).
+    Computed 8 values at a time: 8 values fill exactly `bits` bytes, so a row is a run of int64 words."""
     rows, cols = q.shape
     if bits == 8:
         return q.to(torch.uint8).contiguous()
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((q.to(torch.uint8)[..., None] >> shifts) & 1).reshape(rows, cols * bits)  # bit i of value j
-    pad = packed_row_bytes(cols, bits) * 8 - cols * bits
-    if pad:
-        stream = torch.nn.functional.pad(stream, (0, pad))
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
-    return (stream.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    words = -(-cols // 8)
+    value_shift = torch.arange(8) * bits  # [8]
+    byte_shift = torch.arange(bits) * 8  # [bits]
+    step = _rows_per_chunk(words)
+    out = []
+    for r in range(0, rows, step):
+        v = torch.nn.functional.pad(q[r : r + step].to(torch.int64), (0, words * 8 - cols))  # [r, words*8]
+        word = (v.reshape(-1, words, 8) << value_shift).sum(-1, keepdim=True)  # [r, words, 1]
+        out.append(((word >> byte_shift) & 255).to(torch.uint8).reshape(-1, words * bits))  # [r, words*bits]
+    return torch.cat(out)[:, : packed_row_bytes(cols, bits)].contiguous()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -159,10 +172,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :cols]
-    shifts = torch.arange(8, dtype=torch.uint8)
-    stream = ((packed[..., None] >> shifts) & 1).reshape(rows, -1)[:, : cols * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.uint8)
-    return (stream.reshape(rows, cols, bits) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    words = -(-cols // 8)
+    value_shift = torch.arange(8) * bits  # [8]
+    byte_shift = torch.arange(bits) * 8  # [bits]
+    step = _rows_per_chunk(words)
+    out = []
+    for r in range(0, rows, step):
+        b = torch.nn.functional.pad(packed[r : r + step].to(torch.int64), (0, words * bits - packed.shape[1]))
+        word = (b.reshape(-1, words, bits) << byte_shift).sum(-1, keepdim=True)  # [r, words, 1]
+        out.append(((word >> value_shift) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1, words * 8))
+    return torch.cat(out)[:, :cols]
 
 
 # -- decoding ------------------------------------------------------------------------------------------
