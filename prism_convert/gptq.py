@@ -36,6 +36,7 @@ from .hessian import HessianFactors, hessian_factors
 from .quantize import GroupFit, channel_weights_grouped, fit_groups, group_mask, grouped, store
 
 GPTQ_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)  # feedback already repairs most clipping: a shorter search
+SEGMENT = 32  # columns per rank-1 segment inside a lazy block (two-level blocking)
 
 
 def _group_params(w: torch.Tensor, bits: list[int], diag: torch.Tensor, g: int, grid):
@@ -43,6 +44,14 @@ def _group_params(w: torch.Tensor, bits: list[int], diag: torch.Tensor, g: int, 
     weights, mask = channel_weights_grouped(diag, g), group_mask(w.shape[1], g)
     fits = [fit_groups(grouped(w, g), b, weights, mask, grid) for b in bits]
     return torch.stack([f.scale[..., 0] for f in fits]), torch.stack([f.zero[..., 0] for f in fits])
+
+
+def _fit_group(x: torch.Tensor, bits: list[int], diag: torch.Tensor, scales, zeros, gi: int, grid) -> None:
+    """Parameters of group gi [C, O] from its current columns x [C, width, O] (weighted by E[x_j²])."""
+    width = x.shape[1]
+    for k, b in enumerate(bits):
+        fit = fit_groups(x[k].T[:, None, :], b, diag[:width][None], torch.ones(1, width, dtype=torch.bool), grid)
+        scales[k, :, gi], zeros[k, :, gi] = fit.scale[:, 0, 0], fit.zero[:, 0, 0]
 
 
 def _check_menu(w: torch.Tensor, encs: list[Encoding], factors: HessianFactors) -> int:
@@ -88,22 +97,21 @@ def gptq_many(w: torch.Tensor, encs: list[Encoding], hessian: torch.Tensor | Hes
         x = wt[b0:b1].expand(len(bits), -1, -1).clone()  # [C, B, O]
         if b0:
             x += torch.matmul(t[:b0, b0:b1].T, resid[:, :b0])  # [B, b0] @ [C, b0, O]: earlier blocks' feedback
-        for c in range(b1 - b0):
-            col = b0 + c
-            gi = col_group[col]
-            if not static and col % g == 0:
-                width = min(g, inp - col)
-                for k, b in enumerate(bits):
-                    fit = fit_groups(x[k, c : c + width].T[:, None, :], b, f.diag[col : col + width][None],
-                                     torch.ones(1, width, dtype=torch.bool), grid)
-                    scales[k, :, gi], zeros[k, :, gi] = fit.scale[:, 0, 0], fit.zero[:, 0, 0]
-            s, z = scales[:, :, gi], zeros[:, :, gi]  # [C, O]
-            q = torch.clamp(torch.round(x[:, c] / s + z), torch.zeros_like(qmax), qmax)  # [C, O]
-            codes[:, col] = q
-            r = wt[col] - (q - z) * s  # [C, O], ŵ as the decoder computes it
-            resid[:, col] = r
-            if c + 1 < b1 - b0:
-                x[:, c + 1 :] += t[col, col + 1 : b1][None, :, None] * r[:, None, :]
+        cuts = sorted({*range(b0, b1, SEGMENT), *range(-(-b0 // g) * g, b1, g), b1})
+        for s0, s1 in zip(cuts[:-1], cuts[1:]):  # segments: rank-1 feedback inside, one product after
+            for col in range(s0, s1):
+                c, gi = col - b0, col_group[col]
+                if not static and col % g == 0:
+                    _fit_group(x[:, c : c + min(g, inp - col)], bits, f.diag[col : col + g], scales, zeros, gi, grid)
+                sc, z = scales[:, :, gi], zeros[:, :, gi]  # [C, O]
+                q = torch.clamp(torch.round(x[:, c] / sc + z), torch.zeros_like(qmax), qmax)  # [C, O]
+                codes[:, col] = q
+                r = wt[col] - (q - z) * sc  # [C, O], ŵ as the decoder computes it
+                resid[:, col] = r
+                if col + 1 < s1:
+                    x[:, c + 1 : s1 - b0] += t[col, col + 1 : s1][None, :, None] * r[:, None, :]
+            if s1 < b1:
+                x[:, s1 - b0 :] += torch.matmul(t[s0:s1, s1:b1].T, resid[:, s0:s1])  # [B', S] @ [C, S, O]
     natural = torch.empty_like(codes)
     natural[:, cols] = codes
     natural = natural.transpose(1, 2)  # [C, O, I]

@@ -83,18 +83,17 @@ def dequantize_with(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return (q - zero) * scale
 
 
-def _scored(w, cw, plain, scale, zero, bits):
-    """Codes, Σ cw (ŵ − w)² and (when `plain` is a mask) Σ (ŵ − w)² per group [.., 1], with ŵ
-    computed exactly as the decoder does."""
-    q = quantize_with(w, scale, zero, bits)
-    sq = dequantize_with(q, scale, zero).sub_(w).square_()
+def _score(w, cw, plain, scale, zero, bits):
+    """Σ cw (ŵ − w)² and (when `plain` is a mask) Σ (ŵ − w)² per group [.., 1], with ŵ computed
+    exactly as the decoder does."""
+    sq = dequantize_with(quantize_with(w, scale, zero, bits), scale, zero).sub_(w).square_()
     err = (sq * cw).sum(-1, keepdim=True)
-    return q, err, (err if plain is None else (sq * plain).sum(-1, keepdim=True))
+    return err, (err if plain is None else (sq * plain).sum(-1, keepdim=True))
 
 
 def _refit(w, cw, q, bound, bits):
     """Weighted least-squares (scale, zero) for fixed codes q: min Σ cw (s q + b − w)², zero = −b/s.
-    Returns None where the fit is degenerate (one distinct code, or a non-positive slope)."""
+    `ok` is False where the fit is degenerate (one distinct code, or a non-positive slope)."""
     m = cw.sum(-1, keepdim=True)
     sq, sw = (cw * q).sum(-1, keepdim=True), (cw * w).sum(-1, keepdim=True)
     sqq, sqw = (cw * q * q).sum(-1, keepdim=True), (cw * q * w).sum(-1, keepdim=True)
@@ -117,6 +116,7 @@ class GroupFit:
 
 
 def _fit_chunk(w, cw, mask, weighted, bits, grid, refit):
+    """(scale, zero, codes) of one chunk of rows: grid of shrunk ranges, then a refit of the best."""
     lo = torch.where(mask, w, math.inf).amin(-1, keepdim=True)
     hi = torch.where(mask, w, -math.inf).amax(-1, keepdim=True)
     bound = torch.maximum(lo.abs(), hi.abs())
@@ -125,18 +125,17 @@ def _fit_chunk(w, cw, mask, weighted, bits, grid, refit):
     best = None
     for alpha in grid:
         scale, zero = range_params(lo * alpha, hi * alpha, bits, bound)
-        q, err, tie = _scored(w, cw, plain, scale, zero, bits)
-        best = _keep(best, (err, tie, scale, zero, q))
+        best = _keep(best, (*_score(w, cw, plain, scale, zero, bits), scale, zero))
     if refit:
-        ok, (scale, zero) = _refit(w, cw, best[4], bound, bits)
-        q, err, tie = _scored(w, cw, plain, scale, zero, bits)
-        best = _keep(best, (torch.where(ok, err, math.inf), tie, scale, zero, q))
-    return best[2], best[3], best[4]
+        ok, (scale, zero) = _refit(w, cw, quantize_with(w, best[2], best[3], bits), bound, bits)
+        err, tie = _score(w, cw, plain, scale, zero, bits)
+        best = _keep(best, (torch.where(ok, err, math.inf), tie, scale, zero))
+    return best[2], best[3], quantize_with(w, best[2], best[3], bits)
 
 
 def _keep(best, cand):
-    """Elementwise choice between two (err, tie_err, scale, zero, codes) candidates: strictly better
-    weighted error wins; an exact tie goes to the lower plain error; otherwise the incumbent stays."""
+    """Per group choice between two (err, tie_err, scale, zero) candidates: strictly better weighted
+    error wins; an exact tie goes to the lower plain error; otherwise the incumbent stays."""
     if best is None:
         return cand
     err, tie = cand[0], cand[1]
