@@ -131,6 +131,74 @@ def pack(
     pack_work(work_dirs, out, budget, parse_size(shard_size), console)
 
 
+def _model_path(spec: str, progress=None) -> Path:
+    """A checkpoint folder, or `reference:PRESET` for the project's reference model (trained if not cached)."""
+    if spec.startswith("reference:"):
+        from prism_convert.reference import reference_model
+
+        return reference_model(spec.split(":", 1)[1], progress=progress)
+    return Path(spec)
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Checkpoint folder, or reference:quick / reference:full."),
+    out: Path = typer.Option(..., "-o", "--out", help="Container folder to write (e.g. model.prism)."),
+    bits: float | None = typer.Option(None, "--bits", help="Average bits per routed-expert weight (e.g. 3.25)."),
+    size: str | None = typer.Option(None, "--size", help="Total bytes of all stored tensors (e.g. 12GB)."),
+    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Calibration source."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe file or built-in name."),
+    samples: int = typer.Option(128, "--samples", min=1),
+    seq_len: int = typer.Option(256, "--seq-len", min=2),
+    eval_samples: int = typer.Option(16, "--eval-samples", min=0, help="Held-out samples for the quality summary (0: skip)."),
+    work: Path | None = typer.Option(None, "--work", help="Folder for intermediate work (default: hidden, beside OUT)."),
+    workers: int = typer.Option(1, "--workers", min=1),
+) -> None:
+    """profile -> compress -> pack in one go, with one progress display; prints size and quality."""
+    from prism_convert.pipeline import convert as run_convert
+
+    budget = _budget(bits, size)
+    with _progress() as progress:
+        result = run_convert(_model_path(model, progress), out, budget, dataset, recipe, samples, seq_len,
+                             work=work, eval_samples=eval_samples, workers=workers, console=None, progress=progress)
+    _print_conversion(result)
+
+
+def _print_conversion(result: dict) -> None:
+    from prism_convert.plan_report import plan_table
+
+    plan, quality = result["plan"], result["quality"]
+    console.print(plan_table(plan))
+    console.print(f"[bold]{result['out']}[/]: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "
+                  f"{plan['bits_per_expert_weight']:.3f} bits per expert weight", highlight=False)
+    if quality:
+        console.print(f"held-out quality ({quality['dataset']}, {quality['tokens']:,} tokens): "
+                      f"KL(original || packed) = {quality['kl']:.4f} nats/token, perplexity "
+                      f"{quality['perplexity_reference']:.2f} -> {quality['perplexity']:.2f}, "
+                      f"top-1 agreement {quality['top1_agreement']:.1%}", highlight=False)
+
+
+@app.command()
+def demo(
+    bits: float = typer.Option(3.25, "--bits", help="Average bits per routed-expert weight."),
+    preset: str = typer.Option("quick", "--preset", help="Reference model preset: quick (default) or full."),
+    out: Path = typer.Option(Path("demo.prism"), "-o", "--out"),
+    prompt: str = typer.Option("def fibonacci(n):", "--prompt", "-p"),
+) -> None:
+    """The main job on the embedded default: train (or reuse) the reference MoE, convert it, load and run it."""
+    from prism_convert.pipeline import convert as run_convert
+    from prism_convert.run import run_prompt
+
+    with _progress() as progress:
+        model = _model_path(f"reference:{preset}", progress)
+        result = run_convert(model, out, _budget(bits, None), samples=64, eval_samples=16, progress=progress)
+    original = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    _print_conversion(result)
+    console.print(f"original checkpoint {original / 2**20:,.1f} MiB (fp32) -> container "
+                  f"{sum(f.stat().st_size for f in out.glob('*') if f.is_file()) / 2**20:,.1f} MiB on disk", highlight=False)
+    run_prompt(out, prompt, 48, console)
+
+
 @app.command()
 def run(
     model: Path = typer.Argument(..., help="Checkpoint folder or .prism container."),

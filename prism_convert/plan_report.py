@@ -14,8 +14,9 @@ def plan_table(plan: dict) -> Table:
              f"{plan['total_bytes'] / 2**20:,.1f} MiB total ({plan['expert_bytes'] / 2**20:,.1f} MiB experts, "
              f"{plan['dense_bytes'] / 2**20:,.1f} MiB dense)")
     table = Table(title=title)
-    for col in ("layer", "mean bits", "min–max", "hot quarter bits", "rest bits", "low-rank tensors", "encodings"):
+    for col in ("layer", "mean bits", "min–max", "hot 25%", "rest", "low-rank"):
         table.add_column(col, justify="right")
+    table.add_column("most used encodings", justify="left", no_wrap=True)
     by_layer = defaultdict(list)
     for x in plan["experts"]:
         by_layer[x["layer"]].append(x)
@@ -31,7 +32,7 @@ def plan_table(plan: dict) -> Table:
             for t in x["tensors"].values():
                 labels[t["label"]] += 1
                 lowrank += t["rank"] is not None
-        common = ", ".join(f"{k}×{v}" for k, v in sorted(labels.items(), key=lambda kv: -kv[1])[:3])
+        common = " ".join(f"{k}×{v}" for k, v in sorted(labels.items(), key=lambda kv: -kv[1])[:3])
         table.add_row(str(layer), f"{sum(bits) / len(bits):.2f}", f"{min(bits):.2f}–{max(bits):.2f}",
                       f"{mean(hot):.2f}", f"{mean(rest):.2f}", str(lowrank), common)
     return table
