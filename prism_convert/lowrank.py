@@ -35,28 +35,38 @@ SEED = 0
 
 @dataclass
 class Whitening:
-    """S with S Sᵀ = H + λI: an upper-triangular factor `r` [I, I], or a diagonal `d` [I], or identity."""
+    """S with S Sᵀ = H + λI: Pᵀ R for the Hessian's upper factor R [I, I] of the columns in `order`
+    (P the permutation; identity when the factor is in natural order), or a diagonal `d` [I], or I."""
 
     r: torch.Tensor | None = None
+    order: torch.Tensor | None = None
     d: torch.Tensor | None = None
     factors: HessianFactors | None = None
+
+    def _scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """y P: column i of y goes to column order[i]."""
+        if self.order is None:
+            return y
+        out = torch.empty_like(y)
+        out[:, self.order] = y
+        return out
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
         """x S for x [n, I]."""
         if self.r is not None:
-            return x @ self.r.to(x.dtype)
+            return (x if self.order is None else x[:, self.order]) @ self.r.to(x.dtype)
         return x if self.d is None else x * self.d.to(x.dtype)
 
     def right_t(self, x: torch.Tensor) -> torch.Tensor:
         """x Sᵀ for x [n, I]."""
         if self.r is not None:
-            return x @ self.r.T.to(x.dtype)
+            return self._scatter(x @ self.r.T.to(x.dtype))
         return x if self.d is None else x * self.d.to(x.dtype)
 
     def unwhiten(self, x: torch.Tensor) -> torch.Tensor:
         """x S⁻¹ for x [n, I]."""
         if self.r is not None:
-            return torch.linalg.solve_triangular(self.r, x, upper=True, left=False)
+            return self._scatter(torch.linalg.solve_triangular(self.r.to(x.dtype), x, upper=True, left=False))
         return x if self.d is None else x / self.d
 
     def hessian_times(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,11 +76,10 @@ class Whitening:
 
 def whitening(inp: int, hessian: torch.Tensor | HessianFactors | None, channel_weights: torch.Tensor | None,
               damp: float = 0.01) -> Whitening:
+    """S from the Hessian (or its factors, in any column order), else from the diagonal, else I."""
     if hessian is not None:
         f = hessian_factors(hessian, damp)
-        if f.order is not None:
-            raise EncodingError("whitening needs Hessian factors in natural column order (not act-order)")
-        return Whitening(r=f.r, factors=f)
+        return Whitening(r=f.r, order=f.order, factors=f)
     if channel_weights is not None:
         m = channel_weights.float().clamp_min(0)
         mean = float(m.mean())

@@ -47,6 +47,15 @@ def test_whitened_svd_reaches_the_optimum(problem):
         assert damped_error(w, a @ b, h) == pytest.approx(tail, rel=1e-3)
 
 
+def test_any_column_order_of_the_factor_whitens_alike(problem):
+    """GPTQ's act-order factor R_p (R_p R_pᵀ = P H Pᵀ) whitens as S = Pᵀ R_p: one factorisation serves both."""
+    w, h = problem
+    natural = lowrank.whitened_pair(w, 8, lowrank.whitening(IN, hessian_factors(h), None))
+    permuted = lowrank.whitened_pair(w, 8, lowrank.whitening(IN, hessian_factors(h, act_order=True), None))
+    e_nat, e_perm = (damped_error(w, a @ b, h) for a, b in (natural, permuted))
+    assert e_perm == pytest.approx(e_nat, rel=1e-4)
+
+
 def test_whitened_beats_plain_svd_at_the_same_rank(problem):
     w, h = problem
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
