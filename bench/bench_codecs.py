@@ -53,7 +53,8 @@ def bench_shape(out: int, inp: int, tokens: int, group: int = 128) -> dict:
     for bits in (2, 3, 4):
         enc = Encoding("int", (out, inp), bits=bits, group_size=group)
         for name, fn, kw in (("rtn", rtn, {}), ("clipped_diag", encode, {"channel_weights": m}),
-                             ("gptq", encode, {"hessian": h}), ("gptq_act_order", encode, {"hessian": h, "act_order": True})):
+                             ("gptq_natural_order", encode, {"hessian": h, "act_order": False}),
+                             ("gptq_act_order", encode, {"hessian": h, "act_order": True})):
             stored, sec[f"{name}_int{bits}"] = timed(fn, w, enc, **kw)
             err[f"{name}_int{bits}"] = rel(enc, stored)
     menu = [Encoding("int", (out, inp), bits=b, group_size=group) for b in INT_BITS]

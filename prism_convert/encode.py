@@ -28,23 +28,12 @@ from .lowrank import factor_tensors, whitening
 from .quantize import FP16_MAX, clipped
 
 
-def check_inputs(w: torch.Tensor, enc: Encoding, hessian: torch.Tensor | None,
-                 channel_weights: torch.Tensor | None) -> None:
-    """Shapes and values a caller can get wrong, named in the error."""
-    if not isinstance(enc, Encoding):
-        raise EncodingError(f"expected an Encoding, got {type(enc).__name__}")
-    if enc.kind not in PASSTHROUGH_DTYPES and w.dim() != 2:
-        raise EncodingError(f"{enc.kind} encoding needs a 2-D weight [out, in], got shape {list(w.shape)}")
-    if tuple(w.shape) != enc.shape:
-        raise EncodingError(f"weight of shape {list(w.shape)} does not match encoding shape {list(enc.shape)}")
+def check_statistics(w: torch.Tensor, hessian: torch.Tensor | None, channel_weights: torch.Tensor | None) -> None:
+    """Values a caller can get wrong, named in the error (checked once per matrix, not per candidate)."""
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise EncodingError(f"weight {list(w.shape)} has {bad} non-finite values (NaN or inf); refusing to encode it")
-    if enc.kind == "fp16" and float(w.abs().max()) > FP16_MAX:
-        raise EncodingError(f"weight {list(w.shape)} has |w| up to {float(w.abs().max()):.4g}, beyond fp16's {FP16_MAX}")
-    if enc.kind in PASSTHROUGH_DTYPES:
-        return
-    inp = w.shape[1]
+    inp = w.shape[-1] if w.dim() else 1
     if hessian is not None:
         check_hessian(hessian, inp)
     if channel_weights is not None:
@@ -52,6 +41,18 @@ def check_inputs(w: torch.Tensor, enc: Encoding, hessian: torch.Tensor | None,
             raise EncodingError(f"channel weights of shape {list(channel_weights.shape)} do not match {inp} input channels (expected [{inp}])")
         if not bool(torch.isfinite(channel_weights).all()) or bool((channel_weights < 0).any()):
             raise EncodingError(f"channel weights [{inp}] must be finite and non-negative (second moments)")
+
+
+def check_encoding(w: torch.Tensor, enc: Encoding) -> None:
+    """The weight fits the encoding: an Encoding, 2-D for the matrix kinds, the same shape."""
+    if not isinstance(enc, Encoding):
+        raise EncodingError(f"expected an Encoding, got {type(enc).__name__}")
+    if enc.kind not in PASSTHROUGH_DTYPES and w.dim() != 2:
+        raise EncodingError(f"{enc.kind} encoding needs a 2-D weight [out, in], got shape {list(w.shape)}")
+    if tuple(w.shape) != enc.shape:
+        raise EncodingError(f"weight of shape {list(w.shape)} does not match encoding shape {list(enc.shape)}")
+    if enc.kind == "fp16" and float(w.abs().max()) > FP16_MAX:
+        raise EncodingError(f"weight {list(w.shape)} has |w| up to {float(w.abs().max()):.4g}, beyond fp16's {FP16_MAX}")
 
 
 def _ints(w, encs: list[Encoding], factors, channel_weights) -> list[dict[str, torch.Tensor]]:
@@ -87,7 +88,9 @@ def encode_many(weight: torch.Tensor, encs: list[Encoding], *, hessian: torch.Te
     """encode() for several encodings of one matrix, sharing work; the same stored bits as one at a time."""
     w = weight.detach().float()
     for enc in encs:
-        check_inputs(w, enc, hessian, channel_weights)
+        check_encoding(w, enc)
+    matrix = any(enc.kind not in PASSTHROUGH_DTYPES for enc in encs)  # passthrough ignores the statistics
+    check_statistics(w, hessian if matrix else None, channel_weights if matrix else None)
     if channel_weights is None and hessian is not None:
         channel_weights = hessian.diagonal().float().clamp_min(0)
     bases = {e.parts()["base"] for e in encs if e.kind == "int+lowrank"}

@@ -29,7 +29,7 @@ from .quantize import clipped
 
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
-EXACT_BELOW = 1024  # min(O, I) up to which the exact SVD is cheap enough
+EXACT_MAX_ELEMENTS = 1 << 21  # O·I up to which the exact SVD (in float64) is cheap enough
 SEED = 0
 
 
@@ -105,8 +105,8 @@ def whitened_pair(w: torch.Tensor, rank: int, white: Whitening) -> tuple[torch.T
     if not 0 < rank <= min(out, inp):
         raise EncodingError(f"rank {rank} is outside 1..{min(out, inp)} for a {out}x{inp} matrix")
     k = rank + OVERSAMPLE
-    if min(out, inp) <= EXACT_BELOW or 2 * k >= min(out, inp):
-        m = white.right(w.double() if min(out, inp) <= EXACT_BELOW else w)
+    if out * inp <= EXACT_MAX_ELEMENTS or 2 * k >= min(out, inp):
+        m = white.right(w.double() if out * inp <= EXACT_MAX_ELEMENTS else w)  # [O, I]
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
     else:
         u, s, vh = _randomized_svd(w, white, k)

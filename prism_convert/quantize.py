@@ -58,13 +58,13 @@ def fp16_params(scale: torch.Tensor, zero_point: torch.Tensor, bound: torch.Tens
     at least max|w| / 2^14 so the zero (≈ −lo / scale) stays well inside fp16 and its rounding error
     (≤ 2^-11 |lo|) is no larger than fp16's own precision of the weights."""
     scale = torch.maximum(scale, bound / ZERO_RANGE).clamp_min(FP16_TINY)
-    if not bool((scale <= FP16_MAX).all()):
-        worst = float(scale.max()) * (2**bits - 1)
-        raise EncodingError(f"a group's range {worst:.4g} is too wide for fp16 scales at {bits} bits (max {FP16_MAX * (2**bits - 1):.4g})")
     s16 = scale.to(torch.float16)
     s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    if not bool(torch.isfinite(s16).all()):
+        worst = float(scale.max()) * (2**bits - 1)
+        raise EncodingError(f"a group's range {worst:.4g} is too wide for fp16 scales at {bits} bits (max {FP16_MAX * (2**bits - 1):.4g})")
     s = s16.float()
-    z = (-zero_point / s).to(torch.float16).float()
+    z = (-zero_point / s).clamp(-FP16_MAX, FP16_MAX).to(torch.float16).float()
     return s, z
 
 

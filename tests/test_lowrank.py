@@ -73,7 +73,7 @@ def test_whitened_beats_plain_svd_at_the_same_rank(problem):
 def test_randomized_svd_matches_exact(problem, monkeypatch):
     w, h = problem
     exact = lowrank.whitened_svd(w, 6, hessian=h)
-    monkeypatch.setattr(lowrank, "EXACT_BELOW", 0)
+    monkeypatch.setattr(lowrank, "EXACT_MAX_ELEMENTS", 0)
     fast = lowrank.whitened_svd(w, 6, hessian=h)
     again = lowrank.whitened_svd(w, 6, hessian=h)
     assert all(torch.equal(x, y) for x, y in zip(fast, again))  # seeded: deterministic
