@@ -353,3 +353,73 @@ def test_router_functions_match_transformers_on_many_tokens():
     _, t_weights, t_idx = theirs(h)
     route = ours(h)
     assert torch.equal(route.indices, t_idx) and torch.equal(route.weights, t_weights)
+
+
+# --- whole pipeline: profile -> compress -> pack -> load ---------------------------------------------------------
+
+PIPELINE_RECIPE = {"quantization": {"group_size": 16, "max_tokens_per_expert": 64},
+                   "candidates": {"int_bits": [2, 3, 4, 8], "int_lowrank": [[2, 0.25]]}, "limits": {"max_bits": 12.0},
+                   "dense": {"attention": "int8"}}
+
+
+def run_pipeline(folder: Path, root: Path, vocab: int, recipe: dict, bits: float):
+    from prism_convert.bitplan import Budget
+    from prism_convert.compress import run_compress
+    from prism_convert.pipeline import pack_work
+    from prism_convert.profile import run_profile
+    from prism_convert.recipe import Recipe
+
+    tokens = torch.randint(0, vocab, (6, 16), generator=torch.Generator().manual_seed(5))
+    run_profile(folder, tokens, root / "profile", {"spec": "random"}, min_tokens=4)
+    run_compress(folder, root / "profile", Recipe.from_dict(recipe), root / "work")
+    plan = pack_work([root / "work"], root / "m.prism", Budget(bits=bits), shard_size_bytes=1 << 16)
+    return tokens, plan
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("source", [
+    "fp8", "mxfp4",  # one source per family by default: the quantised ones cover the most code
+    pytest.param("deepseek_v2_group_limited", marks=SLOW), pytest.param("deepseek_v3", marks=SLOW),
+    pytest.param("gpt_oss", marks=SLOW),
+])
+def test_pipeline_container_equals_in_memory_decode(source, tiny_checkpoint, tmp_path, request):
+    """The container of each family (and of the FP8 / MXFP4 sources, dequantised while streaming) loads and
+    equals the source model with the same encodings applied in memory; DeepSeek's router stays fp32 in it."""
+    from prism_convert.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+    from prism_convert.workdir import WorkDir
+
+    if source == "fp8":
+        folder, ref = request.getfixturevalue("fp8_checkpoints")[:2]
+    elif source == "mxfp4":
+        folder, ref = request.getfixturevalue("mxfp4_checkpoint")
+    else:
+        folder, ref = tiny_checkpoint(source)
+    tokens, plan = run_pipeline(folder, tmp_path, ref.config.vocab_size, PIPELINE_RECIPE, bits=5.0)
+    assert plan["bits_per_expert_weight"] <= 5.0
+    works = [WorkDir(tmp_path / "work")]
+    state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
+    expected = apply_in_memory(prism_load.load(folder), state)
+    model = prism_load.load(tmp_path / "m.prism")
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected(tokens))
+    prompt = tokens[:1, :5]
+    assert model.generate(prompt, max_new_tokens=6).tolist() == expected.generate(prompt, max_new_tokens=6).tolist()
+    if source not in ("gpt_oss", "mxfp4"):
+        assert prism_load.load(tmp_path / "m.prism", dtype=torch.bfloat16).layers[-1].mlp.router.weight.dtype == torch.float32
+
+
+@SLOW
+@pytest.mark.parametrize("source", ["fp8", "mxfp4"])
+def test_pipeline_at_8_bits_stays_close_to_transformers(source, tmp_path, request):
+    """Quantised sources through the pipeline with room for 8 bits (dense fp32): logits near transformers' on the
+    dequantised weights, so the streamed dequantisation feeds compress the right numbers."""
+    folder, ref = (request.getfixturevalue("fp8_checkpoints")[:2] if source == "fp8"
+                   else request.getfixturevalue("mxfp4_checkpoint"))
+    exact = {k: "fp32" for k in ("attention", "shared_expert", "dense_mlp", "embedding", "lm_head")}
+    recipe = {**PIPELINE_RECIPE, "candidates": {"int_bits": [8]}, "dense": exact}
+    tokens, _ = run_pipeline(folder, tmp_path, ref.config.vocab_size, recipe, bits=12.0)
+    model = prism_load.load(tmp_path / "m.prism")
+    with torch.no_grad():
+        assert rel_max_error(model(tokens), ref(tokens).logits) < 0.02
