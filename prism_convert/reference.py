@@ -33,7 +33,7 @@ from .reference_data import DOMAINS, Corpus, build_corpus, data_fingerprint, eva
 from .reference_eval import mean_loss, routing_summary
 from .train_tokenizer import save_tokenizer
 
-TRAINING_VERSION = "1"  # bump when training code changes what a preset produces (invalidates the cache)
+TRAINING_VERSION = "2"  # bump when training code changes what a preset produces (invalidates the cache)
 AUX_LOSS_COEF = 0.01  # Switch Transformer's alpha; Mixtral's router_aux_loss_coef is 0.02
 Z_LOSS_COEF = 1e-3  # ST-MoE
 
@@ -68,11 +68,11 @@ PRESETS = {
                    expert_intermediate=128, vocab_size=512, seq_len=64, batch_size=8, steps=60, lr=3e-3,
                    warmup_steps=5, code_chars=150_000, tokenizer_code_chars=50_000, eval_windows=4),
     "quick": Preset("quick", layers=4, hidden_size=128, heads=4, kv_heads=2, experts=8, top_k=2,
-                    expert_intermediate=256, vocab_size=2048, seq_len=128, batch_size=8, steps=300, lr=2e-3,
-                    warmup_steps=20, code_chars=3_000_000, tokenizer_code_chars=600_000, eval_windows=64),
-    "full": Preset("full", layers=6, hidden_size=256, heads=4, kv_heads=2, experts=8, top_k=2,
-                   expert_intermediate=512, vocab_size=4096, seq_len=256, batch_size=8, steps=256, lr=2e-3,
-                   warmup_steps=16, code_chars=None, tokenizer_code_chars=1_500_000, eval_windows=48),
+                    expert_intermediate=256, vocab_size=2048, seq_len=128, batch_size=4, steps=1000, lr=2e-3,
+                    warmup_steps=30, code_chars=3_000_000, tokenizer_code_chars=600_000, eval_windows=64),
+    "full": Preset("full", layers=6, hidden_size=192, heads=4, kv_heads=2, experts=8, top_k=2,
+                   expert_intermediate=384, vocab_size=4096, seq_len=256, batch_size=4, steps=820, lr=2e-3,
+                   warmup_steps=40, code_chars=None, tokenizer_code_chars=1_500_000, eval_windows=48),
 }
 
 
@@ -169,6 +169,10 @@ def train_reference(out: Path, preset: str | Preset = "full", seed: int = 0, pro
     with _threads(threads) as n_threads:
         corpus = build_corpus(seed, preset.vocab_size, preset.code_chars, preset.tokenizer_code_chars,
                               heldout_tokens=preset.eval_windows * (preset.seq_len + 1))
+        for domain, stream in corpus.train.items():
+            if len(stream) <= preset.seq_len:
+                raise PrismError(f"reference preset {preset.name!r}: only {len(stream)} {domain} tokens to "
+                                 f"train on, fewer than one window of {preset.seq_len + 1}")
         config = _config(preset, corpus)
         model = build_model(config, seed)
         curve, tokens_seen, train_seconds = _train_loop(model, corpus, preset, seed, progress)
