@@ -204,11 +204,45 @@ def run(
     model: Path = typer.Argument(..., help="Checkpoint folder or .prism container."),
     prompt: str = typer.Option("def fibonacci(n):", "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1),
+    cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of all decoded expert bytes, or a size ('512MB'). Default: every expert resident."),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache)."),
+    numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
 ) -> None:
-    """Generate text, streaming tokens as they come."""
+    """Generate text, streaming tokens as they come; then tokens/s (prefill and decode) and, with --cache,
+    the cache and prefetch statistics."""
     from prism_convert.run import run_prompt
 
-    run_prompt(model, prompt, max_new_tokens, console)
+    run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None)
+
+
+@app.command("eval")
+def eval_(
+    packed: Path = typer.Argument(..., help="The converted model (.prism container or checkpoint folder)."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="The original checkpoint folder."),
+    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Held-out text: builtin:prose|code|mix, a file, or hf:NAME."),
+    samples: int = typer.Option(32, "--samples", min=1, help="Number of token sequences."),
+    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Perplexity of both models and KL(original || packed) on held-out text (never the calibration split)."""
+    from rich.table import Table
+
+    from prism_convert.eval import evaluate
+
+    result = evaluate(packed, reference, dataset, samples, seq_len, seed)
+    if as_json:
+        import json
+
+        print(json.dumps(result, indent=1))
+        return
+    t = Table(title=f"{packed.name} vs {reference.name}: {result['tokens']:,} held-out tokens of {dataset}",
+              title_justify="left")
+    for name in ("KL (nats/token)", "perplexity (original)", "perplexity (packed)", "top-1 agreement"):
+        t.add_column(name, justify="right")
+    t.add_row(f"{result['kl']:.4f}", f"{result['perplexity_reference']:.3f}", f"{result['perplexity']:.3f}",
+              f"{result['top1_agreement']:.1%}")
+    console.print(t)
 
 
 @app.command()
