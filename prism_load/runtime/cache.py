@@ -1,0 +1,646 @@
+"""The budgeted expert cache: an ExpertSource that keeps decoded experts within a byte budget.
+
+Tiers: fast (decoded weights in RAM on a CPU-only machine, GPU memory on CUDA) <- host (pinned RAM holding
+the stored, encoded bytes; CUDA only) <- cold (the store: the container read with one pread per expert, or
+a checkpoint). A miss stalls the layer until the expert is loaded; the stall is counted.
+
+Eviction: GreedyDual with frequencies (GDSF, Cherkasova 1998). Each entry has a priority H = L + w * F, set
+when it is used; the victim is the unpinned entry with the smallest H, and L (the "clock") rises to the
+victim's H, so entries not used for a while age out. F is the expert's expected uses per layer step: the
+profile's routing frequency, updated by the uses seen so far (a prior worth PRIOR_STEPS steps). With w = 0
+this is LRU; a larger w keeps often-routed experts longer than rarely routed ones used as recently. It
+needs one heap, no per-step decay over all experts, and the profile only enters as F. A prefetched expert
+that the real routing did not pick is put first in line (H = -inf: below every L + w * F, ties included).
+
+Memory: every entry, loaded or loading, reserves its footprint (exact decoded bytes plus alignment slack)
+against the budget before the load starts, so the decoded bytes held never exceed the budget. On the CPU
+the decoded experts live in slabs reused across evictions (SlabPool), so the tier's resident memory is
+the budget, not the budget plus what the C allocator keeps after frees. The hot tier is pinned for
+good at construction, hottest first, while it leaves room for two layer steps' experts.
+
+Locking: one lock (`_lock`) guards all state here and in the fetch worker (entries, heap, pins, counters,
+job queue); two conditions share it: `_changed` (an entry became ready or went away, a pin was released:
+what demand loads wait for; notified only while someone waits) and the worker's `_work`. Reads, decodes
+and copies run outside the lock. An expert in use is pinned by the thread using it: `acquire` pins a
+step's experts when all are resident (the hit path: one lock round trip per layer); otherwise the lease
+loads and pins them one at a time, so a budget smaller than one step's experts still works. A thread's
+pins are released by its next `acquire`/`use` or by `release_thread` (the model's layer hook, after every
+layer), so a thread waiting for room holds no pin and a pinned expert is never evicted under a matmul.
+Waiting for room re-checks pins of threads that have died, so a thread that ends without releasing cannot
+block the others. The worker never waits for room: a prefetch without room is dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import BudgetError
+from ..models.moe import ExpertWeights
+from .stats import RuntimeStats
+from .stores import (
+    TENSOR_ALIGNMENT,
+    ExpertStore,
+    Key,
+    pack_into,
+    packed_nbytes,
+    prior_frequency,
+    raw_nbytes,
+    weights_nbytes,
+)
+
+PRIOR_STEPS = 32  # layer steps the profile's frequency is worth against observed uses
+ROOM_POLL_SECONDS = 0.05  # a thread waiting for room re-checks for dead threads' pins this often
+MAX_EXPERT_TENSORS = 8  # gate_up and down as low-rank pairs of pairs, plus two biases
+
+
+def footprint(nbytes: int) -> int:
+    """Bytes an expert of `nbytes` decoded bytes reserves: its tensors, each 64-byte aligned in one slab."""
+    return nbytes + MAX_EXPERT_TENSORS * TENSOR_ALIGNMENT
+
+
+def total_footprint(store: ExpertStore) -> int:
+    """What a cache holding every expert reserves: the total that budgets like "50%" are shares of."""
+    return sum(footprint(store.nbytes(i, e)) for i in store.moe_layers for e in range(store.num_experts))
+
+
+class Entry:
+    """One expert in the fast tier (ready) or on its way there (loading); its bytes are reserved either way."""
+
+    __slots__ = ("key", "nbytes", "decoded_nbytes", "stored_nbytes", "weights", "slab", "event", "ready",
+                 "permanent", "prefetched", "cold", "used", "expected", "unwanted", "pins", "priority", "version")
+
+    def __init__(self, key: Key, decoded_nbytes: int, stored_nbytes: int, prefetched: bool = False):
+        self.key, self.decoded_nbytes, self.stored_nbytes = key, decoded_nbytes, stored_nbytes
+        self.nbytes = footprint(decoded_nbytes)  # what it reserves against the budget
+        self.weights: ExpertWeights | None = None
+        self.slab: torch.Tensor | None = None  # the SlabPool buffer its weights view (CPU fast tier)
+        self.event = None  # CUDA event: the copy and decode on the side stream are done
+        self.ready, self.permanent = False, False
+        self.prefetched, self.used, self.cold = prefetched, False, False  # cold: read from the cold tier
+        self.expected = prefetched  # predicted or routed for an upcoming use: prefetches may not evict it
+        self.unwanted = False  # a prefetch the real routing disagreed with: dropped before its decode
+        self.pins, self.priority, self.version = 0, 0.0, 0
+
+
+class HostTier:
+    """Pinned stored bytes of experts (CUDA only), least recently used out first; used under the cache lock."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.used_bytes = budget_bytes, 0
+        self.entries: OrderedDict[Key, tuple[object, int]] = OrderedDict()
+
+    def get(self, key: Key):
+        item = self.entries.get(key)
+        if item is None:
+            return None
+        self.entries.move_to_end(key)
+        return item[0]
+
+    def put(self, key: Key, raw, nbytes: int) -> None:
+        if nbytes > self.budget_bytes or key in self.entries:
+            return
+        while self.used_bytes + nbytes > self.budget_bytes:
+            _, (_, n) = self.entries.popitem(last=False)
+            self.used_bytes -= n
+        self.entries[key] = (raw, nbytes)
+        self.used_bytes += nbytes
+
+
+class SlabPool:
+    """Buffers of the CPU fast tier, reused across evictions (under the cache lock). glibc keeps freed
+    expert-sized blocks in its heaps (its mmap threshold rises with each such free), so without slabs the
+    resident set grows to about twice the budget; with them the tier's memory is the budget. Free slabs of
+    other sizes are released when a new size would not fit."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.total_bytes = budget_bytes, 0
+        self.free: dict[int, list[torch.Tensor]] = {}
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        spare = self.free.get(nbytes)
+        if spare:
+            return spare.pop()
+        for size in list(self.free):
+            while self.free[size] and self.total_bytes + nbytes > self.budget_bytes:
+                self.free[size].pop()
+                self.total_bytes -= size
+        self.total_bytes += nbytes
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, slab: torch.Tensor) -> None:
+        self.free.setdefault(slab.numel(), []).append(slab)
+
+
+class ExpertCache:
+    """Decoded experts of every MoE layer within `budget_bytes` of the fast tier."""
+
+    def __init__(self, store: ExpertStore, budget_bytes: int, device="cpu", *, frequency_weight: float = 1.0,
+                 pin_hot: bool = True, host_budget_bytes: int = 0, placement=None, decode_on: str = "device"):
+        self.store, self.device = store, torch.device(device)
+        self.budget_bytes, self.frequency_weight = int(budget_bytes), float(frequency_weight)
+        self.placement = placement  # NumaPlacement (CPU fast tier) or None
+        self.keys = [(i, e) for i in store.moe_layers for e in range(store.num_experts)]
+        self.largest_bytes = footprint(max(store.nbytes(*k) for k in self.keys))
+        if self.budget_bytes < self.largest_bytes:
+            raise BudgetError(f"expert cache budget {self.budget_bytes:,} bytes is smaller than the largest expert "
+                              f"({self.largest_bytes:,} bytes); it must hold at least one")
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0  # threads waiting on _changed
+        self._entries: dict[Key, Entry] = {}
+        self._heap: list[tuple[float, int, Key, int]] = []  # (priority, tie-break, key, entry version)
+        self._seq = itertools.count()
+        self._clock = 0.0  # GreedyDual's L
+        self.used_bytes = 0
+        self._pins: dict[int, list[Entry]] = {}  # thread ident -> the entries that thread is using
+        self._prior = {k: prior_frequency(store, *k) for k in self.keys}
+        self._layer_steps: Counter[int] = Counter()
+        self._key_uses: Counter[Key] = Counter()
+        self._predictions: dict[int, set[int]] = {}  # layer -> experts predicted for its next step
+        self._expected: dict[int, set[int]] = {}  # layer -> experts flagged expected
+        self.worker = None  # FetchWorker (prefetch.py), when prefetching
+        self.transfer = None
+        if self.device.type == "cuda":
+            from .cuda import CudaTransfer
+
+            self.transfer = CudaTransfer(self.device, decode_on)
+        self.host = HostTier(host_budget_bytes) if self.transfer is not None and host_budget_bytes > 0 else None
+        self.slabs = SlabPool(self.budget_bytes) if self.transfer is None and placement is None else None
+        self.stats = RuntimeStats()
+        self.pinned_keys: list[Key] = self._pin_hot() if pin_hot else []
+        self.reset_stats()
+
+    # -- the ExpertSource side -------------------------------------------------------------------------
+    def acquire(self, layer: int, expert_ids: list[int]) -> Mapping[int, ExpertWeights]:
+        """The real routing of one layer step: settles predictions, then returns {expert: weights}: a plain
+        dict with every expert pinned when all are resident, else a lease that loads each on access."""
+        with self._lock:
+            self._release_locked()
+            self._route_arrived(layer, expert_ids)
+            found = [self._entries.get((layer, e)) for e in expert_ids]
+            if all(entry is not None and entry.ready for entry in found):
+                pins = self._pins.setdefault(threading.get_ident(), [])
+                n = len(found)
+                self.stats.uses += n
+                self.stats.hits += n
+                ls = self.stats.layer(layer)
+                ls.uses += n
+                ls.hits += n
+                for entry in found:
+                    entry.pins += 1
+                    pins.append(entry)
+                    self._mark_used(entry)
+                    self._touch(entry)
+                out = {e: entry.weights for e, entry in zip(expert_ids, found)}
+            else:
+                out = None
+                if self.worker is not None:  # the worker loads the rest while this thread loads the first
+                    missing = [e for e, entry in zip(expert_ids, found) if entry is None]
+                    if len(missing) > 1:
+                        self.worker.submit(layer, missing[1:], predicted=False)
+        if out is None:
+            return ExpertLease(self, layer, expert_ids)
+        if self.transfer is not None:
+            for entry in found:
+                if entry.event is not None:
+                    self.transfer.ready_for_compute(entry.weights, entry.event)
+        return out
+
+    def use(self, layer: int, expert: int) -> ExpertWeights:
+        """The weights of one expert, pinned to this thread until its next acquire/use or release_thread()."""
+        key = (layer, expert)
+        with self._lock:
+            self._release_locked()
+            st, ls = self.stats, self.stats.layer(layer)
+            st.uses += 1
+            ls.uses += 1
+            entry = self._entries.get(key)
+            if entry is not None and entry.ready:
+                st.hits += 1
+                ls.hits += 1
+                self._pin_and_touch(entry)
+            else:
+                st.misses += 1
+                ls.misses += 1
+                start = time.perf_counter()
+                entry = self._wait_or_reserve(key)
+                if entry.ready:
+                    self._stalled(ls, start)
+        if not entry.ready:  # this thread reserved it: load it now
+            self._load_demand(entry)
+            with self._lock:
+                self._stalled(ls, start)
+        if entry.event is not None:
+            self.transfer.ready_for_compute(entry.weights, entry.event)
+        return entry.weights
+
+    def release_thread(self) -> None:
+        """Unpin the experts this thread used last (the model calls it after every layer)."""
+        with self._lock:
+            self._release_locked()
+
+    # -- demand path -----------------------------------------------------------------------------------
+    def _wait_or_reserve(self, key: Key) -> Entry:
+        """Under the lock: wait for a load under way, or reserve room and return a loading entry we own."""
+        late_counted = False
+        while True:
+            entry = self._entries.get(key)
+            if entry is not None and entry.ready:
+                self._pin_and_touch(entry)
+                return entry
+            if entry is not None:  # the worker is loading it: wait for it
+                if not late_counted:
+                    self.stats.late_prefetches += 1
+                    late_counted = True
+                entry.unwanted, entry.expected = False, True
+                self._wait()
+                continue
+            if self.worker is not None:
+                self.worker.cancel(key)  # queued but not started: cheaper to load it here than to wait
+            nbytes = self.store.nbytes(*key)
+            if self._make_room(footprint(nbytes), demand=True):
+                entry = self._add_entry(key, nbytes, prefetched=False)
+                self._pin(entry)
+                self.stats.demand_loads += 1
+                return entry
+            self._wait(ROOM_POLL_SECONDS)  # every byte is pinned or loading: wait for an unpin
+            self._drop_dead_pins()
+
+    def _wait(self, timeout: float | None = None) -> None:
+        self._waiting += 1
+        try:
+            self._changed.wait(timeout)
+        finally:
+            self._waiting -= 1
+
+    def _notify(self) -> None:
+        if self._waiting:
+            self._changed.notify_all()
+
+    def _load_demand(self, entry: Entry) -> None:
+        try:
+            weights, event, host_hit = self._load(entry)
+        except BaseException:
+            with self._lock:
+                self._remove(entry)
+                self._notify()
+            raise
+        with self._lock:
+            self._finish(entry, weights, event, host_hit)
+            self._mark_used(entry)
+
+    def _stalled(self, ls, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self.stats.stall_seconds += seconds
+        ls.stall_seconds += seconds
+
+    # -- loading (outside the lock) --------------------------------------------------------------------
+    def _load(self, entry: Entry, prefetch: bool = False) -> tuple[ExpertWeights | None, object, bool]:
+        """Host tier or cold read, then decode (+ NUMA placement on the CPU; + pinning, side-stream copy and
+        decode on CUDA). A prefetch marked unwanted by then returns (None, None, False) instead of decoding."""
+        layer, expert = entry.key
+        raw = None
+        if self.host is not None:
+            with self._lock:
+                raw = self.host.get(entry.key)
+        host_hit = raw is not None
+        if raw is None:
+            raw = self.store.fetch(layer, expert)
+        with self._lock:
+            if not host_hit:
+                entry.cold = True
+                self.stats.loads += 1
+                self.stats.bytes_fetched += entry.stored_nbytes
+            if prefetch and entry.unwanted:
+                return None, None, False
+        event = None
+        if self.transfer is not None:
+            if not host_hit:
+                raw = self.transfer.pin(raw)
+                if self.host is not None:
+                    with self._lock:
+                        self.host.put(entry.key, raw, raw_nbytes(raw))
+            weights, event = self.transfer.load(self.store, layer, expert, raw)
+        else:
+            weights = self.store.decode(layer, expert, raw)
+        del raw
+        if weights_nbytes(weights) != entry.decoded_nbytes:
+            raise RuntimeError(f"store {type(self.store).__name__}: layer {layer} expert {expert} decodes to "
+                               f"{weights_nbytes(weights)} bytes, its nbytes() said {entry.decoded_nbytes}")
+        if self.placement is not None and self.transfer is None:
+            weights = self.placement.place(entry.key, weights)
+        elif self.slabs is not None:
+            with self._lock:
+                entry.slab = self.slabs.take(packed_nbytes(weights))
+            weights = pack_into(entry.slab, weights)
+        return weights, event, host_hit
+
+    def _finish(self, entry: Entry, weights, event, host_hit: bool) -> None:
+        """Under the lock: a load is done; make the entry ready and wake every waiter."""
+        entry.weights, entry.event, entry.ready = weights, event, True
+        self.stats.bytes_decoded += entry.decoded_nbytes
+        self.stats.host_hits += host_hit
+        if entry.unwanted:  # the real routing disagreed while it loaded: first in line for eviction
+            entry.expected = False
+            self._set_priority(entry, float("-inf"))
+        else:
+            self._touch(entry)
+        self._notify()
+
+    # -- prefetch hooks (the fetch worker calls these) -------------------------------------------------
+    def _start_prefetch(self, key: Key, predicted: bool) -> Entry | None:
+        """Under the lock: reserve room for a worker load, or None. A prediction may not evict an expected
+        expert; a load of the current step (predicted=False) may, as a demand load would."""
+        if key in self._entries:
+            self.stats.prefetch_skipped += 1
+            return None
+        nbytes = self.store.nbytes(*key)
+        if not self._make_room(footprint(nbytes), demand=not predicted):
+            self.stats.prefetch_no_room += 1
+            return None
+        if predicted:
+            self.stats.prefetch_loads += 1
+        else:
+            self.stats.ahead_loads += 1
+        entry = self._add_entry(key, nbytes, prefetched=predicted)
+        entry.expected = True
+        return entry
+
+    def _run_prefetch(self, entry: Entry) -> None:
+        """Outside the lock: load a reserved entry; drop it if it became unwanted after its read."""
+        try:
+            weights, event, host_hit = self._load(entry, prefetch=True)
+        except Exception:  # noqa: BLE001 - a failed prefetch is not an error; a demand load will raise it
+            weights = None
+        with self._lock:
+            if weights is None:
+                if entry.unwanted:
+                    self.stats.prefetch_aborted += 1
+                    self.stats.wasted_bytes += entry.stored_nbytes if entry.cold else 0
+                self._remove(entry)
+                self._notify()
+                return
+            self._finish(entry, weights, event, host_hit)
+
+    def prefetch(self, layer: int, expert_ids: list[int]) -> None:
+        """Predicted experts of `layer`'s next step, most likely first: fetched in the background. A newer
+        prediction supersedes the layer's older one (queued fetches cancelled, others deprioritised)."""
+        with self._lock:
+            self._release_locked()
+            ids = set(expert_ids)
+            self._predictions[layer] = ids
+            for e in list(self._expected.get(layer, ())):
+                if e not in ids:
+                    self._unexpect(layer, e)
+            for e in expert_ids:
+                self._expect(layer, e)
+            if self.worker is not None:
+                self.worker.submit(layer, expert_ids, predicted=True)
+
+    # -- routing bookkeeping ---------------------------------------------------------------------------
+    def _route_arrived(self, layer: int, expert_ids: list[int]) -> None:
+        ids = set(expert_ids)
+        ls = self.stats.layer(layer)
+        predicted = self._predictions.pop(layer, None)
+        if predicted is None:
+            ls.unpredicted_steps += 1
+        else:
+            ls.predicted_steps += 1
+            ls.predicted += len(predicted)
+            ls.actual += len(ids)
+            ls.correct += len(predicted & ids)
+        if self.worker is not None:
+            self.worker.retain(layer, ids)
+        for e in list(self._expected.get(layer, ())):
+            if e not in ids:
+                self._unexpect(layer, e)
+        for e in ids:
+            self._expect(layer, e)
+            self._key_uses[(layer, e)] += 1
+        self._layer_steps[layer] += 1
+
+    def _expect(self, layer: int, e: int) -> None:
+        self._expected.setdefault(layer, set()).add(e)
+        entry = self._entries.get((layer, e))
+        if entry is not None:
+            entry.expected, entry.unwanted = True, False
+
+    def _unexpect(self, layer: int, e: int) -> None:
+        self._expected[layer].discard(e)
+        entry = self._entries.get((layer, e))
+        if entry is None or not entry.expected:
+            return
+        entry.expected = False
+        if entry.prefetched and not entry.used:
+            if entry.ready:
+                self._set_priority(entry, float("-inf"))  # never used: first in line for eviction
+            else:
+                entry.unwanted = True
+
+    # -- entries, pins, priorities ---------------------------------------------------------------------
+    def _add_entry(self, key: Key, nbytes: int, prefetched: bool) -> Entry:
+        entry = Entry(key, nbytes, self.store.stored_nbytes(*key), prefetched)
+        self._entries[key] = entry
+        self.used_bytes += entry.nbytes
+        return entry
+
+    def _remove(self, entry: Entry) -> None:
+        """Under the lock. Its slab goes back to the pool: nobody holds its weights (an entry is only removed
+        unpinned, and weights handed to a thread are valid until its next acquire/use or release_thread)."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            self.used_bytes -= entry.nbytes
+        entry.weights = None
+        if entry.slab is not None:
+            self.slabs.give(entry.slab)
+            entry.slab = None
+
+    def _pin(self, entry: Entry) -> None:
+        self._pins.setdefault(threading.get_ident(), []).append(entry)
+        entry.pins += 1
+
+    def _pin_and_touch(self, entry: Entry) -> None:
+        self._pin(entry)
+        self._mark_used(entry)
+        self._touch(entry)
+
+    def _mark_used(self, entry: Entry) -> None:
+        if entry.prefetched and not entry.used:
+            self.stats.prefetch_used += 1
+        entry.used, entry.expected = True, False
+        expected = self._expected.get(entry.key[0])
+        if expected:
+            expected.discard(entry.key[1])
+
+    def _release_locked(self) -> None:
+        pins = self._pins.pop(threading.get_ident(), None)
+        if pins:
+            for entry in pins:
+                entry.pins -= 1
+            self._notify()
+
+    def _drop_dead_pins(self) -> None:
+        alive = {t.ident for t in threading.enumerate()}
+        for ident in [i for i in self._pins if i not in alive]:
+            for entry in self._pins.pop(ident):
+                entry.pins -= 1
+
+    def _frequency(self, key: Key) -> float:
+        """Expected uses per layer step: the prior, updated by the uses seen (PRIOR_STEPS pseudo-steps)."""
+        return (self._prior[key] * PRIOR_STEPS + self._key_uses[key]) / (PRIOR_STEPS + self._layer_steps[key[0]])
+
+    def _touch(self, entry: Entry) -> None:
+        self._set_priority(entry, self._clock + self.frequency_weight * self._frequency(entry.key))
+
+    def _set_priority(self, entry: Entry, priority: float) -> None:
+        if entry.permanent:
+            return
+        entry.priority, entry.version = priority, entry.version + 1
+        heapq.heappush(self._heap, (priority, next(self._seq), entry.key, entry.version))
+        if len(self._heap) > 4 * len(self._entries) + 64:  # drop stale heap items now and then
+            self._heap = [(e.priority, next(self._seq), e.key, e.version) for e in self._entries.values()
+                          if e.ready and not e.permanent]
+            heapq.heapify(self._heap)
+
+    def _make_room(self, nbytes: int, demand: bool) -> bool:
+        """Under the lock: evict until nbytes more fit. A prefetch may not evict an expected expert; a demand
+        load evicts expected ones only when nothing else is free."""
+        while self.used_bytes + nbytes > self.budget_bytes:
+            victim = self._pop_victim(demand)
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _pop_victim(self, demand: bool) -> Entry | None:
+        skipped, expected = [], None
+        victim = None
+        while self._heap:
+            item = heapq.heappop(self._heap)
+            entry = self._entries.get(item[2])
+            if entry is None or entry.version != item[3] or not entry.ready or entry.permanent:
+                continue  # stale
+            if entry.pins:
+                skipped.append(item)
+            elif entry.expected:
+                skipped.append(item)
+                if expected is None:
+                    expected = entry
+            else:
+                victim = entry
+                break
+        if victim is None and demand and expected is not None:
+            victim = expected
+        for item in skipped:
+            if victim is None or item[2] != victim.key:
+                heapq.heappush(self._heap, item)
+        return victim
+
+    def _evict(self, entry: Entry) -> None:
+        self._remove(entry)
+        self._clock = max(self._clock, entry.priority)
+        self.stats.evictions += 1
+        if entry.prefetched and not entry.used and entry.cold:
+            self.stats.wasted_bytes += entry.stored_nbytes
+
+    def _pin_hot(self) -> list[Key]:
+        """Load the hot tier for good (hottest first) while it leaves room for two layer steps' experts."""
+        hot = sorted((k for k in self.keys if self.store.hot(*k)), key=lambda k: -self._prior[k])
+        room = self.budget_bytes - 2 * self.store.top_k * self.largest_bytes
+        pinned = []
+        for key in hot:
+            nbytes = self.store.nbytes(*key)
+            if self.used_bytes + footprint(nbytes) > room:
+                break
+            entry = self._add_entry(key, nbytes, prefetched=False)
+            weights, event, _ = self._load(entry)
+            entry.weights, entry.event, entry.ready, entry.permanent = weights, event, True, True
+            pinned.append(key)
+        return pinned
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def decoded_bytes(self) -> int:
+        """Bytes of decoded weights the cache holds right now (measured on the tensors themselves)."""
+        with self._lock:
+            return sum(weights_nbytes(e.weights) for e in self._entries.values() if e.weights is not None)
+
+    def residency(self) -> dict:
+        with self._lock:
+            return self._residency()
+
+    def _residency(self) -> dict:
+        ready = [e for e in self._entries.values() if e.ready]
+        out = {
+            "budget_bytes": self.budget_bytes,
+            "fast_bytes": sum(e.nbytes for e in ready),
+            "fast_experts": len(ready),
+            "pinned_experts": sum(e.permanent for e in ready),
+            "loading_experts": len(self._entries) - len(ready),
+            "reserved_bytes": self.used_bytes,
+            "cold_experts": len(self.keys) - len(ready),
+        }
+        if self.host is not None:
+            out |= {"host_bytes": self.host.used_bytes, "host_experts": len(self.host.entries),
+                    "host_budget_bytes": self.host.budget_bytes}
+        return out
+
+    def resident_keys(self) -> set[Key]:
+        with self._lock:
+            return {k for k, e in self._entries.items() if e.ready}
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return self.stats.to_dict() | {"residency": self._residency()}
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.stats = RuntimeStats()
+            for i in self.store.moe_layers:
+                self.stats.layer(i)
+
+    def check(self) -> None:
+        """Invariants (tests call it): reserved bytes add up and stay within the budget."""
+        with self._lock:
+            total = sum(e.nbytes for e in self._entries.values())
+            if total != self.used_bytes or self.used_bytes > self.budget_bytes:
+                raise AssertionError(f"cache accounting: entries {total}, used {self.used_bytes}, "
+                                     f"budget {self.budget_bytes}")
+
+
+class ExpertLease(Mapping):
+    """What acquire returns when an expert is missing: {expert: weights}, each loaded (and pinned) on access."""
+
+    __slots__ = ("_cache", "_layer", "_ids")
+
+    def __init__(self, cache: ExpertCache, layer: int, ids: list[int]):
+        self._cache, self._layer, self._ids = cache, layer, ids
+
+    def __getitem__(self, expert: int) -> ExpertWeights:
+        if expert not in self._ids:
+            raise KeyError(expert)
+        return self._cache.use(self._layer, expert)
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+class CachedExperts(nn.Module):
+    """The ExpertSource a MoEBlock gets: its layer's view of the shared cache."""
+
+    def __init__(self, cache: ExpertCache, num_experts: int):
+        super().__init__()
+        self.cache, self.num_experts = cache, num_experts
+
+    def acquire(self, layer_index: int, expert_ids: list[int]) -> Mapping[int, ExpertWeights]:
+        return self.cache.acquire(layer_index, expert_ids)

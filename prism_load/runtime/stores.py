@@ -1,0 +1,300 @@
+"""Expert stores: the cold tier behind the expert cache. A store reads one expert and decodes it.
+
+The cache needs four things of a store (`ExpertStore`): the decoded size of an expert before it loads it
+(to keep its byte budget), the stored size (bytes read from the cold tier), a prior of how often the expert is
+routed to (the profile's frequency), and the two load phases. Loading is split in `fetch` (read the stored
+bytes) and `decode` (turn them into ExpertWeights) so a prefetch that is no longer wanted can be dropped
+between the two. Every store is safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+
+from ..codecs import Encoding, LowRankLinear
+from ..models.moe import ExpertWeights
+
+Key = tuple[int, int]  # (layer index, expert index)
+
+
+class ExpertStore(Protocol):
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    dtype: torch.dtype
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        """Exact bytes of the decoded ExpertWeights (what the expert costs in the fast tier)."""
+
+    def stored_nbytes(self, layer: int, expert: int) -> int:
+        """Bytes one fetch reads from the cold tier."""
+
+    def frequency(self, layer: int, expert: int) -> float | None:
+        """Share of the layer's tokens routed to the expert in calibration (sums to top_k); None if unknown."""
+
+    def hot(self, layer: int, expert: int) -> bool:
+        """Whether the container puts the expert in its hot tier (pinned in the fast tier when it fits)."""
+
+    def fetch(self, layer: int, expert: int) -> Any:
+        """Read the expert's stored form: tensors (a uint8 tensor, ExpertWeights or a dict of them) that the
+        CUDA path may pin and copy to the device as they are."""
+
+    def decode(self, layer: int, expert: int, raw: Any) -> ExpertWeights:
+        """Decoded weights on raw's device, in fresh memory that nothing else references."""
+
+    def load(self, layer: int, expert: int) -> ExpertWeights:
+        """Both phases: the cold read, then the decode."""
+
+
+def load(store: ExpertStore, layer: int, expert: int) -> ExpertWeights:
+    """Both phases: the cold read, then the decode."""
+    return store.decode(layer, expert, store.fetch(layer, expert))
+
+
+class StoreBase:
+    """`load` for the stores below."""
+
+    def load(self, layer: int, expert: int) -> ExpertWeights:
+        return self.decode(layer, expert, self.fetch(layer, expert))
+
+
+# -- tensors inside ExpertWeights ----------------------------------------------------------------------
+def op_tensors(op) -> list[torch.Tensor]:
+    """Every tensor of a linear operator (a tensor, a LowRankLinear, a ConcatLinear)."""
+    if op is None:
+        return []
+    if isinstance(op, torch.Tensor):
+        return [op]
+    if isinstance(op, LowRankLinear):
+        return [t for t in (op.a, op.b, op.base) if t is not None]
+    if hasattr(op, "ops"):  # ConcatLinear
+        return [t for o in op.ops for t in op_tensors(o)]
+    raise TypeError(f"unknown linear operator {type(op).__name__}")
+
+
+def map_op(op, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """The same operator with every tensor replaced by fn(tensor)."""
+    if op is None:
+        return None
+    if isinstance(op, torch.Tensor):
+        return fn(op)
+    if isinstance(op, LowRankLinear):
+        return LowRankLinear(fn(op.a), fn(op.b), None if op.base is None else fn(op.base))
+    if hasattr(op, "ops"):
+        return type(op)([map_op(o, fn) for o in op.ops])
+    raise TypeError(f"unknown linear operator {type(op).__name__}")
+
+
+def map_raw(raw, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A store's fetched form with every tensor replaced by fn(tensor) (pinning, device copies)."""
+    if isinstance(raw, torch.Tensor):
+        return fn(raw)
+    if isinstance(raw, ExpertWeights):
+        return map_weights(raw, fn)
+    if isinstance(raw, dict):
+        return {k: map_raw(v, fn) for k, v in raw.items()}
+    raise TypeError(f"unknown stored form {type(raw).__name__}")
+
+
+def raw_nbytes(raw) -> int:
+    sizes = []
+    map_raw(raw, lambda t: sizes.append(t.numel() * t.element_size()) or t)
+    return sum(sizes)
+
+
+def weights_tensors(w: ExpertWeights) -> list[torch.Tensor]:
+    return [t for op in (w.gate_up, w.down, w.gate_up_bias, w.down_bias) for t in op_tensors(op)]
+
+
+def map_weights(w: ExpertWeights, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExpertWeights:
+    return ExpertWeights(map_op(w.gate_up, fn), map_op(w.down, fn), map_op(w.gate_up_bias, fn), map_op(w.down_bias, fn))
+
+
+def weights_nbytes(w: ExpertWeights) -> int:
+    return sum(t.numel() * t.element_size() for t in weights_tensors(w))
+
+
+TENSOR_ALIGNMENT = 64  # bytes: CPU GEMM kernels round differently on misaligned inputs (see container_reader.owned)
+
+
+def aligned_nbytes(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+
+
+def packed_nbytes(w: ExpertWeights) -> int:
+    """Bytes of one buffer holding every tensor of an expert, each 64-byte aligned (pack_into)."""
+    return sum(aligned_nbytes(t) for t in weights_tensors(w))
+
+
+def pack_into(buf: torch.Tensor, w: ExpertWeights) -> ExpertWeights:
+    """Copy an expert's tensors into one uint8 buffer (a slab, or NUMA-bound memory); returns views of it.
+    copy_ writes the buffer in place: its pages stay where the buffer's allocator put them."""
+    offset = 0
+
+    def copy_into(t: torch.Tensor) -> torch.Tensor:
+        nonlocal offset
+        n = t.numel() * t.element_size()
+        view = buf[offset : offset + n].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        offset += aligned_nbytes(t)
+        return view
+
+    return map_weights(w, copy_into)
+
+
+def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype) -> int:
+    """Bytes of decode_linear's output for one expert: a low-rank tensor stays factored when that is smaller."""
+    total = 0
+    for enc in encodings.values():
+        if enc.kind == "lowrank" and enc.rank * sum(enc.shape) < math.prod(enc.shape):
+            total += enc.rank * sum(enc.shape)
+        else:
+            total += math.prod(enc.shape)
+    return total * dtype.itemsize
+
+
+def _uniform(store) -> float:
+    return store.top_k / store.num_experts
+
+
+# -- stores --------------------------------------------------------------------------------------------
+class MemoryStore(StoreBase):
+    """Experts held in memory, copied on every load (tests and benchmarks: a cold tier with no I/O).
+    `fetch_hook(key)` runs inside fetch (a test can slow it down or make it fail)."""
+
+    def __init__(self, experts: dict[Key, ExpertWeights], num_experts: int, top_k: int,
+                 frequencies: dict[Key, float] | None = None, hot: Iterable[Key] = (),
+                 fetch_hook: Callable[[Key], None] | None = None):
+        self.experts, self.num_experts, self.top_k = experts, num_experts, top_k
+        self.moe_layers = tuple(sorted({layer for layer, _ in experts}))
+        self.dtype = weights_tensors(next(iter(experts.values())))[0].dtype
+        self.frequencies = frequencies or {}
+        self.hot_keys = set(hot)
+        self.fetch_hook = fetch_hook
+        self.fetched: list[Key] = []  # every fetch, in order (list.append is atomic)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> MemoryStore:
+        """Copies of every expert of a resident model (its StackedExperts)."""
+        experts = {}
+        for i, block in model.moe_blocks():
+            weights = block.experts.acquire(i, list(range(block.experts.num_experts)))
+            experts.update({(i, e): map_weights(w, lambda t: t.detach().clone()) for e, w in weights.items()})
+        return cls(experts, model.args.num_experts, model.args.num_experts_per_tok, **kwargs)
+
+    def nbytes(self, layer, expert):
+        return weights_nbytes(self.experts[(layer, expert)])
+
+    def stored_nbytes(self, layer, expert):
+        return self.nbytes(layer, expert)
+
+    def frequency(self, layer, expert):
+        return self.frequencies.get((layer, expert))
+
+    def hot(self, layer, expert):
+        return (layer, expert) in self.hot_keys
+
+    def fetch(self, layer, expert):
+        if self.fetch_hook is not None:
+            self.fetch_hook((layer, expert))
+        self.fetched.append((layer, expert))
+        return self.experts[(layer, expert)]
+
+    def decode(self, layer, expert, raw):
+        return map_weights(raw, lambda t: t.clone())
+
+
+class CheckpointStore(StoreBase):
+    """Experts of a Hugging Face checkpoint folder, read through the family's `expert_tensors` (memory-mapped
+    safetensors; the page cache is the cold tier). Frequencies come from an optional prism profile."""
+
+    def __init__(self, ckpt, family, args, dtype: torch.dtype = torch.float32,
+                 frequencies: dict[Key, float] | None = None):
+        self.ckpt, self.family, self.args, self.dtype = ckpt, family, args, dtype
+        self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
+        self.moe_layers = tuple(args.moe_layers)
+        self.frequencies = frequencies or {}
+        self._lock = threading.Lock()  # Checkpoint caches safe_open handles in a plain dict
+        h, inter = args.hidden_size, args.moe_intermediate_size
+        self._numel = 3 * h * inter + (2 * inter + h if self._has_bias() else 0)
+
+    def _has_bias(self) -> bool:
+        with torch.device("meta"):
+            return hasattr(self.family.build_layer(self.args, self.moe_layers[0]).mlp.experts, "gate_up_bias")
+
+    def nbytes(self, layer, expert):
+        return self._numel * self.dtype.itemsize
+
+    def stored_nbytes(self, layer, expert):
+        return self.nbytes(layer, expert)
+
+    def frequency(self, layer, expert):
+        return self.frequencies.get((layer, expert))
+
+    def hot(self, layer, expert):
+        return False
+
+    def fetch(self, layer, expert):
+        with self._lock:
+            return self.family.expert_tensors(self.args, layer, expert, self.ckpt, self.dtype)
+
+    def decode(self, layer, expert, raw):
+        bias = None
+        if "gate_bias" in raw:
+            bias = torch.cat([raw["gate_bias"], raw["up_bias"]])
+        return ExpertWeights(torch.cat([raw["gate_proj"], raw["up_proj"]]), raw["down_proj"].clone(), bias,
+                             raw["down_bias"].clone() if "down_bias" in raw else None)
+
+
+class ContainerStore(StoreBase):
+    """Experts of a .prism container: one positional read per expert (checksum checked) into one uint8 tensor
+    (the form the CUDA host tier pins as it is), then decode_expert on the tensor's device."""
+
+    def __init__(self, container, args, dtype: torch.dtype = torch.float32, verify_checksums: bool = True):
+        self.container, self.dtype, self.verify_checksums = container, dtype, verify_checksums
+        self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
+        self.moe_layers = tuple(args.moe_layers)
+        self._nbytes = {(r.layer, r.expert): decoded_nbytes(r.encodings, dtype) for r in container.records}
+        self._layouts = {(r.layer, r.expert): r.layout() for r in container.records}
+
+    def nbytes(self, layer, expert):
+        return self._nbytes[(layer, expert)]
+
+    def stored_nbytes(self, layer, expert):
+        return self.container.record(layer, expert).length
+
+    def frequency(self, layer, expert):
+        return self.container.record(layer, expert).frequency
+
+    def hot(self, layer, expert):
+        return self.container.record(layer, expert).tier == "hot"
+
+    def fetch(self, layer, expert) -> torch.Tensor:
+        record = self.container.record(layer, expert)
+        return torch.frombuffer(self.container.read_expert_bytes(record, self.verify_checksums), dtype=torch.uint8)
+
+    def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
+        """Views of the stored tensors in raw (as Container.read_expert makes them), then decode_expert."""
+        from ..container_reader import decode_expert
+
+        record = self.container.record(layer, expert)
+        encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
+        for t in self._layouts[(layer, expert)]:
+            tensor, suffix = t.key.split(".", 1)
+            encoded[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
+        return decode_expert(encoded, self.dtype)
+
+
+def prior_frequency(store: ExpertStore, layer: int, expert: int) -> float:
+    """The store's routing frequency, or the uniform top_k / num_experts where it has none."""
+    f = store.frequency(layer, expert)
+    return _uniform(store) if f is None else float(f)
+
+
+def total_nbytes(store: ExpertStore) -> int:
+    return sum(store.nbytes(i, e) for i in store.moe_layers for e in range(store.num_experts))

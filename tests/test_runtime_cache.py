@@ -1,0 +1,288 @@
+"""The budgeted expert cache: exact outputs under tiny budgets, statistics that add up, the budget kept,
+eviction informed by frequencies, the hot tier pinned, every store behind one protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from containers import FACTORED_MIX
+from runtime_fixtures import (
+    RUNTIME_CONFIG,
+    CountingFetches,
+    RouteCounter,
+    expert_bytes,
+    greedy,
+    load_cached,
+    one_thread,
+    prompts,
+    write_runtime_container,
+)
+
+import prism_load
+from prism_load.errors import BudgetError
+from prism_load.models.moe import ExpertWeights
+from prism_load.runtime import ExpertCache, MemoryStore, parse_budget
+from prism_load.runtime.cache import footprint
+from prism_load.runtime.stores import ContainerStore, load, weights_nbytes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory):
+    return write_runtime_container(tmp_path_factory.mktemp("runtime") / "model.prism")
+
+
+@pytest.fixture(scope="module")
+def resident(container):
+    return prism_load.load(container)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("experts_in_budget", [1, 2])
+def test_tiny_budget_matches_resident(container, resident, prefetch, experts_in_budget):
+    """A cache holding 1 or 2 of a layer's 8 experts gives the resident model's logits and greedy tokens."""
+    budget = expert_bytes(resident_store(container))[-1] * experts_in_budget
+    model = load_cached(container, budget, prefetch)
+    for ids in prompts(3, RUNTIME_CONFIG["vocab_size"], seed=1):
+        assert torch.equal(model(ids), resident(ids))
+        assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    s = model.stats()
+    assert s["misses"] > 0 and s["residency"]["reserved_bytes"] <= budget
+    model.runtime.cache.check()
+
+
+def resident_store(container):
+    from prism_load.container import model_args
+    from prism_load.container_reader import Container
+
+    c = Container(container)
+    return ContainerStore(c, model_args(c.config)[1])
+
+
+def test_checkpoint_store_matches_resident(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("mixtral")
+    resident = prism_load.load(folder)
+    model = prism_load.load(folder, expert_cache="30%", prefetch=True)
+    ids = prompts(1, 50, seed=2)[0]
+    assert torch.equal(model(ids), resident(ids))
+    assert torch.equal(greedy(model, ids, 8), greedy(resident, ids, 8))
+    assert model.stats()["uses"] > 0
+
+
+def test_budget_errors(container):
+    with pytest.raises(BudgetError, match="smaller than the largest expert"):
+        load_cached(container, 100)
+    for bad in ("0%", "150%", "lots", "-3MB", True, 0):
+        with pytest.raises(BudgetError):
+            parse_budget(bad, 1000)
+    assert parse_budget("50%", 1000) == 500
+    assert parse_budget("2MB", 0) == 2_000_000 and parse_budget("1.5GiB", 0) == 3 * 2**29
+    assert parse_budget(1234, 0) == 1234
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_statistics_add_up(container, prefetch):
+    budget = expert_bytes(resident_store(container))[-1] * 3
+    model = load_cached(container, budget, prefetch)
+    fetches = CountingFetches(model.runtime.cache.store)
+    counter = RouteCounter().attach(model)
+    for ids in prompts(4, RUNTIME_CONFIG["vocab_size"], seed=3):
+        greedy(model, ids, 10)
+    model.runtime.close()  # no fetch may land between the two snapshots below
+    s = model.stats()
+    assert s["uses"] == sum(counter.uses.values()) > 0
+    assert s["hits"] + s["misses"] == s["uses"]
+    assert all(s["layers"][i]["uses"] == counter.uses[i] for i in counter.uses)
+    assert sum(layer["hits"] + layer["misses"] for layer in s["layers"].values()) == s["uses"]
+    assert s["loads"] == s["demand_loads"] + s["prefetch_loads"] + s["ahead_loads"] == len(fetches.calls)
+    assert s["bytes_fetched"] == fetches.bytes() > 0
+    assert s["stall_seconds"] >= sum(layer["stall_seconds"] for layer in s["layers"].values()) - 1e-9
+    if not prefetch:
+        assert s["prefetch_recall"] is None and s["prefetch_loads"] == s["ahead_loads"] == 0
+        assert s["wasted_bytes"] == 0
+        return
+    layers = s["layers"].values()
+    assert s["prefetch_correct"] == sum(x["correct"] for x in layers)
+    assert s["prefetch_recall"] == pytest.approx(s["prefetch_correct"] / s["prefetch_actual"])
+    assert s["prefetch_precision"] == pytest.approx(s["prefetch_correct"] / s["prefetch_predicted"])
+    assert s["layers"][0]["predicted_steps"] == 0  # nothing runs before layer 0 to predict it
+    assert all(x["predicted_steps"] > 0 and 0 <= x["recall"] <= 1 for i, x in s["layers"].items() if i > 0)
+    assert s["prefetch_used"] <= s["prefetch_loads"]
+    assert s["wasted_bytes"] <= s["bytes_fetched"]
+    model.reset_stats()
+    assert model.stats()["uses"] == 0
+
+
+def test_decoded_bytes_never_exceed_budget(container, resident):
+    """A sampler thread measures the decoded tensors the cache holds while four threads generate."""
+    budget = expert_bytes(resident_store(container))[-1] * 2
+    model = load_cached(container, budget, True)
+    cache = model.runtime.cache
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.wait(0.001):
+            samples.append(cache.decoded_bytes())
+            cache.check()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    workers = [threading.Thread(target=lambda p=p: greedy(model, p, 8), daemon=True)
+               for p in prompts(4, RUNTIME_CONFIG["vocab_size"], seed=4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    stop.set()
+    sampler.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)
+    assert len(samples) > 10 and max(samples) <= budget
+    assert max(samples) > 0
+
+
+def _memory_store(sizes: int = 4, layers=(0,), frequencies=None, hot=()):
+    experts = {(i, e): ExpertWeights(torch.full((2, sizes), float(10 * i + e)), torch.full((sizes, 1), float(e)))
+               for i in layers for e in range(4)}
+    return MemoryStore(experts, num_experts=4, top_k=1, frequencies=frequencies, hot=hot)
+
+
+def _touch(cache, layer, e):
+    cache.acquire(layer, [e])
+    w = cache.use(layer, e)
+    cache.release_thread()
+    return w
+
+
+@pytest.mark.parametrize("weight, survivor", [(0.0, False), (4.0, True)])
+def test_frequency_weight_keeps_frequent_experts(weight, survivor):
+    """Room for 2 of 4 experts. Expert 0 (frequency 0.9) used, then 1 and 2: LRU (weight 0) evicts 0,
+    the frequency-weighted policy keeps it and evicts 1."""
+    store = _memory_store(frequencies={(0, 0): 0.9, (0, 1): 0.03, (0, 2): 0.03, (0, 3): 0.04})
+    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), frequency_weight=weight)
+    for e in (0, 1, 2):
+        _touch(cache, 0, e)
+    assert ((0, 0) in cache.resident_keys()) is survivor
+    assert ((0, 1) in cache.resident_keys()) is not survivor
+    assert cache.stats.evictions == 1
+
+
+def test_hot_tier_pinned_when_it_fits():
+    store = _memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)])
+    size = footprint(store.nbytes(0, 0))
+    cache = ExpertCache(store, 4 * size)  # room: 4 - 2 (two steps of top-1) = 2 hot experts
+    assert set(cache.pinned_keys) == {(0, 3), (1, 2)}
+    for layer, e in [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)] * 3:
+        assert torch.equal(_touch(cache, layer, e).gate_up, store.experts[(layer, e)].gate_up)
+    assert {(0, 3), (1, 2)} <= cache.resident_keys()
+    assert cache.stats.hits + cache.stats.misses == cache.stats.uses == 15
+    small = ExpertCache(_memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)]), 3 * size)
+    assert len(small.pinned_keys) == 1  # only what leaves room for the working set
+
+
+def test_waiting_thread_gets_room_after_unpin():
+    """Budget of one expert: thread B needs room while thread A holds the only expert pinned."""
+    store = _memory_store()
+    cache = ExpertCache(store, footprint(store.nbytes(0, 0)))
+    _ = cache.acquire(0, [0]), cache.use(0, 0)  # this thread pins expert 0
+    got = []
+    t = threading.Thread(target=lambda: got.append(_touch(cache, 0, 1)), daemon=True)
+    t.start()
+    t.join(timeout=0.3)
+    assert t.is_alive()  # waiting for room
+    cache.release_thread()
+    t.join(timeout=10)
+    assert not t.is_alive() and torch.equal(got[0].gate_up, store.experts[(0, 1)].gate_up)
+
+
+def test_dead_thread_pin_is_dropped():
+    store = _memory_store()
+    cache = ExpertCache(store, footprint(store.nbytes(0, 0)))
+    t = threading.Thread(target=lambda: (cache.acquire(0, [0]), cache.use(0, 0)))
+    t.start()
+    t.join()
+    assert torch.equal(_touch(cache, 0, 2).gate_up, store.experts[(0, 2)].gate_up)
+
+
+def test_failed_load_raises_and_frees_its_room():
+    store = _memory_store()
+
+    def fail(key):
+        if key == (0, 1):
+            raise OSError("disk gone")
+
+    store.fetch_hook = fail
+    cache = ExpertCache(store, footprint(store.nbytes(0, 0)))
+    with pytest.raises(OSError, match="disk gone"):
+        _touch(cache, 0, 1)
+    cache.check()
+    assert cache.used_bytes == 0
+    assert torch.equal(_touch(cache, 0, 2).gate_up, store.experts[(0, 2)].gate_up)
+
+
+def test_container_store_nbytes_is_exact(tmp_path):
+    """decoded_nbytes from the encodings equals the decoded tensors, factored low-rank experts included."""
+    path = write_runtime_container(tmp_path / "f.prism", mix=FACTORED_MIX)
+    store = resident_store(path)
+    factored = 0
+    for i in store.moe_layers:
+        for e in range(store.num_experts):
+            w = load(store, i, e)
+            factored += not isinstance(w.gate_up, torch.Tensor) or not isinstance(w.down, torch.Tensor)
+            assert weights_nbytes(w) == store.nbytes(i, e)
+    assert factored > 0
+    model, resident = load_cached(path, "25%", True), prism_load.load(path)
+    ids = prompts(1, RUNTIME_CONFIG["vocab_size"])[0]
+    assert torch.equal(greedy(model, ids, 6), greedy(resident, ids, 6))
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import prism_load
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    path, budget = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (1, 8))
+    before = rss()
+    model = prism_load.load(path, expert_cache=None if budget == "none" else budget, prefetch=True)
+    loaded = rss()
+    peak = loaded
+    for n in range(3):
+        model.generate((ids + n) % 64, max_new_tokens=16, eos_token_id=[])
+        peak = max(peak, rss())
+    held = model.runtime.cache.decoded_bytes() if budget != "none" else None
+    print(json.dumps({"before": before, "loaded": loaded, "peak": peak, "held": held}))
+""")
+
+
+@pytest.mark.slow
+def test_resident_set_stays_within_budget(tmp_path):
+    """RSS in fresh processes (96 MiB of decoded experts): a cache holds at most its budget; doubling the
+    budget adds about the added bytes; and a 25% cache saves what it does not hold, less a stated overhead
+    (32 MiB: the decode temporaries glibc keeps per thread, imports of the runtime)."""
+    config = dict(RUNTIME_CONFIG, hidden_size=256, intermediate_size=1024, num_local_experts=8, num_hidden_layers=4)
+    path = write_runtime_container(tmp_path / "big.prism", config=config,
+                                   mix=[dict(kind="int", bits=4, group_size=32)])
+
+    def run(budget):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), budget], capture_output=True,
+                             text=True, check=True, timeout=300, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    all_experts = 4 * 8 * 3 * 256 * 1024 * 4
+    quarter, half, resident = run("25%"), run("50%"), run("none")
+    assert quarter["held"] <= all_experts // 4 and half["held"] <= all_experts // 2
+    assert half["peak"] - quarter["peak"] <= all_experts // 4 + 12 * 2**20
+    assert quarter["peak"] <= resident["peak"] - (all_experts - all_experts // 4) + 32 * 2**20
