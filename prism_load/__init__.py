@@ -16,8 +16,8 @@ from .errors import (  # noqa: F401
 )
 
 
-def load(path, dtype=None, device="cpu", *, revision=None, token=None, cache_dir=None, local_files_only=None,
-         download_experts="lazy", **runtime_options):
+def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, numa=None, revision=None, token=None,
+         cache_dir=None, local_files_only=None, download_experts="lazy", **runtime_options):
     """Load a model: a .prism container folder (manifest.json) or a Hugging Face checkpoint folder.
 
     Returns a torch.nn.Module: `model(input_ids)` gives logits [B, T, V]; `model.generate(...)` decodes.
@@ -25,6 +25,14 @@ def load(path, dtype=None, device="cpu", *, revision=None, token=None, cache_dir
     huggingface_hub (`revision`, `token`, `cache_dir`, `local_files_only`, else HF_HUB_OFFLINE): manifest,
     dense shards and tokenizer first, expert shards on demand (`download_experts="lazy"`) or all at once ("all").
     Container options: `verify_checksums` (default True), `resolve_file` (fetch a shard not in the folder).
+
+    Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%" of all decoded expert bytes, or "2GB") the
+    experts stay in the cold tier (the container, or the checkpoint's safetensors) and are served by a cache
+    of that budget on `device`; `prefetch` starts the shadow-router prefetch; `numa=True` places the hottest
+    experts on the compute's NUMA node. More: `prefetch_extra`, `lookahead`, `host_cache` (CUDA pinned tier),
+    `decode_on` (CUDA), `pin_hot`, `frequency_weight` (eviction), `profile` (checkpoints: a prism profile
+    folder for routing frequencies).
+    Such a model has `model.stats()` and `model.reset_stats()`.
     """
     from pathlib import Path
 
@@ -36,13 +44,17 @@ def load(path, dtype=None, device="cpu", *, revision=None, token=None, cache_dir
     hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     if is_repo_id(path):
         return load_from_hub(str(path), **hub, download_experts=download_experts, dtype=dtype, device=device,
-                             **runtime_options)
+                             expert_cache=expert_cache, prefetch=prefetch, numa=numa, **runtime_options)
     if any(v is not None for v in hub.values()) or download_experts != "lazy":
         raise TypeError(f"{path}: revision, token, cache_dir, local_files_only and download_experts apply to "
                         "Hub repo ids, not to local folders")
 
     dtype = dtype or torch.float32
     folder = Path(path)
+    if expert_cache is not None:
+        return _load_cached(folder, dtype, device, expert_cache, prefetch, numa, runtime_options)
+    if numa is not None:
+        raise TypeError("numa applies to models loaded with an expert_cache")
     if (folder / "manifest.json").is_file():
         from .container_loader import load_container
 
@@ -55,3 +67,16 @@ def load(path, dtype=None, device="cpu", *, revision=None, token=None, cache_dir
             raise TypeError(f"options {sorted(runtime_options)} apply to .prism containers only")
         return load_hf(folder, dtype=dtype, device=device)
     raise CheckpointError(f"{path}: not a checkpoint folder (no config.json)")
+
+
+def _load_cached(folder, dtype, device, expert_cache, prefetch, numa, options):
+    """load(..., expert_cache=...): experts behind the runtime's budgeted cache (prism_load/runtime)."""
+    from .runtime import RUNTIME_OPTIONS, load_cached
+
+    container = (folder / "manifest.json").is_file()
+    if not container and not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
+    allowed = set(RUNTIME_OPTIONS) | ({"verify_checksums", "resolve_file"} if container else set())
+    if set(options) - allowed:
+        raise TypeError(f"unknown options {sorted(set(options) - allowed)} for {folder}")
+    return load_cached(folder, dtype, device, expert_cache=expert_cache, prefetch=prefetch, numa=numa, **options)

@@ -1,0 +1,28 @@
+"""The runtime: experts of a converted model served from a budgeted cache, with shadow-router prefetch and
+NUMA placement. `prism_load.load(path, expert_cache="50%")` builds it; see attach.py for the wiring.
+
+- stores.py: the cold tier (container, checkpoint, memory) behind one small protocol;
+- cache.py: the fast (and, on CUDA, host) tier within a byte budget, GreedyDual-frequency eviction;
+- prefetch.py: the background fetch worker and the shadow router;
+- numa.py: topology from sysfs, libnuma allocations, placement of hot experts on the compute node;
+- cuda.py: pinned copies, side-stream transfers, events; stats.py: the counters behind model.stats().
+"""
+
+from .attach import Runtime, attach_runtime, parse_budget
+from .cache import CachedExperts, ExpertCache
+from .loader import RUNTIME_OPTIONS, load_cached
+from .stores import CheckpointStore, ContainerStore, ExpertStore, MemoryStore
+
+__all__ = [
+    "RUNTIME_OPTIONS",
+    "CachedExperts",
+    "CheckpointStore",
+    "ContainerStore",
+    "ExpertCache",
+    "ExpertStore",
+    "MemoryStore",
+    "Runtime",
+    "attach_runtime",
+    "load_cached",
+    "parse_budget",
+]

@@ -1,0 +1,94 @@
+"""Load a model whose experts stay in the cold tier: dense weights resident, experts behind the cache.
+
+`prism_load.load(path, expert_cache=...)` lands here. The dense part is built exactly as the resident
+loaders build it (container_loader / hf_loader); the MoE blocks get a CachedExperts view instead of their
+stacked expert tensors, which are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..errors import ProfileError
+from .attach import attach_runtime
+from .stores import CheckpointStore, ContainerStore, Key
+
+RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
+                   "frequency_weight", "pin_hot", "decode_on", "profile")
+
+
+def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *, expert_cache="50%",
+                prefetch: bool = True, verify_checksums: bool = True, resolve_file=None, profile=None,
+                **runtime_options):
+    """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache.
+    `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction."""
+    folder = Path(path)
+    if (folder / "manifest.json").is_file():
+        model, store = _container_model(folder, dtype, verify_checksums, resolve_file)
+    else:
+        model, store = _checkpoint_model(folder, dtype, profile)
+    model = model.to(device).eval()
+    if isinstance(store, ContainerStore):  # close its files before interpreter teardown, not in __del__ then
+        weakref.finalize(model, store.container.close)
+    attach_runtime(model, store, expert_cache, device, prefetch=prefetch, **runtime_options)
+    return model
+
+
+def _detach_experts(model) -> None:
+    """Drop the meta-device stacked expert tensors (the cache replaces them in attach_runtime)."""
+    from .cache import CachedExperts
+
+    for _, block in model.moe_blocks():
+        block.experts = CachedExperts(None, block.experts.num_experts)
+
+
+def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file):
+    from ..codecs import decode
+    from ..container import model_args
+    from ..container_loader import _check_dense_names, _rotary, _skeleton, _tokenizer, dense_decode_dtype
+    from ..container_reader import Container, owned
+
+    c = Container(folder, resolve_file)  # stays open: the store reads experts through it
+    family, args = model_args(c.config)
+    model = _skeleton(family, args)
+    dense = c.dense_encoded(verify_checksum=verify_checksums)
+    _check_dense_names(model, dense)
+    state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
+                         {x.untyped_storage().data_ptr() for x in t.values()})
+             for name, (enc, t) in dense.items()}
+    model.load_state_dict(state, assign=True, strict=False)
+    _detach_experts(model)
+    model.tie_weights()
+    model.rotary = _rotary(family, args)
+    model.tokenizer = _tokenizer(c, verify_checksums)
+    return model, ContainerStore(c, args, dtype, verify_checksums)
+
+
+def _checkpoint_model(folder: Path, dtype, profile):
+    from ..hf_loader import empty_model, layer_state, load_tokenizer, open_checkpoint, top_level_state
+
+    ckpt, family, args = open_checkpoint(folder)
+    model = empty_model(family, args)
+    model.load_state_dict(top_level_state(ckpt, family, args, model, dtype), assign=True, strict=False)
+    for layer in model.layers:
+        layer.load_state_dict(layer_state(ckpt, family, args, layer, dtype, experts=False), assign=True, strict=False)
+    _detach_experts(model)
+    model.tie_weights()
+    model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
+    frequencies = profile_frequencies(profile) if profile is not None else None
+    return model, CheckpointStore(ckpt, family, args, dtype, frequencies)
+
+
+def profile_frequencies(folder: str | Path) -> dict[Key, float]:
+    """Routing frequency of every profiled expert (its top-k tokens / calibration tokens) from profile.json."""
+    path = Path(folder) / "profile.json"
+    try:
+        data = json.loads(path.read_text())
+        tokens = data["tokens"]
+        return {(layer["layer"], x["expert"]): x["tokens"] / tokens for layer in data["layers"] for x in layer["experts"]}
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ProfileError(f"{path}: cannot read routing frequencies ({type(e).__name__}: {e})") from None
