@@ -154,6 +154,7 @@ class LibNuma:
         lib.numa_move_pages.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.POINTER(ctypes.c_void_p),
                                         ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.c_int]
         self.lib = lib
+        self.allocated_bytes = self.freed_bytes = 0
 
     @classmethod
     def load(cls) -> LibNuma | None:
@@ -166,10 +167,15 @@ class LibNuma:
         ptr = self.lib.numa_alloc_onnode(nbytes, node)
         if not ptr:
             raise MemoryError(f"numa_alloc_onnode({nbytes}, {node}) failed")
+        self.allocated_bytes += nbytes
         buf = (ctypes.c_char * nbytes).from_address(ptr)
         # torch.frombuffer keeps `buf` alive while any view of the tensor lives; free only after the last.
-        weakref.finalize(buf, self.lib.numa_free, ptr, nbytes)
+        weakref.finalize(buf, self._free, ptr, nbytes)
         return torch.frombuffer(buf, dtype=torch.uint8)
+
+    def _free(self, ptr: int, nbytes: int) -> None:
+        self.lib.numa_free(ptr, nbytes)  # needs the original size (numa(3))
+        self.freed_bytes += nbytes
 
     def page_nodes(self, tensor: torch.Tensor) -> list[int]:
         """Node of each page of a tensor's memory (move_pages with nodes=NULL only queries); <0 = not present."""
@@ -234,14 +240,16 @@ def plan_placement(store: ExpertStore, topology: Topology, compute: int, local_b
 
 
 def auto_placement(store: ExpertStore, device="cpu", local_bytes: int | None = None,
-                   root: str | Path = SYS_NODE_ROOT) -> NumaPlacement | None:
+                   root: str | Path = SYS_NODE_ROOT, cpus: Iterable[int] | None = None,
+                   allocator: Allocator | None = None) -> NumaPlacement | None:
     """`numa=True`: None on a one-node machine; else the hottest experts within local_bytes (default half
-    the compute node's free memory) on the compute node."""
+    the compute node's free memory) on the compute node (the GPU's, or that of `cpus`, default this
+    process's CPUs)."""
     topology = Topology.discover(root)
     if not topology.multi:
         return None
-    node = compute_node(topology, device)
+    node = compute_node(topology, device, cpus)
     if local_bytes is None:
         free = topology.node(node).mem_free_bytes
         local_bytes = free // 2 if free else 0
-    return plan_placement(store, topology, node, local_bytes)
+    return plan_placement(store, topology, node, local_bytes, allocator)
