@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from prism_load.errors import CalibrationError, ConfigError
+
 
 @torch.inference_mode()
 def compare_models(reference, candidate, tokens: torch.Tensor, batch_size: int = 8) -> dict:
@@ -37,12 +39,41 @@ def compare_models(reference, candidate, tokens: torch.Tensor, batch_size: int =
 
 
 def evaluate(packed: Path, reference: Path, dataset: str = "builtin:mix", samples: int = 32, seq_len: int = 256,
-             seed: int = 0) -> dict:
-    """Load both models, score them on held-out samples of `dataset` (never the calibration split)."""
+             seed: int = 0, *, tokens: torch.Tensor | None = None, batch_size: int = 8, **load_options) -> dict:
+    """Load both models and score them on held-out text: `samples` windows of `seq_len` tokens of `dataset`'s
+    held-out split (never the calibration split), tokenised with the reference's tokenizer (else the packed
+    model's), or on `tokens` [N, L] when given. `load_options` go to prism_load.load for the packed model
+    (for example expert_cache="50%": the runtime must not change a single logit)."""
     import prism_load
 
-    from .profile import calibration_tokens
+    original = prism_load.load(reference)
+    candidate = prism_load.load(packed, **load_options)
+    if original.args.vocab_size != candidate.args.vocab_size:
+        raise ConfigError(f"{packed} has a vocabulary of {candidate.args.vocab_size} tokens, "
+                          f"{reference} of {original.args.vocab_size}: not the same model")
+    if tokens is None:
+        tokens = heldout_tokens(original.tokenizer or candidate.tokenizer, dataset, samples, seq_len, seed,
+                                where=f"{reference} and {packed}")
+    else:
+        dataset = "tokens"
+        if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise CalibrationError(f"tokens must be integer ids [samples, seq_len >= 2], got {tokens.dtype} "
+                                   f"{list(tokens.shape)}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= original.args.vocab_size:
+            raise CalibrationError(f"token ids must lie in [0, {original.args.vocab_size})")
+    result = compare_models(original, candidate, tokens.long(), batch_size)
+    out = {"dataset": dataset, "samples": tokens.shape[0], "seq_len": tokens.shape[1], **result}
+    if hasattr(candidate, "stats"):
+        s = candidate.stats()
+        out["runtime"] = {k: s[k] for k in ("hits", "misses", "hit_rate", "stall_seconds", "bytes_fetched")}
+    return out
 
-    tokens = calibration_tokens(Path(reference), dataset, samples, seq_len, seed, split="heldout")
-    result = compare_models(prism_load.load(reference), prism_load.load(packed), tokens)
-    return {"dataset": dataset, "samples": samples, "seq_len": seq_len, **result}
+
+def heldout_tokens(tokenizer, dataset: str, samples: int, seq_len: int, seed: int, where: str = "") -> torch.Tensor:
+    """[samples, seq_len] windows of the held-out split of a calibration source."""
+    import calibration
+
+    if tokenizer is None:
+        raise CalibrationError(f"{where}: no tokenizer, so {dataset} cannot be tokenised (pass tokens instead)")
+    source = calibration.resolve(dataset)
+    return calibration.token_samples(source, tokenizer, samples, seq_len, seed=seed, split="heldout")

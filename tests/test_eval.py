@@ -31,3 +31,87 @@ def test_perturbed_model_has_positive_kl(tiny_checkpoint):
     result = compare_models(a, b, tokens)
     assert result["kl"] > 1e-4
     assert result["perplexity_reference"] != result["perplexity"]
+
+
+# -- evaluate: both models loaded from disk, held-out tokens or a token tensor ------------------------------
+def _char_tokenizer(path):
+    """A character-level tokenizer (32 ids) that fits the tiny containers' 64-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = list(" etaoinshrdlcumwfgypbvkjxqz.,\n")
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory):
+    """The same random model packed twice: near-exact encodings, and 2-bit experts; with a tokenizer."""
+    from containers import random_model, write_tiny
+
+    root = tmp_path_factory.mktemp("eval")
+    tokenizer = _char_tokenizer(root / "tokenizer.json")
+    model = random_model()
+    exact = write_tiny(root / "exact.prism", model=model, mix=[dict(kind="fp32")], tokenizer_files=[tokenizer])
+    coarse = write_tiny(root / "coarse.prism", model=model, mix=[dict(kind="int", bits=2, group_size=16)],
+                        tokenizer_files=[tokenizer])
+    return exact, coarse
+
+
+def test_evaluate_on_tokens_through_the_runtime(containers):
+    from prism_convert.eval import evaluate
+
+    exact, coarse = containers
+    tokens = torch.randint(0, 64, (3, 12))
+    same = evaluate(exact, exact, tokens=tokens, batch_size=2, expert_cache="30%", prefetch=True)
+    assert same["kl"] == 0.0 and same["top1_agreement"] == 1.0  # the cache changes no logit
+    assert same["perplexity"] == same["perplexity_reference"] and same["dataset"] == "tokens"
+    assert same["samples"] == 3 and same["seq_len"] == 12 and same["tokens"] == 3 * 11
+    assert same["runtime"]["misses"] > 0
+    worse = evaluate(coarse, exact, tokens=tokens)
+    assert worse["kl"] > 1e-3 and "runtime" not in worse
+
+
+def test_evaluate_on_heldout_text(containers):
+    from prism_convert.eval import evaluate
+
+    exact, coarse = containers
+    result = evaluate(coarse, exact, "builtin:prose", samples=2, seq_len=16, seed=1)
+    assert result["dataset"] == "builtin:prose" and result["tokens"] == 2 * 15 and result["kl"] > 0
+    again = evaluate(coarse, exact, "builtin:prose", samples=2, seq_len=16, seed=1)
+    assert again["kl"] == result["kl"]  # the same held-out windows for the same seed
+
+
+def test_evaluate_rejects_bad_input(containers, tmp_path):
+    from containers import write_tiny
+
+    from prism_convert.eval import evaluate
+    from prism_load.errors import CalibrationError
+
+    exact, _ = containers
+    with pytest.raises(CalibrationError, match="integer ids"):
+        evaluate(exact, exact, tokens=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(CalibrationError, match="must lie in"):
+        evaluate(exact, exact, tokens=torch.full((1, 4), 64))
+    bare = write_tiny(tmp_path / "bare.prism")
+    with pytest.raises(CalibrationError, match="no tokenizer"):
+        evaluate(bare, bare, "builtin:prose", samples=1, seq_len=8)
+
+
+def test_eval_command(containers):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prism_convert.cli import app
+
+    exact, coarse = containers
+    args = ["eval", str(coarse), "--reference", str(exact), "--dataset", "builtin:prose", "--samples", "2",
+            "--seq-len", "16"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "KL" in shown.output and "perplexity" in shown.output
+    data = json.loads(CliRunner().invoke(app, [*args, "--json"]).output)
+    assert data["tokens"] == 30 and data["kl"] > 0
