@@ -17,6 +17,7 @@ import threading
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 
 from .stores import Key
 
@@ -121,32 +122,58 @@ class FetchWorker:
 
 class ShadowRouter:
     """model.layer_hook part: after layer i, predict the next MoE layer's experts (and, with lookahead 2, the
-    one after: more time to fetch, a worse guess, superseded by the next layer's own prediction)."""
+    one after: more time to fetch, a worse guess, superseded by the next layer's own prediction).
+
+    For softmax-top-k routers behind an RMSNorm the prediction is one matmul: RMSNorm scales each row by a
+    positive number and softmax keeps the order of the logits, so top-k(softmax(W (g * x / rms(x)))) ranks
+    experts like (W * g) x, with W * g computed once. Other routers (sigmoid scores with a bias, group limits)
+    are applied in full, after the layer's own norm."""
 
     def __init__(self, model, cache, extra: int = 0, max_tokens: int = 1, lookahead: int = 1):
         self.cache, self.extra, self.max_tokens = cache, extra, max_tokens
         moe = [i for i, _ in model.moe_blocks()]
         self.layers = {layer.index: layer for layer in model.layers}
         self.next_moe = {layer.index: [j for j in moe if j > layer.index][:lookahead] for layer in model.layers}
+        self.fused = {j: fused_router(self.layers[j]) for j in moe}  # j -> (W * g [E, H] fp32, top_k) or None
+        self.experts = len(cache.keys)
 
-    @torch.inference_mode()
     def on_layer(self, index: int, hidden: torch.Tensor) -> bool:
         """Predict and prefetch; False when there is nothing to predict (prefill, last MoE layer)."""
         targets = self.next_moe.get(index)
         rows = hidden.numel() // hidden.shape[-1]
-        if not targets or rows > self.max_tokens:
-            return False
+        if not targets or rows > self.max_tokens or len(self.cache._entries) == self.experts:
+            return False  # nothing to predict, a prefill, or every expert already resident (or loading)
         x = hidden.reshape(rows, hidden.shape[-1])
-        for j in targets:  # the nearest layer first: its fetches queue ahead of the farther layer's
-            self.cache.prefetch(j, self.predict(j, x))
+        with torch.no_grad():
+            for j in targets:  # the nearest layer first: its fetches queue ahead of the farther layer's
+                self.cache.prefetch(j, self.predict(j, x))
         return True
 
     def predict(self, j: int, x: torch.Tensor) -> list[int]:
         """Experts layer j's router picks for x [N, H] (with layer j's norm), then the `extra` next by logit."""
-        layer = self.layers[j]
-        route = layer.mlp.router(layer.post_attention_layernorm(x))
-        ids = list(dict.fromkeys(route.indices.flatten().tolist()))
+        fused = self.fused[j]
+        if fused is not None:
+            weight, top_k = fused
+            logits = F.linear(x.float(), weight)  # [N, E], each row a positive multiple of the router's logits
+            indices = torch.topk(logits, top_k).indices
+        else:
+            layer = self.layers[j]
+            route = layer.mlp.router(layer.post_attention_layernorm(x))
+            logits, indices = route.logits, route.indices
+        ids = list(dict.fromkeys(indices.flatten().tolist()))
         if self.extra:
-            order = torch.argsort(route.logits.float().amax(0), descending=True).tolist()
+            order = torch.argsort(logits.float().amax(0), descending=True).tolist()
             ids += [e for e in order if e not in ids][: self.extra]
         return ids
+
+
+def fused_router(layer) -> tuple[torch.Tensor, int] | None:
+    """(router weight * norm weight, top_k) where the shortcut ranks experts exactly as the router does."""
+    from ..models.layers import RMSNorm
+    from ..models.moe import SoftmaxTopKRouter
+
+    router, norm = layer.mlp.router, layer.post_attention_layernorm
+    if type(router) is not SoftmaxTopKRouter or type(norm) is not RMSNorm:
+        return None
+    with torch.no_grad():
+        return (router.weight.float() * norm.weight.float()).contiguous(), router.top_k
