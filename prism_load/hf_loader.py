@@ -31,9 +31,7 @@ def empty_model(family: Family, args: ModelArgs, build_layers: bool = True) -> M
 
 
 def _read(ckpt: Checkpoint, family: Family, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
-    if family.keeps_fp32(name):
-        return ckpt.get(name, None, shape).float()
-    return ckpt.get(name, dtype, shape)
+    return family.read_tensor(ckpt, name, dtype, shape)
 
 
 def stack_experts(experts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

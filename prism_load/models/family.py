@@ -157,6 +157,13 @@ class Family:
         """Tensors the reference keeps in fp32 whatever the model dtype (DeepSeek's router, for example)."""
         return checkpoint_name.endswith(self.fp32_suffixes) if self.fp32_suffixes else False
 
+    def read_tensor(self, ckpt, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """One non-expert tensor by checkpoint name, in `dtype` (fp32 where keeps_fp32 says so). Families whose
+        checkpoints store encoded weights (DeepSeek's block FP8) decode them here."""
+        if self.keeps_fp32(name):
+            return ckpt.get(name, None, shape).float()
+        return ckpt.get(name, dtype, shape)
+
 
 def read_swiglu_expert(
     ckpt,
