@@ -82,7 +82,8 @@ def main() -> None:
     model = args.model or reference("full")
     start = time.perf_counter()
     recipe = load_recipe(None, "mixtral")
-    profile_dir, work_dir = args.work / "profile-prose", args.work / "compress"
+    root = args.work / model.name  # one work folder per model; candidates are reused across reruns
+    profile_dir, work_dir = root / "profile-prose", root / f"compress-{recipe.name}"
     if not (profile_dir / "profile.json").is_file():
         tokens = calibration_tokens(model, "builtin:prose", args.samples, args.seq_len, 0)
         run_profile(model, tokens, profile_dir, {"spec": "builtin:prose", "samples": args.samples, "seq_len": args.seq_len, "seed": 0})

@@ -20,6 +20,7 @@ import torch
 from prism_load.codecs import Encoding, decode
 
 from .allocate import Option, pareto
+from .measure import output_error
 
 
 @dataclass
@@ -30,16 +31,13 @@ class TensorStats:
 
 
 def weighted_error(weight: torch.Tensor, decoded: torch.Tensor, stats: TensorStats) -> float:
-    d = (weight.double() - decoded.double())  # [out, in]
-    if stats.hessian is not None:
-        per_row = ((d @ stats.hessian.double()) * d).sum(1)
-    elif stats.channel_weights is not None:
-        per_row = (d * d * stats.channel_weights.double()).sum(1)
-    else:
-        per_row = (d * d).sum(1)
+    """Σ_j s_j · (ΔW H ΔWᵀ)_jj: prism_convert.measure.output_error on rows scaled by √s_j."""
     if stats.output_weights is not None:
-        per_row = per_row * stats.output_weights.double()
-    return float(per_row.sum())
+        root = stats.output_weights.float().clamp_min(0).sqrt()[:, None]
+        weight, decoded = weight.float() * root, decoded.float() * root
+    if stats.hessian is not None:
+        return output_error(weight, decoded, hessian=stats.hessian)
+    return output_error(weight, decoded, channel_weights=stats.channel_weights)
 
 
 @dataclass

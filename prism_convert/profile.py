@@ -104,9 +104,13 @@ def temporal_reuse(indices: torch.Tensor, seq_len: int, tokens: torch.Tensor) ->
 
 
 def shadow_prediction(block: MoEBlock, norm, hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k experts the next MoE layer's router picks from `hidden` (this layer's output) [n, k]."""
-    logits = block.router(norm(hidden.reshape(-1, hidden.shape[-1]))).logits
-    return torch.topk(logits.float(), k, dim=-1).indices
+    """Experts the next MoE layer's router picks from `hidden` (this layer's output) [n, k]: its own top-k
+    choice (bias corrections and group limits included); past top-k, the next best by raw logit."""
+    route = block.router(norm(hidden.reshape(-1, hidden.shape[-1])))
+    if k <= route.indices.shape[-1]:
+        return route.indices[:, :k]
+    logits = route.logits.float().scatter(-1, route.indices, float("inf"))  # the router's own picks first
+    return torch.topk(logits, k, dim=-1).indices
 
 
 def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress | None = None,

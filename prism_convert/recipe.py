@@ -35,6 +35,7 @@ class Quantization:
 @dataclass
 class Candidates:
     int_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    group_sizes: list[int] = field(default_factory=list)  # int candidates at each; [] = quantization.group_size
     lowrank_ranks: list[float] = field(default_factory=list)
     int_lowrank: list[list[float]] = field(default_factory=list)
     factor_bits: int = 8
@@ -115,6 +116,8 @@ class Recipe:
         _check(q.max_tokens_per_expert >= 16, source, "quantization.max_tokens_per_expert", q.max_tokens_per_expert, ">= 16")
         for b in c.int_bits:
             _check(b in INT_BITS, source, "candidates.int_bits", b, f"one of {list(INT_BITS)}")
+        for gs in c.group_sizes:
+            _check(isinstance(gs, int) and gs > 0 and gs % 8 == 0, source, "candidates.group_sizes", gs, "positive multiples of 8")
         for r in c.lowrank_ranks:
             _check(0 < r <= 1, source, "candidates.lowrank_ranks", r, "a fraction of full rank in (0, 1]")
         for pair in c.int_lowrank:
@@ -137,7 +140,8 @@ class Recipe:
             return [Encoding("bf16", shape)]
         g = self.quantization.group_size
         full = min(shape)
-        menu = [Encoding("int", shape, bits=b, group_size=g) for b in self.candidates.int_bits]
+        groups = self.candidates.group_sizes or [g]
+        menu = [Encoding("int", shape, bits=b, group_size=gs) for gs in groups for b in self.candidates.int_bits]
         fb = self.candidates.factor_bits
         for frac in self.candidates.lowrank_ranks:
             menu.append(Encoding("lowrank", shape, rank=max(1, round(frac * full)), factor_bits=fb, group_size=g))
@@ -194,7 +198,8 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def load_recipe(spec: str | Path | None = None, model_type: str | None = None) -> Recipe:
-    """A recipe file path, a built-in recipe name, or (None) the family's recipe, else `default`."""
+    """A recipe file path, a built-in recipe name, or (None) the family's recipe, else `default`.
+    Every recipe is read as changes to recipes/default.toml (its tables merge key by key)."""
     builtin = builtin_recipes()
     if spec is None:
         spec = model_type if model_type in builtin else "default"
@@ -203,8 +208,22 @@ def load_recipe(spec: str | Path | None = None, model_type: str | None = None) -
         if str(spec) not in builtin:
             raise RecipeError(f"recipe {str(spec)!r} is neither a file nor a built-in recipe ({', '.join(sorted(builtin))})")
         path = builtin[str(spec)]
+    data = _read_toml(path)
+    if path.resolve() != builtin["default"].resolve():
+        data = _merge(_read_toml(builtin["default"]), data)  # every recipe states only how it differs
+    return Recipe.from_dict(data, source=str(path))
+
+
+def _read_toml(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
-    return Recipe.from_dict(data, source=str(path))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Tables merge key by key; any other value in `over` replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out

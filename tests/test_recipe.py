@@ -62,3 +62,14 @@ def test_limits_filter_the_menu_and_keep_exact():
     assert [e.kind for e in recipe.expert_candidates((64, 256), "layers.0.experts.3.down_proj")] == ["bf16"]
     with pytest.raises(RecipeError, match="no candidate"):
         Recipe.from_dict({"limits": {"min_bits": 8.8, "max_bits": 8.9}}).expert_candidates((64, 256), "t")
+
+
+def test_recipes_merge_over_the_default(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[quantization]\ngroup_size = 64\n")
+    recipe = load_recipe(path)
+    default = load_recipe("default")
+    assert recipe.quantization.group_size == 64
+    assert recipe.quantization.gptq == default.quantization.gptq
+    assert recipe.candidates.group_sizes == default.candidates.group_sizes == [64, 128, 256]
+    assert load_recipe("mixtral").dense.attention == "int8" and load_recipe("mixtral").dense.router == "fp32"
