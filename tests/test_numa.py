@@ -112,8 +112,7 @@ def test_hot_experts_bound_to_compute_node(tmp_path):
     cache = ExpertCache(store, 8 * 4096, placement=placement)
     for layer in (0, 1):
         for e in range(4):
-            cache.acquire(layer, [e])
-            w = cache.use(layer, e)
+            w = cache.acquire(layer, [e])[e]
             expected = store.experts[(layer, e)]
             assert torch.equal(w.gate_up, expected.gate_up) and torch.equal(w.down, expected.down)
             nodes = {allocator.node_of(t) for t in weights_tensors(w)}

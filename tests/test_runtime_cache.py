@@ -158,8 +158,8 @@ def _memory_store(sizes: int = 4, layers=(0,), frequencies=None, hot=()):
 
 
 def _touch(cache, layer, e):
-    cache.acquire(layer, [e])
-    w = cache.use(layer, e)
+    """One layer step routed to expert e, as MoEBlock does it: acquire, look the expert up, release."""
+    w = cache.acquire(layer, [e])[e]
     cache.release_thread()
     return w
 
@@ -180,21 +180,35 @@ def test_frequency_weight_keeps_frequent_experts(weight, survivor):
 def test_hot_tier_pinned_when_it_fits():
     store = _memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)])
     size = footprint(store.nbytes(0, 0))
-    cache = ExpertCache(store, 4 * size)  # room: 4 - 2 (two steps of top-1) = 2 hot experts
-    assert set(cache.pinned_keys) == {(0, 3), (1, 2)}
+    cache = ExpertCache(store, 4 * size, pin_hot=True)  # room: 4 - 2 (two steps of top-1) = 2 hot experts
+    assert set(cache.pinned_keys) == {(0, 3), (1, 2)} and cache.warm_keys == []
     for layer, e in [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)] * 3:
         assert torch.equal(_touch(cache, layer, e).gate_up, store.experts[(layer, e)].gate_up)
     assert {(0, 3), (1, 2)} <= cache.resident_keys()
     assert cache.stats.hits + cache.stats.misses == cache.stats.uses == 15
-    small = ExpertCache(_memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)]), 3 * size)
+    small = ExpertCache(_memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)]), 3 * size, pin_hot=True)
     assert len(small.pinned_keys) == 1  # only what leaves room for the working set
+
+
+def test_hot_tier_warm_by_default_then_evictable():
+    store = _memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)])
+    cache = ExpertCache(store, 4 * footprint(store.nbytes(0, 0)))
+    assert set(cache.warm_keys) == {(0, 3), (1, 2)} == cache.resident_keys() and cache.pinned_keys == []
+    cache.reset_stats()
+    _touch(cache, 0, 3)
+    assert cache.stats.hits == 1  # loaded at construction
+    for layer, e in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        _touch(cache, layer, e)
+    assert not {(0, 3), (1, 2)} <= cache.resident_keys()  # not pinned: evicted when not used
+    with pytest.raises(BudgetError, match="pin_hot"):
+        ExpertCache(store, 4 * footprint(store.nbytes(0, 0)), pin_hot="always")
 
 
 def test_waiting_thread_gets_room_after_unpin():
     """Budget of one expert: thread B needs room while thread A holds the only expert pinned."""
     store = _memory_store()
     cache = ExpertCache(store, footprint(store.nbytes(0, 0)))
-    _ = cache.acquire(0, [0]), cache.use(0, 0)  # this thread pins expert 0
+    _ = cache.acquire(0, [0])[0]  # this thread pins expert 0
     got = []
     t = threading.Thread(target=lambda: got.append(_touch(cache, 0, 1)), daemon=True)
     t.start()
@@ -208,7 +222,7 @@ def test_waiting_thread_gets_room_after_unpin():
 def test_dead_thread_pin_is_dropped():
     store = _memory_store()
     cache = ExpertCache(store, footprint(store.nbytes(0, 0)))
-    t = threading.Thread(target=lambda: (cache.acquire(0, [0]), cache.use(0, 0)))
+    t = threading.Thread(target=lambda: cache.acquire(0, [0])[0])
     t.start()
     t.join()
     assert torch.equal(_touch(cache, 0, 2).gate_up, store.experts[(0, 2)].gate_up)

@@ -101,7 +101,7 @@ def _host_budget(host_cache, store: ExpertStore, device: torch.device) -> int:
 
 def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", *, prefetch: bool = True,
                    prefetch_extra: int = 0, lookahead: int = 1, numa=None, host_cache=None,
-                   frequency_weight: float = 1.0, pin_hot: bool = True, decode_on: str = "device") -> Runtime:
+                   frequency_weight: float = 1.0, pin_hot: bool | str = "warm", decode_on: str = "device") -> Runtime:
     """Put every MoE block's experts behind one ExpertCache over `store`; returns model.runtime.
     expert_cache: the fast tier's budget (bytes, "50%" of all decoded expert bytes, "2GB"); host_cache (CUDA):
     the pinned tier's budget of stored bytes ("100%" of the container's expert bytes by default, at most
