@@ -35,6 +35,18 @@ class WorkError(PrismError):
     """A work folder is incomplete, from another job, or damaged."""
 
 
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, copying any that share storage with an earlier one (safetensors refuses aliases:
+    an int+lowrank candidate's base is the plain int candidate's tensors)."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def layer_stem(i: int) -> str:
     return f"{i:04d}"
 
@@ -83,7 +95,7 @@ class WorkDir:
         """Tensors first, then the JSON: the JSON's presence marks the layer complete."""
         stem = layer_stem(i)
         tmp = self.layers_dir / f".{stem}.safetensors.partial"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        save_file(_owned(tensors), tmp)
         tmp.replace(self.layers_dir / f"{stem}.safetensors")
         write_json(self.layers_dir / f"{stem}.json", meta, indent=None)
 
@@ -100,7 +112,7 @@ class WorkDir:
 
     def write_top(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.folder / ".top.safetensors.partial"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        save_file(_owned(tensors), tmp)
         tmp.replace(self.folder / "top.safetensors")
         write_json(self.folder / "top.json", meta)
 

@@ -143,3 +143,13 @@ def test_profile_of_another_model(setup, tiny_checkpoint, tmp_path):
     other, _ = tiny_checkpoint("mixtral")
     with pytest.raises(ProfileError, match="another model"):
         run_compress(other, root / "profile", recipe, tmp_path / "w")
+
+
+def test_work_layer_files_accept_aliased_candidate_tensors(tmp_path):
+    """An int+lowrank candidate's base is the same tensor as the plain int candidate; both must be stored."""
+    work = WorkDir(tmp_path)
+    work.layers_dir.mkdir(parents=True)
+    base = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    work.write_layer(0, {"layer": 0}, {"experts.0.down_proj.c1.qweight": base, "experts.0.down_proj.c2.base.qweight": base})
+    stored = work.layer_tensors(0, "experts.0.down_proj")
+    assert torch.equal(stored["c1.qweight"], base) and torch.equal(stored["c2.base.qweight"], base)
