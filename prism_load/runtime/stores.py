@@ -38,7 +38,7 @@ class ExpertStore(Protocol):
         """Share of the layer's tokens routed to the expert in calibration (sums to top_k); None if unknown."""
 
     def hot(self, layer: int, expert: int) -> bool:
-        """Whether the container puts the expert in its hot tier (pinned in the fast tier when it fits)."""
+        """Whether the container puts the expert in its hot tier (loaded at load time, pinned with pin_hot=True)."""
 
     def fetch(self, layer: int, expert: int) -> Any:
         """Read the expert's stored form: tensors (a uint8 tensor, ExpertWeights or a dict of them) that the
