@@ -300,3 +300,30 @@ def test_resident_set_stays_within_budget(tmp_path):
     assert quarter["held"] <= all_experts // 4 and half["held"] <= all_experts // 2
     assert half["peak"] - quarter["peak"] <= all_experts // 4 + 12 * 2**20
     assert quarter["peak"] <= resident["peak"] - (all_experts - all_experts // 4) + 32 * 2**20
+
+
+def test_two_threads_missing_one_expert_load_it_once():
+    """B misses while A is loading the same expert: B waits for A's load (one cold read, two misses), and
+    that wait is not counted as a late prefetch."""
+    store = _memory_store()
+    started, release = threading.Event(), threading.Event()
+
+    def slow(key):
+        started.set()
+        assert release.wait(10)
+
+    store.fetch_hook = slow
+    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), pin_hot=False)
+    got = []
+    a = threading.Thread(target=lambda: got.append(_touch(cache, 0, 1)), daemon=True)
+    b = threading.Thread(target=lambda: got.append(_touch(cache, 0, 1)), daemon=True)
+    a.start()
+    assert started.wait(10)
+    b.start()
+    b.join(timeout=0.2)
+    assert b.is_alive()  # waiting on A's load
+    release.set()
+    a.join(timeout=10)
+    b.join(timeout=10)
+    assert len(got) == 2 and all(torch.equal(w.gate_up, store.experts[(0, 1)].gate_up) for w in got)
+    assert store.fetched == [(0, 1)] and cache.stats.misses == 2 and cache.stats.late_prefetches == 0

@@ -79,7 +79,8 @@ class Entry:
     """One expert in the fast tier (ready) or on its way there (loading); its bytes are reserved either way."""
 
     __slots__ = ("key", "nbytes", "decoded_nbytes", "stored_nbytes", "weights", "slab", "event", "ready",
-                 "permanent", "prefetched", "cold", "used", "expected", "unwanted", "pins", "priority", "version")
+                 "permanent", "prefetched", "by_worker", "cold", "used", "expected", "unwanted", "pins", "priority",
+                 "version")
 
     def __init__(self, key: Key, decoded_nbytes: int, stored_nbytes: int, prefetched: bool = False):
         self.key, self.decoded_nbytes, self.stored_nbytes = key, decoded_nbytes, stored_nbytes
@@ -89,6 +90,7 @@ class Entry:
         self.event = None  # CUDA event: the copy and decode on the side stream are done
         self.ready, self.permanent = False, False
         self.prefetched, self.used, self.cold = prefetched, False, False  # cold: read from the cold tier
+        self.by_worker = False  # loaded by the fetch worker (a prediction or an ahead load)
         self.expected = prefetched  # predicted or routed for an upcoming use: prefetches may not evict it
         self.unwanted = False  # a prefetch the real routing disagreed with: dropped before its decode
         self.pins, self.priority, self.version = 0, 0.0, 0
@@ -265,8 +267,8 @@ class ExpertCache:
             if entry is not None and entry.ready:
                 self._pin_and_touch(entry)
                 return entry
-            if entry is not None:  # the worker is loading it: wait for it
-                if not late_counted:
+            if entry is not None:  # the worker or another thread is loading it: wait for it
+                if not late_counted and entry.by_worker:
                     self.stats.late_prefetches += 1
                     late_counted = True
                 entry.unwanted, entry.expected = False, True
@@ -380,7 +382,7 @@ class ExpertCache:
         else:
             self.stats.ahead_loads += 1
         entry = self._add_entry(key, nbytes, prefetched=predicted)
-        entry.expected = True
+        entry.expected = entry.by_worker = True
         return entry
 
     def _run_prefetch(self, entry: Entry) -> None:
