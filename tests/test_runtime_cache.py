@@ -177,6 +177,20 @@ def test_frequency_weight_keeps_frequent_experts(weight, survivor):
     assert cache.stats.evictions == 1
 
 
+def test_frequency_weighted_entries_still_age_out():
+    """Not LFU: the frequent expert 0, no longer used while 1, 2, 3 take turns, is evicted eventually (the
+    clock L rises with every eviction, and its observed frequency falls)."""
+    store = _memory_store(frequencies={(0, 0): 0.9, (0, 1): 0.03, (0, 2): 0.03, (0, 3): 0.04})
+    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), frequency_weight=4.0, pin_hot=False)
+    _touch(cache, 0, 0)
+    for step in range(300):
+        _touch(cache, 0, 1 + step % 3)
+        if (0, 0) not in cache.resident_keys():
+            break
+    assert (0, 0) not in cache.resident_keys() and step > 3  # survived a while, then aged out
+    assert cache.stats.hits + cache.stats.misses == cache.stats.uses == step + 2
+
+
 def test_hot_tier_pinned_when_it_fits():
     store = _memory_store(layers=(0, 1), hot=[(0, 3), (1, 2)])
     size = footprint(store.nbytes(0, 0))

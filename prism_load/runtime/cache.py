@@ -4,23 +4,16 @@ Tiers: fast (decoded weights in RAM on a CPU-only machine, GPU memory on CUDA) <
 the stored, encoded bytes; CUDA only) <- cold (the store: the container read with one pread per expert, or
 a checkpoint). A miss stalls the layer until the expert is loaded; the stall is counted.
 
-Eviction: GreedyDual with frequencies (GDSF, Cherkasova 1998). Each entry has a priority H = L + w * F, set
-when it is used; the victim is the unpinned entry with the smallest H, and L (the "clock") rises to the
-victim's H, so entries not used for a while age out. F is the expert's expected uses per layer step: the
-profile's routing frequency, updated by the uses seen so far (a prior worth PRIOR_STEPS steps). With w = 0
-this is LRU; a larger w keeps often-routed experts longer than rarely routed ones used as recently. It
-needs one heap, no per-step decay over all experts, and the profile only enters as F. A prefetched expert
-that the real routing did not pick is put first in line (H = -inf: below every L + w * F, ties included).
+Eviction: GreedyDual with frequencies (eviction.py): LRU aged by the profile's routing frequencies.
 
-Memory: every entry, loaded or loading, reserves its footprint (exact decoded bytes plus alignment slack)
-against the budget before the load starts, so the decoded bytes held never exceed the budget. On the CPU
-the decoded experts live in slabs reused across evictions (SlabPool), so the tier's resident memory is
-the budget, not the budget plus what the C allocator keeps after frees. The container's hot tier is
-loaded at construction, hottest first, while it leaves room for two layer steps' experts: by default as
-ordinary entries ("warm": their profile frequency gives them a head start, use decides after), or pinned for
-good (pin_hot=True). Pinning measured worse: on the v1 reference model (4-bit, builtin:mix held-out, 6 x 32
-decoded tokens) a 50% cache hit 73% of expert uses warm and 69% pinned (25%: 40% vs 24%); a sequence's
-experts are a subset that drifts away from the calibration-wide hot set, which pinned entries cannot follow.
+Memory (tiers.py): every entry reserves its footprint before its load starts, so the decoded bytes held
+never exceed the budget; on the CPU the decoded experts live in slabs reused across evictions. The
+container's hot tier is loaded at construction, hottest first, while it leaves room for two layer steps'
+experts: by default as ordinary entries ("warm": their profile frequency gives them a head start, use
+decides after), or pinned for good (pin_hot=True). Pinning measured worse: on the v1 reference model
+(4-bit, builtin:mix held-out, 6 x 32 decoded tokens) a 50% cache hit 73% of expert uses warm and 69%
+pinned (25%: 40% vs 24%); a sequence's experts are a subset that drifts away from the calibration-wide hot
+set, which pinned entries cannot follow.
 
 Locking: one lock (`_lock`) guards all state here and in the fetch worker (entries, heap, pins, counters,
 job queue); two conditions share it: `_changed` (an entry became ready or went away, a pin was released:
@@ -36,11 +29,8 @@ block the others. The worker never waits for room: a prefetch without room is dr
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -48,101 +38,12 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..models.moe import ExpertWeights
+from .eviction import GreedyDualFrequency
 from .stats import RuntimeStats
-from .stores import (
-    TENSOR_ALIGNMENT,
-    ExpertStore,
-    Key,
-    pack_into,
-    packed_nbytes,
-    prior_frequency,
-    raw_nbytes,
-    weights_nbytes,
-)
+from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency, raw_nbytes, weights_nbytes
+from .tiers import Entry, HostTier, SlabPool, footprint, total_footprint  # noqa: F401 - re-exported
 
-PRIOR_STEPS = 32  # layer steps the profile's frequency is worth against observed uses
 ROOM_POLL_SECONDS = 0.05  # a thread waiting for room re-checks for dead threads' pins this often
-MAX_EXPERT_TENSORS = 8  # gate_up and down as low-rank pairs of pairs, plus two biases
-
-
-def footprint(nbytes: int) -> int:
-    """Bytes an expert of `nbytes` decoded bytes reserves: its tensors, each 64-byte aligned in one slab."""
-    return nbytes + MAX_EXPERT_TENSORS * TENSOR_ALIGNMENT
-
-
-def total_footprint(store: ExpertStore) -> int:
-    """What a cache holding every expert reserves: the total that budgets like "50%" are shares of."""
-    return sum(footprint(store.nbytes(i, e)) for i in store.moe_layers for e in range(store.num_experts))
-
-
-class Entry:
-    """One expert in the fast tier (ready) or on its way there (loading); its bytes are reserved either way."""
-
-    __slots__ = ("key", "nbytes", "decoded_nbytes", "stored_nbytes", "weights", "slab", "event", "ready",
-                 "permanent", "prefetched", "by_worker", "cold", "used", "expected", "unwanted", "pins", "priority",
-                 "version")
-
-    def __init__(self, key: Key, decoded_nbytes: int, stored_nbytes: int, prefetched: bool = False):
-        self.key, self.decoded_nbytes, self.stored_nbytes = key, decoded_nbytes, stored_nbytes
-        self.nbytes = footprint(decoded_nbytes)  # what it reserves against the budget
-        self.weights: ExpertWeights | None = None
-        self.slab: torch.Tensor | None = None  # the SlabPool buffer its weights view (CPU fast tier)
-        self.event = None  # CUDA event: the copy and decode on the side stream are done
-        self.ready, self.permanent = False, False
-        self.prefetched, self.used, self.cold = prefetched, False, False  # cold: read from the cold tier
-        self.by_worker = False  # loaded by the fetch worker (a prediction or an ahead load)
-        self.expected = prefetched  # predicted or routed for an upcoming use: prefetches may not evict it
-        self.unwanted = False  # a prefetch the real routing disagreed with: dropped before its decode
-        self.pins, self.priority, self.version = 0, 0.0, 0
-
-
-class HostTier:
-    """Pinned stored bytes of experts (CUDA only), least recently used out first; used under the cache lock."""
-
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes, self.used_bytes = budget_bytes, 0
-        self.entries: OrderedDict[Key, tuple[object, int]] = OrderedDict()
-
-    def get(self, key: Key):
-        item = self.entries.get(key)
-        if item is None:
-            return None
-        self.entries.move_to_end(key)
-        return item[0]
-
-    def put(self, key: Key, raw, nbytes: int) -> None:
-        if nbytes > self.budget_bytes or key in self.entries:
-            return
-        while self.used_bytes + nbytes > self.budget_bytes:
-            _, (_, n) = self.entries.popitem(last=False)
-            self.used_bytes -= n
-        self.entries[key] = (raw, nbytes)
-        self.used_bytes += nbytes
-
-
-class SlabPool:
-    """Buffers of the CPU fast tier, reused across evictions (under the cache lock). glibc keeps freed
-    expert-sized blocks in its heaps (its mmap threshold rises with each such free), so without slabs the
-    resident set grows to about twice the budget; with them the tier's memory is the budget. Free slabs of
-    other sizes are released when a new size would not fit."""
-
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes, self.total_bytes = budget_bytes, 0
-        self.free: dict[int, list[torch.Tensor]] = {}
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        spare = self.free.get(nbytes)
-        if spare:
-            return spare.pop()
-        for size in list(self.free):
-            while self.free[size] and self.total_bytes + nbytes > self.budget_bytes:
-                self.free[size].pop()
-                self.total_bytes -= size
-        self.total_bytes += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def give(self, slab: torch.Tensor) -> None:
-        self.free.setdefault(slab.numel(), []).append(slab)
 
 
 class ExpertCache:
@@ -162,14 +63,10 @@ class ExpertCache:
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads waiting on _changed
         self._entries: dict[Key, Entry] = {}
-        self._heap: list[tuple[float, int, Key, int]] = []  # (priority, tie-break, key, entry version)
-        self._seq = itertools.count()
-        self._clock = 0.0  # GreedyDual's L
         self.used_bytes = 0
         self._pins: dict[int, list[Entry]] = {}  # thread ident -> the entries that thread is using
         self._prior = {k: prior_frequency(store, *k) for k in self.keys}
-        self._layer_steps: Counter[int] = Counter()
-        self._key_uses: Counter[Key] = Counter()
+        self.policy = GreedyDualFrequency(self._entries, self._prior, frequency_weight)
         self._predictions: dict[int, set[int]] = {}  # layer -> experts predicted for its next step
         self._expected: dict[int, set[int]] = {}  # layer -> experts flagged expected
         self.worker = None  # FetchWorker (prefetch.py), when prefetching
@@ -209,7 +106,7 @@ class ExpertCache:
                     entry.pins += 1
                     pins.append(entry)
                     self._mark_used(entry)
-                    self._touch(entry)
+                    self.policy.touch(entry)
                 out = {e: entry.weights for e, entry in zip(expert_ids, found)}
             else:
                 out = None
@@ -361,9 +258,9 @@ class ExpertCache:
         self.stats.host_hits += host_hit
         if entry.unwanted:  # the real routing disagreed while it loaded: first in line for eviction
             entry.expected = False
-            self._set_priority(entry, float("-inf"))
+            self.policy.demote(entry)
         else:
-            self._touch(entry)
+            self.policy.touch(entry)
         self._notify()
 
     # -- prefetch hooks (the fetch worker calls these) -------------------------------------------------
@@ -435,8 +332,7 @@ class ExpertCache:
                 self._unexpect(layer, e)
         for e in ids:
             self._expect(layer, e)
-            self._key_uses[(layer, e)] += 1
-        self._layer_steps[layer] += 1
+        self.policy.observe(layer, ids)
 
     def _expect(self, layer: int, e: int) -> None:
         self._expected.setdefault(layer, set()).add(e)
@@ -452,7 +348,7 @@ class ExpertCache:
         entry.expected = False
         if entry.prefetched and not entry.used:
             if entry.ready:
-                self._set_priority(entry, float("-inf"))  # never used: first in line for eviction
+                self.policy.demote(entry)  # never used: first in line for eviction
             else:
                 entry.unwanted = True
 
@@ -481,7 +377,7 @@ class ExpertCache:
     def _pin_and_touch(self, entry: Entry) -> None:
         self._pin(entry)
         self._mark_used(entry)
-        self._touch(entry)
+        self.policy.touch(entry)
 
     def _mark_used(self, entry: Entry) -> None:
         if entry.prefetched and not entry.used:
@@ -504,60 +400,19 @@ class ExpertCache:
             for entry in self._pins.pop(ident):
                 entry.pins -= 1
 
-    def _frequency(self, key: Key) -> float:
-        """Expected uses per layer step: the prior, updated by the uses seen (PRIOR_STEPS pseudo-steps)."""
-        return (self._prior[key] * PRIOR_STEPS + self._key_uses[key]) / (PRIOR_STEPS + self._layer_steps[key[0]])
-
-    def _touch(self, entry: Entry) -> None:
-        self._set_priority(entry, self._clock + self.frequency_weight * self._frequency(entry.key))
-
-    def _set_priority(self, entry: Entry, priority: float) -> None:
-        if entry.permanent:
-            return
-        entry.priority, entry.version = priority, entry.version + 1
-        heapq.heappush(self._heap, (priority, next(self._seq), entry.key, entry.version))
-        if len(self._heap) > 4 * len(self._entries) + 64:  # drop stale heap items now and then
-            self._heap = [(e.priority, next(self._seq), e.key, e.version) for e in self._entries.values()
-                          if e.ready and not e.permanent]
-            heapq.heapify(self._heap)
-
     def _make_room(self, nbytes: int, demand: bool) -> bool:
         """Under the lock: evict until nbytes more fit. A prefetch may not evict an expected expert; a demand
         load evicts expected ones only when nothing else is free."""
         while self.used_bytes + nbytes > self.budget_bytes:
-            victim = self._pop_victim(demand)
+            victim = self.policy.victim(demand)
             if victim is None:
                 return False
             self._evict(victim)
         return True
 
-    def _pop_victim(self, demand: bool) -> Entry | None:
-        skipped, expected = [], None
-        victim = None
-        while self._heap:
-            item = heapq.heappop(self._heap)
-            entry = self._entries.get(item[2])
-            if entry is None or entry.version != item[3] or not entry.ready or entry.permanent:
-                continue  # stale
-            if entry.pins:
-                skipped.append(item)
-            elif entry.expected:
-                skipped.append(item)
-                if expected is None:
-                    expected = entry
-            else:
-                victim = entry
-                break
-        if victim is None and demand and expected is not None:
-            victim = expected
-        for item in skipped:
-            if victim is None or item[2] != victim.key:
-                heapq.heappush(self._heap, item)
-        return victim
-
     def _evict(self, entry: Entry) -> None:
         self._remove(entry)
-        self._clock = max(self._clock, entry.priority)
+        self.policy.evicted(entry)
         self.stats.evictions += 1
         if entry.prefetched and not entry.used and entry.cold:
             self.stats.wasted_bytes += entry.stored_nbytes
@@ -574,7 +429,7 @@ class ExpertCache:
             entry = self._add_entry(key, nbytes, prefetched=False)
             weights, event, _ = self._load(entry)
             entry.weights, entry.event, entry.ready, entry.permanent = weights, event, True, permanent
-            self._touch(entry)
+            self.policy.touch(entry)
             pinned.append(key)
         return pinned
 

@@ -1,0 +1,98 @@
+"""The memory of the cache's tiers: an entry's footprint, the CPU fast tier's slabs, the CUDA host tier.
+
+Every entry, loaded or loading, reserves its footprint (exact decoded bytes plus alignment slack) against
+the budget before its load starts, so the decoded bytes held never exceed the budget. On the CPU the decoded
+experts live in slabs reused across evictions (SlabPool), so the tier's resident memory is the budget, not
+the budget plus what the C allocator keeps after frees. Everything here is used under the cache's lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ..models.moe import ExpertWeights
+from .stores import TENSOR_ALIGNMENT, ExpertStore, Key
+
+MAX_EXPERT_TENSORS = 8  # gate_up and down as low-rank pairs of pairs, plus two biases
+
+
+def footprint(nbytes: int) -> int:
+    """Bytes an expert of `nbytes` decoded bytes reserves: its tensors, each 64-byte aligned in one slab."""
+    return nbytes + MAX_EXPERT_TENSORS * TENSOR_ALIGNMENT
+
+
+def total_footprint(store: ExpertStore) -> int:
+    """What a cache holding every expert reserves: the total that budgets like "50%" are shares of."""
+    return sum(footprint(store.nbytes(i, e)) for i in store.moe_layers for e in range(store.num_experts))
+
+
+class Entry:
+    """One expert in the fast tier (ready) or on its way there (loading); its bytes are reserved either way."""
+
+    __slots__ = ("key", "nbytes", "decoded_nbytes", "stored_nbytes", "weights", "slab", "event", "ready",
+                 "permanent", "prefetched", "by_worker", "cold", "used", "expected", "unwanted", "pins", "priority",
+                 "version")
+
+    def __init__(self, key: Key, decoded_nbytes: int, stored_nbytes: int, prefetched: bool = False):
+        self.key, self.decoded_nbytes, self.stored_nbytes = key, decoded_nbytes, stored_nbytes
+        self.nbytes = footprint(decoded_nbytes)  # what it reserves against the budget
+        self.weights: ExpertWeights | None = None
+        self.slab: torch.Tensor | None = None  # the SlabPool buffer its weights view (CPU fast tier)
+        self.event = None  # CUDA event: the copy and decode on the side stream are done
+        self.ready, self.permanent = False, False
+        self.prefetched, self.used, self.cold = prefetched, False, False  # cold: read from the cold tier
+        self.by_worker = False  # loaded by the fetch worker (a prediction or an ahead load)
+        self.expected = prefetched  # predicted or routed for an upcoming use: prefetches may not evict it
+        self.unwanted = False  # a prefetch the real routing disagreed with: dropped before its decode
+        self.pins, self.priority, self.version = 0, 0.0, 0
+
+
+class HostTier:
+    """Pinned stored bytes of experts (CUDA only), least recently used out first; used under the cache lock."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.used_bytes = budget_bytes, 0
+        self.entries: OrderedDict[Key, tuple[object, int]] = OrderedDict()
+
+    def get(self, key: Key):
+        item = self.entries.get(key)
+        if item is None:
+            return None
+        self.entries.move_to_end(key)
+        return item[0]
+
+    def put(self, key: Key, raw, nbytes: int) -> None:
+        if nbytes > self.budget_bytes or key in self.entries:
+            return
+        while self.used_bytes + nbytes > self.budget_bytes:
+            _, (_, n) = self.entries.popitem(last=False)
+            self.used_bytes -= n
+        self.entries[key] = (raw, nbytes)
+        self.used_bytes += nbytes
+
+
+class SlabPool:
+    """Buffers of the CPU fast tier, reused across evictions (under the cache lock). glibc keeps freed
+    expert-sized blocks in its heaps (its mmap threshold rises with each such free), so without slabs the
+    resident set grows to about twice the budget; with them the tier's memory is the budget. Free slabs of
+    other sizes are released when a new size would not fit."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes, self.total_bytes = budget_bytes, 0
+        self.free: dict[int, list[torch.Tensor]] = {}
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        spare = self.free.get(nbytes)
+        if spare:
+            return spare.pop()
+        for size in list(self.free):
+            while self.free[size] and self.total_bytes + nbytes > self.budget_bytes:
+                self.free[size].pop()
+                self.total_bytes -= size
+        self.total_bytes += nbytes
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, slab: torch.Tensor) -> None:
+        self.free.setdefault(slab.numel(), []).append(slab)
