@@ -9,6 +9,10 @@ Only decode steps (at most `max_tokens` token rows) are predicted: a prefill rou
 A fetch is cancelled while it waits in the queue when a newer prediction for its layer drops it or the
 layer's real routing disagrees; once started it is marked unwanted instead, dropped after its read (before
 the decode), or, if already decoded, put first in line for eviction. Its bytes count as wasted.
+
+Prefetch pays where a miss can run beside the compute: a GPU (copy and decode on a side stream) or a cold
+tier that waits on a disk. On a CPU whose cores the decode shares with the compute it buys little or loses
+(bench/results/runtime.md measures both, and how much a second decoding thread slows the compute).
 """
 
 from __future__ import annotations
