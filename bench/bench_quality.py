@@ -110,7 +110,7 @@ def main() -> None:
     summary = []
     for bpw in POINTS:
         for domain in evals:
-            ratio = kl_of(rows, bpw, domain, "prism") / kl_of(rows, bpw, domain, "uniform")
+            ratio = kl_of(rows, bpw, domain, "prism") / kl_of(rows, bpw, domain, f"uniform RTN int{POINTS[bpw]}/g128")
             summary.append({"bits": bpw, "eval": domain, "kl_ratio_prism_vs_rtn": ratio, "target_met": ratio <= 0.5})
     result = {"model": str(model), "calibration": {"dataset": "builtin:prose", "samples": args.samples, "seq_len": args.seq_len},
               "eval_tokens_per_domain": {d: int(t[:, 1:].numel()) for d, t in evals.items()},
@@ -123,10 +123,8 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def kl_of(rows: list[dict], bpw: float, domain: str, method_prefix: str) -> float:
-    """KL of the first row whose method is `method_prefix` exactly or starts with it plus a space."""
-    return next(r["kl"] for r in rows if r["bits"] == bpw and r["eval"] == domain
-                and (r["method"] == method_prefix or r["method"].startswith(method_prefix + " int")))
+def kl_of(rows: list[dict], bpw: float, domain: str, method: str) -> float:
+    return next(r["kl"] for r in rows if r["bits"] == bpw and r["eval"] == domain and r["method"] == method)
 
 
 def write_markdown(result: dict) -> None:
