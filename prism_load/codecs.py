@@ -172,6 +172,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :cols]
+    if 8 % bits == 0:  # 2 and 4 bits never straddle a byte: shift each byte in place (runtime hot path)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
     words = -(-cols // 8)
     value_shift = torch.arange(8) * bits  # [8]
     byte_shift = torch.arange(bits) * 8  # [bits]
@@ -206,6 +209,10 @@ def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch
     out, inp = enc.shape
     q = unpack_bits(tensors["qweight"], enc.bits, inp).float()  # [out, in]
     g = enc.group_size
+    if inp % g == 0:  # broadcast per group instead of materialising repeated scales (same arithmetic)
+        groups = inp // g
+        zeros, scales = tensors["zeros"].float()[..., None], tensors["scales"].float()[..., None]
+        return ((q.view(out, groups, g) - zeros) * scales).view(out, inp).to(dtype)
     scales = tensors["scales"].float().repeat_interleave(g, dim=1)[:, :inp]
     zeros = tensors["zeros"].float().repeat_interleave(g, dim=1)[:, :inp]
     return ((q - zeros) * scales).to(dtype)

@@ -182,3 +182,23 @@ def test_bad_inputs(problem):
         Encoding("int", (5,), bits=4, group_size=64)
     with pytest.raises(ContainerError, match="int bits must be one of"):
         Encoding("int", (5, 5), bits=7, group_size=64)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_bytewise_unpack_equals_the_bitstream_definition(bits):
+    """The runtime's byte-wise fast path for 2/4 bits reads the same bitstream as the general path."""
+    q = torch.randint(0, 2**bits, (7, 45), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack_bits(q, bits)
+    bitstream = ((packed[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(7, -1)[:, : 45 * bits]
+    expected = (bitstream.reshape(7, 45, bits).long() << torch.arange(bits)).sum(-1).to(torch.uint8)
+    assert torch.equal(unpack_bits(packed, bits, 45), expected)
+
+
+def test_grouped_dequantize_equals_the_repeated_formula():
+    enc = Encoding("int", (6, 64), bits=3, group_size=16)
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    stored = rtn(w, enc)
+    q = unpack_bits(stored["qweight"], 3, 64).float()
+    s = stored["scales"].float().repeat_interleave(16, 1)
+    z = stored["zeros"].float().repeat_interleave(16, 1)
+    assert torch.equal(decode(enc, stored), (q - z) * s)
