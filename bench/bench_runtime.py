@@ -1,0 +1,386 @@
+"""Runtime benchmark on the reference model (issue 6): the expert cache, prefetch and what they cost.
+
+In one run, on the same container and the same prompts (held-out prose and code, sampled with a fixed seed,
+so every configuration decodes exactly the same tokens): decode tokens/s fully resident vs an expert cache of
+25% and 50% of the decoded expert bytes, each with the shadow-router prefetch and on demand only (plus 100%
+with prefetch: the cache's own overhead; and 50% with lookahead 2); hit rate, misses per token, prefetch
+recall and precision per layer, share of decode time stalled; and, in a fresh process per configuration,
+the resident set against dense weights + cache budget + a stated overhead.
+
+Configurations are measured round-robin (each repeat in a rotated order) so that a shared machine's load
+falls on all of them alike; the figure is the median over repeats. Statistics cover decode steps only (they
+are reset when the prefill's token comes out).
+
+Writes bench/results/runtime.json and bench/results/runtime.md.
+
+    python bench/bench_runtime.py [--container PATH] [--threads 1] [--tokens 48] [--repeats 3]
+    python bench/bench_runtime.py --device cuda --synthetic        # bench/gpu_check.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, run_measured, write_result
+
+import prism_load
+
+CACHE = Path(os.environ.get("PRISM_CACHE", Path.home() / ".cache" / "prism")) / "bench-runtime"
+BITS = 4.25
+CONFIGS = [  # name, expert_cache, prefetch, extra load options
+    ("resident", None, False, {}),
+    ("cache 100%, prefetch", "100%", True, {}),
+    ("cache 50%, prefetch", "50%", True, {}),
+    ("cache 50%, prefetch, lookahead 2", "50%", True, {"lookahead": 2}),
+    ("cache 50%, on demand", "50%", False, {}),
+    ("cache 25%, prefetch", "25%", True, {}),
+    ("cache 25%, on demand", "25%", False, {}),
+    ("cache 50%, on demand, hot tier pinned", "50%", False, {"pin_hot": "pin"}),
+    ("cache 50%, on demand, plain LRU", "50%", False, {"pin_hot": False, "frequency_weight": 0.0}),
+]
+# Stated allowance past dense weights + expert bytes: what a resident model carries besides its weights on
+# this machine (~27 MiB measured: first-forward kernel set-up, KV cache, tokenizer, allocator slack) plus
+# the runtime's temporaries (a decode's int64 unpack buffers and read buffer, on two threads).
+OVERHEAD_BYTES = 40 * 2**20
+SUMMED = ("uses", "hits", "misses", "stall_seconds", "loads", "bytes_fetched", "wasted_bytes", "prefetch_loads",
+          "prefetch_used", "ahead_loads", "late_prefetches", "prefetch_cancelled", "prefetch_aborted", "evictions")
+LAYER_SUMMED = ("uses", "hits", "misses", "stall_seconds", "predicted", "actual", "correct")
+
+
+# -- the container -----------------------------------------------------------------------------------------
+def reference_container() -> Path:
+    """The full reference model converted at 4.25 bits per expert weight, cached beside the checkpoint's key."""
+    from prism_convert.bitplan import Budget
+    from prism_convert.pipeline import convert
+    from prism_convert.reference import reference_model
+
+    ref = reference_model("full")
+    out = CACHE / f"{ref.name}-{BITS}bit.prism"
+    if not (out / "manifest.json").is_file():
+        print(f"converting {ref} -> {out} ...", file=sys.stderr)
+        convert(ref, out, Budget(bits=BITS), samples=64, eval_samples=0)
+    return out
+
+
+def synthetic_container(folder: Path) -> Path:
+    """A random Mixtral-layout container big enough for a GPU to notice (4 layers x 8 experts of 512 x 1408,
+    int4): the GPU check cannot wait for the reference model to train."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from containers import TINY_CONFIG, random_model, write_tiny
+
+    config = dict(TINY_CONFIG, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_local_experts=8,
+                  vocab_size=2048, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+    out = folder / "synthetic.prism"
+    if not (out / "manifest.json").is_file():
+        write_tiny(out, model=random_model(config), config=config, mix=[dict(kind="int", bits=4, group_size=128)],
+                   shard_size_bytes=2 * 10**9)
+    return out
+
+
+def bench_prompts(container: Path, synthetic: bool) -> list[torch.Tensor]:
+    """Two held-out prose and two held-out code windows of 32 tokens (random tokens for a synthetic model)."""
+    if synthetic:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.randint(0, 2048, (1, 32), generator=gen) for _ in range(4)]
+    from prism_convert.profile import calibration_tokens
+
+    out = []
+    for source in ("builtin:prose", "builtin:code"):
+        tokens = calibration_tokens(container, source, 2, 32, seed=1, split="heldout")
+        out += [row[None] for row in tokens]
+    return out
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+def measure(model, ids: torch.Tensor, tokens: int) -> dict:
+    """One sampled generation; decode time from the first token to the last; stats of the decode steps only."""
+    times, cpu = [], []  # wall clock; (this thread's, the whole process's) CPU time
+    cached = hasattr(model, "stats")
+
+    def on_token(_):
+        if not times and cached:
+            model.reset_stats()
+        times.append(time.perf_counter())
+        cpu.append((time.thread_time(), time.process_time()))
+
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=tokens, do_sample=True, temperature=0.8, top_k=50, seed=0,
+                   eos_token_id=[], on_token=on_token)
+    if model_device(model).type == "cuda":
+        torch.cuda.synchronize()
+    out = {"prefill_seconds": times[0] - start, "prompt_tokens": ids.shape[1],
+           "decode_seconds": times[-1] - times[0], "decode_tokens": len(times) - 1,
+           "compute_cpu_seconds": cpu[-1][0] - cpu[0][0], "process_cpu_seconds": cpu[-1][1] - cpu[0][1]}
+    if cached:
+        out["stats"] = model.stats()
+    return out
+
+
+def model_device(model) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+def add_stats(total: dict, s: dict) -> None:
+    for k in SUMMED:
+        total[k] = total.get(k, 0) + s[k]
+    layers = total.setdefault("layers", {})
+    for i, x in s["layers"].items():
+        acc = layers.setdefault(int(i), {})
+        for k in LAYER_SUMMED:
+            acc[k] = acc.get(k, 0) + x[k]
+    total["residency"] = s["residency"]
+
+
+def summarise(name: str, runs: list[list[dict]], stats: dict | None) -> dict:
+    """runs: per repeat, the measurements of every prompt."""
+    per_repeat = [sum(m["decode_tokens"] for m in r) / sum(m["decode_seconds"] for m in r) for r in runs]
+    prefill = [sum(m["prompt_tokens"] for m in r) / sum(m["prefill_seconds"] for m in r) for r in runs]
+    decode_seconds = sum(m["decode_seconds"] for r in runs for m in r)
+    decode_tokens = sum(m["decode_tokens"] for r in runs for m in r)
+    cpu = {k: sum(m[k] for r in runs for m in r) for k in ("compute_cpu_seconds", "process_cpu_seconds")}
+    out = {"name": name, "decode_tokens_per_second": statistics.median(per_repeat),
+           "decode_tokens_per_second_repeats": per_repeat, "prefill_tokens_per_second": statistics.median(prefill),
+           "decode_tokens": decode_tokens, "decode_seconds": decode_seconds,
+           "compute_cpu_ms_per_token": 1e3 * cpu["compute_cpu_seconds"] / decode_tokens,
+           "process_cpu_ms_per_token": 1e3 * cpu["process_cpu_seconds"] / decode_tokens}
+    if stats:
+        uses = stats["uses"]
+        out |= {k: stats[k] for k in SUMMED}
+        out |= {"hit_rate": stats["hits"] / uses if uses else None,
+                "misses_per_token": stats["misses"] / decode_tokens,
+                "stall_share": stats["stall_seconds"] / decode_seconds,
+                "bytes_fetched_per_token": stats["bytes_fetched"] / decode_tokens,
+                "residency": stats["residency"]}
+        layers = {}
+        for i, x in sorted(stats["layers"].items()):
+            layers[i] = {"hit_rate": x["hits"] / x["uses"] if x["uses"] else None,
+                         "recall": x["correct"] / x["actual"] if x["actual"] else None,
+                         "precision": x["correct"] / x["predicted"] if x["predicted"] else None,
+                         "stall_seconds": x["stall_seconds"]}
+        out["layers"] = layers
+        predicted = sum(x["predicted"] for x in stats["layers"].values())
+        actual = sum(x["actual"] for x in stats["layers"].values())
+        correct = sum(x["correct"] for x in stats["layers"].values())
+        out["prefetch_recall"] = correct / actual if actual else None
+        out["prefetch_precision"] = correct / predicted if predicted else None
+    return out
+
+
+def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens: int, repeats: int,
+              configs=CONFIGS) -> list[dict]:
+    models = {}
+    for name, budget, prefetch, options in configs:
+        kw = {} if budget is None else {"expert_cache": budget, "prefetch": prefetch, **options}
+        models[name] = prism_load.load(container, device=device, **kw)
+    prompts = [p.to(device) for p in prompts]
+    for model in models.values():
+        measure(model, prompts[0], 8)  # warm up: first-call costs, a cache in its steady state
+    runs = {name: [] for name in models}
+    stats = {name: {} for name in models}
+    names = list(models)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            ms = [measure(models[name], p, tokens) for p in prompts]
+            runs[name].append(ms)
+            for m in ms:
+                if "stats" in m:
+                    add_stats(stats[name], m["stats"])
+            print(f"  repeat {r + 1}/{repeats} {name}: "
+                  f"{sum(m['decode_tokens'] for m in ms) / sum(m['decode_seconds'] for m in ms):.1f} tokens/s",
+                  file=sys.stderr)
+    for m in models.values():
+        if hasattr(m, "runtime"):
+            m.runtime.close()
+    return [summarise(name, runs[name], stats[name] or None) for name in names]
+
+
+def overlap_probe(container: Path, prompt: torch.Tensor, tokens: int) -> dict:
+    """Can a second thread decode experts without slowing the compute? Resident decode tokens/s alone and
+    while a background thread decodes experts in a loop (what a prefetch worker does), and its decode rate."""
+    import threading
+
+    from prism_load.container_reader import Container
+
+    model = prism_load.load(container)
+    measure(model, prompt, 8)
+    alone = [measure(model, prompt, tokens) for _ in range(2)]
+    stop, decoded = threading.Event(), [0]
+
+    def decoder():
+        torch.set_num_threads(1)
+        with Container(container) as c:
+            while not stop.is_set():
+                r = c.records[decoded[0] % len(c.records)]
+                c.expert_weights(r.layer, r.expert)
+                decoded[0] += 1
+
+    thread = threading.Thread(target=decoder, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    busy = [measure(model, prompt, tokens) for _ in range(2)]
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+
+    def rate(ms):
+        return sum(m["decode_tokens"] for m in ms) / sum(m["decode_seconds"] for m in ms)
+
+    return {"alone_tokens_per_second": rate(alone), "with_decoder_tokens_per_second": rate(busy),
+            "decoder_experts_per_second": decoded[0] / seconds}
+
+
+RSS_CODE = """
+import json, threading, time, torch
+torch.set_num_threads({threads})
+import prism_load
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+peak, stop = [0], threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+import prism_load.container_loader, prism_load.hub, prism_load.runtime, tokenizers  # noqa: E401 - imports
+from prism_load.container import model_args
+from prism_load.container_reader import Container
+torch.nn.functional.linear(torch.randn(4, 64), torch.randn(64, 64))  # BLAS set up before the baseline, and
+with Container({container!r}) as c:  # the one-time lazy imports of a first (meta-device) model build
+    prism_load.container_loader._skeleton(*model_args(c.config))
+ids = torch.tensor({ids})
+before = rss()
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+model = prism_load.load({container!r}, **{kw})
+dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp.experts." not in n)
+loaded = rss()
+model.generate(ids, max_new_tokens={tokens}, eos_token_id=[])
+stop.set()
+sampler.join()
+cache = model.runtime.cache if hasattr(model, "runtime") else None
+print(json.dumps({{"before": before, "loaded": loaded, "after": rss(), "peak": max(peak[0], rss()),
+                  "dense_bytes": dense, "held_bytes": None if cache is None else cache.decoded_bytes(),
+                  "budget_bytes": None if cache is None else cache.budget_bytes}}))
+"""
+
+
+def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int, expert_bytes: int) -> list[dict]:
+    """Each configuration in a fresh process: peak RSS growth past the imports vs dense + budget + overhead."""
+    out = []
+    for name, budget, prefetch, options in CONFIGS:
+        if "lookahead" in options:
+            continue
+        kw = {} if budget is None else {"expert_cache": budget, "prefetch": prefetch, **options}
+        result, _ = run_measured(RSS_CODE.format(threads=threads, ids=prompt.tolist(), kw=kw,
+                                                 container=str(container), tokens=tokens))
+        growth = result["peak"] - result["before"]  # ru_maxrss would be the import's transient peak
+        experts = expert_bytes if result["budget_bytes"] is None else result["budget_bytes"]
+        row = {"name": name, "growth_bytes": growth, "expert_allowance_bytes": experts, **result,
+               "overhead_bytes": growth - result["dense_bytes"] - experts,
+               "allowance_bytes": result["dense_bytes"] + experts + OVERHEAD_BYTES}
+        row["within"] = growth <= row["allowance_bytes"]
+        out.append(row)
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def markdown(result: dict) -> str:
+    speed = {r["name"]: r for r in result["speed"]}
+    base = speed["resident"]["decode_tokens_per_second"]
+    lines = [f"# Runtime benchmark ({result['device']}, {result['threads']} compute thread(s), "
+             f"{result['tokens']} decode tokens x {result['prompts']} prompts x {result['repeats']} repeats)", "",
+             f"Container: `{result['container']}` ({result['expert_bytes'] / 2**20:.1f} MiB of decoded experts). "
+             f"Load average before / after: {result['load_before']} / {result['load_after']}.", "",
+             "| configuration | decode tok/s | vs resident | CPU ms/token: compute thread / all | hit rate "
+             "| misses/token | stalled | recall | precision | wasted MiB | MiB fetched/token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["speed"]:
+        tps = r["decode_tokens_per_second"]
+        cpu = f"{r['compute_cpu_ms_per_token']:.2f} / {r['process_cpu_ms_per_token']:.2f}"
+        if "hit_rate" not in r:
+            lines.append(f"| {r['name']} | {tps:.1f} | 1.00x | {cpu} | - | - | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['name']} | {tps:.1f} | {tps / base:.2f}x | {cpu} | {_pct(r['hit_rate'])} | "
+                     f"{r['misses_per_token']:.2f} | {_pct(r['stall_share'])} | {_pct(r.get('prefetch_recall'))} | "
+                     f"{_pct(r.get('prefetch_precision'))} | {r['wasted_bytes'] / 2**20:.2f} | "
+                     f"{r['bytes_fetched_per_token'] / 2**20:.3f} |")
+    t = result["targets"]
+    lines += ["", f"Targets (50% cache): prefetch {t['prefetch_vs_resident']:.2f}x resident (target >= 0.8x), "
+              f"{t['prefetch_vs_on_demand']:.2f}x on demand (target >= 1.5x).", "",
+              "Shadow-router prefetch per MoE layer (50% cache, prefetch): recall / precision / hit rate", "",
+              "| layer | recall | precision | hit rate |", "|---|---|---|---|"]
+    for i, x in speed["cache 50%, prefetch"]["layers"].items():
+        lines.append(f"| {i} | {_pct(x['recall'])} | {_pct(x['precision'])} | {_pct(x['hit_rate'])} |")
+    demand = speed["cache 50%, on demand"]
+    miss_ms = 1e3 * demand["stall_seconds"] / max(demand["misses"], 1)
+    lines += ["", f"A miss costs {miss_ms:.2f} ms on demand (stall per miss, 50% cache): "
+              f"{miss_ms / (1e3 / base):.0%} of a resident decode token ({1e3 / base:.2f} ms)."]
+    if result.get("overlap"):
+        o = result["overlap"]
+        lines.append(f"Overlap probe: resident decode {o['alone_tokens_per_second']:.1f} tokens/s alone, "
+                     f"{o['with_decoder_tokens_per_second']:.1f} while another thread decodes experts "
+                     f"({o['decoder_experts_per_second']:.0f} experts/s) — what a prefetch worker costs the compute.")
+    if result.get("memory"):
+        lines += ["", "Resident set, a fresh process per configuration: growth = peak RSS (sampled every 2 ms) - RSS "
+                  "after imports and a first model build; experts = the cache budget (all decoded experts when "
+                  f"resident); overhead = growth - dense - experts; allowance = dense + experts + "
+                  f"{OVERHEAD_BYTES // 2**20} MiB.", "",
+                  "| configuration | growth MiB | dense MiB | experts MiB | overhead MiB | allowance MiB | within |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in result["memory"]:
+            lines.append(f"| {m['name']} | {m['growth_bytes'] / 2**20:.1f} | {m['dense_bytes'] / 2**20:.1f} | "
+                         f"{m['expert_allowance_bytes'] / 2**20:.1f} | {m['overhead_bytes'] / 2**20:.1f} | "
+                         f"{m['allowance_bytes'] / 2**20:.1f} | {'yes' if m['within'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--container", type=Path, help="reuse this container (default: the reference model at 4.25 bits)")
+    ap.add_argument("--synthetic", action="store_true", help="a random 512x1408 container (GPU check)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch compute threads (the fetch worker uses one more)")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process RSS measurements")
+    ap.add_argument("--name", default="runtime", help="results file name (bench/results/NAME.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    container = args.container or (synthetic_container(CACHE) if args.synthetic else reference_container())
+    prompts = bench_prompts(container, args.synthetic)
+    load_before = os.getloadavg()
+    speed = run_speed(container, args.device, prompts, args.tokens, args.repeats)
+    expert_bytes = prism_load.load(container, expert_cache="100%", prefetch=False).stats()["expert_bytes_total"]
+    memory = None if args.no_memory or args.device != "cpu" else run_memory(container, prompts[0], args.tokens,
+                                                                             args.threads, expert_bytes)
+    overlap = overlap_probe(container, prompts[0].to(args.device), args.tokens) if args.device == "cpu" else None
+    by = {r["name"]: r["decode_tokens_per_second"] for r in speed}
+    targets = {"prefetch_vs_resident": by["cache 50%, prefetch"] / by["resident"],
+               "prefetch_vs_on_demand": by["cache 50%, prefetch"] / by["cache 50%, on demand"]}
+    targets["met"] = targets["prefetch_vs_resident"] >= 0.8 and targets["prefetch_vs_on_demand"] >= 1.5
+    result = {"container": str(container), "device": args.device, "threads": args.threads, "tokens": args.tokens,
+              "prompts": len(prompts), "repeats": args.repeats, "expert_bytes": expert_bytes,
+              "load_before": [round(x, 2) for x in load_before],
+              "load_after": [round(x, 2) for x in os.getloadavg()], "speed": speed, "memory": memory,
+              "overlap": overlap,
+              "targets": targets}
+    path = write_result(args.name, result)
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {path}", file=sys.stderr)
+    json.dumps(result)  # fail loudly here rather than on a reader's machine
+
+
+if __name__ == "__main__":
+    main()
