@@ -134,7 +134,7 @@ def write_markdown(result: dict) -> None:
         for m in methods:
             rs = {r["eval"]: r for r in result["rows"] if r["bits"] == bpw and r["method"] == m}
             if rs:
-                lines.append(f"| {bpw} | {m} | {rs['prose']['kl']:.4f} | {rs['code']['kl']:.4f} | "
+                lines.append(f"| {bpw} | {m} | {rs['prose']['kl']:.2e} | {rs['code']['kl']:.2e} | "
                              f"{rs['prose']['perplexity']:.2f} | {rs['code']['perplexity']:.2f} |")
     ref = next(r for r in result["rows"] if r["eval"] == "prose")["perplexity_reference"]
     ref_code = next(r for r in result["rows"] if r["eval"] == "code")["perplexity_reference"]
