@@ -1,7 +1,7 @@
 """Profiling benchmark on the reference model (issue: calibration + prism profile).
 
-Records, in one run: profiling tokens/s; peak RSS against model size for truncated copies of the model
-with more and more layers (flat = layer-sequential streaming works); next-layer prediction recall per
+Records, in one run: profiling tokens/s; peak RSS against model size for copies of the model with 2, n
+and 4n layers (same layer size; flat = layer-sequential streaming works); next-layer prediction recall per
 layer; routing skew per layer (share of assignments taken by the top 25% of experts); and the routing
 shift between prose and code. Writes bench/results/profile.json.
 
@@ -19,14 +19,37 @@ from pathlib import Path
 from common import reference, run_measured, write_result
 
 
-def truncated_copy(model: Path, layers: int, folder: Path) -> Path:
-    """The same checkpoint with config.json claiming fewer layers (tensors are only read for those)."""
+def deepened_copy(model: Path, layers: int, folder: Path) -> Path:
+    """The reference checkpoint with `layers` decoder layers (layer i reuses layer i mod n's tensors), one
+    safetensors file per layer: same per-layer size, more layers, so peak memory can be read off depth."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     out = folder / f"L{layers}"
     out.mkdir()
-    for f in model.iterdir():
-        if f.name != "config.json":
-            (out / f.name).symlink_to(f.resolve())
     config = json.loads((model / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    source = {}
+    for f in model.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as h:
+            source.update({k: (f, k) for k in h.keys()})
+    weight_map = {}
+
+    def read(key):
+        f, k = source[key]
+        with safe_open(f, framework="pt") as h:
+            return h.get_tensor(k).clone()
+
+    top = {k: read(k) for k in source if not k.startswith("model.layers.")}
+    save_file(top, out / "top.safetensors")
+    weight_map.update({k: "top.safetensors" for k in top})
+    for i in range(layers):
+        prefix = f"model.layers.{i % n}."
+        tensors = {f"model.layers.{i}." + k[len(prefix):]: read(k) for k in source if k.startswith(prefix)}
+        save_file(tensors, out / f"layer-{i:03d}.safetensors")
+        weight_map.update({k: f"layer-{i:03d}.safetensors" for k in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(model / "tokenizer.json", out / "tokenizer.json")
     config["num_hidden_layers"] = layers
     (out / "config.json").write_text(json.dumps(config))
     return out
@@ -55,10 +78,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="prism-bench-profile-"))
     try:
         memory = []
-        for layers in sorted({1, max(1, n_layers // 2), n_layers}):
-            copy = truncated_copy(model, layers, tmp)
+        for layers in (2, n_layers, 4 * n_layers):
+            copy = deepened_copy(model, layers, tmp)
             stats, rss = profile_in_subprocess(copy, "builtin:mix", args.samples, args.seq_len, tmp / f"p{layers}")
-            weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) * layers / n_layers
+            weights = sum(f.stat().st_size for f in copy.glob("*.safetensors"))
             memory.append({"layers": layers, "peak_rss_bytes": rss, "approx_weight_bytes": int(weights),
                            "tokens_per_second": stats["tokens_per_second"]})
             print(f"{layers} layers: peak RSS {rss / 2**20:.0f} MiB, weights ~{weights / 2**20:.0f} MiB, "
@@ -69,7 +92,8 @@ def main() -> None:
         runs = {}
         for name in ("prose", "code"):
             runs[name] = profile_model(model, f"builtin:{name}", args.samples, args.seq_len, 0, tmp / name)
-        full = json.loads((tmp / f"p{n_layers}" / "profile.json").read_text())
+        profile_model(model, "builtin:mix", args.samples, args.seq_len, 0, tmp / "mix")
+        full = json.loads((tmp / "mix" / "profile.json").read_text())
         layers = [{
             "layer": x["layer"], "next_layer_recall": x["next_layer_recall"],
             "next_layer_recall_at_2k": x["next_layer_recall_at_2k"], "top_quarter_share": x["top_quarter_share"],

@@ -153,7 +153,7 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
             tensors[f"layers.{i}.coactivation"] = recorder.coactivation
             previous = (entry, out)
         hidden = out
-        del layer
+        del layer, block  # the block references the layer's experts: keep only one layer alive at a time
         if progress:
             progress.update(task, advance=1, description=f"profile: layer {i + 1}/{stream.num_layers}")
     return entries, tensors

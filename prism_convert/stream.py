@@ -47,6 +47,8 @@ class LayerStream:
         with torch.device("meta"):
             layer = self.family.build_layer(self.args, i)
         layer.load_state_dict(layer_state(self.ckpt, self.family, self.args, layer, self.dtype), assign=True)
+        # drop the shard mappings: once this layer is freed its file pages leave the resident set too
+        self.ckpt.close()
         return layer.eval()
 
     def context(self, seq_len: int) -> ForwardContext:
