@@ -35,6 +35,17 @@ def pareto(options: list[Option]) -> list[int]:
     return keep
 
 
+def pareto_front(items: list[tuple]) -> list[tuple]:
+    """(bytes, error, ...) items that no other item beats on both, sorted by bytes (error decreasing)."""
+    items = sorted(items, key=lambda x: (x[0], x[1]))
+    out, best = [], math.inf
+    for item in items:
+        if item[1] < best:
+            out.append(item)
+            best = item[1]
+    return out
+
+
 def lower_hull(options: list[Option], front: list[int]) -> list[int]:
     """Lower convex hull of the Pareto front in the (bytes, error) plane."""
     hull: list[int] = []
@@ -131,13 +142,7 @@ def _exact(tables: list[list[Option]], budget: int, state_limit: int) -> list[in
     states: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
     for t in tables:
         nxt = [(b + o.nbytes, e + o.error, picks + (j,)) for b, e, picks in states for j, o in enumerate(t)]
-        nxt = [s for s in nxt if s[0] <= budget]
-        nxt.sort(key=lambda s: (s[0], s[1]))
-        states, best = [], math.inf
-        for s in nxt:
-            if s[1] < best:
-                states.append(s)
-                best = s[1]
+        states = pareto_front([s for s in nxt if s[0] <= budget])
         if len(states) > state_limit:
             return None
     return list(min(states, key=lambda s: (s[1], s[0]))[2])

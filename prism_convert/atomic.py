@@ -45,14 +45,14 @@ def atomic_folder(target: Path, overwrite: bool = True):
         raise
 
 
-def write_json(path: Path, data, indent: int | None = 1) -> None:
-    """Write JSON atomically (temp file in the same folder, fsync, rename)."""
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     _check_writable(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,3 +60,8 @@ def write_json(path: Path, data, indent: int | None = 1) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, data, indent: int | None = 1) -> None:
+    """Write JSON atomically."""
+    write_text(path, json.dumps(data, indent=indent))

@@ -10,26 +10,14 @@ aligned size, so alignment padding is spent on precision where it can be.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from prism_load.codecs import Encoding
 from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.errors import BudgetError
 
-from .allocate import Option, allocate
+from .allocate import Option, allocate, pareto_front
 from .workdir import WorkDir, WorkError
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'12GB' -> 12e9 bytes (decimal units; KiB/MiB/GiB binary)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise BudgetError(f"size {text!r} not understood (examples: 12GB, 900MiB, 123456789)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -89,20 +77,10 @@ def expert_options(rec: dict, alignment: int) -> tuple[list[Option], list[tuple[
     for cands in rec["tensors"].values():
         combos = [(b + c["nbytes"], e + rec["importance"] * c["error"], picks + (j,))
                   for b, e, picks in front for j, c in enumerate(cands)]
-        front = _pareto_front(combos)
+        front = pareto_front(combos)
     fixed = sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
-    priced = _pareto_front([(aligned(b + fixed, alignment), e, picks) for b, e, picks in front])
+    priced = pareto_front([(aligned(b + fixed, alignment), e, picks) for b, e, picks in front])
     return [Option(b, e) for b, e, _ in priced], [picks for _, _, picks in priced]
-
-
-def _pareto_front(items: list[tuple[int, float, tuple]]) -> list[tuple[int, float, tuple]]:
-    items.sort(key=lambda x: (x[0], x[1]))
-    out, best = [], math.inf
-    for item in items:
-        if item[1] < best:
-            out.append(item)
-            best = item[1]
-    return out
 
 
 @dataclass

@@ -110,9 +110,10 @@ def compress(
 
 
 def _budget(bits, size):
-    from prism_convert.bitplan import Budget, parse_size
+    from prism_convert.bitplan import Budget
+    from prism_convert.plan import parse_bytes
 
-    return Budget(bits=bits, size_bytes=parse_size(size) if size is not None else None)
+    return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None)
 
 
 @app.command()
@@ -124,11 +125,11 @@ def pack(
     shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum bytes per expert shard."),
 ) -> None:
     """Write a sharded .prism container with tier metadata from finished compress work."""
-    from prism_convert.bitplan import parse_size
     from prism_convert.pipeline import pack_work
+    from prism_convert.plan import parse_bytes
 
     budget = _budget(bits, size) if (bits is not None or size is not None) else None
-    pack_work(work_dirs, out, budget, parse_size(shard_size), console)
+    pack_work(work_dirs, out, budget, parse_bytes(shard_size, "shard size"), console)
 
 
 def _model_path(spec: str, progress=None) -> Path:

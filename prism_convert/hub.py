@@ -10,15 +10,14 @@ the manifest and the card) are uploaded.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prism_load import __version__
 from prism_load.container import MANIFEST_NAME
 from prism_load.hub import REPO_ID, HubError
+
+from .atomic import write_text
 
 CARD_NAME = "README.md"
 TAGS = ["moe", "prism", "quantized", "mixture-of-experts"]
@@ -171,20 +170,6 @@ def model_card(summary: dict, repo_id: str, base_model: str | None = None) -> st
 
 
 # -- the push --------------------------------------------------------------------------------------------------
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def prepare_push(
     folder: str | Path,
     repo_id: str,
@@ -211,7 +196,7 @@ def prepare_push(
             f"{folder}: {len(missing)} files the manifest lists are missing ({', '.join(missing[:3])})"
         )
     card = model_card(summary, repo_id, base_model)
-    _write_text_atomic(folder / CARD_NAME, card)
+    write_text(folder / CARD_NAME, card)
     names = [MANIFEST_NAME, CARD_NAME, *listed]
     files = [(n, (folder / n).stat().st_size) for n in names]
     message = (

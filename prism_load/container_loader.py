@@ -35,18 +35,24 @@ class ResidentExperts(nn.Module):
         return {e: self.experts[e] for e in expert_ids}
 
 
+def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool) -> None:
+    """Decode every dense tensor of the container into `model` (owned copies; fp32 where the family keeps it)."""
+    family, args = model.family, model.args
+    dense = c.dense_encoded(verify_checksum=verify_checksums)
+    _check_dense_names(model, dense)
+    state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
+                         {x.untyped_storage().data_ptr() for x in t.values()})
+             for name, (enc, t) in dense.items()}
+    model.load_state_dict(state, assign=True, strict=False)
+
+
 def load_container(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
                    verify_checksums: bool = True, resolve_file: ResolveFile | None = None) -> MoEForCausalLM:
     """Open, validate and load a container; with verify_checksums every byte read is checked."""
     with Container(path, resolve_file) as c:
         family, args = model_args(c.config)
         model = _skeleton(family, args)
-        dense = c.dense_encoded(verify_checksum=verify_checksums)
-        _check_dense_names(model, dense)
-        state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
-                             {x.untyped_storage().data_ptr() for x in t.values()})
-                 for name, (enc, t) in dense.items()}
-        model.load_state_dict(state, assign=True, strict=False)
+        load_dense(c, model, dtype, verify_checksums)
         for i, block in model.moe_blocks():
             experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums) for e in range(args.num_experts)]
             _attach_experts(block, experts, device)

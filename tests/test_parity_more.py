@@ -366,11 +366,11 @@ def run_pipeline(folder: Path, root: Path, vocab: int, recipe: dict, extra_bits:
     """profile -> compress -> pack at `extra_bits` above the lowest budget the recipe allows (tiny experts
     are dominated by their 4 KiB alignment, so absolute bit-widths mean little here)."""
     from prism_convert.bitplan import Budget, PlanInputs
-    from prism_convert.workdir import WorkDir
     from prism_convert.compress import run_compress
     from prism_convert.pipeline import pack_work
     from prism_convert.profile import run_profile
     from prism_convert.recipe import Recipe
+    from prism_convert.workdir import WorkDir
 
     tokens = torch.randint(0, vocab, (6, 16), generator=torch.Generator().manual_seed(5))
     run_profile(folder, tokens, root / "profile", {"spec": "random"}, min_tokens=4)

@@ -47,20 +47,14 @@ def _detach_experts(model) -> None:
 
 
 def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file):
-    from ..codecs import decode
     from ..container import model_args
-    from ..container_loader import _check_dense_names, _rotary, _skeleton, _tokenizer, dense_decode_dtype
-    from ..container_reader import Container, owned
+    from ..container_loader import _rotary, _skeleton, _tokenizer, load_dense
+    from ..container_reader import Container
 
     c = Container(folder, resolve_file)  # stays open: the store reads experts through it
     family, args = model_args(c.config)
     model = _skeleton(family, args)
-    dense = c.dense_encoded(verify_checksum=verify_checksums)
-    _check_dense_names(model, dense)
-    state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
-                         {x.untyped_storage().data_ptr() for x in t.values()})
-             for name, (enc, t) in dense.items()}
-    model.load_state_dict(state, assign=True, strict=False)
+    load_dense(c, model, dtype, verify_checksums)
     _detach_experts(model)
     model.tie_weights()
     model.rotary = _rotary(family, args)
