@@ -5,7 +5,9 @@ compare prism's allocation with uniform round-to-nearest (int2/3/4, group 128, f
 same bytes) on held-out prose (in-distribution) and held-out code (distribution shift): KL(original ‖
 quantized) per token and perplexity. Also an ablation: prism's allocation with routing importance switched
 off (every expert weighted alike), to show what routing statistics add over error-only allocation.
-Dense tensors are stored identically in every variant (the recipe's dense rules).
+Dense tensors are stored identically in every variant (the recipe's dense rules). Both sides are priced
+as stored: each expert's bytes rounded up to the container's 4 KiB expert alignment, so "the same bits"
+means the same bytes on disk (uniform int2/g128 is 2.25 bits in its tensors and a little more as stored).
 
 Writes bench/results/quality.json, bench/results/quality.md and bench/results/quality.png.
 
@@ -33,6 +35,7 @@ from prism_convert.quantize import rtn
 from prism_convert.recipe import load_recipe
 from prism_convert.workdir import WorkDir
 from prism_load.codecs import Encoding, decode
+from prism_load.container import aligned
 from prism_load.hf_loader import open_checkpoint
 
 POINTS = {2.25: 2, 3.25: 3, 4.25: 4}  # bits per weight -> the uniform RTN bit-width that costs exactly that
@@ -56,6 +59,17 @@ def uniform_rtn_state(model: Path, works: list[WorkDir], bits: int) -> dict[str,
         state[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([d["gate_proj"], d["up_proj"]]) for d in dec])
         state[f"layers.{i}.mlp.experts.down_proj"] = torch.stack([d["down_proj"] for d in dec])
     return state
+
+
+def rtn_stored_bits(inputs: PlanInputs, bits: int) -> float:
+    """Bits per expert weight that uniform int{bits}/g128 takes as stored in a container: each expert's
+    tensor bytes rounded up to the 4 KiB expert alignment, exactly as prism's own plans are priced."""
+    stored = 0
+    for rec in inputs.records.values():
+        nbytes = sum(Encoding("int", tuple(c[0]["encoding"]["shape"]), bits=bits, group_size=128).nbytes()
+                     for c in rec["tensors"].values())
+        stored += aligned(nbytes, inputs.alignment)
+    return 8 * stored / inputs.expert_weights
 
 
 def plan_state(works, plan, recipe) -> dict[str, torch.Tensor]:
@@ -95,10 +109,12 @@ def main() -> None:
              for d in ("prose", "code")}
     original = prism_load.load(model)
     rows = []
+    stored_bits = {}
     for bpw, rtn_bits in POINTS.items():
+        stored_bits[str(bpw)] = same_bytes = rtn_stored_bits(inputs, rtn_bits)  # prism gets exactly RTN's stored bytes
         variants = {
-            "prism": plan_state(works, make_plan(inputs, Budget(bits=bpw)), recipe),
-            "prism (no routing importance)": plan_state(works, make_plan(flat, Budget(bits=bpw)), recipe),
+            "prism": plan_state(works, make_plan(inputs, Budget(bits=same_bytes)), recipe),
+            "prism (no routing importance)": plan_state(works, make_plan(flat, Budget(bits=same_bytes)), recipe),
             f"uniform RTN int{rtn_bits}/g128": uniform_rtn_state(model, works, rtn_bits),
         }
         for name, state in variants.items():
@@ -114,7 +130,7 @@ def main() -> None:
             summary.append({"bits": bpw, "eval": domain, "kl_ratio_prism_vs_rtn": ratio, "target_met": ratio <= 0.5})
     result = {"model": str(model), "calibration": {"dataset": "builtin:prose", "samples": args.samples, "seq_len": args.seq_len},
               "eval_tokens_per_domain": {d: int(t[:, 1:].numel()) for d, t in evals.items()},
-              "recipe": recipe.name, "rows": rows, "summary": summary, "seconds": time.perf_counter() - start}
+              "recipe": recipe.name, "stored_bits_per_weight": stored_bits, "rows": rows, "summary": summary, "seconds": time.perf_counter() - start}
     path = write_result("quality", result)
     write_markdown(result)
     write_plot(result)
@@ -128,13 +144,14 @@ def kl_of(rows: list[dict], bpw: float, domain: str, method: str) -> float:
 
 
 def write_markdown(result: dict) -> None:
-    lines = ["| bits/weight | method | KL prose | KL code | ppl prose | ppl code |", "|---|---|---|---|---|---|"]
+    lines = ["| bits/weight (tensors; as stored) | method | KL prose | KL code | ppl prose | ppl code |",
+             "|---|---|---|---|---|---|"]
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     for bpw in POINTS:
         for m in methods:
             rs = {r["eval"]: r for r in result["rows"] if r["bits"] == bpw and r["method"] == m}
             if rs:
-                lines.append(f"| {bpw} | {m} | {rs['prose']['kl']:.2e} | {rs['code']['kl']:.2e} | "
+                lines.append(f"| {bpw}; {result['stored_bits_per_weight'][str(bpw)]:.3f} | {m} | {rs['prose']['kl']:.2e} | {rs['code']['kl']:.2e} | "
                              f"{rs['prose']['perplexity']:.2f} | {rs['code']['perplexity']:.2f} |")
     ref = next(r for r in result["rows"] if r["eval"] == "prose")["perplexity_reference"]
     ref_code = next(r for r in result["rows"] if r["eval"] == "code")["perplexity_reference"]
