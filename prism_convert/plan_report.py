@@ -15,8 +15,8 @@ def plan_table(plan: dict) -> Table:
              f"{plan['dense_bytes'] / 2**20:,.1f} MiB dense)")
     table = Table(title=title)
     for col in ("layer", "mean bits", "min–max", "hot 25%", "rest", "low-rank"):
-        table.add_column(col, justify="right")
-    table.add_column("most used encodings", justify="left", no_wrap=True)
+        table.add_column(col, justify="right", no_wrap=True)  # numbers stay whole; the encodings column wraps
+    table.add_column("most used encodings", justify="left", overflow="fold")
     by_layer = defaultdict(list)
     for x in plan["experts"]:
         by_layer[x["layer"]].append(x)
