@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from shape_arithmetic import ARITHMETIC
 
 from prism_convert import model_shape
 from prism_convert.plan import (
@@ -238,11 +239,11 @@ def test_gpt_oss_group_overhead_and_sliding_window_reads():
     assert r["read_bytes_per_token"]["gpu"] == round(dense + 4 * 36 * expert + kv_read)
 
 
-# -- the arithmetic fallback and the family code agree -----------------------------------------------------
+# -- the independent arithmetic count and the family code agree -----------------------------------------------------
 @pytest.mark.parametrize("model_type, name", [("deepseek_v3", "deepseek-v3"), ("gpt_oss", "gpt-oss-120b")])
-def test_arithmetic_fallback_matches_hand_counts(model_type, name):
+def test_arithmetic_count_matches_hand_counts(model_type, name):
     config = json.loads((CONFIGS / f"{name}.json").read_text())
-    inv = inventory(model_shape.ARITHMETIC[model_type](config), Storage(WeightFormat(2)))
+    inv = inventory(ARITHMETIC[model_type](config), Storage(WeightFormat(2)))
     hand, total, _ = MODELS[name]
     assert {k: inv.params[k] for k in hand()} == hand()
     assert sum(inv.params.values()) == total
@@ -250,14 +251,10 @@ def test_arithmetic_fallback_matches_hand_counts(model_type, name):
 
 @pytest.mark.parametrize("model_type, name", [("deepseek_v3", "deepseek-v3"), ("gpt_oss", "gpt-oss-120b")])
 def test_meta_device_count_agrees_with_arithmetic(model_type, name):
-    from prism_load.models.family import supported_model_types
-
-    if model_type not in supported_model_types():
-        pytest.skip(f"{model_type} family not registered yet: only the arithmetic path exists")
     config = json.loads((CONFIGS / f"{name}.json").read_text())
     storage = Storage(WeightFormat(3, 64), "int8")
     meta = model_shape.shape_from_meta(config)
-    arith = model_shape.ARITHMETIC[model_type](config)
+    arith = ARITHMETIC[model_type](config)
     a, b = inventory(meta, storage), inventory(arith, storage)
     assert a.params == b.params and a.class_bytes == b.class_bytes and a.active_params == b.active_params
     assert a.kv_layers == b.kv_layers
