@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prism_load.checkpoint import read_config_file
 from prism_load.errors import ConfigError
 
 CLASSES = (
@@ -183,10 +184,4 @@ def load_shape(source: str | Path) -> tuple[ModelShape, ContainerBytes | None]:
         raise ConfigError(
             f"{source}: neither a config.json file, a folder holding one, nor a .prism container"
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return shape_from_config(config), None
+    return shape_from_config(read_config_file(path)), None

@@ -21,6 +21,11 @@ def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the checkpoint folder")
+    return read_config_file(path)
+
+
+def read_config_file(path: Path) -> dict:
+    """A config JSON file that must hold an object (any file name: `prism plan` takes bare configs)."""
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
