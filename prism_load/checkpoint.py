@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .dequant import FP8_DTYPES, dequantize_fp8, fp8_block, scale_inv_name
 from .errors import CheckpointError, ConfigError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,16 +97,31 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name} is missing from {self.folder / where}") from None
 
     def get(self, name: str, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Read one tensor (zero-copy when no cast is needed); optionally check its shape."""
+        """Read one tensor (zero-copy when no cast is needed); optionally check its shape.
+
+        Block-FP8 weights (a `{name}_scale_inv` sibling, as DeepSeek-V3 and Qwen3 FP8 checkpoints publish them)
+        come back dequantised, in fp32 when dtype is None, whatever the family: an FP8 tensor is never cast
+        without its scales, and one without a scale is an error rather than a silently wrong weight."""
         shard = self._shard(name)
         tensor = self._handle(shard).get_tensor(name)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(
                 f"tensor {name} in {self.folder / shard} has shape {list(tensor.shape)}, expected {list(shape)}"
             )
+        if tensor.dtype in FP8_DTYPES:
+            tensor = self._dequantize_fp8(name, tensor)
         if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor
+
+    def _dequantize_fp8(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        scale = scale_inv_name(name)
+        if scale not in self:
+            raise CheckpointError(
+                f"tensor {name} in {self.folder / self._shard(name)} is {tensor.dtype} but the checkpoint has no "
+                f"{scale}: prism reads block-FP8 weights only with their inverse scales"
+            )
+        return dequantize_fp8(tensor, self.get(scale), fp8_block(self.config), name)
 
     def tokenizer_path(self) -> Path | None:
         path = self.folder / "tokenizer.json"

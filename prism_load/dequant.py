@@ -16,9 +16,10 @@ import math
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FP8_DEFAULT_BLOCK = (128, 128)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # e2m1 values by nibble: sign bit 3, exponent bits 2..1 (bias 1), mantissa bit 0.
 FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -28,6 +29,19 @@ MXFP4_GROUP = 32
 def scale_inv_name(weight_name: str) -> str:
     """`x.weight` -> `x.weight_scale_inv` (the Hub FP8 convention); any other name gets `_scale_inv` appended."""
     return weight_name + "_scale_inv"
+
+
+def fp8_block(config: dict) -> tuple[int, int] | None:
+    """Block shape of FP8 weight scales from quantization_config (DeepSeek-V3 publishes [128, 128])."""
+    qc = config.get("quantization_config") or {}
+    if "weight_block_size" not in qc:
+        return FP8_DEFAULT_BLOCK if qc.get("quant_method") == "fp8" else None
+    block = qc["weight_block_size"]
+    if block is None:
+        return None
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) and x > 0 for x in block)):
+        raise ConfigError(f"config.json: quantization_config.weight_block_size {block!r} is not [rows, cols]")
+    return (block[0], block[1])
 
 
 def dequantize_fp8(

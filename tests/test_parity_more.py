@@ -15,7 +15,7 @@ from test_parity import rel_max_error
 from tiny import CASES, build_hf_model
 
 import prism_load
-from prism_load.errors import ConfigError
+from prism_load.errors import CheckpointError, ConfigError
 from prism_load.models.family import family_for
 
 INDEX = "model.safetensors.index.json"
@@ -141,6 +141,44 @@ def test_fp8_expert_tensors_are_dequantised_when_read(fp8_checkpoints):
     for key in ("gate_proj", "up_proj", "down_proj"):
         expected = fp8_dequantize_reference(*encoded[f"model.layers.2.mlp.experts.7.{key}.weight"], FP8_BLOCK)
         assert torch.equal(tensors[key], expected)
+
+
+def test_fp8_checkpoint_of_any_family_is_dequantised_when_read(tmp_path):
+    """Block FP8 is a checkpoint encoding, not a DeepSeek feature (Qwen3-MoE ships FP8 checkpoints too): every
+    family reads it dequantised, and matches transformers on the reference-dequantised weights."""
+    build_hf_model("qwen3_moe", seed=5).save_pretrained(tmp_path / "fp32", max_shard_size="40KB")
+    encoded = {}
+
+    def quantise(name, t):
+        if t.dim() != 2 or not name.endswith("proj.weight"):
+            return {name: t}
+        encoded[name] = fp8_quantize(t, FP8_BLOCK)
+        return {name: encoded[name][0], f"{name}_scale_inv": encoded[name][1]}
+
+    def dequantise(name, t):
+        return {name: fp8_dequantize_reference(*encoded[name], FP8_BLOCK)} if name in encoded else {name: t}
+
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": FP8_BLOCK}
+    fp8 = rewrite_checkpoint(tmp_path / "fp32", tmp_path / "fp8", quantise, {"quantization_config": qc})
+    reference = rewrite_checkpoint(tmp_path / "fp32", tmp_path / "reference", dequantise)
+    assert any(".mlp.experts." in n for n in encoded) and any(".self_attn." in n for n in encoded)
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        reference, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    assert_matches(fp8, ref, CASES["qwen3_moe"][1]["vocab_size"])
+
+
+def test_fp8_tensor_without_its_scale_is_refused(tmp_path):
+    """Casting e4m3 bits to float without the block scales gives a silently wrong weight: refuse, naming both."""
+    build_hf_model("mixtral", seed=6).save_pretrained(tmp_path / "fp32", max_shard_size="40KB")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    fp8 = rewrite_checkpoint(
+        tmp_path / "fp32", tmp_path / "fp8", lambda n, t: {n: t.to(torch.float8_e4m3fn) if n == name else t}
+    )
+    with pytest.raises(CheckpointError, match=rf"{name} in .* is torch.float8_e4m3fn .* no {name}_scale_inv"):
+        prism_load.load(fp8)
 
 
 # --- GPT-OSS in MXFP4 --------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dequant import FP8_DEFAULT_BLOCK, dequantize_fp8, scale_inv_name
 from ..errors import ConfigError
 from .family import Family, ModelArgs, read_swiglu_expert, register, require
 from .layers import DecoderLayer, ForwardContext, RMSNorm, SwiGLU, attend
@@ -175,19 +174,6 @@ def deepseek_moe_layers(config: dict, num_layers: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if experts and i >= first_dense and i % freq == 0)
 
 
-def fp8_block(config: dict) -> tuple[int, int] | None:
-    """Block shape of FP8 weight scales from quantization_config (DeepSeek-V3 publishes [128, 128])."""
-    qc = config.get("quantization_config") or {}
-    if "weight_block_size" not in qc:
-        return FP8_DEFAULT_BLOCK if qc.get("quant_method") == "fp8" else None
-    block = qc["weight_block_size"]
-    if block is None:
-        return None
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) and x > 0 for x in block)):
-        raise ConfigError(f"config.json: quantization_config.weight_block_size {block!r} is not [rows, cols]")
-    return (block[0], block[1])
-
-
 class _DeepseekFamily(Family):
     v3: bool = False
     fp32_suffixes = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
@@ -279,15 +265,6 @@ class _DeepseekFamily(Family):
     def checkpoint_name(self, args, i, key):
         key = key.replace("mlp.router.", "mlp.gate.").replace("mlp.shared_expert.", "mlp.shared_experts.")
         return f"model.layers.{i}.{key}"
-
-    def read_tensor(self, ckpt, name, dtype, shape=None):
-        """Block-FP8 weights (a `{name}_scale_inv` sibling exists) are dequantised here; the rest read as usual.
-        Layers past num_hidden_layers (V3's multi-token-prediction module) are never asked for."""
-        scale = scale_inv_name(name)
-        if scale not in ckpt:
-            return super().read_tensor(ckpt, name, dtype, shape)
-        w = dequantize_fp8(ckpt.get(name, None, shape), ckpt.get(scale), fp8_block(ckpt.config), name)
-        return w if self.keeps_fp32(name) else w.to(dtype)
 
     def expert_tensors(self, args, i, e, ckpt, dtype):
         prefix = f"model.layers.{i}.mlp.experts.{e}"

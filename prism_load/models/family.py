@@ -158,8 +158,8 @@ class Family:
         return checkpoint_name.endswith(self.fp32_suffixes) if self.fp32_suffixes else False
 
     def read_tensor(self, ckpt, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """One non-expert tensor by checkpoint name, in `dtype` (fp32 where keeps_fp32 says so). Families whose
-        checkpoints store encoded weights (DeepSeek's block FP8) decode them here."""
+        """One non-expert tensor by checkpoint name, in `dtype` (fp32 where keeps_fp32 says so). Block-FP8
+        weights are dequantised by Checkpoint.get for every family."""
         if self.keeps_fp32(name):
             return ckpt.get(name, None, shape).float()
         return ckpt.get(name, dtype, shape)
