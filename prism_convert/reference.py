@@ -5,7 +5,9 @@ Trained with prism's own model code (the Mixtral family's layers, autograd throu
 cross-entropy plus the Switch Transformer load-balancing loss (Fedus et al. 2021, as Mixtral's
 `load_balancing_loss_func`) and the ST-MoE router z-loss (Zoph et al. 2022); AdamW, linear warmup then
 cosine decay, gradient clipping. Deterministic for a seed and thread count: one torch seed for the
-initialisation, one generator for the data order.
+initialisation, one generator for the data order. Each preset fixes its thread count (float reductions
+split differently across threads give different bits), so a preset is the same model on any machine with
+the same torch build; the thread count is part of the cache key.
 """
 
 from __future__ import annotations
@@ -57,22 +59,27 @@ class Preset:
     code_chars: int | None  # code text trained on (None: the whole standard library)
     tokenizer_code_chars: int  # code text the tokenizer learns merges from, besides all training prose
     eval_windows: int  # windows per domain and split for the final losses
+    threads: int  # torch threads to train with: fixed, so the trained bits do not depend on the machine
     prose_weight: float = 0.5  # share of batch rows drawn from prose (the rest from code)
 
     def digest(self) -> str:
-        return hashlib.blake2b(json.dumps(asdict(self), sort_keys=True).encode(), digest_size=4).hexdigest()
+        """Hash of the recipe (threads excluded: the cache key names them on their own)."""
+        recipe = {k: v for k, v in asdict(self).items() if k != "threads"}
+        return hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=4).hexdigest()
 
 
 PRESETS = {
     "tiny": Preset("tiny", layers=2, hidden_size=64, heads=4, kv_heads=2, experts=4, top_k=2,
                    expert_intermediate=128, vocab_size=512, seq_len=64, batch_size=8, steps=60, lr=3e-3,
-                   warmup_steps=5, code_chars=150_000, tokenizer_code_chars=50_000, eval_windows=4),
+                   warmup_steps=5, code_chars=150_000, tokenizer_code_chars=50_000, eval_windows=4, threads=1),
     "quick": Preset("quick", layers=4, hidden_size=128, heads=4, kv_heads=2, experts=8, top_k=2,
                     expert_intermediate=256, vocab_size=2048, seq_len=128, batch_size=4, steps=1000, lr=2e-3,
-                    warmup_steps=30, code_chars=3_000_000, tokenizer_code_chars=600_000, eval_windows=64),
+                    warmup_steps=30, code_chars=3_000_000, tokenizer_code_chars=600_000, eval_windows=64,
+                    threads=2),
     "full": Preset("full", layers=6, hidden_size=192, heads=4, kv_heads=2, experts=8, top_k=2,
                    expert_intermediate=384, vocab_size=4096, seq_len=256, batch_size=4, steps=820, lr=2e-3,
-                   warmup_steps=40, code_chars=None, tokenizer_code_chars=1_500_000, eval_windows=48),
+                   warmup_steps=40, code_chars=None, tokenizer_code_chars=1_500_000, eval_windows=48,
+                   threads=1),
 }
 
 
@@ -149,9 +156,9 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 # --- training ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _threads(n: int | None):
+def _threads(n: int):
     before = torch.get_num_threads()
-    torch.set_num_threads(n or os.cpu_count() or 1)
+    torch.set_num_threads(n)
     try:
         yield torch.get_num_threads()
     finally:
@@ -166,7 +173,7 @@ def train_reference(out: Path, preset: str | Preset = "full", seed: int = 0, pro
     if out.is_dir() and any(out.iterdir()) and not (out / "training.json").is_file():
         raise PrismError(f"{out}: exists and is not a reference model folder (choose a new or empty folder)")
     start = time.perf_counter()
-    with _threads(threads) as n_threads:
+    with _threads(threads or preset.threads) as n_threads:
         corpus = build_corpus(seed, preset.vocab_size, preset.code_chars, preset.tokenizer_code_chars,
                               heldout_tokens=preset.eval_windows * (preset.seq_len + 1))
         for domain, stream in corpus.train.items():
@@ -269,16 +276,16 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("PRISM_CACHE") or Path.home() / ".cache" / "prism")
 
 
-def cache_key(preset: str, seed: int) -> str:
+def cache_key(preset: str, seed: int, threads: int | None = None) -> str:
     p = preset_by_name(preset)
-    return f"{p.name}-seed{seed}-v{TRAINING_VERSION}-{p.digest()}-{data_fingerprint()}"
+    return f"{p.name}-seed{seed}-threads{threads or p.threads}-v{TRAINING_VERSION}-{p.digest()}-{data_fingerprint()}"
 
 
 def reference_model(preset: str = "full", seed: int = 0, cache_dir: str | Path | None = None, progress=None,
                     threads: int | None = None) -> Path:
     """The cached reference checkpoint folder for (preset, seed), trained first if absent. Concurrent
     callers wait on a lock file instead of training twice; the folder appears only when complete."""
-    folder = cache_root(cache_dir) / "reference" / cache_key(preset, seed)
+    folder = cache_root(cache_dir) / "reference" / cache_key(preset, seed, threads)
     if (folder / "training.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

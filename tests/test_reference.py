@@ -161,9 +161,10 @@ def test_cache_trains_once_and_reuses(tmp_path, monkeypatch, tiny_pair):
     first = reference_model("tiny", seed=0)
     second = reference_model("tiny", seed=0)
     assert first == second and calls == [("tiny", 0)]
-    assert first.parent == tmp_path / "reference" and first.name.startswith("tiny-seed0-v")
+    assert first.parent == tmp_path / "reference" and first.name.startswith("tiny-seed0-threads1-v")
     assert (first / "training.json").is_file()
     assert reference_model("tiny", seed=1) != first and calls[-1] == ("tiny", 1)
+    assert reference_model("tiny", seed=0, threads=2) != first and len(calls) == 3  # other threads, other bits
 
 
 def test_failed_training_leaves_no_folder(tmp_path, monkeypatch):
