@@ -201,39 +201,61 @@ def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens:
     return [summarise(name, runs[name], stats[name] or None) for name in names]
 
 
-def overlap_probe(container: Path, prompt: torch.Tensor, tokens: int) -> dict:
-    """Can a second thread decode experts without slowing the compute? Resident decode tokens/s alone and
-    while a background thread decodes experts in a loop (what a prefetch worker does), and its decode rate."""
-    import threading
-
+def decode_loop(container: str, stop, count) -> None:
+    """Decode the container's experts round-robin until stopped (what a prefetch worker does), counting them."""
     from prism_load.container_reader import Container
+
+    torch.set_num_threads(1)
+    with Container(Path(container)) as c:
+        while not stop.is_set():
+            r = c.records[count.value % len(c.records)]
+            c.expert_weights(r.layer, r.expert)
+            with count.get_lock():
+                count.value += 1
+
+
+def overlap_probe(container: Path, prompt: torch.Tensor, tokens: int) -> dict:
+    """Can a second core decode experts without slowing the compute? Resident decode tokens/s alone, then while
+    a background *thread* decodes experts in a loop (what prism's CPU prefetch worker is), then while a
+    background *process* does (no shared interpreter lock), with each decoder's rate. The thread-vs-process
+    gap is what the interpreter lock costs; what remains in the process case is the hardware (memory
+    bandwidth, shared caches)."""
+    import multiprocessing
+    import threading
 
     model = prism_load.load(container)
     measure(model, prompt, 8)
-    alone = [measure(model, prompt, tokens) for _ in range(2)]
-    stop, decoded = threading.Event(), [0]
-
-    def decoder():
-        torch.set_num_threads(1)
-        with Container(container) as c:
-            while not stop.is_set():
-                r = c.records[decoded[0] % len(c.records)]
-                c.expert_weights(r.layer, r.expert)
-                decoded[0] += 1
-
-    thread = threading.Thread(target=decoder, daemon=True)
-    start = time.perf_counter()
-    thread.start()
-    busy = [measure(model, prompt, tokens) for _ in range(2)]
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
 
     def rate(ms):
         return sum(m["decode_tokens"] for m in ms) / sum(m["decode_seconds"] for m in ms)
 
-    return {"alone_tokens_per_second": rate(alone), "with_decoder_tokens_per_second": rate(busy),
-            "decoder_experts_per_second": decoded[0] / seconds}
+    def alongside(worker, stop, count, ready=lambda: None):
+        worker.start()
+        ready()
+        start, before = time.perf_counter(), count.value
+        busy = [measure(model, prompt, tokens) for _ in range(2)]
+        seconds, done = time.perf_counter() - start, count.value - before
+        stop.set()
+        worker.join()
+        return rate(busy), done / seconds
+
+    alone = rate([measure(model, prompt, tokens) for _ in range(2)])
+    ctx = multiprocessing.get_context("spawn")
+    stop, count = threading.Event(), ctx.Value("l", 0)
+    thread_rate, thread_decodes = alongside(
+        threading.Thread(target=decode_loop, args=(str(container), stop, count), daemon=True), stop, count)
+    stop, count = ctx.Event(), ctx.Value("l", 0)
+
+    def started():  # the child's imports are not decode work: wait for its first expert
+        while count.value == 0:
+            time.sleep(0.01)
+
+    process_rate, process_decodes = alongside(
+        ctx.Process(target=decode_loop, args=(str(container), stop, count), daemon=True), stop, count, started)
+    return {"alone_tokens_per_second": alone,
+            "with_decoder_tokens_per_second": thread_rate, "decoder_experts_per_second": thread_decodes,
+            "with_decoder_process_tokens_per_second": process_rate,
+            "decoder_process_experts_per_second": process_decodes}
 
 
 RSS_CODE = """
@@ -330,7 +352,10 @@ def markdown(result: dict) -> str:
         o = result["overlap"]
         lines.append(f"Overlap probe: resident decode {o['alone_tokens_per_second']:.1f} tokens/s alone, "
                      f"{o['with_decoder_tokens_per_second']:.1f} while another thread decodes experts "
-                     f"({o['decoder_experts_per_second']:.0f} experts/s) — what a prefetch worker costs the compute.")
+                     f"({o['decoder_experts_per_second']:.0f} experts/s) — what prism's prefetch thread costs the "
+                     f"compute — and {o['with_decoder_process_tokens_per_second']:.1f} while another process does "
+                     f"({o['decoder_process_experts_per_second']:.0f} experts/s): the gap between the two is the "
+                     "interpreter lock.")
     if result.get("memory"):
         lines += ["", "Resident set, a fresh process per configuration: growth = peak RSS (sampled every 2 ms) - RSS "
                   "after imports and a first model build; experts = the cache budget (all decoded experts when "
