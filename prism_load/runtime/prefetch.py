@@ -11,8 +11,9 @@ layer's real routing disagrees; once started it is marked unwanted instead, drop
 the decode), or, if already decoded, put first in line for eviction. Its bytes count as wasted.
 
 Prefetch pays where a miss can run beside the compute: a GPU (copy and decode on a side stream) or a cold
-tier that waits on a disk. On a CPU whose cores the decode shares with the compute it buys little or loses
-(bench/results/runtime.md measures both, and how much a second decoding thread slows the compute).
+tier that waits on a disk. On a CPU the worker's decode is Python-driven torch code that contends with the
+compute thread for the interpreter lock, so there it buys little or loses (bench/results/runtime.md
+measures both, and a second thread vs a second process decoding beside the compute).
 """
 
 from __future__ import annotations
