@@ -230,6 +230,8 @@ def calibration_tokens(model: Path, dataset: str, samples: int, seq_len: int, se
     from prism_load.errors import CalibrationError
     from prism_load.hf_loader import load_tokenizer
 
+    if not Path(model).is_dir():
+        raise CalibrationError(f"{model}: not a folder (a checkpoint folder or a .prism container)")
     path = Path(model) / "tokenizer.json"
     if not path.is_file():
         raise CalibrationError(f"{model}: no tokenizer.json, so calibration text cannot be tokenised")

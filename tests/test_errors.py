@@ -76,3 +76,11 @@ def test_cli_version_and_help():
     help_text = run_cli("--help").stdout
     for command in ("profile", "compress", "pack"):
         assert command in help_text
+
+
+def test_cli_profile_of_a_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_cli("profile", missing, "--dataset", "builtin:mix", "-o", tmp_path / "p")
+    assert result.returncode == 2
+    assert f"{missing}: not a folder" in result.stderr
+    assert not (tmp_path / "p").exists()
