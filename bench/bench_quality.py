@@ -173,7 +173,7 @@ def write_plot(result: dict) -> None:
             pts = sorted((r["bits"], r["kl"]) for r in result["rows"] if r["eval"] == domain and r["method"].split(" int")[0] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax.set_yscale("log")
-        ax.set_xlabel("bits per expert weight in the tensors (scales, zeros included; both get the same stored bytes)")
+        ax.set_xlabel("bits per expert weight in the tensors\n(scales, zeros included; both get the same stored bytes)")
         ax.set_title(f"held-out {domain} (calibrated on prose)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("KL(original || quantized), nats/token")
