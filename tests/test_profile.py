@@ -144,4 +144,3 @@ def test_interrupted_profile_leaves_nothing_that_looks_complete(profiled, tmp_pa
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ProfileError, match="no profile.json"):
         Profile.load(tmp_path / "p")
-
