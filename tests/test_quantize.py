@@ -19,13 +19,7 @@ from prism_load.errors import EncodingError
 OUT, IN, G = 48, 200, 64  # in-features not a multiple of the group size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and on a shared 2-core box they spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def statistics(inp: int, seed: int = 0, dead: tuple[int, ...] = (7,)):
