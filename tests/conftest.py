@@ -24,7 +24,9 @@ def _deterministic():
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Small tensors gain nothing from intra-op threads, and on a shared 2-core box they spin."""
+    """torch on one intra-op thread, restored afterwards: decode-sized ops on a shared 2-core machine spend
+    more time in OpenMP barriers than computing. Threads the tests start inherit nothing: OpenMP's setting
+    is per thread, so each generating thread sets it too (see runtime_fixtures.greedy)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,16 +16,6 @@ RUNTIME_CONFIG = dict(TINY_CONFIG, num_hidden_layers=3, num_local_experts=8)
 INT_MIX = [dict(kind="int", bits=4, group_size=16), dict(kind="int", bits=3, group_size=8), dict(kind="bf16")]
 
 
-def one_thread():
-    """Fixture body: torch on one intra-op thread (decode-sized ops on a shared 2-core machine spend more
-    time in OpenMP barriers than computing), restored afterwards. Threads the tests start inherit nothing:
-    OpenMP's setting is per thread, so each generating thread sets it too (see `greedy`)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_runtime_container(folder, config=RUNTIME_CONFIG, mix=INT_MIX, seed: int = 0):
     model = random_model(config, seed=seed)
     return write_tiny(folder, model=model, config=config, mix=mix)

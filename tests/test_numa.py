@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 from containers import TINY_CONFIG
-from runtime_fixtures import RUNTIME_CONFIG, greedy, one_thread, prompts, write_runtime_container
+from runtime_fixtures import RUNTIME_CONFIG, greedy, prompts, write_runtime_container
 
 import prism_load
 from prism_load.models.moe import ExpertWeights
@@ -26,10 +26,7 @@ from prism_load.runtime.numa import (
 )
 from prism_load.runtime.stores import weights_tensors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_topology(root, cpulists: list[str], free_kib: int = 1 << 20):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from containers import random_model, write_tiny
-from runtime_fixtures import INT_MIX, RUNTIME_CONFIG, expert_bytes, greedy, load_cached, one_thread, prompts
+from runtime_fixtures import INT_MIX, RUNTIME_CONFIG, expert_bytes, greedy, load_cached, prompts
 
 import prism_load
 from prism_load.models.moe import ExpertWeights
@@ -23,9 +23,7 @@ from prism_load.runtime.prefetch import FetchWorker
 TIMEOUT = 30  # seconds: a thread still running after this is deadlocked
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- a store whose fetches a test can hold --------------------------------------------------------------

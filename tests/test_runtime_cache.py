@@ -20,7 +20,6 @@ from runtime_fixtures import (
     expert_bytes,
     greedy,
     load_cached,
-    one_thread,
     prompts,
     write_runtime_container,
 )
@@ -32,10 +31,7 @@ from prism_load.runtime import ExpertCache, MemoryStore, parse_budget
 from prism_load.runtime.cache import footprint
 from prism_load.runtime.stores import ContainerStore, load, weights_nbytes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
