@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .dequant import FP8_DTYPES, dequantize_fp8, fp8_block, scale_inv_name
+from .dequant import FP8_DTYPES, dequantize_fp8, dequantize_fp8_scaled, fp8_block, scale_inv_name
 from .errors import CheckpointError, ConfigError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -99,9 +99,9 @@ class Checkpoint:
     def get(self, name: str, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Read one tensor (zero-copy when no cast is needed); optionally check its shape.
 
-        Block-FP8 weights (a `{name}_scale_inv` sibling, as DeepSeek-V3 and Qwen3 FP8 checkpoints publish them)
-        come back dequantised, in fp32 when dtype is None, whatever the family: an FP8 tensor is never cast
-        without its scales, and one without a scale is an error rather than a silently wrong weight."""
+        FP8 weights come back dequantised, in fp32 when dtype is None, whatever the family: block FP8 with a
+        `{name}_scale_inv` sibling (DeepSeek-V3, Qwen3 FP8) or scaled FP8 with `{name}_scale` (compressed-
+        tensors). An FP8 tensor is never cast without its scales; one without is an error, not a wrong weight."""
         shard = self._shard(name)
         tensor = self._handle(shard).get_tensor(name)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
@@ -115,13 +115,16 @@ class Checkpoint:
         return tensor
 
     def _dequantize_fp8(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        scale = scale_inv_name(name)
-        if scale not in self:
-            raise CheckpointError(
-                f"tensor {name} in {self.folder / self._shard(name)} is {tensor.dtype} but the checkpoint has no "
-                f"{scale}: prism reads block-FP8 weights only with their inverse scales"
-            )
-        return dequantize_fp8(tensor, self.get(scale), fp8_block(self.config), name)
+        """Block FP8 (`{name}_scale_inv`, DeepSeek / Qwen) or scaled FP8 (`{name}_scale`, compressed-tensors)."""
+        inverse, direct = scale_inv_name(name), f"{name}_scale"
+        if inverse in self:
+            return dequantize_fp8(tensor, self.get(inverse), fp8_block(self.config), name)
+        if direct in self:
+            return dequantize_fp8_scaled(tensor, self.get(direct), name)
+        raise CheckpointError(
+            f"tensor {name} in {self.folder / self._shard(name)} is {tensor.dtype} but the checkpoint has neither "
+            f"{inverse} (block scales) nor {direct} (tensor or row scales): prism never reads FP8 without its scales"
+        )
 
     def tokenizer_path(self) -> Path | None:
         path = self.folder / "tokenizer.json"

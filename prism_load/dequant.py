@@ -74,6 +74,19 @@ def dequantize_fp8(
     return w.mul_(s)
 
 
+def dequantize_fp8_scaled(weight: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """FP8 weight [.., R, C] times its `weight_scale` (the compressed-tensors "float-quantized" layout, as in
+    the FP8 Mixtral / Llama checkpoints): one scale for the tensor ([] or [1]) or one per output row
+    ([.., R, 1]) -> fp32 [.., R, C]. `input_scale` siblings are activation scales and are not needed here."""
+    s = _scale_to_fp32(scale)
+    if s.numel() != 1 and tuple(s.shape) != (*weight.shape[:-1], 1):
+        raise CheckpointError(
+            f"tensor {name}_scale has shape {list(s.shape)}: expected one scale, or {[*weight.shape[:-1], 1]} "
+            f"(one per row) for weight {list(weight.shape)}"
+        )
+    return weight.to(torch.float32).mul_(s.reshape(()) if s.numel() == 1 else s)
+
+
 def _scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype == torch.uint8:  # raw e8m0 exponents (MXFP8-style checkpoints)
         return torch.exp2(scale.to(torch.float32) - 127.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from prism_load.dequant import dequantize_fp8, dequantize_mxfp4
+from prism_load.dequant import dequantize_fp8, dequantize_fp8_scaled, dequantize_mxfp4
 from prism_load.errors import CheckpointError
 
 
@@ -117,3 +117,15 @@ def test_mxfp4_rejects_bad_shapes_and_dtypes():
         dequantize_mxfp4(blocks, torch.zeros(2, 4, dtype=torch.uint8), name="gate_up_proj")
     with pytest.raises(CheckpointError, match="expected U8"):
         dequantize_mxfp4(blocks.float(), torch.zeros(2, 3, dtype=torch.uint8))
+
+
+def test_fp8_scaled_per_tensor_and_per_row_against_per_element_decode():
+    g = torch.Generator().manual_seed(4)
+    bits = random_e4m3((6, 10), g)
+    values = torch.from_numpy(e4m3_reference(bits.numpy())).float()
+    weight = bits.view(torch.float8_e4m3fn)
+    assert torch.equal(dequantize_fp8_scaled(weight, torch.tensor([0.5])), values * 0.5)
+    rows = torch.rand(6, 1, generator=g)
+    assert torch.equal(dequantize_fp8_scaled(weight, rows), values * rows)
+    with pytest.raises(CheckpointError, match=r"q_proj.weight_scale has shape \[1, 10\]: expected one scale, or \[6, 1\]"):
+        dequantize_fp8_scaled(weight, torch.ones(1, 10), name="q_proj.weight")

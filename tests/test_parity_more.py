@@ -177,8 +177,39 @@ def test_fp8_tensor_without_its_scale_is_refused(tmp_path):
     fp8 = rewrite_checkpoint(
         tmp_path / "fp32", tmp_path / "fp8", lambda n, t: {n: t.to(torch.float8_e4m3fn) if n == name else t}
     )
-    with pytest.raises(CheckpointError, match=rf"{name} in .* is torch.float8_e4m3fn .* no {name}_scale_inv"):
+    with pytest.raises(CheckpointError, match=rf"{name} in .* is torch.float8_e4m3fn .* neither {name}_scale_inv "
+                                              rf"\(block scales\) nor {name}_scale "):
         prism_load.load(fp8)
+
+
+def test_compressed_tensors_fp8_with_tensor_and_row_scales(tmp_path):
+    """The compressed-tensors FP8 layout (FP8 Mixtral checkpoints): `weight_scale` per tensor or per output
+    row, multiplied in; `input_scale` (activations) beside it and unused. Matches transformers on the
+    weights dequantised by hand."""
+    build_hf_model("mixtral", seed=7).save_pretrained(tmp_path / "fp32", max_shard_size="40KB")
+    encoded = {}
+
+    def quantise(name, t):
+        if t.dim() != 2 or not name.endswith(("proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
+            return {name: t}
+        per_row = len(encoded) % 2 == 0  # alternate the two strategies
+        amax = t.abs().amax(dim=1, keepdim=True) if per_row else t.abs().amax().reshape(1)
+        scale = (amax / 448.0).clamp(min=1e-12)
+        q = (t / scale).to(torch.float8_e4m3fn)
+        encoded[name] = q.to(torch.float32) * scale
+        return {name: q, f"{name}_scale": scale, f"{name.removesuffix('.weight')}.input_scale": torch.ones(1)}
+
+    fp8 = rewrite_checkpoint(tmp_path / "fp32", tmp_path / "fp8", quantise,
+                             {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}})
+    reference = rewrite_checkpoint(tmp_path / "fp32", tmp_path / "reference",
+                                   lambda n, t: {n: encoded.get(n, t)})
+    assert any(".experts." in n for n in encoded) and any(".self_attn." in n for n in encoded)
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        reference, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    assert_matches(fp8, ref, CASES["mixtral"][1]["vocab_size"])
 
 
 # --- GPT-OSS in MXFP4 --------------------------------------------------------------------------------------------
