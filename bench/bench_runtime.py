@@ -44,7 +44,12 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 25%, on demand", "25%", False, {}),
     ("cache 50%, on demand, hot tier pinned", "50%", False, {"pin_hot": "pin"}),
     ("cache 50%, on demand, plain LRU", "50%", False, {"pin_hot": False, "frequency_weight": 0.0}),
+    # the fast tier holding unpacked codes (a byte per weight) dequantised per use, in a quarter of the bytes
+    # that decoded experts take: the same RAM as "cache 25%"
+    ("codes, 25% of decoded bytes, on demand", "25% of decoded", False, {"expert_form": "codes"}),
+    ("codes, 25% of decoded bytes, prefetch", "25% of decoded", True, {"expert_form": "codes"}),
 ]
+CPU_ONLY = {"expert_form"}  # options the CUDA runs skip
 # Stated allowance past dense weights + expert bytes: what a resident model carries besides its weights on
 # this machine (~27 MiB measured: first-forward kernel set-up, KV cache, tokenizer, allocator slack) plus
 # the runtime's temporaries (a decode's int64 unpack buffers and read buffer, on two threads).
@@ -173,11 +178,22 @@ def summarise(name: str, runs: list[list[dict]], stats: dict | None) -> dict:
     return out
 
 
+def resolve_budget(container: Path, budget):
+    """"25% of decoded" -> bytes: a share of what every expert takes decoded (whatever form the run uses)."""
+    if isinstance(budget, str) and budget.endswith(" of decoded"):
+        total = prism_load.load(container, expert_cache="100%", prefetch=False).stats()["expert_bytes_total"]
+        return int(total * float(budget.split("%")[0]) / 100)
+    return budget
+
+
 def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens: int, repeats: int,
               configs=CONFIGS) -> list[dict]:
     models = {}
     for name, budget, prefetch, options in configs:
-        kw = {} if budget is None else {"expert_cache": budget, "prefetch": prefetch, **options}
+        if device != "cpu" and CPU_ONLY & set(options):
+            continue
+        kw = {} if budget is None else {"expert_cache": resolve_budget(container, budget), "prefetch": prefetch,
+                                        **options}
         models[name] = prism_load.load(container, device=device, **kw)
     prompts = [p.to(device) for p in prompts]
     for model in models.values():
@@ -299,7 +315,8 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     for name, budget, prefetch, options in CONFIGS:
         if "lookahead" in options:
             continue
-        kw = {} if budget is None else {"expert_cache": budget, "prefetch": prefetch, **options}
+        kw = {} if budget is None else {"expert_cache": resolve_budget(container, budget), "prefetch": prefetch,
+                                        **options}
         result, _ = run_measured(RSS_CODE.format(threads=threads, ids=prompt.tolist(), kw=kw,
                                                  container=str(container), tokens=tokens))
         growth = result["peak"] - result["before"]  # ru_maxrss would be the import's transient peak

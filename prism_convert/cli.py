@@ -208,12 +208,14 @@ def run(
     cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of all decoded expert bytes, or a size ('512MB'). Default: every expert resident."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
+    codes: bool = typer.Option(False, "--codes", help="Keep int experts as unpacked codes (a byte per weight), dequantised at each use; --cache percentages are then of that form (CPU, containers; default cache 100%)."),
 ) -> None:
     """Generate text, streaming tokens as they come; then tokens/s (prefill and decode) and, with --cache,
     the cache and prefetch statistics."""
     from prism_convert.run import run_prompt
 
-    run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None)
+    run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
+               expert_form="codes" if codes else "decoded")
 
 
 @app.command("eval")

@@ -13,14 +13,19 @@ from prism_load.errors import PrismError
 
 
 def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Console, *, cache=None,
-               prefetch: bool = True, numa=None) -> dict:
+               prefetch: bool = True, numa=None, expert_form: str = "decoded") -> dict:
     """Generate from `prompt`, streaming tokens. cache: None (every expert resident) or the expert cache's
-    budget (bytes, "50%", "2GB"); prefetch and numa as in prism_load.load."""
+    budget (bytes, "50%", "2GB"); prefetch, numa and expert_form as in prism_load.load (codes needs the
+    cache: "100%" when no budget is given)."""
     import torch
 
     import prism_load
 
+    if expert_form != "decoded" and cache is None:
+        cache = "100%"
     options = {} if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa}
+    if expert_form != "decoded":
+        options["expert_form"] = expert_form
     model = prism_load.load(model_path, **options)
     tok = model.tokenizer
     if tok is None:

@@ -206,16 +206,58 @@ def check_tensors(enc: Encoding, tensors: dict[str, torch.Tensor], where: str = 
 
 
 def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    out, inp = enc.shape
-    q = unpack_bits(tensors["qweight"], enc.bits, inp).float()  # [out, in]
-    g = enc.group_size
+    codes = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1])
+    return dequantize_codes(codes, tensors["scales"], tensors["zeros"], enc.group_size, dtype)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Unpacked codes uint8 [out, in] -> (q - zero) * scale per group of g input channels, in `dtype`."""
+    out, inp = codes.shape
+    q = codes.float()
     if inp % g == 0:  # broadcast per group instead of materialising repeated scales (same arithmetic)
         groups = inp // g
-        zeros, scales = tensors["zeros"].float()[..., None], tensors["scales"].float()[..., None]
+        zeros, scales = zeros.float()[..., None], scales.float()[..., None]
         return ((q.view(out, groups, g) - zeros) * scales).view(out, inp).to(dtype)
-    scales = tensors["scales"].float().repeat_interleave(g, dim=1)[:, :inp]
-    zeros = tensors["zeros"].float().repeat_interleave(g, dim=1)[:, :inp]
+    scales = scales.float().repeat_interleave(g, dim=1)[:, :inp]
+    zeros = zeros.float().repeat_interleave(g, dim=1)[:, :inp]
     return ((q - zeros) * scales).to(dtype)
+
+
+class CodesLinear:
+    """Integer weights kept as unpacked codes (uint8, a byte per weight) with their fp16 scales and zeros,
+    dequantised at every call: on a CPU this holds an expert in about a quarter of its fp32 bytes and
+    turns a cache miss's bit unpacking into a per-use dequantisation. `parts` are row blocks (gate, up),
+    each (codes [rows, in], scale_zero fp16 [2, rows, groups], group size), concatenated after
+    dequantisation, so the weight equals the dense decode bit for bit."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, int]], dtype: torch.dtype):
+        self.parts, self.dtype = parts, dtype
+
+    def weight(self) -> torch.Tensor:
+        ws = [dequantize_codes(q, sz[0], sz[1], g, self.dtype) for q, sz, g in self.parts]
+        return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for q, sz, _ in self.parts for t in (q, sz))
+
+
+def codes_part(enc: Encoding, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One `int` tensor as a CodesLinear part, in fresh memory (nothing aliases the stored bytes)."""
+    codes = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1]).contiguous()
+    if codes.untyped_storage().data_ptr() == tensors["qweight"].untyped_storage().data_ptr():  # 8-bit: a view
+        codes = codes.clone()
+    return codes, torch.stack([tensors["scales"], tensors["zeros"]]), enc.group_size
+
+
+def codes_nbytes(enc: Encoding) -> int:
+    """Bytes of codes_part's tensors: a byte per weight plus fp16 scales and zeros."""
+    out, inp = enc.shape
+    return out * inp + 2 * 2 * out * math.ceil(inp / enc.group_size)
 
 
 def decode(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:

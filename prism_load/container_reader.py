@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .codecs import Encoding, LowRankLinear, check_tensors, decode, decode_linear
+from .codecs import CodesLinear, Encoding, LowRankLinear, check_tensors, codes_part, decode, decode_linear
 from .container import (
     ALIGNMENT_BYTES,
     MANIFEST_NAME,
@@ -334,13 +334,23 @@ def overhead_bits_per_expert_weight(container: Container | str | Path) -> float:
     return metadata_overhead(container).bits_per_expert_weight
 
 
-def decode_expert(encoded: dict[str, EncodedTensor], dtype: torch.dtype = torch.float32) -> ExpertWeights:
+def decode_expert(encoded: dict[str, EncodedTensor], dtype: torch.dtype = torch.float32,
+                  codes: bool = False) -> ExpertWeights:
     """Stored tensors of one expert -> runtime ExpertWeights (gate and up rows concatenated; a low-rank
-    tensor stays factored when that is smaller). The one decode path of every expert source."""
+    tensor stays factored when that is smaller). The one decode path of every expert source. codes=True
+    keeps `int` projections as CodesLinear (gate and up only when both are `int`; see codes_layout)."""
     stored = {t.untyped_storage().data_ptr() for _, ts in encoded.values() for t in ts.values()}
-    ops = {name: owned(decode_linear(enc, t, dtype), stored) for name, (enc, t) in encoded.items()}
-    gate, up = ops["gate_proj"], ops["up_proj"]
-    if isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor):
+    as_codes = codes_layout({name: enc for name, (enc, _) in encoded.items()}) if codes else {}
+    ops = {name: owned(decode_linear(enc, t, dtype), stored) for name, (enc, t) in encoded.items()
+           if not as_codes.get(name)}
+    if as_codes.get("gate_proj"):
+        ops["gate_up"] = CodesLinear([codes_part(*encoded["gate_proj"]), codes_part(*encoded["up_proj"])], dtype)
+    if as_codes.get("down_proj"):
+        ops["down_proj"] = CodesLinear([codes_part(*encoded["down_proj"])], dtype)
+    gate, up = ops.get("gate_proj"), ops.get("up_proj")
+    if "gate_up" in ops:
+        gate_up = ops["gate_up"]
+    elif isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor):
         gate_up = torch.cat([gate, up])
     else:
         gate_up = ConcatLinear([gate, up])
@@ -348,6 +358,14 @@ def decode_expert(encoded: dict[str, EncodedTensor], dtype: torch.dtype = torch.
     if "gate_bias" in ops:
         bias = torch.cat([ops["gate_bias"], ops["up_bias"]])
     return ExpertWeights(gate_up, ops["down_proj"], bias, ops.get("down_bias"))
+
+
+def codes_layout(encodings: dict[str, Encoding]) -> dict[str, bool]:
+    """Which projections decode_expert(codes=True) keeps as codes: gate and up together when both are
+    `int` (their rows are concatenated), down when it is `int`; the rest decode densely."""
+    is_int = {name: encodings[name].kind == "int" for name in ("gate_proj", "up_proj", "down_proj")}
+    pair = is_int["gate_proj"] and is_int["up_proj"]
+    return {"gate_proj": pair, "up_proj": pair, "down_proj": is_int["down_proj"]}
 
 
 def owned(op, stored_ptrs: set[int]):

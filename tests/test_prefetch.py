@@ -332,8 +332,8 @@ def test_shadow_router_is_exact_when_the_next_attention_adds_nothing(tmp_path):
 
 
 # -- prism run ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_prism_run_streams_then_prints_stats(tmp_path, prefetch):
+@pytest.mark.parametrize("prefetch, codes", [(True, False), (False, False), (True, True)])
+def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from typer.testing import CliRunner
 
@@ -345,9 +345,13 @@ def test_prism_run_streams_then_prints_stats(tmp_path, prefetch):
     path = write_tiny(tmp_path / "m.prism", model=random_model(RUNTIME_CONFIG, seed=1), config=RUNTIME_CONFIG,
                       mix=INT_MIX, tokenizer_files=[tmp_path / "tokenizer.json"])
     args = ["run", str(path), "--prompt", "w1 w2 w3", "-n", "6", "--cache", "30%"]
-    result = CliRunner().invoke(app, args + ([] if prefetch else ["--no-prefetch"]), terminal_width=200)
+    extra = ([] if prefetch else ["--no-prefetch"]) + (["--codes"] if codes else [])
+    result = CliRunner().invoke(app, args + extra, terminal_width=200)
     assert result.exit_code == 0, result.output
     out = result.output
+    if codes:  # the same tokens as the decoded form: the weights are bit-identical
+        plain = CliRunner().invoke(app, args + ([] if prefetch else ["--no-prefetch"]), terminal_width=200)
+        assert out.splitlines()[0] == plain.output.splitlines()[0]
     assert "hits / misses" in out and "per MoE layer" in out
     assert ("prefetch recall / precision" in out) is prefetch
     assert "prefill 3 tokens" in out and "decode 5 tokens" in out

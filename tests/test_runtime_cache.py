@@ -337,3 +337,49 @@ def test_two_threads_missing_one_expert_load_it_once():
     b.join(timeout=10)
     assert len(got) == 2 and all(torch.equal(w.gate_up, store.experts[(0, 1)].gate_up) for w in got)
     assert store.fetched == [(0, 1)] and cache.stats.misses == 2 and cache.stats.late_prefetches == 0
+
+
+# -- experts kept as unpacked codes in the fast tier ---------------------------------------------------------
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_codes_form_matches_resident_with_a_tiny_budget(container, resident, prefetch):
+    """Int projections held as unpacked codes and dequantised per use give the resident logits bit for bit,
+    through misses and evictions (the mix has int4/g16, int3/g8 and bf16 tensors, so some experts mix forms)."""
+    budget = max(expert_bytes(codes_store(container))) * 2
+    model = load_cached(container, budget, prefetch, expert_form="codes")
+    for ids in prompts(3, RUNTIME_CONFIG["vocab_size"], seed=3):
+        assert torch.equal(model(ids), resident(ids))
+        assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    s = model.stats()
+    assert s["misses"] > 0 and s["residency"]["reserved_bytes"] <= budget
+    model.runtime.cache.check()
+
+
+def codes_store(container):
+    from prism_load.container import model_args
+    from prism_load.container_reader import Container
+
+    c = Container(container)
+    return ContainerStore(c, model_args(c.config)[1], codes=True)
+
+
+def test_codes_form_nbytes_is_exact_and_about_a_byte_per_weight(tmp_path):
+    from prism_load.codecs import CodesLinear
+
+    path = write_runtime_container(tmp_path / "f.prism", mix=[dict(kind="int", bits=3, group_size=8)])
+    codes, dense = codes_store(path), resident_store(path)
+    for i in codes.moe_layers:
+        for e in range(codes.num_experts):
+            w = load(codes, i, e)
+            assert isinstance(w.gate_up, CodesLinear) and isinstance(w.down, CodesLinear)
+            assert weights_nbytes(w) == codes.nbytes(i, e)
+            weights = sum(x.numel() for x in (load(dense, i, e).gate_up, load(dense, i, e).down))
+            groups = weights // 8  # one fp16 scale and one fp16 zero per group of 8
+            assert codes.nbytes(i, e) == weights + 4 * groups == dense.nbytes(i, e) // 4 + 4 * groups
+
+
+def test_codes_form_errors(container, tiny_checkpoint):
+    with pytest.raises(BudgetError, match=r"expert_form='packed': expected one of decoded, codes"):
+        load_cached(container, "50%", expert_form="packed")
+    folder, _ = tiny_checkpoint("mixtral")
+    with pytest.raises(BudgetError, match=r"expert_form='codes' needs a \.prism container on the CPU"):
+        load_cached(folder, "50%", expert_form="codes")

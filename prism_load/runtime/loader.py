@@ -13,22 +13,30 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ProfileError
+from ..errors import BudgetError, ProfileError
 from .attach import attach_runtime
 from .stores import CheckpointStore, ContainerStore, Key
 
 RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
-                   "frequency_weight", "pin_hot", "decode_on", "profile")
+                   "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form")
+EXPERT_FORMS = ("decoded", "codes")
 
 
 def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *, expert_cache="50%",
                 prefetch: bool = True, verify_checksums: bool = True, resolve_file=None, profile=None,
-                **runtime_options):
+                expert_form: str = "decoded", **runtime_options):
     """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache.
-    `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction."""
+    `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction.
+    `expert_form` (containers on the CPU): "decoded" keeps experts in the fast tier as dense weights;
+    "codes" keeps `int` projections as unpacked codes (a byte per weight) dequantised at each use."""
     folder = Path(path)
-    if (folder / "manifest.json").is_file():
-        model, store = _container_model(folder, dtype, verify_checksums, resolve_file)
+    container = (folder / "manifest.json").is_file()
+    if expert_form not in EXPERT_FORMS:
+        raise BudgetError(f"expert_form={expert_form!r}: expected one of {', '.join(EXPERT_FORMS)}")
+    if expert_form == "codes" and (not container or torch.device(device).type != "cpu"):
+        raise BudgetError("expert_form='codes' needs a .prism container on the CPU")
+    if container:
+        model, store = _container_model(folder, dtype, verify_checksums, resolve_file, expert_form == "codes")
     else:
         model, store = _checkpoint_model(folder, dtype, profile)
     model = model.to(device).eval()
@@ -46,7 +54,7 @@ def _detach_experts(model) -> None:
         block.experts = CachedExperts(None, block.experts.num_experts)
 
 
-def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file):
+def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, codes: bool = False):
     from ..container import model_args
     from ..container_loader import _rotary, _skeleton, _tokenizer, load_dense
     from ..container_reader import Container
@@ -59,7 +67,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file):
     model.tie_weights()
     model.rotary = _rotary(family, args)
     model.tokenizer = _tokenizer(c, verify_checksums)
-    return model, ContainerStore(c, args, dtype, verify_checksums)
+    return model, ContainerStore(c, args, dtype, verify_checksums, codes)
 
 
 def _checkpoint_model(folder: Path, dtype, profile):

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..codecs import Encoding, LowRankLinear
+from ..codecs import CodesLinear, Encoding, LowRankLinear, codes_nbytes
 from ..models.moe import ExpertWeights
 
 Key = tuple[int, int]  # (layer index, expert index)
@@ -72,6 +72,8 @@ def op_tensors(op) -> list[torch.Tensor]:
         return [op]
     if isinstance(op, LowRankLinear):
         return [t for t in (op.a, op.b, op.base) if t is not None]
+    if isinstance(op, CodesLinear):
+        return [t for q, sz, _ in op.parts for t in (q, sz)]
     if hasattr(op, "ops"):  # ConcatLinear
         return [t for o in op.ops for t in op_tensors(o)]
     raise TypeError(f"unknown linear operator {type(op).__name__}")
@@ -85,6 +87,8 @@ def map_op(op, fn: Callable[[torch.Tensor], torch.Tensor]):
         return fn(op)
     if isinstance(op, LowRankLinear):
         return LowRankLinear(fn(op.a), fn(op.b), None if op.base is None else fn(op.base))
+    if isinstance(op, CodesLinear):
+        return CodesLinear([(fn(q), fn(sz), g) for q, sz, g in op.parts], op.dtype)
     if hasattr(op, "ops"):
         return type(op)([map_op(o, fn) for o in op.ops])
     raise TypeError(f"unknown linear operator {type(op).__name__}")
@@ -147,15 +151,21 @@ def pack_into(buf: torch.Tensor, w: ExpertWeights) -> ExpertWeights:
     return map_weights(w, copy_into)
 
 
-def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype) -> int:
-    """Bytes of decode_linear's output for one expert: a low-rank tensor stays factored when that is smaller."""
+def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
+    """Bytes of decode_expert's output for one expert: a low-rank tensor stays factored when that is smaller;
+    with codes=True, what codes_layout keeps as codes costs a byte per weight plus scales and zeros."""
+    from ..container_reader import codes_layout
+
+    as_codes = codes_layout(encodings) if codes else {}
     total = 0
-    for enc in encodings.values():
-        if enc.kind == "lowrank" and enc.rank * sum(enc.shape) < math.prod(enc.shape):
-            total += enc.rank * sum(enc.shape)
+    for name, enc in encodings.items():
+        if as_codes.get(name):
+            total += codes_nbytes(enc)
+        elif enc.kind == "lowrank" and enc.rank * sum(enc.shape) < math.prod(enc.shape):
+            total += enc.rank * sum(enc.shape) * dtype.itemsize
         else:
-            total += math.prod(enc.shape)
-    return total * dtype.itemsize
+            total += math.prod(enc.shape) * dtype.itemsize
+    return total
 
 
 def _uniform(store) -> float:
@@ -255,11 +265,13 @@ class ContainerStore(StoreBase):
     """Experts of a .prism container: one positional read per expert (checksum checked) into one uint8 tensor
     (the form the CUDA host tier pins as it is), then decode_expert on the tensor's device."""
 
-    def __init__(self, container, args, dtype: torch.dtype = torch.float32, verify_checksums: bool = True):
+    def __init__(self, container, args, dtype: torch.dtype = torch.float32, verify_checksums: bool = True,
+                 codes: bool = False):
         self.container, self.dtype, self.verify_checksums = container, dtype, verify_checksums
+        self.codes = codes  # keep int projections as unpacked codes (CodesLinear) in the fast tier
         self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
         self.moe_layers = tuple(args.moe_layers)
-        self._nbytes = {(r.layer, r.expert): decoded_nbytes(r.encodings, dtype) for r in container.records}
+        self._nbytes = {(r.layer, r.expert): decoded_nbytes(r.encodings, dtype, codes) for r in container.records}
         self._layouts = {(r.layer, r.expert): r.layout() for r in container.records}
 
     def nbytes(self, layer, expert):
@@ -287,7 +299,7 @@ class ContainerStore(StoreBase):
         for t in self._layouts[(layer, expert)]:
             tensor, suffix = t.key.split(".", 1)
             encoded[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
-        return decode_expert(encoded, self.dtype)
+        return decode_expert(encoded, self.dtype, self.codes)
 
 
 def prior_frequency(store: ExpertStore, layer: int, expert: int) -> float:
