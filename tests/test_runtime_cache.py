@@ -46,10 +46,13 @@ def resident(container):
 
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("experts_in_budget", [1, 2])
-def test_tiny_budget_matches_resident(container, resident, prefetch, experts_in_budget):
-    """A cache holding 1 or 2 of a layer's 8 experts gives the resident model's logits and greedy tokens."""
-    budget = expert_bytes(resident_store(container))[-1] * experts_in_budget
-    model = load_cached(container, budget, prefetch)
+@pytest.mark.parametrize("form", ["decoded", "codes"])
+def test_tiny_budget_matches_resident(container, resident, prefetch, experts_in_budget, form):
+    """A cache holding 1 or 2 of a layer's 8 experts gives the resident model's logits and greedy tokens,
+    with experts decoded or kept as codes (the mix has int4/g16, int3/g8 and bf16 tensors, so some experts
+    mix forms)."""
+    budget = expert_bytes(resident_store(container, codes=form == "codes"))[-1] * experts_in_budget
+    model = load_cached(container, budget, prefetch, expert_form=form)
     for ids in prompts(3, RUNTIME_CONFIG["vocab_size"], seed=1):
         assert torch.equal(model(ids), resident(ids))
         assert torch.equal(greedy(model, ids), greedy(resident, ids))
@@ -58,12 +61,12 @@ def test_tiny_budget_matches_resident(container, resident, prefetch, experts_in_
     model.runtime.cache.check()
 
 
-def resident_store(container):
+def resident_store(container, codes: bool = False):
     from prism_load.container import model_args
     from prism_load.container_reader import Container
 
     c = Container(container)
-    return ContainerStore(c, model_args(c.config)[1])
+    return ContainerStore(c, model_args(c.config)[1], codes=codes)
 
 
 def test_checkpoint_store_matches_resident(tiny_checkpoint):
@@ -340,33 +343,11 @@ def test_two_threads_missing_one_expert_load_it_once():
 
 
 # -- experts kept as unpacked codes in the fast tier ---------------------------------------------------------
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_codes_form_matches_resident_with_a_tiny_budget(container, resident, prefetch):
-    """Int projections held as unpacked codes and dequantised per use give the resident logits bit for bit,
-    through misses and evictions (the mix has int4/g16, int3/g8 and bf16 tensors, so some experts mix forms)."""
-    budget = max(expert_bytes(codes_store(container))) * 2
-    model = load_cached(container, budget, prefetch, expert_form="codes")
-    for ids in prompts(3, RUNTIME_CONFIG["vocab_size"], seed=3):
-        assert torch.equal(model(ids), resident(ids))
-        assert torch.equal(greedy(model, ids), greedy(resident, ids))
-    s = model.stats()
-    assert s["misses"] > 0 and s["residency"]["reserved_bytes"] <= budget
-    model.runtime.cache.check()
-
-
-def codes_store(container):
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
-
-    c = Container(container)
-    return ContainerStore(c, model_args(c.config)[1], codes=True)
-
-
 def test_codes_form_nbytes_is_exact_and_about_a_byte_per_weight(tmp_path):
     from prism_load.codecs import CodesLinear
 
     path = write_runtime_container(tmp_path / "f.prism", mix=[dict(kind="int", bits=3, group_size=8)])
-    codes, dense = codes_store(path), resident_store(path)
+    codes, dense = resident_store(path, codes=True), resident_store(path)
     for i in codes.moe_layers:
         for e in range(codes.num_experts):
             w = load(codes, i, e)
