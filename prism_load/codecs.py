@@ -206,15 +206,15 @@ def check_tensors(enc: Encoding, tensors: dict[str, torch.Tensor], where: str = 
 
 
 def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    codes = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1])
-    return dequantize_codes(codes, tensors["scales"], tensors["zeros"], enc.group_size, dtype)
+    # .float() at once: the uint8 codes die before the arithmetic (peak memory of a decode, see CodesLinear)
+    q = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1]).float()
+    return dequantize_codes(q, tensors["scales"], tensors["zeros"], enc.group_size, dtype)
 
 
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
+def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
                      dtype: torch.dtype) -> torch.Tensor:
-    """Unpacked codes uint8 [out, in] -> (q - zero) * scale per group of g input channels, in `dtype`."""
-    out, inp = codes.shape
-    q = codes.float()
+    """Codes [out, in] as fp32 -> (q - zero) * scale per group of g input channels, in `dtype`."""
+    out, inp = q.shape
     if inp % g == 0:  # broadcast per group instead of materialising repeated scales (same arithmetic)
         groups = inp // g
         zeros, scales = zeros.float()[..., None], scales.float()[..., None]
@@ -235,7 +235,7 @@ class CodesLinear:
         self.parts, self.dtype = parts, dtype
 
     def weight(self) -> torch.Tensor:
-        ws = [dequantize_codes(q, sz[0], sz[1], g, self.dtype) for q, sz, g in self.parts]
+        ws = [dequantize_codes(q.float(), sz[0], sz[1], g, self.dtype) for q, sz, g in self.parts]
         return ws[0] if len(ws) == 1 else torch.cat(ws)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
