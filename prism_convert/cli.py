@@ -192,7 +192,9 @@ def demo(
 
     with _progress() as progress:
         model = _model_path(f"reference:{preset}", progress)
-        result = run_convert(model, out, _budget(bits, None), samples=64, eval_samples=16, progress=progress)
+        work = out.parent / f".{out.name}.work" / model.name  # one per reference model: a new one never collides
+        result = run_convert(model, out, _budget(bits, None), samples=64, eval_samples=16, work=work,
+                             progress=progress)
     original = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     _print_conversion(result)
     console.print(f"original checkpoint {original / 2**20:,.1f} MiB (fp32) -> container "

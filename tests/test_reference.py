@@ -187,3 +187,28 @@ def test_bad_preset_and_foreign_output_folder(tmp_path):
     with pytest.raises(PrismError, match="mine: exists and is not a reference model folder"):
         train_reference(tmp_path / "mine", "tiny")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_a_new_reference_model_never_collides_with_old_work(tiny_pair, tmp_path,
+                                                                                      monkeypatch):
+    """`prism demo` (the README's main job) on the tiny preset: it converts, loads and generates; its work
+    folder is per reference model, so work left by another model (here, a stale job in the old shared
+    layout and a second model's run) never makes it fail."""
+    import shutil
+
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "reference" / reference.cache_key("tiny", 0)
+    shutil.copytree(tiny_pair[0], folder)  # the cached reference model, as `prism reference` leaves it
+    stale = tmp_path / ".demo.prism.work" / "compress"
+    stale.mkdir(parents=True)
+    (stale / "job.json").write_text(json.dumps({"model": "another model"}))
+    runner = CliRunner()
+    for _ in range(2):  # the second run resumes its own finished work
+        result = runner.invoke(app, ["demo", "--preset", "tiny", "-o", str(tmp_path / "demo.prism")],
+                               terminal_width=200)
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert "bits per expert weight" in out and "KL(original || packed)" in out and "decode" in out
+    assert (tmp_path / ".demo.prism.work" / folder.name / "compress" / "job.json").is_file()
+    assert json.loads((stale / "job.json").read_text()) == {"model": "another model"}  # left alone
