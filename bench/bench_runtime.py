@@ -20,6 +20,7 @@ Writes bench/results/runtime.json and bench/results/runtime.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -178,11 +179,16 @@ def summarise(name: str, runs: list[list[dict]], stats: dict | None) -> dict:
     return out
 
 
+@functools.cache
+def decoded_expert_bytes(container: Path) -> int:
+    """What every expert takes decoded in the fast tier: the total that "50%" budgets are shares of."""
+    return prism_load.load(container, expert_cache="100%", prefetch=False).stats()["expert_bytes_total"]
+
+
 def resolve_budget(container: Path, budget):
     """"25% of decoded" -> bytes: a share of what every expert takes decoded (whatever form the run uses)."""
     if isinstance(budget, str) and budget.endswith(" of decoded"):
-        total = prism_load.load(container, expert_cache="100%", prefetch=False).stats()["expert_bytes_total"]
-        return int(total * float(budget.split("%")[0]) / 100)
+        return int(decoded_expert_bytes(container) * float(budget.split("%")[0]) / 100)
     return budget
 
 
@@ -407,7 +413,7 @@ def main() -> None:
     prompts = bench_prompts(container, args.synthetic)
     load_before = os.getloadavg()
     speed = run_speed(container, args.device, prompts, args.tokens, args.repeats)
-    expert_bytes = prism_load.load(container, expert_cache="100%", prefetch=False).stats()["expert_bytes_total"]
+    expert_bytes = decoded_expert_bytes(container)
     memory = None if args.no_memory or args.device != "cpu" else run_memory(container, prompts[0], args.tokens,
                                                                              args.threads, expert_bytes)
     overlap = overlap_probe(container, prompts[0].to(args.device), args.tokens) if args.device == "cpu" else None
