@@ -23,9 +23,8 @@ def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Cons
 
     if expert_form != "decoded" and cache is None:
         cache = "100%"
-    options = {} if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa}
-    if expert_form != "decoded":
-        options["expert_form"] = expert_form
+    options = {} if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
+                                        "expert_form": expert_form}
     model = prism_load.load(model_path, **options)
     tok = model.tokenizer
     if tok is None:
