@@ -206,22 +206,28 @@ def check_tensors(enc: Encoding, tensors: dict[str, torch.Tensor], where: str = 
 
 
 def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    # .float() at once: the uint8 codes die before the arithmetic (peak memory of a decode, see CodesLinear)
-    q = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1]).float()
+    q = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1])
     return dequantize_codes(q, tensors["scales"], tensors["zeros"], enc.group_size, dtype)
 
 
 def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """Codes [out, in] as fp32 -> (q - zero) * scale per group of g input channels, in `dtype`."""
-    out, inp = q.shape
-    if inp % g == 0:  # broadcast per group instead of materialising repeated scales (same arithmetic)
-        groups = inp // g
-        zeros, scales = zeros.float()[..., None], scales.float()[..., None]
-        return ((q.view(out, groups, g) - zeros) * scales).view(out, inp).to(dtype)
-    scales = scales.float().repeat_interleave(g, dim=1)[:, :inp]
-    zeros = zeros.float().repeat_interleave(g, dim=1)[:, :inp]
-    return ((q - zeros) * scales).to(dtype)
+                     dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes [rows, in] (uint8 or float) -> (q - zero) * scale per group of g input channels, computed in fp32
+    and returned in `dtype`; written into `out` (fp32 [rows, in]) when given. Three passes over the weight,
+    in place (a copy that converts, then per-group broadcasts; a last partial group gets its own pair), so
+    a miss costs little more than reading the codes: same arithmetic, same bits as (q - z) * s."""
+    rows, inp = q.shape
+    w = out if out is not None else torch.empty(rows, inp, dtype=torch.float32)
+    w.copy_(q)  # codes < 256: exact in fp32
+    zeros, scales = zeros.float(), scales.float()
+    full = inp // g
+    if full:
+        body = w[:, : full * g].view(rows, full, g)
+        body.sub_(zeros[:, :full, None]).mul_(scales[:, :full, None])
+    if full * g < inp:
+        tail = w[:, full * g :]
+        tail.sub_(zeros[:, full : full + 1]).mul_(scales[:, full : full + 1])
+    return w if dtype == torch.float32 else w.to(dtype)
 
 
 class CodesLinear:
@@ -235,8 +241,12 @@ class CodesLinear:
         self.parts, self.dtype = parts, dtype
 
     def weight(self) -> torch.Tensor:
-        ws = [dequantize_codes(q.float(), sz[0], sz[1], g, self.dtype) for q, sz, g in self.parts]
-        return ws[0] if len(ws) == 1 else torch.cat(ws)
+        w = torch.empty(sum(q.shape[0] for q, _, _ in self.parts), self.parts[0][0].shape[1], dtype=torch.float32)
+        row = 0
+        for q, sz, g in self.parts:  # each part dequantised into its row block: no concatenation copy
+            dequantize_codes(q, sz[0], sz[1], g, torch.float32, out=w[row : row + q.shape[0]])
+            row += q.shape[0]
+        return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight())
