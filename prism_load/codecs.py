@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from . import kernels
 from .errors import ContainerError
 
 KINDS = ("bf16", "fp16", "fp32", "int", "lowrank", "int+lowrank")
@@ -168,23 +169,10 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of pack_bits: uint8 [rows, ceil(cols*bits/8)] -> uint8 [rows, cols]."""
-    rows = packed.shape[0]
-    if bits == 8:
-        return packed[:, :cols]
-    if 8 % bits == 0:  # 2 and 4 bits never straddle a byte: shift each byte in place (runtime hot path)
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
-    words = -(-cols // 8)
-    value_shift = torch.arange(8) * bits  # [8]
-    byte_shift = torch.arange(bits) * 8  # [bits]
-    step = _rows_per_chunk(words)
-    out = []
-    for r in range(0, rows, step):
-        b = torch.nn.functional.pad(packed[r : r + step].to(torch.int64), (0, words * bits - packed.shape[1]))
-        word = (b.reshape(-1, words, bits) << byte_shift).sum(-1, keepdim=True)  # [r, words, 1]
-        out.append(((word >> value_shift) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1, words * 8))
-    return torch.cat(out)[:, :cols]
+    """Inverse of pack_bits: uint8 [rows, ceil(cols*bits/8)] -> uint8 [rows, cols] (fresh memory)."""
+    out = torch.empty(packed.shape[0], cols, dtype=torch.uint8)
+    kernels.unpack_codes_into(packed, bits, cols, out)
+    return out
 
 
 # -- decoding ------------------------------------------------------------------------------------------
@@ -206,27 +194,18 @@ def check_tensors(enc: Encoding, tensors: dict[str, torch.Tensor], where: str = 
 
 
 def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    q = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1])
-    return dequantize_codes(q, tensors["scales"], tensors["zeros"], enc.group_size, dtype)
+    """Bits unpacked and dequantised in one lock-free kernel call (prism_load/kernels.py)."""
+    w = torch.empty(enc.shape, dtype=torch.float32)
+    kernels.dequantize_into(tensors["qweight"], enc.bits, enc.shape[1], tensors["scales"], tensors["zeros"],
+                            enc.group_size, w)
+    return w if dtype == torch.float32 else w.to(dtype)
 
 
 def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
-                     dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes [rows, in] (uint8 or float) -> (q - zero) * scale per group of g input channels, computed in fp32
-    and returned in `dtype`; written into `out` (fp32 [rows, in]) when given. Three passes over the weight,
-    in place (a copy that converts, then per-group broadcasts; a last partial group gets its own pair), so
-    a miss costs little more than reading the codes: same arithmetic, same bits as (q - z) * s."""
-    rows, inp = q.shape
-    w = out if out is not None else torch.empty(rows, inp, dtype=torch.float32)
-    w.copy_(q)  # codes < 256: exact in fp32
-    zeros, scales = zeros.float(), scales.float()
-    full = inp // g
-    if full:
-        body = w[:, : full * g].view(rows, full, g)
-        body.sub_(zeros[:, :full, None]).mul_(scales[:, :full, None])
-    if full * g < inp:
-        tail = w[:, full * g :]
-        tail.sub_(zeros[:, full : full + 1]).mul_(scales[:, full : full + 1])
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Codes [rows, in] (uint8) -> (q - zero) * scale per group of g input channels, computed in fp32, in `dtype`."""
+    w = torch.empty(q.shape, dtype=torch.float32)
+    kernels.dequantize_into(q, 8, q.shape[1], scales, zeros, g, w)
     return w if dtype == torch.float32 else w.to(dtype)
 
 
@@ -239,13 +218,23 @@ class CodesLinear:
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, int]], dtype: torch.dtype):
         self.parts, self.dtype = parts, dtype
+        self.rows, self.cols = sum(q.shape[0] for q, _, _ in parts), parts[0][0].shape[1]
+        self._plan = None  # [(first row, last row, codes, scales, zeros, group size)], made at the first use
+
+    def plan(self) -> list:
+        if self._plan is None:
+            plan, row = [], 0
+            for q, sz, g in self.parts:
+                plan.append((row, row + q.shape[0], q, sz[0], sz[1], g))
+                row += q.shape[0]
+            self._plan = plan
+        return self._plan
 
     def weight(self) -> torch.Tensor:
-        w = torch.empty(sum(q.shape[0] for q, _, _ in self.parts), self.parts[0][0].shape[1], dtype=torch.float32)
-        row = 0
-        for q, sz, g in self.parts:  # each part dequantised into its row block: no concatenation copy
-            dequantize_codes(q, sz[0], sz[1], g, torch.float32, out=w[row : row + q.shape[0]])
-            row += q.shape[0]
+        """Each part dequantised into its row block (no concatenation copy), one kernel call per part."""
+        w = torch.empty(self.rows, self.cols, dtype=torch.float32)
+        for start, stop, q, scales, zeros, g in self.plan():
+            kernels.dequantize_into(q, 8, self.cols, scales, zeros, g, w[start:stop])
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,9 +247,7 @@ class CodesLinear:
 
 def codes_part(enc: Encoding, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One `int` tensor as a CodesLinear part, in fresh memory (nothing aliases the stored bytes)."""
-    codes = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1]).contiguous()
-    if codes.untyped_storage().data_ptr() == tensors["qweight"].untyped_storage().data_ptr():  # 8-bit: a view
-        codes = codes.clone()
+    codes = unpack_bits(tensors["qweight"], enc.bits, enc.shape[1])
     return codes, torch.stack([tensors["scales"], tensors["zeros"]]), enc.group_size
 
 

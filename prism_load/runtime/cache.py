@@ -237,12 +237,14 @@ class ExpertCache:
                     with self._lock:
                         self.host.put(entry.key, raw, raw_nbytes(raw))
             weights, event = self.transfer.load(self.store, layer, expert, raw)
+        elif self.slabs is not None and hasattr(self.store, "decode_into"):  # decoded straight into its slab
+            weights = self.store.decode_into(layer, expert, raw, lambda nbytes: self._take_slab(entry, nbytes))
+            self._check_size(entry, weights)
+            return weights, event, host_hit
         else:
             weights = self.store.decode(layer, expert, raw)
         del raw
-        if weights_nbytes(weights) != entry.decoded_nbytes:
-            raise RuntimeError(f"store {type(self.store).__name__}: layer {layer} expert {expert} decodes to "
-                               f"{weights_nbytes(weights)} bytes, its nbytes() said {entry.decoded_nbytes}")
+        self._check_size(entry, weights)
         if self.placement is not None and self.transfer is None:
             weights = self.placement.place(entry.key, weights)
         elif self.slabs is not None:
@@ -250,6 +252,17 @@ class ExpertCache:
                 entry.slab = self.slabs.take(packed_nbytes(weights))
             weights = pack_into(entry.slab, weights)
         return weights, event, host_hit
+
+    def _take_slab(self, entry: Entry, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            entry.slab = self.slabs.take(nbytes)
+        return entry.slab
+
+    def _check_size(self, entry: Entry, weights: ExpertWeights) -> None:
+        if weights_nbytes(weights) != entry.decoded_nbytes:
+            layer, expert = entry.key
+            raise RuntimeError(f"store {type(self.store).__name__}: layer {layer} expert {expert} decodes to "
+                               f"{weights_nbytes(weights)} bytes, its nbytes() said {entry.decoded_nbytes}")
 
     def _finish(self, entry: Entry, weights, event, host_hit: bool) -> None:
         """Under the lock: a load is done; make the entry ready and wake every waiter."""
