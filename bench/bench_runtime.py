@@ -224,14 +224,19 @@ def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens:
 
 
 def decode_loop(container: str, stop, count) -> None:
-    """Decode the container's experts round-robin until stopped (what a prefetch worker does), counting them."""
+    """Load the container's experts round-robin until stopped, as prism's prefetch worker loads one (a read,
+    then the decode straight into a fast-tier buffer), counting them."""
+    from prism_load.container import model_args
     from prism_load.container_reader import Container
+    from prism_load.runtime.stores import ContainerStore
 
     torch.set_num_threads(1)
     with Container(Path(container)) as c:
+        store = ContainerStore(c, model_args(c.config)[1])
+        buf = torch.empty(max(store.nbytes(r.layer, r.expert) for r in c.records) + 2**12, dtype=torch.uint8)
         while not stop.is_set():
             r = c.records[count.value % len(c.records)]
-            c.expert_weights(r.layer, r.expert)
+            store.decode_into(r.layer, r.expert, store.fetch(r.layer, r.expert), lambda n: buf[:n])
             with count.get_lock():
                 count.value += 1
 

@@ -170,7 +170,7 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of pack_bits: uint8 [rows, ceil(cols*bits/8)] -> uint8 [rows, cols] (fresh memory)."""
-    out = torch.empty(packed.shape[0], cols, dtype=torch.uint8)
+    out = torch.empty(packed.shape[0], cols, dtype=torch.uint8, device=packed.device)
     kernels.unpack_codes_into(packed, bits, cols, out)
     return out
 
@@ -195,7 +195,7 @@ def check_tensors(enc: Encoding, tensors: dict[str, torch.Tensor], where: str = 
 
 def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Bits unpacked and dequantised in one lock-free kernel call (prism_load/kernels.py)."""
-    w = torch.empty(enc.shape, dtype=torch.float32)
+    w = torch.empty(enc.shape, dtype=torch.float32, device=tensors["qweight"].device)
     kernels.dequantize_into(tensors["qweight"], enc.bits, enc.shape[1], tensors["scales"], tensors["zeros"],
                             enc.group_size, w)
     return w if dtype == torch.float32 else w.to(dtype)
@@ -204,7 +204,7 @@ def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch
 def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
                      dtype: torch.dtype) -> torch.Tensor:
     """Codes [rows, in] (uint8) -> (q - zero) * scale per group of g input channels, computed in fp32, in `dtype`."""
-    w = torch.empty(q.shape, dtype=torch.float32)
+    w = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     kernels.dequantize_into(q, 8, q.shape[1], scales, zeros, g, w)
     return w if dtype == torch.float32 else w.to(dtype)
 
@@ -232,7 +232,7 @@ class CodesLinear:
 
     def weight(self) -> torch.Tensor:
         """Each part dequantised into its row block (no concatenation copy), one kernel call per part."""
-        w = torch.empty(self.rows, self.cols, dtype=torch.float32)
+        w = torch.empty(self.rows, self.cols, dtype=torch.float32, device=self.parts[0][0].device)
         for start, stop, q, scales, zeros, g in self.plan():
             kernels.dequantize_into(q, 8, self.cols, scales, zeros, g, w[start:stop])
         return w if self.dtype == torch.float32 else w.to(self.dtype)

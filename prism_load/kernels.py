@@ -32,7 +32,7 @@ def unpack_codes_into(packed: torch.Tensor, bits: int, cols: int, out: torch.Ten
     elif 8 % bits == 0:  # 2 and 4 bits never straddle a byte: each byte holds `per` values
         per = 8 // bits
         whole = nbytes * per == cols
-        dst = out if whole else torch.empty([rows, nbytes * per], dtype=out.dtype)
+        dst = out if whole else torch.empty([rows, nbytes * per], dtype=out.dtype, device=out.device)
         view = dst.view(rows, nbytes, per)
         for k in range(per):
             view[:, :, k].copy_(torch.bitwise_and(torch.bitwise_right_shift(packed, k * bits), mask))
@@ -45,7 +45,7 @@ def unpack_codes_into(packed: torch.Tensor, bits: int, cols: int, out: torch.Ten
         words = (cols + vpw - 1) // vpw
         if words * bpw > nbytes:
             packed = torch.nn.functional.pad(packed, [0, words * bpw - nbytes])
-        shifts = torch.arange(vpw, dtype=dt) * bits
+        shifts = torch.arange(vpw, dtype=dt, device=packed.device) * bits
         step = max(1, 262144 // max(cols, 1))  # rows per pass: the word temporaries stay about a MiB
         for r in range(0, rows, step):
             v = packed[r : r + step].reshape(-1, words, bpw)

@@ -79,3 +79,16 @@ def test_store_decode_into_equals_decode_then_pack(tmp_path, mix):
             direct += store._int_plans[(i, e)] is not None
     total = len(store.moe_layers) * store.num_experts
     assert direct == total if mix == "int" else 0 < direct < total
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_decode_stays_on_the_inputs_device(bits):
+    """Every temporary is made on the inputs' device (the CUDA path decodes on the GPU): on the meta device a
+    CPU temporary would fail the ops that mix it with meta tensors."""
+    from prism_load.codecs import Encoding, dequantize_int, unpack_bits
+
+    rows, cols, g = 6, 33, 16
+    enc = Encoding("int", (rows, cols), bits=bits, group_size=g)
+    stored = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in enc.tensor_specs().items()}
+    assert dequantize_int(enc, stored, torch.float32).device.type == "meta"
+    assert unpack_bits(stored["qweight"], bits, cols).device.type == "meta"

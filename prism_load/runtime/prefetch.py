@@ -10,10 +10,12 @@ A fetch is cancelled while it waits in the queue when a newer prediction for its
 layer's real routing disagrees; once started it is marked unwanted instead, dropped after its read (before
 the decode), or, if already decoded, put first in line for eviction. Its bytes count as wasted.
 
-Prefetch pays where a miss can run beside the compute: a GPU (copy and decode on a side stream) or a cold
-tier that waits on a disk. On a CPU the worker's decode is Python-driven torch code that contends with the
-compute thread for the interpreter lock, so there it buys little or loses (bench/results/runtime.md
-measures both, and a second thread vs a second process decoding beside the compute).
+Prefetch pays where a miss can run beside the compute: a GPU (copy and decode on a side stream), a cold
+tier that waits on a disk, or a spare CPU core. On a CPU the worker's decode is one TorchScript kernel call
+per expert (prism_load/kernels.py), which runs without the interpreter lock, so the compute thread keeps
+most of its speed while the worker decodes; its remaining cost is the Python around each load (read,
+bookkeeping). bench/results/runtime.md measures prefetch against on-demand loads, and the overlap probe
+measures what a decoding thread and a decoding process cost the compute.
 """
 
 from __future__ import annotations
