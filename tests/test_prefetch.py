@@ -331,6 +331,27 @@ def test_shadow_router_is_exact_when_the_next_attention_adds_nothing(tmp_path):
         assert layers[i]["recall"] == layers[i]["precision"] == 1.0
 
 
+def test_shadow_router_skips_layers_already_resident(tmp_path):
+    """A layer whose every expert is resident or loading is not predicted (a guess could fetch nothing, and
+    the prediction costs the compute thread); the other layers still are, and the cache's per-layer counts
+    follow its entries."""
+    path = write_tiny(tmp_path / "m.prism", model=random_model(RUNTIME_CONFIG, seed=4), config=RUNTIME_CONFIG,
+                      mix=INT_MIX)
+    per_layer = sum(sorted(expert_bytes(load_cached(path, "100%", False)))[-RUNTIME_CONFIG["num_local_experts"]:])
+    cached = load_cached(path, per_layer + 2 * max(expert_bytes(load_cached(path, "100%", False))), True,
+                         pin_hot=False)
+    cache = cached.runtime.cache
+    for e in range(RUNTIME_CONFIG["num_local_experts"]):  # all of layer 2 in, pinned for good by our thread
+        cache.use(2, e)
+        cache._pins.pop(threading.get_ident())  # keep them pinned: no eviction of layer 2 below
+    assert cache.layer_entries[2] == RUNTIME_CONFIG["num_local_experts"]
+    greedy(cached, prompts(1, RUNTIME_CONFIG["vocab_size"], seed=6, length=(6, 7))[0], 6)
+    layers = cached.stats()["layers"]
+    assert layers[2]["predicted_steps"] == 0 and layers[1]["predicted_steps"] == 6 - 1
+    cached.runtime.close()
+    cache.check()
+
+
 # -- prism run ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prefetch, codes", [(True, False), (False, False), (True, True)])
 def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -63,6 +64,7 @@ class ExpertCache:
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads waiting on _changed
         self._entries: dict[Key, Entry] = {}
+        self.layer_entries = Counter()  # layer -> its experts resident or loading (the prefetcher skips full layers)
         self.used_bytes = 0
         self._pins: dict[int, list[Entry]] = {}  # thread ident -> the entries that thread is using
         self._prior = {k: prior_frequency(store, *k) for k in self.keys}
@@ -369,6 +371,7 @@ class ExpertCache:
     def _add_entry(self, key: Key, nbytes: int, prefetched: bool) -> Entry:
         entry = Entry(key, nbytes, self.store.stored_nbytes(*key), prefetched)
         self._entries[key] = entry
+        self.layer_entries[key[0]] += 1
         self.used_bytes += entry.nbytes
         return entry
 
@@ -377,6 +380,7 @@ class ExpertCache:
         unpinned, and weights handed to a thread are valid until its next acquire/use or release_thread)."""
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+            self.layer_entries[entry.key[0]] -= 1
             self.used_bytes -= entry.nbytes
         entry.weights = None
         if entry.slab is not None:
@@ -493,6 +497,8 @@ class ExpertCache:
             if total != self.used_bytes or self.used_bytes > self.budget_bytes:
                 raise AssertionError(f"cache accounting: entries {total}, used {self.used_bytes}, "
                                      f"budget {self.budget_bytes}")
+            if Counter(k[0] for k in self._entries) != +self.layer_entries:
+                raise AssertionError(f"cache per-layer counts {dict(self.layer_entries)} do not match its entries")
 
 
 class ExpertLease(Mapping):

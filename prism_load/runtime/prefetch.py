@@ -142,14 +142,15 @@ class ShadowRouter:
         self.layers = {layer.index: layer for layer in model.layers}
         self.next_moe = {layer.index: [j for j in moe if j > layer.index][:lookahead] for layer in model.layers}
         self.fused = {j: fused_router(self.layers[j]) for j in moe}  # j -> (W * g [E, H] fp32, top_k) or None
-        self.experts = len(cache.keys)
+        self.num_experts = len(cache.keys) // len(moe)
 
     def on_layer(self, index: int, hidden: torch.Tensor) -> bool:
-        """Predict and prefetch; False when there is nothing to predict (prefill, last MoE layer)."""
-        targets = self.next_moe.get(index)
+        """Predict and prefetch; False when there is nothing to predict (prefill, last MoE layer, or every
+        expert of the layers ahead resident or loading: a guess could not fetch anything)."""
+        targets = [j for j in self.next_moe.get(index, ()) if self.cache.layer_entries[j] < self.num_experts]
         rows = hidden.numel() // hidden.shape[-1]
-        if not targets or rows > self.max_tokens or len(self.cache._entries) == self.experts:
-            return False  # nothing to predict, a prefill, or every expert already resident (or loading)
+        if not targets or rows > self.max_tokens:
+            return False
         x = hidden.reshape(rows, hidden.shape[-1])
         with torch.no_grad():
             for j in targets:  # the nearest layer first: its fetches queue ahead of the farther layer's
