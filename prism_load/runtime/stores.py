@@ -305,12 +305,12 @@ class ContainerStore(StoreBase):
             encoded[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
         return decode_expert(encoded, self.dtype, self.codes)
 
-
     def decode_into(self, layer, expert, raw: torch.Tensor, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
         """Decoded weights in take_buffer(packed bytes) (a fast-tier slab), laid out as pack_into lays them.
         An expert whose three projections are `int` (fp32 runtime, no biases) is dequantised straight into
-        the buffer, one lock-free kernel call per projection: no temporaries, no concatenation, no second
-        copy, and little interpreter-lock time on a prefetch thread. Others decode, then are copied in."""
+        the buffer in one lock-free kernel call (kernels.decode_int_expert): no temporaries, no
+        concatenation, no second copy, and little interpreter-lock time on a prefetch thread. Others
+        decode, then are copied in."""
         plan = self._int_plans[(layer, expert)]
         if plan is None:
             weights = self.decode(layer, expert, raw)
