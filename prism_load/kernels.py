@@ -3,12 +3,12 @@ once with TorchScript.
 
 Why: on a CPU a cache miss or a prefetch is a decode, a few dozen torch calls per expert. Called from
 Python, each call takes the interpreter lock between kernels, and a prefetch thread decoding beside the
-compute thread (also Python between its kernels) slows it: bench/results/runtime.md measured resident
-decode at 114 tokens/s alone and 66 beside a thread decoding experts in Python. A TorchScript function
-runs its whole body in C++ with the lock released, so the same work beside the compute costs it little
-(the overlap probe measures both). The bodies use only torch ops that give the same bits wherever they
-run; `python_fallback=True` (or a torch without TorchScript) runs the same functions as plain Python, and
-the tests hold the two to bit equality.
+compute thread (also Python between its kernels) slows it: before these kernels the runtime bench's overlap
+probe measured resident decode at 114 tokens/s alone and 66 beside a thread decoding experts in Python. A
+TorchScript function runs its whole body in C++ with the lock released, so the same work beside the compute
+costs it far less (bench/results/runtime.md has the current probe). The bodies use only torch ops that give
+the same bits wherever they run; where torch cannot script them they run as plain Python (`python(name)`
+returns that version; the tests hold the two to bit equality).
 
 TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run time; these
 kernels need nothing. The deprecation warning is silenced for the one compile.
