@@ -229,11 +229,12 @@ def decode_loop(container: str, stop, count) -> None:
     from prism_load.container import model_args
     from prism_load.container_reader import Container
     from prism_load.runtime.stores import ContainerStore
+    from prism_load.runtime.tiers import footprint
 
     torch.set_num_threads(1)
     with Container(Path(container)) as c:
         store = ContainerStore(c, model_args(c.config)[1])
-        buf = torch.empty(max(store.nbytes(r.layer, r.expert) for r in c.records) + 2**12, dtype=torch.uint8)
+        buf = torch.empty(footprint(max(store.nbytes(r.layer, r.expert) for r in c.records)), dtype=torch.uint8)
         while not stop.is_set():
             r = c.records[count.value % len(c.records)]
             store.decode_into(r.layer, r.expert, store.fetch(r.layer, r.expert), lambda n: buf[:n])

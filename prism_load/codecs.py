@@ -201,14 +201,6 @@ def dequantize_int(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch
     return w if dtype == torch.float32 else w.to(dtype)
 
 
-def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """Codes [rows, in] (uint8) -> (q - zero) * scale per group of g input channels, computed in fp32, in `dtype`."""
-    w = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    kernels.dequantize_into(q, 8, q.shape[1], scales, zeros, g, w)
-    return w if dtype == torch.float32 else w.to(dtype)
-
-
 class CodesLinear:
     """Integer weights kept as unpacked codes (uint8, a byte per weight) with their fp16 scales and zeros,
     dequantised at every call: on a CPU this holds an expert in about a quarter of its fp32 bytes and
@@ -219,21 +211,15 @@ class CodesLinear:
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, int]], dtype: torch.dtype):
         self.parts, self.dtype = parts, dtype
         self.rows, self.cols = sum(q.shape[0] for q, _, _ in parts), parts[0][0].shape[1]
-        self._plan = None  # [(first row, last row, codes, scales, zeros, group size)], made at the first use
-
-    def plan(self) -> list:
-        if self._plan is None:
-            plan, row = [], 0
-            for q, sz, g in self.parts:
-                plan.append((row, row + q.shape[0], q, sz[0], sz[1], g))
-                row += q.shape[0]
-            self._plan = plan
-        return self._plan
+        self.blocks, row = [], 0  # (first row, end row, codes, scales, zeros, group size): no per-call indexing
+        for q, sz, g in parts:
+            self.blocks.append((row, row + q.shape[0], q, sz[0], sz[1], g))
+            row += q.shape[0]
 
     def weight(self) -> torch.Tensor:
         """Each part dequantised into its row block (no concatenation copy), one kernel call per part."""
         w = torch.empty(self.rows, self.cols, dtype=torch.float32, device=self.parts[0][0].device)
-        for start, stop, q, scales, zeros, g in self.plan():
+        for start, stop, q, scales, zeros, g in self.blocks:
             kernels.dequantize_into(q, 8, self.cols, scales, zeros, g, w[start:stop])
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 

@@ -91,7 +91,7 @@ def decode_int_expert(raw: torch.Tensor, raw16: torch.Tensor, out: torch.Tensor,
     and raw16 (the same bytes as fp16) are the stored range, out (fp32) the destination buffer. meta holds
     INT_PART_FIELDS integers per projection: qweight byte offset, rows, packed bytes per row, scales and
     zeros offsets (fp16 elements), groups, bits, columns, group size, destination offset (fp32 elements)."""
-    for i in range(0, len(meta), 10):
+    for i in range(0, len(meta), 10):  # 10 == INT_PART_FIELDS (a TorchScript body cannot read module constants)
         q_start, rows, packed_cols, s_start, z_start = meta[i], meta[i + 1], meta[i + 2], meta[i + 3], meta[i + 4]
         groups, bits, cols, g, dst = meta[i + 5], meta[i + 6], meta[i + 7], meta[i + 8], meta[i + 9]
         packed = raw[q_start : q_start + rows * packed_cols].view([rows, packed_cols])

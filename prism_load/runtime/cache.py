@@ -250,9 +250,7 @@ class ExpertCache:
         if self.placement is not None and self.transfer is None:
             weights = self.placement.place(entry.key, weights)
         elif self.slabs is not None:
-            with self._lock:
-                entry.slab = self.slabs.take(packed_nbytes(weights))
-            weights = pack_into(entry.slab, weights)
+            weights = pack_into(self._take_slab(entry, packed_nbytes(weights)), weights)
         return weights, event, host_hit
 
     def _take_slab(self, entry: Entry, nbytes: int) -> torch.Tensor:

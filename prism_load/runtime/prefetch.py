@@ -142,7 +142,7 @@ class ShadowRouter:
         self.layers = {layer.index: layer for layer in model.layers}
         self.next_moe = {layer.index: [j for j in moe if j > layer.index][:lookahead] for layer in model.layers}
         self.fused = {j: fused_router(self.layers[j]) for j in moe}  # j -> (W * g [E, H] fp32, top_k) or None
-        self.num_experts = len(cache.keys) // len(moe)
+        self.num_experts = cache.store.num_experts
 
     def on_layer(self, index: int, hidden: torch.Tensor) -> bool:
         """Predict and prefetch; False when there is nothing to predict (prefill, last MoE layer, or every

@@ -18,6 +18,7 @@ import torch
 
 from .. import kernels
 from ..codecs import CodesLinear, Encoding, LowRankLinear, codes_nbytes
+from ..container import aligned
 from ..models.moe import ExpertWeights
 
 Key = tuple[int, int]  # (layer index, expert index)
@@ -128,7 +129,7 @@ TENSOR_ALIGNMENT = 64  # bytes: CPU GEMM kernels round differently on misaligned
 
 
 def aligned_nbytes(t: torch.Tensor) -> int:
-    return -(-t.numel() * t.element_size() // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+    return aligned(t.numel() * t.element_size(), TENSOR_ALIGNMENT)
 
 
 def packed_nbytes(w: ExpertWeights) -> int:
@@ -332,8 +333,8 @@ def int_plan(encodings: dict[str, Encoding], layout) -> tuple | None:
         return None
     where = {t.key: t for t in layout}
     inter, hidden = encodings["gate_proj"].shape
-    down_start = -(-2 * inter * hidden * 4 // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
-    nbytes = down_start + -(-hidden * inter * 4 // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+    down_start = aligned(2 * inter * hidden * 4, TENSOR_ALIGNMENT)
+    nbytes = down_start + aligned(hidden * inter * 4, TENSOR_ALIGNMENT)
     meta = []
     for name, dst in zip(names, (0, inter * hidden, down_start // 4)):
         enc, q, s, z = encodings[name], *(where[f"{name}.{k}"] for k in ("qweight", "scales", "zeros"))
