@@ -2,7 +2,8 @@
 
 Records, in one run: profiling tokens/s; peak RSS against model size for copies of the model with 2, n
 and 4n layers (same layer size; flat = layer-sequential streaming works); next-layer prediction recall per
-layer; routing skew per layer (share of assignments taken by the top 25% of experts); and the routing
+layer (the shadow router, and the fitted predictor against it on held-back tokens); routing skew per layer
+(share of assignments taken by the top 25% of experts); and the routing
 shift between prose and code. Writes bench/results/profile.json.
 
     python bench/bench_profile.py [--model PATH] [--samples 64] [--seq-len 256]
@@ -97,6 +98,7 @@ def main() -> None:
         layers = [{
             "layer": x["layer"], "next_layer_recall": x["next_layer_recall"],
             "next_layer_recall_at_2k": x["next_layer_recall_at_2k"], "top_quarter_share": x["top_quarter_share"],
+            "predictor_recall": x["predictor_recall"], "predictor_shadow_recall": x["predictor_shadow_recall"],
             "top_expert_share": x["top_expert_share"], "routing_entropy_bits": x["routing_entropy_bits"],
             "temporal_reuse": x["temporal_reuse"], "temporal_reuse_baseline": x["temporal_reuse_baseline"],
             "prose_top_quarter_share": p["top_quarter_share"], "code_top_quarter_share": c["top_quarter_share"],

@@ -3,7 +3,8 @@
 In one run, on the same container and the same prompts (held-out prose and code, sampled with a fixed seed,
 so every configuration decodes exactly the same tokens): decode tokens/s fully resident vs an expert cache of
 25% and 50% of the decoded expert bytes, each with the shadow-router prefetch and on demand only (plus 100%
-with prefetch: the cache's own overhead; and 50% with lookahead 2); hit rate, misses per token, prefetch
+with prefetch: the cache's own overhead; 50% with the shadow router only, without the container's fitted
+predictors; and 50% with lookahead 2); hit rate, misses per token, prefetch
 recall and precision per layer, share of decode time stalled; and, in a fresh process per configuration,
 the resident set against dense weights + cache budget + a stated overhead.
 
@@ -39,6 +40,7 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("resident", None, False, {}),
     ("cache 100%, prefetch", "100%", True, {}),
     ("cache 50%, prefetch", "50%", True, {}),
+    ("cache 50%, prefetch, shadow router only", "50%", True, {"predictor": False}),
     ("cache 50%, prefetch, lookahead 2", "50%", True, {"lookahead": 2}),
     ("cache 50%, on demand", "50%", False, {}),
     ("cache 25%, prefetch", "25%", True, {}),
@@ -60,6 +62,9 @@ SUMMED = ("uses", "hits", "misses", "stall_seconds", "loads", "bytes_fetched", "
 LAYER_SUMMED = ("uses", "hits", "misses", "stall_seconds", "predicted", "actual", "correct")
 
 
+CONVERT_VERSION = 2  # in the cached container's name: bumped when conversion writes something new (2: predictors)
+
+
 # -- the container -----------------------------------------------------------------------------------------
 def reference_container() -> Path:
     """The full reference model converted at 4.25 bits per expert weight, cached beside the checkpoint's key."""
@@ -68,7 +73,7 @@ def reference_container() -> Path:
     from prism_convert.reference import reference_model
 
     ref = reference_model("full")
-    out = CACHE / f"{ref.name}-{BITS}bit.prism"
+    out = CACHE / f"{ref.name}-{BITS}bit-c{CONVERT_VERSION}.prism"
     if not (out / "manifest.json").is_file():
         print(f"converting {ref} -> {out} ...", file=sys.stderr)
         convert(ref, out, Budget(bits=BITS), samples=64, eval_samples=0)
@@ -142,6 +147,7 @@ def add_stats(total: dict, s: dict) -> None:
         for k in LAYER_SUMMED:
             acc[k] = acc.get(k, 0) + x[k]
     total["residency"] = s["residency"]
+    total["predictor_layers"] = s.get("predictor_layers", [])
 
 
 def summarise(name: str, runs: list[list[dict]], stats: dict | None) -> dict:
@@ -163,7 +169,7 @@ def summarise(name: str, runs: list[list[dict]], stats: dict | None) -> dict:
                 "misses_per_token": stats["misses"] / decode_tokens,
                 "stall_share": stats["stall_seconds"] / decode_seconds,
                 "bytes_fetched_per_token": stats["bytes_fetched"] / decode_tokens,
-                "residency": stats["residency"]}
+                "residency": stats["residency"], "predictor_layers": stats.get("predictor_layers", [])}
         layers = {}
         for i, x in sorted(stats["layers"].items()):
             layers[i] = {"hit_rate": x["hits"] / x["uses"] if x["uses"] else None,
@@ -325,7 +331,7 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     """Each configuration in a fresh process: peak RSS growth past the imports vs dense + budget + overhead."""
     out = []
     for name, budget, prefetch, options in CONFIGS:
-        if "lookahead" in options:
+        if "lookahead" in options or "predictor" in options:  # the same memory as "cache 50%, prefetch"
             continue
         kw = {} if budget is None else {"expert_cache": resolve_budget(container, budget), "prefetch": prefetch,
                                         **options}
@@ -369,10 +375,17 @@ def markdown(result: dict) -> str:
     t = result["targets"]
     lines += ["", f"Targets (50% cache): prefetch {t['prefetch_vs_resident']:.2f}x resident (target >= 0.8x), "
               f"{t['prefetch_vs_on_demand']:.2f}x on demand (target >= 1.5x).", "",
-              "Shadow-router prefetch per MoE layer (50% cache, prefetch): recall / precision / hit rate", "",
-              "| layer | recall | precision | hit rate |", "|---|---|---|---|"]
+              "Prefetch per MoE layer (50% cache): recall / precision / hit rate with the container's fitted "
+              "predictors where it has them (the default), and recall / hit rate with the shadow router only", "",
+              "| layer | predicted by | recall | precision | hit rate | shadow only: recall | hit rate |",
+              "|---|---|---|---|---|---|---|"]
+    fitted = set(speed["cache 50%, prefetch"].get("predictor_layers", []))
+    shadow_only = speed["cache 50%, prefetch, shadow router only"]["layers"]
     for i, x in speed["cache 50%, prefetch"]["layers"].items():
-        lines.append(f"| {i} | {_pct(x['recall'])} | {_pct(x['precision'])} | {_pct(x['hit_rate'])} |")
+        y = shadow_only[i]
+        by = "-" if x["recall"] is None else ("fitted predictor" if int(i) in fitted else "shadow router")
+        lines.append(f"| {i} | {by} | {_pct(x['recall'])} | {_pct(x['precision'])} | {_pct(x['hit_rate'])} | "
+                     f"{_pct(y['recall'])} | {_pct(y['hit_rate'])} |")
     demand = speed["cache 50%, on demand"]
     miss_ms = 1e3 * demand["stall_seconds"] / max(demand["misses"], 1)
     pre = speed["cache 50%, prefetch"]

@@ -189,7 +189,7 @@ def prepare_push(
     with Container(folder) as c:
         summary = container_summary(c)
         m = c.manifest
-        listed = [f.name for f in (*m.tokenizer_files, *m.dense_shards, *m.expert_shards)]
+        listed = [f.name for f in m.files()]
     missing = [n for n in listed if not (folder / n).is_file()]
     if missing:
         raise HubError(

@@ -43,6 +43,19 @@ def dense_tensors(works: list[WorkDir]) -> dict[str, EncodedTensor]:
     return out
 
 
+def predictors(works: list[WorkDir]) -> dict[int, dict]:
+    """The fitted prefetch predictors compress carried from the profile (only those that beat the shadow
+    router), by MoE layer, in the form write_container takes."""
+    _, owner = gather_layers(works)
+    out = {}
+    for i in sorted(owner):
+        meta = owner[i].layer_meta(i)
+        if meta.get("predictor"):
+            stored = owner[i].layer_tensors(i, "predictor")
+            out[i] = {**meta["predictor"], "weight": stored["weight"], "bias": stored["bias"]}
+    return out
+
+
 def planned_experts(works: list[WorkDir], plan: dict, hot_share: float, hot_min_frequency: float) -> Iterator[PlannedExpert]:
     """The chosen encodings of every expert, one layer in memory at a time."""
     _, owner = gather_layers(works)

@@ -31,6 +31,7 @@ from prism_load.container import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     PLACEMENTS,
+    PREDICTOR_FILE,
     SAFETENSORS_DTYPES,
     SHARD_FORMATS,
     TENSOR_NAME,
@@ -40,6 +41,8 @@ from prism_load.container import (
     ExpertRecord,
     ExpertShard,
     Manifest,
+    Predictor,
+    PredictorLayer,
     Source,
     aligned,
     checksum,
@@ -96,8 +99,11 @@ def write_container(
     shard_size_bytes: int = DEFAULT_SHARD_BYTES,
     extra: dict | None = None,
     overwrite: bool = True,
+    predictor: dict[int, dict] | None = None,
 ) -> Path:
-    """Write a complete container to `out_dir` atomically; returns its path."""
+    """Write a complete container to `out_dir` atomically; returns its path. `predictor`: the fitted prefetch
+    predictors to store (MoE layer -> {"from_layer", "recall", "shadow_recall", "weight", "bias"}, as
+    Profile.predictor gives them), or None."""
     out_dir = Path(out_dir)
     for name, value in (("config", config), ("recipe", recipe), ("budget", budget), ("quality", quality), ("extra", extra)):
         _check_json(name, value, nullable=name in ("quality", "extra"))
@@ -112,12 +118,15 @@ def write_container(
         writer=f"prism {__version__}", source=Source.from_dict(source), config=config, recipe=recipe, budget=budget,
         quality=quality, extra=extra, tokenizer_files=[], dense_shards=[DataFile(s.name, s.size, PENDING_CHECKSUM) for s in dense_shards],
         expert_shards=[ExpertShard(s.name, s.size, s.tier) for s in expert_shards], dense=dense_records, experts=records,
+        predictor=_predictor_record(predictor, DataFile(PREDICTOR_FILE, 0, PENDING_CHECKSUM)),
     )
     validate(manifest)  # the whole layout is checked before a byte is written
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         manifest.tokenizer_files = [_copy_file(Path(p), tmp) for p in tokenizer_files]
         manifest.dense_shards = [_write_dense_shard(tmp, s, dense) for s in dense_shards]
         digests = _write_expert_shards(tmp, expert_shards, experts, encodings, placed)
+        if predictor:
+            manifest.predictor = _predictor_record(predictor, _write_predictor(tmp, predictor, config))
         manifest.experts = [_with_checksum(r, digests[(r.layer, r.expert)]) for r in records]
         _write_text(tmp / MANIFEST_NAME, manifest.to_json())
         with Container(tmp) as c:  # what we wrote must open and its headers must match the manifest
@@ -298,6 +307,39 @@ def _expert_blob(x: ExpertInput, encodings: dict[str, Encoding]) -> bytearray:
         tensor, suffix = t.key.split(".", 1)
         blob[t.start : t.start + t.nbytes] = _tensor_bytes(x.tensors[tensor][1][suffix])
     return blob
+
+
+def _predictor_record(predictor: dict[int, dict] | None, file: DataFile) -> Predictor | None:
+    if not predictor:
+        return None
+    layers = [PredictorLayer(j, int(p["from_layer"]), float(p["recall"]), float(p["shadow_recall"]))
+              for j, p in sorted(predictor.items())]
+    return Predictor(file, layers)
+
+
+def _write_predictor(folder: Path, predictor: dict[int, dict], config: dict) -> DataFile:
+    """predictor.safetensors (stock writer; F32 weight [E, H] and bias [E] per layer), checked before writing."""
+    from safetensors.torch import save
+
+    from prism_load.container import model_args
+
+    _, args = model_args(config)
+    tensors = {}
+    for j, p in sorted(predictor.items()):
+        w, b = p["weight"], p["bias"]
+        if tuple(w.shape) != (args.num_experts, args.hidden_size) or tuple(b.shape) != (args.num_experts,):
+            raise ContainerError(f"predictor of layer {j}: weight {list(w.shape)} / bias {list(b.shape)}, the config "
+                                 f"says [{args.num_experts}, {args.hidden_size}] / [{args.num_experts}]")
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise ContainerError(f"predictor of layer {j}: NaN or infinite values")
+        key_w, key_b = PredictorLayer(j, 0, 0.0, 0.0).keys()
+        tensors[key_w], tensors[key_b] = w.float().contiguous(), b.float().contiguous()
+    data = save(tensors, metadata={"format": SHARD_FORMATS["predictor"]})
+    with open(folder / PREDICTOR_FILE, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return DataFile(PREDICTOR_FILE, len(data), checksum(data))
 
 
 def _copy_file(src: Path, folder: Path) -> DataFile:

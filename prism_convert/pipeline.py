@@ -69,7 +69,7 @@ def source_of(model: Path) -> dict:
 def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_size_bytes: int,
               console: Console | None = None, quality: dict | None = None) -> dict:
     """Allocate over the merged work folders (budget from the work unless given), then write the container."""
-    from .materialize import dense_tensors, planned_experts
+    from .materialize import dense_tensors, planned_experts, predictors
     from .pack import ExpertInput, write_container
 
     works = [WorkDir(p) for p in work_dirs]
@@ -104,6 +104,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
         quality=quality,
         shard_size_bytes=shard_size_bytes,
         extra={"profile": jobs[0]["profile"], "rare_experts": plan["rare_experts"]},
+        predictor=predictors(works),
     )
     if console is not None:
         console.print(f"wrote {out}: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "

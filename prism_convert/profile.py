@@ -3,7 +3,9 @@
 Per MoE layer and expert: top-k hits, gate mass, per-channel second moments of the expert's inputs (the
 gate/up input and the down-projection input, like llama.cpp's importance matrix), co-activation counts,
 and how well the next MoE layer's router, applied to this layer's output, predicts the next layer's
-experts (the shadow router the runtime prefetches with).
+experts (the shadow router the runtime prefetches with). Per pair of consecutive MoE layers it also fits
+the prefetch predictor (predictor.py: a ridge-regression map to the next router's logits) and scores it
+against the shadow router on held-back calibration tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.progress import Progress
 from prism_load.models.moe import MoEBlock, RouterOutput
 
 from .atomic import atomic_folder, write_json
+from .predictor import fit_predictor, set_overlap
 from .profile_schema import (
     CALIBRATION_FILE,
     PROFILE_FORMAT,
@@ -44,6 +47,7 @@ class LayerRecorder:
     down_input_sq: torch.Tensor = field(init=False)
     coactivation: torch.Tensor = field(init=False)
     routed: list = field(default_factory=list)  # [n, K] chosen experts per micro-batch, in token order
+    logits: list = field(default_factory=list)  # [n, E] router logits per micro-batch (the predictor's target)
     applied_weight: float = 0.0
 
     def __post_init__(self):
@@ -56,6 +60,7 @@ class LayerRecorder:
 
     def on_route(self, layer_index: int, x: torch.Tensor, route: RouterOutput) -> None:
         self.routed.append(route.indices.clone())
+        self.logits.append(route.logits.float().clone())
         self.applied_weight += float(route.weights.double().sum())
         onehot = torch.zeros(route.indices.shape[0], self.num_experts, dtype=torch.int64)
         onehot.scatter_(1, route.indices, 1)
@@ -72,11 +77,6 @@ class LayerRecorder:
 
     def mean_sq(self, which: torch.Tensor) -> torch.Tensor:
         return (which / self.tokens.clamp_min(1)[:, None].double()).float()
-
-
-def set_overlap(pred: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
-    """Per token, how many of `actual` [n, K] appear in `pred` [n, P]."""
-    return (pred[:, :, None] == actual[:, None, :]).any(1).sum(-1)
 
 
 def routing_summary(tokens: torch.Tensor, top_k: int) -> dict:
@@ -103,10 +103,10 @@ def temporal_reuse(indices: torch.Tensor, seq_len: int, tokens: torch.Tensor) ->
     return float(reuse), min(1.0, baseline)
 
 
-def shadow_prediction(block: MoEBlock, norm, hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """Experts the next MoE layer's router picks from `hidden` (this layer's output) [n, k]: its own top-k
-    choice (bias corrections and group limits included); past top-k, the next best by raw logit."""
-    route = block.router(norm(hidden.reshape(-1, hidden.shape[-1])))
+def shadow_prediction(block: MoEBlock, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Experts the next MoE layer's router picks from x [n, H] (its norm of this layer's output) [n, k]: its
+    own top-k choice (bias corrections and group limits included); past top-k, the next best by raw logit."""
+    route = block.router(x)
     if k <= route.indices.shape[-1]:
         return route.indices[:, :k]
     logits = route.logits.float().scatter(-1, route.indices, float("inf"))  # the router's own picks first
@@ -132,10 +132,9 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
             block.observer = recorder
             if previous is not None:
                 entry, prev_out = previous
-                preds = [
-                    shadow_prediction(block, layer.post_attention_layernorm, prev_out, n)
-                    for n in (k, min(2 * k, args.num_experts))
-                ]
+                with torch.inference_mode():
+                    x_shadow = layer.post_attention_layernorm(prev_out.reshape(-1, prev_out.shape[-1]))
+                    preds = [shadow_prediction(block, x_shadow, n) for n in (k, min(2 * k, args.num_experts))]
         out = stream.run_layer(layer, hidden)
         if block is not None:
             actual = recorder.indices()
@@ -146,6 +145,15 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
                 entry["next_layer_recall"] = entry["next_layer_precision"] = hits / actual.numel()
                 # with 2k >= E every expert is predicted: recall is trivially 1, so report nothing
                 entry["next_layer_recall_at_2k"] = hits2 / actual.numel() if 2 * k < args.num_experts else None
+                with torch.inference_mode():
+                    fit = fit_predictor(x_shadow, torch.cat(recorder.logits), actual, preds[0], block.router.select)
+                if fit is not None:
+                    entry["predictor_recall"], entry["predictor_shadow_recall"] = fit.recall, fit.shadow_recall
+                    entry["predictor_validation_tokens"] = fit.validation_tokens
+                    tensors[f"layers.{i}.predictor_weight"] = fit.weight
+                    tensors[f"layers.{i}.predictor_bias"] = fit.bias
+                del x_shadow, preds
+            recorder.logits.clear()
             entry = layer_entry(i, recorder, seq_len, min_tokens)
             entries.append(entry)
             tensors[f"layers.{i}.input_sq"] = recorder.mean_sq(recorder.input_sq)
@@ -173,6 +181,9 @@ def layer_entry(i: int, rec: LayerRecorder, seq_len: int, min_tokens: int) -> di
         "next_layer_recall": None,
         "next_layer_precision": None,
         "next_layer_recall_at_2k": None,
+        "predictor_recall": None,
+        "predictor_shadow_recall": None,
+        "predictor_validation_tokens": None,
         **routing_summary(rec.tokens, rec.indices().shape[-1]),
         "temporal_reuse": reuse,
         "temporal_reuse_baseline": baseline,

@@ -17,7 +17,7 @@ RECALL_USEFUL = 0.60  # shadow-router recall above which prefetching the predict
 def profile_table(data: dict) -> Table:
     table = Table(title=f"routing profile: {data['tokens']:,} tokens, top-{data['top_k']}", show_lines=False)
     for col in ("layer", "entropy (bits)", "top expert", "top 25%", "next-layer recall", "recall@2k",
-                "temporal reuse", "rare"):
+                "fitted vs shadow (held back)", "temporal reuse", "rare"):
         table.add_column(col, justify="right")
     for x in data["layers"]:
         recall = x["next_layer_recall"]
@@ -29,10 +29,18 @@ def profile_table(data: dict) -> Table:
             f"{x['top_quarter_share']:.1%}",
             "—" if recall is None else f"{recall:.1%}",
             "—" if at2k is None else f"{at2k:.1%}",
+            _fitted(x),
             f"{x['temporal_reuse']:.1%} (indep. {x['temporal_reuse_baseline']:.1%})",
             str(len(x["rare_experts"])),
         )
     return table
+
+
+def _fitted(x: dict) -> str:
+    r, s = x.get("predictor_recall"), x.get("predictor_shadow_recall")
+    if r is None or s is None:
+        return "—"
+    return f"{r:.1%} vs {s:.1%}" + (" (used)" if r > s else " (not used)")
 
 
 def verdicts(data: dict) -> list[str]:
@@ -55,6 +63,15 @@ def verdicts(data: dict) -> list[str]:
             f"(range {min(recalls):.1%}–{max(recalls):.1%}); "
             + ("prefetching its prediction mostly hits." if mean >= RECALL_USEFUL
                else "most prefetched experts would be wasted; prefetch helps little on this model.")
+        )
+    fitted = [x for x in layers if x.get("predictor_recall") is not None and x.get("predictor_shadow_recall") is not None]
+    if fitted:
+        used = [x for x in fitted if x["predictor_recall"] > x["predictor_shadow_recall"]]
+        gain = sum(x["predictor_recall"] - x["predictor_shadow_recall"] for x in fitted) / len(fitted)
+        out.append(
+            f"fitted predictor: on held-back calibration tokens it beats the shadow router in {len(used)} of "
+            f"{len(fitted)} layer pairs (mean recall {gain:+.1%} points); "
+            + ("the runtime uses it there." if used else "the runtime keeps the shadow router everywhere.")
         )
     reuse = sum(x["temporal_reuse"] for x in layers) / len(layers)
     base = sum(x["temporal_reuse_baseline"] for x in layers) / len(layers)

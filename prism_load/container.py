@@ -42,7 +42,8 @@ PLACEMENTS = ("fast", "host", "cold")  # where the runtime should keep an expert
 EXPERT_TENSORS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_BIASES = ("gate_bias", "up_bias", "down_bias")
 CHECKSUM_NAME = "xxh3-64"
-SHARD_FORMATS = {"dense": "prism-dense", "experts": "prism-experts"}
+SHARD_FORMATS = {"dense": "prism-dense", "experts": "prism-experts", "predictor": "prism-predictor"}
+PREDICTOR_FILE = "predictor.safetensors"
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_HEADER_BYTES = 100_000_000  # the safetensors (Rust) limit
 MAX_LAYERS, MAX_EXPERTS = 4096, 1 << 16  # sanity bounds on the embedded config, checked before it is parsed
@@ -281,6 +282,53 @@ class ExpertRecord:
         return f"layer {self.layer} expert {self.expert}"
 
 
+@dataclass(frozen=True)
+class PredictorLayer:
+    """A fitted prefetch predictor of MoE layer `layer`'s experts from the output of MoE layer `from_layer`
+    (the previous one), with its recall and the shadow router's on the profile's held-back tokens."""
+
+    layer: int
+    from_layer: int
+    recall: float
+    shadow_recall: float
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> PredictorLayer:
+        _keys(data, where, ("layer", "from_layer", "recall", "shadow_recall"))
+        rec = cls(_int(data, "layer", where), _int(data, "from_layer", where), _float(data, "recall", where),
+                  _float(data, "shadow_recall", where))
+        for key in ("recall", "shadow_recall"):
+            if not 0.0 <= getattr(rec, key) <= 1.0:
+                _fail(f"{where}.{key}", f"{getattr(rec, key)} is outside [0, 1]")
+        return rec
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "from_layer": self.from_layer, "recall": self.recall,
+                "shadow_recall": self.shadow_recall}
+
+    def keys(self) -> tuple[str, str]:
+        """Its tensors in the predictor file: weight [E, H] and bias [E], F32."""
+        return f"layers.{self.layer}.weight", f"layers.{self.layer}.bias"
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """The optional predictor file and the layers it holds."""
+
+    file: DataFile
+    layers: list[PredictorLayer]
+
+    @classmethod
+    def from_dict(cls, data, where: str = "predictor") -> Predictor:
+        _keys(data, where, ("file", "layers"))
+        layers = [PredictorLayer.from_dict(x, f"{where}.layers[{i}]")
+                  for i, x in enumerate(_list(data, "layers", where, nonempty=True))]
+        return cls(DataFile.from_dict(data["file"], f"{where}.file"), layers)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file.to_dict(), "layers": [x.to_dict() for x in self.layers]}
+
+
 @dataclass
 class Manifest:
     writer: str
@@ -295,7 +343,13 @@ class Manifest:
     expert_shards: list[ExpertShard]
     dense: dict[str, DenseRecord]
     experts: list[ExpertRecord]
+    predictor: Predictor | None = None
     format_version: int = FORMAT_VERSION
+
+    def files(self) -> list[DataFile | ExpertShard]:
+        """Every data file the manifest lists (all but manifest.json itself)."""
+        return [*self.tokenizer_files, *self.dense_shards, *self.expert_shards,
+                *([self.predictor.file] if self.predictor is not None else [])]
 
     # -- writing -------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -328,6 +382,8 @@ class Manifest:
 
         lines = [f"{dump(k)}:{dump(v)}" for k, v in top.items()]
         lines.append('"dense":{\n' + ",\n".join(f"{dump(k)}:{dump(v)}" for k, v in dense.items()) + "\n}")
+        if self.predictor is not None:  # optional: absent, the manifest is byte for byte what it was before
+            lines.append(f'"predictor":{dump(self.predictor.to_dict())}')
         lines.append('"experts":[\n' + ",\n".join(dump(r) for r in experts) + "\n]")
         return "{\n" + ",\n".join(lines) + "\n}\n"
 
@@ -348,7 +404,7 @@ class Manifest:
             version = data["format_version"]
             if version != FORMAT_VERSION or isinstance(version, bool):
                 _fail("format_version", f"{version!r} is not supported (this reader knows version {FORMAT_VERSION})")
-        _keys(data, "manifest", top, ("quality", "extra"))
+        _keys(data, "manifest", top, ("quality", "extra", "predictor"))
         _str(data, "format", "manifest", (FORMAT_NAME,))
         for key in ("config", "recipe", "budget"):
             if not isinstance(data[key], dict):
@@ -367,6 +423,7 @@ class Manifest:
                            for i, f in enumerate(_list(data, "expert_shards", "manifest"))],
             dense=_dense_records(data["dense"], encodings),
             experts=[_expert_record(r, f"experts[{i}]", encodings) for i, r in enumerate(_list(data, "experts", "manifest"))],
+            predictor=Predictor.from_dict(data["predictor"]) if data.get("predictor") is not None else None,
         )
         validate(manifest)
         return manifest
@@ -428,12 +485,13 @@ def validate(m: Manifest) -> None:
     _validate_dense(m)
     _validate_expert_ranges(m)
     _validate_against_config(m)
+    _validate_predictor(m)
 
 
 def _unique_names(m: Manifest) -> None:
     seen: set[str] = {MANIFEST_NAME}
     for kind, files in (("tokenizer_files", m.tokenizer_files), ("dense_shards", m.dense_shards),
-                        ("expert_shards", m.expert_shards)):
+                        ("expert_shards", m.expert_shards), ("predictor", [m.predictor.file] if m.predictor else [])):
         for i, f in enumerate(files):
             if f.name in seen:
                 _fail(f"{kind}[{i}].name", f"{f.name!r} is listed twice")
@@ -552,3 +610,23 @@ def _validate_against_config(m: Manifest) -> None:
                          - {(r.layer, r.expert) for r in m.experts})
         _fail("experts", f"{len(m.experts)} records, the config has {expected} routed experts "
                          f"(first missing: layer {missing[0][0]} expert {missing[0][1]})")
+
+
+def _validate_predictor(m: Manifest) -> None:
+    """Each predicted layer a MoE layer, listed once in ascending order, predicted from the MoE layer before it."""
+    if m.predictor is None:
+        return
+    _, args = model_args(m.config)
+    moe = sorted(args.moe_layers)
+    previous = {j: i for i, j in zip(moe, moe[1:])}
+    last = -1
+    for n, x in enumerate(m.predictor.layers):
+        where = f"predictor.layers[{n}]"
+        if x.layer not in previous:
+            _fail(f"{where}.layer", f"{x.layer} is not a MoE layer after the first (MoE layers: {moe})")
+        if x.from_layer != previous[x.layer]:
+            _fail(f"{where}.from_layer", f"{x.from_layer}: layer {x.layer} is predicted from the MoE layer before it, "
+                                         f"{previous[x.layer]}")
+        if x.layer <= last:
+            _fail(f"{where}.layer", f"{x.layer} is listed twice or out of order")
+        last = x.layer

@@ -32,6 +32,7 @@ from .container import (
     aligned,
     checksum,
     expert_blob_name,
+    model_args,
 )
 from .errors import ContainerError
 from .models.moe import ExpertWeights
@@ -83,8 +84,7 @@ class Container:
 
     # -- files ---------------------------------------------------------------------------------------
     def _files(self) -> list[DataFile | ExpertShard]:
-        m = self.manifest
-        return [*m.tokenizer_files, *m.dense_shards, *m.expert_shards]
+        return self.manifest.files()
 
     def _local(self, name: str, required: bool = False) -> Path | None:
         """The file inside the folder, refusing symlinks that lead out of it; None if absent."""
@@ -263,6 +263,40 @@ class Container:
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ContainerError(f"{shard.name}: unreadable safetensors file ({e})") from None
         return out
+
+    def predictor_tensors(self, verify_checksum: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The fitted prefetch predictors (docs/FORMAT.md §4): MoE layer -> (weight [E, H], bias [E]), fp32;
+        empty when the container has none."""
+        from safetensors import SafetensorError, safe_open
+
+        p = self.manifest.predictor
+        if p is None:
+            return {}
+        path = self.path(p.file.name)
+        _check_size(path, p.file)
+        if verify_checksum and (problem := file_checksum_problem(path, p.file)):
+            raise ContainerError(problem)
+        _, args = model_args(self.config)
+        shapes = {}
+        for x in p.layers:
+            w, b = x.keys()
+            shapes[w], shapes[b] = [args.num_experts, args.hidden_size], [args.num_experts]
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = set(f.keys())
+                if f.metadata() != {"format": SHARD_FORMATS["predictor"]} or keys != set(shapes):
+                    raise ContainerError(
+                        f"{p.file.name}: tensors or metadata do not match {MANIFEST_NAME} (unexpected "
+                        f"{sorted(keys - set(shapes))[:3]}, missing {sorted(set(shapes) - keys)[:3]}, metadata {f.metadata()})")
+                tensors = {k: f.get_tensor(k) for k in shapes}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ContainerError(f"{p.file.name}: unreadable safetensors file ({e})") from None
+        for k, t in tensors.items():
+            if t.dtype != torch.float32 or list(t.shape) != shapes[k]:
+                raise ContainerError(f"{p.file.name}: {k} is {t.dtype} {list(t.shape)}, expected float32 {shapes[k]}")
+            if not torch.isfinite(t).all():
+                raise ContainerError(f"{p.file.name}: {k} holds NaN or infinite values")
+        return {x.layer: (tensors[x.keys()[0]], tensors[x.keys()[1]]) for x in p.layers}
 
     def dense_state(self, dtype: torch.dtype = torch.float32, verify_checksum: bool = False) -> dict[str, torch.Tensor]:
         """prism state_dict names -> decoded dense tensors."""

@@ -31,13 +31,15 @@ def verify_container_files(c: Container, check_checksums: bool, progress: Progre
         m = c.manifest
         total = sum(f.bytes for f in m.expert_shards)
         if check_checksums:
-            total += sum(f.bytes for f in (*m.tokenizer_files, *m.dense_shards))
+            total += sum(f.bytes for f in (*m.tokenizer_files, *m.dense_shards, *([m.predictor.file] if m.predictor else [])))
         report, progress = progress, (lambda n: report(n, total))
     for entry in c.manifest.tokenizer_files:
         problems += _problems(lambda e=entry: _check_whole_file(c, e, check_checksums, progress))
     for i, entry in enumerate(c.manifest.dense_shards):
         problems += _problems(lambda i=i, e=entry: (_check_whole_file(c, e, check_checksums, progress),
                                                     c.dense_shard(i)))
+    if (p := c.manifest.predictor) is not None:
+        problems += _problems(lambda: (_check_whole_file(c, p.file, check_checksums, progress), c.predictor_tensors()))
     for i in range(len(c.manifest.expert_shards)):
         problems += _expert_shard_problems(c, i, check_checksums, progress)
     return problems

@@ -134,7 +134,8 @@ def resolve(
     from .container import Manifest
 
     manifest = Manifest.from_json((probe / MANIFEST).read_bytes())
-    first = [MANIFEST, *(f.name for f in manifest.dense_shards), *(f.name for f in manifest.tokenizer_files)]
+    small = (*manifest.dense_shards, *manifest.tokenizer_files, *([manifest.predictor.file] if manifest.predictor else []))
+    first = [MANIFEST, *(f.name for f in small)]
     if download_experts == "all":
         first += [s.name for s in manifest.expert_shards]
     folder = hub_call(where, hf.snapshot_download, repo_id, revision=commit, allow_patterns=first, **common)

@@ -86,17 +86,20 @@ class DeepseekRouter(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.empty(args.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        a = self.args
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        if self.v3:
-            indices, weights = route_v3(
-                logits, self.e_score_correction_bias, self.top_k, a.n_group, a.topk_group,
-                a.norm_topk_prob, a.routed_scaling_factor,
-            )
-        else:
-            indices, weights = route_v2(logits, self.top_k, a.topk_method, a.n_group, a.topk_group,
-                                        a.routed_scaling_factor)
+        indices, weights = self._route(logits)
         return RouterOutput(logits, indices, weights)  # weights stay fp32; MoEBlock casts the weighted sum
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """The experts picked from logits [N, E] (bias correction and group limits included): [N, top_k]."""
+        return self._route(logits.float())[0]
+
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        if self.v3:
+            return route_v3(logits, self.e_score_correction_bias, self.top_k, a.n_group, a.topk_group,
+                            a.norm_topk_prob, a.routed_scaling_factor)
+        return route_v2(logits, self.top_k, a.topk_method, a.n_group, a.topk_group, a.routed_scaling_factor)
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,10 @@ class GptOssRouter(nn.Module):
         indices, weights = route_gpt_oss(logits, self.top_k)
         return RouterOutput(logits, indices, weights)
 
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """The experts picked from (biased) logits [N, E]: [N, top_k]."""
+        return route_gpt_oss(logits, self.top_k)[0]
+
 
 class ClampedSwiGLU:
     """GPT-OSS expert activation (transformers GptOssExperts._apply_gate): gate clamped above at `limit`, up

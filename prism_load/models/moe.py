@@ -44,6 +44,11 @@ class SoftmaxTopKRouter(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(logits, indices, weights.to(x.dtype))
 
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """The experts this router picks from logits [N, E] (softmax keeps their order): [N, top_k]. The
+        prefetch predictor produces logits from an earlier hidden state and picks with the router's own rule."""
+        return torch.topk(logits, self.top_k, dim=-1).indices
+
 
 class ExpertWeights:
     """One expert's tensors in the runtime layout: gate_up [2I, H] (gate rows, then up rows), down [H, I].

@@ -61,6 +61,7 @@ class Runtime:
     def stats(self) -> dict:
         out = self.cache.snapshot()
         out["prefetch"] = self.shadow is not None
+        out["predictor_layers"] = sorted(self.shadow.predictors) if self.shadow is not None else []
         out["expert_bytes_total"] = self.total_expert_bytes
         placement = self.cache.placement
         if placement is not None:
@@ -101,11 +102,13 @@ def _host_budget(host_cache, store: ExpertStore, device: torch.device) -> int:
 
 def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", *, prefetch: bool = True,
                    prefetch_extra: int = 0, lookahead: int = 1, numa=None, host_cache=None,
-                   frequency_weight: float = 1.0, pin_hot: bool | str = "warm", decode_on: str = "device") -> Runtime:
+                   frequency_weight: float = 1.0, pin_hot: bool | str = "warm", decode_on: str = "device",
+                   predictors: dict | None = None) -> Runtime:
     """Put every MoE block's experts behind one ExpertCache over `store`; returns model.runtime.
     expert_cache: the fast tier's budget (bytes, "50%" of all decoded expert bytes, "2GB"); host_cache (CUDA):
     the pinned tier's budget of stored bytes ("100%" of the container's expert bytes by default, at most
-    half the free RAM); lookahead: MoE layers predicted ahead (1 or 2)."""
+    half the free RAM); lookahead: MoE layers predicted ahead (1 or 2); predictors: fitted predictors by MoE
+    layer (runtime/predictor.py), used instead of the shadow router right after the layer each was fitted on."""
     device = torch.device(device)
     total = total_footprint(store)
     if lookahead not in (1, 2):
@@ -122,7 +125,8 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
         if placement is not None:
             cpus = set(placement.topology.node(placement.compute).cpus)
         worker = FetchWorker(cache, cpus=cpus)
-        shadow = ShadowRouter(model, cache, extra=prefetch_extra, lookahead=lookahead)
+        shadow = ShadowRouter(model, cache, extra=prefetch_extra, lookahead=lookahead,
+                              predictors={j: p.to(device) for j, p in (predictors or {}).items()})
         weakref.finalize(model, worker.close)
     runtime = Runtime(cache, worker, shadow, total)
     model.runtime = runtime

@@ -15,20 +15,23 @@ import torch
 
 from ..errors import BudgetError, ProfileError
 from .attach import attach_runtime
+from .predictor import as_runtime, container_predictors, profile_predictors
 from .stores import CheckpointStore, ContainerStore, Key
 
 RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
-                   "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form")
+                   "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form", "predictor")
 EXPERT_FORMS = ("decoded", "codes")
 
 
 def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *, expert_cache="50%",
                 prefetch: bool = True, verify_checksums: bool = True, resolve_file=None, profile=None,
-                expert_form: str = "decoded", **runtime_options):
+                expert_form: str = "decoded", predictor: bool = True, **runtime_options):
     """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache.
     `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction.
     `expert_form` (containers on the CPU): "decoded" keeps experts in the fast tier as dense weights;
-    "codes" keeps `int` projections as unpacked codes (a byte per weight) dequantised at each use."""
+    "codes" keeps `int` projections as unpacked codes (a byte per weight) dequantised at each use.
+    `predictor`: prefetch with the fitted predictors of the container (or of `profile`) where it has them
+    (runtime/predictor.py); False: the shadow router everywhere."""
     folder = Path(path)
     container = (folder / "manifest.json").is_file()
     if expert_form not in EXPERT_FORMS:
@@ -42,7 +45,13 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
     model = model.to(device).eval()
     if isinstance(store, ContainerStore):  # close its files before interpreter teardown, not in __del__ then
         weakref.finalize(model, store.container.close)
-    attach_runtime(model, store, expert_cache, device, prefetch=prefetch, **runtime_options)
+    predictors = {}
+    if prefetch and predictor:
+        if isinstance(store, ContainerStore):
+            predictors = container_predictors(store.container, verify_checksums)
+        elif profile is not None:
+            predictors = as_runtime(profile_predictors(profile))
+    attach_runtime(model, store, expert_cache, device, prefetch=prefetch, predictors=predictors, **runtime_options)
     return model
 
 

@@ -134,10 +134,16 @@ class ShadowRouter:
     For softmax-top-k routers behind an RMSNorm the prediction is one matmul: RMSNorm scales each row by a
     positive number and softmax keeps the order of the logits, so top-k(softmax(W (g * x / rms(x)))) ranks
     experts like (W * g) x, with W * g computed once. Other routers (sigmoid scores with a bias, group limits)
-    are applied in full, after the layer's own norm."""
+    are applied in full, after the layer's own norm.
 
-    def __init__(self, model, cache, extra: int = 0, max_tokens: int = 1, lookahead: int = 1):
+    Where a fitted predictor exists for layer j (predictors: j -> FittedPredictor, runtime/predictor.py) and
+    the hook runs after the layer it was fitted on, it replaces the router's matrix: logits = P(norm_j(x)) + b,
+    experts picked by the router's own rule (router.select)."""
+
+    def __init__(self, model, cache, extra: int = 0, max_tokens: int = 1, lookahead: int = 1,
+                 predictors: dict | None = None):
         self.cache, self.extra, self.max_tokens = cache, extra, max_tokens
+        self.predictors = dict(predictors or {})
         moe = [i for i, _ in model.moe_blocks()]
         self.layers = {layer.index: layer for layer in model.layers}
         self.next_moe = {layer.index: [j for j in moe if j > layer.index][:lookahead] for layer in model.layers}
@@ -154,13 +160,19 @@ class ShadowRouter:
         x = hidden.reshape(rows, hidden.shape[-1])
         with torch.no_grad():
             for j in targets:  # the nearest layer first: its fetches queue ahead of the farther layer's
-                self.cache.prefetch(j, self.predict(j, x))
+                self.cache.prefetch(j, self.predict(j, x, index))
         return True
 
-    def predict(self, j: int, x: torch.Tensor) -> list[int]:
-        """Experts layer j's router picks for x [N, H] (with layer j's norm), then the `extra` next by logit."""
+    def predict(self, j: int, x: torch.Tensor, after: int | None = None) -> list[int]:
+        """Experts layer j's router picks for x [N, H] (with layer j's norm), then the `extra` next by logit;
+        `after` (the layer x leaves) selects the fitted predictor fitted on that layer's output."""
+        fitted = self.predictors.get(j)
         fused = self.fused[j]
-        if fused is not None:
+        if fitted is not None and fitted.from_layer == after:
+            layer = self.layers[j]
+            logits = F.linear(layer.post_attention_layernorm(x).float(), fitted.weight, fitted.bias)
+            indices = layer.mlp.router.select(logits)
+        elif fused is not None:
             weight, top_k = fused
             logits = F.linear(x.float(), weight)  # [N, E], each row a positive multiple of the router's logits
             indices = torch.topk(logits, top_k).indices
