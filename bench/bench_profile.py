@@ -98,7 +98,7 @@ def main() -> None:
         layers = [{
             "layer": x["layer"], "next_layer_recall": x["next_layer_recall"],
             "next_layer_recall_at_2k": x["next_layer_recall_at_2k"], "top_quarter_share": x["top_quarter_share"],
-            "predictor_recall": x["predictor_recall"], "predictor_shadow_recall": x["predictor_shadow_recall"],
+            "predictors": x["predictors"],
             "top_expert_share": x["top_expert_share"], "routing_entropy_bits": x["routing_entropy_bits"],
             "temporal_reuse": x["temporal_reuse"], "temporal_reuse_baseline": x["temporal_reuse_baseline"],
             "prose_top_quarter_share": p["top_quarter_share"], "code_top_quarter_share": c["top_quarter_share"],

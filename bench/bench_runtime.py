@@ -4,7 +4,7 @@ In one run, on the same container and the same prompts (held-out prose and code,
 so every configuration decodes exactly the same tokens): decode tokens/s fully resident vs an expert cache of
 25% and 50% of the decoded expert bytes, each with the shadow-router prefetch and on demand only (plus 100%
 with prefetch: the cache's own overhead; 50% with the shadow router only, without the container's fitted
-predictors; and 50% with lookahead 2); hit rate, misses per token, prefetch
+predictors; and 50% with lookahead 2, with and without them); hit rate, misses per token, prefetch
 recall and precision per layer, share of decode time stalled; and, in a fresh process per configuration,
 the resident set against dense weights + cache budget + a stated overhead.
 
@@ -42,6 +42,7 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 50%, prefetch", "50%", True, {}),
     ("cache 50%, prefetch, shadow router only", "50%", True, {"predictor": False}),
     ("cache 50%, prefetch, lookahead 2", "50%", True, {"lookahead": 2}),
+    ("cache 50%, prefetch, lookahead 2, shadow router only", "50%", True, {"lookahead": 2, "predictor": False}),
     ("cache 50%, on demand", "50%", False, {}),
     ("cache 25%, prefetch", "25%", True, {}),
     ("cache 25%, on demand", "25%", False, {}),
@@ -62,7 +63,7 @@ SUMMED = ("uses", "hits", "misses", "stall_seconds", "loads", "bytes_fetched", "
 LAYER_SUMMED = ("uses", "hits", "misses", "stall_seconds", "predicted", "actual", "correct")
 
 
-CONVERT_VERSION = 2  # in the cached container's name: bumped when conversion writes something new (2: predictors)
+CONVERT_VERSION = 3  # in the cached container's name: bumped when conversion writes something new (3: predictors)
 
 
 # -- the container -----------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def markdown(result: dict) -> str:
               "predictors where it has them (the default), and recall / hit rate with the shadow router only", "",
               "| layer | predicted by | recall | precision | hit rate | shadow only: recall | hit rate |",
               "|---|---|---|---|---|---|---|"]
-    fitted = set(speed["cache 50%, prefetch"].get("predictor_layers", []))
+    fitted = {j for j, _ in speed["cache 50%, prefetch"].get("predictor_layers", [])}
     shadow_only = speed["cache 50%, prefetch, shadow router only"]["layers"]
     for i, x in speed["cache 50%, prefetch"]["layers"].items():
         y = shadow_only[i]

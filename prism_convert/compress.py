@@ -212,8 +212,8 @@ def _finish_layer(work: WorkDir, i: int, layer, capture: ExpertCapture | None, r
         meta["experts"], expert_tensors = compress_experts(block, capture, recipe, profile.data["min_tokens"], weights)
         stored.update(expert_tensors)
         meta["seen_tokens"] = capture.seen_tokens
-        predictor = profile.predictor(i)
-        if predictor is not None:  # carried to the container (pack) with the layer
-            stored["predictor.weight"], stored["predictor.bias"] = predictor.pop("weight"), predictor.pop("bias")
-            meta["predictor"] = predictor
+        meta["predictors"] = []  # carried to the container (pack) with the layer
+        for p in profile.predictors_for(i):
+            stored[f"predictor.{p['from_layer']}.weight"], stored[f"predictor.{p['from_layer']}.bias"] = p.pop("weight"), p.pop("bias")
+            meta["predictors"].append(p)
     work.write_layer(i, meta, stored)

@@ -40,7 +40,9 @@ def inspect_container(path: str | Path) -> dict:
                                               "num_experts_per_tok")}
             | {"num_experts": len({r.expert for r in c.records}), "moe_layers": len({r.layer for r in c.records})},
             "bytes": {"dense": sum(f.bytes for f in m.dense_shards), "experts": sum(f.bytes for f in m.expert_shards),
-                      "tokenizer": sum(f.bytes for f in m.tokenizer_files)},
+                      "tokenizer": sum(f.bytes for f in m.tokenizer_files),
+                      "predictor": m.predictor.file.bytes if m.predictor else 0},
+            "predictor": [x.to_dict() for x in m.predictor.layers] if m.predictor else [],
             "tiers": tiers,
             "bits_histogram": {f"{k:.2f}": v for k, v in sorted(histogram.items())},
             "tensor_encodings": dict(labels.most_common()),
@@ -68,7 +70,12 @@ def summary_tables(s: dict) -> Group:
     head.add_row("model", f"{model['model_type']}: {model['num_hidden_layers']} layers ({model['moe_layers']} MoE), "
                           f"{model['num_experts']} experts, top-{model['num_experts_per_tok']}, hidden {model['hidden_size']}")
     b = s["bytes"]
-    head.add_row("bytes", f"dense {_mib(b['dense'])}, experts {_mib(b['experts'])}, tokenizer {_mib(b['tokenizer'])}")
+    head.add_row("bytes", f"dense {_mib(b['dense'])}, experts {_mib(b['experts'])}, tokenizer {_mib(b['tokenizer'])}"
+                          + (f", predictor {_mib(b['predictor'])}" if b["predictor"] else ""))
+    if s["predictor"]:
+        head.add_row("prefetch", "fitted predictors for MoE layers " + ", ".join(
+            f"{x['layer']} ({x['recall']:.0%} vs shadow {x['shadow_recall']:.0%})" for x in s["predictor"])
+            + " — recall on the profile's held-back tokens")
     o = s["overhead"]
     head.add_row("overhead", f"{o['bits_per_expert_weight']:.4f} bits per expert weight (manifest {o['manifest_bytes']:,} B, "
                              f"headers {o['header_bytes']:,} B, padding {o['padding_bytes']:,} B)")

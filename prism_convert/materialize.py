@@ -43,16 +43,18 @@ def dense_tensors(works: list[WorkDir]) -> dict[str, EncodedTensor]:
     return out
 
 
-def predictors(works: list[WorkDir]) -> dict[int, dict]:
+def predictors(works: list[WorkDir]) -> dict[tuple[int, int], dict]:
     """The fitted prefetch predictors compress carried from the profile (only those that beat the shadow
-    router), by MoE layer, in the form write_container takes."""
+    router), by (predicted MoE layer, source MoE layer), in the form write_container takes."""
     _, owner = gather_layers(works)
     out = {}
-    for i in sorted(owner):
-        meta = owner[i].layer_meta(i)
-        if meta.get("predictor"):
-            stored = owner[i].layer_tensors(i, "predictor")
-            out[i] = {**meta["predictor"], "weight": stored["weight"], "bias": stored["bias"]}
+    for j in sorted(owner):
+        meta = owner[j].layer_meta(j)
+        if meta.get("predictors"):
+            stored = owner[j].layer_tensors(j, "predictor")
+            for p in meta["predictors"]:
+                i = p["from_layer"]
+                out[(j, i)] = {**p, "weight": stored[f"{i}.weight"], "bias": stored[f"{i}.bias"]}
     return out
 
 

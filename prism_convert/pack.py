@@ -99,11 +99,11 @@ def write_container(
     shard_size_bytes: int = DEFAULT_SHARD_BYTES,
     extra: dict | None = None,
     overwrite: bool = True,
-    predictor: dict[int, dict] | None = None,
+    predictor: dict[tuple[int, int], dict] | None = None,
 ) -> Path:
     """Write a complete container to `out_dir` atomically; returns its path. `predictor`: the fitted prefetch
-    predictors to store (MoE layer -> {"from_layer", "recall", "shadow_recall", "weight", "bias"}, as
-    Profile.predictor gives them), or None."""
+    predictors to store ((predicted MoE layer, source MoE layer) -> {"recall", "shadow_recall", "weight",
+    "bias"}, as materialize.predictors gives them), or None."""
     out_dir = Path(out_dir)
     for name, value in (("config", config), ("recipe", recipe), ("budget", budget), ("quality", quality), ("extra", extra)):
         _check_json(name, value, nullable=name in ("quality", "extra"))
@@ -309,15 +309,14 @@ def _expert_blob(x: ExpertInput, encodings: dict[str, Encoding]) -> bytearray:
     return blob
 
 
-def _predictor_record(predictor: dict[int, dict] | None, file: DataFile) -> Predictor | None:
+def _predictor_record(predictor: dict[tuple[int, int], dict] | None, file: DataFile) -> Predictor | None:
     if not predictor:
         return None
-    layers = [PredictorLayer(j, int(p["from_layer"]), float(p["recall"]), float(p["shadow_recall"]))
-              for j, p in sorted(predictor.items())]
+    layers = [PredictorLayer(j, i, float(p["recall"]), float(p["shadow_recall"])) for (j, i), p in sorted(predictor.items())]
     return Predictor(file, layers)
 
 
-def _write_predictor(folder: Path, predictor: dict[int, dict], config: dict) -> DataFile:
+def _write_predictor(folder: Path, predictor: dict[tuple[int, int], dict], config: dict) -> DataFile:
     """predictor.safetensors (stock writer; F32 weight [E, H] and bias [E] per layer), checked before writing."""
     from safetensors.torch import save
 
@@ -325,14 +324,15 @@ def _write_predictor(folder: Path, predictor: dict[int, dict], config: dict) -> 
 
     _, args = model_args(config)
     tensors = {}
-    for j, p in sorted(predictor.items()):
+    for (j, i), p in sorted(predictor.items()):
         w, b = p["weight"], p["bias"]
+        where = f"predictor of layer {j} from layer {i}"
         if tuple(w.shape) != (args.num_experts, args.hidden_size) or tuple(b.shape) != (args.num_experts,):
-            raise ContainerError(f"predictor of layer {j}: weight {list(w.shape)} / bias {list(b.shape)}, the config "
+            raise ContainerError(f"{where}: weight {list(w.shape)} / bias {list(b.shape)}, the config "
                                  f"says [{args.num_experts}, {args.hidden_size}] / [{args.num_experts}]")
         if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
-            raise ContainerError(f"predictor of layer {j}: NaN or infinite values")
-        key_w, key_b = PredictorLayer(j, 0, 0.0, 0.0).keys()
+            raise ContainerError(f"{where}: NaN or infinite values")
+        key_w, key_b = PredictorLayer(j, i, 0.0, 0.0).keys()
         tensors[key_w], tensors[key_b] = w.float().contiguous(), b.float().contiguous()
     data = save(tensors, metadata={"format": SHARD_FORMATS["predictor"]})
     with open(folder / PREDICTOR_FILE, "wb") as f:

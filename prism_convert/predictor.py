@@ -1,11 +1,12 @@
 """The fitted prefetch predictor: a linear map from the hidden state leaving MoE layer i to layer j's router
-logits (j the next MoE layer), fitted by ridge regression on the calibration tokens.
+logits (j the next MoE layer, or the one after it), fitted by ridge regression on the calibration tokens.
 
 Why: the shadow router applies layer j's router to layer j's norm of the hidden state leaving layer i; it
 misses whatever layer j's attention adds to the residual stream before its router reads it. The fitted map
 takes the same input and costs the same one matmul, but is trained to predict the router's actual logits, so
 it absorbs the average effect of that attention update. On the reference model it recovers 84% → 89% of
-next-layer experts on held-out text (one-off measurement; `prism profile` records the figure per layer).
+next-layer experts on held-back tokens, and two MoE layers ahead (where the runtime's lookahead 2 uses it)
+75% → 82%, about what the shadow router gets one layer ahead (`prism profile` records both per layer).
 
 It is used only where it beats the shadow router: both are scored on the last fifth of the calibration
 tokens by a fit on the first four fifths; the stored map is then refitted on every token. The prediction
@@ -18,8 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_DISTANCE = 2  # fitted from the previous MoE layer's output and from the one before (lookahead 2)
 VALIDATION_SHARE = 0.2  # the last fifth of the calibration tokens scores the two predictors
 RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X (the fit is insensitive to it)
+
+
+def predictor_key(layer: int, from_layer: int, part: str) -> str:
+    """stats.safetensors name of a fitted predictor's `weight` or `bias` (profile_schema documents it)."""
+    return f"layers.{layer}.predictor.{from_layer}.{part}"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from rich.progress import Progress
 from prism_load.models.moe import MoEBlock, RouterOutput
 
 from .atomic import atomic_folder, write_json
-from .predictor import fit_predictor, set_overlap
+from .predictor import MAX_DISTANCE, fit_predictor, predictor_key, set_overlap
 from .profile_schema import (
     CALIBRATION_FILE,
     PROFILE_FORMAT,
@@ -121,7 +121,7 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
     seq_len = tokens.shape[1]
     entries: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}
-    previous: tuple[dict, torch.Tensor] | None = None  # (entry of last MoE layer, its output hidden)
+    history: list[tuple[dict, torch.Tensor]] = []  # (entry, output hidden) of the last MoE layers, nearest last
     task = progress.add_task("profile", total=stream.num_layers) if progress else None
     for i in range(stream.num_layers):
         layer = stream.load_layer(i)
@@ -130,41 +130,60 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
             k = block.router.top_k
             recorder = LayerRecorder(args.num_experts, args.hidden_size, args.moe_intermediate_size)
             block.observer = recorder
-            if previous is not None:
-                entry, prev_out = previous
+            if history:
                 with torch.inference_mode():
-                    x_shadow = layer.post_attention_layernorm(prev_out.reshape(-1, prev_out.shape[-1]))
-                    preds = [shadow_prediction(block, x_shadow, n) for n in (k, min(2 * k, args.num_experts))]
+                    x_next = _norm_input(layer, history[-1][1])
+                    preds = [shadow_prediction(block, x_next, n) for n in (k, min(2 * k, args.num_experts))]
         out = stream.run_layer(layer, hidden)
         if block is not None:
             actual = recorder.indices()
-            if previous is not None:
+            if history:
+                entry = history[-1][0]
                 hits = set_overlap(preds[0], actual).sum().item()
                 hits2 = set_overlap(preds[1], actual).sum().item()
                 entry["next_layer"] = i
                 entry["next_layer_recall"] = entry["next_layer_precision"] = hits / actual.numel()
                 # with 2k >= E every expert is predicted: recall is trivially 1, so report nothing
                 entry["next_layer_recall_at_2k"] = hits2 / actual.numel() if 2 * k < args.num_experts else None
-                with torch.inference_mode():
-                    fit = fit_predictor(x_shadow, torch.cat(recorder.logits), actual, preds[0], block.router.select)
-                if fit is not None:
-                    entry["predictor_recall"], entry["predictor_shadow_recall"] = fit.recall, fit.shadow_recall
-                    entry["predictor_validation_tokens"] = fit.validation_tokens
-                    tensors[f"layers.{i}.predictor_weight"] = fit.weight
-                    tensors[f"layers.{i}.predictor_bias"] = fit.bias
-                del x_shadow, preds
+                del x_next, preds
+                logits = torch.cat(recorder.logits)
+                for distance, (source, source_out) in enumerate(reversed(history), start=1):
+                    _fit_layer_pair(layer, block, source, source_out, i, distance, logits, actual, tensors)
+                del logits
             recorder.logits.clear()
             entry = layer_entry(i, recorder, seq_len, min_tokens)
             entries.append(entry)
             tensors[f"layers.{i}.input_sq"] = recorder.mean_sq(recorder.input_sq)
             tensors[f"layers.{i}.down_input_sq"] = recorder.mean_sq(recorder.down_input_sq)
             tensors[f"layers.{i}.coactivation"] = recorder.coactivation
-            previous = (entry, out)
+            history = [*history, (entry, out)][-MAX_DISTANCE:]
         hidden = out
         del layer, block  # the block references the layer's experts: keep only one layer alive at a time
         if progress:
             progress.update(task, advance=1, description=f"profile: layer {i + 1}/{stream.num_layers}")
     return entries, tensors
+
+
+def _norm_input(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s post-attention norm of an earlier layer's output [T, H]: what its router would read
+    if nothing happened in between (the shadow router's and the fitted predictor's input)."""
+    return layer.post_attention_layernorm(hidden.reshape(-1, hidden.shape[-1]))
+
+
+def _fit_layer_pair(layer, block: MoEBlock, source: dict, source_out: torch.Tensor, j: int, distance: int,
+                    logits: torch.Tensor, actual: torch.Tensor, tensors: dict) -> None:
+    """Fits MoE layer j's predictor from the output of the MoE layer `distance` before it (source) and records
+    it in the source's entry (JSON) and in `tensors`."""
+    with torch.inference_mode():
+        x = _norm_input(layer, source_out)
+        shadow = shadow_prediction(block, x, block.router.top_k)
+        fit = fit_predictor(x, logits, actual, shadow, block.router.select)
+    if fit is None:
+        return
+    source["predictors"].append({"layer": j, "distance": distance, "recall": fit.recall,
+                                 "shadow_recall": fit.shadow_recall, "validation_tokens": fit.validation_tokens})
+    tensors[predictor_key(j, source["layer"], "weight")] = fit.weight
+    tensors[predictor_key(j, source["layer"], "bias")] = fit.bias
 
 
 def layer_entry(i: int, rec: LayerRecorder, seq_len: int, min_tokens: int) -> dict:
@@ -181,9 +200,7 @@ def layer_entry(i: int, rec: LayerRecorder, seq_len: int, min_tokens: int) -> di
         "next_layer_recall": None,
         "next_layer_precision": None,
         "next_layer_recall_at_2k": None,
-        "predictor_recall": None,
-        "predictor_shadow_recall": None,
-        "predictor_validation_tokens": None,
+        "predictors": [],
         **routing_summary(rec.tokens, rec.indices().shape[-1]),
         "temporal_reuse": reuse,
         "temporal_reuse_baseline": baseline,

@@ -12,9 +12,10 @@ profile.json (version 1):
   - `next_layer` (index of the next MoE layer or null), `next_layer_recall` / `next_layer_precision`
     (next layer's router applied to this layer's output hidden state, top-k vs the real top-k; null for the
     last MoE layer), `next_layer_recall_at_2k` (the same predicting 2k experts),
-  - `predictor_recall` / `predictor_shadow_recall`: recall of the fitted prefetch predictor for the next
-    layer (prism_convert/predictor.py, fitted on the first four fifths of the calibration tokens) and of the
-    shadow router, both on the last fifth (`predictor_validation_tokens` tokens); null where not fitted,
+  - `predictors`: the fitted prefetch predictors from this layer's output (prism_convert/predictor.py), one
+    per MoE layer ahead (`distance` 1: the next, 2: the one after): [{`layer` (the predicted MoE layer),
+    `distance`, `recall`, `shadow_recall` (the fitted predictor's and the shadow router's recall, both fitted
+    or applied without the last fifth of the calibration tokens and scored on it), `validation_tokens`}],
   - `routing_entropy_bits`, `max_entropy_bits`, `top_expert_share`, `top_quarter_share` (share of
     assignments taken by the top 25% of experts), `temporal_reuse` (share of a token's experts also used by
     the previous token of the same sequence) and `temporal_reuse_baseline` (the same if routing were
@@ -24,9 +25,9 @@ profile.json (version 1):
 stats.safetensors: `layers.{i}.input_sq` [E, H] and `layers.{i}.down_input_sq` [E, I] — per-channel mean
 second moments of each expert's routed inputs (gate/up input; down-projection input), fp32;
 `layers.{i}.coactivation` [E, E] int64 — tokens that chose both experts (diagonal: tokens that chose e);
-`layers.{j}.predictor_weight` [E, H] and `layers.{j}.predictor_bias` [E], fp32 — the fitted predictor of MoE
-layer j's router logits from its norm of the previous MoE layer's output (refitted on every token; absent
-for the first MoE layer). A profile written before the predictor has none: nothing uses one then.
+`layers.{j}.predictor.{i}.weight` [E, H] and `layers.{j}.predictor.{i}.bias` [E], fp32 — the fitted
+predictor of MoE layer j's router logits from its norm of MoE layer i's output (refitted on every token),
+for each entry of layer i's `predictors`. A profile written before predictors existed has none.
 calibration.safetensors: `tokens` [samples, seq_len] int64, so compress replays exactly the same data.
 """
 
@@ -111,12 +112,12 @@ class Profile:
                 raise ProfileError(f"{self.folder / STATS_FILE}: tensor {name} is missing")
             return f.get_tensor(name)
 
-    def predictor(self, j: int) -> dict | None:
-        """MoE layer j's fitted prefetch predictor where it beat the shadow router on the held-back tokens:
-        {"from_layer", "recall", "shadow_recall", "weight" [E, H], "bias" [E]} (fp32); else None."""
+    def predictors_for(self, j: int) -> list[dict]:
+        """MoE layer j's fitted prefetch predictors that beat the shadow router on the held-back tokens:
+        [{"from_layer", "recall", "shadow_recall", "weight" [E, H], "bias" [E]}] (fp32), nearest source last."""
         from prism_load.runtime.predictor import profile_predictors
 
-        return profile_predictors(self.folder, [j]).get(j)
+        return [p for (layer, _), p in sorted(profile_predictors(self.folder, [j]).items()) if layer == j]
 
     def expert_tokens(self, i: int) -> torch.Tensor:
         return torch.tensor([x["tokens"] for x in self.layer(i)["experts"]], dtype=torch.float64)

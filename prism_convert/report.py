@@ -17,7 +17,7 @@ RECALL_USEFUL = 0.60  # shadow-router recall above which prefetching the predict
 def profile_table(data: dict) -> Table:
     table = Table(title=f"routing profile: {data['tokens']:,} tokens, top-{data['top_k']}", show_lines=False)
     for col in ("layer", "entropy (bits)", "top expert", "top 25%", "next-layer recall", "recall@2k",
-                "fitted vs shadow (held back)", "temporal reuse", "rare"):
+                "fitted vs shadow, next (held back)", "two ahead", "temporal reuse", "rare"):
         table.add_column(col, justify="right")
     for x in data["layers"]:
         recall = x["next_layer_recall"]
@@ -29,18 +29,19 @@ def profile_table(data: dict) -> Table:
             f"{x['top_quarter_share']:.1%}",
             "—" if recall is None else f"{recall:.1%}",
             "—" if at2k is None else f"{at2k:.1%}",
-            _fitted(x),
+            _fitted(x, 1),
+            _fitted(x, 2),
             f"{x['temporal_reuse']:.1%} (indep. {x['temporal_reuse_baseline']:.1%})",
             str(len(x["rare_experts"])),
         )
     return table
 
 
-def _fitted(x: dict) -> str:
-    r, s = x.get("predictor_recall"), x.get("predictor_shadow_recall")
-    if r is None or s is None:
+def _fitted(x: dict, distance: int) -> str:
+    p = next((p for p in x.get("predictors", ()) if p["distance"] == distance), None)
+    if p is None:
         return "—"
-    return f"{r:.1%} vs {s:.1%}" + (" (used)" if r > s else " (not used)")
+    return f"{p['recall']:.1%} vs {p['shadow_recall']:.1%}" + (" (used)" if p["recall"] > p["shadow_recall"] else "")
 
 
 def verdicts(data: dict) -> list[str]:
@@ -64,14 +65,17 @@ def verdicts(data: dict) -> list[str]:
             + ("prefetching its prediction mostly hits." if mean >= RECALL_USEFUL
                else "most prefetched experts would be wasted; prefetch helps little on this model.")
         )
-    fitted = [x for x in layers if x.get("predictor_recall") is not None and x.get("predictor_shadow_recall") is not None]
-    if fitted:
-        used = [x for x in fitted if x["predictor_recall"] > x["predictor_shadow_recall"]]
-        gain = sum(x["predictor_recall"] - x["predictor_shadow_recall"] for x in fitted) / len(fitted)
+    for distance, what in ((1, "the next MoE layer"), (2, "two MoE layers ahead (lookahead 2)")):
+        fitted = [p for x in layers for p in x.get("predictors", ()) if p["distance"] == distance]
+        if not fitted:
+            continue
+        used = [p for p in fitted if p["recall"] > p["shadow_recall"]]
+        mean = sum(p["recall"] for p in fitted) / len(fitted)
+        shadow = sum(p["shadow_recall"] for p in fitted) / len(fitted)
         out.append(
-            f"fitted predictor: on held-back calibration tokens it beats the shadow router in {len(used)} of "
-            f"{len(fitted)} layer pairs (mean recall {gain:+.1%} points); "
-            + ("the runtime uses it there." if used else "the runtime keeps the shadow router everywhere.")
+            f"fitted predictor, {what}: on held-back calibration tokens it recovers {mean:.1%} of experts against "
+            f"the shadow router's {shadow:.1%}, and beats it in {len(used)} of {len(fitted)} layer pairs; "
+            + ("the runtime uses it there." if used else "the runtime keeps the shadow router.")
         )
     reuse = sum(x["temporal_reuse"] for x in layers) / len(layers)
     base = sum(x["temporal_reuse_baseline"] for x in layers) / len(layers)

@@ -285,7 +285,8 @@ class ExpertRecord:
 @dataclass(frozen=True)
 class PredictorLayer:
     """A fitted prefetch predictor of MoE layer `layer`'s experts from the output of MoE layer `from_layer`
-    (the previous one), with its recall and the shadow router's on the profile's held-back tokens."""
+    (one of the two MoE layers before it), with its recall and the shadow router's on the profile's
+    held-back tokens."""
 
     layer: int
     from_layer: int
@@ -308,7 +309,7 @@ class PredictorLayer:
 
     def keys(self) -> tuple[str, str]:
         """Its tensors in the predictor file: weight [E, H] and bias [E], F32."""
-        return f"layers.{self.layer}.weight", f"layers.{self.layer}.bias"
+        return f"layers.{self.layer}.from.{self.from_layer}.weight", f"layers.{self.layer}.from.{self.from_layer}.bias"
 
 
 @dataclass(frozen=True)
@@ -612,21 +613,25 @@ def _validate_against_config(m: Manifest) -> None:
                          f"(first missing: layer {missing[0][0]} expert {missing[0][1]})")
 
 
+PREDICTOR_DISTANCES = 2  # a layer is predicted from the output of one of the two MoE layers before it
+
+
 def _validate_predictor(m: Manifest) -> None:
-    """Each predicted layer a MoE layer, listed once in ascending order, predicted from the MoE layer before it."""
+    """Each (layer, from_layer) once, in ascending order; layer a MoE layer, from_layer one of the two MoE
+    layers before it."""
     if m.predictor is None:
         return
     _, args = model_args(m.config)
     moe = sorted(args.moe_layers)
-    previous = {j: i for i, j in zip(moe, moe[1:])}
-    last = -1
+    sources = {j: moe[max(0, n - PREDICTOR_DISTANCES) : n] for n, j in enumerate(moe)}
+    last = (-1, -1)
     for n, x in enumerate(m.predictor.layers):
         where = f"predictor.layers[{n}]"
-        if x.layer not in previous:
+        if not sources.get(x.layer):
             _fail(f"{where}.layer", f"{x.layer} is not a MoE layer after the first (MoE layers: {moe})")
-        if x.from_layer != previous[x.layer]:
-            _fail(f"{where}.from_layer", f"{x.from_layer}: layer {x.layer} is predicted from the MoE layer before it, "
-                                         f"{previous[x.layer]}")
-        if x.layer <= last:
-            _fail(f"{where}.layer", f"{x.layer} is listed twice or out of order")
-        last = x.layer
+        if x.from_layer not in sources[x.layer]:
+            _fail(f"{where}.from_layer", f"{x.from_layer}: layer {x.layer} is predicted from one of the MoE layers "
+                                         f"{sources[x.layer]}")
+        if (x.layer, x.from_layer) <= last:
+            _fail(where, f"layer {x.layer} from layer {x.from_layer} is listed twice or out of order")
+        last = (x.layer, x.from_layer)

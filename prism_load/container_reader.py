@@ -264,9 +264,9 @@ class Container:
             raise ContainerError(f"{shard.name}: unreadable safetensors file ({e})") from None
         return out
 
-    def predictor_tensors(self, verify_checksum: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The fitted prefetch predictors (docs/FORMAT.md §4): MoE layer -> (weight [E, H], bias [E]), fp32;
-        empty when the container has none."""
+    def predictor_tensors(self, verify_checksum: bool = False) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The fitted prefetch predictors (docs/FORMAT.md §4a): (MoE layer, source MoE layer) -> (weight [E, H],
+        bias [E]), fp32; empty when the container has none."""
         from safetensors import SafetensorError, safe_open
 
         p = self.manifest.predictor
@@ -296,7 +296,7 @@ class Container:
                 raise ContainerError(f"{p.file.name}: {k} is {t.dtype} {list(t.shape)}, expected float32 {shapes[k]}")
             if not torch.isfinite(t).all():
                 raise ContainerError(f"{p.file.name}: {k} holds NaN or infinite values")
-        return {x.layer: (tensors[x.keys()[0]], tensors[x.keys()[1]]) for x in p.layers}
+        return {(x.layer, x.from_layer): (tensors[x.keys()[0]], tensors[x.keys()[1]]) for x in p.layers}
 
     def dense_state(self, dtype: torch.dtype = torch.float32, verify_checksum: bool = False) -> dict[str, torch.Tensor]:
         """prism state_dict names -> decoded dense tensors."""

@@ -476,8 +476,8 @@ def test_predictor_file_travels_with_the_container(tmp_path, offline, fake_api):
     from prism_convert.hub import push
 
     n, h = RUNTIME_CONFIG["num_local_experts"], RUNTIME_CONFIG["hidden_size"]
-    predictor = {2: {"from_layer": 1, "recall": 0.9, "shadow_recall": 0.8, "weight": torch.zeros(n, h),
-                     "bias": torch.arange(n, dtype=torch.float32)}}
+    predictor = {(2, 1): {"recall": 0.9, "shadow_recall": 0.8, "weight": torch.zeros(n, h),
+                          "bias": torch.arange(n, dtype=torch.float32)}}
     folder = write_tiny(tmp_path / "p.prism", model=random_model(RUNTIME_CONFIG), config=RUNTIME_CONFIG,
                         predictor=predictor)
     dense = [f["name"] for f in manifest(folder)["dense_shards"]]
@@ -485,7 +485,7 @@ def test_predictor_file_travels_with_the_container(tmp_path, offline, fake_api):
     model = prism_load.load("test/pred-prism", cache_dir=tmp_path / "hub", expert_cache="50%")
     snapshots = [kw["allow_patterns"] for name, _, kw in offline if name == "snapshot_download"]
     assert snapshots[-1] == ["manifest.json", *dense, "predictor.safetensors"]
-    assert model.stats()["predictor_layers"] == [2]
+    assert model.stats()["predictor_layers"] == [[2, 1]]
     model.runtime.close()
     plan = push(folder, "org/pred", token="hf_secret")
     assert "predictor.safetensors" in fake_api.instances[0].calls[-1][2]["allow_patterns"]

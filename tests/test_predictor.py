@@ -14,6 +14,7 @@ from runtime_fixtures import INT_MIX, RUNTIME_CONFIG, greedy, load_cached, promp
 import prism_load
 from prism_convert.bitplan import Budget
 from prism_convert.compress import run_compress
+from prism_convert.inspect import inspect_container
 from prism_convert.pipeline import pack_work
 from prism_convert.predictor import VALIDATION_SHARE, fit_predictor, recall
 from prism_convert.profile import run_profile
@@ -77,8 +78,8 @@ def profiled(tiny_checkpoint, tmp_path_factory):
 
 
 def test_profile_scores_the_shadow_router_on_the_held_back_tokens(profiled):
-    """predictor_shadow_recall is the shadow router's recall on the last fifth of the tokens, recomputed here
-    from transformers' own hidden states and routing."""
+    """Each fitted predictor's shadow_recall is the shadow router's recall on the last fifth of the tokens
+    (next layer and two ahead), recomputed here from transformers' own hidden states and routing."""
     _, ref, tokens, prof = profiled
     hidden, inputs = {}, {}
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: hidden.__setitem__(i, o[0] if isinstance(o, tuple) else o))
@@ -90,34 +91,36 @@ def test_profile_scores_the_shadow_router_on_the_held_back_tokens(profiled):
     for h in hooks:
         h.remove()
     k, tail = prof.top_k, round(tokens.numel() * VALIDATION_SHARE)
-    for entry in prof.layers[:-1]:
-        i, j = entry["layer"], entry["next_layer"]
+    pairs = [(x["layer"], p["layer"], p["distance"]) for x in prof.layers for p in x["predictors"]]
+    assert pairs == [(0, 1, 1), (0, 2, 2), (1, 2, 1)]  # three MoE layers: next, and two ahead
+    for i, j, _ in pairs:
+        p = next(p for p in prof.layer(i)["predictors"] if p["layer"] == j)
         nxt = ref.model.layers[j]
         with torch.no_grad():
             guess = nxt.mlp.gate(nxt.post_attention_layernorm(hidden[i]).reshape(-1, hidden[i].shape[-1]))[0]
             actual = nxt.mlp.gate(inputs[j].reshape(-1, inputs[j].shape[-1]))[2]
         pred = torch.topk(guess, k).indices
-        assert entry["predictor_validation_tokens"] == tail
-        assert entry["predictor_shadow_recall"] == pytest.approx(recall(pred[-tail:], actual[-tail:]))
-        assert 0.0 <= entry["predictor_recall"] <= 1.0
-        assert prof.tensor(f"layers.{j}.predictor_weight").shape == (ref.config.num_local_experts, ref.config.hidden_size)
-    assert prof.layers[-1]["predictor_recall"] is None
+        assert p["validation_tokens"] == tail
+        assert p["shadow_recall"] == pytest.approx(recall(pred[-tail:], actual[-tail:]))
+        assert 0.0 <= p["recall"] <= 1.0
+        shape = (ref.config.num_local_experts, ref.config.hidden_size)
+        assert prof.tensor(f"layers.{j}.predictor.{i}.weight").shape == shape
 
 
 def test_profile_offers_a_predictor_only_where_it_beats_the_shadow_router(profiled, tmp_path):
     _, _, _, prof = profiled
-    j = prof.layers[0]["next_layer"]
     copy = tmp_path / "p"
     shutil.copytree(prof.folder, copy)
     data = json.loads((copy / "profile.json").read_text())
-    data["layers"][0]["predictor_recall"], data["layers"][0]["predictor_shadow_recall"] = 0.9, 0.8
+    for x in data["layers"]:
+        for p in x["predictors"]:
+            p["recall"], p["shadow_recall"] = 0.9, 0.8
+    data["layers"][1]["predictors"][0]["recall"] = 0.8  # layer 2 from layer 1: a tie is not a win
     (copy / "profile.json").write_text(json.dumps(data))
-    got = Profile.load(copy).predictor(j)
-    assert got["from_layer"] == prof.layers[0]["layer"] and got["recall"] == 0.9
-    assert torch.equal(got["weight"], prof.tensor(f"layers.{j}.predictor_weight"))
-    data["layers"][0]["predictor_recall"] = 0.8  # a tie is not a win
-    (copy / "profile.json").write_text(json.dumps(data))
-    assert Profile.load(copy).predictor(j) is None
+    got = Profile.load(copy).predictors_for(2)
+    assert [(p["from_layer"], p["recall"]) for p in got] == [(0, 0.9)]
+    assert torch.equal(got[0]["weight"], prof.tensor("layers.2.predictor.0.weight"))
+    assert [p["from_layer"] for p in Profile.load(copy).predictors_for(1)] == [0]
 
 
 # -- compress -> pack -> container ---------------------------------------------------------------------------
@@ -129,26 +132,27 @@ def test_pack_stores_the_predictors_that_beat_the_shadow_router(profiled, tmp_pa
     folder, _, tokens, prof = profiled
     run_compress(folder, prof.folder, Recipe.from_dict(RECIPE), tmp_path / "work")
     pack_work([tmp_path / "work"], tmp_path / "m.prism", Budget(bits=8.0), shard_size_bytes=1 << 20)
-    winners = {x["next_layer"] for x in prof.layers if x["predictor_recall"] is not None
-               and x["predictor_recall"] > x["predictor_shadow_recall"]}
+    winners = {(p["layer"], x["layer"]) for x in prof.layers for p in x["predictors"] if p["recall"] > p["shadow_recall"]}
     assert winners, "the fixture's profile should have a predictor that beats the shadow router"
     with Container(tmp_path / "m.prism") as c:
-        assert [x.layer for x in c.manifest.predictor.layers] == sorted(winners)
+        assert [(x.layer, x.from_layer) for x in c.manifest.predictor.layers] == sorted(winners)
         stored = c.predictor_tensors(verify_checksum=True)
-    for j in winners:
-        assert torch.equal(stored[j][0], prof.tensor(f"layers.{j}.predictor_weight"))
-        assert torch.equal(stored[j][1], prof.tensor(f"layers.{j}.predictor_bias"))
+    for j, i in winners:
+        assert torch.equal(stored[(j, i)][0], prof.tensor(f"layers.{j}.predictor.{i}.weight"))
+        assert torch.equal(stored[(j, i)][1], prof.tensor(f"layers.{j}.predictor.{i}.bias"))
     assert verify_container(tmp_path / "m.prism") == []
-    model = prism_load.load(tmp_path / "m.prism", expert_cache="50%")
-    assert model.stats()["predictor_layers"] == sorted(winners)
-    model.runtime.close()
+    for lookahead in (1, 2):
+        model = prism_load.load(tmp_path / "m.prism", expert_cache="50%", lookahead=lookahead)
+        used = sorted([j, i] for j, i in winners if j - i <= lookahead)  # every layer of this model is MoE
+        assert model.stats()["predictor_layers"] == used
+        model.runtime.close()
 
 
-def biased_predictor(config, favourite: list[int], from_layer: int) -> dict:
+def biased_predictor(config, favourite: list[int]) -> dict:
     """A predictor that ignores its input and always names `favourite` (weight 0, a large bias on them)."""
     bias = torch.zeros(config["num_local_experts"])
     bias[favourite] = 10.0
-    return {"from_layer": from_layer, "recall": 0.9, "shadow_recall": 0.8,
+    return {"recall": 0.9, "shadow_recall": 0.8,
             "weight": torch.zeros(config["num_local_experts"], config["hidden_size"]), "bias": bias}
 
 
@@ -156,17 +160,21 @@ def biased_predictor(config, favourite: list[int], from_layer: int) -> dict:
 def with_predictor(tmp_path_factory):
     path = tmp_path_factory.mktemp("pred") / "m.prism"
     return write_tiny(path, model=random_model(RUNTIME_CONFIG, seed=4), config=RUNTIME_CONFIG, mix=INT_MIX,
-                      predictor={2: biased_predictor(RUNTIME_CONFIG, [5, 6], from_layer=1)})
+                      predictor={(2, 1): biased_predictor(RUNTIME_CONFIG, [5, 6]),
+                                 (2, 0): biased_predictor(RUNTIME_CONFIG, [3, 4])})
 
 
 def test_manifest_and_file_round_trip(with_predictor):
     with Container(with_predictor) as c:
-        (layer,) = c.manifest.predictor.layers
-        assert (layer.layer, layer.from_layer, layer.recall, layer.shadow_recall) == (2, 1, 0.9, 0.8)
-        weight, bias = c.predictor_tensors(verify_checksum=True)[2]
+        assert [(x.layer, x.from_layer, x.recall, x.shadow_recall) for x in c.manifest.predictor.layers] == [
+            (2, 0, 0.9, 0.8), (2, 1, 0.9, 0.8)]
+        weight, bias = c.predictor_tensors(verify_checksum=True)[(2, 1)]
     assert weight.dtype == torch.float32 and not weight.any() and bias[[5, 6]].tolist() == [10.0, 10.0]
     text = (with_predictor / "manifest.json").read_text()
     assert '"predictor":{"file":{"name":"predictor.safetensors"' in text
+    summary = inspect_container(with_predictor)
+    assert summary["predictor"] == [{"layer": 2, "from_layer": i, "recall": 0.9, "shadow_recall": 0.8} for i in (0, 1)]
+    assert summary["bytes"]["predictor"] == (with_predictor / "predictor.safetensors").stat().st_size
 
 
 def test_a_container_without_predictors_has_no_key(tmp_path):
@@ -178,9 +186,10 @@ def test_a_container_without_predictors_has_no_key(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda p: p["layers"][0].update(from_layer=0), "predicted from the MoE layer before it, 1"),
+    (lambda p: p["layers"][0].update(from_layer=2), r"predicted from one of the MoE layers \[0, 1\]"),
     (lambda p: p["layers"][0].update(layer=0), "not a MoE layer after the first"),
     (lambda p: p["layers"].append(dict(p["layers"][0])), "listed twice or out of order"),
+    (lambda p: p["layers"].reverse(), "listed twice or out of order"),
     (lambda p: p["layers"][0].update(recall=1.5), "outside"),
     (lambda p: p["layers"][0].update(extra=1), "extra"),
     (lambda p: p["file"].update(name="../x"), "name"),
@@ -214,28 +223,32 @@ def test_damaged_or_mismatched_predictor_file_is_named(with_predictor, tmp_path)
 
 
 def test_write_refuses_a_predictor_of_the_wrong_shape(tmp_path):
-    bad = biased_predictor(RUNTIME_CONFIG, [1], from_layer=1)
+    bad = biased_predictor(RUNTIME_CONFIG, [1])
     bad["weight"] = bad["weight"][:, :-1]
-    with pytest.raises(ContainerError, match="predictor of layer 2: weight"):
-        write_tiny(tmp_path / "m.prism", config=RUNTIME_CONFIG, mix=INT_MIX, predictor={2: bad})
+    with pytest.raises(ContainerError, match="predictor of layer 2 from layer 1: weight"):
+        write_tiny(tmp_path / "m.prism", config=RUNTIME_CONFIG, mix=INT_MIX, predictor={(2, 1): bad})
     assert not (tmp_path / "m.prism").exists()
 
 
 # -- the runtime -------------------------------------------------------------------------------------------
-def test_runtime_predicts_with_the_predictor_after_its_layer_only(with_predictor):
-    """After layer 1 the prefetcher asks for the predictor's experts (5, 6) for layer 2; after layer 0, for
-    layer 1, it keeps the shadow router; predictor=False keeps the shadow router everywhere."""
-    model = load_cached(with_predictor, "50%", True)
-    shadow = model.runtime.shadow
+def test_runtime_predicts_with_the_predictor_of_the_layer_it_runs_after(with_predictor):
+    """Layer 2 is predicted with the predictor fitted on the output of the layer the hook runs after: after
+    layer 1 experts (5, 6), after layer 0 (lookahead 2) experts (3, 4); with lookahead 1 layer 2 is not
+    predicted after layer 0, so that predictor is not kept; predictor=False keeps the shadow router."""
     x = torch.randn(1, RUNTIME_CONFIG["hidden_size"], generator=torch.Generator().manual_seed(1))
-    assert sorted(shadow.predict(2, x, after=1)) == [5, 6]
+    model = load_cached(with_predictor, "50%", True)
     layer = model.layers[2]
-    router_pick = layer.mlp.router(layer.post_attention_layernorm(x)).indices.flatten().tolist()
-    assert sorted(shadow.predict(2, x, after=0)) == sorted(router_pick)
+    router_pick = sorted(layer.mlp.router(layer.post_attention_layernorm(x)).indices.flatten().tolist())
+    assert sorted(model.runtime.shadow.predict(2, x, after=1)) == [5, 6]
+    assert sorted(model.runtime.shadow.predict(2, x, after=0)) == router_pick
+    assert model.stats()["predictor_layers"] == [[2, 1]]
+    ahead = load_cached(with_predictor, "50%", True, lookahead=2)
+    assert ahead.stats()["predictor_layers"] == [[2, 0], [2, 1]]
+    assert sorted(ahead.runtime.shadow.predict(2, x, after=0)) == [3, 4]
     plain = load_cached(with_predictor, "50%", True, predictor=False)
-    assert plain.stats()["predictor_layers"] == [] and model.stats()["predictor_layers"] == [2]
-    assert sorted(plain.runtime.shadow.predict(2, x, after=1)) == sorted(router_pick)
-    for m in (model, plain):
+    assert plain.stats()["predictor_layers"] == []
+    assert sorted(plain.runtime.shadow.predict(2, x, after=1)) == router_pick
+    for m in (model, ahead, plain):
         m.runtime.close()
 
 

@@ -61,7 +61,8 @@ class Runtime:
     def stats(self) -> dict:
         out = self.cache.snapshot()
         out["prefetch"] = self.shadow is not None
-        out["predictor_layers"] = sorted(self.shadow.predictors) if self.shadow is not None else []
+        # fitted predictors in use: [predicted MoE layer, the MoE layer it predicts from]
+        out["predictor_layers"] = [list(k) for k in sorted(self.shadow.predictors)] if self.shadow is not None else []
         out["expert_bytes_total"] = self.total_expert_bytes
         placement = self.cache.placement
         if placement is not None:
@@ -107,8 +108,8 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
     """Put every MoE block's experts behind one ExpertCache over `store`; returns model.runtime.
     expert_cache: the fast tier's budget (bytes, "50%" of all decoded expert bytes, "2GB"); host_cache (CUDA):
     the pinned tier's budget of stored bytes ("100%" of the container's expert bytes by default, at most
-    half the free RAM); lookahead: MoE layers predicted ahead (1 or 2); predictors: fitted predictors by MoE
-    layer (runtime/predictor.py), used instead of the shadow router right after the layer each was fitted on."""
+    half the free RAM); lookahead: MoE layers predicted ahead (1 or 2); predictors: fitted predictors by (MoE
+    layer, source MoE layer) (runtime/predictor.py), used instead of the shadow router right after the source."""
     device = torch.device(device)
     total = total_footprint(store)
     if lookahead not in (1, 2):
@@ -126,7 +127,7 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
             cpus = set(placement.topology.node(placement.compute).cpus)
         worker = FetchWorker(cache, cpus=cpus)
         shadow = ShadowRouter(model, cache, extra=prefetch_extra, lookahead=lookahead,
-                              predictors={j: p.to(device) for j, p in (predictors or {}).items()})
+                              predictors={key: p.to(device) for key, p in (predictors or {}).items()})
         weakref.finalize(model, worker.close)
     runtime = Runtime(cache, worker, shadow, total)
     model.runtime = runtime

@@ -1,10 +1,11 @@
 """Fitted prefetch predictors: where they come from (a container's predictor file, or a profile folder) and
 their runtime form.
 
-A fitted predictor maps layer j's norm of the hidden state leaving MoE layer i (the previous one) to layer
-j's router logits (prism_convert/predictor.py fits it during `prism profile`). Only predictors that beat
-the shadow router on the profile's held-back tokens are stored, so the runtime uses every one it finds, and
-only after layer i: after a dense layer between i and j the shadow router predicts j as before.
+A fitted predictor maps layer j's norm of the hidden state leaving MoE layer i (the previous MoE layer, or
+the one before it) to layer j's router logits (prism_convert/predictor.py fits them during `prism
+profile`). Only predictors that beat the shadow router on the profile's held-back tokens are stored, so the
+runtime uses every one it finds, and only right after layer i: after a dense layer between i and j the
+shadow router predicts j as before.
 """
 
 from __future__ import annotations
@@ -28,43 +29,45 @@ class FittedPredictor:
         return FittedPredictor(self.from_layer, self.weight.to(device), self.bias.to(device))
 
 
-def container_predictors(container, verify_checksum: bool = True) -> dict[int, FittedPredictor]:
-    """The predictors stored in a .prism container (docs/FORMAT.md §4), by predicted MoE layer."""
+def container_predictors(container, verify_checksum: bool = True) -> dict[tuple[int, int], FittedPredictor]:
+    """The predictors stored in a .prism container (docs/FORMAT.md §4a), by (predicted, source) MoE layer."""
     p = container.manifest.predictor
     if p is None:
         return {}
     tensors = container.predictor_tensors(verify_checksum)
-    return {x.layer: FittedPredictor(x.from_layer, *tensors[x.layer]) for x in p.layers}
+    return {(x.layer, x.from_layer): FittedPredictor(x.from_layer, *tensors[(x.layer, x.from_layer)])
+            for x in p.layers}
 
 
-def profile_predictors(folder: str | Path, layers: list[int] | None = None) -> dict[int, dict]:
+def profile_predictors(folder: str | Path, layers: list[int] | None = None) -> dict[tuple[int, int], dict]:
     """The predictors of a prism profile folder that beat the shadow router on its held-back tokens, by
-    predicted MoE layer (only `layers`, when given): {"from_layer", "recall", "shadow_recall", "weight",
-    "bias"}. A profile written before predictors existed has none."""
+    (predicted MoE layer, source MoE layer), for `layers` only when given: {"from_layer", "recall",
+    "shadow_recall", "weight", "bias"}. A profile written before predictors existed has none."""
     from safetensors import safe_open
 
     folder = Path(folder)
     try:
         entries = json.loads((folder / "profile.json").read_text())["layers"]
+        chosen = {(p["layer"], entry["layer"]): {"from_layer": entry["layer"], "recall": p["recall"],
+                                                 "shadow_recall": p["shadow_recall"]}
+                  for entry in entries for p in entry.get("predictors", ())
+                  if p["recall"] > p["shadow_recall"] and (layers is None or p["layer"] in layers)}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ProfileError(f"{folder / 'profile.json'}: cannot read the layers ({type(e).__name__}: {e})") from None
-    chosen = {}
-    for entry in entries:
-        j, r, s = entry.get("next_layer"), entry.get("predictor_recall"), entry.get("predictor_shadow_recall")
-        if j is not None and r is not None and s is not None and r > s and (layers is None or j in layers):
-            chosen[j] = {"from_layer": entry["layer"], "recall": r, "shadow_recall": s}
+        raise ProfileError(f"{folder / 'profile.json'}: cannot read the predictors ({type(e).__name__}: {e})") from None
     if not chosen:
         return {}
     stats = folder / "stats.safetensors"
     with safe_open(stats, framework="pt") as f:
         names = set(f.keys())
-        for j, p in chosen.items():
-            w, b = f"layers.{j}.predictor_weight", f"layers.{j}.predictor_bias"
+        for (j, i), p in chosen.items():
+            w, b = f"layers.{j}.predictor.{i}.weight", f"layers.{j}.predictor.{i}.bias"
             if w not in names or b not in names:
-                raise ProfileError(f"{stats}: layer {j}'s predictor is recorded in profile.json but {w} / {b} is missing")
+                raise ProfileError(f"{stats}: the predictor of layer {j} from layer {i} is recorded in profile.json "
+                                   f"but {w} / {b} is missing")
             p["weight"], p["bias"] = f.get_tensor(w), f.get_tensor(b)
     return chosen
 
 
-def as_runtime(predictors: dict[int, dict]) -> dict[int, FittedPredictor]:
-    return {j: FittedPredictor(p["from_layer"], p["weight"].float(), p["bias"].float()) for j, p in predictors.items()}
+def as_runtime(predictors: dict[tuple[int, int], dict]) -> dict[tuple[int, int], FittedPredictor]:
+    return {key: FittedPredictor(p["from_layer"], p["weight"].float(), p["bias"].float())
+            for key, p in predictors.items()}

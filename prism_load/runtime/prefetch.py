@@ -136,17 +136,18 @@ class ShadowRouter:
     experts like (W * g) x, with W * g computed once. Other routers (sigmoid scores with a bias, group limits)
     are applied in full, after the layer's own norm.
 
-    Where a fitted predictor exists for layer j (predictors: j -> FittedPredictor, runtime/predictor.py) and
-    the hook runs after the layer it was fitted on, it replaces the router's matrix: logits = P(norm_j(x)) + b,
-    experts picked by the router's own rule (router.select)."""
+    Where a fitted predictor of layer j from the layer the hook runs after exists (predictors: (j, i) ->
+    FittedPredictor, runtime/predictor.py), it replaces the router's matrix: logits = P norm_j(x) + b, experts
+    picked by the router's own rule (router.select)."""
 
     def __init__(self, model, cache, extra: int = 0, max_tokens: int = 1, lookahead: int = 1,
                  predictors: dict | None = None):
         self.cache, self.extra, self.max_tokens = cache, extra, max_tokens
-        self.predictors = dict(predictors or {})
         moe = [i for i, _ in model.moe_blocks()]
         self.layers = {layer.index: layer for layer in model.layers}
         self.next_moe = {layer.index: [j for j in moe if j > layer.index][:lookahead] for layer in model.layers}
+        # the fitted predictors this lookahead uses: (j, i) with j among the layers predicted after layer i
+        self.predictors = {(j, i): p for (j, i), p in (predictors or {}).items() if j in self.next_moe.get(i, ())}
         self.fused = {j: fused_router(self.layers[j]) for j in moe}  # j -> (W * g [E, H] fp32, top_k) or None
         self.num_experts = cache.store.num_experts
 
@@ -166,9 +167,9 @@ class ShadowRouter:
     def predict(self, j: int, x: torch.Tensor, after: int | None = None) -> list[int]:
         """Experts layer j's router picks for x [N, H] (with layer j's norm), then the `extra` next by logit;
         `after` (the layer x leaves) selects the fitted predictor fitted on that layer's output."""
-        fitted = self.predictors.get(j)
+        fitted = self.predictors.get((j, after))
         fused = self.fused[j]
-        if fitted is not None and fitted.from_layer == after:
+        if fitted is not None:
             layer = self.layers[j]
             logits = F.linear(layer.post_attention_layernorm(x).float(), fitted.weight, fitted.bias)
             indices = layer.mlp.router.select(logits)
