@@ -99,6 +99,10 @@ def stats_table(s: dict, seconds: float | None = None) -> Table:
     t.add_row("stalled", stall)
     t.add_row("bytes fetched (cold tier)", f"{_mib(s['bytes_fetched'])} in {s['loads']:,} reads")
     if s.get("prefetch"):
+        pairs = s.get("predictor_layers", [])
+        t.add_row("predicted by", "the shadow router" if not pairs else
+                  f"fitted predictors for {len(pairs)} layer pairs (" + ", ".join(f"{i}→{j}" for j, i in pairs)
+                  + "), the shadow router elsewhere")
         t.add_row("prefetch recall / precision", f"{_pct(s['prefetch_recall'])} / {_pct(s['prefetch_precision'])}")
         t.add_row("prefetches used / loaded", f"{s['prefetch_used']:,} / {s['prefetch_loads']:,} "
                   f"({s['prefetch_cancelled']:,} cancelled, {s['prefetch_aborted']:,} aborted)")

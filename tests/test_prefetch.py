@@ -375,6 +375,7 @@ def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
         assert out.splitlines()[0] == plain.output.splitlines()[0]
     assert "hits / misses" in out and "per MoE layer" in out
     assert ("prefetch recall / precision" in out) is prefetch
+    assert ("the shadow router" in out) is prefetch  # this container has no fitted predictors
     assert "prefill 3 tokens" in out and "decode 5 tokens" in out
 
 
