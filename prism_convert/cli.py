@@ -209,6 +209,8 @@ def run(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1),
     cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of all decoded expert bytes, or a size ('512MB'). Default: every expert resident."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache)."),
+    lookahead: int = typer.Option(1, "--lookahead", min=1, max=2, help="MoE layers predicted ahead (with --prefetch)."),
+    predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
     codes: bool = typer.Option(False, "--codes", help="Keep int experts as unpacked codes (a byte per weight), dequantised at each use; --cache percentages are then of that form (CPU, containers; default cache 100%)."),
 ) -> None:
@@ -217,7 +219,7 @@ def run(
     from prism_convert.run import run_prompt
 
     run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
-               expert_form="codes" if codes else "decoded")
+               expert_form="codes" if codes else "decoded", lookahead=lookahead, predictor=predictor)
 
 
 @app.command("eval")

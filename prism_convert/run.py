@@ -13,10 +13,11 @@ from prism_load.errors import PrismError
 
 
 def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Console, *, cache=None,
-               prefetch: bool = True, numa=None, expert_form: str = "decoded") -> dict:
+               prefetch: bool = True, numa=None, expert_form: str = "decoded", lookahead: int = 1,
+               predictor: bool = True) -> dict:
     """Generate from `prompt`, streaming tokens. cache: None (every expert resident) or the expert cache's
-    budget (bytes, "50%", "2GB"); prefetch, numa and expert_form as in prism_load.load (codes needs the
-    cache: "100%" when no budget is given)."""
+    budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead and predictor as in prism_load.load
+    (codes needs the cache: "100%" when no budget is given)."""
     import torch
 
     import prism_load
@@ -24,7 +25,7 @@ def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Cons
     if expert_form != "decoded" and cache is None:
         cache = "100%"
     options = {} if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
-                                        "expert_form": expert_form}
+                                        "expert_form": expert_form, "lookahead": lookahead, "predictor": predictor}
     model = prism_load.load(model_path, **options)
     tok = model.tokenizer
     if tok is None:
@@ -101,8 +102,7 @@ def stats_table(s: dict, seconds: float | None = None) -> Table:
     if s.get("prefetch"):
         pairs = s.get("predictor_layers", [])
         t.add_row("predicted by", "the shadow router" if not pairs else
-                  f"fitted predictors for {len(pairs)} layer pairs (" + ", ".join(f"{i}→{j}" for j, i in pairs)
-                  + "), the shadow router elsewhere")
+                  "fitted: " + ", ".join(f"{i}→{j}" for j, i in pairs) + "; shadow router elsewhere")
         t.add_row("prefetch recall / precision", f"{_pct(s['prefetch_recall'])} / {_pct(s['prefetch_precision'])}")
         t.add_row("prefetches used / loaded", f"{s['prefetch_used']:,} / {s['prefetch_loads']:,} "
                   f"({s['prefetch_cancelled']:,} cancelled, {s['prefetch_aborted']:,} aborted)")

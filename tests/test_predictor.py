@@ -263,3 +263,40 @@ def test_a_wrong_predictor_costs_hits_never_correctness(with_predictor):
     stats = model.stats()
     assert stats["hits"] + stats["misses"] == stats["uses"]
     model.runtime.close()
+
+
+def test_a_checkpoint_prefetches_with_its_profiles_predictors(profiled):
+    """A Hugging Face checkpoint loaded with profile= uses the profile's winning predictors, and its output
+    stays the original model's."""
+    folder, ref, tokens, prof = profiled
+    winners = sorted([p["layer"], x["layer"]] for x in prof.layers for p in x["predictors"]
+                     if p["recall"] > p["shadow_recall"] and p["distance"] == 1)
+    model = prism_load.load(folder, expert_cache="50%", profile=prof.folder)
+    assert model.stats()["predictor_layers"] == winners and winners
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens[:2]), ref(tokens[:2]).logits, rtol=1e-4, atol=1e-4)
+    model.runtime.close()
+
+
+@pytest.mark.parametrize("flags, shown", [
+    ([], "fitted: 1→2; shadow router elsewhere"),
+    (["--lookahead", "2"], "fitted: 0→2, 1→2; shadow router elsewhere"),
+    (["--no-predictor"], "the shadow router"),
+])
+def test_prism_run_names_the_predictors_it_uses(tmp_path, flags, shown):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from typer.testing import CliRunner
+
+    from prism_convert.cli import app
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(RUNTIME_CONFIG["vocab_size"])}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    path = write_tiny(tmp_path / "m.prism", model=random_model(RUNTIME_CONFIG, seed=4), config=RUNTIME_CONFIG,
+                      mix=INT_MIX, tokenizer_files=[tmp_path / "tokenizer.json"],
+                      predictor={(2, 1): biased_predictor(RUNTIME_CONFIG, [5, 6]),
+                                 (2, 0): biased_predictor(RUNTIME_CONFIG, [3, 4])})
+    result = CliRunner().invoke(app, ["run", str(path), "-p", "w1 w2", "-n", "4", "--cache", "30%", *flags],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert shown in result.output

@@ -27,7 +27,8 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
                 prefetch: bool = True, verify_checksums: bool = True, resolve_file=None, profile=None,
                 expert_form: str = "decoded", predictor: bool = True, **runtime_options):
     """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache.
-    `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction.
+    `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction and
+    whose fitted predictors (those that beat the shadow router) feed prefetch.
     `expert_form` (containers on the CPU): "decoded" keeps experts in the fast tier as dense weights;
     "codes" keeps `int` projections as unpacked codes (a byte per weight) dequantised at each use.
     `predictor`: prefetch with the fitted predictors of the container (or of `profile`) where it has them
