@@ -125,6 +125,26 @@ def test_concurrent_generation_on_gpu(container, resident):
     assert all(torch.equal(g, w) for gs, ws in zip(got, want) for g, w in zip(gs, ws))
 
 
+def test_fitted_predictors_run_on_the_gpu(tmp_path):
+    """The container's fitted predictors move to the GPU with the model: prediction runs there, output exact."""
+    from containers import random_model, write_tiny
+
+    n, h = RUNTIME_CONFIG["num_local_experts"], RUNTIME_CONFIG["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    predictor = {(j, i): {"recall": 0.9, "shadow_recall": 0.8, "weight": torch.randn(n, h, generator=g),
+                          "bias": torch.randn(n, generator=g)} for j, i in ((1, 0), (2, 0), (2, 1))}
+    path = write_tiny(tmp_path / "p.prism", model=random_model(RUNTIME_CONFIG), config=RUNTIME_CONFIG,
+                      predictor=predictor)
+    resident = prism_load.load(path, device="cuda")
+    model = prism_load.load(path, device="cuda", expert_cache="50%", prefetch=True, lookahead=2)
+    assert model.stats()["predictor_layers"] == [[1, 0], [2, 0], [2, 1]]
+    assert all(p.weight.is_cuda for p in model.runtime.shadow.predictors.values())
+    for ids in prompts(2, RUNTIME_CONFIG["vocab_size"], seed=5):
+        assert torch.equal(greedy(model, ids, 8), greedy(resident, ids, 8))
+    assert model.stats()["layers"][2]["predicted_steps"] > 0
+    model.runtime.close()
+
+
 def test_gpu_numa_node_is_read_or_unknown():
     from prism_load.runtime.cuda import gpu_pci_address, gpu_pci_node
 
