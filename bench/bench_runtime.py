@@ -63,7 +63,7 @@ SUMMED = ("uses", "hits", "misses", "stall_seconds", "loads", "bytes_fetched", "
 LAYER_SUMMED = ("uses", "hits", "misses", "stall_seconds", "predicted", "actual", "correct")
 
 
-CONVERT_VERSION = 3  # in the cached container's name: bumped when conversion writes something new (3: predictors)
+CONVERT_VERSION = 4  # in the cached container's name: bumped when conversion writes something new (4: predictors)
 
 
 # -- the container -----------------------------------------------------------------------------------------

@@ -73,8 +73,8 @@ def summary_tables(s: dict) -> Group:
     head.add_row("bytes", f"dense {_mib(b['dense'])}, experts {_mib(b['experts'])}, tokenizer {_mib(b['tokenizer'])}"
                           + (f", predictor {_mib(b['predictor'])}" if b["predictor"] else ""))
     if s["predictor"]:
-        head.add_row("prefetch", "fitted predictors for MoE layers " + ", ".join(
-            f"{x['layer']} ({x['recall']:.0%} vs shadow {x['shadow_recall']:.0%})" for x in s["predictor"])
+        head.add_row("prefetch", "fitted predictors " + ", ".join(
+            f"{x['from_layer']}→{x['layer']} ({x['recall']:.0%} vs shadow {x['shadow_recall']:.0%})" for x in s["predictor"])
             + " — recall on the profile's held-back tokens")
     o = s["overhead"]
     head.add_row("overhead", f"{o['bits_per_expert_weight']:.4f} bits per expert weight (manifest {o['manifest_bytes']:,} B, "

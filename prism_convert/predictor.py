@@ -9,7 +9,7 @@ next-layer experts on held-back tokens, and two MoE layers ahead (where the runt
 75% → 82%, about what the shadow router gets one layer ahead (`prism profile` records both per layer).
 
 It is used only where it beats the shadow router: both are scored on the last fifth of the calibration
-tokens by a fit on the first four fifths; the stored map is then refitted on every token. The prediction
+sequences by a fit on the first four fifths; the stored map is then refitted on every token. The prediction
 picks experts with the router's own rule (`router.select`: bias correction and group limits included).
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_DISTANCE = 2  # fitted from the previous MoE layer's output and from the one before (lookahead 2)
-VALIDATION_SHARE = 0.2  # the last fifth of the calibration tokens scores the two predictors
+VALIDATION_SHARE = 0.2  # the last fifth of the calibration sequences scores the two predictors
 RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X (the fit is insensitive to it)
 
 
@@ -75,12 +75,15 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def fit_predictor(x: torch.Tensor, logits: torch.Tensor, actual: torch.Tensor, shadow: torch.Tensor,
-                  select) -> PredictorFit | None:
+                  select, seq_len: int = 1) -> PredictorFit | None:
     """x [T, H]: layer j's norm of the hidden state leaving layer i (the shadow router's input); logits [T, E]:
     layer j's router logits on its real input; actual [T, K]: its choices; shadow [T, K]: the shadow router's
-    prediction; select(logits) -> [T, K]: the router's rule. None when there are too few tokens to score."""
+    prediction; select(logits) -> [T, K]: the router's rule. Rows are sequences of seq_len tokens back to back:
+    whole sequences are held back when there are two or more, so no sequence is both fitted and scored. None
+    when there are too few tokens to score."""
     t = x.shape[0]
-    val = max(1, round(t * VALIDATION_SHARE))
+    sequences = t // seq_len if seq_len > 0 and t % seq_len == 0 else 0
+    val = max(1, round(sequences * VALIDATION_SHARE)) * seq_len if sequences >= 2 else max(1, round(t * VALIDATION_SHARE))
     if t - val < 2:
         return None
     head, tail = slice(0, t - val), slice(t - val, t)

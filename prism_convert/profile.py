@@ -149,7 +149,7 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
                 del x_next, preds
                 logits = torch.cat(recorder.logits)
                 for distance, (source, source_out) in enumerate(reversed(history), start=1):
-                    _fit_layer_pair(layer, block, source, source_out, i, distance, logits, actual, tensors)
+                    _fit_layer_pair(layer, block, source, source_out, i, distance, logits, actual, tensors, seq_len)
                 del logits
             recorder.logits.clear()
             entry = layer_entry(i, recorder, seq_len, min_tokens)
@@ -172,13 +172,13 @@ def _norm_input(layer, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_layer_pair(layer, block: MoEBlock, source: dict, source_out: torch.Tensor, j: int, distance: int,
-                    logits: torch.Tensor, actual: torch.Tensor, tensors: dict) -> None:
+                    logits: torch.Tensor, actual: torch.Tensor, tensors: dict, seq_len: int) -> None:
     """Fits MoE layer j's predictor from the output of the MoE layer `distance` before it (source) and records
     it in the source's entry (JSON) and in `tensors`."""
     with torch.inference_mode():
         x = _norm_input(layer, source_out)
         shadow = shadow_prediction(block, x, block.router.top_k)
-        fit = fit_predictor(x, logits, actual, shadow, block.router.select)
+        fit = fit_predictor(x, logits, actual, shadow, block.router.select, seq_len)
     if fit is None:
         return
     source["predictors"].append({"layer": j, "distance": distance, "recall": fit.recall,

@@ -15,7 +15,7 @@ profile.json (version 1):
   - `predictors`: the fitted prefetch predictors from this layer's output (prism_convert/predictor.py), one
     per MoE layer ahead (`distance` 1: the next, 2: the one after): [{`layer` (the predicted MoE layer),
     `distance`, `recall`, `shadow_recall` (the fitted predictor's and the shadow router's recall, both fitted
-    or applied without the last fifth of the calibration tokens and scored on it), `validation_tokens`}],
+    or applied without the last fifth of the calibration sequences and scored on it), `validation_tokens`}],
   - `routing_entropy_bits`, `max_entropy_bits`, `top_expert_share`, `top_quarter_share` (share of
     assignments taken by the top 25% of experts), `temporal_reuse` (share of a token's experts also used by
     the previous token of the same sequence) and `temporal_reuse_baseline` (the same if routing were
@@ -33,7 +33,6 @@ calibration.safetensors: `tokens` [samples, seq_len] int64, so compress replays 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +40,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from prism_load.checkpoint import config_sha256
 from prism_load.errors import ProfileError
 
 PROFILE_FORMAT, PROFILE_VERSION = "prism-profile", 1
 PROFILE_JSON, STATS_FILE, CALIBRATION_FILE = "profile.json", "stats.safetensors", "calibration.safetensors"
-
-
-def config_sha256(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

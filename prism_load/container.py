@@ -424,7 +424,7 @@ class Manifest:
                            for i, f in enumerate(_list(data, "expert_shards", "manifest"))],
             dense=_dense_records(data["dense"], encodings),
             experts=[_expert_record(r, f"experts[{i}]", encodings) for i, r in enumerate(_list(data, "experts", "manifest"))],
-            predictor=Predictor.from_dict(data["predictor"]) if data.get("predictor") is not None else None,
+            predictor=Predictor.from_dict(data["predictor"]) if "predictor" in data else None,  # absent, never null
         )
         validate(manifest)
         return manifest

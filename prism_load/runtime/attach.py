@@ -63,6 +63,9 @@ class Runtime:
         out["prefetch"] = self.shadow is not None
         # fitted predictors in use: [predicted MoE layer, the MoE layer it predicts from]
         out["predictor_layers"] = [list(k) for k in sorted(self.shadow.predictors)] if self.shadow is not None else []
+        # their weights live beside the model on its device, outside the expert budget (4 E (H + 1) bytes a pair)
+        out["predictor_bytes"] = sum(p.weight.nbytes + p.bias.nbytes for p in self.shadow.predictors.values()) \
+            if self.shadow is not None else 0
         out["expert_bytes_total"] = self.total_expert_bytes
         placement = self.cache.placement
         if placement is not None:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import BudgetError, ProfileError
 from .attach import attach_runtime
-from .predictor import as_runtime, container_predictors, profile_predictors
+from .predictor import as_runtime, check_predictors, container_predictors, profile_predictors
 from .stores import CheckpointStore, ContainerStore, Key
 
 RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
@@ -51,7 +51,9 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
         if isinstance(store, ContainerStore):
             predictors = container_predictors(store.container, verify_checksums)
         elif profile is not None:
-            predictors = as_runtime(profile_predictors(profile))
+            found = profile_predictors(profile)
+            check_predictors(found, store.args, profile)
+            predictors = as_runtime(found)
     attach_runtime(model, store, expert_cache, device, prefetch=prefetch, predictors=predictors, **runtime_options)
     return model
 
@@ -91,8 +93,24 @@ def _checkpoint_model(folder: Path, dtype, profile):
     _detach_experts(model)
     model.tie_weights()
     model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
+    if profile is not None:
+        check_profile_model(profile, ckpt.config)
     frequencies = profile_frequencies(profile) if profile is not None else None
     return model, CheckpointStore(ckpt, family, args, dtype, frequencies)
+
+
+def check_profile_model(folder: str | Path, config: dict) -> None:
+    """Refuse a profile recorded on another model: its frequencies and predictors describe that model."""
+    from ..checkpoint import config_sha256
+
+    path = Path(folder) / "profile.json"
+    try:
+        recorded = json.loads(path.read_text())["model"]["config_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ProfileError(f"{path}: cannot read the profiled model's identity ({type(e).__name__}: {e})") from None
+    if recorded != config_sha256(config):
+        raise ProfileError(f"{folder}: profile was recorded on another model (config sha256 {str(recorded)[:12]}, "
+                           f"this model's is {config_sha256(config)[:12]})")
 
 
 def profile_frequencies(folder: str | Path) -> dict[Key, float]:

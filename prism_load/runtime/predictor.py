@@ -57,15 +57,39 @@ def profile_predictors(folder: str | Path, layers: list[int] | None = None) -> d
     if not chosen:
         return {}
     stats = folder / "stats.safetensors"
-    with safe_open(stats, framework="pt") as f:
-        names = set(f.keys())
-        for (j, i), p in chosen.items():
-            w, b = f"layers.{j}.predictor.{i}.weight", f"layers.{j}.predictor.{i}.bias"
-            if w not in names or b not in names:
-                raise ProfileError(f"{stats}: the predictor of layer {j} from layer {i} is recorded in profile.json "
-                                   f"but {w} / {b} is missing")
-            p["weight"], p["bias"] = f.get_tensor(w), f.get_tensor(b)
+    try:
+        with safe_open(stats, framework="pt") as f:
+            names = set(f.keys())
+            for (j, i), p in chosen.items():
+                w, b = f"layers.{j}.predictor.{i}.weight", f"layers.{j}.predictor.{i}.bias"
+                if w not in names or b not in names:
+                    raise ProfileError(f"{stats}: the predictor of layer {j} from layer {i} is recorded in "
+                                       f"profile.json but {w} / {b} is missing")
+                p["weight"], p["bias"] = f.get_tensor(w), f.get_tensor(b)
+    except ProfileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - missing or damaged file: name it
+        raise ProfileError(f"{stats}: cannot read the predictors ({type(e).__name__}: {e})") from None
     return chosen
+
+
+def check_predictors(predictors: dict[tuple[int, int], dict], args, where) -> None:
+    """A profile's predictors against the model they are loaded with: each (layer, from_layer) a MoE layer and
+    one of the two MoE layers before it, weight [E, H] and bias [E], finite (a container's are checked by its
+    reader)."""
+    moe = sorted(args.moe_layers)
+    sources = {j: moe[max(0, n - 2) : n] for n, j in enumerate(moe)}
+    for (j, i), p in predictors.items():
+        w, b = p["weight"], p["bias"]
+        if i not in sources.get(j, ()):
+            raise ProfileError(f"{where}: a predictor of layer {j} from layer {i}, not a pair of this model's MoE "
+                               f"layers {moe}")
+        if tuple(w.shape) != (args.num_experts, args.hidden_size) or tuple(b.shape) != (args.num_experts,):
+            raise ProfileError(f"{where}: the predictor of layer {j} from layer {i} is {list(w.shape)} / "
+                               f"{list(b.shape)}, this model needs [{args.num_experts}, {args.hidden_size}] / "
+                               f"[{args.num_experts}]")
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise ProfileError(f"{where}: the predictor of layer {j} from layer {i} holds NaN or infinite values")
 
 
 def as_runtime(predictors: dict[tuple[int, int], dict]) -> dict[tuple[int, int], FittedPredictor]:
