@@ -375,3 +375,21 @@ def test_pairs_skip_dense_layers_between_moe_layers(tiny_checkpoint, tmp_path):
         assert sorted(router.predictors) == kept
         assert router.next_moe[1] == [2, 3][:lookahead]  # after the dense layer: the shadow router (no (2, 1))
     model.runtime.close()
+
+
+def test_the_folded_norm_predicts_what_norm_then_predictor_predicts(tmp_path):
+    """With an RMSNorm the prefetcher folds the norm's weight into the predictor (one matmul and a row
+    scale); its picks equal those of the norm module followed by the stored predictor."""
+    n, h = RUNTIME_CONFIG["num_local_experts"], RUNTIME_CONFIG["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    fitted = {"recall": 0.9, "shadow_recall": 0.8, "weight": torch.randn(n, h, generator=g), "bias": torch.randn(n, generator=g)}
+    path = write_tiny(tmp_path / "m.prism", model=random_model(RUNTIME_CONFIG, seed=2), config=RUNTIME_CONFIG,
+                      mix=INT_MIX, predictor={(2, 1): fitted})
+    model = load_cached(path, "50%", True)
+    shadow, norm = model.runtime.shadow, model.layers[2].post_attention_layernorm
+    assert shadow.folded[(2, 1)] is not None
+    for row in torch.randn(40, h, generator=g):
+        x = row[None] * 3.0
+        want = model.layers[2].mlp.router.select(torch.nn.functional.linear(norm(x), fitted["weight"], fitted["bias"]))
+        assert sorted(shadow.predict(2, x, after=1)) == sorted(want.flatten().tolist())
+    model.runtime.close()

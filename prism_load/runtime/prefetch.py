@@ -148,6 +148,7 @@ class ShadowRouter:
         self.next_moe = {layer.index: [j for j in moe if j > layer.index][:lookahead] for layer in model.layers}
         # the fitted predictors this lookahead uses: (j, i) with j among the layers predicted after layer i
         self.predictors = {(j, i): p for (j, i), p in (predictors or {}).items() if j in self.next_moe.get(i, ())}
+        self.folded = {key: fold_norm(self.layers[key[0]], p) for key, p in self.predictors.items()}
         self.fused = {j: fused_router(self.layers[j]) for j in moe}  # j -> (W * g [E, H] fp32, top_k) or None
         self.num_experts = cache.store.num_experts
 
@@ -171,7 +172,13 @@ class ShadowRouter:
         fused = self.fused[j]
         if fitted is not None:
             layer = self.layers[j]
-            logits = F.linear(layer.post_attention_layernorm(x).float(), fitted.weight, fitted.bias)
+            folded = self.folded[(j, after)]
+            if folded is not None:  # RMSNorm folded in: (W * g) x / rms(x) + b, no module call
+                weight, eps = folded
+                xf = x.float()
+                logits = torch.addcmul(fitted.bias, F.linear(xf, weight), torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+            else:
+                logits = F.linear(layer.post_attention_layernorm(x).float(), fitted.weight, fitted.bias)
             indices = layer.mlp.router.select(logits)
         elif fused is not None:
             weight, top_k = fused
@@ -186,6 +193,18 @@ class ShadowRouter:
             order = torch.argsort(logits.float().amax(0), descending=True).tolist()
             ids += [e for e in order if e not in ids][: self.extra]
         return ids
+
+
+def fold_norm(layer, fitted) -> tuple[torch.Tensor, float] | None:
+    """(predictor weight * norm weight, eps) when layer j's norm is an RMSNorm: the prediction then needs one
+    matmul and a row scale instead of the norm module (a few fewer small ops per decode step)."""
+    from ..models.layers import RMSNorm
+
+    norm = layer.post_attention_layernorm
+    if type(norm) is not RMSNorm:
+        return None
+    with torch.no_grad():
+        return (fitted.weight * norm.weight.float()).contiguous(), float(norm.eps)
 
 
 def fused_router(layer) -> tuple[torch.Tensor, int] | None:
