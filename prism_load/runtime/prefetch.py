@@ -20,6 +20,7 @@ measures what a decoding thread and a decoding process cost the compute.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 
@@ -173,7 +174,12 @@ class ShadowRouter:
         if fitted is not None:
             layer = self.layers[j]
             folded = self.folded[(j, after)]
-            if folded is not None:  # RMSNorm folded in: (W * g) x / rms(x) + b, no module call
+            if folded is not None and x.shape[0] == 1:  # RMSNorm folded in: b + (W * g) x / rms(x) in one addmm
+                weight, eps = folded
+                xf = x.float()
+                scale = 1.0 / math.sqrt(float(torch.linalg.vector_norm(xf)) ** 2 / xf.shape[-1] + eps)
+                logits = torch.addmm(fitted.bias, xf, weight.t(), alpha=scale)
+            elif folded is not None:
                 weight, eps = folded
                 xf = x.float()
                 logits = torch.addcmul(fitted.bias, F.linear(xf, weight), torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
