@@ -19,14 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_DISTANCE = 2  # fitted from the previous MoE layer's output and from the one before (lookahead 2)
 VALIDATION_SHARE = 0.2  # the last fifth of the calibration sequences scores the two predictors
 RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X (the fit is insensitive to it)
-
-
-def predictor_key(layer: int, from_layer: int, part: str) -> str:
-    """stats.safetensors name of a fitted predictor's `weight` or `bias` (profile_schema documents it)."""
-    return f"layers.{layer}.predictor.{from_layer}.{part}"
 
 
 @dataclass

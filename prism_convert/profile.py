@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from prism_load.container import PREDICTOR_DISTANCES
 from prism_load.models.moe import MoEBlock, RouterOutput
+from prism_load.runtime.predictor import predictor_key
 
 from .atomic import atomic_folder, write_json
-from .predictor import MAX_DISTANCE, fit_predictor, predictor_key, set_overlap
+from .predictor import fit_predictor, set_overlap
 from .profile_schema import (
     CALIBRATION_FILE,
     PROFILE_FORMAT,
@@ -146,18 +148,21 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
                 entry["next_layer_recall"] = entry["next_layer_precision"] = hits / actual.numel()
                 # with 2k >= E every expert is predicted: recall is trivially 1, so report nothing
                 entry["next_layer_recall_at_2k"] = hits2 / actual.numel() if 2 * k < args.num_experts else None
-                del x_next, preds
                 logits = torch.cat(recorder.logits)
                 for distance, (source, source_out) in enumerate(reversed(history), start=1):
-                    _fit_layer_pair(layer, block, source, source_out, i, distance, logits, actual, tensors, seq_len)
-                del logits
+                    if distance > 1:  # the next layer's input and shadow prediction are those computed above
+                        with torch.inference_mode():
+                            x_next = _norm_input(layer, source_out)
+                            preds = [shadow_prediction(block, x_next, k)]
+                    _fit_layer_pair(block, source, x_next, preds[0], i, distance, logits, actual, tensors, seq_len)
+                del logits, x_next, preds
             recorder.logits.clear()
             entry = layer_entry(i, recorder, seq_len, min_tokens)
             entries.append(entry)
             tensors[f"layers.{i}.input_sq"] = recorder.mean_sq(recorder.input_sq)
             tensors[f"layers.{i}.down_input_sq"] = recorder.mean_sq(recorder.down_input_sq)
             tensors[f"layers.{i}.coactivation"] = recorder.coactivation
-            history = [*history, (entry, out)][-MAX_DISTANCE:]
+            history = [*history, (entry, out)][-PREDICTOR_DISTANCES:]
         hidden = out
         del layer, block  # the block references the layer's experts: keep only one layer alive at a time
         if progress:
@@ -171,13 +176,12 @@ def _norm_input(layer, hidden: torch.Tensor) -> torch.Tensor:
     return layer.post_attention_layernorm(hidden.reshape(-1, hidden.shape[-1]))
 
 
-def _fit_layer_pair(layer, block: MoEBlock, source: dict, source_out: torch.Tensor, j: int, distance: int,
+def _fit_layer_pair(block: MoEBlock, source: dict, x: torch.Tensor, shadow: torch.Tensor, j: int, distance: int,
                     logits: torch.Tensor, actual: torch.Tensor, tensors: dict, seq_len: int) -> None:
-    """Fits MoE layer j's predictor from the output of the MoE layer `distance` before it (source) and records
-    it in the source's entry (JSON) and in `tensors`."""
+    """Fits MoE layer j's predictor from x, its norm of the output of the MoE layer `distance` before it
+    (source), against the shadow router's top-k from the same x, and records it in the source's entry (JSON)
+    and in `tensors`."""
     with torch.inference_mode():
-        x = _norm_input(layer, source_out)
-        shadow = shadow_prediction(block, x, block.router.top_k)
         fit = fit_predictor(x, logits, actual, shadow, block.router.select, seq_len)
     if fit is None:
         return

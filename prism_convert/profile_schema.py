@@ -113,7 +113,7 @@ class Profile:
         [{"from_layer", "recall", "shadow_recall", "weight" [E, H], "bias" [E]}] (fp32), nearest source last."""
         from prism_load.runtime.predictor import profile_predictors
 
-        return [p for (layer, _), p in sorted(profile_predictors(self.folder, [j]).items()) if layer == j]
+        return [p for (layer, _), p in sorted(profile_predictors(self.folder, [j], self.layers).items()) if layer == j]
 
     def expert_tokens(self, i: int) -> torch.Tensor:
         return torch.tensor([x["tokens"] for x in self.layer(i)["experts"]], dtype=torch.float64)

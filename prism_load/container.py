@@ -352,6 +352,11 @@ class Manifest:
         return [*self.tokenizer_files, *self.dense_shards, *self.expert_shards,
                 *([self.predictor.file] if self.predictor is not None else [])]
 
+    def whole_files(self) -> list[DataFile]:
+        """The files checked as a whole (size and checksum) and needed to load the model before any expert:
+        dense shards, tokenizer files, the predictor file."""
+        return [*self.dense_shards, *self.tokenizer_files, *([self.predictor.file] if self.predictor is not None else [])]
+
     # -- writing -------------------------------------------------------------------------------------
     def to_json(self) -> str:
         """Top-level fields one per line; dense and expert records one per line (compact, diffable)."""
@@ -616,6 +621,12 @@ def _validate_against_config(m: Manifest) -> None:
 PREDICTOR_DISTANCES = 2  # a layer is predicted from the output of one of the two MoE layers before it
 
 
+def predictor_sources(moe_layers) -> dict[int, list[int]]:
+    """MoE layer -> the MoE layers a fitted predictor of it may start from (the PREDICTOR_DISTANCES before it)."""
+    moe = sorted(moe_layers)
+    return {j: moe[max(0, n - PREDICTOR_DISTANCES) : n] for n, j in enumerate(moe)}
+
+
 def _validate_predictor(m: Manifest) -> None:
     """Each (layer, from_layer) once, in ascending order; layer a MoE layer, from_layer one of the two MoE
     layers before it."""
@@ -623,7 +634,7 @@ def _validate_predictor(m: Manifest) -> None:
         return
     _, args = model_args(m.config)
     moe = sorted(args.moe_layers)
-    sources = {j: moe[max(0, n - PREDICTOR_DISTANCES) : n] for n, j in enumerate(moe)}
+    sources = predictor_sources(moe)
     last = (-1, -1)
     for n, x in enumerate(m.predictor.layers):
         where = f"predictor.layers[{n}]"

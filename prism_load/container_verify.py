@@ -31,7 +31,7 @@ def verify_container_files(c: Container, check_checksums: bool, progress: Progre
         m = c.manifest
         total = sum(f.bytes for f in m.expert_shards)
         if check_checksums:
-            total += sum(f.bytes for f in (*m.tokenizer_files, *m.dense_shards, *([m.predictor.file] if m.predictor else [])))
+            total += sum(f.bytes for f in m.whole_files())
         report, progress = progress, (lambda n: report(n, total))
     for entry in c.manifest.tokenizer_files:
         problems += _problems(lambda e=entry: _check_whole_file(c, e, check_checksums, progress))

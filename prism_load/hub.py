@@ -134,8 +134,7 @@ def resolve(
     from .container import Manifest
 
     manifest = Manifest.from_json((probe / MANIFEST).read_bytes())
-    small = (*manifest.dense_shards, *manifest.tokenizer_files, *([manifest.predictor.file] if manifest.predictor else []))
-    first = [MANIFEST, *(f.name for f in small)]
+    first = [MANIFEST, *(f.name for f in manifest.whole_files())]
     if download_experts == "all":
         first += [s.name for s in manifest.expert_shards]
     folder = hub_call(where, hf.snapshot_download, repo_id, revision=commit, allow_patterns=first, **common)

@@ -39,10 +39,11 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
         raise BudgetError(f"expert_form={expert_form!r}: expected one of {', '.join(EXPERT_FORMS)}")
     if expert_form == "codes" and (not container or torch.device(device).type != "cpu"):
         raise BudgetError("expert_form='codes' needs a .prism container on the CPU")
+    profiled = read_profile(profile) if profile is not None and not container else None  # read once
     if container:
         model, store = _container_model(folder, dtype, verify_checksums, resolve_file, expert_form == "codes")
     else:
-        model, store = _checkpoint_model(folder, dtype, profile)
+        model, store = _checkpoint_model(folder, dtype, profile, profiled)
     model = model.to(device).eval()
     if isinstance(store, ContainerStore):  # close its files before interpreter teardown, not in __del__ then
         weakref.finalize(model, store.container.close)
@@ -50,8 +51,8 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
     if prefetch and predictor:
         if isinstance(store, ContainerStore):
             predictors = container_predictors(store.container, verify_checksums)
-        elif profile is not None:
-            found = profile_predictors(profile)
+        elif profiled is not None:
+            found = profile_predictors(profile, entries=profiled.get("layers"))
             check_predictors(found, store.args, profile)
             predictors = as_runtime(found)
     attach_runtime(model, store, expert_cache, device, prefetch=prefetch, predictors=predictors, **runtime_options)
@@ -82,7 +83,8 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     return model, ContainerStore(c, args, dtype, verify_checksums, codes)
 
 
-def _checkpoint_model(folder: Path, dtype, profile):
+def _checkpoint_model(folder: Path, dtype, profile, profiled: dict | None):
+    """profiled: the JSON of the `profile` folder (read_profile), or None."""
     from ..hf_loader import empty_model, layer_state, load_tokenizer, open_checkpoint, top_level_state
 
     ckpt, family, args = open_checkpoint(folder)
@@ -93,31 +95,43 @@ def _checkpoint_model(folder: Path, dtype, profile):
     _detach_experts(model)
     model.tie_weights()
     model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
-    if profile is not None:
-        check_profile_model(profile, ckpt.config)
-    frequencies = profile_frequencies(profile) if profile is not None else None
+    frequencies = None
+    if profiled is not None:
+        check_profile_model(profiled, profile, ckpt.config)
+        frequencies = profile_frequencies(profiled, profile)
     return model, CheckpointStore(ckpt, family, args, dtype, frequencies)
 
 
-def check_profile_model(folder: str | Path, config: dict) -> None:
+def read_profile(folder: str | Path) -> dict:
+    """A prism profile folder's profile.json (the runtime reads it once: identity, frequencies, predictors)."""
+    path = Path(folder) / "profile.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ProfileError(f"{path}: cannot read the profile ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: not a profile (a JSON {type(data).__name__}, expected an object)")
+    return data
+
+
+def check_profile_model(data: dict, folder: str | Path, config: dict) -> None:
     """Refuse a profile recorded on another model: its frequencies and predictors describe that model."""
     from ..checkpoint import config_sha256
 
-    path = Path(folder) / "profile.json"
     try:
-        recorded = json.loads(path.read_text())["model"]["config_sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ProfileError(f"{path}: cannot read the profiled model's identity ({type(e).__name__}: {e})") from None
+        recorded = data["model"]["config_sha256"]
+    except (KeyError, TypeError) as e:
+        raise ProfileError(f"{Path(folder) / 'profile.json'}: cannot read the profiled model's identity "
+                           f"({type(e).__name__}: {e})") from None
     if recorded != config_sha256(config):
         raise ProfileError(f"{folder}: profile was recorded on another model (config sha256 {str(recorded)[:12]}, "
                            f"this model's is {config_sha256(config)[:12]})")
 
 
-def profile_frequencies(folder: str | Path) -> dict[Key, float]:
+def profile_frequencies(data: dict, folder: str | Path) -> dict[Key, float]:
     """Routing frequency of every profiled expert (its top-k tokens / calibration tokens) from profile.json."""
     path = Path(folder) / "profile.json"
     try:
-        data = json.loads(path.read_text())
         tokens = data["tokens"]
         return {(layer["layer"], x["expert"]): x["tokens"] / tokens for layer in data["layers"] for x in layer["experts"]}
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:

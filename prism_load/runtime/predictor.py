@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..container import predictor_sources
 from ..errors import ProfileError
 
 
@@ -39,15 +40,23 @@ def container_predictors(container, verify_checksum: bool = True) -> dict[tuple[
             for x in p.layers}
 
 
-def profile_predictors(folder: str | Path, layers: list[int] | None = None) -> dict[tuple[int, int], dict]:
+def predictor_key(layer: int, from_layer: int, part: str) -> str:
+    """A profile's stats.safetensors name of a fitted predictor's `weight` or `bias` (profile_schema)."""
+    return f"layers.{layer}.predictor.{from_layer}.{part}"
+
+
+def profile_predictors(folder: str | Path, layers: list[int] | None = None,
+                       entries: list[dict] | None = None) -> dict[tuple[int, int], dict]:
     """The predictors of a prism profile folder that beat the shadow router on its held-back tokens, by
     (predicted MoE layer, source MoE layer), for `layers` only when given: {"from_layer", "recall",
-    "shadow_recall", "weight", "bias"}. A profile written before predictors existed has none."""
+    "shadow_recall", "weight", "bias"}. `entries`: profile.json's layers, when the caller has read them. A
+    profile written before predictors existed has none."""
     from safetensors import safe_open
 
     folder = Path(folder)
     try:
-        entries = json.loads((folder / "profile.json").read_text())["layers"]
+        if entries is None:
+            entries = json.loads((folder / "profile.json").read_text())["layers"]
         chosen = {(p["layer"], entry["layer"]): {"from_layer": entry["layer"], "recall": p["recall"],
                                                  "shadow_recall": p["shadow_recall"]}
                   for entry in entries for p in entry.get("predictors", ())
@@ -61,7 +70,7 @@ def profile_predictors(folder: str | Path, layers: list[int] | None = None) -> d
         with safe_open(stats, framework="pt") as f:
             names = set(f.keys())
             for (j, i), p in chosen.items():
-                w, b = f"layers.{j}.predictor.{i}.weight", f"layers.{j}.predictor.{i}.bias"
+                w, b = predictor_key(j, i, "weight"), predictor_key(j, i, "bias")
                 if w not in names or b not in names:
                     raise ProfileError(f"{stats}: the predictor of layer {j} from layer {i} is recorded in "
                                        f"profile.json but {w} / {b} is missing")
@@ -78,7 +87,7 @@ def check_predictors(predictors: dict[tuple[int, int], dict], args, where) -> No
     one of the two MoE layers before it, weight [E, H] and bias [E], finite (a container's are checked by its
     reader)."""
     moe = sorted(args.moe_layers)
-    sources = {j: moe[max(0, n - 2) : n] for n, j in enumerate(moe)}
+    sources = predictor_sources(moe)
     for (j, i), p in predictors.items():
         w, b = p["weight"], p["bias"]
         if i not in sources.get(j, ()):
