@@ -107,7 +107,7 @@ def main() -> None:
     flat = without_importance(inputs)
     evals = {d: calibration_tokens(model, f"builtin:{d}", args.eval_samples, args.seq_len, 1, split="heldout")
              for d in ("prose", "code")}
-    original = prism_load.load(model)
+    original = prism_load.load(model, dtype=torch.float32)
     rows = []
     stored_bits = {}
     for bpw, rtn_bits in POINTS.items():
@@ -118,7 +118,7 @@ def main() -> None:
             f"uniform RTN int{rtn_bits}/g128": uniform_rtn_state(model, works, rtn_bits),
         }
         for name, state in variants.items():
-            candidate = apply_in_memory(prism_load.load(model), state)
+            candidate = apply_in_memory(prism_load.load(model, dtype=torch.float32), state)
             for domain, tokens in evals.items():
                 r = compare_models(original, candidate, tokens)
                 rows.append({"bits": bpw, "method": name, "eval": domain, **r})

@@ -43,11 +43,12 @@ def evaluate(packed: Path, reference: Path, dataset: str = "builtin:mix", sample
     """Load both models and score them on held-out text: `samples` windows of `seq_len` tokens of `dataset`'s
     held-out split (never the calibration split), tokenised with the reference's tokenizer (else the packed
     model's), or on `tokens` [N, L] when given. `load_options` go to prism_load.load for the packed model
-    (for example expert_cache="50%": the runtime must not change a single logit)."""
+    (for example expert_cache="50%": the runtime must not change a single logit). Both run in fp32 unless
+    load_options name a dtype: the figures measure the container's encodings, not bf16 arithmetic."""
     import prism_load
 
-    original = prism_load.load(reference)
-    candidate = prism_load.load(packed, **load_options)
+    original = prism_load.load(reference, dtype=torch.float32)
+    candidate = prism_load.load(packed, **({"dtype": torch.float32} | load_options))
     if original.args.vocab_size != candidate.args.vocab_size:
         raise ConfigError(f"{packed} has a vocabulary of {candidate.args.vocab_size} tokens, "
                           f"{reference} of {original.args.vocab_size}: not the same model")

@@ -153,12 +153,13 @@ def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix"
 def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) -> dict:
     """KL(original || planned) and perplexities on held-out tokens, with the plan's encodings applied in memory."""
     import prism_load
+    import torch
 
     from .eval import compare_models
     from .materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
 
-    original = prism_load.load(model)
+    original = prism_load.load(model, dtype=torch.float32)
     experts = list(planned_experts(works, plan, recipe.tiers.hot_share, recipe.tiers.hot_min_frequency))
     state = decoded_state(dense_tensors(works), experts, family=original.family, args=original.args)
-    candidate = apply_in_memory(prism_load.load(model), state)
+    candidate = apply_in_memory(prism_load.load(model, dtype=torch.float32), state)
     return compare_models(original, candidate, tokens)

@@ -24,9 +24,16 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
     `path` may also be a Hub repo id ("org/name" where no such local path exists), resolved through
     huggingface_hub (`revision`, `token`, `cache_dir`, `local_files_only`, else HF_HUB_OFFLINE): manifest,
     dense shards and tokenizer first, expert shards on demand (`download_experts="lazy"`) or all at once ("all").
-    Container options: `verify_checksums` (default True), `resolve_file` (fetch a shard not in the folder).
+    Container options: `verify_checksums` (default True), `resolve_file` (fetch a shard not in the folder),
+    `expert_form` ("packed", the default: experts stay as stored and kernels multiply that form, so the
+    model needs about the container's bytes; "decoded": dense weights, the reference), `expert_kernel`
+    ("auto", "native", "int4pack", "dequant": prism_load/packed.py).
 
-    Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%" of all decoded expert bytes, or "2GB") the
+    dtype: bfloat16 unless given (dense weights and activations; pass torch.float32 for the reference
+    arithmetic, as the parity tests do).
+
+    Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%" of every expert's bytes in the fast tier's
+    form, which for packed experts is about the container's expert bytes, or "2GB") the
     experts stay in the cold tier (the container, or the checkpoint's safetensors) and are served by a cache
     of that budget on `device`; `prefetch` starts the shadow-router prefetch; `numa=True` places the hottest
     experts on the compute's NUMA node. More: `prefetch_extra`, `lookahead`, `host_cache` (CUDA pinned tier),
@@ -49,7 +56,7 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
         raise TypeError(f"{path}: revision, token, cache_dir, local_files_only and download_experts apply to "
                         "Hub repo ids, not to local folders")
 
-    dtype = dtype or torch.float32
+    dtype = dtype or torch.bfloat16
     folder = Path(path)
     if expert_cache is not None:
         return _load_cached(folder, dtype, device, expert_cache, prefetch, numa, runtime_options)
@@ -58,7 +65,7 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
     if (folder / "manifest.json").is_file():
         from .container_loader import load_container
 
-        known = {"verify_checksums", "resolve_file"}
+        known = {"verify_checksums", "resolve_file", "expert_form", "expert_kernel"}
         if set(runtime_options) - known:
             raise TypeError(f"unknown container options {sorted(set(runtime_options) - known)}")
         return load_container(folder, dtype=dtype, device=device, **runtime_options)

@@ -264,12 +264,21 @@ class LowRankLinear:
         self.a, self.b, self.base = a, b, base
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(torch.nn.functional.linear(x, self.b), self.a)
-        return y if self.base is None else y + torch.nn.functional.linear(x, self.base)
+        y = linear(linear(x, self.b), self.a)
+        return y if self.base is None else y + linear(x, self.base)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.base) if t is not None)
+        return sum(op_nbytes(op) for op in (self.a, self.b, self.base) if op is not None)
+
+
+def linear(x: torch.Tensor, op) -> torch.Tensor:
+    """x @ op^T for a weight tensor or any linear operator (LowRankLinear, PackedLinear, ...)."""
+    return torch.nn.functional.linear(x, op) if isinstance(op, torch.Tensor) else op(x)
+
+
+def op_nbytes(op) -> int:
+    return op.numel() * op.element_size() if isinstance(op, torch.Tensor) else op.nbytes
 
 
 def decode_linear(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):

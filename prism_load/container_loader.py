@@ -1,9 +1,10 @@
-"""Build a runnable prism model from a .prism container, every expert resident (decoded).
+"""Build a runnable prism model from a .prism container, every expert resident.
 
 The skeleton comes from the embedded config through the family registry (on the meta device); dense
-tensors are checked against it by name and shape before anything is decoded, then assigned. A MoE layer
-whose experts all decode to dense tensors gets them stacked into its StackedExperts; a layer with a
-factored (low-rank) expert gets a ResidentExperts source instead.
+tensors are checked against it by name and shape before anything is decoded, then assigned. Experts stay
+packed by default (ResidentExperts of prism_load/packed.py operators: the container's bytes in RAM); with
+expert_form="decoded" a MoE layer whose experts all decode to dense tensors gets them stacked into its
+StackedExperts, and a layer with a factored (low-rank) expert gets a ResidentExperts source instead.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from torch import nn
 
 from .codecs import decode
 from .container import model_args
-from .container_reader import ConcatLinear, Container, ResolveFile, owned
+from .container_reader import Container, ResolveFile, owned
 from .errors import ContainerError
 from .hf_loader import stack_experts
 from .models.model import MoEForCausalLM
 from .models.moe import ExpertWeights, MoEBlock
 from .models.rope import Rotary
+from .packed import ExpertPacker, fallback_warning
+from .runtime.stores import map_weights, pack_into, packed_nbytes
 
 
 class ResidentExperts(nn.Module):
@@ -46,16 +49,31 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
     model.load_state_dict(state, assign=True, strict=False)
 
 
-def load_container(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
-                   verify_checksums: bool = True, resolve_file: ResolveFile | None = None) -> MoEForCausalLM:
-    """Open, validate and load a container; with verify_checksums every byte read is checked."""
+def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
+                   verify_checksums: bool = True, resolve_file: ResolveFile | None = None,
+                   expert_form: str = "packed", expert_kernel: str = "auto") -> MoEForCausalLM:
+    """Open, validate and load a container; with verify_checksums every byte read is checked.
+    expert_form "packed" (the default) keeps every expert as stored, multiplied by a kernel that reads that
+    form (prism_load/packed.py): the model needs the container's bytes, not fp32's. "decoded" expands them to
+    dense `dtype` weights (the reference the packed kernels are tested against)."""
+    if expert_form not in ("packed", "decoded"):
+        raise ContainerError(f"expert_form={expert_form!r}: a resident container is 'packed' or 'decoded'")
     with Container(path, resolve_file) as c:
         family, args = model_args(c.config)
         model = _skeleton(family, args)
         load_dense(c, model, dtype, verify_checksums)
+        packer = ExpertPacker(dtype, device, expert_kernel) if expert_form == "packed" else None
         for i, block in model.moe_blocks():
-            experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums) for e in range(args.num_experts)]
-            _attach_experts(block, experts, device)
+            if packer is None:
+                experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums)
+                           for e in range(args.num_experts)]
+                _attach_experts(block, experts, device)
+            else:
+                _check_biases(block, c.record(i, 0).encodings)
+                block.experts = ResidentExperts([_packed_expert(c, packer, i, e, device, verify_checksums)
+                                                 for e in range(args.num_experts)])
+        if packer is not None:
+            fallback_warning(packer.backends, torch.device(device))
         model.tie_weights()
         model.rotary = _rotary(family, args)
         model.tokenizer = _tokenizer(c, verify_checksums)
@@ -104,16 +122,33 @@ def dense_decode_dtype(family, args, name: str, dtype: torch.dtype) -> torch.dty
     return torch.float32 if family.keeps_fp32(checkpoint_name) else dtype
 
 
-def _attach_experts(block: MoEBlock, experts: list[ExpertWeights], device) -> None:
+def _packed_expert(c: Container, packer: ExpertPacker, layer: int, expert: int, device,
+                   verify_checksums: bool) -> ExpertWeights:
+    """One expert in its packed form: operators viewing its read buffer where they use the stored bytes as
+    they are (the buffer is then the expert's memory), else copied into one buffer of their own (so no read
+    buffer stays alive for a few views)."""
+    record = c.record(layer, expert)
+    packer.count(record.encodings)
+    weights = packer.expert(c.read_expert(layer, expert, verify_checksums), count=False)
+    if not packer.reads_stored_form(record.encodings):
+        weights = pack_into(torch.empty(packed_nbytes(weights), dtype=torch.uint8), weights)
+    return map_weights(weights, lambda t: t.to(device))
+
+
+def _check_biases(block: MoEBlock, encodings: dict) -> None:
     has_bias = hasattr(block.experts, "gate_up_bias")
-    if (experts[0].gate_up_bias is not None) != has_bias:
+    if ("gate_bias" in encodings) != has_bias:
         raise ContainerError(f"layer {block.layer_index}: expert biases {'missing' if has_bias else 'unexpected'} "
                              f"for this model family")
+
+
+def _attach_experts(block: MoEBlock, experts: list[ExpertWeights], device) -> None:
+    _check_biases(block, {"gate_bias": None} if experts[0].gate_up_bias is not None else {})
     if all(isinstance(w.gate_up, torch.Tensor) and isinstance(w.down, torch.Tensor) for w in experts):
         per_expert = [_canonical(w) for w in experts]
         block.experts.load_state_dict(stack_experts(per_expert), assign=True, strict=True)
     else:
-        block.experts = ResidentExperts([_moved(w, device) for w in experts])
+        block.experts = ResidentExperts([map_weights(w, lambda t: t.to(device)) for w in experts])
 
 
 def _canonical(w: ExpertWeights) -> dict[str, torch.Tensor]:
@@ -123,19 +158,6 @@ def _canonical(w: ExpertWeights) -> dict[str, torch.Tensor]:
     if w.gate_up_bias is not None:
         out |= {"gate_bias": w.gate_up_bias[:inter], "up_bias": w.gate_up_bias[inter:], "down_bias": w.down_bias}
     return out
-
-
-def _moved(w: ExpertWeights, device) -> ExpertWeights:
-    """ResidentExperts holds plain objects that model.to() does not see: move them here."""
-
-    def move(op):
-        if op is None or isinstance(op, torch.Tensor):
-            return None if op is None else op.to(device)
-        if isinstance(op, ConcatLinear):
-            return ConcatLinear([move(o) for o in op.ops])
-        return type(op)(move(op.a), move(op.b), move(op.base))  # LowRankLinear
-
-    return ExpertWeights(move(w.gate_up), move(w.down), move(w.gate_up_bias), move(w.down_bias))
 
 
 def _tokenizer(c: Container, verify_checksums: bool):

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import torch
 
-from .codecs import CodesLinear, Encoding, LowRankLinear, check_tensors, codes_part, decode, decode_linear
+from .codecs import (
+    CodesLinear,
+    Encoding,
+    LowRankLinear,
+    check_tensors,
+    codes_part,
+    decode,
+    decode_linear,
+    linear,
+    op_nbytes,
+)
 from .container import (
     ALIGNMENT_BYTES,
     MANIFEST_NAME,
@@ -201,10 +211,14 @@ class Container:
         except KeyError:
             raise ContainerError(f"{self.folder}: no expert {expert} in layer {layer}") from None
 
-    def read_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False) -> bytearray:
-        """The expert's byte range, fetched with one positional read."""
+    def read_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False, into=None):
+        """The expert's byte range, fetched with one positional read (into a fresh bytearray, or into `into`:
+        any writable buffer of exactly record.length bytes, returned)."""
         shard = self.manifest.expert_shards[record.shard]
-        buf = bytearray(record.length)
+        buf = bytearray(record.length) if into is None else into
+        if len(memoryview(buf).cast("B")) != record.length:
+            raise ValueError(f"{record.where()}: read buffer holds {len(memoryview(buf).cast('B'))} bytes, "
+                             f"the expert {record.length}")
         with self.shard_fd(record.shard) as fd:
             n = os.preadv(fd, [buf], record.offset)
         if n != record.length:
@@ -420,12 +434,11 @@ class ConcatLinear:
         self.ops = ops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.linear(x, op) if isinstance(op, torch.Tensor) else op(x)
-                          for op in self.ops], dim=-1)
+        return torch.cat([linear(x, op) for op in self.ops], dim=-1)
 
     @property
     def nbytes(self) -> int:
-        return sum(op.numel() * op.element_size() if isinstance(op, torch.Tensor) else op.nbytes for op in self.ops)
+        return sum(op_nbytes(op) for op in self.ops)
 
 
 # -- helpers -------------------------------------------------------------------------------------------

@@ -56,12 +56,18 @@ class CountingFetches:
 
     def __init__(self, store):
         self.store, self.calls = store, []
-        self._fetch = store.fetch
+        self._fetch, self._read_into = store.fetch, getattr(store, "read_into", None)
         store.fetch = self
+        if self._read_into is not None:  # packed experts read straight into their slab: also a cold read
+            store.read_into = self.read_into
 
     def __call__(self, layer, expert):
         self.calls.append((layer, expert))
         return self._fetch(layer, expert)
+
+    def read_into(self, layer, expert, take_buffer):
+        self.calls.append((layer, expert))
+        return self._read_into(layer, expert, take_buffer)
 
     def bytes(self) -> int:
         return sum(self.store.stored_nbytes(*k) for k in self.calls)

@@ -80,8 +80,8 @@ def test_decoded_model_stays_close_to_the_original(setup, tmp_path):
     works = [WorkDir(tmp_path / "w")]
     plan = make_plan(works, Budget(bits=12))
     state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
-    original = prism_load.load(folder)
-    quant = apply_in_memory(prism_load.load(folder), state)
+    original = prism_load.load(folder, dtype=torch.float32)
+    quant = apply_in_memory(prism_load.load(folder, dtype=torch.float32), state)
     with torch.no_grad():
         a, b = original(tokens), quant(tokens)
     assert (a - b).abs().max() / a.abs().max() < 0.02

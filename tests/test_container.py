@@ -128,8 +128,9 @@ ALL_FAMILIES = [pytest.param(name, dtype, marks=pytest.mark.slow) for name in CA
 @pytest.mark.parametrize("name, dtype", [("mixtral", torch.float32), ("qwen2_moe", torch.float32),
                                          ("mixtral", torch.bfloat16), ("gpt_oss", torch.float32), *ALL_FAMILIES])
 def test_round_trip_is_bit_exact(name, dtype, tiny_checkpoint, tmp_path):
-    """Logits of the loaded container equal those of the original model with the same decoded weights
-    (gpt_oss: expert biases; slow: every family in both dtypes)."""
+    """Logits of the loaded container (decoded form) equal those of the original model with the same decoded
+    weights (gpt_oss: expert biases; slow: every family in both dtypes). test_packed.py holds the packed
+    form to the decoded one."""
     folder, _ = tiny_checkpoint(name)
     model = load_hf(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -138,7 +139,7 @@ def test_round_trip_is_bit_exact(name, dtype, tiny_checkpoint, tmp_path):
                           tokenizer_files=[], dense=dense, experts=experts, recipe={}, budget={}, shard_size_bytes=50_000)
     reference = load_hf(folder, dtype=dtype)
     assign_state(reference, decoded_state(dense, experts, dtype, reference))
-    loaded = prism_load.load(out, dtype=dtype)
+    loaded = prism_load.load(out, dtype=dtype, expert_form="decoded")
     ids = torch.randint(0, config["vocab_size"], (2, 11))
     with torch.no_grad():
         assert torch.equal(loaded(ids), reference(ids))
@@ -150,7 +151,7 @@ def test_round_trip_is_bit_exact(name, dtype, tiny_checkpoint, tmp_path):
 def test_factored_low_rank_experts_stay_factored(tmp_path):
     model = random_model()
     out = write_tiny(tmp_path / "f.prism", model, mix=FACTORED_MIX)
-    loaded = prism_load.load(out)
+    loaded = prism_load.load(out, dtype=torch.float32)
     assert all(isinstance(block.experts, ResidentExperts) for _, block in loaded.moe_blocks())
     dense, experts = container_inputs(model, FACTORED_MIX)
     assign_state(model, decoded_state(dense, experts))

@@ -11,7 +11,7 @@ from prism_convert.eval import compare_models
 
 def test_identical_models(tiny_checkpoint):
     folder, ref = tiny_checkpoint("mixtral")
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     tokens = torch.randint(0, ref.config.vocab_size, (3, 9))
     result = compare_models(model, model, tokens, batch_size=2)
     assert result["kl"] == pytest.approx(0.0, abs=1e-12)
@@ -24,7 +24,7 @@ def test_identical_models(tiny_checkpoint):
 
 def test_perturbed_model_has_positive_kl(tiny_checkpoint):
     folder, ref = tiny_checkpoint("mixtral")
-    a, b = prism_load.load(folder), prism_load.load(folder)
+    a, b = prism_load.load(folder, dtype=torch.float32), prism_load.load(folder, dtype=torch.float32)
     with torch.no_grad():
         b.lm_head.weight.add_(0.05 * torch.randn_like(b.lm_head.weight))
     tokens = torch.randint(0, ref.config.vocab_size, (2, 9))

@@ -35,8 +35,8 @@ def test_container_equals_in_memory_decode(packed):
     folder, ref, tokens, root, plan = packed
     works = [WorkDir(root / "work")]
     state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
-    expected = apply_in_memory(prism_load.load(folder), state)
-    model = prism_load.load(root / "m.prism")
+    expected = apply_in_memory(prism_load.load(folder, dtype=torch.float32), state)
+    model = prism_load.load(root / "m.prism", dtype=torch.float32, expert_form="decoded")
     with torch.no_grad():
         assert torch.equal(model(tokens), expected(tokens))
     prompt = tokens[:1, :5]

@@ -28,7 +28,7 @@ def test_logits_match_transformers(name, tiny_checkpoint):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_greedy_continuation_matches_transformers(name, tiny_checkpoint):
     folder, ref = tiny_checkpoint(name)
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     prompt = torch.randint(0, ref.config.vocab_size, (1, 7))
     ours = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=[])
     # no stopping on either side: an eos id outside the vocabulary (min_new_tokens would mask the real eos
@@ -41,7 +41,7 @@ def test_greedy_continuation_matches_transformers(name, tiny_checkpoint):
 def test_incremental_decode_matches_full_forward(name, tiny_checkpoint):
     """Logits from prefill + one-token decode steps equal those of one forward over the whole sequence."""
     folder, ref = tiny_checkpoint(name)
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     ids = torch.randint(0, ref.config.vocab_size, (2, 10))
     with torch.no_grad():
         full = model(ids)
@@ -53,7 +53,7 @@ def test_incremental_decode_matches_full_forward(name, tiny_checkpoint):
 
 def test_generate_stops_at_eos(tiny_checkpoint):
     folder, ref = tiny_checkpoint("mixtral")
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     prompt = torch.randint(0, ref.config.vocab_size, (1, 5))
     free = model.generate(prompt, max_new_tokens=8, eos_token_id=[])
     first = int(free[0, 5])

@@ -269,7 +269,7 @@ def test_mxfp4_layout_agrees_with_transformers_own_loader(mxfp4_checkpoint):
         folder, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True),
         attn_implementation="eager", experts_implementation="eager",
     )
-    ours = prism_load.load(folder)
+    ours = prism_load.load(folder, dtype=torch.float32)
     for i in range(len(ours.layers)):
         t, o = theirs.model.layers[i].mlp.experts, ours.layers[i].mlp.experts
         inter = o.down_proj.shape[2]
@@ -300,7 +300,7 @@ def test_incremental_decode_matches_full_forward(name, tiny_checkpoint):
     """Prefill + one-token steps (MLA's latent cache; GPT-OSS windows of 4 with sinks, crossed at step 6) equal one
     forward over the whole sequence."""
     folder, ref = tiny_checkpoint(name)
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     ids = torch.randint(0, ref.config.vocab_size, (2, 11))
     with torch.no_grad():
         full = model(ids)
@@ -473,8 +473,8 @@ def test_pipeline_container_equals_in_memory_decode(source, tiny_checkpoint, tmp
     tokens, plan = run_pipeline(folder, tmp_path, ref.config.vocab_size, PIPELINE_RECIPE, extra_bits=1.0)
     works = [WorkDir(tmp_path / "work")]
     state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
-    expected = apply_in_memory(prism_load.load(folder), state)
-    model = prism_load.load(tmp_path / "m.prism")
+    expected = apply_in_memory(prism_load.load(folder, dtype=torch.float32), state)
+    model = prism_load.load(tmp_path / "m.prism", dtype=torch.float32, expert_form="decoded")
     with torch.no_grad():
         assert torch.equal(model(tokens), expected(tokens))
     prompt = tokens[:1, :5]
@@ -493,6 +493,6 @@ def test_pipeline_at_8_bits_stays_close_to_transformers(source, tmp_path, reques
     exact = {k: "fp32" for k in ("attention", "shared_expert", "dense_mlp", "embedding", "lm_head")}
     recipe = {**PIPELINE_RECIPE, "candidates": {"int_bits": [8]}, "dense": exact}
     tokens, _ = run_pipeline(folder, tmp_path, ref.config.vocab_size, recipe, extra_bits=0.0)  # the menu is int8 only
-    model = prism_load.load(tmp_path / "m.prism")
+    model = prism_load.load(tmp_path / "m.prism", dtype=torch.float32)
     with torch.no_grad():
         assert rel_max_error(model(tokens), ref(tokens).logits) < 0.02

@@ -35,7 +35,7 @@ def test_router_select_reproduces_the_routers_choice(tiny_checkpoint, name):
     """select(logits) is the rule the router applies to its logits (bias correction and group limits
     included), so a predictor's logits pick experts exactly as the router would pick from them."""
     folder, _ = tiny_checkpoint(name)
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     x = torch.randn(64, model.embed_tokens.weight.shape[1], generator=torch.Generator().manual_seed(3))
     for _, block in model.moe_blocks():
         route = block.router(x)
@@ -248,7 +248,7 @@ def test_runtime_predicts_with_the_predictor_of_the_layer_it_runs_after(with_pre
     layer 1 experts (5, 6), after layer 0 (lookahead 2) experts (3, 4); with lookahead 1 layer 2 is not
     predicted after layer 0, so that predictor is not kept; predictor=False keeps the shadow router."""
     x = torch.randn(1, RUNTIME_CONFIG["hidden_size"], generator=torch.Generator().manual_seed(1))
-    model = load_cached(with_predictor, "50%", True)
+    model = load_cached(with_predictor, "50%", True, dtype=torch.float32)
     layer = model.layers[2]
     router_pick = sorted(layer.mlp.router(layer.post_attention_layernorm(x)).indices.flatten().tolist())
     assert sorted(model.runtime.shadow.predict(2, x, after=1)) == [5, 6]
@@ -283,7 +283,7 @@ def test_a_checkpoint_prefetches_with_its_profiles_predictors(profiled):
     folder, ref, tokens, prof = profiled
     winners = sorted([p["layer"], x["layer"]] for x in prof.layers for p in x["predictors"]
                      if p["recall"] > p["shadow_recall"] and p["distance"] == 1)
-    model = prism_load.load(folder, expert_cache="50%", profile=prof.folder)
+    model = prism_load.load(folder, expert_cache="50%", profile=prof.folder, dtype=torch.float32)
     assert model.stats()["predictor_layers"] == winners and winners
     with torch.no_grad():
         torch.testing.assert_close(model(tokens[:2]), ref(tokens[:2]).logits, rtol=1e-4, atol=1e-4)

@@ -74,7 +74,7 @@ def test_checkpoint_uses_the_hub_mixtral_layout(tiny_pair):
 def test_prism_and_transformers_load_it_with_the_same_logits(tiny_pair):
     transformers = pytest.importorskip("transformers")
     folder = tiny_pair[0]
-    model = prism_load.load(folder)
+    model = prism_load.load(folder, dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     text = "def mean(values):\n    return sum(values) / len(values)\n\nThe mean of a list is its sum over its length."
     ids = torch.tensor([model.tokenizer.encode(text).ids])

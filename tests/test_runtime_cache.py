@@ -44,29 +44,38 @@ def resident(container):
     return prism_load.load(container)
 
 
+@pytest.fixture(scope="module")
+def resident_fp32(container):
+    """The decoded fp32 reference: what the decoded and codes forms equal bit for bit."""
+    return prism_load.load(container, dtype=torch.float32, expert_form="decoded")
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("experts_in_budget", [1, 2])
-@pytest.mark.parametrize("form", ["decoded", "codes"])
-def test_tiny_budget_matches_resident(container, resident, prefetch, experts_in_budget, form):
+@pytest.mark.parametrize("form", ["packed", "decoded", "codes"])
+def test_tiny_budget_matches_resident(container, resident, resident_fp32, prefetch, experts_in_budget, form):
     """A cache holding 1 or 2 of a layer's 8 experts gives the resident model's logits and greedy tokens,
-    with experts decoded or kept as codes (the mix has int4/g16, int3/g8 and bf16 tensors, so some experts
-    mix forms)."""
-    budget = expert_bytes(resident_store(container, codes=form == "codes"))[-1] * experts_in_budget
-    model = load_cached(container, budget, prefetch, expert_form=form)
+    with experts packed (against the packed resident model, bf16), decoded or kept as codes (against the
+    decoded fp32 one); the mix has int4/g16, int3/g8 and bf16 tensors, so some experts mix forms."""
+    options = {} if form == "packed" else {"dtype": torch.float32}
+    reference = resident if form == "packed" else resident_fp32
+    budget = expert_bytes(resident_store(container, form, **options))[-1] * experts_in_budget
+    model = load_cached(container, budget, prefetch, expert_form=form, **options)
     for ids in prompts(3, RUNTIME_CONFIG["vocab_size"], seed=1):
-        assert torch.equal(model(ids), resident(ids))
-        assert torch.equal(greedy(model, ids), greedy(resident, ids))
+        assert torch.equal(model(ids), reference(ids))
+        assert torch.equal(greedy(model, ids), greedy(reference, ids))
     s = model.stats()
     assert s["misses"] > 0 and s["residency"]["reserved_bytes"] <= budget
     model.runtime.cache.check()
 
 
-def resident_store(container, codes: bool = False):
+def resident_store(container, form: str = "packed", dtype=torch.bfloat16):
+    """The store a cached load of `container` gets (prism_load.load's defaults: packed, bf16)."""
     from prism_load.container import model_args
     from prism_load.container_reader import Container
 
     c = Container(container)
-    return ContainerStore(c, model_args(c.config)[1], codes=codes)
+    return ContainerStore(c, model_args(c.config)[1], dtype, form=form)
 
 
 def test_checkpoint_store_matches_resident(tiny_checkpoint):
@@ -350,7 +359,7 @@ def test_codes_form_nbytes_is_exact_and_about_a_byte_per_weight(tmp_path):
     from prism_load.codecs import CodesLinear
 
     path = write_runtime_container(tmp_path / "f.prism", mix=[dict(kind="int", bits=3, group_size=8)])
-    codes, dense = resident_store(path, codes=True), resident_store(path)
+    codes, dense = resident_store(path, "codes", torch.float32), resident_store(path, "decoded", torch.float32)
     for i in codes.moe_layers:
         for e in range(codes.num_experts):
             w = load(codes, i, e)
@@ -361,9 +370,10 @@ def test_codes_form_nbytes_is_exact_and_about_a_byte_per_weight(tmp_path):
             assert codes.nbytes(i, e) == weights + 4 * groups == dense.nbytes(i, e) // 4 + 4 * groups
 
 
-def test_codes_form_errors(container, tiny_checkpoint):
-    with pytest.raises(BudgetError, match=r"expert_form='packed': expected one of decoded, codes"):
-        load_cached(container, "50%", expert_form="packed")
+def test_expert_form_errors(container, tiny_checkpoint):
+    with pytest.raises(BudgetError, match=r"expert_form='unpacked': expected one of packed, decoded, codes"):
+        load_cached(container, "50%", expert_form="unpacked")
     folder, _ = tiny_checkpoint("mixtral")
-    with pytest.raises(BudgetError, match=r"expert_form='codes' needs a \.prism container on the CPU"):
-        load_cached(folder, "50%", expert_form="codes")
+    for form in ("codes", "packed"):
+        with pytest.raises(BudgetError, match=rf"expert_form='{form}' needs a \.prism container \(a checkpoint's"):
+            load_cached(folder, "50%", expert_form=form)

@@ -77,7 +77,11 @@ Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def expert_forward(x: torch.Tensor, w: ExpertWeights, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (output [n, H], down-projection input [n, I])."""
-    gate, up = apply_linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    pair = getattr(w.gate_up, "ops", None)
+    if pair is not None and len(pair) == 2 and w.gate_up_bias is None:  # gate and up as two operators: no cat
+        gate, up = apply_linear(x, pair[0]), apply_linear(x, pair[1])
+    else:
+        gate, up = apply_linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     h = act(gate, up)
     return apply_linear(h, w.down, w.down_bias), h
 

@@ -47,6 +47,10 @@ from .tiers import Entry, HostTier, SlabPool, footprint, total_footprint  # noqa
 ROOM_POLL_SECONDS = 0.05  # a thread waiting for room re-checks for dead threads' pins this often
 
 
+def _never(layer: int, expert: int) -> bool:
+    return False
+
+
 class ExpertCache:
     """Decoded experts of every MoE layer within `budget_bytes` of the fast tier."""
 
@@ -217,6 +221,14 @@ class ExpertCache:
         """Host tier or cold read, then decode (+ NUMA placement on the CPU; + pinning, side-stream copy and
         decode on CUDA). A prefetch marked unwanted by then returns (None, None, False) instead of decoding."""
         layer, expert = entry.key
+        if self.slabs is not None and getattr(self.store, "reads_into", _never)(layer, expert):  # a read is the load
+            weights = self.store.read_into(layer, expert, lambda nbytes: self._take_slab(entry, nbytes))
+            with self._lock:
+                entry.cold = True
+                self.stats.loads += 1
+                self.stats.bytes_fetched += entry.stored_nbytes
+            self._check_size(entry, weights)
+            return weights, None, False
         raw = None
         if self.host is not None:
             with self._lock:

@@ -19,29 +19,41 @@ from .predictor import as_runtime, check_predictors, container_predictors, profi
 from .stores import CheckpointStore, ContainerStore, Key
 
 RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
-                   "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form", "predictor")
-EXPERT_FORMS = ("decoded", "codes")
+                   "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form", "expert_kernel", "predictor")
+EXPERT_FORMS = ("packed", "decoded", "codes")
 
 
-def load_cached(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *, expert_cache="50%",
+def expert_form_for(expert_form: str | None, container: bool, device) -> str:
+    """The fast tier's form: "packed" for containers unless asked otherwise; checkpoints store dense experts."""
+    form = expert_form or ("packed" if container else "decoded")
+    if form not in EXPERT_FORMS:
+        raise BudgetError(f"expert_form={form!r}: expected one of {', '.join(EXPERT_FORMS)}")
+    if form != "decoded" and not container:
+        raise BudgetError(f"expert_form={form!r} needs a .prism container (a checkpoint's experts are dense)")
+    if form == "codes" and torch.device(device).type != "cpu":
+        raise BudgetError("expert_form='codes' needs a .prism container on the CPU")
+    return form
+
+
+def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu", *, expert_cache="50%",
                 prefetch: bool = True, verify_checksums: bool = True, resolve_file=None, profile=None,
-                expert_form: str = "decoded", predictor: bool = True, **runtime_options):
+                expert_form: str | None = None, expert_kernel: str = "auto", predictor: bool = True,
+                **runtime_options):
     """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache.
     `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction and
     whose fitted predictors (those that beat the shadow router) feed prefetch.
-    `expert_form` (containers on the CPU): "decoded" keeps experts in the fast tier as dense weights;
-    "codes" keeps `int` projections as unpacked codes (a byte per weight) dequantised at each use.
+    `expert_form` (containers): "packed" (the default) keeps experts as stored and multiplies them there
+    (prism_load/packed.py; `expert_kernel` picks the kernel: "auto", "native", "int4pack", "dequant");
+    "decoded" keeps dense weights; "codes" (CPU) keeps `int` projections as unpacked codes, a byte per
+    weight, dequantised at each use. The budget counts the bytes of the form held.
     `predictor`: prefetch with the fitted predictors of the container (or of `profile`) where it has them
     (runtime/predictor.py); False: the shadow router everywhere."""
     folder = Path(path)
     container = (folder / "manifest.json").is_file()
-    if expert_form not in EXPERT_FORMS:
-        raise BudgetError(f"expert_form={expert_form!r}: expected one of {', '.join(EXPERT_FORMS)}")
-    if expert_form == "codes" and (not container or torch.device(device).type != "cpu"):
-        raise BudgetError("expert_form='codes' needs a .prism container on the CPU")
+    form = expert_form_for(expert_form, container, device)
     profiled = read_profile(profile) if profile is not None and not container else None  # read once
     if container:
-        model, store = _container_model(folder, dtype, verify_checksums, resolve_file, expert_form == "codes")
+        model, store = _container_model(folder, dtype, verify_checksums, resolve_file, form, expert_kernel, device)
     else:
         model, store = _checkpoint_model(folder, dtype, profile, profiled)
     model = model.to(device).eval()
@@ -67,7 +79,7 @@ def _detach_experts(model) -> None:
         block.experts = CachedExperts(None, block.experts.num_experts)
 
 
-def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, codes: bool = False):
+def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device):
     from ..container import model_args
     from ..container_loader import _rotary, _skeleton, _tokenizer, load_dense
     from ..container_reader import Container
@@ -80,7 +92,12 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     model.tie_weights()
     model.rotary = _rotary(family, args)
     model.tokenizer = _tokenizer(c, verify_checksums)
-    return model, ContainerStore(c, args, dtype, verify_checksums, codes)
+    store = ContainerStore(c, args, dtype, verify_checksums, form, kernel, device)
+    if store.packer is not None:
+        from ..packed import fallback_warning
+
+        fallback_warning(store.packer.backends, torch.device(device))
+    return model, store
 
 
 def _checkpoint_model(folder: Path, dtype, profile, profiled: dict | None):

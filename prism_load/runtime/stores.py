@@ -20,6 +20,7 @@ from .. import kernels
 from ..codecs import CodesLinear, Encoding, LowRankLinear, codes_nbytes
 from ..container import aligned
 from ..models.moe import ExpertWeights
+from ..packed import PackedLinear
 
 Key = tuple[int, int]  # (layer index, expert index)
 
@@ -52,6 +53,10 @@ class ExpertStore(Protocol):
     def load(self, layer: int, expert: int) -> ExpertWeights:
         """Both phases: the cold read, then the decode."""
 
+    def reads_into(self, layer: int, expert: int) -> bool:
+        """Whether read_into(layer, expert, take_buffer) serves the expert: its fast-tier form is its stored
+        bytes, read straight into the buffer the cache gives."""
+
 
 def load(store: ExpertStore, layer: int, expert: int) -> ExpertWeights:
     """Both phases: the cold read, then the decode."""
@@ -59,21 +64,26 @@ def load(store: ExpertStore, layer: int, expert: int) -> ExpertWeights:
 
 
 class StoreBase:
-    """`load` for the stores below."""
+    """`load` and `reads_into` for the stores below."""
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
         return self.decode(layer, expert, self.fetch(layer, expert))
 
+    def reads_into(self, layer: int, expert: int) -> bool:
+        return False
+
 
 # -- tensors inside ExpertWeights ----------------------------------------------------------------------
 def op_tensors(op) -> list[torch.Tensor]:
-    """Every tensor of a linear operator (a tensor, a LowRankLinear, a ConcatLinear)."""
+    """Every tensor of a linear operator (a tensor, LowRankLinear, PackedLinear, CodesLinear, ConcatLinear)."""
     if op is None:
         return []
     if isinstance(op, torch.Tensor):
         return [op]
     if isinstance(op, LowRankLinear):
-        return [t for t in (op.a, op.b, op.base) if t is not None]
+        return [t for o in (op.a, op.b, op.base) for t in op_tensors(o)]
+    if isinstance(op, PackedLinear):
+        return list(op.tensors)
     if isinstance(op, CodesLinear):
         return [t for q, sz, _ in op.parts for t in (q, sz)]
     if hasattr(op, "ops"):  # ConcatLinear
@@ -88,7 +98,9 @@ def map_op(op, fn: Callable[[torch.Tensor], torch.Tensor]):
     if isinstance(op, torch.Tensor):
         return fn(op)
     if isinstance(op, LowRankLinear):
-        return LowRankLinear(fn(op.a), fn(op.b), None if op.base is None else fn(op.base))
+        return LowRankLinear(map_op(op.a, fn), map_op(op.b, fn), map_op(op.base, fn))
+    if isinstance(op, PackedLinear):
+        return op.with_tensors(fn(t) for t in op.tensors)
     if isinstance(op, CodesLinear):
         return CodesLinear([(fn(q), fn(sz), g) for q, sz, g in op.parts], op.dtype)
     if hasattr(op, "ops"):
@@ -265,18 +277,38 @@ class CheckpointStore(StoreBase):
 
 class ContainerStore(StoreBase):
     """Experts of a .prism container: one positional read per expert (checksum checked) into one uint8 tensor
-    (the form the CUDA host tier pins as it is), then decode_expert on the tensor's device."""
+    (the form the CUDA host tier pins as it is), then the fast tier's form on the tensor's device.
+
+    form: "packed" (prism_load/packed.py: `int` tensors stay packed and a kernel multiplies them; an expert
+    whose tensors are all used as stored is read straight into its slab, `read_into`), "decoded" (dense
+    weights) or "codes" (`int` projections as unpacked uint8 codes)."""
 
     def __init__(self, container, args, dtype: torch.dtype = torch.float32, verify_checksums: bool = True,
-                 codes: bool = False):
+                 form: str = "decoded", kernel: str = "auto", device="cpu"):
+        from ..packed import ExpertPacker
+
         self.container, self.dtype, self.verify_checksums = container, dtype, verify_checksums
-        self.codes = codes  # keep int projections as unpacked codes (CodesLinear) in the fast tier
+        self.form, self.codes = form, form == "codes"
+        self.packer = ExpertPacker(dtype, device, kernel) if form == "packed" else None
         self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
         self.moe_layers = tuple(args.moe_layers)
-        self._nbytes = {(r.layer, r.expert): decoded_nbytes(r.encodings, dtype, codes) for r in container.records}
         self._layouts = {(r.layer, r.expert): r.layout() for r in container.records}
-        direct = dtype == torch.float32 and not codes
-        self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if direct else None
+        sizes, direct = {}, {}  # by encodings: experts of one encoding share their size and form
+        for r in container.records:
+            sig = tuple(sorted((name, enc) for name, enc in r.encodings.items()))
+            if sig not in sizes:
+                if self.packer is not None:
+                    sizes[sig] = self.packer.nbytes(r.encodings)
+                    direct[sig] = self.packer.reads_stored_form(r.encodings)
+                else:
+                    sizes[sig] = decoded_nbytes(r.encodings, dtype, self.codes)
+                    direct[sig] = False
+            if self.packer is not None:
+                self.packer.count(r.encodings)
+        self._nbytes = {(r.layer, r.expert): sizes[tuple(sorted(r.encodings.items()))] for r in container.records}
+        self._direct = {(r.layer, r.expert): direct[tuple(sorted(r.encodings.items()))] for r in container.records}
+        plain = dtype == torch.float32 and form == "decoded"
+        self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if plain else None
                            for key, layout in self._layouts.items()}
 
     def nbytes(self, layer, expert):
@@ -295,16 +327,35 @@ class ContainerStore(StoreBase):
         record = self.container.record(layer, expert)
         return torch.frombuffer(self.container.read_expert_bytes(record, self.verify_checksums), dtype=torch.uint8)
 
-    def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
-        """Views of the stored tensors in raw (as Container.read_expert makes them), then decode_expert."""
-        from ..container_reader import decode_expert
-
+    def _encoded(self, layer, expert, raw: torch.Tensor) -> dict:
+        """{tensor: (Encoding, {suffix: view of raw})}, as Container.read_expert makes them."""
         record = self.container.record(layer, expert)
         encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
         for t in self._layouts[(layer, expert)]:
             tensor, suffix = t.key.split(".", 1)
             encoded[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
+        return encoded
+
+    def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
+        """The fast tier's form of the stored bytes in raw (packed operators may view raw itself)."""
+        from ..container_reader import decode_expert
+
+        encoded = self._encoded(layer, expert, raw)
+        if self.packer is not None:
+            return self.packer.expert(encoded, count=False)
         return decode_expert(encoded, self.dtype, self.codes)
+
+    def reads_into(self, layer, expert) -> bool:
+        """Whether read_into can serve this expert: its packed form is its stored bytes."""
+        return self._direct[(layer, expert)]
+
+    def read_into(self, layer, expert, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
+        """A fetch that is only a read: the stored bytes land in take_buffer(stored bytes) (a fast-tier slab)
+        with one positional read, and the packed operators view them there."""
+        record = self.container.record(layer, expert)
+        buf = take_buffer(record.length)
+        self.container.read_expert_bytes(record, self.verify_checksums, into=buf.numpy())
+        return self.decode(layer, expert, buf)
 
     def decode_into(self, layer, expert, raw: torch.Tensor, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
         """Decoded weights in take_buffer(packed bytes) (a fast-tier slab), laid out as pack_into lays them.

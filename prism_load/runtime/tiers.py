@@ -15,7 +15,7 @@ import torch
 from ..models.moe import ExpertWeights
 from .stores import TENSOR_ALIGNMENT, ExpertStore, Key
 
-MAX_EXPERT_TENSORS = 8  # gate_up and down as low-rank pairs of pairs, plus two biases
+MAX_EXPERT_TENSORS = 32  # packed int+low-rank projections (3 stored tensors per part), plus two biases
 
 
 def footprint(nbytes: int) -> int:

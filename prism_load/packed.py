@@ -1,0 +1,264 @@
+"""The packed fast tier: experts stay in the form the container stores them in, and the matmul reads it.
+
+Why: decode is memory-bound, and a container's experts are 2-8 bits a weight. Expanding them to fp32 at load
+(the "decoded" form) multiplies the RAM an expert needs by 4-16 and the bytes every token streams through
+the cores by as much. Here an `int` tensor stays packed and one of three kernels multiplies it:
+
+- `native`: prism's AVX2 kernel (prism_load/native), reading the stored bitstream itself: 4- and 8-bit
+  tensors are views of the bytes the container holds, so loading an expert is one positional read. 2- and
+  3-bit tensors are widened to 4-bit nibbles, 5- and 6-bit ones to bytes, once, when the expert is loaded
+  (the codes are integers: widening changes no value). Activations stay fp32 inside the kernel.
+- `int4pack`: torch's stock group-wise int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations), for
+  machines where the native kernel cannot be built; the codes are repacked into its layout and its
+  scale/zero pairs rounded to bf16 when the expert is loaded. Needs a bf16 model, at most 4 bits, rows a
+  multiple of 16 and a group size it supports (a partial last group is split into smaller exact groups).
+- `dequant`: the stored bits, dequantised at each use into a temporary and multiplied with F.linear: any
+  encoding, any device, the same bits as the decoded form in fp32, and the slowest. A CPU load that
+  puts tensors here although a kernel exists for others warns (prism_load.load never falls back to
+  fp32-sized memory silently).
+
+Everything else (bf16/fp16/fp32 expert tensors, low-rank factors, biases) is kept as tensors in the model's
+dtype; low-rank factors stay factored (`LowRankLinear`), with `int` factors packed like any `int` tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .codecs import Encoding, LowRankLinear, pack_bits, packed_row_bytes, unpack_bits
+from .errors import ContainerError
+
+BACKENDS = ("native", "int4pack", "dequant")
+INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel takes
+INT4PACK_ROW_MULTIPLE = 16  # its packing needs output rows in multiples of this
+
+
+def _native():
+    try:
+        from . import native
+    except ImportError:
+        return None
+    return native
+
+
+def native_available() -> bool:
+    native = _native()
+    return native is not None and native.available()
+
+
+def native_unavailable_reason() -> str:
+    native = _native()
+    return "prism_load.native is missing" if native is None else native.unavailable_reason()
+
+
+def kernel_bits(bits: int) -> int:
+    """The width the native kernel reads a `bits`-bit tensor at: 4 (nibbles) or 8 (bytes)."""
+    return 4 if bits <= 4 else 8
+
+
+def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:
+    """The group size torch's int4 kernel can use for this tensor exactly (a divisor of the stored group size
+    and of the columns, so a partial last group splits into whole ones), or None."""
+    rows, cols = shape
+    if rows % INT4PACK_ROW_MULTIPLE:
+        return None
+    for g in INT4PACK_GROUPS:
+        if g <= group_size and group_size % g == 0 and cols % g == 0:
+            return g
+    return None
+
+
+def choose_backend(enc: Encoding, dtype: torch.dtype, device: torch.device, requested: str = "auto") -> str:
+    """The kernel for one `int` tensor: `requested` where it can run it, else the fastest that can."""
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"expert_kernel={requested!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
+    cpu = device.type == "cpu"
+    can = {
+        "native": cpu and native_available(),
+        "int4pack": cpu and dtype == torch.bfloat16 and enc.bits <= 4 and int4pack_group(enc.shape, enc.group_size) is not None,
+        "dequant": True,
+    }
+    if requested != "auto" and can[requested]:
+        return requested
+    return next(b for b in BACKENDS if can[b])  # the fastest that can (the fallback warning counts these)
+
+
+class PackedLinear:
+    """x [n, in] -> x @ W^T [n, out] for one `int` tensor kept packed; `tensors` in the backend's form:
+    native/dequant (qweight, scales, zeros) as stored (native: widened to 4 or 8 bits); int4pack
+    (weight in the kernel's layout, scale_zero bf16 [in / group, out, 2])."""
+
+    __slots__ = ("backend", "shape", "bits", "group_size", "tensors")
+
+    def __init__(self, backend: str, shape: tuple[int, int], bits: int, group_size: int,
+                 tensors: tuple[torch.Tensor, ...]):
+        self.backend, self.shape, self.bits, self.group_size = backend, tuple(shape), bits, group_size
+        self.tensors = tuple(tensors)
+
+    def with_tensors(self, tensors) -> PackedLinear:
+        """The same operator over other tensors of the same layout (a slab copy, a device copy)."""
+        return PackedLinear(self.backend, self.shape, self.bits, self.group_size, tuple(tensors))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "native":
+            from . import native
+
+            q, s, z = self.tensors
+            return native.int_linear(x, q, s, z, self.bits, self.group_size, self.shape[1]).to(x.dtype)
+        if self.backend == "int4pack":
+            w, scale_zero = self.tensors
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, self.group_size,
+                                                           scale_zero)
+            return y.to(x.dtype)
+        return F.linear(x, self.weight(torch.float32).to(x.dtype))
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight (the dequant backend's per-use temporary; tests compare the kernels with it)."""
+        if self.backend == "int4pack":
+            eye = torch.eye(self.shape[1], dtype=torch.bfloat16, device=self.tensors[0].device)
+            return self(eye).t().to(dtype)
+        q, s, z = self.tensors
+        w = torch.empty(self.shape, dtype=torch.float32, device=q.device)
+        kernels.dequantize_into(q, self.bits, self.shape[1], s, z, self.group_size, w)
+        return w.to(dtype)
+
+
+def pack_int(enc: Encoding, tensors: dict[str, torch.Tensor], backend: str) -> PackedLinear:
+    """One stored `int` tensor as a PackedLinear. Views of `tensors` where the backend reads the stored form
+    as it is (native at 4 or 8 bits, dequant); fresh memory otherwise."""
+    q, s, z = tensors["qweight"], tensors["scales"], tensors["zeros"]
+    if backend == "dequant":
+        return PackedLinear(backend, enc.shape, enc.bits, enc.group_size, (q, s, z))
+    rows, cols = enc.shape
+    meta = q.device.type == "meta"  # sizing only (ContainerStore): the same shapes, nothing computed
+    if backend == "native":
+        bits = kernel_bits(enc.bits)
+        if bits != enc.bits and meta:
+            q = torch.empty(rows, packed_row_bytes(cols, bits), dtype=torch.uint8, device="meta")
+        elif bits != enc.bits:
+            q = pack_bits(unpack_bits(q, enc.bits, cols), bits) if bits == 4 else unpack_bits(q, enc.bits, cols)
+        return PackedLinear(backend, enc.shape, bits, enc.group_size, (q, s, z))
+    if backend != "int4pack":
+        raise ValueError(f"unknown backend {backend!r}")
+    g = int4pack_group(enc.shape, enc.group_size)
+    if g is None:
+        raise ContainerError(f"{enc.label()} {list(enc.shape)}: torch's int4 kernel cannot take this tensor")
+    if meta:
+        return PackedLinear(backend, enc.shape, 4, g, (torch.empty(rows, cols // 2, dtype=torch.uint8, device="meta"),
+                                                      torch.empty(cols // g, rows, 2, dtype=torch.bfloat16, device="meta")))
+    codes = unpack_bits(q, enc.bits, cols).to(torch.int32)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    # (q - zero) * scale == (q - 8) * scale + (8 - zero) * scale: the kernel's convention is the right side
+    parent = torch.arange(cols // g) * g // enc.group_size  # stored group of each kernel group
+    scale, zero = s.float()[:, parent], z.float()[:, parent]
+    scale_zero = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return PackedLinear(backend, enc.shape, 4, g, (weight, scale_zero))
+
+
+def is_view_of_stored(enc: Encoding, backend: str) -> bool:
+    """Whether pack_int keeps the stored tensors themselves (the expert can be read straight into its slab)."""
+    return enc.kind == "int" and (backend == "dequant" or (backend == "native" and kernel_bits(enc.bits) == enc.bits))
+
+
+def fallback_warning(backends: dict[str, int], device: torch.device) -> None:
+    """Warn when some `int` tensors of a CPU model run on the dequant-per-use path while a kernel ran others,
+    or when no kernel is available at all: slower, never larger."""
+    if device.type != "cpu" or not backends.get("dequant"):
+        return
+    reason = "" if native_available() else f" (the native kernel is unavailable: {native_unavailable_reason()})"
+    warnings.warn(f"{backends['dequant']} of {sum(backends.values())} packed expert tensors have no kernel here"
+                  f"{reason} and are dequantised at every use: same memory, slower", stacklevel=3)
+
+
+# -- whole experts -------------------------------------------------------------------------------------
+EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+class ExpertPacker:
+    """Turns one expert's stored tensors into packed operators: one kernel choice per `int` tensor (the
+    same for every expert of the same encodings), counted in `backends` for the fallback warning."""
+
+    def __init__(self, dtype: torch.dtype, device, requested: str = "auto"):
+        self.dtype, self.device, self.requested = dtype, torch.device(device), requested
+        self.backends: dict[str, int] = {}
+
+    def backend(self, enc: Encoding) -> str:
+        return choose_backend(enc, self.dtype, self.device, self.requested)
+
+    def linear(self, enc: Encoding, tensors: dict[str, torch.Tensor], count: bool = True):
+        """One stored tensor as an operator: PackedLinear, LowRankLinear (factors packed or in dtype), or
+        a tensor in the model's dtype (an owned copy: nothing views a read buffer's floats)."""
+        if enc.kind == "int":
+            backend = self.backend(enc)
+            if count:
+                self.backends[backend] = self.backends.get(backend, 0) + 1
+            return pack_int(enc, tensors, backend)
+        if enc.kind in ("bf16", "fp16", "fp32"):
+            return tensors["weight"].to(self.dtype, copy=True)
+        parts = enc.parts()
+        if enc.kind == "lowrank" and enc.rank * sum(enc.shape) >= enc.shape[0] * enc.shape[1]:
+            return self._dense(enc, tensors)  # factors larger than the matrix: as the decoded form does
+        a = self.linear(parts["lr_a"], _sub(tensors, "lr_a"), count)
+        b = self.linear(parts["lr_b"], _sub(tensors, "lr_b"), count)
+        base = self.linear(parts["base"], _sub(tensors, "base"), count) if "base" in parts else None
+        return LowRankLinear(a, b, base)
+
+    def _dense(self, enc: Encoding, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        from .codecs import decode
+
+        if tensors and next(iter(tensors.values())).device.type == "meta":
+            return torch.empty(enc.shape, dtype=self.dtype, device="meta")
+        return decode(enc, tensors, self.dtype)
+
+    def expert(self, encoded: dict[str, EncodedTensor], count: bool = True):
+        """ExpertWeights of packed operators; gate and up stay two operators (ConcatLinear), each reading its
+        own stored rows (expert_forward calls them one by one, without a concatenation)."""
+        from .container_reader import ConcatLinear
+        from .models.moe import ExpertWeights
+
+        ops = {name: self.linear(enc, t, count) for name, (enc, t) in encoded.items()
+               if name in ("gate_proj", "up_proj", "down_proj")}
+        biases = {name: t["weight"].to(self.dtype, copy=True) for name, (enc, t) in encoded.items()
+                  if name.endswith("_bias")}
+        gate_up_bias = torch.cat([biases["gate_bias"], biases["up_bias"]]) if "gate_bias" in biases else None
+        return ExpertWeights(ConcatLinear([ops["gate_proj"], ops["up_proj"]]), ops["down_proj"], gate_up_bias,
+                             biases.get("down_bias"))
+
+    def reads_stored_form(self, encodings: dict[str, Encoding]) -> bool:
+        """Whether every tensor of the expert is used as stored, so its bytes can be read straight into the
+        memory the cache holds it in (no copy, no repacking)."""
+        return all(is_view_of_stored(enc, self.backend(enc)) if enc.kind == "int" else False
+                   for enc in encodings.values())
+
+    def nbytes(self, encodings: dict[str, Encoding]) -> int:
+        """Exact bytes of expert()'s tensors, from the encodings alone (built on the meta device)."""
+        from .runtime.stores import weights_nbytes
+
+        encoded = {name: (enc, {k: torch.empty(shape, dtype=dt, device="meta")
+                                for k, (dt, shape) in enc.tensor_specs().items()})
+                   for name, enc in encodings.items()}
+        return weights_nbytes(self.expert(encoded, count=False))
+
+    def count(self, encodings: dict[str, Encoding]) -> None:
+        """Count the kernel each `int` tensor of an expert gets (low-rank factors and int bases included)."""
+        for enc in encodings.values():
+            todo = [enc]
+            while todo:
+                e = todo.pop()
+                if e.kind == "int":
+                    b = self.backend(e)
+                    self.backends[b] = self.backends.get(b, 0) + 1
+                else:
+                    todo.extend(e.parts().values())

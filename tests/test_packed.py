@@ -1,0 +1,195 @@
+"""The packed fast tier (prism_load/packed.py): each kernel against the fp32 dequantised matmul, the memory a
+packed model holds (the container's bytes), the budget in packed bytes, reads straight into the cache's
+slabs, the fallback warning, and whole-model agreement with the decoded fp32 reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from containers import EXACT_MIX, TINY_CONFIG, random_model, rtn, write_tiny
+from runtime_fixtures import CountingFetches, greedy, load_cached, prompts
+
+import prism_load
+from prism_load import packed
+from prism_load.codecs import Encoding, decode
+from prism_load.container_reader import Container
+from prism_load.runtime.cache import footprint
+from prism_load.runtime.stores import weights_nbytes, weights_tensors
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# rows a multiple of 16, columns a multiple of 32: shapes torch's int4 kernel takes
+KERNEL_CONFIG = dict(TINY_CONFIG, hidden_size=64, intermediate_size=96, num_local_experts=4)
+INT4_G32 = [dict(kind="int", bits=4, group_size=32)]
+
+
+def stored(shape, bits, group_size, seed=0):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return Encoding("int", shape, bits=bits, group_size=group_size), rtn(w, bits, group_size)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+CASES = [((48, 96), 4, 32), ((64, 192), 4, 128), ((32, 72), 2, 16), ((48, 40), 3, 8), ((16, 100), 5, 32),
+         ((32, 64), 6, 64), ((24, 50), 8, 16)]
+
+
+@pytest.mark.parametrize("shape, bits, group_size", CASES)
+def test_dequant_kernel_is_the_decoded_weight(shape, bits, group_size):
+    """The dequant backend multiplies by exactly the decoded weight (fp32: bit for bit)."""
+    enc, t = stored(shape, bits, group_size)
+    op = packed.pack_int(enc, t, "dequant")
+    x = torch.randn(3, shape[1])
+    assert torch.equal(op.weight(), decode(enc, t))
+    assert torch.equal(op(x), torch.nn.functional.linear(x, decode(enc, t)))
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(op.tensors, (t["qweight"], t["scales"], t["zeros"])))
+
+
+@pytest.mark.parametrize("shape, bits, group_size", [c for c in CASES if c[1] <= 4 and c[0][0] % 16 == 0])
+def test_int4pack_kernel_matches_the_fp32_matmul(shape, bits, group_size):
+    """torch's int4 kernel on repacked codes: within bf16 rounding (bf16 activations, bf16 scale/zero pairs)
+    of x @ decode()^T in fp32, for any group size it can split the stored groups into."""
+    enc, t = stored(shape, bits, group_size)
+    if packed.int4pack_group(shape, group_size) is None:
+        pytest.skip("no exact group size for this shape")
+    op = packed.pack_int(enc, t, "int4pack")
+    x = torch.randn(5, shape[1])
+    assert rel_error(op(x.bfloat16()), x @ decode(enc, t).t()) < 2e-2
+
+
+def test_int4pack_group_sizes():
+    assert packed.int4pack_group((768, 192), 128) == 64  # 192 = 128 + a partial 64: groups of 64, exactly
+    assert packed.int4pack_group((768, 256), 128) == 128
+    assert packed.int4pack_group((40, 256), 128) is None  # rows not a multiple of 16
+    assert packed.int4pack_group((64, 100), 128) is None  # no supported group divides 100
+    assert packed.int4pack_group((64, 96), 16) is None  # groups under 32: the kernel has none
+
+
+@pytest.mark.skipif(not packed.native_available(), reason=f"native kernel: {packed.native_unavailable_reason()}")
+@pytest.mark.parametrize("shape, bits, group_size", CASES)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_native_kernel_matches_the_fp32_matmul(shape, bits, group_size, rows):
+    """The native kernel reads 4- and 8-bit tensors as stored (views), others widened once; fp32 inside."""
+    enc, t = stored(shape, bits, group_size)
+    op = packed.pack_int(enc, t, "native")
+    x = torch.randn(rows, shape[1])
+    assert rel_error(op(x), x @ decode(enc, t).t()) < 1e-5
+    assert (op.tensors[0].data_ptr() == t["qweight"].data_ptr()) == (bits in (4, 8))
+
+
+def test_choose_backend_prefers_the_request_then_the_fastest(monkeypatch):
+    monkeypatch.setattr(packed, "native_available", lambda: False)
+    cpu = torch.device("cpu")
+    int4, int6 = Encoding("int", (64, 64), bits=4, group_size=32), Encoding("int", (64, 64), bits=6, group_size=32)
+    assert packed.choose_backend(int4, torch.bfloat16, cpu) == "int4pack"
+    assert packed.choose_backend(int4, torch.float32, cpu) == "dequant"  # the int4 kernel takes bf16 only
+    assert packed.choose_backend(int6, torch.bfloat16, cpu) == "dequant"
+    assert packed.choose_backend(int4, torch.bfloat16, cpu, "dequant") == "dequant"
+    assert packed.choose_backend(int6, torch.bfloat16, cpu, "int4pack") == "dequant"  # cannot: falls back
+    assert packed.choose_backend(int4, torch.bfloat16, torch.device("meta")) == "dequant"  # not a CPU
+    with pytest.raises(ValueError, match="expert_kernel='fast'"):
+        packed.choose_backend(int4, torch.bfloat16, cpu, "fast")
+
+
+@pytest.fixture(scope="module")
+def int4_container(tmp_path_factory):
+    model = random_model(KERNEL_CONFIG)
+    return write_tiny(tmp_path_factory.mktemp("packed") / "m.prism", model, config=KERNEL_CONFIG, mix=INT4_G32)
+
+
+def expert_records(path):
+    with Container(path) as c:
+        return list(c.records)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant"])
+def test_resident_packed_model_holds_the_containers_bytes(int4_container, kernel):
+    """Experts read as stored are views of their read buffer: the model's expert tensors are exactly the
+    container's expert bytes, nothing decoded beside them."""
+    model = prism_load.load(int4_container, expert_kernel=kernel)
+    held = {}
+    for _, block in model.moe_blocks():
+        for w in block.experts.experts:
+            for t in weights_tensors(w):
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    if kernel == "dequant" or packed.native_available():
+        assert sum(held.values()) == sum(r.length for r in expert_records(int4_container))
+    else:  # int4pack repacks: the same bits a weight, its scale/zero pairs in bf16
+        assert sum(held.values()) <= 1.05 * sum(r.length for r in expert_records(int4_container))
+
+
+def test_packed_logits_track_the_decoded_fp32_reference(int4_container):
+    """fp32 packed (dequant) is the decoded model bit for bit; bf16 packed adds little to what bf16 arithmetic
+    costs anyway (the decoded bf16 model's divergence from fp32; this random model's logits are large)."""
+    reference = prism_load.load(int4_container, dtype=torch.float32, expert_form="decoded")
+    fp32 = prism_load.load(int4_container, dtype=torch.float32, expert_kernel="dequant")
+    ids = torch.randint(0, KERNEL_CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = reference(ids)
+        assert torch.equal(fp32(ids), ref)
+
+    def kl(model):
+        with torch.no_grad():
+            out = model(ids)
+        assert out.dtype == torch.bfloat16
+        return float(torch.nn.functional.kl_div(out.float().log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                reduction="batchmean"))
+
+    bf16_decoded = kl(prism_load.load(int4_container, expert_form="decoded"))
+    for kernel in ("auto", "int4pack", "dequant"):
+        assert kl(prism_load.load(int4_container, expert_kernel=kernel)) < 1.25 * bf16_decoded + 1e-4
+
+
+def test_cache_budget_counts_packed_bytes_and_reads_into_slabs(int4_container):
+    """'100%' is every expert's packed bytes (the container's, for experts read as stored); a miss is one
+    read into a slab (no fetch-then-decode); a 50% cache gives the packed resident model's tokens."""
+    records = expert_records(int4_container)
+    full = load_cached(int4_container, "100%", prefetch=False, expert_kernel="dequant")
+    assert full.stats()["expert_bytes_total"] == sum(footprint(r.length) for r in records)
+    model = load_cached(int4_container, "50%", prefetch=False, expert_kernel="dequant")
+    resident = prism_load.load(int4_container, expert_kernel="dequant")
+    store = model.runtime.cache.store
+    assert all(store.reads_into(r.layer, r.expert) for r in records)
+    fetched = CountingFetches(store)
+    store.fetch = lambda *key: pytest.fail("a packed expert read as stored needs no fetch-then-decode")
+    for ids in prompts(3, KERNEL_CONFIG["vocab_size"], seed=2):
+        assert torch.equal(greedy(model, ids, 8), greedy(resident, ids, 8))
+    s = model.stats()
+    assert s["loads"] == len(fetched.calls) > 0 and s["bytes_fetched"] == fetched.bytes()
+    assert s["residency"]["reserved_bytes"] <= model.runtime.cache.budget_bytes
+    model.runtime.cache.check()
+
+
+def test_store_nbytes_is_exact_for_every_encoding(tmp_path):
+    """The packed size the cache budgets before loading equals the built operators', for every kind."""
+    path = write_tiny(tmp_path / "m.prism", mix=EXACT_MIX)
+    model = load_cached(path, "100%", prefetch=False)
+    store = model.runtime.cache.store
+    for i in store.moe_layers:
+        for e in range(store.num_experts):
+            assert weights_nbytes(store.load(i, e)) == store.nbytes(i, e)
+    resident = prism_load.load(path)
+    ids = prompts(1, TINY_CONFIG["vocab_size"], seed=4)[0]
+    assert torch.equal(greedy(model, ids, 6), greedy(resident, ids, 6))
+
+
+def test_a_tensor_without_a_kernel_warns_and_stays_packed(tmp_path, monkeypatch):
+    """No native kernel here: int6 has no stock kernel either, so it is dequantised at each use, with a
+    warning naming why; an int4/g32 container runs on torch's int4 kernel without one."""
+    monkeypatch.setattr(packed, "native_available", lambda: False)
+    model = random_model(KERNEL_CONFIG)
+    six = write_tiny(tmp_path / "six.prism", model, config=KERNEL_CONFIG, mix=[dict(kind="int", bits=6, group_size=32)])
+    with pytest.warns(UserWarning, match=r"24 of 24 packed expert tensors have no kernel here .* dequantised at every use"):
+        loaded = prism_load.load(six)
+    assert sum(weights_nbytes(w) for _, b in loaded.moe_blocks() for w in b.experts.experts) == \
+        sum(r.length for r in expert_records(six))
+    four = write_tiny(tmp_path / "four.prism", model, config=KERNEL_CONFIG, mix=INT4_G32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = prism_load.load(four)
+    ops = [op for _, b in loaded.moe_blocks() for w in b.experts.experts for op in (*w.gate_up.ops, w.down)]
+    assert {op.backend for op in ops} == {"int4pack"}
