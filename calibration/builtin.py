@@ -68,23 +68,29 @@ def code_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).parts)
 
 
-def paragraph_documents(text: str, min_chars: int = 2000) -> list[str]:
+def paragraph_documents(text: str, min_chars: int = 2000, lines: bool = False) -> list[str]:
     """Cut running text into documents of whole paragraphs, each at least `min_chars` long (the last may
     be shorter): small enough that a document-level held-out split has many units, large enough to keep
-    context."""
+    context. Paragraphs are separated by blank lines, or with `lines` each line is one (text written one
+    paragraph a line)."""
+    joiner = "\n" if lines else "\n\n"
     docs, current, size = [], [], 0
-    for para in re.split(r"\n\s*\n", text):
+    for para in (text.split("\n") if lines else re.split(r"\n\s*\n", text)):
         para = para.strip("\n")
         if not para.strip():
             continue
         current.append(para)
         size += len(para)
         if size >= min_chars:
-            docs.append("\n\n".join(current))
+            docs.append(joiner.join(current))
             current, size = [], 0
     if current:
-        docs.append("\n\n".join(current))
+        docs.append(joiner.join(current))
     return docs
+
+
+def has_blank_lines(text: str) -> bool:
+    return re.search(r"\n[^\S\n]*\n", text.strip("\n")) is not None
 
 
 class _TextExtractor(HTMLParser):

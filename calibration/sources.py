@@ -2,7 +2,7 @@
 
 Spec syntax (what `--dataset` takes), options after `?` as `key=value` joined by `&`:
 - `builtin:prose`, `builtin:code`, `builtin:mix` (prose and code, sampled half and half);
-- a local file: `notes.txt` (paragraphs grouped into documents), `data.jsonl`, `data.json`, `data.parquet`
+- a local file: `notes.txt` (paragraphs, or lines in a file without blank lines, grouped into documents), `data.jsonl`, `data.json`, `data.parquet`
   (one document per record; option `column`, default `text`), e.g. `data.jsonl?column=content`;
 - a `datasets` dataset: `hf:NAME[:CONFIG][?split=train&column=text&revision=REV]`, where NAME is a Hub id
   or a local folder (a folder of data files, or one written by `save_to_disk`). A local folder given
@@ -63,13 +63,15 @@ class MixSource(CalibrationSource):
 
 
 class TextFileSource(CalibrationSource):
-    """A plain text file, cut into documents of whole paragraphs."""
+    """A plain text file, cut into documents of whole paragraphs: separated by blank lines, or, in a file
+    without any, one paragraph a line."""
 
     def __init__(self, path: Path):
         self.path, self.name = path, str(path)
 
     def documents(self) -> Iterator[str]:
-        yield from builtin.paragraph_documents(_read_text(self.path))
+        text = _read_text(self.path)
+        yield from builtin.paragraph_documents(text, lines=not builtin.has_blank_lines(text))
 
 
 class RecordFileSource(CalibrationSource):

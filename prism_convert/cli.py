@@ -38,6 +38,14 @@ def _root(
     """prism: spend precision, rank, bandwidth and locality where tokens actually go."""
 
 
+TOKENIZER_HELP = ("For a checkpoint that ships no tokenizer.json: a tokenizer.json, a SentencePiece tokenizer.model, "
+                  "a folder holding one, or a Hub repo id ORG/NAME.")
+DATASET_HELP = ("Calibration source: builtin:prose|code|mix, a .txt/.jsonl/.json/.parquet file, or hf:NAME. "
+                "Held out for evaluation: 10% of its documents by a hash of their text, or, for a source with "
+                "fewer than 200 documents (a text file is cut at blank lines, else at lines), the last 10% of "
+                "its token stream.")
+
+
 def _not_yet(name: str) -> None:
     raise PrismError(f"'prism {name}' is not implemented yet")
 
@@ -52,19 +60,20 @@ def _progress():
 @app.command()
 def profile(
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder."),
-    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Calibration source: builtin:prose|code|mix, a file, or hf:NAME."),
+    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help=DATASET_HELP),
     samples: int = typer.Option(128, "--samples", min=1, help="Number of token sequences."),
     seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
     seed: int = typer.Option(0, "--seed"),
     min_tokens: int = typer.Option(16, "--min-tokens", help="Experts routed fewer tokens are rare (neutral prior)."),
     out: Path = typer.Option(..., "-o", "--out", help="Profile folder to write."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Run calibration data through the model layer by layer and record routing and activation statistics."""
     from prism_convert.profile import profile_model
     from prism_convert.report import profile_table, verdicts
 
     with _progress() as progress:
-        data = profile_model(model, dataset, samples, seq_len, seed, out, min_tokens, progress)
+        data = profile_model(model, dataset, samples, seq_len, seed, out, min_tokens, progress, tokenizer=tokenizer)
     console.print(profile_table(data))
     for line in verdicts(data):
         console.print(f"- {line}", highlight=False)
@@ -147,21 +156,26 @@ def convert(
     out: Path = typer.Option(..., "-o", "--out", help="Container folder to write (e.g. model.prism)."),
     bits: float | None = typer.Option(None, "--bits", help="Average bits per routed-expert weight (e.g. 3.25)."),
     size: str | None = typer.Option(None, "--size", help="Total bytes of all stored tensors (e.g. 12GB)."),
-    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Calibration source."),
+    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help=DATASET_HELP),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe file or built-in name."),
     samples: int = typer.Option(128, "--samples", min=1),
     seq_len: int = typer.Option(256, "--seq-len", min=2),
-    eval_samples: int = typer.Option(16, "--eval-samples", min=0, help="Held-out samples for the quality summary (0: skip)."),
+    eval_samples: int = typer.Option(16, "--eval-samples", min=0, help="Held-out samples for the quality summary (0: skip); where the held-out split holds fewer, the summary uses those and says so."),
     work: Path | None = typer.Option(None, "--work", help="Folder for intermediate work (default: hidden, beside OUT)."),
     workers: int = typer.Option(1, "--workers", min=1),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
-    """profile -> compress -> pack in one go, with one progress display; prints size and quality."""
+    """profile -> compress -> pack in one go, with one progress display; prints size and quality. Every input
+    (model, output, recipe, budget, tokenizer, calibration and held-out text) is checked before any compute."""
     from prism_convert.pipeline import convert as run_convert
+    from prism_convert.preflight import check_output
 
     budget = _budget(bits, size)
+    check_output(out, "a .prism container", "manifest.json")  # before a reference model is trained
     with _progress() as progress:
         result = run_convert(_model_path(model, progress), out, budget, dataset, recipe, samples, seq_len,
-                             work=work, eval_samples=eval_samples, workers=workers, console=None, progress=progress)
+                             work=work, eval_samples=eval_samples, workers=workers, console=None, progress=progress,
+                             tokenizer=tokenizer)
     _print_conversion(result)
 
 
@@ -177,6 +191,9 @@ def _print_conversion(result: dict) -> None:
                       f"KL(original || packed) = {quality['kl']:.4f} nats/token, perplexity "
                       f"{quality['perplexity_reference']:.2f} -> {quality['perplexity']:.2f}, "
                       f"top-1 agreement {quality['top1_agreement']:.1%}", highlight=False)
+        console.print(f"[dim]held out: {quality['heldout']}[/]", highlight=False)
+        if "note" in quality:
+            console.print(f"[yellow]note:[/] {quality['note']}", highlight=False)
 
 
 @app.command()
@@ -213,31 +230,34 @@ def run(
     predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
     codes: bool = typer.Option(False, "--codes", help="Keep int experts as unpacked codes (a byte per weight), dequantised at each use; --cache percentages are then of that form (CPU, containers; default cache 100%)."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Generate text, streaming tokens as they come; then tokens/s (prefill and decode) and, with --cache,
     the cache and prefetch statistics."""
     from prism_convert.run import run_prompt
 
     run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
-               expert_form="codes" if codes else "decoded", lookahead=lookahead, predictor=predictor)
+               expert_form="codes" if codes else "decoded", lookahead=lookahead, predictor=predictor,
+               tokenizer=tokenizer)
 
 
 @app.command("eval")
 def eval_(
     packed: Path = typer.Argument(..., help="The converted model (.prism container or checkpoint folder)."),
     reference: Path = typer.Option(..., "--reference", "-r", help="The original checkpoint folder."),
-    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Held-out text: builtin:prose|code|mix, a file, or hf:NAME."),
+    dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help="Held-out text (its held-out split, as for calibration): builtin:prose|code|mix, a file, or hf:NAME."),
     samples: int = typer.Option(32, "--samples", min=1, help="Number of token sequences."),
     seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="Default: the original's tokenizer, else the packed model's. " + TOKENIZER_HELP),
 ) -> None:
     """Perplexity of both models and KL(original || packed) on held-out text (never the calibration split)."""
     from rich.table import Table
 
     from prism_convert.eval import evaluate
 
-    result = evaluate(packed, reference, dataset, samples, seq_len, seed)
+    result = evaluate(packed, reference, dataset, samples, seq_len, seed, tokenizer=tokenizer)
     if as_json:
         import json
 
@@ -250,6 +270,8 @@ def eval_(
     t.add_row(f"{result['kl']:.4f}", f"{result['perplexity_reference']:.3f}", f"{result['perplexity']:.3f}",
               f"{result['top1_agreement']:.1%}")
     console.print(t)
+    if "heldout" in result:
+        console.print(f"[dim]held out: {result['heldout']}[/]", highlight=False)
 
 
 @app.command()

@@ -24,7 +24,7 @@ from .candidates import TensorStats, measure_candidates
 from .capture import ExpertCapture
 from .dense import encode_dense_layer, encode_top
 from .encode import encode_many
-from .profile_schema import Profile, config_sha256
+from .profile_schema import TOKENIZER_FILE, Profile, config_sha256
 from .recipe import Recipe
 from .stream import LayerStream
 from .workdir import WorkDir, WorkError
@@ -143,6 +143,20 @@ def parse_layers(spec: str | None, num_layers: int) -> range:
     return range(a, b)
 
 
+IDENTITY_KEYS = ("model", "profile", "recipe", "layers")  # what a resumed work folder must share with the job
+
+
+def compress_job(model: Path, config: dict, args, profile_dir: Path, profile: dict, recipe: Recipe, span: range) -> dict:
+    """The job a work folder records; its IDENTITY_KEYS decide whether earlier work may be resumed."""
+    return {
+        "model": {"path": str(model), "model_type": args.model_type, "config_sha256": config_sha256(config),
+                  "num_hidden_layers": args.num_hidden_layers},
+        "profile": {"path": str(profile_dir), "tokens": profile["tokens"], "dataset": profile["dataset"]},
+        "recipe": recipe.to_dict(),
+        "layers": [span.start, span.stop],
+    }
+
+
 def run_compress(model: Path, profile_dir: Path, recipe: Recipe, out: Path, layers: str | None = None,
                  workers: int = 1, progress: Progress | None = None) -> dict:
     """Measure every layer in the range into the work folder `out` (resuming finished layers)."""
@@ -152,14 +166,9 @@ def run_compress(model: Path, profile_dir: Path, recipe: Recipe, out: Path, laye
     profile.check_model(stream.ckpt.config)
     span = parse_layers(layers, args.num_hidden_layers)
     work = WorkDir(out)
-    job = {
-        "model": {"path": str(model), "model_type": args.model_type, "config_sha256": config_sha256(stream.ckpt.config),
-                  "num_hidden_layers": args.num_hidden_layers},
-        "profile": {"path": str(profile_dir), "tokens": profile.data["tokens"], "dataset": profile.data["dataset"]},
-        "recipe": recipe.to_dict(),
-        "layers": [span.start, span.stop],
-    }
-    work.start(job, Path(model), identity_keys=("model", "profile", "recipe", "layers"))
+    job = compress_job(model, stream.ckpt.config, args, profile_dir, profile.data, recipe, span)
+    tokenizer = profile.folder / TOKENIZER_FILE
+    work.start(job, Path(model), IDENTITY_KEYS, tokenizer if tokenizer.is_file() else None)
     if not (work.folder / "top.json").is_file():
         encode_top(stream, recipe, work)
     tokens = profile.calibration_tokens()

@@ -27,9 +27,17 @@ def tensor_class(key: str) -> str:
     return "dense_mlp"
 
 
+TOP_CLASSES = {"embed_tokens.weight": "embedding", "norm.weight": "norm", "lm_head.weight": "lm_head"}
+
+
+def dense_encoding(name: str, shape: tuple[int, ...], tensor_class: str, recipe: Recipe) -> Encoding:
+    """How a dense tensor is stored (the budget check prices the same rule before anything is encoded)."""
+    return Encoding("fp32", shape) if len(shape) == 1 else recipe.dense_encoding(tensor_class, shape, name)
+
+
 def encode_dense(name: str, tensor: torch.Tensor, tensor_class: str, recipe: Recipe, stored: dict) -> dict:
     shape = tuple(tensor.shape)
-    enc = Encoding("fp32", shape) if tensor.dim() == 1 else recipe.dense_encoding(tensor_class, shape, name)
+    enc = dense_encoding(name, shape, tensor_class, recipe)
     for suffix, t in encode(tensor.detach().float(), enc).items():
         stored[f"dense.{name}.{suffix}"] = t
     return {"encoding": enc.to_dict(), "class": tensor_class, "nbytes": enc.nbytes()}
@@ -52,7 +60,6 @@ def encode_top(stream, recipe: Recipe, work) -> None:
 
     model = empty_model(stream.family, stream.args, build_layers=False)
     state = top_level_state(stream.ckpt, stream.family, stream.args, model, torch.float32)
-    classes = {"embed_tokens.weight": "embedding", "norm.weight": "norm", "lm_head.weight": "lm_head"}
     stored: dict = {}
-    records = {name: encode_dense(name, t, classes[name], recipe, stored) for name, t in state.items()}
+    records = {name: encode_dense(name, t, TOP_CLASSES[name], recipe, stored) for name, t in state.items()}
     work.write_top({"dense": records, "tie_word_embeddings": stream.args.tie_word_embeddings}, stored)

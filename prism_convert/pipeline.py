@@ -9,7 +9,6 @@ from rich.console import Console
 from .atomic import write_json
 from .bitplan import Budget, PlanInputs, error_size_curve, make_plan
 from .compress import run_compress
-from .recipe import load_recipe
 from .workdir import WorkDir
 
 CURVE_BITS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.25, 5.0, 6.0, 8.25]
@@ -35,10 +34,16 @@ def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path, console: C
 
 def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: str | None, out: Path,
                    layers: str | None, workers: int, console: Console | None = None, progress_factory=None) -> dict | None:
-    """Measure the layer range into `out`; when the model is complete there, plan the allocation."""
-    from prism_load.checkpoint import read_config
+    """Measure the layer range into `out`; when the model is complete there, plan the allocation. The recipe
+    and the budget are checked against the whole model first (an impossible budget fails now, not at the end)."""
+    from . import preflight
+    from .profile_schema import Profile
 
-    recipe = load_recipe(recipe_spec, read_config(Path(model)).get("model_type"))
+    checked = preflight.model_args(model)
+    recipe = preflight.recipe(recipe_spec, checked)
+    preflight.check_budget(checked, recipe, budget)
+    Profile.load(profile_dir).check_model(checked.config)
+    preflight.check_parent(out, "-o")
     if progress_factory is not None:
         with progress_factory() as progress:
             result = run_compress(model, profile_dir, recipe, out, layers, workers, progress)
@@ -71,6 +76,9 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
     """Allocate over the merged work folders (budget from the work unless given), then write the container."""
     from .materialize import dense_tensors, planned_experts, predictors
     from .pack import ExpertInput, write_container
+    from .preflight import check_output
+
+    check_output(out, "a .prism container", "manifest.json")
 
     works = [WorkDir(p) for p in work_dirs]
     jobs = [w.job() for w in works]
@@ -120,34 +128,45 @@ def json_key(value) -> str | None:
 
 def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix", recipe_spec: str | None = None,
             samples: int = 128, seq_len: int = 256, seed: int = 0, work: Path | None = None,
-            eval_samples: int = 16, workers: int = 1, console: Console | None = None, progress=None) -> dict:
+            eval_samples: int = 16, workers: int = 1, console: Console | None = None, progress=None,
+            tokenizer: str | None = None) -> dict:
     """profile -> compress -> (held-out quality of the plan, in memory) -> pack, under one progress display.
-    Intermediate folders go to `work` (default: a hidden folder beside `out`), so a rerun resumes."""
-    from prism_load.checkpoint import read_config
-
-    from .profile import calibration_tokens, run_profile
+    Every input is checked first (preflight.conversion), so a bad option fails before any compute.
+    Intermediate folders go to `work` (default: a hidden folder beside `out`), so a rerun resumes.
+    `tokenizer`: --tokenizer (a path or Hub id) for a checkpoint that ships none."""
+    from . import preflight
+    from .profile import run_profile
 
     model, out = Path(model), Path(out)
     work = Path(work) if work is not None else out.parent / f".{out.name}.work"
     profile_dir, work_dir = work / "profile", work / "compress"
-    recipe = load_recipe(recipe_spec, read_config(model).get("model_type"))
-    if not (profile_dir / "profile.json").is_file():
-        tokens = calibration_tokens(model, dataset, samples, seq_len, seed)
-        spec = {"spec": dataset, "samples": samples, "seq_len": seq_len, "seed": seed}
-        run_profile(model, tokens, profile_dir, spec, progress=progress)
-    run_compress(model, profile_dir, recipe, work_dir, None, workers, progress)
+    job = preflight.conversion(model, out, work, budget, dataset, recipe_spec, samples, seq_len, seed, eval_samples,
+                               tokenizer)
+    if job.calibration.tokens is not None:
+        run_profile(model, job.calibration.tokens, profile_dir, job.calibration.dataset, progress=progress,
+                    tokenizer=job.calibration.tokenizer)
+    run_compress(model, profile_dir, job.recipe, work_dir, None, workers, progress)
     works = [WorkDir(work_dir)]
-    job = works[0].job()
-    job["budget"] = budget.to_dict()
-    write_json(work_dir / "job.json", job)
+    state = works[0].job()
+    state["budget"] = budget.to_dict()
+    write_json(work_dir / "job.json", state)
     plan = make_plan(works, budget)
     quality = None
-    if eval_samples:
-        heldout = calibration_tokens(model, dataset, eval_samples, seq_len, seed, split="heldout")
-        quality = plan_quality(model, works, plan, heldout, recipe) | {"dataset": dataset, "samples": eval_samples,
-                                                                       "seq_len": seq_len, "split": "heldout"}
+    if job.heldout is not None:
+        quality = plan_quality(model, works, plan, job.heldout.tokens, job.recipe) | quality_record(
+            job.heldout, dataset, eval_samples, seq_len)
     pack_work([work_dir], out, budget, shard_size_bytes=2 * 10**9, console=console, quality=quality)
     return {"plan": plan, "quality": quality, "out": str(out), "work": str(work)}
+
+
+def quality_record(heldout, dataset: str, eval_samples: int, seq_len: int) -> dict:
+    """How the quality figure was measured: which text, which split rule, and whether it had to shrink."""
+    n = heldout.tokens.shape[0]
+    record = {"dataset": dataset, "samples": n, "seq_len": seq_len, "split": "heldout", "heldout": heldout.rule}
+    if n < eval_samples:
+        record["note"] = (f"the held-out split holds {n} samples of {seq_len} tokens, fewer than --eval-samples "
+                          f"{eval_samples}, so the quality figure is measured on {n}")
+    return record
 
 
 def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) -> dict:

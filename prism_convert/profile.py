@@ -32,6 +32,7 @@ from .profile_schema import (
     PROFILE_JSON,
     PROFILE_VERSION,
     STATS_FILE,
+    TOKENIZER_FILE,
     config_sha256,
 )
 from .stream import LayerStream
@@ -218,8 +219,9 @@ def peak_rss_bytes() -> int:
 
 
 def run_profile(model: Path, tokens: torch.Tensor, out: Path, dataset: dict, min_tokens: int = 16,
-                progress: Progress | None = None) -> dict:
-    """Profile `model` on calibration `tokens` [N, L] and write the profile folder atomically."""
+                progress: Progress | None = None, tokenizer=None) -> dict:
+    """Profile `model` on calibration `tokens` [N, L] and write the profile folder atomically; `tokenizer` (a
+    tokenizer.ResolvedTokenizer) is saved beside it when it is not the checkpoint's own tokenizer.json."""
     from safetensors.torch import save_file
 
     stream = LayerStream(Path(model))
@@ -252,33 +254,38 @@ def run_profile(model: Path, tokens: torch.Tensor, out: Path, dataset: dict, min
     with atomic_folder(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STATS_FILE)
         save_file({"tokens": tokens.to(torch.int64).contiguous()}, tmp / CALIBRATION_FILE)
+        if tokenizer is not None and not tokenizer.from_checkpoint:
+            tokenizer.save(tmp / TOKENIZER_FILE)
         write_json(tmp / PROFILE_JSON, data)
     return data
 
 
 def calibration_tokens(model: Path, dataset: str, samples: int, seq_len: int, seed: int,
-                       split: str = "calibration") -> torch.Tensor:
-    """Token samples [samples, seq_len] of a calibration source, tokenised with the model's tokenizer."""
+                       split: str = "calibration", tokenizer=None) -> torch.Tensor:
+    """Token samples [samples, seq_len] of a calibration source, tokenised with `tokenizer` (a
+    tokenizers.Tokenizer) or else the checkpoint's (prism_convert.tokenizer)."""
     import calibration
-    from prism_load.errors import CalibrationError
-    from prism_load.hf_loader import load_tokenizer
 
-    if not Path(model).is_dir():
-        raise CalibrationError(f"{model}: not a folder (a checkpoint folder or a .prism container)")
-    path = Path(model) / "tokenizer.json"
-    if not path.is_file():
-        raise CalibrationError(f"{model}: no tokenizer.json, so calibration text cannot be tokenised")
+    from .preflight import model_folder
+    from .tokenizer import resolve_tokenizer
+
+    if tokenizer is None:
+        tokenizer = resolve_tokenizer(None, model_folder(model)).tokenizer
     source = calibration.resolve(dataset)
-    return calibration.token_samples(source, load_tokenizer(path), samples, seq_len, seed=seed, split=split)
+    return calibration.token_samples(source, tokenizer, samples, seq_len, seed=seed, split=split)
 
 
 def profile_model(model: Path, dataset: str, samples: int, seq_len: int, seed: int, out: Path,
-                  min_tokens: int = 16, progress: Progress | None = None) -> dict:
-    """`prism profile`: calibration tokens from `dataset`, then run_profile, then the heatmap beside it."""
+                  min_tokens: int = 16, progress: Progress | None = None, tokenizer: str | None = None) -> dict:
+    """`prism profile`: every input checked and the calibration tokens drawn (preflight), then run_profile,
+    then the heatmap beside it. `tokenizer`: --tokenizer (a path or Hub id), else the checkpoint's."""
+    from . import preflight
     from .report import write_heatmap
 
-    tokens = calibration_tokens(model, dataset, samples, seq_len, seed)
-    spec = {"spec": dataset, "samples": samples, "seq_len": seq_len, "seed": seed}
-    data = run_profile(model, tokens, out, spec, min_tokens=min_tokens, progress=progress)
+    checked = preflight.model_args(model)
+    preflight.check_output(Path(out), "a profile folder", PROFILE_JSON)
+    cal = preflight.calibration(dataset, samples, seq_len, seed, preflight.tokenizer_for(checked, tokenizer))
+    data = run_profile(model, cal.tokens, out, cal.dataset, min_tokens=min_tokens, progress=progress,
+                       tokenizer=cal.tokenizer)
     data["heatmap"] = str(write_heatmap(data, Path(out)))
     return data

@@ -4,7 +4,7 @@ profile.json (version 1):
 - `format` "prism-profile", `version` 1
 - `model`: `model_type`, `num_hidden_layers`, `num_experts`, `hidden_size`, `moe_intermediate_size`,
   `config_sha256` (of config.json: compress refuses a profile of another model)
-- `dataset`: `spec`, `samples`, `seq_len`, `seed`
+- `dataset`: `spec`, `samples`, `seq_len`, `seed`, and `tokenizer` where it is not the checkpoint's tokenizer.json
 - `tokens`: calibration tokens (samples x seq_len); `top_k`; `min_tokens`: below it an expert is "rare"
 - `layers`: one object per MoE layer:
   - `layer` (index in the model), `experts`: [{`expert`, `tokens` (top-k hits), `gate_mass` (sum of the
@@ -29,6 +29,9 @@ second moments of each expert's routed inputs (gate/up input; down-projection in
 predictor of MoE layer j's router logits from its norm of MoE layer i's output (refitted on every token),
 for each entry of layer i's `predictors`. A profile written before predictors existed has none.
 calibration.safetensors: `tokens` [samples, seq_len] int64, so compress replays exactly the same data.
+tokenizer.json (optional): the tokenizer the calibration text was cut with, when it is not the checkpoint's
+own tokenizer.json (`--tokenizer`, or a converted tokenizer.model); `dataset.tokenizer` then says where it
+came from, and compress ships it into the work folder (and so into the container).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from prism_load.errors import ProfileError
 
 PROFILE_FORMAT, PROFILE_VERSION = "prism-profile", 1
 PROFILE_JSON, STATS_FILE, CALIBRATION_FILE = "profile.json", "stats.safetensors", "calibration.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass

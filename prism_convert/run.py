@@ -14,22 +14,31 @@ from prism_load.errors import PrismError
 
 def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Console, *, cache=None,
                prefetch: bool = True, numa=None, expert_form: str = "decoded", lookahead: int = 1,
-               predictor: bool = True) -> dict:
+               predictor: bool = True, tokenizer: str | None = None) -> dict:
     """Generate from `prompt`, streaming tokens. cache: None (every expert resident) or the expert cache's
     budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead and predictor as in prism_load.load
-    (codes needs the cache: "100%" when no budget is given)."""
+    (codes needs the cache: "100%" when no budget is given). `tokenizer` (--tokenizer, a path or Hub id)
+    replaces the model's own, or stands in where it has none."""
     import torch
 
     import prism_load
 
+    from .tokenizer import check_vocabulary, resolve_tokenizer
+
+    named = resolve_tokenizer(tokenizer) if tokenizer is not None else None  # before the (long) load
     if expert_form != "decoded" and cache is None:
         cache = "100%"
     options = {} if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
                                         "expert_form": expert_form, "lookahead": lookahead, "predictor": predictor}
     model = prism_load.load(model_path, **options)
+    if named is None and model.tokenizer is None and Path(model_path).is_dir():
+        named = resolve_tokenizer(None, Path(model_path))  # a checkpoint's tokenizer.model, or a clear error
+    if named is not None:
+        check_vocabulary(named, model.args.vocab_size)
+        model.tokenizer = named.tokenizer
     tok = model.tokenizer
     if tok is None:
-        raise PrismError(f"{model_path}: no tokenizer.json, cannot encode a text prompt")
+        raise PrismError(f"{model_path}: no tokenizer, cannot encode a text prompt; name one with --tokenizer")
     ids = torch.tensor([tok.encode(prompt).ids])
     console.print(prompt, end="", style="bold", highlight=False)
     new: list[int] = []

@@ -66,18 +66,25 @@ class WorkDir:
             raise WorkError(f"{path}: not a {WORK_FORMAT} v{WORK_VERSION} job")
         return job
 
-    def start(self, job: dict, model_folder: Path, identity_keys: tuple[str, ...]) -> None:
-        """Create the folder for `job`, or check that an existing one belongs to the same job (resume)."""
+    def check_job(self, job: dict, identity_keys: tuple[str, ...], option: str = "-o") -> None:
+        """Refuse to resume work of another job (convert checks this before it profiles)."""
+        if not (self.folder / "job.json").is_file():
+            return
+        old, new = self.job(), json.loads(json.dumps(job))  # compared as JSON holds them (tuples become lists)
+        for key in identity_keys:
+            if old.get(key) != new.get(key):
+                raise WorkError(f"{self.folder}: holds work of another job ({key} differs); use another {option} folder")
+
+    def start(self, job: dict, model_folder: Path, identity_keys: tuple[str, ...], tokenizer: Path | None = None) -> None:
+        """Create the folder for `job`, or check that an existing one belongs to the same job (resume).
+        `tokenizer`: the tokenizer.json to ship instead of the checkpoint's (the one calibration was cut with)."""
         job = {"format": WORK_FORMAT, "version": WORK_VERSION, **job}
         if (self.folder / "job.json").is_file():
-            old = self.job()
-            for key in identity_keys:
-                if old.get(key) != job.get(key):
-                    raise WorkError(
-                        f"{self.folder}: holds work of another job ({key} differs); use another -o folder"
-                    )
+            self.check_job(job, identity_keys)
             job["layers_done_before"] = self.done_layers()
         self.layers_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None and not (self.folder / "tokenizer.json").is_file():
+            shutil.copyfile(tokenizer, self.folder / "tokenizer.json")
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             if (model_folder / name).is_file() and not (self.folder / name).is_file():
                 shutil.copyfile(model_folder / name, self.folder / name)

@@ -31,3 +31,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as huggingface_hub sees it (the env var is read at import, so patch the constant),
+    plus spies on the two download functions prism_load.hub calls."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    calls = []
+    for name in ("snapshot_download", "hf_hub_download"):
+        real = getattr(huggingface_hub, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(huggingface_hub, name, spy)
+    return calls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -182,14 +183,83 @@ def test_builtin_mix_samples(tokenizer):
 
 
 def test_too_many_samples_says_how_many_the_data_holds(tokenizer):
-    docs = [_doc(i) for i in range(30)]
-    source = ListSource(docs, "thirty")
+    docs = [_doc(i, words=6) for i in range(calibration.samples.MIN_DOCUMENT_SPLIT)]  # just enough for the document rule
+    source = ListSource(docs, "many")
     cal = [d for d in docs if calibration.document_split(d) == "calibration"]
     held = len(calibration.token_stream(tokenizer, cal, calibration.eos_token_id(tokenizer))) // 64
     assert calibration.token_samples(source, tokenizer, held, 64).shape == (held, 64)
-    with pytest.raises(CalibrationError, match=rf"thirty: the calibration split holds {held} samples of 64 "
-                                               rf"tokens .* in {len(cal)} documents\), but {held + 1} were asked"):
+    with pytest.raises(calibration.SplitTooSmall, match=rf"many: the calibration split holds {held} samples of 64 "
+                                                        rf"tokens .* in {len(cal)} documents\), but {held + 1} were asked") as e:
         calibration.token_samples(source, tokenizer, held + 1, 64)
+    assert (e.value.available, e.value.asked) == (held, held + 1)
+    draw = calibration.draw_samples(source, tokenizer, held + 1, 64, fewer_ok=True)
+    assert draw.tokens.shape == (held, 64) and draw.asked == held + 1
+    assert draw.rule == f"many: 10% of its {len(docs)} documents, chosen by a hash of their text"
+
+
+def _line(i: int) -> str:
+    """One paragraph of random words (so no window of tokens repeats), marked with its number."""
+    rng = random.Random(i)
+    return f"line{i:04d} " + " ".join(rng.choice(WORDS) for _ in range(30)) + f" line{i:04d}"
+
+
+def _offsets(stream: torch.Tensor, windows: torch.Tensor) -> set[int]:
+    """Where each window occurs in the stream (each must occur exactly once)."""
+    found = set()
+    all_windows = stream.unfold(0, windows.shape[1], 1)  # [positions, L]
+    for row in windows:
+        at = (all_windows == row).all(-1).nonzero().flatten().tolist()
+        assert len(at) == 1, at
+        found.add(at[0])
+    return found
+
+
+def test_a_text_file_of_one_paragraph_a_line_holds_out_the_tail_of_its_token_stream(tmp_path, tokenizer):
+    """The issue's case: a text file written one paragraph a line (no blank line) used to be one document, so
+    the hash split held out all or nothing. Its lines are now its paragraphs, and with few documents the
+    held-out split is the last 10% of the token stream: no calibration window reaches into it."""
+    path = tmp_path / "calib.txt"
+    text = "\n".join(_line(i) for i in range(120)) + "\n"
+    path.write_text(text)
+    source = calibration.resolve(str(path))
+    docs = calibration.source_documents(source)
+    assert 5 < len(docs) < calibration.samples.MIN_DOCUMENT_SPLIT
+    assert "\n".join(docs) == text.rstrip("\n")  # whole lines, in order, nothing lost
+    stream = calibration.token_stream(tokenizer, docs, calibration.eos_token_id(tokenizer))
+    cut = calibration.tail_cut(len(stream))
+    assert len(stream) - cut == len(stream) // 10
+    seq_len = 24
+    cal = calibration.draw_samples(source, tokenizer, 40, seq_len, seed=2)
+    held = calibration.draw_samples(source, tokenizer, 500, seq_len, seed=2, split="heldout", fewer_ok=True)
+    assert cal.tokens.shape == (40, seq_len)
+    assert held.tokens.shape == ((len(stream) - cut) // seq_len, seq_len) and held.asked == 500
+    assert _offsets(stream, cal.tokens) <= {k * seq_len for k in range(cut // seq_len)}
+    assert _offsets(stream, held.tokens) == {cut + k * seq_len for k in range((len(stream) - cut) // seq_len)}
+    assert held.rule == cal.rule == (f"{path}: the last 10% of its token stream (it has {len(docs)} documents, "
+                                     f"fewer than {calibration.samples.MIN_DOCUMENT_SPLIT})")
+    with pytest.raises(calibration.SplitTooSmall, match=rf"the heldout split holds {held.tokens.shape[0]} samples "
+                                                        rf"of 24 tokens \(.* in the last 10% of the token stream of "
+                                                        rf"its {len(docs)} documents\), but 500 were asked"):
+        calibration.draw_samples(source, tokenizer, 500, seq_len, split="heldout")
+
+
+def test_a_mix_gives_fewer_windows_in_proportion_when_allowed(tokenizer):
+    a = ListSource([f"doc{i:04d} " + "alpha " * 30 for i in range(4)], "a")  # a short part
+    b = ListSource([f"doc{i:04d} " + "omega " * 30 for i in range(100, 400)], "b")
+    mix = MixSource("ab", [(a, 0.5), (b, 0.5)])
+    with pytest.raises(calibration.SplitTooSmall, match=r"a: the heldout split .* \(its share of ab\)"):
+        calibration.draw_samples(mix, tokenizer, 40, 8, split="heldout")
+    draw = calibration.draw_samples(mix, tokenizer, 40, 8, split="heldout", fewer_ok=True)
+    alpha = sum("alpha" in tokenizer.decode(row) for row in draw.tokens.tolist())
+    assert 0 < draw.tokens.shape[0] < 40 and abs(2 * alpha - draw.tokens.shape[0]) <= 1
+    assert draw.rule.startswith("a: the last 10% of its token stream") and "; b: 10% of its 300 documents" in draw.rule
+
+
+def test_nothing_held_out_is_an_error_even_when_fewer_are_allowed(tokenizer):
+    source = ListSource([_doc(0, words=20)], "one")
+    with pytest.raises(calibration.SplitTooSmall, match=r"one: the heldout split holds 0 samples") as e:
+        calibration.draw_samples(source, tokenizer, 4, 64, split="heldout", fewer_ok=True)
+    assert e.value.available == 0
 
 
 def test_empty_dataset_is_an_error(tokenizer, tmp_path):

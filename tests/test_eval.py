@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny import save_char_tokenizer
 
 import prism_load
 from prism_convert.eval import compare_models
@@ -34,25 +35,13 @@ def test_perturbed_model_has_positive_kl(tiny_checkpoint):
 
 
 # -- evaluate: both models loaded from disk, held-out tokens or a token tensor ------------------------------
-def _char_tokenizer(path):
-    """A character-level tokenizer (32 ids) that fits the tiny containers' 64-token vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    chars = list(" etaoinshrdlcumwfgypbvkjxqz.,\n")
-    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
-    tok.save(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def containers(tmp_path_factory):
     """The same random model packed twice: near-exact encodings, and 2-bit experts; with a tokenizer."""
     from containers import random_model, write_tiny
 
     root = tmp_path_factory.mktemp("eval")
-    tokenizer = _char_tokenizer(root / "tokenizer.json")
+    tokenizer = save_char_tokenizer(root / "tokenizer.json")
     model = random_model()
     exact = write_tiny(root / "exact.prism", model=model, mix=[dict(kind="fp32")], tokenizer_files=[tokenizer])
     coarse = write_tiny(root / "coarse.prism", model=model, mix=[dict(kind="int", bits=2, group_size=16)],
@@ -88,6 +77,7 @@ def test_evaluate_rejects_bad_input(containers, tmp_path):
     from containers import write_tiny
 
     from prism_convert.eval import evaluate
+    from prism_convert.tokenizer import TokenizerError
     from prism_load.errors import CalibrationError
 
     exact, _ = containers
@@ -96,8 +86,14 @@ def test_evaluate_rejects_bad_input(containers, tmp_path):
     with pytest.raises(CalibrationError, match="must lie in"):
         evaluate(exact, exact, tokens=torch.full((1, 4), 64))
     bare = write_tiny(tmp_path / "bare.prism")
-    with pytest.raises(CalibrationError, match="no tokenizer"):
+    with pytest.raises(TokenizerError, match=r"bare.prism: no tokenizer \(tokenizer.json or tokenizer.model\) in "
+                                             r"either; name one with --tokenizer PATH_OR_HUB_ID"):
         evaluate(bare, bare, "builtin:prose", samples=1, seq_len=8)
+    tokenizer = exact / "tokenizer.json"
+    assert evaluate(exact, bare, "builtin:prose", samples=1, seq_len=8, tokenizer=str(tokenizer))["tokens"] == 7
+    with pytest.raises(CalibrationError, match=r"heldout split holds \d+ samples .* but 100000 were asked for; "
+                                               r"lower --samples, a shorter --seq-len, or a --dataset with more text"):
+        evaluate(exact, exact, "builtin:prose", samples=100_000, seq_len=8)
 
 
 def test_eval_command(containers):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_cache import populate_cache
 
 import prism_load
 from prism_load.errors import CheckpointError, ContainerError
@@ -20,49 +20,6 @@ from prism_load.hub import HubError, is_repo_id
 HAS_CONTAINER = (Path(prism_load.__file__).parent / "container.py").is_file()
 needs_container = pytest.mark.skipif(not HAS_CONTAINER, reason="prism_load/container.py has not landed yet")
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
-
-
-# -- a Hub cache, written the way huggingface_hub writes it --------------------------------------------------
-def populate_cache(
-    cache: Path, repo_id: str, folder: Path, ref: str = "main", names=None, commit: str | None = None
-) -> str:
-    """models--{org}--{name}/refs/{ref} = commit (no trailing newline: huggingface_hub reads it with f.read()),
-    snapshots/{commit}/{file} -> ../../blobs/{sha256} symlinks. Returns the commit."""
-    commit = commit or hashlib.sha1(f"{repo_id}@{ref}@{folder}".encode()).hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    for sub in ("refs", "blobs", f"snapshots/{commit}"):
-        (repo / sub).mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
-    for f in sorted(folder.iterdir()):
-        if not f.is_file() or (names is not None and f.name not in names):
-            continue
-        data = f.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        link = repo / "snapshots" / commit / f.name
-        if not link.exists():
-            link.symlink_to(f"../../blobs/{blob}")
-    return commit
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1 as huggingface_hub sees it (the env var is read at import, so patch the constant),
-    plus spies on the two download functions prism_load.hub calls."""
-    import huggingface_hub
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    calls = []
-    for name in ("snapshot_download", "hf_hub_download"):
-        real = getattr(huggingface_hub, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append((_name, args, kwargs))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(huggingface_hub, name, spy)
-    return calls
 
 
 def test_fake_cache_is_what_huggingface_hub_reads(tmp_path):

@@ -121,3 +121,16 @@ def save_tiny(name: str, folder: Path, seed: int = 0, shard_size: str = "40KB"):
     model = build_hf_model(name, seed)
     model.save_pretrained(folder, max_shard_size=shard_size)
     return model
+
+
+def save_char_tokenizer(path: Path) -> Path:
+    """A character-level tokenizer (32 ids, `<|endoftext|>` among them) that fits every tiny vocabulary here:
+    for checkpoints that ship none (transformers writes no tokenizer) and for the tiny containers."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = list(" etaoinshrdlcumwfgypbvkjxqz.,\n")
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    tok.save(str(path))
+    return path
