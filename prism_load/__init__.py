@@ -45,7 +45,6 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
 
     import torch
 
-    from .hf_loader import load_hf
     from .hub import is_repo_id, load_from_hub
 
     hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -57,7 +56,14 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
                         "Hub repo ids, not to local folders")
 
     dtype = dtype or torch.bfloat16
-    folder = Path(path)
+    # An inference model: no parameter asks autograd to record (a call outside no_grad would otherwise build
+    # a graph each step, and refuse experts loaded under inference_mode by generate).
+    return _open(Path(path), dtype, device, expert_cache, prefetch, numa, runtime_options).requires_grad_(False)
+
+
+def _open(folder, dtype, device, expert_cache, prefetch, numa, runtime_options):
+    from .hf_loader import load_hf
+
     if expert_cache is not None:
         return _load_cached(folder, dtype, device, expert_cache, prefetch, numa, runtime_options)
     if numa is not None:
@@ -73,7 +79,7 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
         if runtime_options:
             raise TypeError(f"options {sorted(runtime_options)} apply to .prism containers only")
         return load_hf(folder, dtype=dtype, device=device)
-    raise CheckpointError(f"{path}: not a checkpoint folder (no config.json)")
+    raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
 
 
 def _load_cached(folder, dtype, device, expert_cache, prefetch, numa, options):

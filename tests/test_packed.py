@@ -193,3 +193,13 @@ def test_a_tensor_without_a_kernel_warns_and_stays_packed(tmp_path, monkeypatch)
         loaded = prism_load.load(four)
     ops = [op for _, b in loaded.moe_blocks() for w in b.experts.experts for op in (*w.gate_up.ops, w.down)]
     assert {op.backend for op in ops} == {"int4pack"}
+
+
+def test_experts_loaded_under_inference_mode_serve_plain_calls(int4_container):
+    """generate() runs under inference_mode, so experts it loads are inference tensors; a later plain call
+    (outside no_grad) must still use them: a loaded model's parameters ask autograd for nothing."""
+    model = load_cached(int4_container, "25%", prefetch=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = prompts(1, KERNEL_CONFIG["vocab_size"], seed=7)[0]
+    greedy(model, ids, 6)
+    assert model(ids).shape == (1, ids.shape[1], KERNEL_CONFIG["vocab_size"])
