@@ -1,0 +1,81 @@
+"""Native CPU kernels that compute on `int` weights in their stored, packed form (prism_load/codecs.py).
+
+Decode is memory-bound: reading 4-bit codes instead of fp32 or bf16 weights is the speed-up, provided the
+unpacking costs less than the bytes it saves. torch's stock int4 op (`_weight_int4pack_mm_for_cpu`) needs
+its own layout and is compute-bound on AVX2; `int_linear` reads the container's bytes as they are
+(bench/results/kernels.md compares them). The C source is compiled on first use (build.py); when that is
+impossible `available()` is False and `unavailable_reason()` says why, and callers use stock torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .build import NativeUnavailable, load
+
+BITS = (2, 4, 8)
+
+
+def available() -> bool:
+    return load()[0] is not None
+
+
+def unavailable_reason() -> str | None:
+    return load()[1]
+
+
+def _kernel():
+    fn, reason, _ = load()
+    if fn is None:
+        raise NativeUnavailable(f"native kernels unavailable: {reason}")
+    return fn
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype or tuple(t.shape) != shape or t.device.type != "cpu":
+        raise ValueError(f"{name} must be {dtype} {list(shape)} on cpu, got {t.dtype} {list(t.shape)} on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+               group_size: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, k] (fp32, or bf16/fp16, widened) @ w.T -> fp32 [M, N], w the `int` weight [N, k] of `bits` bits
+    in groups of `group_size` (qweight uint8 [N, ceil(k*bits/8)], scales and zeros fp16 [N, ceil(k/g)]),
+    read as stored. `out`: an fp32 [M, N] destination (rows may be strided). Runs on torch's thread count."""
+    fn = _kernel()
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if not isinstance(group_size, int) or group_size <= 0 or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"group_size and k must be positive integers, got {group_size!r} and {k!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"x must be a cpu tensor [M, {k}], got {getattr(x, 'shape', type(x).__name__)}")
+    m = x.shape[0]
+    if x.dtype != torch.float32 or x.stride(1) != 1 or (m > 1 and x.stride(0) < k):
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point, got {x.dtype}")
+        x = x.to(torch.float32).contiguous()
+    n = qweight.shape[0] if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else -1
+    _check("qweight", qweight, torch.uint8, (n, (k * bits + 7) // 8))
+    groups = -(-k // group_size)
+    _check("scales", scales, torch.float16, (n, groups))
+    _check("zeros", zeros, torch.float16, (n, groups))
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    elif (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != (m, n)
+          or out.device.type != "cpu" or out.stride(1) != 1 or (m > 1 and out.stride(0) < n)):
+        raise ValueError(f"out must be fp32 [{m}, {n}] on cpu with unit column stride")
+    if m == 0 or n == 0:
+        return out
+    rc = fn(x.data_ptr(), max(x.stride(0), k), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            n, bits, group_size, out.data_ptr(), max(out.stride(0), n), torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError("int_linear: out of memory for its scratch buffers")
+    if rc != 0:
+        raise ValueError(f"int_linear rejected its arguments (code {rc})")
+    return out
+
+
+__all__ = ["BITS", "NativeUnavailable", "available", "int_linear", "unavailable_reason"]
