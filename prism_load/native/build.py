@@ -108,8 +108,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
         lib = ctypes.CDLL(str(path))  # CDLL, not PyDLL: the call releases the interpreter lock
     except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
         return None, str(e), 0.0
-    fn = lib.prism_int_linear
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, p, p, p, i64, ctypes.c_int, i64, p, i64, ctypes.c_int]
+    fn = lib.prism_int_linear_packed  # int64 args[13]: see int_linear.c
+    fn.argtypes = [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn, None, seconds

@@ -5,15 +5,17 @@
  *
  * Two paths, both with every output element computed by one thread in a fixed order (so the bits do not
  * depend on the thread count):
- * - direct (M <= DIRECT_MAX_M, decode): codes are widened to fp32 in registers and multiplied into fp32
+ * - direct (M <= DIRECT_UPTO_M, decode): codes are widened to fp32 in registers and multiplied into fp32
  *   accumulators per group; a group adds scale * sum(x * q) and, once per row, the zero term
  *   sum_g scale * zero * sum_group(x) is subtracted. A block of 8 bytes is widened once (vpmovzxbd) and
- *   split into 8/bits vectors with a shift and a mask; x is permuted once per call so that vector i of a
- *   block meets the x values it belongs to (llama.cpp's AVX2 kernels split nibbles the same way).
- *   Four rows of N (or four rows of x) share each x load and keep eight accumulator chains busy.
- * - gemm (larger M, prefill): six rows of W are dequantised into an L1/L2-resident fp32 buffer exactly as
- *   the reference decode does ((q - z) * s), then a 6x16 register tile of y^T = W x^T is accumulated by
- *   broadcasting one weight against 16 columns of a packed x^T (the BLIS micro-kernel shape).
+ *   split into 8/bits vectors by masks alone (bit prefixes of each byte; prepare_x gives x the matching
+ *   coefficients, once per call). Four rows of N (or up to four rows of x) share each x load and keep eight
+ *   accumulator chains busy. The loop is bound by vector instructions (6 per 16 int4 weights and row), not
+ *   by memory, so int8 runs as fast per weight as int4 when the weights are in cache.
+ * - gemm (larger M, prefill): four rows of W are dequantised into an L1/L2-resident fp32 buffer exactly as
+ *   the reference decode does ((q - z) * s), then a 4x16 register tile of y^T = W x^T is accumulated by
+ *   broadcasting one weight against 16 columns of a packed x^T (the BLIS micro-kernel shape); both are in
+ *   the lane order of decode_codes, so the dequantisation needs no shuffles.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -23,8 +25,9 @@
 
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 16") /* loops over registers: unrolled, so arrays become registers */
-#define DIRECT_MAX_M 4
-#define GEMM_ROWS 6 /* rows of W per gemm tile */
+#define DIRECT_MAX_M 4 /* x rows per direct tile */
+#define DIRECT_UPTO_M 6 /* the direct path up to this many x rows (measured: about even with gemm there) */
+#define GEMM_ROWS 4 /* rows of W per gemm tile: 4 x 16 accumulators (a fifth row spills one) */
 #define GROUP_CHUNK 64 /* groups whose scales are widened at once */
 #define SERIAL_MACS 300000 /* below this many multiply-adds one thread beats waking a second */
 
@@ -225,18 +228,25 @@ static int64_t chunk_rows(int64_t N) {
     return rows < 4 ? 4 : rows;
 }
 
-static int run_direct(const problem *P, int bits, int threads) {
-    const int64_t M = P->M, K = P->K, G = P->G, N = P->N;
-    float *xp = malloc(sizeof(float) * (size_t)(M * K + M * G));
-    if (!xp) return -1;
-    float *sx = xp + M * K;
-    const int64_t step = chunk_rows(N);
-#pragma omp parallel num_threads(threads)
-    {
+/* The work of one thread of the team (or of the caller alone): the loops are orphaned worksharing
+ * constructs, so a one-thread call enters no parallel region at all. */
+static void direct_team(const problem *P, int bits, float *xp, float *sx) {
+    const int64_t K = P->K, G = P->G, N = P->N, step = chunk_rows(N);
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < M * G; t++) prepare_x(P, bits, t / G, t % G, xp + (t / G) * K, sx + (t / G) * G);
+    for (int64_t t = 0; t < P->M * G; t++) prepare_x(P, bits, t / G, t % G, xp + (t / G) * K, sx + (t / G) * G);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t n0 = 0; n0 < N; n0 += step) direct_rows_any(P, xp, sx, n0, min64(n0 + step, N), bits);
+    for (int64_t n0 = 0; n0 < N; n0 += step) direct_rows_any(P, xp, sx, n0, min64(n0 + step, N), bits);
+}
+
+static int run_direct(const problem *P, int bits, int threads) {
+    float *xp = malloc(sizeof(float) * (size_t)(P->M * P->K + P->M * P->G));
+    if (!xp) return -1;
+    float *sx = xp + P->M * P->K;
+    if (threads == 1) {
+        direct_team(P, bits, xp, sx);
+    } else {
+#pragma omp parallel num_threads(threads)
+        direct_team(P, bits, xp, sx);
     }
     free(xp);
     return 0;
@@ -244,29 +254,69 @@ static int run_direct(const problem *P, int bits, int threads) {
 
 /* ---- gemm path -------------------------------------------------------------------------------------- */
 
-/* w[k] <- (q - zero) * scale for one row, in fp32, exactly as the reference decode computes it. */
+/* 8 bytes -> 8/bits vectors of codes as fp32: vector i, lane j holds code (8/bits)*j + i of the block. */
+INLINE void decode_codes(const uint8_t *p, int bits, __m256 *v) {
+    __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const int per = 8 / bits;
+    UNROLL for (int i = 0; i < per; i++) {
+        __m256i c = i ? _mm256_srli_epi32(d, bits * i) : d;
+        v[i] = _mm256_cvtepi32_ps(i == per - 1 ? c : _mm256_and_si256(c, mask));
+    }
+}
+
+/* The column of x that position k of a dequantised row holds: decode_codes' lane order within each group's
+ * whole 8-byte blocks, the natural order elsewhere (x^T is packed in the same order). */
+static int64_t gemm_source(const problem *P, int bits, int64_t k) {
+    const int per = 8 / bits, block = 8 * per;
+    int64_t k0 = k / P->g * P->g, k1 = min64(k0 + P->g, P->K), off = k - k0;
+    if (!aligned(k0, bits) || off >= (k1 - k0) / block * block) return k;
+    int64_t start = k0 + off / block * block, i = (off % block) / 8, j = off % 8;
+    return start + per * j + i;
+}
+
+/* w <- (q - zero) * scale for one row in fp32, exactly as the reference decode computes each weight, in
+ * gemm_source's order. */
 INLINE void dequantize_row(const problem *P, int64_t n, float *w, const int bits) {
+    const int per = 8 / bits, block = 8 * per;
     const uint8_t *row = P->q + n * P->ldq;
     for (int64_t gi = 0; gi < P->G; gi++) {
         int64_t k0 = gi * P->g, k1 = min64(k0 + P->g, P->K), k = k0;
         float s = half(P->s[n * P->G + gi]), z = half(P->z[n * P->G + gi]);
         __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
-        if (aligned(k0, bits))
-            for (; k + 8 <= k1; k += 8)
-                _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(decode8(row + k * bits / 8, bits), zv), sv));
+        if (aligned(k0, bits)) {
+            const uint8_t *p = row + (uint64_t)(k0 * bits) / 8;
+            for (; k + block <= k1; k += block, p += 8) {
+                __m256 v[4];
+                decode_codes(p, bits, v);
+                UNROLL for (int i = 0; i < per; i++)
+                    _mm256_storeu_ps(w + k + 8 * i, _mm256_mul_ps(_mm256_sub_ps(v[i], zv), sv));
+            }
+            for (; k + 8 <= k1; k += 8, p += bits)
+                _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_sub_ps(decode8(p, bits), zv), sv));
+        }
         for (; k < k1; k++) w[k] = (code_at(row, k, bits) - z) * s;
     }
 }
 
-/* y[m0.., n0..n0+NR) <- 8*MV columns of x^T (packed [K][Mp]) against NR dequantised rows (w, stride K). */
+/* y[m0.., n0..n0+NR) <- 8*MV columns of x^T (packed [K][Mp]) against NR dequantised rows (w, stride K).
+ * With one vector of columns, even and odd k accumulate apart: eight independent FMA chains either way. */
 INLINE void gemm_tile(const problem *P, const float *w, const float *xt, int64_t Mp, int64_t n0, int64_t m0,
                       const int NR, const int MV) {
     const int64_t K = P->K;
     __m256 c[GEMM_ROWS][2];
-    UNROLL for (int r = 0; r < NR; r++)
-        UNROLL for (int v = 0; v < MV; v++) c[r][v] = _mm256_setzero_ps();
+    UNROLL for (int r = 0; r < NR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
     const float *b = xt + m0;
-    for (int64_t k = 0; k < K; k++, b += Mp) {
+    int64_t k = 0;
+    if (MV == 1)
+        for (; k + 2 <= K; k += 2, b += 2 * Mp) {
+            __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + Mp);
+            UNROLL for (int r = 0; r < NR; r++) {
+                c[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * K + k), b0, c[r][0]);
+                c[r][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * K + k + 1), b1, c[r][1]);
+            }
+        }
+    for (; k < K; k++, b += Mp) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = MV > 1 ? _mm256_loadu_ps(b + 8) : b0;
         UNROLL for (int r = 0; r < NR; r++) {
             __m256 a = _mm256_broadcast_ss(w + r * K + k);
@@ -274,6 +324,8 @@ INLINE void gemm_tile(const problem *P, const float *w, const float *xt, int64_t
             if (MV > 1) c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
         }
     }
+    if (MV == 1)
+        UNROLL for (int r = 0; r < NR; r++) c[r][0] = _mm256_add_ps(c[r][0], c[r][1]);
     float out[8];
     UNROLL for (int r = 0; r < NR; r++)
         UNROLL for (int v = 0; v < MV; v++) {
@@ -293,34 +345,41 @@ INLINE void gemm_rows(const problem *P, float *w, const float *xt, int64_t Mp, i
     if (m0 < Mp) gemm_tile(P, w, xt, Mp, n0, m0, NR, 1);
 }
 
+static void gemm_team(const problem *P, int bits, float *xt, int64_t Mp, int *failed) {
+    const int64_t M = P->M, K = P->K, N = P->N;
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; k++) {
+        const float *x = P->x + gemm_source(P, bits, k);
+        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * P->ldx] : 0.0f;
+    }
+    float *w = malloc(sizeof(float) * (size_t)(GEMM_ROWS * K));
+    if (!w) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n0 = 0; n0 < N; n0 += GEMM_ROWS) {
+        if (!w) continue;
+        switch (min64(N - n0, GEMM_ROWS)) {
+        case 4: gemm_rows(P, w, xt, Mp, n0, 4, bits); break;
+        case 3: gemm_rows(P, w, xt, Mp, n0, 3, bits); break;
+        case 2: gemm_rows(P, w, xt, Mp, n0, 2, bits); break;
+        default: gemm_rows(P, w, xt, Mp, n0, 1, bits); break;
+        }
+    }
+    free(w);
+}
+
 static int run_gemm(const problem *P, int bits, int threads) {
-    const int64_t M = P->M, K = P->K, N = P->N, Mp = (M + 7) & ~(int64_t)7;
-    float *xt = malloc(sizeof(float) * (size_t)(K * Mp));
+    const int64_t Mp = (P->M + 7) & ~(int64_t)7;
+    float *xt = malloc(sizeof(float) * (size_t)(P->K * Mp));
     if (!xt) return -1;
     int failed = 0;
+    if (threads == 1) {
+        gemm_team(P, bits, xt, Mp, &failed);
+    } else {
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? P->x[m * P->ldx + k] : 0.0f;
-        float *w = malloc(sizeof(float) * (size_t)(GEMM_ROWS * K));
-        if (!w) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t n0 = 0; n0 < N; n0 += GEMM_ROWS) {
-            if (!w) continue;
-            switch (min64(N - n0, GEMM_ROWS)) {
-            case 6: gemm_rows(P, w, xt, Mp, n0, 6, bits); break;
-            case 5: gemm_rows(P, w, xt, Mp, n0, 5, bits); break;
-            case 4: gemm_rows(P, w, xt, Mp, n0, 4, bits); break;
-            case 3: gemm_rows(P, w, xt, Mp, n0, 3, bits); break;
-            case 2: gemm_rows(P, w, xt, Mp, n0, 2, bits); break;
-            default: gemm_rows(P, w, xt, Mp, n0, 1, bits); break;
-            }
-        }
-        free(w);
+        gemm_team(P, bits, xt, Mp, &failed);
     }
     free(xt);
     return failed ? -1 : 0;
@@ -337,5 +396,13 @@ int prism_int_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const ui
     problem P = {x, ldx, M, K, qweight, (K * bits + 7) / 8, scales, zeros, (K + group_size - 1) / group_size,
                  group_size, N, y, ldy};
     if (threads < 1 || (double)M * N * K < SERIAL_MACS) threads = 1;
-    return M <= DIRECT_MAX_M ? run_direct(&P, bits, threads) : run_gemm(&P, bits, threads);
+    return M <= DIRECT_UPTO_M ? run_direct(&P, bits, threads) : run_gemm(&P, bits, threads);
+}
+
+/* The same call with its arguments in one array (in the order above; pointers as integers): one ctypes
+ * argument to convert instead of thirteen, which is most of the cost of a small call from Python. */
+int prism_int_linear_packed(const int64_t *a) {
+    return prism_int_linear((const float *)(intptr_t)a[0], a[1], a[2], a[3], (const uint8_t *)(intptr_t)a[4],
+                            (const uint16_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], a[7], (int)a[8],
+                            a[9], (float *)(intptr_t)a[10], a[11], (int)a[12]);
 }
