@@ -16,7 +16,7 @@ import torch
 from prism_load import native
 from prism_load.codecs import Encoding, decode, pack_bits
 
-SHAPES = [(1, 5, 37), (3, 33, 200), (17, 64, 130), (64, 7, 257), (1, 300, 1000), (2, 9, 64)]  # M, N, K
+SHAPES = [(1, 5, 37), (3, 33, 200), (17, 64, 130), (64, 7, 257), (1, 300, 1000), (2, 9, 64), (9, 150, 2100)]  # M, N, K
 
 
 @pytest.fixture(scope="module")

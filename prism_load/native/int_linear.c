@@ -29,6 +29,8 @@
 #define DIRECT_UPTO_M 6 /* the direct path up to this many x rows (measured: about even with gemm there) */
 #define GEMM_ROWS 4 /* rows of W per gemm tile: 4 x 16 accumulators (a fifth row spills one) */
 #define GROUP_CHUNK 64 /* groups whose scales are widened at once */
+#define GEMM_CHUNK_K 1024 /* columns of K per gemm pass (whole groups): 64 x rows of it fill 256 KiB of L2 */
+#define GEMM_BLOCK_ROWS 64 /* rows of N per gemm scheduling unit, all tiles of a K chunk in a row */
 #define SERIAL_MACS 300000 /* below this many multiply-adds one thread beats waking a second */
 
 typedef struct {
@@ -275,12 +277,13 @@ static int64_t gemm_source(const problem *P, int bits, int64_t k) {
     return start + per * j + i;
 }
 
-/* w <- (q - zero) * scale for one row in fp32, exactly as the reference decode computes each weight, in
- * gemm_source's order. */
-INLINE void dequantize_row(const problem *P, int64_t n, float *w, const int bits) {
+/* w[k - k(ga)] <- (q - zero) * scale for groups [ga, gb) of one row in fp32, exactly as the reference decode
+ * computes each weight, in gemm_source's order. */
+INLINE void dequantize_row(const problem *P, int64_t n, int64_t ga, int64_t gb, float *w, const int bits) {
     const int per = 8 / bits, block = 8 * per;
     const uint8_t *row = P->q + n * P->ldq;
-    for (int64_t gi = 0; gi < P->G; gi++) {
+    w -= ga * P->g;
+    for (int64_t gi = ga; gi < gb; gi++) {
         int64_t k0 = gi * P->g, k1 = min64(k0 + P->g, P->K), k = k0;
         float s = half(P->s[n * P->G + gi]), z = half(P->z[n * P->G + gi]);
         __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
@@ -299,27 +302,28 @@ INLINE void dequantize_row(const problem *P, int64_t n, float *w, const int bits
     }
 }
 
-/* y[m0.., n0..n0+NR) <- 8*MV columns of x^T (packed [K][Mp]) against NR dequantised rows (w, stride K).
- * With one vector of columns, even and odd k accumulate apart: eight independent FMA chains either way. */
-INLINE void gemm_tile(const problem *P, const float *w, const float *xt, int64_t Mp, int64_t n0, int64_t m0,
-                      const int NR, const int MV) {
-    const int64_t K = P->K;
+/* acc[m][r] (+)= 8*MV columns of x^T (packed [K][Mp], from column m0) against NR dequantised rows (w, stride
+ * ldw) over columns [ka, kb): stored when `first`, added after; acc's rows are lda apart. With one vector of
+ * columns, even and odd k accumulate apart: eight independent FMA chains either way. */
+INLINE void gemm_tile(const float *w, int64_t ldw, const float *xt, int64_t Mp, int64_t ka, int64_t kb, int first,
+                      float *acc, int64_t lda, int64_t m0, const int NR, const int MV) {
+    const int64_t kn = kb - ka;
     __m256 c[GEMM_ROWS][2];
     UNROLL for (int r = 0; r < NR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
-    const float *b = xt + m0;
+    const float *b = xt + ka * Mp + m0;
     int64_t k = 0;
     if (MV == 1)
-        for (; k + 2 <= K; k += 2, b += 2 * Mp) {
+        for (; k + 2 <= kn; k += 2, b += 2 * Mp) {
             __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + Mp);
             UNROLL for (int r = 0; r < NR; r++) {
-                c[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * K + k), b0, c[r][0]);
-                c[r][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * K + k + 1), b1, c[r][1]);
+                c[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * ldw + k), b0, c[r][0]);
+                c[r][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * ldw + k + 1), b1, c[r][1]);
             }
         }
-    for (; k < K; k++, b += Mp) {
+    for (; k < kn; k++, b += Mp) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = MV > 1 ? _mm256_loadu_ps(b + 8) : b0;
         UNROLL for (int r = 0; r < NR; r++) {
-            __m256 a = _mm256_broadcast_ss(w + r * K + k);
+            __m256 a = _mm256_broadcast_ss(w + r * ldw + k);
             c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
             if (MV > 1) c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
         }
@@ -330,43 +334,71 @@ INLINE void gemm_tile(const problem *P, const float *w, const float *xt, int64_t
     UNROLL for (int r = 0; r < NR; r++)
         UNROLL for (int v = 0; v < MV; v++) {
             _mm256_storeu_ps(out, c[r][v]);
-            for (int j = 0; j < 8 && m0 + 8 * v + j < P->M; j++) P->y[(m0 + 8 * v + j) * P->ldy + n0 + r] = out[j];
+            UNROLL for (int j = 0; j < 8; j++) {
+                float *a = acc + (m0 + 8 * v + j) * lda + r;
+                *a = first ? out[j] : *a + out[j];
+            }
         }
 }
 
-INLINE void gemm_rows(const problem *P, float *w, const float *xt, int64_t Mp, int64_t n0, const int NR, int bits) {
+/* Rows n0..n0+NR-1, groups [ga, gb): dequantise them, then every tile of x rows into acc (columns from n0). */
+INLINE void gemm_rows(const problem *P, float *w, int64_t ldw, const float *xt, int64_t Mp, int64_t ga, int64_t gb,
+                      int64_t n0, float *acc, int64_t lda, const int NR, int bits) {
     for (int r = 0; r < NR; r++) {
-        if (bits == 4) dequantize_row(P, n0 + r, w + r * P->K, 4);
-        else if (bits == 8) dequantize_row(P, n0 + r, w + r * P->K, 8);
-        else dequantize_row(P, n0 + r, w + r * P->K, 2);
+        if (bits == 4) dequantize_row(P, n0 + r, ga, gb, w + r * ldw, 4);
+        else if (bits == 8) dequantize_row(P, n0 + r, ga, gb, w + r * ldw, 8);
+        else dequantize_row(P, n0 + r, ga, gb, w + r * ldw, 2);
     }
+    const int64_t ka = ga * P->g, kb = min64(gb * P->g, P->K);
     int64_t m0 = 0;
-    for (; m0 + 16 <= Mp; m0 += 16) gemm_tile(P, w, xt, Mp, n0, m0, NR, 2);
-    if (m0 < Mp) gemm_tile(P, w, xt, Mp, n0, m0, NR, 1);
+    for (; m0 + 16 <= Mp; m0 += 16) gemm_tile(w, ldw, xt, Mp, ka, kb, ga == 0, acc, lda, m0, NR, 2);
+    if (m0 < Mp) gemm_tile(w, ldw, xt, Mp, ka, kb, ga == 0, acc, lda, m0, NR, 1);
+}
+
+/* A block of rows [n0, n1) (a multiple of GEMM_ROWS but at the end) walks K in chunks of whole groups, all
+ * its tiles per chunk, so the chunk of packed x^T stays in L2 across the block's tiles; the sums gather in
+ * acc [Mp][GEMM_BLOCK_ROWS] and go to y once (y's rows are N apart: scattered partial sums would alias in L1).
+ * Chunks and blocks depend on the shapes only, so the sums' order is fixed. */
+static void gemm_block(const problem *P, float *w, int64_t ldw, const float *xt, int64_t Mp, int64_t gchunk,
+                       float *acc, int64_t n0, int64_t n1, int bits) {
+    const int64_t lda = GEMM_BLOCK_ROWS;
+    for (int64_t ga = 0; ga < P->G; ga += gchunk) {
+        int64_t gb = min64(ga + gchunk, P->G);
+        for (int64_t n = n0; n < n1; n += GEMM_ROWS) {
+            float *a = acc + (n - n0);
+            switch (min64(n1 - n, GEMM_ROWS)) {
+            case 4: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 4, bits); break;
+            case 3: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 3, bits); break;
+            case 2: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 2, bits); break;
+            default: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 1, bits); break;
+            }
+        }
+    }
+    for (int64_t m = 0; m < P->M; m++) memcpy(P->y + m * P->ldy + n0, acc + m * lda, sizeof(float) * (size_t)(n1 - n0));
 }
 
 static void gemm_team(const problem *P, int bits, float *xt, int64_t Mp, int *failed) {
-    const int64_t M = P->M, K = P->K, N = P->N;
+    const int64_t M = P->M, K = P->K, N = P->N, g = P->g;
+    const int64_t gchunk = g >= GEMM_CHUNK_K ? 1 : GEMM_CHUNK_K / g, ldw = min64(gchunk * g, K);
+    const int64_t step = GEMM_BLOCK_ROWS;
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < K; k++) {
-        const float *x = P->x + gemm_source(P, bits, k);
-        for (int64_t m = 0; m < Mp; m++) xt[k * Mp + m] = m < M ? x[m * P->ldx] : 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += 16) { /* x^T in 16-column strips: each row of x read a line at a time */
+        const int64_t kn = min64(16, K - k0);
+        int64_t src[16];
+        for (int64_t k = 0; k < kn; k++) src[k] = gemm_source(P, bits, k0 + k);
+        for (int64_t m = 0; m < Mp; m++) {
+            const float *x = P->x + m * P->ldx;
+            for (int64_t k = 0; k < kn; k++) xt[(k0 + k) * Mp + m] = m < M ? x[src[k]] : 0.0f;
+        }
     }
-    float *w = malloc(sizeof(float) * (size_t)(GEMM_ROWS * K));
+    float *w = malloc(sizeof(float) * (size_t)(GEMM_ROWS * ldw + Mp * GEMM_BLOCK_ROWS));
     if (!w) {
 #pragma omp atomic write
         *failed = 1;
     }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t n0 = 0; n0 < N; n0 += GEMM_ROWS) {
-        if (!w) continue;
-        switch (min64(N - n0, GEMM_ROWS)) {
-        case 4: gemm_rows(P, w, xt, Mp, n0, 4, bits); break;
-        case 3: gemm_rows(P, w, xt, Mp, n0, 3, bits); break;
-        case 2: gemm_rows(P, w, xt, Mp, n0, 2, bits); break;
-        default: gemm_rows(P, w, xt, Mp, n0, 1, bits); break;
-        }
-    }
+    for (int64_t n0 = 0; n0 < N; n0 += step)
+        if (w) gemm_block(P, w, ldw, xt, Mp, gchunk, w + GEMM_ROWS * ldw, n0, min64(n0 + step, N), bits);
     free(w);
 }
 
