@@ -62,7 +62,10 @@ def compile_command(compiler: str, output: Path) -> list[str]:
 
 
 def library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NativeUnavailable(f"the C compiler {compiler} does not run ({compiler} --version: exit {done.returncode})")
+    version = done.stdout
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), str(torch_gomp()).encode()):
         key.update(part)

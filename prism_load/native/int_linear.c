@@ -24,6 +24,11 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
+/* Decode reads four rows at once, 8 bytes of each per step: four short streams the hardware prefetcher does
+ * not ramp up on, so weights coming from DRAM (an expert just fetched) arrived at 3.4 GB/s. Prefetching the
+ * same bytes two tiles ahead (the rows are contiguous) brings cold calls within ~15% of warm ones. */
+#define AHEAD_TILES 2
+#define PREFETCH_ROW(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #define UNROLL _Pragma("GCC unroll 16") /* loops over registers: unrolled, so arrays become registers */
 #define DIRECT_MAX_M 4 /* x rows per direct tile */
 #define DIRECT_UPTO_M 6 /* the direct path up to this many x rows (measured: about even with gemm there) */
@@ -134,7 +139,7 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
 INLINE void direct_tile(const problem *P, const float *xp, const float *sx, int64_t n0, int64_t m0, const int NR,
                         const int MT, const int bits) {
     const int per = 8 / bits, block = 8 * per;
-    const int64_t K = P->K, G = P->G, g = P->g;
+    const int64_t K = P->K, G = P->G, g = P->g, ahead = AHEAD_TILES * NR * P->ldq;
     const uint8_t *row[4];
     __m256 tot[4][DIRECT_MAX_M];
     float rest[4][DIRECT_MAX_M];
@@ -164,6 +169,7 @@ INLINE void direct_tile(const problem *P, const float *xp, const float *sx, int6
                         UNROLL for (int i = 0; i < per; i++) xv[m][i] = _mm256_loadu_ps(xp + (m0 + m) * K + k + 8 * i);
                     UNROLL for (int r = 0; r < NR; r++) {
                         __m256 v[4];
+                        PREFETCH_ROW(p[r] + ahead);
                         decode_block(p[r], bits, v);
                         p[r] += 8;
                         UNROLL for (int m = 0; m < MT; m++)
