@@ -12,8 +12,8 @@
  *   coefficients, once per call). Four rows of N (or up to four rows of x) share each x load and keep eight
  *   accumulator chains busy. The loop is bound by vector instructions (6 per 16 int4 weights and row), not
  *   by memory, so int8 runs as fast per weight as int4 when the weights are in cache.
- * - gemm (larger M, prefill): four rows of W are dequantised into an L1/L2-resident fp32 buffer exactly as
- *   the reference decode does ((q - z) * s), then a 4x16 register tile of y^T = W x^T is accumulated by
+ * - gemm (larger M, prefill): six rows of W are dequantised into an L1/L2-resident fp32 buffer exactly as
+ *   the reference decode does ((q - z) * s), then a 6x16 register tile of y^T = W x^T is accumulated by
  *   broadcasting one weight against 16 columns of a packed x^T (the BLIS micro-kernel shape); both are in
  *   the lane order of decode_codes, so the dequantisation needs no shuffles.
  */
@@ -31,11 +31,11 @@
 #define PREFETCH_ROW(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #define UNROLL _Pragma("GCC unroll 16") /* loops over registers: unrolled, so arrays become registers */
 #define DIRECT_MAX_M 4 /* x rows per direct tile */
-#define DIRECT_UPTO_M 6 /* the direct path up to this many x rows (measured: about even with gemm there) */
-#define GEMM_ROWS 4 /* rows of W per gemm tile: 4 x 16 accumulators (a fifth row spills one) */
+#define DIRECT_UPTO_M 5 /* the direct path up to this many x rows (measured against gemm at 5632x1024) */
+#define GEMM_ROWS 6 /* rows of W per gemm tile: 6 x 16 columns of x = 12 accumulators */
 #define GROUP_CHUNK 64 /* groups whose scales are widened at once */
 #define GEMM_CHUNK_K 1024 /* columns of K per gemm pass (whole groups): 64 x rows of it fill 256 KiB of L2 */
-#define GEMM_BLOCK_ROWS 64 /* rows of N per gemm scheduling unit, all tiles of a K chunk in a row */
+#define GEMM_BLOCK_ROWS 48 /* rows of N per gemm scheduling unit (a multiple of GEMM_ROWS) */
 #define SERIAL_MACS 300000 /* below this many multiply-adds one thread beats waking a second */
 
 typedef struct {
@@ -310,7 +310,7 @@ INLINE void dequantize_row(const problem *P, int64_t n, int64_t ga, int64_t gb, 
 
 /* acc[m][r] (+)= 8*MV columns of x^T (packed [K][Mp], from column m0) against NR dequantised rows (w, stride
  * ldw) over columns [ka, kb): stored when `first`, added after; acc's rows are lda apart. With one vector of
- * columns, even and odd k accumulate apart: eight independent FMA chains either way. */
+ * columns, even and odd k accumulate apart, for twice the independent FMA chains. */
 INLINE void gemm_tile(const float *w, int64_t ldw, const float *xt, int64_t Mp, int64_t ka, int64_t kb, int first,
                       float *acc, int64_t lda, int64_t m0, const int NR, const int MV) {
     const int64_t kn = kb - ka;
@@ -373,6 +373,8 @@ static void gemm_block(const problem *P, float *w, int64_t ldw, const float *xt,
         for (int64_t n = n0; n < n1; n += GEMM_ROWS) {
             float *a = acc + (n - n0);
             switch (min64(n1 - n, GEMM_ROWS)) {
+            case 6: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 6, bits); break;
+            case 5: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 5, bits); break;
             case 4: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 4, bits); break;
             case 3: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 3, bits); break;
             case 2: gemm_rows(P, w, ldw, xt, Mp, ga, gb, n, a, lda, 2, bits); break;
