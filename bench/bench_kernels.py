@@ -5,8 +5,11 @@ bytes (fp32 x), torch's tinygemm int4 (`_weight_int4pack_mm_for_cpu`, bf16 x, it
 int8 (`_weight_int8pack_mm`, per-row scales), and dense fp32 and bf16 F.linear. Methods are timed round-robin
 (each round calls every method once, in a rotated order) so a shared machine's load falls on all alike; the
 figure is the median over rounds. GB/s counts the bytes of each method's weight representation (codes plus
-scales and zeros) once per call. Also measured: the Python cost of one tiny call, the first-use compile time,
-and a torch matmul right after a native call (one OpenMP pool: no oversubscription).
+scales and zeros) once per call; the timed call follows an untimed one, so the weights are in cache (the
+last-level cache holds one shape's weights for one method at a time); a second table times M=1 with the
+weights coming from DRAM, as for an expert just fetched. Also measured: the Python cost of one tiny call,
+the first-use compile time, and a torch matmul right after a native call (one OpenMP pool: no
+oversubscription).
 
 Writes bench/results/kernels.json and bench/results/kernels.md.
 
@@ -46,42 +49,79 @@ def dequantize(w: dict, g: int) -> torch.Tensor:
     return (w["q"].float() - w["zeros"].float().repeat_interleave(g, 1)) * s  # [N, K]
 
 
-def calls(n: int, k: int, m: int, g: int, seed: int = 0) -> tuple[dict, dict]:
-    """{method: zero-argument call} and {method: weight bytes} for one shape, all computing the same w."""
-    gen = torch.Generator().manual_seed(seed)
-    w4, w8 = int_weights(n, k, 4, g, gen), int_weights(n, k, 8, g, gen)
-    x = torch.randn(m, k, generator=gen)
-    xb = x.bfloat16()
-    # tinygemm dequantises (q - 8) * scale + zero: zero = (8 - z) * s gives (q - z) * s
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w4["q"].to(torch.int32), 1)
-    s4, z4 = w4["scales"].float(), w4["zeros"].float()  # [N, G]
-    scale_zero = torch.stack([s4, (8 - z4) * s4], -1).transpose(0, 1).contiguous().bfloat16()  # [G, N, 2]
-    w8_dense = dequantize(w8, g)
-    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-    s8 = (torch.rand(n, generator=gen) / 64).bfloat16()
-    w_fp32 = dequantize(w4, g)
-    w_bf16 = w_fp32.bfloat16()
+def method(name: str, n: int, k: int, x: torch.Tensor, g: int, gen: torch.Generator):
+    """(zero-argument call computing x @ w.T, bytes of its weight representation) for a fresh random w."""
+    m, groups = x.shape[0], 4 * n * (k // g)  # fp16 scale + zero per group
     out = torch.empty(m, n)
-    groups = 4 * n * (k // g)  # fp16 scale + zero per group
-    fns = {
-        "native int4": lambda: native.int_linear(x, w4["qweight"], w4["scales"], w4["zeros"], 4, g, k, out=out),
-        "native int8": lambda: native.int_linear(x, w8["qweight"], w8["scales"], w8["zeros"], 8, g, k, out=out),
-        "torch int4 (tinygemm)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, scale_zero),
-        "torch int8": lambda: torch.ops.aten._weight_int8pack_mm(xb, q8, s8),
-        "fp32 F.linear": lambda: F.linear(x, w_fp32),
-        "bf16 F.linear": lambda: F.linear(xb, w_bf16),
-    }
-    nbytes = {"native int4": n * k // 2 + groups, "native int8": n * k + groups,
-              "torch int4 (tinygemm)": n * k // 2 + groups, "torch int8": n * k + 2 * n,
-              "fp32 F.linear": 4 * n * k, "bf16 F.linear": 2 * n * k}
-    if seed == 0:  # the baselines compute what they claim to (tinygemm's scale/zero mapping above)
-        ref = x.double() @ w_fp32.double().T
-        for name, got in (("native int4", fns["native int4"]().clone()), ("torch int4 (tinygemm)", fns["torch int4 (tinygemm)"]())):
-            rel = ((got.double() - ref).norm() / ref.norm()).item()
-            assert rel < (1e-5 if name.startswith("native") else 2e-2), f"{name} is off the reference: {rel:.2e}"
-        rel = ((fns["native int8"]().double() - x.double() @ w8_dense.double().T).norm() / ref.norm()).item()
-        assert rel < 1e-4, f"native int8 is off the reference: {rel:.2e}"
-    return fns, nbytes
+    if name.startswith("native"):
+        bits = 4 if name == "native int4" else 8
+        w = int_weights(n, k, bits, g, gen)
+        return (lambda: native.int_linear(x, w["qweight"], w["scales"], w["zeros"], bits, g, k, out=out),
+                n * k * bits // 8 + groups)
+    xb = x.bfloat16()
+    if name == "torch int4 (tinygemm)":  # tinygemm dequantises (q - 8) * scale + zero: zero = (8 - z) * s
+        w = int_weights(n, k, 4, g, gen)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w["q"].to(torch.int32), 1)
+        s, z = w["scales"].float(), w["zeros"].float()  # [N, G]
+        scale_zero = torch.stack([s, (8 - z) * s], -1).transpose(0, 1).contiguous().bfloat16()  # [G, N, 2]
+        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, scale_zero), n * k // 2 + groups
+    if name == "torch int8":
+        q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        s8 = (torch.rand(n, generator=gen) / 64).bfloat16()
+        return lambda: torch.ops.aten._weight_int8pack_mm(xb, q8, s8), n * k + 2 * n
+    w = dequantize(int_weights(n, k, 4, g, gen), g)
+    if name == "fp32 F.linear":
+        return lambda: F.linear(x, w), 4 * n * k
+    w = w.bfloat16()
+    return lambda: F.linear(xb, w), 2 * n * k
+
+
+def check_methods(g: int) -> None:
+    """The int4 methods compute x @ w.T for the same w (tinygemm's scale/zero mapping above), native int8 too."""
+    n, k = 96, 4 * g
+    x = torch.randn(3, k)
+    for bits, names, tol in ((4, ["native int4", "torch int4 (tinygemm)"], (1e-5, 2e-2)), (8, ["native int8"], (1e-5,))):
+        for name, rtol in zip(names, tol):
+            fn, _ = method(name, n, k, x, g, torch.Generator().manual_seed(7))
+            ref = x.double() @ dequantize(int_weights(n, k, bits, g, torch.Generator().manual_seed(7)), g).double().T
+            rel = ((fn().double() - ref).norm() / ref.norm()).item()
+            assert rel < rtol, f"{name} is off the reference: {rel:.2e}"
+
+
+def calls(n: int, k: int, m: int, g: int) -> tuple[dict, dict]:
+    """{method: call} and {method: weight bytes} for one shape (each method its own random w)."""
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0))
+    made = {name: method(name, n, k, x, g, torch.Generator().manual_seed(i)) for i, name in enumerate(METHODS)}
+    return {name: fn for name, (fn, _) in made.items()}, {name: b for name, (_, b) in made.items()}
+
+
+def cold(n: int, k: int, g: int, rounds: int, cache_bytes: int) -> dict:
+    """M=1 with the weights coming from DRAM, as an expert just fetched: each method cycles through copies of
+    its weight totalling three times the last-level cache; median over every call after the first pass."""
+    x = torch.randn(1, k)
+    result = {}
+    for name in METHODS:
+        fn, nbytes = method(name, n, k, x, g, torch.Generator().manual_seed(0))
+        copies = [fn] + [method(name, n, k, x, g, torch.Generator().manual_seed(c))[0]
+                         for c in range(1, -(-3 * cache_bytes // nbytes))]
+        seconds = []
+        for r in range(max(2, rounds // 4)):
+            for f in copies:
+                start = time.perf_counter()
+                f()
+                if r:
+                    seconds.append(time.perf_counter() - start)
+        us = statistics.median(seconds) * 1e6
+        result[name] = {"us": us, "gb_per_s": nbytes / us / 1e3, "copies": len(copies)}
+        del copies, fn
+    return result
+
+
+def llc_bytes() -> int:
+    try:
+        return os.sysconf("SC_LEVEL3_CACHE_SIZE") or 32 << 20
+    except (ValueError, OSError):
+        return 32 << 20
 
 
 def time_round_robin(fns: dict, rounds: int) -> dict[str, list[float]]:
@@ -92,6 +132,7 @@ def time_round_robin(fns: dict, rounds: int) -> dict[str, list[float]]:
     seconds = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            fns[name]()  # untimed: the weights back in cache after the other methods' calls evicted them
             start = time.perf_counter()
             fns[name]()
             seconds[name].append(time.perf_counter() - start)
@@ -119,10 +160,10 @@ def call_overhead_us() -> dict:
 
 def oversubscription_probe(rounds: int) -> dict:
     """A torch fp32 matmul alone and right after a native call: one OpenMP pool means no slowdown."""
-    fns, _ = calls(5632, 1024, 1, 64, seed=1)
+    native_call, _ = method("native int4", 5632, 1024, torch.randn(1, 1024), 64, torch.Generator().manual_seed(1))
     x, w = torch.randn(64, 1024), torch.randn(5632, 1024)
-    probe = {"matmul alone": lambda: F.linear(x, w), "native call": fns["native int4"],
-             "native call, then matmul": lambda: (fns["native int4"](), F.linear(x, w))}
+    probe = {"matmul alone": lambda: F.linear(x, w), "native call": native_call,
+             "native call, then matmul": lambda: (native_call(), F.linear(x, w))}
     t = {name: statistics.median(s) * 1e6 for name, s in time_round_robin(probe, rounds).items()}
     return {"matmul_alone_us": t["matmul alone"], "matmul_after_native_us": t["native call, then matmul"] - t["native call"],
             "threads_in_process": len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None}
@@ -132,12 +173,19 @@ def markdown(result: dict) -> str:
     lines = [f"# Kernel benchmark ({result['threads']} threads, group size {result['group_size']}, "
              f"median of {result['rounds']} round-robin rounds)", "",
              f"Machine: {result['machine']['cpu']}, torch {result['machine']['torch']}; load average before / after: "
-             f"{result['load_before']} / {result['load_after']}. x is fp32 for native and fp32 F.linear, bf16 for "
+             f"{result['load_before']} / {result['load_after']}. Weights in cache (each timed call follows an untimed one). x is fp32 for native and fp32 F.linear, bf16 for "
              "tinygemm, torch int8 and bf16 F.linear. Each cell: microseconds (GB/s of weight bytes).", "",
              "| N x K | M | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     for row in result["rows"]:
         cells = [f"{row['us'][m]:.0f} ({row['gb_per_s'][m]:.1f})" for m in METHODS]
         lines.append(f"| {row['n']}x{row['k']} | {row['m']} | " + " | ".join(cells) + " |")
+    if result["cold"]:
+        lines += ["", "M = 1 with the weights coming from DRAM (each method cycles through copies of its weight "
+                  "totalling 3x the last-level cache): microseconds (GB/s of weight bytes)", "",
+                  "| N x K | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+        for row in result["cold"]:
+            cells = [f"{row[m]['us']:.0f} ({row[m]['gb_per_s']:.1f})" for m in METHODS]
+            lines.append(f"| {row['n']}x{row['k']} | " + " | ".join(cells) + " |")
     o, p = result["call_overhead_us"], result["oversubscription"]
     lines += ["", f"Per-call Python overhead (tiny weight): int_linear {o['int_linear']:.1f} us, with out= "
               f"{o['int_linear out=']:.1f} us (F.linear on a tiny fp32 weight: {o['F.linear fp32 8x64']:.1f} us).",
@@ -161,18 +209,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--shapes", default=SHAPES, help="N x K, comma separated")
     ap.add_argument("--m", default="1,16,64", help="rows of x, comma separated")
+    ap.add_argument("--cold", default="5632x1024,1024x2816", help="N x K shapes also timed at M=1 from DRAM ('' for none)")
     ap.add_argument("--name", default="kernels", help="results file name (bench/results/NAME.json)")
     args = ap.parse_args()
     if not native.available():
         raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
     torch.set_num_threads(args.threads)
     console = Console()
+    check_methods(args.group)
     load_before = [round(v, 2) for v in os.getloadavg()]
     rows = []
     table = Table(title=f"y = x @ w.T, {args.threads} threads, group {args.group}: us (GB/s of weight bytes)")
     for col in ["N x K", "M", *METHODS]:
         table.add_column(col, justify="right")
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         n, k = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.m.split(",")):
             fns, nbytes = calls(n, k, m, args.group)
@@ -184,8 +234,10 @@ def main() -> None:
             table.add_row(f"{n}x{k}", str(m), *(f"{us[name]:.0f} ({gbs[name]:.1f})" for name in METHODS))
             del fns
     console.print(table)
+    cold_rows = [{"n": n, "k": k, **cold(n, k, args.group, args.rounds, llc_bytes())}
+                 for n, k in (tuple(int(v) for v in shape.split("x")) for shape in args.cold.split(",") if shape)]
     result = {"machine": machine(), "threads": args.threads, "group_size": args.group, "rounds": args.rounds,
-              "compile_seconds": native.build.load()[2], "rows": rows, "call_overhead_us": call_overhead_us(),
+              "compile_seconds": native.build.load()[2], "rows": rows, "cold": cold_rows, "call_overhead_us": call_overhead_us(),
               "oversubscription": oversubscription_probe(args.rounds),
               "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()]}
     RESULTS.mkdir(exist_ok=True)
