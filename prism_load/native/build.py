@@ -1,0 +1,117 @@
+"""Compiles int_linear.c on first use with the system C compiler and loads it with ctypes; nothing at install.
+
+The library lands in $PRISM_CACHE (default ~/.cache/prism) under kernels/<hash of source, flags, compiler
+version and OpenMP library>/, written to a temporary name and renamed, so two processes building at once
+both end with a whole library. It links torch's own libgomp by path (with an rpath), so the kernel and
+torch's intra-op threads are one OpenMP runtime and one thread pool: no oversubscription.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("int_linear.c")
+FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot run here; the message says why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRISM_CACHE") or Path.home() / ".cache" / "prism") / "kernels"
+
+
+def torch_gomp() -> Path | None:
+    """torch's bundled libgomp (the pip wheel ships one in torch/lib), if it has one."""
+    import torch
+
+    found = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
+def cpu_problem() -> str | None:
+    """Why this CPU cannot run the kernel, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is x86-64 AVX2 code; this machine is {platform.machine()}"
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        missing = [f for f in CPU_FLAGS if f not in flags.split(":", 1)[1].split()]
+        return f"the CPU lacks {', '.join(missing)}" if missing else None
+    except (OSError, StopIteration):
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        return None if capability.startswith(("AVX2", "AVX512")) else f"the CPU's capability is {capability}"
+
+
+def compile_command(compiler: str, output: Path) -> list[str]:
+    gomp = torch_gomp()
+    link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else []  # else -fopenmp's own libgomp
+    return [compiler, *FLAGS, "-o", str(output), str(SOURCE), *link]
+
+
+def library_path(compiler: str) -> Path:
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NativeUnavailable(f"the C compiler {compiler} does not run ({compiler} --version: exit {done.returncode})")
+    version = done.stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), str(torch_gomp()).encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / key.hexdigest()[:16] / "int_linear.so"
+
+
+def build(compiler: str) -> tuple[Path, float]:
+    """The cached library, compiled first when absent: (path, seconds spent compiling, 0 when cached)."""
+    path = library_path(compiler)
+    if path.exists():
+        return path, 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(compile_command(compiler, Path(tmp)), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise NativeUnavailable(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-800:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path, time.perf_counter() - start
+
+
+@functools.cache
+def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
+    """(the kernel's entry point, None, compile seconds) or (None, why not, 0). Tried once per process."""
+    if os.environ.get("PRISM_NATIVE", "1") == "0":
+        return None, "disabled by PRISM_NATIVE=0", 0.0
+    reason = cpu_problem()
+    if reason:
+        return None, reason, 0.0
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc or $CC) on PATH", 0.0
+    import torch  # noqa: F401 - torch's libgomp must be loaded before the kernel that shares it
+
+    try:
+        path, seconds = build(compiler)
+        lib = ctypes.CDLL(str(path))  # CDLL, not PyDLL: the call releases the interpreter lock
+    except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+        return None, str(e), 0.0
+    fn = lib.prism_int_linear_packed  # int64 args[13]: see int_linear.c
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn, None, seconds
