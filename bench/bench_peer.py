@@ -1,0 +1,408 @@
+"""prism against llama.cpp on the same model, one run (issue 14, part 6).
+
+One random Mixtral-layout checkpoint per shape (bench/peer_checkpoint.py: hidden 1024, 8 experts top-2, expert
+width 2816 x `width`, a Llama-style tokenizer trained here), converted by llama.cpp's own
+convert_hf_to_gguf.py (bf16) and quantised with llama_model_quantize to Q4_K_M and Q4_0, and by prism to
+uniform int4/g128 experts (bench/recipes/uniform_int4_g128.toml) and to its own allocation at 4.25 bits per
+expert weight (the family's recipe, recipes/mixtral.toml). Each model then runs in its own fresh process
+(bench/peer_measure.py): load, prefill 64 tokens, greedy decode, the same token ids for every runtime, the
+same thread count; peak RSS (VmHWM) per process. prism runs as `prism_load.load(path)` with its defaults.
+
+llama.cpp's converter and its gguf-py come from llama-cpp-python's source package (they are not in the
+wheel): --llama-src names the sdist (.tar.gz) or its unpacked folder, else PRISM_LLAMA_SRC, else the bench
+downloads the sdist of the installed version with pip into WORK/llama-src. Made files are cached under WORK
+by shape, so a rerun (after a runtime change) only measures: `python bench/bench_peer.py --skip-convert`.
+
+Writes bench/results/peer.json and bench/results/peer.md. Needs the peer extra (pyproject.toml); without
+llama-cpp-python it says how to install it and exits 0 with nothing written.
+
+    python bench/bench_peer.py [--widths 1,2,8] [--layers 8,4,1] [--tokens 64] [--threads 2] [--skip-convert]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's prism, in this process and (PYTHONPATH) in the measured ones
+
+from common import RESULTS, write_result  # noqa: E402
+from peer_checkpoint import Shape, make_checkpoint  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+UNIFORM_RECIPE = HERE / "recipes" / "uniform_int4_g128.toml"
+BITS = 4.25
+GGUF_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+BASELINE = "llama.cpp Q4_K_M"
+INSTALL_HINT = ('llama-cpp-python is not installed, so there is nothing to compare against. Install the peer '
+                'extra (builds llama.cpp from source, about 8 CPU-minutes; see README "prism against llama.cpp"):\n'
+                '    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install -e ".[peer]"')
+DEFAULT_WORK = Path(os.environ.get("PRISM_CACHE", Path.home() / ".cache" / "prism")) / "peer"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- llama.cpp's converter ------------------------------------------------------------------------------------
+def llama_source(spec: str | None, work: Path) -> Path:
+    """vendor/llama.cpp of llama-cpp-python's sdist: given (folder or .tar.gz), or downloaded for the installed
+    version. The converter must match the library that loads its output."""
+    import llama_cpp
+
+    spec = spec or os.environ.get("PRISM_LLAMA_SRC")
+    if spec is None:
+        folder = work / "llama-src"
+        tarball = folder / f"llama_cpp_python-{llama_cpp.__version__}.tar.gz"
+        if not tarball.is_file():
+            log(f"downloading llama-cpp-python {llama_cpp.__version__}'s source package into {folder}")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={llama_cpp.__version__}", "-d", str(folder)], check=True)
+        spec = str(tarball)
+    path = Path(spec)
+    if path.is_file():
+        unpacked = work / "llama-src" / path.name.removesuffix(".tar.gz")
+        if not (unpacked / "vendor").is_dir():
+            log(f"unpacking {path} -> {unpacked.parent}")
+            with tarfile.open(path) as tar:
+                tar.extractall(unpacked.parent, filter="data")
+        path = unpacked
+    for candidate in (path / "vendor" / "llama.cpp", path):
+        if (candidate / "convert_hf_to_gguf.py").is_file():
+            return candidate
+    raise SystemExit(f"{spec}: no convert_hf_to_gguf.py in it (expected llama-cpp-python's sdist or its folder)")
+
+
+# -- making the models ----------------------------------------------------------------------------------------
+class Conversions:
+    """Seconds each made file took, kept beside the files so a --skip-convert rerun still reports them."""
+
+    def __init__(self, work: Path):
+        self.path = work / "conversions.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def make(self, out: Path, what: str, fn, skip: bool) -> dict:
+        """fn(tmp) writes the file or folder at tmp, renamed to `out` once complete (an interrupted make
+        leaves no `out` behind)."""
+        if not made(out):
+            if skip:
+                raise SystemExit(f"--skip-convert: {out} is missing; run once without it")
+            log(f"{what} -> {out}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.partial")
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            tmp.unlink(missing_ok=True)
+            start = time.perf_counter()
+            fn(tmp)
+            os.replace(tmp, out)
+            self.data[out.name] = {"what": what, "seconds": time.perf_counter() - start,
+                                   "date": time.strftime("%Y-%m-%d %H:%M")}
+            self.path.write_text(json.dumps(self.data, indent=1))
+        return self.data.get(out.name, {"what": what, "seconds": None}) | {"path": str(out)}
+
+
+def made(out: Path) -> bool:
+    """A file, or a folder its maker completed (a container's manifest, a checkpoint's done.json)."""
+    return out.is_file() or (out / "manifest.json").is_file() or (out / "done.json").is_file()
+
+
+def run_logged(cmd: list[str], logfile: Path, out: Path) -> None:
+    """cmd + [out], its output to logfile."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "w") as f:
+        done = subprocess.run([*cmd, str(out)], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {done.returncode}); see {logfile}")
+
+
+QUANTIZE = """
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.nthread = getattr(llama_cpp, sys.argv[1]), int(sys.argv[2])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[3].encode(), sys.argv[4].encode(), ctypes.byref(params)))
+"""
+
+
+def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conversions, skip: bool) -> dict:
+    """bf16 GGUF by llama.cpp's converter, then each quantised type by llama_model_quantize (a subprocess each:
+    both print to the C stdout; the logs go to WORK/logs)."""
+    folder, logs = work / "gguf", work / "logs"
+    bf16 = folder / f"{ckpt.name}-bf16.gguf"
+    convert = [sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "bf16", "--outfile"]
+    out = {"bf16": conv.make(bf16, "convert_hf_to_gguf.py --outtype bf16",
+                             functools.partial(run_logged, convert, logs / f"{bf16.name}.log"), skip)}
+    for name, ftype in GGUF_TYPES.items():
+        path = folder / f"{ckpt.name}-{name}.gguf"
+        quantize = [sys.executable, "-c", QUANTIZE, ftype, str(threads), str(bf16)]
+        out[name] = conv.make(path, f"llama_model_quantize {name}",
+                              functools.partial(run_logged, quantize, logs / f"{path.name}.log"), skip)
+    return out
+
+
+def prism_convert(ckpt: Path, recipe: str | None, samples: int, work: Path, tmp: Path) -> None:
+    from prism_convert.bitplan import Budget
+    from prism_convert.pipeline import convert
+
+    convert(ckpt, tmp, Budget(bits=BITS), recipe_spec=recipe, samples=samples, eval_samples=0, work=work)
+
+
+def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bool) -> dict:
+    """prism convert at 4.25 bits per expert weight: uniform int4/g128, and prism's own allocation (the
+    family's recipe). Calibration as `prism convert`'s defaults (builtin:mix, 256-token samples); no held-out
+    quality pass (eval_samples=0), so the time is the conversion's alone."""
+    out = {}
+    for name, recipe in (("uniform int4/g128", str(UNIFORM_RECIPE)), (f"own allocation, {BITS} bits", None)):
+        tag = "uniform_int4_g128" if recipe else f"prism_{BITS}"
+        path = work / "prism" / f"{ckpt.name}-{tag}.prism"
+        what = f"prism convert --bits {BITS} --recipe {Path(recipe).name if recipe else 'mixtral (default)'}"
+        out[name] = conv.make(path, what, functools.partial(prism_convert, ckpt, recipe, samples,
+                                                            path.with_name(f".{path.name}.work")), skip)
+    return out
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+def prompt_ids(ckpt: Path, n: int) -> list[int]:
+    """The first n tokens of the first held-out prose document long enough (the same ids for every runtime)."""
+    from tokenizers import Tokenizer
+
+    import calibration
+    from calibration import builtin
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    for doc in builtin.prose_documents():
+        if calibration.document_split(doc) == "heldout":
+            ids = tok.encode(doc, add_special_tokens=False).ids
+            if len(ids) >= n:
+                return [1, *ids[: n - 1]]  # <s> first, as llama.cpp's tokenizer would add
+    raise SystemExit(f"no held-out prose document has {n} tokens")
+
+
+def measure(runtime: str, model: str, prompt: list[int], args, logits: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, str(HERE / "peer_measure.py"), runtime, model, "--prompt", ",".join(map(str, prompt)),
+           "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--logits", str(logits)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"measuring {model} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cosine(a: Path, b: Path) -> float:
+    import numpy as np
+
+    x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def gguf_sizes(path: Path, llama_dir: Path) -> dict:
+    """Bytes of the whole file and of the routed-expert tensors (GGUF's ffn_*_exps), by gguf-py's reader."""
+    sys.path.insert(0, str(llama_dir / "gguf-py"))
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(path)).tensors
+    return {"file_bytes": path.stat().st_size,
+            "expert_bytes": sum(int(t.n_bytes) for t in tensors if "_exps." in t.name)}
+
+
+def prism_sizes(path: Path) -> dict:
+    """Bytes of the container folder, and the plan's bytes per routed expert as the manifest records them."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"file_bytes": files, "bits_per_expert_weight": manifest["budget"]["bits_per_expert_weight"]}
+
+
+def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
+    work = args.work
+    ckpt = work / "checkpoints" / shape.key
+    times = {"checkpoint": conv.make(ckpt, "random checkpoint + tokenizer",
+                                     lambda tmp: make_checkpoint(shape, tmp, log), args.skip_convert)}
+    ggufs = make_gguf(ckpt, llama_dir, work, args.threads, conv, args.skip_convert)
+    prisms = make_prism(ckpt, work, args.samples, conv, args.skip_convert)
+    params = shape.parameters()
+    prompt = prompt_ids(ckpt, args.prompt_tokens)
+    logits = work / "logits" / ckpt.name
+    logits.mkdir(parents=True, exist_ok=True)
+    log(f"{ckpt.name}: reference logits (fp32 checkpoint)")
+    measure("reference", str(ckpt), prompt, args, logits / "reference.npy")
+    models = [("llama.cpp", name, ggufs[name]) for name in GGUF_TYPES] + [("prism", n, p) for n, p in prisms.items()]
+    rows = []
+    for runtime, fmt, made in models:
+        path = Path(made["path"])
+        log(f"{ckpt.name}: {runtime} {fmt}")
+        result = measure("llama" if runtime == "llama.cpp" else "prism", str(path), prompt, args,
+                         logits / f"{path.name}.npy")
+        sizes = gguf_sizes(path, llama_dir) if runtime == "llama.cpp" else prism_sizes(path)
+        if "expert_bytes" in sizes:
+            sizes["bits_per_expert_weight"] = 8 * sizes["expert_bytes"] / params["experts"]
+        rows.append({"runtime": runtime, "format": fmt, "name": f"{runtime} {fmt}", "path": str(path), **sizes,
+                     "bits_per_weight": 8 * sizes["file_bytes"] / params["total"],
+                     "conversion_seconds": made.get("seconds"), "conversion": made.get("what"),
+                     "logits_cosine_vs_fp32": cosine(logits / f"{path.name}.npy", logits / "reference.npy"),
+                     **result})
+        log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
+            f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    base = next(r for r in rows if r["name"] == BASELINE)
+    for r in rows:
+        r["vs_q4_k_m"] = {k: r[k] / base[k] for k in ("decode_tokens_per_second", "prefill_tokens_per_second",
+                                                      "peak_rss_bytes")}
+    times["gguf_bf16"] = ggufs["bf16"]
+    return {"shape": {**shape.__dict__, "intermediate": shape.intermediate, "parameters": params,
+                      "checkpoint": str(ckpt)}, "prompt_tokens": len(prompt), "rows": rows,
+            "conversion_seconds": times}
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+TARGETS = {"decode_tokens_per_second": (0.7, ">="), "prefill_tokens_per_second": (1.0, ">="),
+           "peak_rss_bytes": (1.3, "<=")}
+
+
+def targets(shapes: list[dict]) -> list[dict]:
+    """The issue's targets for each prism row of the base shape (width 1): ratios to llama.cpp Q4_K_M."""
+    out = []
+    for s in shapes:
+        if s["shape"]["width"] != 1:
+            continue
+        for r in s["rows"]:
+            if r["runtime"] != "prism":
+                continue
+            for key, (bound, op) in TARGETS.items():
+                ratio = r["vs_q4_k_m"][key]
+                out.append({"name": r["name"], "figure": key, "ratio": ratio, "target": f"{op} {bound}",
+                            "met": ratio >= bound if op == ">=" else ratio <= bound})
+    return out
+
+
+def shape_title(s: dict) -> str:
+    sh = s["shape"]
+    return (f"expert width {sh['intermediate']} ({sh['width']}x), {sh['layers']} layers, hidden {sh['hidden']}, "
+            f"{sh['experts']} experts top-{sh['top_k']}, {sh['heads']} heads / {sh['kv_heads']} kv, vocab "
+            f"{sh['vocab']}: {sh['parameters']['total'] / 1e6:,.1f} M parameters "
+            f"({sh['parameters']['experts'] / 1e6:,.1f} M in experts)")
+
+
+COLUMNS = ["runtime", "format", "MiB", "bits/weight (file; experts)", "decode tok/s", "prefill tok/s",
+           "peak RSS MiB (past imports)", "vs Q4_K_M: decode / prefill / RSS", "load s", "logits cos vs fp32",
+           "conversion s"]
+
+
+def cells(r: dict) -> list[str]:
+    v = r["vs_q4_k_m"]
+    conv = "-" if r["conversion_seconds"] is None else f"{r['conversion_seconds']:,.0f}"
+    return [r["runtime"], r["format"], f"{r['file_bytes'] / 2**20:,.1f}",
+            f"{r['bits_per_weight']:.2f}; {r['bits_per_expert_weight']:.2f}", f"{r['decode_tokens_per_second']:.1f}",
+            f"{r['prefill_tokens_per_second']:.1f}",
+            f"{r['peak_rss_bytes'] / 2**20:,.0f} ({(r['peak_rss_bytes'] - r['rss_after_imports_bytes']) / 2**20:,.0f})",
+            f"{v['decode_tokens_per_second']:.2f}x / {v['prefill_tokens_per_second']:.2f}x / "
+            f"{v['peak_rss_bytes']:.2f}x", f"{r['load_seconds']:.1f}", f"{r['logits_cosine_vs_fp32']:.4f}", conv]
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# prism vs llama.cpp ({result['threads']} threads, prefill {result['prompt_tokens']} tokens, decode "
+             f"{result['tokens']} tokens greedy, median of {result['repeats']} repeats, one fresh process per model)",
+             "", f"llama-cpp-python {result['llama_cpp_version']}; prism at {result['prism_commit']}. Load average "
+             f"before / after: {result['load_before']} / {result['load_after']}.", ""]
+    for s in result["shapes"]:
+        lines += [f"## {shape_title(s)}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(cells(r)) + " |" for r in s["rows"]]
+        lines += ["", conversion_note(s["conversion_seconds"]), ""]
+    if result["targets"]:
+        lines += ["Targets (width 1, ratio to llama.cpp Q4_K_M):", "", "| prism | figure | ratio | target | met |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {t['name']} | {t['figure']} | {t['ratio']:.2f} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
+                  for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def conversion_note(t: dict) -> str:
+    def secs(x):
+        return "(made before timing)" if x is None or x.get("seconds") is None else f"{x['seconds']:,.0f} s"
+
+    return (f"Made here: the checkpoint {secs(t.get('checkpoint'))}, llama.cpp's bf16 GGUF {secs(t.get('gguf_bf16'))}; "
+            "quantising and prism's conversions: the conversion column.")
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True, width=max(Console(stderr=True).width, 160))
+    for s in result["shapes"]:
+        table = Table(title=shape_title(s), title_justify="left")
+        for c in COLUMNS:
+            table.add_column(c, justify="left" if c in ("runtime", "format") else "right")
+        for r in s["rows"]:
+            table.add_row(*cells(r))
+        console.print(table)
+    for t in result["targets"]:
+        console.print(f"{t['name']}: {t['figure']} {t['ratio']:.2f}x Q4_K_M (target {t['target']}): "
+                      f"{'[green]met' if t['met'] else '[red]missed'}[/]")
+
+
+def per_width(values: str, widths: list[int], what: str) -> list[int]:
+    xs = [int(x) for x in values.split(",")]
+    if len(xs) == 1:
+        return xs * len(widths)
+    if len(xs) != len(widths):
+        raise SystemExit(f"--{what}: one value or one per width ({len(widths)})")
+    return xs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="1,2,8", help="expert widths as multiples of 2816")
+    ap.add_argument("--layers", default="8,4,1", help="decoder layers: one number, or one per width (default: the "
+                    "same 554 M expert parameters at every width)")
+    ap.add_argument("--tokens", type=int, default=64, help="greedy decode tokens per repeat")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="prefill length")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=128, help="prism's calibration sequences (of 256 tokens)")
+    ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
+    ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")
+    ap.add_argument("--name", default="peer", help="results file name (bench/results/NAME.json)")
+    args = ap.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        print(INSTALL_HINT)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    layers = per_width(args.layers, widths, "layers")
+    args.work.mkdir(parents=True, exist_ok=True)
+    llama_dir = llama_source(args.llama_src, args.work)
+    conv = Conversions(args.work)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    if load_before[0] > 0.5:
+        log(f"load average {load_before[0]}: other work shares these cores; llama.cpp's threads spin-wait at "
+            "barriers, so its figures suffer most (rerun with --skip-convert when the machine is idle)")
+    shapes = [bench_shape(Shape(width=w, layers=n), args, llama_dir, conv) for w, n in zip(widths, layers)]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result = {"threads": args.threads, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens,
+              "repeats": args.repeats, "samples": args.samples, "llama_cpp_version": llama_cpp.__version__,
+              "llama_src": str(llama_dir), "prism_commit": commit, "load_before": load_before,
+              "load_after": [round(x, 2) for x in os.getloadavg()], "shapes": shapes, "targets": targets(shapes)}
+    path = write_result(args.name, result)
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    print_tables(result)
+    log(f"wrote {path} and {RESULTS / (args.name + '.md')}")
+
+
+if __name__ == "__main__":
+    main()

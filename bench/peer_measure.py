@@ -1,0 +1,155 @@
+"""One runtime on one model, in a fresh process so its peak RSS is its own (bench/bench_peer.py runs this once
+per model): load, prefill the prompt, greedy decode; prints one JSON line.
+
+Both runtimes go through the same protocol: a warm-up (one prefill and 8 decode steps), then per repeat a
+cleared KV cache, the whole prompt in one forward (prefill tokens/s) and `tokens` greedy steps, one token
+each (decode tokens/s: the steps after the prefill, argmax included). Figures are medians over repeats.
+
+    python bench/peer_measure.py prism  MODEL.prism --prompt 1,2,3 [--tokens 64 --threads 2 --repeats 3]
+    python bench/peer_measure.py llama  MODEL.gguf  --prompt 1,2,3 [...]
+    python bench/peer_measure.py reference CHECKPOINT --prompt 1,2,3 --logits OUT.npy   # fp32 prompt logits only
+
+llama.cpp loads with use_mmap=False, so its weights are read into its own memory and counted in its RSS as
+prism's are (a memory-mapped GGUF's pages count only once touched, and stay shared with the page cache).
+This module imports torch only for prism, so the llama.cpp process carries no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+WARMUP_STEPS = 8
+
+
+def memory() -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of this process, bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class PrismRunner:
+    """prism_load.load(path) with its defaults; the KV cache and forward of prism_load.models.model."""
+
+    def __init__(self, path: str, threads: int, dtype: str | None = None):
+        import torch
+
+        torch.set_num_threads(threads)
+        import prism_load
+
+        self.torch = torch
+        self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None)
+        self.cache = None
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
+
+    def forward(self, ids: list[int]) -> np.ndarray:
+        with self.torch.inference_mode():
+            logits = self.model(self.torch.tensor([ids]), cache=self.cache)[0, -1]  # [V]
+        return logits.float().numpy()
+
+    def close(self) -> None:
+        runtime = getattr(self.model, "runtime", None)
+        if runtime is not None:
+            runtime.close()
+
+
+class LlamaRunner:
+    """llama-cpp-python's Llama: eval() runs llama_decode; the last position's logits read back directly."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                                   n_ubatch=512, use_mmap=False, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def reset(self) -> None:
+        self.llm.reset()  # the next eval() drops every cached position past n_tokens = 0
+
+    def forward(self, ids: list[int]) -> np.ndarray:
+        self.llm.eval(ids)
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        self.llm.close()  # before interpreter shutdown, which otherwise frees it out of order
+
+
+def run(runner, prompt: list[int], tokens: int, repeats: int) -> dict:
+    runner.reset()
+    logits = runner.forward(prompt)
+    for _ in range(WARMUP_STEPS):
+        logits = runner.forward([int(logits.argmax())])
+    prefill, decode, generated, prompt_logits = [], [], None, None
+    for _ in range(repeats):
+        runner.reset()
+        t0 = time.perf_counter()
+        logits = runner.forward(prompt)
+        t1 = time.perf_counter()
+        if prompt_logits is None:
+            prompt_logits = logits
+        out = []
+        for _ in range(tokens):
+            out.append(int(logits.argmax()))
+            logits = runner.forward([out[-1]])
+        t2 = time.perf_counter()
+        generated = generated or out
+        prefill.append(len(prompt) / (t1 - t0))
+        decode.append(tokens / (t2 - t1))
+    return {"prefill_tokens_per_second": statistics.median(prefill), "prefill_repeats": prefill,
+            "decode_tokens_per_second": statistics.median(decode), "decode_repeats": decode,
+            "generated": generated, "prompt_logits": prompt_logits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runtime", choices=["prism", "llama", "reference"])
+    ap.add_argument("model")
+    ap.add_argument("--prompt", required=True, help="comma-separated token ids")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--logits", help="write the prompt's last-position logits here (.npy)")
+    args = ap.parse_args()
+    prompt = [int(x) for x in args.prompt.split(",")]
+    if args.runtime == "llama":
+        import llama_cpp  # noqa: F401 - imported before the baseline, as torch is for prism
+    else:
+        import torch  # noqa: F401
+    imported = memory()["VmRSS"]
+    start = time.perf_counter()
+    if args.runtime == "llama":
+        runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64)
+    else:
+        runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None)
+    load_seconds = time.perf_counter() - start
+    loaded = memory()["VmRSS"]
+    if args.runtime == "reference":
+        runner.reset()
+        result = {"prompt_logits": runner.forward(prompt)}
+    else:
+        result = run(runner, prompt, args.tokens, args.repeats)
+    if args.logits:
+        np.save(args.logits, result["prompt_logits"].astype(np.float32))
+    del result["prompt_logits"]
+    runner.close()
+    mem = memory()
+    print(json.dumps({**result, "load_seconds": load_seconds, "rss_after_imports_bytes": imported,
+                      "rss_after_load_bytes": loaded, "peak_rss_bytes": mem["VmHWM"], "threads": args.threads,
+                      "tokens": args.tokens, "prompt_tokens": len(prompt), "repeats": args.repeats}))
+
+
+if __name__ == "__main__":
+    main()
