@@ -73,7 +73,7 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
                 block.experts = ResidentExperts([_packed_expert(c, packer, i, e, device, verify_checksums)
                                                  for e in range(args.num_experts)])
         if packer is not None:
-            fallback_warning(packer.backends, torch.device(device))
+            fallback_warning(packer.backends, torch.device(device), expert_kernel)
         model.tie_weights()
         model.rotary = _rotary(family, args)
         model.tokenizer = _tokenizer(c, verify_checksums)

@@ -4,9 +4,9 @@ Why: decode is memory-bound, and a container's experts are 2-8 bits a weight. Ex
 (the "decoded" form) multiplies the RAM an expert needs by 4-16 and the bytes every token streams through
 the cores by as much. Here an `int` tensor stays packed and one of three kernels multiplies it:
 
-- `native`: prism's AVX2 kernel (prism_load/native), reading the stored bitstream itself: 4- and 8-bit
-  tensors are views of the bytes the container holds, so loading an expert is one positional read. 2- and
-  3-bit tensors are widened to 4-bit nibbles, 5- and 6-bit ones to bytes, once, when the expert is loaded
+- `native`: prism's AVX2 kernel (prism_load/native), reading the stored bitstream itself: 2-, 4- and 8-bit
+  tensors are views of the bytes the container holds, so loading an expert is one positional read. 3-bit
+  tensors are widened to 4-bit nibbles, 5- and 6-bit ones to bytes, once, when the expert is loaded
   (the codes are integers: widening changes no value). Activations stay fp32 inside the kernel.
 - `int4pack`: torch's stock group-wise int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations), for
   machines where the native kernel cannot be built; the codes are repacked into its layout and its
@@ -56,8 +56,9 @@ def native_unavailable_reason() -> str:
 
 
 def kernel_bits(bits: int) -> int:
-    """The width the native kernel reads a `bits`-bit tensor at: 4 (nibbles) or 8 (bytes)."""
-    return 4 if bits <= 4 else 8
+    """The width the native kernel reads a `bits`-bit tensor at: 2 and 4 as stored, 3 widened to nibbles,
+    5 and 6 to bytes."""
+    return bits if bits in (2, 4, 8) else (4 if bits == 3 else 8)
 
 
 def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:
@@ -144,7 +145,7 @@ def pack_int(enc: Encoding, tensors: dict[str, torch.Tensor], backend: str) -> P
         if bits != enc.bits and meta:
             q = torch.empty(rows, packed_row_bytes(cols, bits), dtype=torch.uint8, device="meta")
         elif bits != enc.bits:
-            q = pack_bits(unpack_bits(q, enc.bits, cols), bits) if bits == 4 else unpack_bits(q, enc.bits, cols)
+            q = pack_bits(unpack_bits(q, enc.bits, cols), bits) if bits < 8 else unpack_bits(q, enc.bits, cols)
         return PackedLinear(backend, enc.shape, bits, enc.group_size, (q, s, z))
     if backend != "int4pack":
         raise ValueError(f"unknown backend {backend!r}")
@@ -168,10 +169,10 @@ def is_view_of_stored(enc: Encoding, backend: str) -> bool:
     return enc.kind == "int" and (backend == "dequant" or (backend == "native" and kernel_bits(enc.bits) == enc.bits))
 
 
-def fallback_warning(backends: dict[str, int], device: torch.device) -> None:
-    """Warn when some `int` tensors of a CPU model run on the dequant-per-use path while a kernel ran others,
-    or when no kernel is available at all: slower, never larger."""
-    if device.type != "cpu" or not backends.get("dequant"):
+def fallback_warning(backends: dict[str, int], device: torch.device, requested: str = "auto") -> None:
+    """Warn when `int` tensors of a CPU model run on the dequant-per-use path that nobody asked for (no
+    kernel here takes them): slower, never larger."""
+    if device.type != "cpu" or not backends.get("dequant") or requested == "dequant":
         return
     reason = "" if native_available() else f" (the native kernel is unavailable: {native_unavailable_reason()})"
     warnings.warn(f"{backends['dequant']} of {sum(backends.values())} packed expert tensors have no kernel here"

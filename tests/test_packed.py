@@ -73,12 +73,12 @@ def test_int4pack_group_sizes():
 @pytest.mark.parametrize("shape, bits, group_size", CASES)
 @pytest.mark.parametrize("rows", [1, 7])
 def test_native_kernel_matches_the_fp32_matmul(shape, bits, group_size, rows):
-    """The native kernel reads 4- and 8-bit tensors as stored (views), others widened once; fp32 inside."""
+    """The native kernel reads 2-, 4- and 8-bit tensors as stored (views), others widened once; fp32 inside."""
     enc, t = stored(shape, bits, group_size)
     op = packed.pack_int(enc, t, "native")
     x = torch.randn(rows, shape[1])
     assert rel_error(op(x), x @ decode(enc, t).t()) < 1e-5
-    assert (op.tensors[0].data_ptr() == t["qweight"].data_ptr()) == (bits in (4, 8))
+    assert (op.tensors[0].data_ptr() == t["qweight"].data_ptr()) == (bits in (2, 4, 8))
 
 
 def test_choose_backend_prefers_the_request_then_the_fastest(monkeypatch):

@@ -96,7 +96,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     if store.packer is not None:
         from ..packed import fallback_warning
 
-        fallback_warning(store.packer.backends, torch.device(device))
+        fallback_warning(store.packer.backends, torch.device(device), kernel)
     return model, store
 
 
