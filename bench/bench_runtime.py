@@ -1,9 +1,10 @@
 """Runtime benchmark on the reference model (issue 6): the expert cache, prefetch and what they cost.
 
 In one run, on the same container and the same prompts (held-out prose and code, sampled with a fixed seed,
-so every configuration decodes exactly the same tokens): decode tokens/s fully resident vs an expert cache of
-25% and 50% of the decoded expert bytes, each with the shadow-router prefetch and on demand only (plus 100%
-with prefetch: the cache's own overhead; 50% with the shadow router only, without the container's fitted
+so every configuration decodes exactly the same tokens): decode tokens/s fully resident (packed, and decoded
+to fp32 as the runtime did before) vs an expert cache of 25% and 50% of the experts' bytes in the fast tier
+(packed: about the container's expert bytes), each with the shadow-router prefetch and on demand only, 50%
+also with every expert read from the disk (pages dropped from the page cache); plus 100% with prefetch: the cache's own overhead; 50% with the shadow router only, without the container's fitted
 predictors; and 50% with lookahead 2, with and without them); hit rate, misses per token, prefetch
 recall and precision per layer, share of decode time stalled; and, in a fresh process per configuration,
 the resident set against dense weights + cache budget + a stated overhead.
@@ -48,12 +49,14 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 25%, on demand", "25%", False, {}),
     ("cache 50%, on demand, hot tier pinned", "50%", False, {"pin_hot": "pin"}),
     ("cache 50%, on demand, plain LRU", "50%", False, {"pin_hot": False, "frequency_weight": 0.0}),
-    # the fast tier holding unpacked codes (a byte per weight) dequantised per use, in a quarter of the bytes
-    # that decoded experts take: the same RAM as "cache 25%"
-    ("codes, 25% of decoded bytes, on demand", "25% of decoded", False, {"expert_form": "codes"}),
-    ("codes, 25% of decoded bytes, prefetch", "25% of decoded", True, {"expert_form": "codes"}),
+    # the case the product exists for: a miss is a read from the disk (each read's pages are dropped from the
+    # page cache right after it, and every shard's before the run)
+    ("cache 50%, on demand, reads from disk", "50%", False, {"cold_reads": True}),
+    ("cache 50%, prefetch, reads from disk", "50%", True, {"cold_reads": True}),
+    # the earlier default: every expert expanded to dense fp32 weights at load
+    ("resident, decoded fp32 (the earlier default)", None, False, {"expert_form": "decoded", "dtype": torch.float32}),
 ]
-CPU_ONLY = {"expert_form"}  # options the CUDA runs skip
+CPU_ONLY = {"cold_reads"}  # options the CUDA runs skip
 # Stated allowance past dense weights + expert bytes: what a resident model carries besides its weights on
 # this machine (~27 MiB measured: first-forward kernel set-up, KV cache, tokenizer, allocator slack) plus
 # the runtime's temporaries (a decode's int64 unpack buffers and read buffer, on two threads).
@@ -187,16 +190,36 @@ def summarise(name: str, runs: list[list[dict]], stats: dict | None) -> dict:
 
 
 @functools.cache
-def decoded_expert_bytes(container: Path) -> int:
-    """What every expert takes decoded in the fast tier: the total that "50%" budgets are shares of."""
+def expert_tier_bytes(container: Path) -> int:
+    """What every expert takes in the fast tier (packed): the total that "50%" budgets are shares of."""
     return prism_load.load(container, expert_cache="100%", prefetch=False).stats()["expert_bytes_total"]
 
 
-def resolve_budget(container: Path, budget):
-    """"25% of decoded" -> bytes: a share of what every expert takes decoded (whatever form the run uses)."""
-    if isinstance(budget, str) and budget.endswith(" of decoded"):
-        return int(decoded_expert_bytes(container) * float(budget.split("%")[0]) / 100)
-    return budget
+def load_options(budget, prefetch: bool, options: dict) -> dict:
+    """prism_load.load's keywords for one configuration (cold_reads is the bench's own: see cold_reads)."""
+    kw = {k: v for k, v in options.items() if k != "cold_reads"}
+    return kw if budget is None else {"expert_cache": budget, "prefetch": prefetch, **kw}
+
+
+def cold_reads(model) -> None:
+    """Every expert read of this model comes from the disk: the container's shards leave the page cache now,
+    and each read's pages right after it (posix_fadvise DONTNEED), so a miss costs a real read."""
+    store = model.runtime.cache.store
+    c = store.container
+    for i, shard in enumerate(c.manifest.expert_shards):
+        with c.shard_fd(i) as fd:
+            os.posix_fadvise(fd, 0, shard.bytes, os.POSIX_FADV_DONTNEED)
+
+    def dropping(read):
+        def wrapped(layer, expert, *args):
+            out = read(layer, expert, *args)
+            r = c.record(layer, expert)
+            with c.shard_fd(r.shard) as fd:
+                os.posix_fadvise(fd, r.offset, r.length, os.POSIX_FADV_DONTNEED)
+            return out
+        return wrapped
+
+    store.read_into, store.fetch = dropping(store.read_into), dropping(store.fetch)
 
 
 def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens: int, repeats: int,
@@ -205,9 +228,9 @@ def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens:
     for name, budget, prefetch, options in configs:
         if device != "cpu" and CPU_ONLY & set(options):
             continue
-        kw = {} if budget is None else {"expert_cache": resolve_budget(container, budget), "prefetch": prefetch,
-                                        **options}
-        models[name] = prism_load.load(container, device=device, **kw)
+        models[name] = prism_load.load(container, device=device, **load_options(budget, prefetch, options))
+        if options.get("cold_reads"):
+            cold_reads(models[name])
     prompts = [p.to(device) for p in prompts]
     for model in models.values():
         measure(model, prompts[0], 8)  # warm up: first-call costs, a cache in its steady state
@@ -332,10 +355,9 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     """Each configuration in a fresh process: peak RSS growth past the imports vs dense + budget + overhead."""
     out = []
     for name, budget, prefetch, options in CONFIGS:
-        if "lookahead" in options or "predictor" in options:  # the same memory as "cache 50%, prefetch"
+        if {"lookahead", "predictor", "cold_reads"} & set(options):  # the same memory as "cache 50%, prefetch"
             continue
-        kw = {} if budget is None else {"expert_cache": resolve_budget(container, budget), "prefetch": prefetch,
-                                        **options}
+        kw = load_options(budget, prefetch, options)
         result, _ = run_measured(RSS_CODE.format(threads=threads, ids=prompt.tolist(), kw=kw,
                                                  container=str(container), tokens=tokens))
         growth = result["peak"] - result["before"]  # ru_maxrss would be the import's transient peak
@@ -358,7 +380,7 @@ def markdown(result: dict) -> str:
     base = speed["resident"]["decode_tokens_per_second"]
     lines = [f"# Runtime benchmark ({result['device']}, {result['threads']} compute thread(s), "
              f"{result['tokens']} decode tokens x {result['prompts']} prompts x {result['repeats']} repeats)", "",
-             f"Container: `{result['container']}` ({result['expert_bytes'] / 2**20:.1f} MiB of decoded experts). "
+             f"Container: `{result['container']}` ({result['expert_bytes'] / 2**20:.1f} MiB of packed experts in the fast tier). "
              f"Load average before / after: {result['load_before']} / {result['load_after']}.", "",
              "| configuration | decode tok/s | vs resident | CPU ms/token: compute thread / all | hit rate "
              "| misses/token | stalled | recall | precision | wasted MiB | MiB fetched/token |",
@@ -405,7 +427,7 @@ def markdown(result: dict) -> str:
                      "interpreter lock.")
     if result.get("memory"):
         lines += ["", "Resident set, a fresh process per configuration: growth = peak RSS (sampled every 2 ms) - RSS "
-                  "after imports and a first model build; experts = the cache budget (all decoded experts when "
+                  "after imports and a first model build; experts = the cache budget (all packed experts when "
                   f"resident); overhead = growth - dense - experts; allowance = dense + experts + "
                   f"{OVERHEAD_BYTES // 2**20} MiB.", "",
                   "| configuration | growth MiB | dense MiB | experts MiB | overhead MiB | allowance MiB | within |",
@@ -433,7 +455,7 @@ def main() -> None:
     prompts = bench_prompts(container, args.synthetic)
     load_before = os.getloadavg()
     speed = run_speed(container, args.device, prompts, args.tokens, args.repeats)
-    expert_bytes = decoded_expert_bytes(container)
+    expert_bytes = expert_tier_bytes(container)
     memory = None if args.no_memory or args.device != "cpu" else run_memory(container, prompts[0], args.tokens,
                                                                              args.threads, expert_bytes)
     overlap = overlap_probe(container, prompts[0].to(args.device), args.tokens) if args.device == "cpu" else None

@@ -171,8 +171,9 @@ def quality_record(heldout, dataset: str, eval_samples: int, seq_len: int) -> di
 
 def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) -> dict:
     """KL(original || planned) and perplexities on held-out tokens, with the plan's encodings applied in memory."""
-    import prism_load
     import torch
+
+    import prism_load
 
     from .eval import compare_models
     from .materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts

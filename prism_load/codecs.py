@@ -274,7 +274,9 @@ class LowRankLinear:
 
 def linear(x: torch.Tensor, op) -> torch.Tensor:
     """x @ op^T for a weight tensor or any linear operator (LowRankLinear, PackedLinear, ...)."""
-    return torch.nn.functional.linear(x, op) if isinstance(op, torch.Tensor) else op(x)
+    from .models.linear import linear as product
+
+    return product(x, op) if isinstance(op, torch.Tensor) else op(x)
 
 
 def op_nbytes(op) -> int:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from .codecs import Encoding, LowRankLinear, pack_bits, packed_row_bytes, unpack_bits
 from .errors import ContainerError
+from .models.linear import linear
 
 BACKENDS = ("native", "int4pack", "dequant")
 INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel takes
@@ -119,7 +119,7 @@ class PackedLinear:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, self.group_size,
                                                            scale_zero)
             return y.to(x.dtype)
-        return F.linear(x, self.weight(torch.float32).to(x.dtype))
+        return linear(x, self.weight(torch.float32).to(x.dtype))
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight (the dequant backend's per-use temporary; tests compare the kernels with it)."""

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from .family import Family, ModelArgs, read_swiglu_expert, register, require
 from .layers import DecoderLayer, ForwardContext, RMSNorm, SwiGLU, attend
+from .linear import Linear
 from .moe import MoEBlock, RouterOutput, StackedExperts
 from .rope import RopeConfig, apply_rotary, yarn_mscale
 
@@ -125,15 +126,15 @@ class MLAttention(nn.Module):
         h, hidden = args.num_attention_heads, args.hidden_size
         qk = args.qk_nope_head_dim + args.qk_rope_head_dim
         if args.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, h * qk, bias=False)
+            self.q_proj = Linear(hidden, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_proj = Linear(hidden, args.q_lora_rank, bias=args.attention_bias)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank)  # transformers leaves these at eps 1e-6
-            self.q_b_proj = nn.Linear(args.q_lora_rank, h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, args.kv_lora_rank + args.qk_rope_head_dim, bias=args.attention_bias)
+            self.q_b_proj = Linear(args.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, args.kv_lora_rank + args.qk_rope_head_dim, bias=args.attention_bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * args.v_head_dim, hidden, bias=args.attention_bias)
+        self.kv_b_proj = Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.o_proj = Linear(h * args.v_head_dim, hidden, bias=args.attention_bias)
         self.rotate = apply_rotary_interleaved if args.rope_interleave else apply_rotary
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

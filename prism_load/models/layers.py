@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .rope import apply_rotary
 
 
@@ -132,10 +133,10 @@ class Attention(nn.Module):
         super().__init__()
         self.spec, self.layer_index = spec, layer_index
         h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        self.q_proj = Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
+        self.k_proj = Linear(spec.hidden_size, g * d, bias=spec.qkv_bias)
+        self.v_proj = Linear(spec.hidden_size, g * d, bias=spec.qkv_bias)
+        self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(d, spec.rms_norm_eps), RMSNorm(d, spec.rms_norm_eps)
         elif spec.qk_norm == "full":
@@ -170,9 +171,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

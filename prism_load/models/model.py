@@ -7,6 +7,7 @@ from torch import nn
 
 from .family import Family, ModelArgs
 from .layers import ForwardContext, KVCache, RMSNorm
+from .linear import Linear
 from .rope import Rotary
 
 
@@ -19,7 +20,7 @@ class MoEForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = Rotary(family.rotary_config(args))
         self.tokenizer = None
         self.layer_hook = None  # called as hook(layer_index, hidden) after each layer (runtime prefetch)

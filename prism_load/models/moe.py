@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear
+
 
 @dataclass
 class RouterOutput:
@@ -64,7 +66,7 @@ class ExpertWeights:
 
 
 def apply_linear(x: torch.Tensor, op, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = F.linear(x, op) if isinstance(op, torch.Tensor) else op(x)
+    y = linear(x, op) if isinstance(op, torch.Tensor) else op(x)
     return y if bias is None else y + bias
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from .family import Family, ModelArgs, read_swiglu_expert, register, require
 from .layers import Attention, AttentionSpec, DecoderLayer, SwiGLU
+from .linear import Linear
 from .moe import MoEBlock, SoftmaxTopKRouter, StackedExperts
 
 
@@ -71,7 +70,7 @@ class _QwenFamily(Family):
             shared = gate = None
             if self.shared_expert and args.shared_expert_intermediate_size:
                 shared = SwiGLU(args.hidden_size, args.shared_expert_intermediate_size)
-                gate = nn.Linear(args.hidden_size, 1, bias=False)
+                gate = Linear(args.hidden_size, 1, bias=False)
             mlp = MoEBlock(i, router, experts, shared_expert=shared, shared_expert_gate=gate)
         else:
             mlp = SwiGLU(args.hidden_size, args.intermediate_size)
