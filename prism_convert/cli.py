@@ -224,12 +224,14 @@ def run(
     model: Path = typer.Argument(..., help="Checkpoint folder or .prism container."),
     prompt: str = typer.Option("def fibonacci(n):", "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1),
-    cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of all decoded expert bytes, or a size ('512MB'). Default: every expert resident."),
+    cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of every expert's bytes in the form held (packed: about the container's), or a size ('512MB'). Default: every expert resident."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache)."),
     lookahead: int = typer.Option(1, "--lookahead", min=1, max=2, help="MoE layers predicted ahead (with --prefetch)."),
     predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
-    codes: bool = typer.Option(False, "--codes", help="Keep int experts as unpacked codes (a byte per weight), dequantised at each use; --cache percentages are then of that form (CPU, containers; default cache 100%)."),
+    form: str | None = typer.Option(None, "--form", help="The experts' form in memory (containers): packed (the default: as stored, multiplied by a kernel that reads that form), decoded (dense weights), codes (a byte per weight; CPU; default cache 100%). --cache percentages are of that form."),
+    kernel: str = typer.Option("auto", "--kernel", help="Kernel for packed int experts: auto, native, int4pack, dequant."),
+    codes: bool = typer.Option(False, "--codes", help="The same as --form codes."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Generate text, streaming tokens as they come; then tokens/s (prefill and decode) and, with --cache,
@@ -237,8 +239,8 @@ def run(
     from prism_convert.run import run_prompt
 
     run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
-               expert_form="codes" if codes else "decoded", lookahead=lookahead, predictor=predictor,
-               tokenizer=tokenizer)
+               expert_form="codes" if codes else form, lookahead=lookahead, predictor=predictor,
+               tokenizer=tokenizer, expert_kernel=kernel)
 
 
 @app.command("eval")

@@ -13,11 +13,12 @@ from prism_load.errors import PrismError
 
 
 def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Console, *, cache=None,
-               prefetch: bool = True, numa=None, expert_form: str = "decoded", lookahead: int = 1,
-               predictor: bool = True, tokenizer: str | None = None) -> dict:
+               prefetch: bool = True, numa=None, expert_form: str | None = None, lookahead: int = 1,
+               predictor: bool = True, tokenizer: str | None = None, expert_kernel: str = "auto") -> dict:
     """Generate from `prompt`, streaming tokens. cache: None (every expert resident) or the expert cache's
     budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead and predictor as in prism_load.load
-    (codes needs the cache: "100%" when no budget is given). `tokenizer` (--tokenizer, a path or Hub id)
+    (None: the runtime's default, packed for containers; codes needs the cache: "100%" when no budget is
+    given). `tokenizer` (--tokenizer, a path or Hub id)
     replaces the model's own, or stands in where it has none."""
     import torch
 
@@ -26,10 +27,13 @@ def run_prompt(model_path: Path, prompt: str, max_new_tokens: int, console: Cons
     from .tokenizer import check_vocabulary, resolve_tokenizer
 
     named = resolve_tokenizer(tokenizer) if tokenizer is not None else None  # before the (long) load
-    if expert_form != "decoded" and cache is None:
+    if expert_form == "codes" and cache is None:
         cache = "100%"
-    options = {} if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
-                                        "expert_form": expert_form, "lookahead": lookahead, "predictor": predictor}
+    form = {} if expert_form is None else {"expert_form": expert_form}
+    if expert_kernel != "auto":
+        form["expert_kernel"] = expert_kernel
+    options = form if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
+                                          "lookahead": lookahead, "predictor": predictor, **form}
     model = prism_load.load(model_path, **options)
     if named is None and model.tokenizer is None and Path(model_path).is_dir():
         named = resolve_tokenizer(None, Path(model_path))  # a checkpoint's tokenizer.model, or a clear error

@@ -371,7 +371,7 @@ def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
     assert result.exit_code == 0, result.output
     out = result.output
     if codes:  # the same tokens as the decoded form: the weights are bit-identical
-        plain = CliRunner().invoke(app, args + ([] if prefetch else ["--no-prefetch"]), terminal_width=200)
+        plain = CliRunner().invoke(app, args + ["--form", "decoded"], terminal_width=200)
         assert out.splitlines()[0] == plain.output.splitlines()[0]
     assert "hits / misses" in out and "per MoE layer" in out
     assert ("prefetch recall / precision" in out) is prefetch
