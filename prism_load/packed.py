@@ -108,6 +108,11 @@ class PackedLinear:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
+    @property
+    def fp32_inside(self) -> bool:
+        """The kernel computes in fp32 whatever x's dtype (expert_forward then converts once per expert)."""
+        return self.backend == "native"
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
             from . import native

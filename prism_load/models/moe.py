@@ -81,6 +81,12 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights, act: Activation) -> tuple[
     """Returns (output [n, H], down-projection input [n, I])."""
     pair = getattr(w.gate_up, "ops", None)
     if pair is not None and len(pair) == 2 and w.gate_up_bias is None:  # gate and up as two operators: no cat
+        if all(getattr(op, "fp32_inside", False) for op in (*pair, w.down)):
+            # kernels that compute in fp32 whatever the input: one conversion in and one out per expert
+            # instead of one each way per projection
+            gate, up = pair[0](x.float()), pair[1](x.float())
+            h = act(gate, up)
+            return apply_linear(h, w.down, w.down_bias).to(x.dtype), h
         gate, up = apply_linear(x, pair[0]), apply_linear(x, pair[1])
     else:
         gate, up = apply_linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
