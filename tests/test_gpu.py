@@ -38,8 +38,9 @@ def two_experts(container) -> int:
 
 def test_device_decode_is_bit_exact_to_cpu_decode(container):
     """Integer and bf16 codecs (the runtime container's mix) are elementwise: the GPU decodes the CPU's bits."""
-    cpu = prism_load.load(container, expert_cache="100%", prefetch=False).runtime.cache.store
-    gpu = prism_load.load(container, device="cuda", expert_cache="100%", prefetch=False).runtime.cache
+    decoded = {"expert_form": "decoded", "dtype": torch.float32}
+    cpu = prism_load.load(container, expert_cache="100%", prefetch=False, **decoded).runtime.cache.store
+    gpu = prism_load.load(container, device="cuda", expert_cache="100%", prefetch=False, **decoded).runtime.cache
     for i in cpu.moe_layers:
         for e in range(cpu.num_experts):
             want = cpu.load(i, e)
@@ -79,7 +80,8 @@ def test_host_tier_serves_repeat_misses_without_cold_reads(container):
 def test_weights_wait_for_their_copy_on_the_compute_stream(container):
     """A freshly loaded expert is used right away on the compute stream: the event orders the matmul after
     the side-stream copy and decode, so the result equals the CPU's."""
-    model = prism_load.load(container, device="cuda", expert_cache=two_experts(container), prefetch=False)
+    model = prism_load.load(container, device="cuda", expert_cache=two_experts(container), prefetch=False,
+                            expert_form="decoded", dtype=torch.float32)
     cache = model.runtime.cache
     x = torch.randn(1, RUNTIME_CONFIG["hidden_size"])
     for e in range(cache.store.num_experts):
@@ -152,3 +154,19 @@ def test_gpu_numa_node_is_read_or_unknown():
     assert address is None or address.count(":") == 2
     node = gpu_pci_node(0)
     assert node is None or node >= 0
+
+
+def test_packed_experts_on_gpu_stay_packed_and_match_the_cpu(container):
+    """On CUDA the fast tier holds the stored bytes (dequantised on the device at each use): the resident
+    model's expert tensors are the container's expert bytes, and its fp32 logits are the CPU's decoded ones."""
+    from prism_load.container_reader import Container
+    from prism_load.runtime.stores import weights_nbytes
+
+    bf16 = prism_load.load(container, device="cuda")  # bf16 tensors of the mix stay bf16: stored bytes too
+    held = sum(weights_nbytes(w) for _, b in bf16.moe_blocks() for w in b.experts.experts)
+    with Container(container) as c:
+        assert held == sum(enc.nbytes() for r in c.records for enc in r.encodings.values())
+    gpu = prism_load.load(container, device="cuda", dtype=torch.float32)
+    cpu = prism_load.load(container, dtype=torch.float32, expert_form="decoded")
+    ids = prompts(1, RUNTIME_CONFIG["vocab_size"], seed=4)[0]
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), rtol=1e-4, atol=1e-4)
