@@ -297,19 +297,22 @@ RSS_SCRIPT = textwrap.dedent("""
     for n in range(3):
         model.generate((ids + n) % 64, max_new_tokens=16, eos_token_id=[])
         peak = max(peak, rss())
-    held = model.runtime.cache.decoded_bytes() if budget != "none" else None
-    print(json.dumps({"before": before, "loaded": loaded, "peak": peak, "held": held}))
+    cache = model.runtime.cache if budget != "none" else None
+    held = cache.decoded_bytes() if cache else None
+    store = cache.store if cache else None
+    all_experts = sum(store.nbytes(i, e) for i in store.moe_layers for e in range(store.num_experts)) if cache else None
+    print(json.dumps({"before": before, "loaded": loaded, "peak": peak, "held": held, "all_experts": all_experts}))
 """)
 
 
 @pytest.mark.slow
 def test_resident_set_stays_within_budget(tmp_path):
-    """RSS in fresh processes (96 MiB of decoded experts): a cache holds at most its budget; doubling the
-    budget adds about the added bytes; and a 25% cache saves what it does not hold, less a stated overhead
-    (32 MiB: the decode temporaries glibc keeps per thread, imports of the runtime)."""
-    config = dict(RUNTIME_CONFIG, hidden_size=256, intermediate_size=1024, num_local_experts=8, num_hidden_layers=4)
+    """RSS in fresh processes (about 100 MiB of int8 experts, held packed as stored): a cache holds at most its
+    budget; doubling the budget adds about the added bytes; and a 25% cache saves what it does not hold, less a
+    stated overhead (32 MiB: the decode temporaries glibc keeps per thread, imports of the runtime)."""
+    config = dict(RUNTIME_CONFIG, hidden_size=512, intermediate_size=2048, num_local_experts=8, num_hidden_layers=4)
     path = write_runtime_container(tmp_path / "big.prism", config=config,
-                                   mix=[dict(kind="int", bits=4, group_size=32)])
+                                   mix=[dict(kind="int", bits=8, group_size=128)])
 
     def run(budget):
         # A fixed mmap threshold: glibc's sliding one moves 1 MiB decode temporaries into the heap after the
@@ -320,8 +323,9 @@ def test_resident_set_stays_within_budget(tmp_path):
                              text=True, check=True, timeout=300, env=env)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    all_experts = 4 * 8 * 3 * 256 * 1024 * 4
     quarter, half, resident = run("25%"), run("50%"), run("none")
+    all_experts = quarter["all_experts"]
+    assert all_experts > 96 * 2**20  # the packed int8 experts, big enough to see in RSS
     assert quarter["held"] <= all_experts // 4 and half["held"] <= all_experts // 2
     assert half["peak"] - quarter["peak"] <= all_experts // 4 + 12 * 2**20
     assert quarter["peak"] <= resident["peak"] - (all_experts - all_experts // 4) + 32 * 2**20

@@ -462,7 +462,8 @@ class ExpertCache:
 
     # -- reporting -------------------------------------------------------------------------------------
     def decoded_bytes(self) -> int:
-        """Bytes of decoded weights the cache holds right now (measured on the tensors themselves)."""
+        """Bytes of expert weights the cache holds right now, in the form the tier keeps them (packed by default;
+        measured on the tensors themselves)."""
         with self._lock:
             return sum(weights_nbytes(e.weights) for e in self._entries.values() if e.weights is not None)
 

@@ -32,7 +32,7 @@ class ExpertStore(Protocol):
     dtype: torch.dtype
 
     def nbytes(self, layer: int, expert: int) -> int:
-        """Exact bytes of the decoded ExpertWeights (what the expert costs in the fast tier)."""
+        """Exact bytes of the ExpertWeights in the form the fast tier holds them (what the expert costs there)."""
 
     def stored_nbytes(self, layer: int, expert: int) -> int:
         """Bytes one fetch reads from the cold tier."""
