@@ -193,7 +193,12 @@ def _check(ok: bool, source: str, key: str, value, expected: str) -> None:
 
 
 def builtin_recipes() -> dict[str, Path]:
-    folder = importlib.resources.files("recipes")
+    """recipes/*.toml beside prism_convert (the repository, or site-packages for a wheel): found by location,
+    not by importing a package named `recipes`, which any `recipes/` folder in the working directory shadows
+    under `python -m` / `python -c` (bench/recipes did)."""
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    if not (folder / "default.toml").is_file():
+        folder = importlib.resources.files("recipes")
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
 
 

@@ -73,3 +73,16 @@ def test_recipes_merge_over_the_default(tmp_path):
     assert recipe.quantization.gptq == default.quantization.gptq
     assert recipe.candidates.group_sizes == default.candidates.group_sizes == [64, 128, 256]
     assert load_recipe("mixtral").dense.attention == "int8" and load_recipe("mixtral").dense.router == "fp32"
+
+
+def test_builtin_recipes_are_found_whatever_the_working_directory(tmp_path):
+    """A `recipes/` folder in the working directory shadowed the built-in ones under `python -c` (found running a
+    benchmark from bench/, which has its own recipes/): they are now found beside the package."""
+    import subprocess
+    import sys
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.toml").write_text("")
+    out = subprocess.run([sys.executable, "-c", "from prism_convert.recipe import builtin_recipes; "
+                          "print(sorted(builtin_recipes()))"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "'default'" in out.stdout and "'mixtral'" in out.stdout and "mine" not in out.stdout
