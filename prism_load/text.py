@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import GenerationError
-from .generate import decode_steps, settings
+from .generation import decode_steps, settings
 
 
 class _Row:

@@ -64,9 +64,9 @@ class MoEForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
-        """prism_load.generate.generate: attention_mask for left-padded rows; None arguments take the
+        """prism_load.generation.generate: attention_mask for left-padded rows; None arguments take the
         checkpoint's generation_config.json defaults."""
-        from ..generate import generate
+        from ..generation import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
