@@ -1,6 +1,6 @@
 """Text in, text out: `prism_load.generate(model, "prompt")` with the model's own tokenizer.
 
-Several prompts run as one left-padded batch (generate.py keeps each row equal to its prompt alone). Stop
+Several prompts run as one left-padded batch (generation.py keeps each row equal to its prompt alone). Stop
 strings end a row where they first appear; the text returned stops before them (OpenAI's convention), and a
 stream holds back any tail that might still become one, so nothing is printed that is later taken back.
 """
