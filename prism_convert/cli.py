@@ -233,14 +233,19 @@ def run(
     kernel: str = typer.Option("auto", "--kernel", help="Kernel for packed int experts: auto, native, int4pack, dequant."),
     codes: bool = typer.Option(False, "--codes", help="The same as --form codes."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature (0: greedy). Default: the checkpoint's generation_config.json, else greedy."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sample from the smallest set of tokens holding this probability."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the sampler (repeatable samples)."),
+    prompts_file: Path | None = typer.Option(None, "--prompts-file", help="Prompts, one per line, generated as one batch (instead of --prompt)."),
 ) -> None:
-    """Generate text, streaming tokens as they come; then tokens/s (prefill and decode) and, with --cache,
-    the cache and prefetch statistics."""
-    from prism_convert.run import run_prompt
+    """Generate text, streaming tokens as they come (a --prompts-file batch: each continuation at the end); then
+    tokens/s (prefill and decode) and, with --cache, the cache and prefetch statistics."""
+    from prism_convert.run import read_prompts, run_prompt
 
-    run_prompt(model, prompt, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
+    prompts = read_prompts(prompts_file) if prompts_file is not None else prompt
+    run_prompt(model, prompts, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
                expert_form="codes" if codes else form, lookahead=lookahead, predictor=predictor,
-               tokenizer=tokenizer, expert_kernel=kernel)
+               tokenizer=tokenizer, expert_kernel=kernel, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @app.command("eval")

@@ -10,10 +10,19 @@ from .errors import (  # noqa: F401
     CheckpointError,
     ConfigError,
     ContainerError,
+    GenerationError,
     PrismError,
     ProfileError,
     RecipeError,
 )
+
+
+def generate(model, prompt, max_new_tokens=None, *, stream=False, stop=None, **options):
+    """Text in, text out with the model's tokenizer: a str for a str prompt, a list for a list (one left-padded
+    batch); stream=True: an iterator of new text. See prism_load/text.py."""
+    from .text import generate as generate_text
+
+    return generate_text(model, prompt, max_new_tokens, stream=stream, stop=stop, **options)
 
 
 def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, numa=None, revision=None, token=None,

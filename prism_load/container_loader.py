@@ -17,7 +17,9 @@ from torch import nn
 from .codecs import decode
 from .container import model_args
 from .container_reader import Container, ResolveFile, owned
-from .errors import ContainerError
+from .errors import ConfigError, ContainerError
+from .generation_config import FILE_NAME as GENERATION_CONFIG
+from .generation_config import GenerationConfig
 from .hf_loader import stack_experts
 from .models.model import MoEForCausalLM
 from .models.moe import ExpertWeights, MoEBlock
@@ -77,6 +79,7 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
         model.tie_weights()
         model.rotary = _rotary(family, args)
         model.tokenizer = _tokenizer(c, verify_checksums)
+        model.generation_config = _generation_config(c, verify_checksums)
     return model.to(device).eval()
 
 
@@ -170,3 +173,14 @@ def _tokenizer(c: Container, verify_checksums: bool):
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
         raise ContainerError(f"tokenizer.json: not a valid tokenizer ({e})") from None
+
+
+def _generation_config(c: Container, verify_checksums: bool) -> GenerationConfig:
+    """The source model's generation_config.json where the container carries one (a tokenizer file), else defaults."""
+    if not any(f.name == GENERATION_CONFIG for f in c.manifest.tokenizer_files):
+        return GenerationConfig()
+    data = c.file_bytes(GENERATION_CONFIG, verify_checksum=verify_checksums)
+    try:
+        return GenerationConfig.from_bytes(data, GENERATION_CONFIG)
+    except ConfigError as e:
+        raise ContainerError(str(e)) from None

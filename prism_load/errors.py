@@ -35,3 +35,7 @@ class BudgetError(PrismError):
 
 class EncodingError(PrismError):
     """A tensor cannot be encoded as asked (bad shape, non-finite values, mismatched statistics)."""
+
+
+class GenerationError(PrismError, ValueError):
+    """Inputs to generation disagree: a mask of the wrong shape, right padding, an empty prompt."""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, read_config
+from .generation_config import GenerationConfig
 from .models.family import Family, ModelArgs, family_for
 from .models.model import MoEForCausalLM
 from .models.moe import MoEBlock
@@ -93,4 +94,5 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         layer.load_state_dict(layer_state(ckpt, family, args, layer, dtype), assign=True, strict=True)
     model.tie_weights()
     model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
+    model.generation_config = GenerationConfig.from_folder(ckpt.folder)
     return model.to(device).eval()

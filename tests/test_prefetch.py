@@ -379,6 +379,64 @@ def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
     assert "prefill 3 tokens" in out and "decode 5 tokens" in out
 
 
+def run_container(tmp_path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(RUNTIME_CONFIG["vocab_size"])}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return write_tiny(tmp_path / "m.prism", model=random_model(RUNTIME_CONFIG, seed=1), config=RUNTIME_CONFIG,
+                      mix=INT_MIX, tokenizer_files=[tmp_path / "tokenizer.json"])
+
+
+def test_prism_run_generates_a_prompts_file_as_one_batch(tmp_path):
+    """Each printed continuation is the text API's for that prompt alone; tokens/s count every row."""
+    from typer.testing import CliRunner
+
+    from prism_convert.cli import app
+
+    path = run_container(tmp_path)
+    prompts = ["w1 w2 w3", "w9", "w4 w5"]
+    (tmp_path / "prompts.txt").write_text("\n".join([prompts[0], "", *prompts[1:]]) + "\n")
+    result = CliRunner().invoke(app, ["run", str(path), "--prompts-file", str(tmp_path / "prompts.txt"), "-n", "5",
+                                      "--cache", "50%"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    model = prism_load.load(path)
+    for i, p in enumerate(prompts):
+        assert f"[{i}] {p}{prism_load.generate(model, p, max_new_tokens=5)}" in result.output
+    assert "prefill 6 tokens" in result.output and "decode 12 tokens" in result.output  # 3 rows x 4 steps
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = CliRunner().invoke(app, ["run", str(path), "--prompts-file", str(empty)])
+    assert "--prompts-file" in str(result.exception) and "no prompts" in str(result.exception)
+
+
+def test_prism_run_samples_with_temperature_top_p_and_seed(tmp_path):
+    from typer.testing import CliRunner
+
+    from prism_convert.cli import app
+
+    path = run_container(tmp_path)
+    base = ["run", str(path), "-p", "w1 w2", "-n", "8"]
+
+    def first_line(*flags):
+        result = CliRunner().invoke(app, [*base, *flags], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return result.output.splitlines()[0]
+
+    greedy = first_line()
+    assert first_line("--temperature", "0") == greedy
+    sampled = {first_line("--temperature", "2.0", "--top-p", "0.95", "--seed", str(s)) for s in range(3)}
+    assert first_line("--temperature", "2.0", "--top-p", "0.95", "--seed", "1") in sampled
+    assert len(sampled | {greedy}) > 1
+    model = prism_load.load(path)
+    expected = prism_load.generate(model, "w1 w2", max_new_tokens=8, do_sample=True, temperature=2.0, top_p=0.95,
+                                   seed=1)
+    assert first_line("--temperature", "2.0", "--top-p", "0.95", "--seed", "1") == f"w1 w2{expected}"
+    result = CliRunner().invoke(app, [*base, "--top-p", "1.5"])
+    assert "--top-p 1.5: expected a probability" in str(result.exception)
+
+
 def test_run_speed_splits_prefill_and_decode():
     from prism_convert.run import speed
 

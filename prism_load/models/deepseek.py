@@ -154,7 +154,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([nope, vdim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, h, -1, -1)], dim=-1)  # [B, h, S, P+R]
         q = torch.cat([q_nope, q_rot], dim=-1)
-        out = attend(q, k, v, ctx.positions, a.softmax_scale)  # [B, h, T, V]
+        out = attend(q, k, v, ctx.positions, a.softmax_scale, key_valid=ctx.key_valid)  # [B, h, T, V]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * vdim))
 
 

@@ -37,6 +37,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self.key_valid: torch.Tensor | None = None  # [B, S] False at padding slots; None while no row is padded
 
     @property
     def length(self) -> int:
@@ -62,21 +63,31 @@ class KVCache:
 
 @dataclass
 class ForwardContext:
-    """What every layer needs besides its input: positions, rotary tables and the cache."""
+    """What every layer needs besides its input: positions, rotary tables, the cache and, with left-padded rows,
+    which slots are real. Padding sits before each row's tokens, so slot order is token order in every row and
+    causality and sliding windows can be counted in slots; only the rotary phases need each row's own positions."""
 
-    positions: torch.Tensor  # [T] absolute positions of the new tokens
-    cos: torch.Tensor  # [T, D_rot]
+    positions: torch.Tensor  # [T] cache slots of the new tokens (their positions when no row is padded)
+    cos: torch.Tensor  # [T, D_rot], or [B, 1, T, D_rot] for per-row positions (padded rows)
     sin: torch.Tensor
     cache: KVCache | None = None
+    key_valid: torch.Tensor | None = None  # [B, S] False at padding key slots; None: no padding
+    token_valid: torch.Tensor | None = None  # [B, T] False at padding new tokens; None: no padding
 
 
-def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
-    """Boolean [T, S] mask, True where attending is allowed: causal, and within the sliding window if any."""
+def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask, True where attending is allowed: causal, and within the sliding window if any; [T, S], or
+    [B, 1, T, S] with key_valid [B, S] hiding padding keys. A padding query still sees itself, so its softmax
+    row is never empty (no NaN); nothing reads its output."""
     k_pos = torch.arange(k_len, device=q_pos.device)
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
-    return allowed
+    if key_valid is None:
+        return allowed
+    own = k_pos[None, :] == q_pos[:, None]
+    return allowed[None, None] & (key_valid[:, None, None, :] | own)
 
 
 def attend(
@@ -87,23 +98,25 @@ def attend(
     scaling: float,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. q [B, h, T, D]; k/v [B, g, S, D]; returns [B, h, T, Dv].
 
     SDPA handles the plain causal case; sinks (GPT-OSS: a learned per-head logit that joins the softmax
-    and is then dropped) need the explicit form.
+    and is then dropped) need the explicit form. key_valid [B, S]: padding key slots, hidden from every query.
     """
     t, s = q.shape[2], k.shape[2]
     if sinks is None:
         gqa = q.shape[1] != k.shape[1]
-        if window is None and t == s:
+        if key_valid is None and window is None and t == s:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        mask = None if (window is None and t == 1) else attention_mask(q_pos, s, window)
+        plain_decode = key_valid is None and window is None and t == 1
+        mask = None if plain_decode else attention_mask(q_pos, s, window, key_valid)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B, h, T, S]
-    scores = scores.masked_fill(~attention_mask(q_pos, s, window), float("-inf"))
+    scores = scores.masked_fill(~attention_mask(q_pos, s, window, key_valid), float("-inf"))
     sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, t, 1).to(scores.dtype)
     logits = torch.cat([scores, sink], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
@@ -162,7 +175,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_index, k, v)
-        out = attend(q, k, v, ctx.positions, self.scaling, spec.sliding_window, getattr(self, "sinks", None))
+        out = attend(q, k, v, ctx.positions, self.scaling, spec.sliding_window, getattr(self, "sinks", None),
+                     ctx.key_valid)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -192,4 +206,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if ctx.token_valid is None:
+            return x + self.mlp(h)
+        # padding never reaches the MLP: the experts, the expert cache, its statistics and observers see real
+        # tokens only (routing is per token, so the real rows' outputs are the same either way)
+        out = torch.zeros_like(h)
+        if bool(ctx.token_valid.any()):
+            out[ctx.token_valid] = self.mlp(h[ctx.token_valid]).to(out.dtype)
+        return x + out

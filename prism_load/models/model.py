@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import GenerationError
+from ..generation_config import GenerationConfig
 from .family import Family, ModelArgs
 from .layers import ForwardContext, KVCache, RMSNorm
 from .linear import Linear
@@ -23,6 +25,7 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = Rotary(family.rotary_config(args))
         self.tokenizer = None
+        self.generation_config = GenerationConfig()  # the checkpoint's generation_config.json, set by the loaders
         self.layer_hook = None  # called as hook(layer_index, hidden) after each layer (runtime prefetch)
 
     def tie_weights(self) -> None:
@@ -32,24 +35,38 @@ class MoEForCausalLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
 
-    def context(self, start: int, length: int, cache: KVCache | None, device, dtype) -> ForwardContext:
-        positions = torch.arange(start, start + length, device=device)
-        cos, sin = self.rotary(positions, dtype)
-        return ForwardContext(positions, cos, sin, cache)
-
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def context(self, batch: int, length: int, cache: KVCache | None, device, dtype,
+                attention_mask: torch.Tensor | None = None) -> ForwardContext:
         start = cache.length if cache is not None else 0
-        ctx = self.context(start, input_ids.shape[1], cache, x.device, x.dtype)
+        slots = torch.arange(start, start + length, device=device)
+        key_valid = padding(attention_mask, batch, start, length, cache, device)
+        if key_valid is None:  # no row padded: one position vector for the whole batch
+            cos, sin = self.rotary(slots, dtype)
+            return ForwardContext(slots, cos, sin, cache)
+        if cache is not None:
+            cache.key_valid = key_valid
+        # a row's position counts its real tokens only (transformers: cumsum(attention_mask) - 1)
+        positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # [B, T]
+        cos, sin = self.rotary(positions, dtype)
+        return ForwardContext(slots, cos[:, None], sin[:, None], cache, key_valid, key_valid[:, start:])
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """attention_mask (1 real, 0 padding), as in transformers: [B, T] over the new tokens, or [B, S] over the
+        cached and new ones; a cache remembers the padding of earlier calls."""
+        x = self.embed_tokens(input_ids)
+        ctx = self.context(input_ids.shape[0], input_ids.shape[1], cache, x.device, x.dtype, attention_mask)
         for layer in self.layers:
             x = layer(x, ctx)
             if self.layer_hook is not None:
-                self.layer_hook(layer.index, x)
+                self.layer_hook(layer.index, x if ctx.token_valid is None else x[ctx.token_valid])
         return self.lm_head(self.norm(x))
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        from ..generate import generate
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
+        """prism_load.generation.generate: attention_mask for left-padded rows; None arguments take the
+        checkpoint's generation_config.json defaults."""
+        from ..generation import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
@@ -58,3 +75,28 @@ class MoEForCausalLM(nn.Module):
         from .moe import MoEBlock
 
         return [(layer.index, layer.mlp) for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+
+
+def padding(attention_mask: torch.Tensor | None, batch: int, start: int, length: int, cache: KVCache | None,
+            device) -> torch.Tensor | None:
+    """Which of the S = start + length key slots are real, [B, S] bool; None when none is padding (the fast
+    path: shared positions, SDPA's own causal mask)."""
+    past = cache.key_valid if cache is not None else None
+    if attention_mask is None:
+        if past is None:
+            return None
+        return torch.cat([past, past.new_ones(batch, length)], dim=1)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+            length, start + length):
+        raise GenerationError(f"attention_mask: shape {tuple(attention_mask.shape)} does not match the input "
+                              f"({batch} rows of {length} new tokens after {start} cached: expected "
+                              f"[{batch}, {length}] or [{batch}, {start + length}])")
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    if mask.shape[1] == start + length and start + length != length:
+        full = mask
+    else:
+        head = past if past is not None else mask.new_ones(batch, start)
+        full = torch.cat([head, mask], dim=1)
+    if past is None and bool(full.all()):
+        return None
+    return full

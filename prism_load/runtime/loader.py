@@ -81,7 +81,7 @@ def _detach_experts(model) -> None:
 
 def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device):
     from ..container import model_args
-    from ..container_loader import _rotary, _skeleton, _tokenizer, load_dense
+    from ..container_loader import _generation_config, _rotary, _skeleton, _tokenizer, load_dense
     from ..container_reader import Container
 
     c = Container(folder, resolve_file)  # stays open: the store reads experts through it
@@ -92,6 +92,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     model.tie_weights()
     model.rotary = _rotary(family, args)
     model.tokenizer = _tokenizer(c, verify_checksums)
+    model.generation_config = _generation_config(c, verify_checksums)
     store = ContainerStore(c, args, dtype, verify_checksums, form, kernel, device)
     if store.packer is not None:
         from ..packed import fallback_warning
@@ -102,6 +103,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
 
 def _checkpoint_model(folder: Path, dtype, profile, profiled: dict | None):
     """profiled: the JSON of the `profile` folder (read_profile), or None."""
+    from ..generation_config import GenerationConfig
     from ..hf_loader import empty_model, layer_state, load_tokenizer, open_checkpoint, top_level_state
 
     ckpt, family, args = open_checkpoint(folder)
@@ -112,6 +114,7 @@ def _checkpoint_model(folder: Path, dtype, profile, profiled: dict | None):
     _detach_experts(model)
     model.tie_weights()
     model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
+    model.generation_config = GenerationConfig.from_folder(ckpt.folder)
     frequencies = None
     if profiled is not None:
         check_profile_model(profiled, profile, ckpt.config)
