@@ -34,7 +34,7 @@ from prism_load import native
 from prism_load.codecs import pack_bits
 
 SHAPES = "768x192,192x384,5632x1024,1024x2816,22528x1024,1024x11264"  # N x K (out x in)
-METHODS = ["native int4", "native int8", "torch int4 (tinygemm)", "torch int8", "fp32 F.linear", "bf16 F.linear"]
+METHODS = ["native int2", "native int4", "native int8", "torch int4 (tinygemm)", "torch int8", "fp32 F.linear", "bf16 F.linear"]
 
 
 def int_weights(n: int, k: int, bits: int, g: int, gen: torch.Generator) -> dict:
@@ -54,7 +54,7 @@ def method(name: str, n: int, k: int, x: torch.Tensor, g: int, gen: torch.Genera
     m, groups = x.shape[0], 4 * n * (k // g)  # fp16 scale + zero per group
     out = torch.empty(m, n)
     if name.startswith("native"):
-        bits = 4 if name == "native int4" else 8
+        bits = int(name.removeprefix("native int"))
         w = int_weights(n, k, bits, g, gen)
         return (lambda: native.int_linear(x, w["qweight"], w["scales"], w["zeros"], bits, g, k, out=out),
                 n * k * bits // 8 + groups)
@@ -80,7 +80,8 @@ def check_methods(g: int) -> None:
     """The int4 methods compute x @ w.T for the same w (tinygemm's scale/zero mapping above), native int8 too."""
     n, k = 96, 4 * g
     x = torch.randn(3, k)
-    for bits, names, tol in ((4, ["native int4", "torch int4 (tinygemm)"], (1e-5, 2e-2)), (8, ["native int8"], (1e-5,))):
+    for bits, names, tol in ((2, ["native int2"], (1e-5,)), (4, ["native int4", "torch int4 (tinygemm)"], (1e-5, 2e-2)),
+                             (8, ["native int8"], (1e-5,))):
         for name, rtol in zip(names, tol):
             fn, _ = method(name, n, k, x, g, torch.Generator().manual_seed(7))
             ref = x.double() @ dequantize(int_weights(n, k, bits, g, torch.Generator().manual_seed(7)), g).double().T

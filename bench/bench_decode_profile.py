@@ -1,0 +1,126 @@
+"""Where a decode step's time goes (issue 14, part 4): torch.profiler over greedy decode of a resident container.
+
+Loads a container with the runtime's defaults (experts packed, bf16), decodes a few untimed tokens, then
+profiles `--tokens` decode steps. The native kernel is a ctypes call the profiler cannot see, so this script
+wraps it in a `record_function` range ("prism::native_int_linear"); every other row is an aten op. The table
+splits a token's wall time into the native expert kernels, aten ops (self time, so nothing is counted twice)
+and the rest: Python between ops, the runtime's bookkeeping, the profiler's own cost per event (stated: the
+same decode without the profiler is timed first). Writes bench/results/NAME.json and NAME.md.
+
+    python bench/bench_decode_profile.py [--container PATH] [--tokens 32] [--threads 2] [--name decode_profile]
+
+Without --container it profiles the reference model at 4.25 bits (bench_runtime's container).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, write_result
+
+import prism_load
+from prism_load import native
+
+NATIVE_RANGE = "prism::native_int_linear"
+
+
+def wrap_native() -> None:
+    """Name the native kernel's calls for the profiler (a ctypes call is invisible to it otherwise)."""
+    inner = native.int_linear
+
+    def traced(*args, **kwargs):
+        with torch.profiler.record_function(NATIVE_RANGE):
+            return inner(*args, **kwargs)
+
+    native.int_linear = traced
+
+
+def decode(model, prompt: torch.Tensor, tokens: int) -> float:
+    """Seconds per decode token after the prompt (greedy, KV-cached), prefill excluded."""
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=1, eos_token_id=[])
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=tokens + 1, eos_token_id=[])
+    return (time.perf_counter() - start - prefill) / tokens
+
+
+def profile(model, prompt: torch.Tensor, tokens: int):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=tokens + 1, eos_token_id=[])
+        wall = time.perf_counter() - start
+    return prof.key_averages(), wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--container", type=Path)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top", type=int, default=12, help="ops listed by self time")
+    ap.add_argument("--name", default="decode_profile")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.container is None:
+        from bench_runtime import reference_container
+
+        args.container = reference_container()
+    wrap_native()
+    model = prism_load.load(args.container)
+    vocab = model.args.vocab_size
+    prompt = (torch.arange(args.prompt_tokens)[None] * 7919) % vocab
+    decode(model, prompt, 4)  # untimed: builds the kernel, warms the allocator
+    plain = min(decode(model, prompt, args.tokens) for _ in range(3))
+    # prefill apart: profile a 1-token generate and subtract its events, so the table is decode only
+    prefill_avgs, prefill_wall = profile(model, prompt, 0)
+    avgs, wall = profile(model, prompt, args.tokens)
+    pre = {e.key: (e.self_cpu_time_total, e.count) for e in prefill_avgs}
+    rows = []
+    for e in avgs:
+        self_us = e.self_cpu_time_total - pre.get(e.key, (0, 0))[0]
+        calls = e.count - pre.get(e.key, (0, 0))[1]
+        if calls > 0:
+            rows.append({"op": e.key, "self_us_per_token": self_us / args.tokens, "calls_per_token": calls / args.tokens})
+    rows.sort(key=lambda r: -r["self_us_per_token"])
+    per_token_us = (wall - prefill_wall) / args.tokens * 1e6
+    native_us = sum(r["self_us_per_token"] for r in rows if r["op"] == NATIVE_RANGE)
+    aten_us = sum(r["self_us_per_token"] for r in rows if r["op"] != NATIVE_RANGE)
+    events = sum(r["calls_per_token"] for r in rows)
+    result = {
+        "container": str(args.container), "threads": args.threads, "tokens": args.tokens,
+        "dtype": str(next(model.parameters()).dtype), "decode_ms_per_token": plain * 1e3,
+        "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": native_us / 1e3, "aten_ms": aten_us / 1e3,
+        "rest_ms": (per_token_us - native_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
+    }
+    path = write_result(args.name, result)
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {path}")
+
+
+def markdown(r: dict) -> str:
+    total = r["profiled_ms_per_token"]
+
+    def share(ms):
+        return f"{ms:.3f} ms ({ms / total:.0%})"
+
+    lines = [f"# Where a decode token's time goes ({Path(r['container']).name}, {r['threads']} threads, "
+             f"{r['dtype']}, {r['tokens']} tokens)", "",
+             f"Decode without the profiler: {r['decode_ms_per_token']:.3f} ms per token; under it "
+             f"{total:.3f} ms ({r['events_per_token']:.0f} profiled events per token).", "",
+             "| part | per token |", "|---|---|",
+             f"| native expert kernel | {share(r['native_kernel_ms'])} |",
+             f"| aten ops (self time) | {share(r['aten_ms'])} |",
+             f"| Python, runtime bookkeeping, profiler | {share(r['rest_ms'])} |", "",
+             "| op | self µs per token | calls per token |", "|---|---|---|"]
+    lines += [f"| {o['op']} | {o['self_us_per_token']:.1f} | {o['calls_per_token']:.1f} |" for o in r["ops"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
