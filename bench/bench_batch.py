@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_runtime import CACHE, reference_container, synthetic_container
-from common import RESULTS, write_result
+from bench_runtime import add_container_options, chosen_container
+from common import write_report
 
 import prism_load
 
@@ -134,8 +134,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--container", type=Path, help="reuse this container (default: the reference model at 4.25 bits)")
-    ap.add_argument("--synthetic", action="store_true", help="a random 512x1408 container (smoke runs)")
+    add_container_options(ap, "smoke runs")
     ap.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=32)
@@ -143,13 +142,12 @@ def main() -> None:
     ap.add_argument("--name", default="batch", help="results file name (bench/results/NAME.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    container = args.container or (synthetic_container(CACHE) if args.synthetic else reference_container())
+    container = chosen_container(args)
     batches = [int(b) for b in args.batches.split(",")]
     rows = run(container, batches, args.tokens, args.repeats, args.synthetic)
     result = {"container": str(container), "device": "cpu", "threads": args.threads, "tokens": args.tokens,
               "repeats": args.repeats, "rows": rows}
-    path = write_result(args.name, result)
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    path = write_report(args.name, result, markdown(result))
     print(markdown(result))
     print(f"wrote {path}", file=sys.stderr)
 

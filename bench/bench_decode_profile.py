@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, write_result
+from common import write_report
 
 import prism_load
 from prism_load import native
@@ -97,8 +97,7 @@ def main() -> None:
         "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": native_us / 1e3, "aten_ms": aten_us / 1e3,
         "rest_ms": (per_token_us - native_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
     }
-    path = write_result(args.name, result)
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    path = write_report(args.name, result, markdown(result))
     print(markdown(result))
     print(f"wrote {path}")
 

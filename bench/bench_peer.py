@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's prism, in this process and (PYTHONPATH) in the measured ones
 
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, write_report  # noqa: E402
 from peer_checkpoint import Shape, make_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -403,8 +403,7 @@ def main() -> None:
               "repeats": args.repeats, "samples": args.samples, "llama_cpp_version": llama_cpp.__version__,
               "llama_src": str(llama_dir), "prism_commit": commit, "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()], "shapes": shapes, "targets": targets(shapes)}
-    path = write_result(args.name, result)
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    path = write_report(args.name, result, markdown(result))
     print_tables(result)
     log(f"wrote {path} and {RESULTS / (args.name + '.md')}")
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, run_measured, write_result
+from common import run_measured, write_report
 
 import prism_load
 
@@ -97,6 +97,16 @@ def synthetic_container(folder: Path) -> Path:
         write_tiny(out, model=random_model(config), config=config, mix=[dict(kind="int", bits=4, group_size=128)],
                    shard_size_bytes=2 * 10**9)
     return out
+
+
+def add_container_options(ap: argparse.ArgumentParser, synthetic_use: str) -> None:
+    """--container / --synthetic, the choice every runtime benchmark offers (chosen_container reads it)."""
+    ap.add_argument("--container", type=Path, help="reuse this container (default: the reference model at 4.25 bits)")
+    ap.add_argument("--synthetic", action="store_true", help=f"a random 512x1408 container ({synthetic_use})")
+
+
+def chosen_container(args: argparse.Namespace) -> Path:
+    return args.container or (synthetic_container(CACHE) if args.synthetic else reference_container())
 
 
 def bench_prompts(container: Path, synthetic: bool) -> list[torch.Tensor]:
@@ -441,8 +451,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--container", type=Path, help="reuse this container (default: the reference model at 4.25 bits)")
-    ap.add_argument("--synthetic", action="store_true", help="a random 512x1408 container (GPU check)")
+    add_container_options(ap, "GPU check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch compute threads (the fetch worker uses one more)")
     ap.add_argument("--tokens", type=int, default=48)
@@ -451,7 +460,7 @@ def main() -> None:
     ap.add_argument("--name", default="runtime", help="results file name (bench/results/NAME.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    container = args.container or (synthetic_container(CACHE) if args.synthetic else reference_container())
+    container = chosen_container(args)
     prompts = bench_prompts(container, args.synthetic)
     load_before = os.getloadavg()
     speed = run_speed(container, args.device, prompts, args.tokens, args.repeats)
@@ -469,8 +478,7 @@ def main() -> None:
               "load_after": [round(x, 2) for x in os.getloadavg()], "speed": speed, "memory": memory,
               "overlap": overlap,
               "targets": targets}
-    path = write_result(args.name, result)
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    path = write_report(args.name, result, markdown(result))
     print(markdown(result))
     print(f"wrote {path}", file=sys.stderr)
     json.dumps(result)  # fail loudly here rather than on a reader's machine

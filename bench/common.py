@@ -32,6 +32,13 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def write_report(name: str, data: dict, markdown: str) -> Path:
+    """bench/results/NAME.json (with the machine) and NAME.md, the pair every benchmark leaves."""
+    path = write_result(name, data)
+    (RESULTS / f"{name}.md").write_text(markdown)
+    return path
+
+
 def run_measured(code: str) -> tuple[dict, int]:
     """Runs `code` (which prints one JSON line last) in a fresh interpreter; returns (its JSON, peak RSS bytes)."""
     wrapper = code + "\nimport resource, json as _j\nprint(_j.dumps({'__rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"

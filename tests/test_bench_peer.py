@@ -11,7 +11,7 @@ def test_skips_cleanly_without_llama_cpp(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     import bench_peer
 
-    monkeypatch.setattr(bench_peer, "write_result", lambda *a: (_ for _ in ()).throw(AssertionError("wrote results")))
+    monkeypatch.setattr(bench_peer, "write_report", lambda *a: (_ for _ in ()).throw(AssertionError("wrote results")))
     monkeypatch.setattr(sys, "argv", ["bench_peer.py", "--work", str(tmp_path / "work"), "--name", "peer_test"])
     bench_peer.main()
     assert 'pip install -e ".[peer]"' in capsys.readouterr().out
