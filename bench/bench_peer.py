@@ -189,12 +189,12 @@ def prompt_ids(ckpt: Path, n: int) -> list[int]:
     raise SystemExit(f"no held-out prose document has {n} tokens")
 
 
-def measure(runtime: str, model: str, prompt: list[int], args, logits: Path) -> dict:
+def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, expert_kernel: str = "auto") -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, str(HERE / "peer_measure.py"), runtime, model, "--prompt", ",".join(map(str, prompt)),
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--logits", str(logits)]
+           "--logits", str(logits), "--expert-kernel", expert_kernel]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"measuring {model} failed:\n{done.stderr[-3000:]}")
@@ -238,20 +238,24 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     logits.mkdir(parents=True, exist_ok=True)
     log(f"{ckpt.name}: reference logits (fp32 checkpoint)")
     measure("reference", str(ckpt), prompt, args, logits / "reference.npy")
-    models = [("llama.cpp", name, ggufs[name]) for name in GGUF_TYPES] + [("prism", n, p) for n, p in prisms.items()]
+    models = [("llama.cpp", name, ggufs[name], "auto") for name in GGUF_TYPES]
+    models += [("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel)
+               for n, p in prisms.items() for kernel in args.kernels.split(",")]
     rows = []
-    for runtime, fmt, made in models:
+    for runtime, fmt, made, kernel in models:
         path = Path(made["path"])
         log(f"{ckpt.name}: {runtime} {fmt}")
+        tag = path.name if kernel == "auto" else f"{path.name}-{kernel}"
         result = measure("llama" if runtime == "llama.cpp" else "prism", str(path), prompt, args,
-                         logits / f"{path.name}.npy")
+                         logits / f"{tag}.npy", kernel)
         sizes = gguf_sizes(path, llama_dir) if runtime == "llama.cpp" else prism_sizes(path)
         if "expert_bytes" in sizes:
             sizes["bits_per_expert_weight"] = 8 * sizes["expert_bytes"] / params["experts"]
         rows.append({"runtime": runtime, "format": fmt, "name": f"{runtime} {fmt}", "path": str(path), **sizes,
                      "bits_per_weight": 8 * sizes["file_bytes"] / params["total"],
                      "conversion_seconds": made.get("seconds"), "conversion": made.get("what"),
-                     "logits_cosine_vs_fp32": cosine(logits / f"{path.name}.npy", logits / "reference.npy"),
+                     "expert_kernel": kernel,
+                     "logits_cosine_vs_fp32": cosine(logits / f"{tag}.npy", logits / "reference.npy"),
                      **result})
         log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
             f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
@@ -374,6 +378,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=128, help="prism's calibration sequences (of 256 tokens)")
+    ap.add_argument("--kernels", default="auto,native-int8",
+                    help="prism's expert kernels to measure, comma-separated (load()'s expert_kernel; native-int8 "
+                         "rounds decode activations to int8 as llama.cpp does, where the CPU has AVX-VNNI)")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")

@@ -40,14 +40,15 @@ def memory() -> dict[str, int]:
 class PrismRunner:
     """prism_load.load(path) with its defaults; the KV cache and forward of prism_load.models.model."""
 
-    def __init__(self, path: str, threads: int, dtype: str | None = None):
+    def __init__(self, path: str, threads: int, dtype: str | None = None, expert_kernel: str = "auto"):
         import torch
 
         torch.set_num_threads(threads)
         import prism_load
 
         self.torch = torch
-        self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None)
+        options = {} if expert_kernel == "auto" else {"expert_kernel": expert_kernel}
+        self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None, **options)
         self.cache = None
 
     def reset(self) -> None:
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--logits", help="write the prompt's last-position logits here (.npy)")
+    ap.add_argument("--expert-kernel", default="auto", help="prism: load()'s expert_kernel")
     args = ap.parse_args()
     prompt = [int(x) for x in args.prompt.split(",")]
     if args.runtime == "llama":
@@ -133,7 +135,8 @@ def main() -> None:
     if args.runtime == "llama":
         runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64)
     else:
-        runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None)
+        runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
+                             expert_kernel=args.expert_kernel)
     load_seconds = time.perf_counter() - start
     loaded = memory()["VmRSS"]
     if args.runtime == "reference":

@@ -16,6 +16,11 @@ the cores by as much. Here an `int` tensor stays packed and one of three kernels
   encoding, any device, the same bits as the decoded form in fp32, and the slowest. A CPU load that
   puts tensors here although a kernel exists for others warns (prism_load.load never falls back to
   fp32-sized memory silently).
+- `native-int8` (opt-in, never chosen by "auto"): the native kernel's memory form, but decode rows of x are
+  rounded to int8 per weight group and multiplied in integers (AVX-VNNI, q8_linear.c), as llama.cpp's CPU
+  kernels do: faster where the exact kernel is bound by its vector instructions, and not exact
+  (bench/results/packed.md measures its KL). Prefill rows, and tensors whose groups the kernel cannot
+  take, run the exact kernel.
 
 Everything else (bf16/fp16/fp32 expert tensors, low-rank factors, biases) is kept as tensors in the model's
 dtype; low-rank factors stay factored (`LowRankLinear`), with `int` factors packed like any `int` tensor.
@@ -32,7 +37,8 @@ from .codecs import Encoding, LowRankLinear, pack_bits, packed_row_bytes, unpack
 from .errors import ContainerError
 from .models.linear import linear
 
-BACKENDS = ("native", "int4pack", "dequant")
+BACKENDS = ("native", "int4pack", "dequant", "native-int8")  # "auto" takes the first that can run
+NATIVE = ("native", "native-int8")  # the backends that read the native kernel's form
 INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel takes
 INT4PACK_ROW_MULTIPLE = 16  # its packing needs output rows in multiples of this
 
@@ -73,8 +79,16 @@ def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:
     return None
 
 
+def int8_activations_take(enc: Encoding) -> bool:
+    """Whether the int8-activation kernel runs here and takes this tensor's groups."""
+    from . import native
+
+    rows, cols = enc.shape
+    return native.q8_available() and native.q8_takes(1, cols, kernel_bits(enc.bits), enc.group_size)
+
+
 def choose_backend(enc: Encoding, dtype: torch.dtype, device: torch.device, requested: str = "auto") -> str:
-    """The kernel for one `int` tensor: `requested` where it can run it, else the fastest that can."""
+    """The kernel for one `int` tensor: `requested` where it can run it, else the fastest exact one that can."""
     if requested not in ("auto", *BACKENDS):
         raise ValueError(f"expert_kernel={requested!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
     cpu = device.type == "cpu"
@@ -83,9 +97,11 @@ def choose_backend(enc: Encoding, dtype: torch.dtype, device: torch.device, requ
         "int4pack": cpu and dtype == torch.bfloat16 and enc.bits <= 4 and int4pack_group(enc.shape, enc.group_size) is not None,
         "dequant": True,
     }
+    if requested == "native-int8":
+        can[requested] = can["native"] and int8_activations_take(enc)
     if requested != "auto" and can[requested]:
         return requested
-    return next(b for b in BACKENDS if can[b])  # the fastest that can (the fallback warning counts these)
+    return next(b for b in BACKENDS if can.get(b))  # the fastest that can (the fallback warning counts these)
 
 
 class PackedLinear:
@@ -111,14 +127,15 @@ class PackedLinear:
     @property
     def fp32_inside(self) -> bool:
         """The kernel computes in fp32 whatever x's dtype (expert_forward then converts once per expert)."""
-        return self.backend == "native"
+        return self.backend in NATIVE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "native":
+        if self.backend in NATIVE:
             from . import native
 
             q, s, z = self.tensors
-            return native.int_linear(x, q, s, z, self.bits, self.group_size, self.shape[1]).to(x.dtype)
+            return native.int_linear(x, q, s, z, self.bits, self.group_size, self.shape[1],
+                                     int8_activations=self.backend == "native-int8").to(x.dtype)
         if self.backend == "int4pack":
             w, scale_zero = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, self.group_size,
@@ -145,7 +162,7 @@ def pack_int(enc: Encoding, tensors: dict[str, torch.Tensor], backend: str) -> P
         return PackedLinear(backend, enc.shape, enc.bits, enc.group_size, (q, s, z))
     rows, cols = enc.shape
     meta = q.device.type == "meta"  # sizing only (ContainerStore): the same shapes, nothing computed
-    if backend == "native":
+    if backend in NATIVE:
         bits = kernel_bits(enc.bits)
         if bits != enc.bits and meta:
             q = torch.empty(rows, packed_row_bytes(cols, bits), dtype=torch.uint8, device="meta")
@@ -171,7 +188,7 @@ def pack_int(enc: Encoding, tensors: dict[str, torch.Tensor], backend: str) -> P
 
 def is_view_of_stored(enc: Encoding, backend: str) -> bool:
     """Whether pack_int keeps the stored tensors themselves (the expert can be read straight into its slab)."""
-    return enc.kind == "int" and (backend == "dequant" or (backend == "native" and kernel_bits(enc.bits) == enc.bits))
+    return enc.kind == "int" and (backend == "dequant" or (backend in NATIVE and kernel_bits(enc.bits) == enc.bits))
 
 
 def fallback_warning(backends: dict[str, int], device: torch.device, requested: str = "auto") -> None:

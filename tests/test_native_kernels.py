@@ -125,16 +125,17 @@ def test_call_releases_the_interpreter_lock(kernel):
     try:
         while count[0] == 0:
             time.sleep(0.001)
-        before = count[0]
+        before, calls = count[0], 0
         start = time.perf_counter()
-        native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
+        while time.perf_counter() - start < 0.05:  # calls of ~10-20 ms each: a few, whatever the CPU's speed
+            native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
+            calls += 1
         seconds, counted = time.perf_counter() - start, count[0] - before
     finally:
         stop.set()
         worker.join()
         torch.set_num_threads(threads)
-    assert seconds > 0.02, "the call was too short to tell"
-    assert counted > 1000, f"the counter advanced {counted} times during a {seconds * 1e3:.0f} ms call"
+    assert counted > 1000 * calls, f"the counter advanced {counted} times during {calls} calls ({seconds * 1e3:.0f} ms)"
 
 
 def test_bad_arguments_say_what_is_wrong(kernel):
@@ -169,3 +170,90 @@ def test_disabled_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["False disabled by PRISM_NATIVE=0",
                                 "native kernels unavailable: disabled by PRISM_NATIVE=0"]
+
+
+# -- the bf16 matrix-vector product (decode rows of a bf16 model's dense layers) ------------------------------
+@pytest.mark.parametrize("m, n, k", [(1, 1024, 1024), (3, 100, 64), (4, 37, 1000), (2, 8, 7), (1, 5, 17)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_is_the_fp64_product_rounded_to_bf16(kernel, m, n, k, with_bias):
+    """Exact products and fp32 sums: within one bf16 rounding of the fp64 product (ties may round either way)."""
+    gen = torch.Generator().manual_seed(m * 100 + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if with_bias else None
+    y = native.bf16_linear(x, w, b)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    ulp = ref.abs().clamp(min=1e-30).log2().floor().exp2() / 128  # one bf16 step at each value
+    assert ((y.double() - ref).abs() <= ulp + 1e-6 * x.double().norm(dim=1, keepdim=True) * w.double().norm(dim=1)).all()
+    assert (y == ref.bfloat16()).float().mean() > 0.99  # round to nearest: all but near-ties agree
+
+
+def test_bf16_linear_takes_views_and_leading_shapes(kernel):
+    w_wide = torch.randn(40, 80).bfloat16()
+    w = w_wide[:, 10:74]  # row stride 80
+    x = torch.randn(1, 2, 96).bfloat16()[:, :, 16:80]  # a strided view with a leading shape
+    y = native.bf16_linear(x, w)
+    assert y.shape == (1, 2, 40)
+    assert torch.equal(y, native.bf16_linear(x.contiguous(), w.contiguous()))
+
+
+def test_bf16_linear_declines_what_it_does_not_take(kernel):
+    w = torch.randn(8, 16).bfloat16()
+    assert native.bf16_linear(torch.randn(5, 16).bfloat16(), w) is None  # prefill rows: torch's matrix product
+    assert native.bf16_linear(torch.randn(1, 16), w) is None  # fp32 x
+    assert native.bf16_linear(torch.randn(1, 16).bfloat16(), w.float()) is None
+    assert native.bf16_linear(torch.randn(1, 16).bfloat16(), w.t().contiguous().t()) is None  # column-major
+    assert native.bf16_linear(torch.randn(1, 16).bfloat16(), w, torch.randn(8)) is None  # fp32 bias
+
+
+def test_models_linear_routes_bf16_decode_rows_to_the_kernel(kernel, monkeypatch):
+    from prism_load.models import linear as linear_module
+
+    calls = []
+    real = native.bf16_linear
+    monkeypatch.setattr(native, "bf16_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    w = torch.randn(32, 64).bfloat16()
+    linear_module.linear(torch.randn(1, 1, 64).bfloat16(), w)
+    linear_module.linear(torch.randn(1, 9, 64).bfloat16(), w)  # prefill: torch
+    linear_module.linear(torch.randn(1, 64), w.float())  # fp32: torch
+    assert calls == [(1, 1, 64)]
+
+
+# -- int8 activations (q8_linear.c, opt-in) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def q8(kernel):
+    if not native.q8_available():
+        pytest.skip("the int8-activation kernel needs AVX-VNNI")
+
+
+def int8_rounded(x: torch.Tensor, g: int) -> torch.Tensor:
+    """x with each group of g columns rounded to int8 steps of max|x| / 127 (ties to even), as the kernel does."""
+    m, k = x.shape
+    groups = x.view(m, k // g, g)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(step > 0, torch.round(groups / step).clamp(-127, 127), torch.zeros_like(groups))
+    return (q * step).view(m, k)
+
+
+@pytest.mark.parametrize("bits, g", [(4, 64), (4, 128), (2, 128), (8, 32), (8, 64)])
+@pytest.mark.parametrize("m, n, k", [(1, 70, 256), (2, 33, 512), (4, 8, 128 * 3)])
+def test_int8_activations_are_the_product_with_x_rounded_per_group(q8, bits, g, m, n, k):
+    if k % g:
+        pytest.skip("K must be whole groups")
+    t = stored(n, k, bits, g, seed=k + m)
+    x = torch.randn(m, k)
+    x[0, :g] = 0.0  # an all-zero group: step 0, no division by it
+    y = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k, int8_activations=True)
+    check(int8_rounded(x, g), t, bits, g, y)
+    exact = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
+    assert not torch.equal(y, exact)
+
+
+@pytest.mark.parametrize("bits, g, m, k", [(4, 32, 1, 256), (4, 64, 5, 256), (2, 64, 1, 256), (4, 64, 1, 96)])
+def test_int8_activations_leave_other_shapes_to_the_exact_kernel(q8, bits, g, m, k):
+    """Groups under 32 bytes, prefill rows (more than Q8_MAX_ROWS), partial groups: computed exactly."""
+    t = stored(16, k, bits, g)
+    x = torch.randn(m, k)
+    args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
+    assert torch.equal(native.int_linear(*args, int8_activations=True), native.int_linear(*args))

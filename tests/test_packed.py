@@ -203,3 +203,45 @@ def test_experts_loaded_under_inference_mode_serve_plain_calls(int4_container):
     ids = prompts(1, KERNEL_CONFIG["vocab_size"], seed=7)[0]
     greedy(model, ids, 6)
     assert model(ids).shape == (1, ids.shape[1], KERNEL_CONFIG["vocab_size"])
+
+
+# -- native-int8: decode activations rounded to int8 (opt-in) --------------------------------------------------
+Q8_CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=4)
+INT4_G64 = [dict(kind="int", bits=4, group_size=64)]
+
+
+def test_native_int8_is_chosen_only_on_request_and_where_it_runs(monkeypatch):
+    from prism_load import native
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(packed, "native_available", lambda: True)
+    monkeypatch.setattr(native, "q8_available", lambda: True)
+    taken, odd = Encoding("int", (128, 128), bits=4, group_size=64), Encoding("int", (128, 96), bits=4, group_size=64)
+    assert packed.choose_backend(taken, torch.bfloat16, cpu) == "native"  # never by "auto": it is not exact
+    assert packed.choose_backend(taken, torch.bfloat16, cpu, "native-int8") == "native-int8"
+    assert packed.choose_backend(odd, torch.bfloat16, cpu, "native-int8") == "native"  # 96 columns: no whole groups
+    assert packed.choose_backend(Encoding("int", (128, 128), bits=4, group_size=32), torch.bfloat16, cpu,
+                                 "native-int8") == "native"  # 16-byte groups
+    monkeypatch.setattr(native, "q8_available", lambda: False)
+    assert packed.choose_backend(taken, torch.bfloat16, cpu, "native-int8") == "native"  # no AVX-VNNI
+
+
+def test_native_int8_model_keeps_the_packed_bytes_and_tracks_the_exact_kernel(tmp_path):
+    from prism_load import native
+
+    if not (packed.native_available() and native.q8_available()):
+        pytest.skip("the int8-activation kernel does not run here (needs AVX-VNNI)")
+    path = write_tiny(tmp_path / "q8.prism", random_model(Q8_CONFIG), config=Q8_CONFIG, mix=INT4_G64)
+    exact, q8 = prism_load.load(path), prism_load.load(path, expert_kernel="native-int8")
+    backends = {op.backend for _, block in q8.moe_blocks() for w in block.experts.experts
+                for op in (*w.gate_up.ops, w.down)}
+    assert backends == {"native-int8"}
+    assert sum(weights_nbytes(w) for _, b in q8.moe_blocks() for w in b.experts.experts) == \
+        sum(weights_nbytes(w) for _, b in exact.moe_blocks() for w in b.experts.experts)
+    ids = torch.randint(0, Q8_CONFIG["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache_a, cache_b = exact.new_cache(), q8.new_cache()
+        exact(ids, cache=cache_a), q8(ids, cache=cache_b)
+        a, b = exact(ids[:, -1:], cache=cache_a).float(), q8(ids[:, -1:], cache=cache_b).float()  # one decode step
+    assert not torch.equal(a, b)  # the activations were rounded: not the exact kernel
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999

@@ -29,6 +29,21 @@ def unavailable_reason() -> str | None:
     return load()[1]
 
 
+Q8_MAX_ROWS = 4  # rows of x the int8-activation kernel takes (decode); more rows take the exact path
+
+
+def q8_available() -> bool:
+    """Whether the int8-activation kernel (q8_linear.c, AVX-VNNI) runs here."""
+    fn = load()[0]
+    return fn is not None and fn.q8 is not None
+
+
+def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
+    """Whether q8_linear.c takes this shape: groups of whole 32-byte blocks, K whole groups, decode rows."""
+    return (bits in BITS and 0 < m <= Q8_MAX_ROWS and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
+            and k % group_size == 0)
+
+
 def _kernel():
     fn, reason, _ = load()
     if fn is None:
@@ -69,10 +84,12 @@ def _diagnose(x, qweight, scales, zeros, bits, group_size, k) -> None:
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-               group_size: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+               group_size: int, k: int, out: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
     """x [M, k] (fp32, or bf16/fp16, widened) @ w.T -> fp32 [M, N], w the `int` weight [N, k] of `bits` bits
     in groups of `group_size` (qweight uint8 [N, ceil(k*bits/8)], scales and zeros fp16 [N, ceil(k/g)]),
     read as stored. `out`: an fp32 [M, N] destination (rows may be strided). Runs on torch's thread count.
+    `int8_activations`: where q8_available() and q8_takes() the shape, x is rounded to int8 per group and
+    multiplied in integers (q8_linear.c: faster, not exact); elsewhere the exact kernel runs.
     Called about 50 times per decoded token, so the common case is checked in one expression."""
     fn = _kernel()
     try:
@@ -102,7 +119,8 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     args = _args()
     args[:] = (x.data_ptr(), max(x.stride(0), k), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                n, bits, group_size, out.data_ptr(), max(out.stride(0), n), torch.get_num_threads())
-    rc = fn(ctypes.addressof(args))
+    q8 = int8_activations and fn.q8 is not None and q8_takes(m, k, bits, group_size)
+    rc = (fn.q8 if q8 else fn)(ctypes.addressof(args))
     if rc == -1:
         raise MemoryError("int_linear: out of memory for its scratch buffers")
     if rc != 0:
@@ -110,4 +128,41 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return out
 
 
-__all__ = ["BITS", "NativeUnavailable", "available", "int_linear", "unavailable_reason"]
+GEMV_MAX_ROWS = 4  # rows of x bf16_linear takes (decode); more rows are a matrix product for torch
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear for a bf16 x of at most GEMV_MAX_ROWS rows (any leading shape) and a bf16 weight [N, K] on
+    the CPU, rounded to bf16 as torch rounds; None where the kernel does not take the arguments (the caller
+    uses torch). Why: torch's one-row bf16 product is slower than its fp32 one on most CPUs, although it
+    reads half the bytes (see int_linear.c)."""
+    if not (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and x.is_cpu and weight.is_cpu and weight.stride(1) == 1
+            and weight.shape[1] > 0 and weight.stride(0) >= weight.shape[1]
+            and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_cpu and bias.is_contiguous()
+                                  and bias.shape == (weight.shape[0],)))):
+        return None
+    k, n = weight.shape[1], weight.shape[0]
+    rows = x.numel() // k
+    if not 0 < rows <= GEMV_MAX_ROWS or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    fn = load()[0]
+    if fn is None:
+        return None
+    x2 = x.reshape(rows, k)
+    if x2.stride(1) != 1 or (rows > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    args = _args()
+    args[:11] = (x2.data_ptr(), max(x2.stride(0), k), rows, k, weight.data_ptr(), weight.stride(0), n,
+                 0 if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads())
+    rc = fn.gemv(ctypes.addressof(args))
+    if rc == -1:
+        raise MemoryError("bf16_linear: out of memory for its scratch buffer")
+    if rc != 0:
+        raise ValueError(f"bf16_linear rejected its arguments (code {rc})")
+    return out.view(*x.shape[:-1], n)
+
+
+__all__ = ["BITS", "GEMV_MAX_ROWS", "Q8_MAX_ROWS", "q8_available", "q8_takes", "NativeUnavailable", "available", "bf16_linear", "int_linear",
+           "unavailable_reason"]

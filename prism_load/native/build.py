@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("int_linear.c")
+SOURCES = (Path(__file__).with_name("int_linear.c"), Path(__file__).with_name("q8_linear.c"))  # one library
+SOURCE = SOURCES[0]
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
@@ -58,7 +59,7 @@ def cpu_problem() -> str | None:
 def compile_command(compiler: str, output: Path) -> list[str]:
     gomp = torch_gomp()
     link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else []  # else -fopenmp's own libgomp
-    return [compiler, *FLAGS, "-o", str(output), str(SOURCE), *link]
+    return [compiler, *FLAGS, "-o", str(output), *map(str, SOURCES), *link]
 
 
 def library_path(compiler: str) -> Path:
@@ -67,7 +68,8 @@ def library_path(compiler: str) -> Path:
         raise NativeUnavailable(f"the C compiler {compiler} does not run ({compiler} --version: exit {done.returncode})")
     version = done.stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), str(torch_gomp()).encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(), version.encode(),
+                 str(torch_gomp()).encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / key.hexdigest()[:16] / "int_linear.so"
@@ -95,7 +97,8 @@ def build(compiler: str) -> tuple[Path, float]:
 
 @functools.cache
 def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
-    """(the kernel's entry point, None, compile seconds) or (None, why not, 0). Tried once per process."""
+    """(the kernel's entry point, None, compile seconds) or (None, why not, 0). Tried once per process.
+    The same library's bf16 product is `load_gemv()`."""
     if os.environ.get("PRISM_NATIVE", "1") == "0":
         return None, "disabled by PRISM_NATIVE=0", 0.0
     reason = cpu_problem()
@@ -114,4 +117,12 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn = lib.prism_int_linear_packed  # int64 args[13]: see int_linear.c
     fn.argtypes = [ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    gemv = lib.prism_bf16_gemv_packed  # int64 args[11]
+    gemv.argtypes = [ctypes.c_void_p]
+    gemv.restype = ctypes.c_int
+    fn.gemv = gemv
+    q8 = lib.prism_q8_linear_packed  # int64 args[13], as prism_int_linear_packed's
+    q8.argtypes = [ctypes.c_void_p]
+    q8.restype = ctypes.c_int
+    fn.q8 = q8 if lib.prism_q8_supported() else None  # None: the CPU (or the compiler) lacks AVX-VNNI
     return fn, None, seconds

@@ -426,6 +426,102 @@ static int run_gemm(const problem *P, int bits, int threads) {
     return failed ? -1 : 0;
 }
 
+/* ---- bf16 matrix-vector product ---------------------------------------------------------------------- */
+
+/* y = x @ w.T (+ bias) for bf16 x [M <= GEMV_MAX_M, K] and w [N, K], rounded to bf16 as torch rounds (to
+ * nearest even). Why: torch's bf16 product of one row is compute-bound on CPUs without bf16 vector
+ * arithmetic and reads bf16 weights no faster than fp32 ones, so a bf16 model lost the bandwidth it saves
+ * (bench/results/kernels_*.md). Here a bf16 weight becomes fp32 by a 16-bit shift (exact) and meets x in
+ * fp32 FMAs: exact products, fp32 sums, as torch's product (in another order). */
+#define GEMV_MAX_M 4
+
+INLINE __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+INLINE float bf16_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Rows n0 .. n0+NR-1 of y for x rows m0 .. m0+MT-1 (x already widened to fp32, xf [M][K]). */
+INLINE void gemv_tile(const float *xf, int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
+                      uint16_t *y, int64_t ldy, int64_t n0, int64_t m0, const int NR, const int MT) {
+    __m256 acc[4][GEMV_MAX_M][2];
+    const uint16_t *row[4];
+    UNROLL for (int r = 0; r < NR; r++) {
+        row[r] = w + (n0 + r) * ldw;
+        UNROLL for (int m = 0; m < MT; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 xv[GEMV_MAX_M][2];
+        UNROLL for (int m = 0; m < MT; m++)
+            UNROLL for (int h = 0; h < 2; h++) xv[m][h] = _mm256_loadu_ps(xf + (m0 + m) * K + k + 8 * h);
+        UNROLL for (int r = 0; r < NR; r++) {
+            PREFETCH_ROW(row[r] + k + 256);
+            UNROLL for (int h = 0; h < 2; h++) {
+                __m256 v = bf16x8(row[r] + k + 8 * h);
+                UNROLL for (int m = 0; m < MT; m++) acc[r][m][h] = _mm256_fmadd_ps(v, xv[m][h], acc[r][m][h]);
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < NR; r++)
+        UNROLL for (int m = 0; m < MT; m++) {
+            float v = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+            for (int64_t j = k; j < K; j++) v += bf16_float(row[r][j]) * xf[(m0 + m) * K + j];
+            if (bias) v += bf16_float(bias[n0 + r]);
+            y[(m0 + m) * ldy + n0 + r] = bf16_round(v);
+        }
+}
+
+static void gemv_rows(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
+                      uint16_t *y, int64_t ldy, int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += GEMV_MAX_M) {
+        int64_t mt = min64(M - m0, GEMV_MAX_M), n = n0;
+        if (mt == 1) {
+            for (; n + 4 <= n1; n += 4) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 4, 1);
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 1);
+        } else if (mt == 2) {
+            for (; n + 2 <= n1; n += 2) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 2, 2);
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 2);
+        } else if (mt == 3) {
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 3);
+        } else {
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 4);
+        }
+    }
+}
+
+/* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take. */
+int prism_bf16_gemv(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N,
+                    const uint16_t *bias, uint16_t *y, int64_t ldy, int threads) {
+    if (M < 1 || M > GEMV_MAX_M || K < 1 || N < 1 || ldx < K || ldw < K || ldy < N) return -2;
+    float *xf = malloc(sizeof(float) * (size_t)(M * K));
+    if (!xf) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_float(x[m * ldx + k]);
+    const int64_t step = chunk_rows(N);
+    if (threads < 1 || (double)N * K * M < SERIAL_MACS) threads = 1;
+    if (threads == 1) {
+        gemv_rows(xf, M, K, w, ldw, bias, y, ldy, 0, N);
+    } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t n0 = 0; n0 < N; n0 += step) gemv_rows(xf, M, K, w, ldw, bias, y, ldy, n0, min64(n0 + step, N));
+    }
+    free(xf);
+    return 0;
+}
+
 /* ---- entry point ------------------------------------------------------------------------------------ */
 
 /* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take (the caller checks first). */
@@ -446,4 +542,9 @@ int prism_int_linear_packed(const int64_t *a) {
     return prism_int_linear((const float *)(intptr_t)a[0], a[1], a[2], a[3], (const uint8_t *)(intptr_t)a[4],
                             (const uint16_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], a[7], (int)a[8],
                             a[9], (float *)(intptr_t)a[10], a[11], (int)a[12]);
+}
+
+int prism_bf16_gemv_packed(const int64_t *a) {
+    return prism_bf16_gemv((const uint16_t *)(intptr_t)a[0], a[1], a[2], a[3], (const uint16_t *)(intptr_t)a[4], a[5],
+                           a[6], (const uint16_t *)(intptr_t)a[7], (uint16_t *)(intptr_t)a[8], a[9], (int)a[10]);
 }

@@ -1,0 +1,205 @@
+/* y[m, n] ~= sum_k x[m, k] * w[n, k] with x rounded to int8 per weight group and the products summed in
+ * integers by VNNI's vpdpbusd (unsigned codes x signed int8, four products per int32 lane): the decode path
+ * of the opt-in `native-int8` expert kernel (prism_load/packed.py).
+ *
+ * Why: int_linear.c computes exactly (every code widened to fp32, one FMA per code) and is bound by those
+ * vector instructions, not by memory; llama.cpp's CPU kernels round activations to int8 the same way
+ * (Q8_K / Q8_0) and multiply in integers, four to eight times the work per instruction. The price is
+ * the rounding of x: this kernel is not exact, bench/results/packed.md measures what it costs the logits.
+ *
+ * Weights as in int_linear.c: qweight uint8 [N, K*bits/8], scales and zeros fp16 [N, G], w = (q - z) * s.
+ * Per group g of one row of x: d = max|x| / 127, x8 = round(x / d) (ties to even), and
+ *   sum_k x_k w_k ~= s * d * (sum_k x8_k q_k - z * sum_k x8_k)
+ * (the zero term uses the rounded x too, so the error is that of x8 against the weights (q - z) * s, which
+ * are centred, rather than against the codes). Integer sums are exact (|x8 q| <= 127 * 255, g <= 2^14).
+ * Shapes: groups of whole 32-byte blocks (g * bits % 256 == 0), K a multiple of g, M <= Q8_MAX_M rows;
+ * the caller checks (prism_q8_takes). Every output is computed by one thread in a fixed order.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define UNROLL _Pragma("GCC unroll 16")
+#define Q8_MAX_M 4
+#define Q8_AHEAD 512 /* bytes of each row prefetched ahead */
+#define Q8_SERIAL_BYTES 65536 /* below this many weight bytes one thread beats waking a second */
+
+typedef struct {
+    int64_t M, K, N, bits, g, G, ldq, blocks_per_group, planes;
+    const uint8_t *q;
+    const uint16_t *s, *z;
+    const int8_t *xq;   /* [M][blocks][planes][32]: x8 in the byte order of each plane's codes */
+    const float *d;     /* [M][G] the groups' steps */
+    const int32_t *sxq; /* [M][G] the groups' sums of x8 */
+    float *y;
+    int64_t ldy;
+} q8_problem;
+
+INLINE int64_t q8_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+INLINE float q8_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* A 32-byte block of one row holds 256 / bits codes; plane p is the vector of bits p*bits .. p*bits+bits-1 of
+ * every byte (8-bit codes: one plane, the bytes). Byte j of plane p is code (8 / bits) * j + p. */
+static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t *xq, float *d, int32_t *sxq) {
+    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / 256, G = P->G, g = P->g;
+    for (int64_t m = 0; m < P->M; m++) {
+        const float *xr = x + m * ldx;
+        for (int64_t gi = 0; gi < G; gi++) {
+            float amax = 0.0f;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k++) amax = fmaxf(amax, fabsf(xr[k]));
+            d[m * G + gi] = amax / 127.0f;
+            sxq[m * G + gi] = 0;
+        }
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t p = 0; p < per; p++)
+                for (int64_t j = 0; j < 32; j++) {
+                    int64_t k = b * 32 * per + per * j + p, gi = k / g;
+                    float step = d[m * G + gi], v = step > 0.0f ? nearbyintf(xr[k] / step) : 0.0f;
+                    int8_t c = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+                    xq[((m * blocks + b) * per + p) * 32 + j] = c;
+                    sxq[m * G + gi] += c;
+                }
+    }
+}
+
+/* The integer dot product of 32 unsigned codes with 32 int8 values, added to eight int32 lanes. */
+#define DOT_VNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+
+/* Rows n0 .. n0+NR-1 for x rows m0 .. m0+MT-1. NR, MT and bits are constants after inlining. */
+#define Q8_TILE(NAME, DOT)                                                                                       \
+    INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {  \
+        const int per = 8 / bits;                                                                                \
+        const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 256;                           \
+        const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));                                        \
+        const uint8_t *row[4];                                                                                   \
+        __m256 tot[4][Q8_MAX_M];                                                                                 \
+        UNROLL for (int r = 0; r < NR; r++) {                                                                    \
+            row[r] = P->q + (n0 + r) * P->ldq;                                                                   \
+            UNROLL for (int m = 0; m < MT; m++) tot[r][m] = _mm256_setzero_ps();                                 \
+        }                                                                                                        \
+        for (int64_t gi = 0; gi < G; gi++) {                                                                     \
+            __m256i acc[4][Q8_MAX_M];                                                                            \
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] =                  \
+                _mm256_setzero_si256();                                                                          \
+            for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {                                                \
+                UNROLL for (int r = 0; r < NR; r++) {                                                            \
+                    _mm_prefetch((const char *)(row[r] + 32 * b + Q8_AHEAD), _MM_HINT_T0);                       \
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * b));                          \
+                    UNROLL for (int p = 0; p < per; p++) {                                                       \
+                        __m256i u = bits == 8 ? w                                                                \
+                                              : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask); \
+                        UNROLL for (int m = 0; m < MT; m++) {                                                    \
+                            __m256i xv = _mm256_loadu_si256(                                                     \
+                                (const __m256i *)(P->xq + (((m0 + m) * blocks + b) * per + p) * 32));            \
+                            acc[r][m] = DOT(acc[r][m], u, xv);                                                   \
+                        }                                                                                        \
+                    }                                                                                            \
+                }                                                                                                \
+            }                                                                                                    \
+            UNROLL for (int r = 0; r < NR; r++) {                                                                \
+                float s = _cvtsh_ss(P->s[(n0 + r) * G + gi]), z = _cvtsh_ss(P->z[(n0 + r) * G + gi]);           \
+                UNROLL for (int m = 0; m < MT; m++) {                                                            \
+                    float sd = s * P->d[(m0 + m) * G + gi];                                                      \
+                    /* the zero term goes to lane 0 of the same vector: sd * (dot - z * sum x8) */               \
+                    __m256 v = _mm256_cvtepi32_ps(acc[r][m]);                                                    \
+                    v = _mm256_sub_ps(v, _mm256_setr_ps(z * (float)P->sxq[(m0 + m) * G + gi], 0, 0, 0, 0, 0, 0, 0)); \
+                    tot[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(sd), v, tot[r][m]);                               \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) P->y[(m0 + m) * P->ldy + n0 + r] = \
+            q8_hsum(tot[r][m]);                                                                                  \
+    }
+
+#define Q8_ROWS(NAME, TILE)                                                                                      \
+    INLINE void NAME##_bits(const q8_problem *P, int64_t n0, int64_t n1, const int bits) {                       \
+        for (int64_t m0 = 0; m0 < P->M; m0 += Q8_MAX_M) {                                                        \
+            int64_t mt = q8_min(P->M - m0, Q8_MAX_M), n = n0;                                                    \
+            if (mt == 1) {                                                                                       \
+                for (; n + 4 <= n1; n += 4) TILE(P, n, m0, 4, 1, bits);                                          \
+                for (; n < n1; n++) TILE(P, n, m0, 1, 1, bits);                                                  \
+            } else if (mt == 2) {                                                                                \
+                for (; n + 2 <= n1; n += 2) TILE(P, n, m0, 2, 2, bits);                                          \
+                for (; n < n1; n++) TILE(P, n, m0, 1, 2, bits);                                                  \
+            } else if (mt == 3) {                                                                                \
+                for (; n < n1; n++) TILE(P, n, m0, 1, 3, bits);                                                  \
+            } else {                                                                                             \
+                for (; n < n1; n++) TILE(P, n, m0, 1, 4, bits);                                                  \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    static void NAME(const q8_problem *P, int64_t n0, int64_t n1) {                                              \
+        if (P->bits == 4) NAME##_bits(P, n0, n1, 4);                                                             \
+        else if (P->bits == 8) NAME##_bits(P, n0, n1, 8);                                                        \
+        else NAME##_bits(P, n0, n1, 2);                                                                          \
+    }
+
+#if defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11 /* compilers that know AVX-VNNI */
+#define Q8_COMPILED 1
+#pragma GCC push_options
+#pragma GCC target("avxvnni")
+Q8_TILE(q8_tile_vnni, DOT_VNNI)
+Q8_ROWS(q8_rows_vnni, q8_tile_vnni)
+#pragma GCC pop_options
+#else
+#define Q8_COMPILED 0
+static void q8_rows_vnni(const q8_problem *P, int64_t n0, int64_t n1) { (void)P, (void)n0, (void)n1; }
+#endif
+
+/* Rows per scheduling chunk: a multiple of 4 that depends on N only (about 32 chunks per call). */
+static int64_t q8_chunk_rows(int64_t N) {
+    int64_t rows = (N / 32 + 3) & ~(int64_t)3;
+    return rows < 4 ? 4 : rows;
+}
+
+/* Whether this CPU runs the kernel (AVX-VNNI: Alder Lake, Sapphire Rapids, Zen 5 and later). */
+int prism_q8_supported(void) {
+#if Q8_COMPILED
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni");
+#else
+    return 0;
+#endif
+}
+
+/* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take, -3 on a CPU without VNNI. */
+int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                    const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads) {
+    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || M > Q8_MAX_M || K < 1 || N < 1 || g < 1 || g > 16384 ||
+        ldx < K || ldy < N || (g * bits) % 256 || K % g)
+        return -2;
+    if (!prism_q8_supported()) return -3;
+    q8_problem P = {M, K, N, bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits, qweight, scales, zeros,
+                    NULL, NULL, NULL, y, ldy};
+    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * P.G) + sizeof(int32_t) * (size_t)(M * P.G) + 8);
+    if (!xq) return -1;
+    float *d = (float *)(((uintptr_t)(xq + M * K) + 7) & ~(uintptr_t)7);
+    int32_t *sxq = (int32_t *)(d + M * P.G);
+    quantize_x(&P, x, ldx, xq, d, sxq);
+    P.xq = xq, P.d = d, P.sxq = sxq;
+    const int64_t step = q8_chunk_rows(N);
+    if (threads < 1 || N * P.ldq < Q8_SERIAL_BYTES) threads = 1;
+    if (threads == 1) {
+        q8_rows_vnni(&P, 0, N);
+    } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t n0 = 0; n0 < N; n0 += step) q8_rows_vnni(&P, n0, q8_min(n0 + step, N));
+    }
+    free(xq);
+    return 0;
+}
+
+int prism_q8_linear_packed(const int64_t *a) {
+    return prism_q8_linear((const float *)(intptr_t)a[0], a[1], a[2], a[3], (const uint8_t *)(intptr_t)a[4],
+                           (const uint16_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], a[7], (int)a[8], a[9],
+                           (float *)(intptr_t)a[10], a[11], (int)a[12]);
+}
