@@ -457,6 +457,7 @@ INLINE uint16_t bf16_round(float f) {
 INLINE void gemv_tile(const float *xf, int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
                       uint16_t *y, int64_t ldy, int64_t n0, int64_t m0, const int NR, const int MT) {
     __m256 acc[4][GEMV_MAX_M][2];
+    const int64_t ahead = AHEAD_TILES * NR * ldw; /* the rows two tiles on, as the direct path prefetches */
     const uint16_t *row[4];
     UNROLL for (int r = 0; r < NR; r++) {
         row[r] = w + (n0 + r) * ldw;
@@ -468,7 +469,7 @@ INLINE void gemv_tile(const float *xf, int64_t K, const uint16_t *w, int64_t ldw
         UNROLL for (int m = 0; m < MT; m++)
             UNROLL for (int h = 0; h < 2; h++) xv[m][h] = _mm256_loadu_ps(xf + (m0 + m) * K + k + 8 * h);
         UNROLL for (int r = 0; r < NR; r++) {
-            PREFETCH_ROW(row[r] + k + 256);
+            PREFETCH_ROW(row[r] + k + ahead);
             UNROLL for (int h = 0; h < 2; h++) {
                 __m256 v = bf16x8(row[r] + k + 8 * h);
                 UNROLL for (int m = 0; m < MT; m++) acc[r][m][h] = _mm256_fmadd_ps(v, xv[m][h], acc[r][m][h]);

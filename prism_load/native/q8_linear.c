@@ -25,7 +25,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 16")
 #define Q8_MAX_M 4
-#define Q8_AHEAD 512 /* bytes of each row prefetched ahead */
+#define Q8_AHEAD_TILES 2 /* the rows two tiles on are prefetched (as in int_linear.c: rows are contiguous) */
 #define Q8_SERIAL_BYTES 65536 /* below this many weight bytes one thread beats waking a second */
 
 typedef struct {
@@ -79,6 +79,7 @@ static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t 
     INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {  \
         const int per = 8 / bits;                                                                                \
         const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 256;                           \
+        const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;                                                      \
         const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));                                        \
         const uint8_t *row[4];                                                                                   \
         __m256 tot[4][Q8_MAX_M];                                                                                 \
@@ -92,7 +93,7 @@ static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t 
                 _mm256_setzero_si256();                                                                          \
             for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {                                                \
                 UNROLL for (int r = 0; r < NR; r++) {                                                            \
-                    _mm_prefetch((const char *)(row[r] + 32 * b + Q8_AHEAD), _MM_HINT_T0);                       \
+                    _mm_prefetch((const char *)(row[r] + 32 * b + ahead), _MM_HINT_T0);                          \
                     __m256i w = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * b));                          \
                     UNROLL for (int p = 0; p < per; p++) {                                                       \
                         __m256i u = bits == 8 ? w                                                                \
