@@ -152,7 +152,7 @@ def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conve
 
 
 def prism_convert(ckpt: Path, recipe: str | None, samples: int, work: Path, tmp: Path) -> None:
-    from prism_convert.bitplan import Budget
+    from prism_convert.allocation.bit_plan import Budget
     from prism_convert.pipeline import convert
 
     convert(ckpt, tmp, Budget(bits=BITS), recipe_spec=recipe, samples=samples, eval_samples=0, work=work)

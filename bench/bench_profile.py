@@ -60,7 +60,7 @@ def profile_in_subprocess(model: Path, dataset: str, samples: int, seq_len: int,
     code = f"""
 import json
 from pathlib import Path
-from prism_convert.profile import profile_model
+from prism_convert.profiling.profiler import profile_model
 d = profile_model(Path({str(model)!r}), {dataset!r}, {samples}, {seq_len}, 0, Path({str(out)!r}))
 print(json.dumps({{k: d[k] for k in ("seconds", "tokens_per_second", "tokens")}}))
 """
@@ -87,8 +87,8 @@ def main() -> None:
                            "tokens_per_second": stats["tokens_per_second"]})
             print(f"{layers} layers: peak RSS {rss / 2**20:.0f} MiB, weights ~{weights / 2**20:.0f} MiB, "
                   f"{stats['tokens_per_second']:.0f} tokens/s")
-        from prism_convert.profile import profile_model
-        from prism_convert.report import routing_shift, verdicts
+        from prism_convert.profiling.profiler import profile_model
+        from prism_convert.profiling.routing_report import routing_shift, verdicts
 
         runs = {}
         for name in ("prose", "code"):

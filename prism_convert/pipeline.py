@@ -6,17 +6,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .atomic import write_json
-from .bitplan import Budget, PlanInputs, error_size_curve, make_plan
-from .compress import run_compress
-from .workdir import WorkDir
+from prism_convert.allocation.bit_plan import Budget, PlanInputs, error_size_curve, make_plan
+from prism_convert.atomic import write_json
+from prism_convert.compression.compress_layers import run_compress
+from prism_convert.compression.workdir import WorkDir
 
 CURVE_BITS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.25, 5.0, 6.0, 8.25]
 
 
 def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path, console: Console | None = None) -> dict:
     """Allocate over complete work, write plan.json and plan.png into out_folder, print the table."""
-    from .plan_report import plan_table, write_plan_plot
+    from prism_convert.allocation.bit_plan_report import plan_table, write_plan_plot
 
     inputs = PlanInputs.read(works)
     plan = make_plan(inputs, budget)
@@ -36,8 +36,8 @@ def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: 
                    layers: str | None, workers: int, console: Console | None = None, progress_factory=None) -> dict | None:
     """Measure the layer range into `out`; when the model is complete there, plan the allocation. The recipe
     and the budget are checked against the whole model first (an impossible budget fails now, not at the end)."""
-    from . import preflight
-    from .profile_schema import Profile
+    from prism_convert import preflight
+    from prism_convert.profiling.profile_format import Profile
 
     checked = preflight.model_args(model)
     recipe = preflight.recipe(recipe_spec, checked)
@@ -74,9 +74,9 @@ def source_of(model: Path) -> dict:
 def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_size_bytes: int,
               console: Console | None = None, quality: dict | None = None) -> dict:
     """Allocate over the merged work folders (budget from the work unless given), then write the container."""
-    from .materialize import dense_tensors, planned_experts, predictors
-    from .pack import ExpertInput, write_container
-    from .preflight import check_output
+    from prism_convert.packing.container_writer import ExpertInput, write_container
+    from prism_convert.packing.materialize import dense_tensors, planned_experts, predictors
+    from prism_convert.preflight import check_output
 
     check_output(out, "a .prism container", "manifest.json")
 
@@ -134,8 +134,8 @@ def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix"
     Every input is checked first (preflight.conversion), so a bad option fails before any compute.
     Intermediate folders go to `work` (default: a hidden folder beside `out`), so a rerun resumes.
     `tokenizer`: --tokenizer (a path or Hub id) for a checkpoint that ships none."""
-    from . import preflight
-    from .profile import run_profile
+    from prism_convert import preflight
+    from prism_convert.profiling.profiler import run_profile
 
     model, out = Path(model), Path(out)
     work = Path(work) if work is not None else out.parent / f".{out.name}.work"
@@ -174,9 +174,13 @@ def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) 
     import torch
 
     import prism_load
-
-    from .eval import compare_models
-    from .materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+    from prism_convert.packing.materialize import (
+        apply_in_memory,
+        decoded_state,
+        dense_tensors,
+        planned_experts,
+    )
+    from prism_convert.tools.evaluate import compare_models
 
     original = prism_load.load(model, dtype=torch.float32)
     experts = list(planned_experts(works, plan, recipe.tiers.hot_share, recipe.tiers.hot_min_frequency))

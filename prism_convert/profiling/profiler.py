@@ -20,13 +20,10 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from prism_load.container import PREDICTOR_DISTANCES
-from prism_load.models.moe import MoEBlock, RouterOutput
-from prism_load.runtime.predictor import predictor_key
-
-from .atomic import atomic_folder, write_json
-from .predictor import fit_predictor, set_overlap
-from .profile_schema import (
+from prism_convert.atomic import atomic_folder, write_json
+from prism_convert.profiling.layer_stream import LayerStream
+from prism_convert.profiling.predictor_fit import fit_predictor, set_overlap
+from prism_convert.profiling.profile_format import (
     CALIBRATION_FILE,
     PROFILE_FORMAT,
     PROFILE_JSON,
@@ -35,7 +32,9 @@ from .profile_schema import (
     TOKENIZER_FILE,
     config_sha256,
 )
-from .stream import LayerStream
+from prism_load.container import PREDICTOR_DISTANCES
+from prism_load.models.moe import MoEBlock, RouterOutput
+from prism_load.runtime.predictor import predictor_key
 
 
 @dataclass
@@ -265,9 +264,8 @@ def calibration_tokens(model: Path, dataset: str, samples: int, seq_len: int, se
     """Token samples [samples, seq_len] of a calibration source, tokenised with `tokenizer` (a
     tokenizers.Tokenizer) or else the checkpoint's (prism_convert.tokenizer)."""
     import calibration
-
-    from .preflight import model_folder
-    from .tokenizer import resolve_tokenizer
+    from prism_convert.preflight import model_folder
+    from prism_convert.tokenizer import resolve_tokenizer
 
     if tokenizer is None:
         tokenizer = resolve_tokenizer(None, model_folder(model)).tokenizer
@@ -279,8 +277,8 @@ def profile_model(model: Path, dataset: str, samples: int, seq_len: int, seed: i
                   min_tokens: int = 16, progress: Progress | None = None, tokenizer: str | None = None) -> dict:
     """`prism profile`: every input checked and the calibration tokens drawn (preflight), then run_profile,
     then the heatmap beside it. `tokenizer`: --tokenizer (a path or Hub id), else the checkpoint's."""
-    from . import preflight
-    from .report import write_heatmap
+    from prism_convert import preflight
+    from prism_convert.profiling.routing_report import write_heatmap
 
     checked = preflight.model_args(model)
     preflight.check_output(Path(out), "a profile folder", PROFILE_JSON)

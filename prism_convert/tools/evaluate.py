@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
+from prism_convert.tokenizer import ResolvedTokenizer, TokenizerError, resolve_tokenizer
 from prism_load.errors import CalibrationError, ConfigError
-
-from .tokenizer import ResolvedTokenizer, TokenizerError, resolve_tokenizer
 
 
 @torch.inference_mode()
@@ -106,6 +105,6 @@ def eval_tokenizer(spec: str | None, reference: Path, packed: Path) -> ResolvedT
 
 
 def heldout_draw(tokenizer: ResolvedTokenizer, dataset: str, samples: int, seq_len: int, seed: int):
-    from .preflight import heldout
+    from prism_convert.preflight import heldout
 
     return heldout(tokenizer, dataset, samples, seq_len, seed, fewer_ok=False, option="--samples")

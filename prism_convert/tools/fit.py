@@ -13,10 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prism_convert.tools.model_shape import CLASSES, ContainerBytes, ModelShape, classify, load_shape
 from prism_load.codecs import INT_BITS, Encoding
 from prism_load.errors import BudgetError
-
-from .model_shape import CLASSES, ContainerBytes, ModelShape, classify, load_shape
 
 DENSE_POLICIES = ("bf16", "int8", "same")
 KV_BYTES_PER_ELEMENT = 2  # the KV cache is assumed bf16

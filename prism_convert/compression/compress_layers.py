@@ -3,9 +3,9 @@
 Per MoE layer (streamed: one layer resident; hidden states of the calibration tokens carried between
 layers): capture each expert's routed inputs, build its input Hessian (gate/up share one, as in exllamav2;
 down_proj gets the Hessian of its own inputs), encode every recipe candidate (GPTQ rounding from the
-Hessian), measure its weighted output error (prism_convert.candidates), keep the Pareto candidates, and
+Hessian), measure its weighted output error (prism_convert.compression.candidates), keep the Pareto candidates, and
 write the layer to the work folder. Once every layer of the model is there, one allocation over the whole
-model picks a candidate per tensor under the budget (prism_convert.bitplan).
+model picks a candidate per tensor under the budget (prism_convert.allocation.bit_plan).
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from prism_convert.compression.candidates import TensorStats, measure_candidates
+from prism_convert.compression.capture import ExpertCapture
+from prism_convert.compression.dense import encode_dense_layer, encode_top
+from prism_convert.compression.encode import encode_many
+from prism_convert.compression.workdir import WorkDir, WorkError
+from prism_convert.profiling.layer_stream import LayerStream
+from prism_convert.profiling.profile_format import TOKENIZER_FILE, Profile, config_sha256
+from prism_convert.recipe import Recipe
 from prism_load.models.moe import MoEBlock
-
-from .candidates import TensorStats, measure_candidates
-from .capture import ExpertCapture
-from .dense import encode_dense_layer, encode_top
-from .encode import encode_many
-from .profile_schema import TOKENIZER_FILE, Profile, config_sha256
-from .recipe import Recipe
-from .stream import LayerStream
-from .workdir import WorkDir, WorkError
 
 EXPERT_MATRICES = ("gate_proj", "up_proj", "down_proj")
 EXPERT_BIASES = ("gate_bias", "up_bias", "down_bias")

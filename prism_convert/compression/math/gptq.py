@@ -5,7 +5,7 @@ Columns are quantized in order; each column's residual w − ŵ is fed forward o
 quantized, so rounding minimises tr(ΔW H ΔWᵀ), the expected squared output error, not ‖ΔW‖². This is the
 reference algorithm in its LDL form (QuIP, Chee et al. 2023): the value rounded at column c is
 
-    x_c = w_c + Σ_{k<c} (w_k − ŵ_k) T_kc,    T = R · diag(R)⁻¹,  R Rᵀ = H + λI  (prism_convert.hessian)
+    x_c = w_c + Σ_{k<c} (w_k − ŵ_k) T_kc,    T = R · diag(R)⁻¹,  R Rᵀ = H + λI  (prism_convert.compression.math.hessian)
 
 which equals the reference's update through the Cholesky factor of H⁻¹, without inverting anything.
 Lazy blocks as in the reference: inside a block the feedback is rank-1 per column; the earlier blocks'
@@ -29,11 +29,17 @@ import math
 
 import torch
 
+from prism_convert.compression.math.hessian import HessianFactors, hessian_factors
+from prism_convert.compression.math.quantize import (
+    GroupFit,
+    channel_weights_grouped,
+    fit_groups,
+    group_mask,
+    grouped,
+    store,
+)
 from prism_load.codecs import Encoding
 from prism_load.errors import EncodingError
-
-from .hessian import HessianFactors, hessian_factors
-from .quantize import GroupFit, channel_weights_grouped, fit_groups, group_mask, grouped, store
 
 GPTQ_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)  # feedback already repairs most clipping: a shorter search
 SEGMENT = 32  # columns per rank-1 segment inside a lazy block (two-level blocking)

@@ -1,11 +1,11 @@
 """encode(): the one entry point from a weight matrix and an Encoding to the exact stored tensors.
 
 Which algorithm runs:
-- `int`: GPTQ rounding (act-order, static groups) when the input Hessian is given (prism_convert.gptq),
+- `int`: GPTQ rounding (act-order, static groups) when the input Hessian is given (prism_convert.compression.math.gptq),
   else the importance-weighted clipping search on the per-channel second moments (plain MSE without
-  them; prism_convert.quantize);
+  them; prism_convert.compression.math.quantize);
 - `lowrank`: whitened truncated SVD (full Hessian, else its diagonal, else plain), factors stored per
-  `factor_bits` (prism_convert.lowrank);
+  `factor_bits` (prism_convert.compression.math.lowrank);
 - `int+lowrank`: the `int` base as above, then a whitened low-rank fit of the residual W − deq(base), so
   decode = base + A @ B;
 - `bf16` / `fp16` / `fp32`: the tensor itself.
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from prism_convert.compression.math.gptq import gptq_many
+from prism_convert.compression.math.hessian import check_hessian, hessian_factors
+from prism_convert.compression.math.lowrank import factor_tensors, whitening
+from prism_convert.compression.math.quantize import FP16_MAX, clipped
 from prism_load.codecs import PASSTHROUGH_DTYPES, Encoding, decode
 from prism_load.errors import EncodingError
-
-from .gptq import gptq_many
-from .hessian import check_hessian, hessian_factors
-from .lowrank import factor_tensors, whitening
-from .quantize import FP16_MAX, clipped
 
 
 def check_statistics(w: torch.Tensor, hessian: torch.Tensor | None, channel_weights: torch.Tensor | None) -> None:

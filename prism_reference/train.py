@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prism_convert.atomic import atomic_folder
 from prism_load.errors import PrismError
 from prism_load.models.family import family_for
 from prism_load.models.model import MoEForCausalLM
-
-from .atomic import atomic_folder
-from .hf_export import mixtral_config, save_mixtral
-from .reference_data import DOMAINS, Corpus, build_corpus, data_fingerprint, eval_windows, sample_batch
-from .reference_eval import mean_loss, routing_summary
-from .train_tokenizer import save_tokenizer
+from prism_reference.bpe_tokenizer import save_tokenizer
+from prism_reference.data import DOMAINS, Corpus, build_corpus, data_fingerprint, eval_windows, sample_batch
+from prism_reference.hf_export import mixtral_config, save_mixtral
+from prism_reference.measure import mean_loss, routing_summary
 
 TRAINING_VERSION = "2"  # bump when training code changes what a preset produces (invalidates the cache)
 AUX_LOSS_COEF = 0.01  # Switch Transformer's alpha; Mixtral's router_aux_loss_coef is 0.02

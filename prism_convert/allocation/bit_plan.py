@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from prism_convert.allocation.knapsack import Option, allocate, pareto_front
+from prism_convert.compression.workdir import WorkDir, WorkError
 from prism_load.codecs import Encoding
 from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.errors import BudgetError
-
-from .allocate import Option, allocate, pareto_front
-from .workdir import WorkDir, WorkError
 
 
 @dataclass(frozen=True)

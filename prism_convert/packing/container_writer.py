@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import xxhash
 
+from prism_convert.atomic import atomic_folder
 from prism_load import __version__
 from prism_load.codecs import Encoding, check_tensors
 from prism_load.container import (
@@ -55,8 +56,6 @@ from prism_load.container import (
 )
 from prism_load.container_reader import Container
 from prism_load.errors import ContainerError
-
-from .atomic import atomic_folder
 
 EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
 PENDING_CHECKSUM = "0" * 16

@@ -69,8 +69,8 @@ def profile(
     tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Run calibration data through the model layer by layer and record routing and activation statistics."""
-    from prism_convert.profile import profile_model
-    from prism_convert.report import profile_table, verdicts
+    from prism_convert.profiling.profiler import profile_model
+    from prism_convert.profiling.routing_report import profile_table, verdicts
 
     with _progress() as progress:
         data = profile_model(model, dataset, samples, seq_len, seed, out, min_tokens, progress, tokenizer=tokenizer)
@@ -91,8 +91,8 @@ def shift(
     """Routing shift between two profiles of one model: per-layer total-variation distance, hot/cold changes."""
     import json
 
-    from prism_convert.profile_schema import Profile
-    from prism_convert.report import routing_shift, shift_table
+    from prism_convert.profiling.profile_format import Profile
+    from prism_convert.profiling.routing_report import routing_shift, shift_table
 
     a, b = Profile.load(profile_a), Profile.load(profile_b)
     if a.data["model"]["config_sha256"] != b.data["model"]["config_sha256"]:
@@ -119,8 +119,8 @@ def compress(
 
 
 def _budget(bits, size):
-    from prism_convert.bitplan import Budget
-    from prism_convert.plan import parse_bytes
+    from prism_convert.allocation.bit_plan import Budget
+    from prism_convert.tools.fit import parse_bytes
 
     return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None)
 
@@ -135,7 +135,7 @@ def pack(
 ) -> None:
     """Write a sharded .prism container with tier metadata from finished compress work."""
     from prism_convert.pipeline import pack_work
-    from prism_convert.plan import parse_bytes
+    from prism_convert.tools.fit import parse_bytes
 
     budget = _budget(bits, size) if (bits is not None or size is not None) else None
     pack_work(work_dirs, out, budget, parse_bytes(shard_size, "shard size"), console)
@@ -144,7 +144,7 @@ def pack(
 def _model_path(spec: str, progress=None) -> Path:
     """A checkpoint folder, or `reference:PRESET` for the project's reference model (trained if not cached)."""
     if spec.startswith("reference:"):
-        from prism_convert.reference import reference_model
+        from prism_reference.train import reference_model
 
         return reference_model(spec.split(":", 1)[1], progress=progress)
     return Path(spec)
@@ -180,7 +180,7 @@ def convert(
 
 
 def _print_conversion(result: dict) -> None:
-    from prism_convert.plan_report import plan_table
+    from prism_convert.allocation.bit_plan_report import plan_table
 
     plan, quality = result["plan"], result["quality"]
     console.print(plan_table(plan))
@@ -205,7 +205,7 @@ def demo(
 ) -> None:
     """The main job on the embedded default: train (or reuse) the reference MoE, convert it, load and run it."""
     from prism_convert.pipeline import convert as run_convert
-    from prism_convert.run import run_prompt
+    from prism_convert.tools.generate import run_prompt
 
     with _progress() as progress:
         model = _model_path(f"reference:{preset}", progress)
@@ -240,7 +240,7 @@ def run(
 ) -> None:
     """Generate text, streaming tokens as they come (a --prompts-file batch: each continuation at the end); then
     tokens/s (prefill and decode) and, with --cache, the cache and prefetch statistics."""
-    from prism_convert.run import read_prompts, run_prompt
+    from prism_convert.tools.generate import read_prompts, run_prompt
 
     prompts = read_prompts(prompts_file) if prompts_file is not None else prompt
     run_prompt(model, prompts, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
@@ -262,7 +262,7 @@ def eval_(
     """Perplexity of both models and KL(original || packed) on held-out text (never the calibration split)."""
     from rich.table import Table
 
-    from prism_convert.eval import evaluate
+    from prism_convert.tools.evaluate import evaluate
 
     result = evaluate(packed, reference, dataset, samples, seq_len, seed, tokenizer=tokenizer)
     if as_json:
@@ -300,7 +300,7 @@ def plan(
     """What fits in GPU, RAM and disk at these bits, and the bandwidth-bound ceiling of decode tokens/s."""
     import json
 
-    from prism_convert import plan as plan_mod
+    from prism_convert.tools import fit as plan_mod
 
     size = plan_mod.parse_bytes
     machine = plan_mod.Machine(
@@ -328,8 +328,8 @@ def push(
     dry_run: bool = typer.Option(False, "--dry-run", help="Write README.md and list the files; upload nothing."),
 ) -> None:
     """Upload a container to the Hugging Face Hub with a generated model card (resumable: re-run to continue)."""
-    from prism_convert.hub import push as push_container
-    from prism_convert.hub import push_table
+    from prism_convert.tools.push import push as push_container
+    from prism_convert.tools.push import push_table
 
     result = push_container(container, repo_id, private=private, revision=revision, token=token,
                             dry_run=dry_run, base_model=base_model)
@@ -368,7 +368,7 @@ def inspect(
     """Summarise a container: model, tiers, bits histogram, bytes per tier, hottest experts, overhead."""
     import json
 
-    from prism_convert.inspect import inspect_container, summary_tables
+    from prism_convert.tools.inspect_container import inspect_container, summary_tables
 
     summary = inspect_container(container)
     if as_json:
@@ -387,7 +387,7 @@ def reference(
     """Train the reference Mixtral-layout MoE on built-in prose + code and save it as a HF checkpoint."""
     from rich import progress as rp
 
-    from prism_convert.reference import preset_by_name, reference_model, train_reference
+    from prism_reference.train import preset_by_name, reference_model, train_reference
 
     preset_by_name(preset)
     with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),

@@ -12,7 +12,7 @@ profile.json (version 1):
   - `next_layer` (index of the next MoE layer or null), `next_layer_recall` / `next_layer_precision`
     (next layer's router applied to this layer's output hidden state, top-k vs the real top-k; null for the
     last MoE layer), `next_layer_recall_at_2k` (the same predicting 2k experts),
-  - `predictors`: the fitted prefetch predictors from this layer's output (prism_convert/predictor.py), one
+  - `predictors`: the fitted prefetch predictors from this layer's output (prism_convert/profiling/predictor_fit.py), one
     per MoE layer ahead (`distance` 1: the next, 2: the one after): [{`layer` (the predicted MoE layer),
     `distance`, `recall`, `shadow_recall` (the fitted predictor's and the shadow router's recall, both fitted
     or applied without the last fifth of the calibration sequences and scored on it), `validation_tokens`}],

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from prism_convert.compression.encode import encode
+from prism_convert.recipe import Recipe
 from prism_load.codecs import Encoding
-
-from .encode import encode
-from .recipe import Recipe
 
 
 def tensor_class(key: str) -> str:

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_convert.allocation.bit_plan import gather_layers
+from prism_convert.compression.workdir import WorkDir, split_encoded
 from prism_load.codecs import Encoding, decode
-
-from .bitplan import gather_layers
-from .workdir import WorkDir, split_encoded
 
 EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
 

@@ -3,7 +3,7 @@
 
 With H + λI = S Sᵀ the damped output error of W ≈ A B is ‖(W − A B) S‖²_F, so the best rank-r pair is
 the truncated SVD of W S, un-whitened (Eckart–Young in the whitened space): A = U_r Σ_r^½,
-B = Σ_r^½ V_rᵀ S⁻¹. S is the Hessian's triangular factor R (prism_convert.hessian); with only the diagonal
+B = Σ_r^½ V_rᵀ S⁻¹. S is the Hessian's triangular factor R (prism_convert.compression.math.hessian); with only the diagonal
 known (per-channel second moments m), S = diag(√(m + λ)); with neither, S = I (plain SVD).
 
 Large matrices use a seeded randomized subspace iteration (Halko, Martinsson & Tropp 2011) applied
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_convert.compression.math.gptq import gptq
+from prism_convert.compression.math.hessian import HessianFactors, compute_factors, hessian_factors
+from prism_convert.compression.math.quantize import clipped
 from prism_load.codecs import Encoding, decode
 from prism_load.errors import EncodingError
-
-from .gptq import gptq
-from .hessian import HessianFactors, compute_factors, hessian_factors
-from .quantize import clipped
 
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_convert.allocation.knapsack import Option, pareto
+from prism_convert.compression.math.measure import output_error
 from prism_load.codecs import Encoding, decode
-
-from .allocate import Option, pareto
-from .measure import output_error
 
 
 @dataclass
@@ -31,7 +30,7 @@ class TensorStats:
 
 
 def weighted_error(weight: torch.Tensor, decoded: torch.Tensor, stats: TensorStats) -> float:
-    """Σ_j s_j · (ΔW H ΔWᵀ)_jj: prism_convert.measure.output_error on rows scaled by √s_j."""
+    """Σ_j s_j · (ΔW H ΔWᵀ)_jj: prism_convert.compression.math.measure.output_error on rows scaled by √s_j."""
     if stats.output_weights is not None:
         root = stats.output_weights.float().clamp_min(0).sqrt()[:, None]
         weight, decoded = weight.float() * root, decoded.float() * root
@@ -56,7 +55,7 @@ Encoder = Callable[..., dict[str, torch.Tensor]]
 
 def measure_candidates(weight: torch.Tensor, menu: list[Encoding], stats: TensorStats, encoder: Encoder,
                        use_hessian_for_rounding: bool = True) -> list[Candidate]:
-    """Encode `weight` with every menu entry (`encoder` is prism_convert.encode.encode_many), measure each, keep only the Pareto-optimal ones
+    """Encode `weight` with every menu entry (`encoder` is prism_convert.compression.encode.encode_many), measure each, keep only the Pareto-optimal ones
     (a candidate with more bytes and more error than another is never chosen by an optimal allocation)."""
     stored = encoder(
         weight,

@@ -15,8 +15,7 @@ import torch
 
 import calibration
 from calibration import builtin
-
-from .train_tokenizer import END_OF_TEXT, train_bpe_tokenizer
+from prism_reference.bpe_tokenizer import END_OF_TEXT, train_bpe_tokenizer
 
 DOMAINS = ("prose", "code")
 

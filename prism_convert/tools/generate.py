@@ -24,8 +24,7 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, c
     replaces the model's own, or stands in where it has none. temperature (0: greedy) and top_p sample;
     None leaves the checkpoint's generation_config.json defaults."""
     import prism_load
-
-    from .tokenizer import check_vocabulary, resolve_tokenizer
+    from prism_convert.tokenizer import check_vocabulary, resolve_tokenizer
 
     named = resolve_tokenizer(tokenizer) if tokenizer is not None else None  # before the (long) load
     if expert_form == "codes" and cache is None:
