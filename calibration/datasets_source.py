@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prism_load.errors import CalibrationError
 
-from .sources import CalibrationSource, text_value
+from .source_base import CalibrationSource, text_value
 
 
 class HubSource(CalibrationSource):
