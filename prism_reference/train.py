@@ -210,7 +210,6 @@ def _train_loop(model, corpus: Corpus, preset: Preset, seed: int, progress):
     generator = torch.Generator().manual_seed(seed + 1)
     weights = {"prose": preset.prose_weight, "code": 1.0 - preset.prose_weight}
     params = list(model.parameters())
-    task = progress.add_task(f"training {preset.name}", total=preset.steps) if progress is not None else None
     curve, tokens_seen, began = [], {d: 0 for d in DOMAINS}, time.perf_counter()
     model.train()
     for step in range(preset.steps):
@@ -229,10 +228,10 @@ def _train_loop(model, corpus: Corpus, preset: Preset, seed: int, progress):
         for d in domains:
             tokens_seen[d] += preset.seq_len
         curve.append((round(ce.item(), 4), round(aux.item(), 4)))
-        if task is not None:
+        if progress is not None:
             rate = sum(tokens_seen.values()) / (time.perf_counter() - began)
-            progress.update(task, advance=1, description=f"training {preset.name}: loss {ce.item():.3f}, "
-                                                         f"balance {aux.item():.3f}, {rate:,.0f} tokens/s")
+            progress(f"training {preset.name}: loss {ce.item():.3f}, balance {aux.item():.3f}, {rate:,.0f} tokens/s",
+                     step + 1, preset.steps)
     for _, block in model.moe_blocks():
         block.observer = None
     return curve, tokens_seen, time.perf_counter() - began

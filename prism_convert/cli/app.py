@@ -50,11 +50,11 @@ def _not_yet(name: str) -> None:
     raise PrismError(f"'prism {name}' is not implemented yet")
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _progress(remaining: bool = False):
+    """Progress bars on stderr for the library's progress callback."""
+    from prism_convert.cli.render import progress_bars
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=False)
+    return progress_bars(err_console, remaining)
 
 
 @app.command()
@@ -69,11 +69,13 @@ def profile(
     tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Run calibration data through the model layer by layer and record routing and activation statistics."""
-    from prism_convert.profiling.profiler import profile_model
-    from prism_convert.profiling.routing_report import profile_table, verdicts
+    import prism_convert
+    from prism_convert.cli.render import profile_table
+    from prism_convert.profiling.routing_report import verdicts
 
     with _progress() as progress:
-        data = profile_model(model, dataset, samples, seq_len, seed, out, min_tokens, progress, tokenizer=tokenizer)
+        data = prism_convert.profile(model, out=out, dataset=dataset, samples=samples, seq_len=seq_len, seed=seed,
+                                     min_tokens=min_tokens, tokenizer=tokenizer, progress=progress)
     console.print(profile_table(data))
     for line in verdicts(data):
         console.print(f"- {line}", highlight=False)
@@ -91,8 +93,9 @@ def shift(
     """Routing shift between two profiles of one model: per-layer total-variation distance, hot/cold changes."""
     import json
 
+    from prism_convert.cli.render import shift_table
     from prism_convert.profiling.profile_format import Profile
-    from prism_convert.profiling.routing_report import routing_shift, shift_table
+    from prism_convert.profiling.routing_report import routing_shift
 
     a, b = Profile.load(profile_a), Profile.load(profile_b)
     if a.data["model"]["config_sha256"] != b.data["model"]["config_sha256"]:
@@ -113,9 +116,16 @@ def compress(
     out: Path = typer.Option(..., "-o", "--out", help="Work folder (resumable)."),
 ) -> None:
     """Measure candidate encodings per expert tensor and allocate a bits-and-rank budget over the model."""
-    from prism_convert.pipeline import compress_model
+    import prism_convert
 
-    compress_model(model, profile_dir, _budget(bits, size), recipe, out, layers, workers, console, _progress)
+    with _progress() as progress:
+        result = prism_convert.compress(model, profile=profile_dir, out=out, bits=bits, size=size, recipe=recipe,
+                                        layers=layers, workers=workers, progress=progress)
+    if result["plan"] is not None:
+        _print_plan(result["plan"], out)
+    else:
+        console.print(f"layers {result['layers'][0]}–{result['layers'][-1]} of 0–{result['num_layers'] - 1} done in "
+                      f"{out}; compress the other ranges, then `prism pack` all work folders together.")
 
 
 def _budget(bits, size):
@@ -123,6 +133,17 @@ def _budget(bits, size):
     from prism_convert.tools.fit import parse_bytes
 
     return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None)
+
+
+def _print_plan(plan: dict, folder: Path) -> None:
+    from prism_convert.cli.render import plan_table
+
+    console.print(plan_table(plan))
+    if plan["rare_experts"]:
+        console.print(f"rare experts (neutral prior, still encoded): {plan['rare_experts']}", highlight=False)
+    plot = folder / "plan.png"
+    if plot.is_file():
+        console.print(f"[dim]wrote {folder / 'plan.json'} and {plot}[/]")
 
 
 @app.command()
@@ -134,11 +155,12 @@ def pack(
     shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum bytes per expert shard."),
 ) -> None:
     """Write a sharded .prism container with tier metadata from finished compress work."""
-    from prism_convert.pipeline import pack_work
-    from prism_convert.tools.fit import parse_bytes
+    import prism_convert
 
-    budget = _budget(bits, size) if (bits is not None or size is not None) else None
-    pack_work(work_dirs, out, budget, parse_bytes(shard_size, "shard size"), console)
+    plan = prism_convert.pack(work_dirs, out=out, bits=bits, size=size, shard_size=shard_size)
+    _print_plan(plan, work_dirs[0])
+    console.print(f"wrote {out}: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "
+                  f"{plan['bits_per_expert_weight']:.3f} bits per expert weight")
 
 
 def _model_path(spec: str, progress=None) -> Path:
@@ -167,20 +189,21 @@ def convert(
 ) -> None:
     """profile -> compress -> pack in one go, with one progress display; prints size and quality. Every input
     (model, output, recipe, budget, tokenizer, calibration and held-out text) is checked before any compute."""
-    from prism_convert.pipeline import convert as run_convert
+    import prism_convert
     from prism_convert.preflight import check_output
 
-    budget = _budget(bits, size)
+    _budget(bits, size)  # a bad budget fails before a reference model is trained
     check_output(out, "a .prism container", "manifest.json")  # before a reference model is trained
     with _progress() as progress:
-        result = run_convert(_model_path(model, progress), out, budget, dataset, recipe, samples, seq_len,
-                             work=work, eval_samples=eval_samples, workers=workers, console=None, progress=progress,
-                             tokenizer=tokenizer)
+        result = prism_convert.convert(_model_path(model, progress), out=out, bits=bits, size=size, dataset=dataset,
+                                       recipe=recipe, samples=samples, seq_len=seq_len, work=work,
+                                       eval_samples=eval_samples, workers=workers, tokenizer=tokenizer,
+                                       progress=progress)
     _print_conversion(result)
 
 
 def _print_conversion(result: dict) -> None:
-    from prism_convert.allocation.bit_plan_report import plan_table
+    from prism_convert.cli.render import plan_table
 
     plan, quality = result["plan"], result["quality"]
     console.print(plan_table(plan))
@@ -204,19 +227,18 @@ def demo(
     prompt: str = typer.Option("def fibonacci(n):", "--prompt", "-p"),
 ) -> None:
     """The main job on the embedded default: train (or reuse) the reference MoE, convert it, load and run it."""
-    from prism_convert.pipeline import convert as run_convert
-    from prism_convert.tools.generate import run_prompt
+    import prism_convert
 
     with _progress() as progress:
         model = _model_path(f"reference:{preset}", progress)
         work = out.parent / f".{out.name}.work" / model.name  # one per reference model: a new one never collides
-        result = run_convert(model, out, _budget(bits, None), samples=64, eval_samples=16, work=work,
-                             progress=progress)
+        result = prism_convert.convert(model, out=out, bits=bits, samples=64, eval_samples=16, work=work,
+                                       progress=progress)
     original = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     _print_conversion(result)
     console.print(f"original checkpoint {original / 2**20:,.1f} MiB (fp32) -> container "
                   f"{sum(f.stat().st_size for f in out.glob('*') if f.is_file()) / 2**20:,.1f} MiB on disk", highlight=False)
-    run_prompt(out, prompt, 48, console)
+    _generate(out, prompt, 48)
 
 
 @app.command()
@@ -240,12 +262,40 @@ def run(
 ) -> None:
     """Generate text, streaming tokens as they come (a --prompts-file batch: each continuation at the end); then
     tokens/s (prefill and decode) and, with --cache, the cache and prefetch statistics."""
-    from prism_convert.tools.generate import read_prompts, run_prompt
+    from prism_convert.tools.generate import read_prompts
 
     prompts = read_prompts(prompts_file) if prompts_file is not None else prompt
-    run_prompt(model, prompts, max_new_tokens, console, cache=cache, prefetch=prefetch, numa=numa or None,
-               expert_form="codes" if codes else form, lookahead=lookahead, predictor=predictor,
-               tokenizer=tokenizer, expert_kernel=kernel, temperature=temperature, top_p=top_p, seed=seed)
+    _generate(model, prompts, max_new_tokens, cache=cache, prefetch=prefetch, numa=numa or None,
+              expert_form="codes" if codes else form, lookahead=lookahead, predictor=predictor,
+              tokenizer=tokenizer, expert_kernel=kernel, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _generate(model: Path, prompts: str | list[str], max_new_tokens: int, **options) -> None:
+    """Stream the text (a batch: each prompt numbered, then its continuation), then the speeds and cache tables."""
+    from prism_convert.cli.render import layer_table, stats_table
+    from prism_convert.tools.generate import run_prompt
+
+    batch, count = not isinstance(prompts, str), [0]
+
+    def show(text: str, role: str) -> None:
+        if role == "prompt":
+            if batch:
+                console.print(f"[dim][{count[0]}][/] ", end="")
+                count[0] += 1
+            console.print(text, end="", style="bold", highlight=False, markup=False)
+        elif role == "text":
+            console.print(text, end="", highlight=False, markup=False)
+        else:
+            console.print()
+
+    result = run_prompt(model, prompts, max_new_tokens, show, **options)
+    if "stats" in result:
+        console.print(stats_table(result["stats"], result["seconds"]))
+        console.print(layer_table(result["stats"]))
+    console.print(f"[dim]prefill {result['prompt_tokens']} tokens in {result['prefill_seconds']:.3f} s "
+                  f"({result['prefill_tokens_per_second']:.1f} tokens/s); decode {result['decode_tokens']} tokens in "
+                  f"{result['decode_seconds']:.2f} s ({result['decode_tokens_per_second']:.1f} tokens/s)[/]",
+                  highlight=False)
 
 
 @app.command("eval")
@@ -262,9 +312,10 @@ def eval_(
     """Perplexity of both models and KL(original || packed) on held-out text (never the calibration split)."""
     from rich.table import Table
 
-    from prism_convert.tools.evaluate import evaluate
+    import prism_convert
 
-    result = evaluate(packed, reference, dataset, samples, seq_len, seed, tokenizer=tokenizer)
+    result = prism_convert.evaluate(packed, reference=reference, dataset=dataset, samples=samples, seq_len=seq_len,
+                                    seed=seed, tokenizer=tokenizer)
     if as_json:
         import json
 
@@ -313,7 +364,9 @@ def plan(
     if as_json:
         print(json.dumps(result, indent=1))
         return
-    for part in plan_mod.render(result):
+    from prism_convert.cli.render import fit_tables
+
+    for part in fit_tables(result):
         console.print(part, highlight=False)
 
 
@@ -328,8 +381,8 @@ def push(
     dry_run: bool = typer.Option(False, "--dry-run", help="Write README.md and list the files; upload nothing."),
 ) -> None:
     """Upload a container to the Hugging Face Hub with a generated model card (resumable: re-run to continue)."""
+    from prism_convert.cli.render import push_table
     from prism_convert.tools.push import push as push_container
-    from prism_convert.tools.push import push_table
 
     result = push_container(container, repo_id, private=private, revision=revision, token=token,
                             dry_run=dry_run, base_model=base_model)
@@ -368,7 +421,8 @@ def inspect(
     """Summarise a container: model, tiers, bits histogram, bytes per tier, hottest experts, overhead."""
     import json
 
-    from prism_convert.tools.inspect_container import inspect_container, summary_tables
+    from prism_convert.cli.render import summary_tables
+    from prism_convert.tools.inspect_container import inspect_container
 
     summary = inspect_container(container)
     if as_json:
@@ -385,13 +439,10 @@ def reference(
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: the preset's own, so the model is the same bits on any machine)."),
 ) -> None:
     """Train the reference Mixtral-layout MoE on built-in prose + code and save it as a HF checkpoint."""
-    from rich import progress as rp
-
     from prism_reference.train import preset_by_name, reference_model, train_reference
 
     preset_by_name(preset)
-    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                     rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), console=err_console) as progress:
+    with _progress(remaining=True) as progress:
         if out is None:
             out = reference_model(preset, seed, progress=progress, threads=threads)
         else:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from prism_convert.compression.candidates import TensorStats, measure_candidates
 from prism_convert.compression.capture import ExpertCapture
@@ -25,6 +24,7 @@ from prism_convert.compression.encode import encode_many
 from prism_convert.compression.workdir import WorkDir, WorkError
 from prism_convert.profiling.layer_stream import LayerStream
 from prism_convert.profiling.profile_format import TOKENIZER_FILE, Profile, config_sha256
+from prism_convert.progress import Progress
 from prism_convert.recipe import Recipe
 from prism_load.models.moe import MoEBlock
 
@@ -172,7 +172,9 @@ def run_compress(model: Path, profile_dir: Path, recipe: Recipe, out: Path, laye
         encode_top(stream, recipe, work)
     tokens = profile.calibration_tokens()
     start = time.perf_counter()
-    task = progress.add_task("compress", total=len(span)) if progress else None
+    done = [0]  # layers finished, for the progress callback
+    if progress:
+        progress("compress", 0, len(span))
     hidden = stream.embed(tokens)
     if span.start:
         hidden = stream.forward_to(hidden, span.start)  # original layers before the range: hidden states only
@@ -195,19 +197,21 @@ def run_compress(model: Path, profile_dir: Path, recipe: Recipe, out: Path, laye
             hidden = out_hidden
             del layer
             while len(pending) > max(1, workers):  # bound memory: at most `workers` layers in flight
-                _collect(pending.pop(0), progress, task)
+                _collect(pending.pop(0), progress, done, len(span))
             if not todo and progress:
-                progress.update(task, advance=1, description=f"compress: layer {i} (resumed)")
+                done[0] += 1
+                progress(f"compress: layer {i} (resumed)", done[0], len(span))
         for item in pending:
-            _collect(item, progress, task)
+            _collect(item, progress, done, len(span))
     return {"layers": list(span), "resumed": sorted(done_before & set(span)), "seconds": time.perf_counter() - start}
 
 
-def _collect(item, progress, task) -> None:
+def _collect(item, progress: Progress | None, done: list[int], total: int) -> None:
     i, future = item
     future.result()
     if progress:
-        progress.update(task, advance=1, description=f"compress: layer {i} done")
+        done[0] += 1
+        progress(f"compress: layer {i} done", done[0], total)
 
 
 def _finish_layer(work: WorkDir, i: int, layer, capture: ExpertCapture | None, recipe: Recipe, profile: Profile) -> None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from prism_convert.atomic import atomic_folder, write_json
 from prism_convert.profiling.layer_stream import LayerStream
@@ -32,6 +31,7 @@ from prism_convert.profiling.profile_format import (
     TOKENIZER_FILE,
     config_sha256,
 )
+from prism_convert.progress import Progress
 from prism_load.container import PREDICTOR_DISTANCES
 from prism_load.models.moe import MoEBlock, RouterOutput
 from prism_load.runtime.predictor import predictor_key
@@ -125,7 +125,8 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
     entries: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}
     history: list[tuple[dict, torch.Tensor]] = []  # (entry, output hidden) of the last MoE layers, nearest last
-    task = progress.add_task("profile", total=stream.num_layers) if progress else None
+    if progress:
+        progress("profile", 0, stream.num_layers)
     for i in range(stream.num_layers):
         layer = stream.load_layer(i)
         block = layer.mlp if isinstance(layer.mlp, MoEBlock) else None
@@ -166,7 +167,7 @@ def profile_tokens(stream: LayerStream, tokens: torch.Tensor, progress: Progress
         hidden = out
         del layer, block  # the block references the layer's experts: keep only one layer alive at a time
         if progress:
-            progress.update(task, advance=1, description=f"profile: layer {i + 1}/{stream.num_layers}")
+            progress(f"profile: layer {i + 1}/{stream.num_layers}", i + 1, stream.num_layers)
     return entries, tensors
 
 

@@ -1,4 +1,5 @@
-"""Routing reports: a rich table and a heatmap for a profile, and the routing shift between two profiles.
+"""Routing reports: verdicts and a heatmap for a profile, and the routing shift between two profiles (their
+tables: prism_convert/cli/render.py).
 
 The report states plainly where skew or prediction will not help on this model, instead of assuming it.
 """
@@ -8,40 +9,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from rich.table import Table
-
 SKEW_USEFUL = 0.40  # top-25% share above which frequency-driven precision has something to exploit
 RECALL_USEFUL = 0.60  # shadow-router recall above which prefetching the prediction mostly hits
-
-
-def profile_table(data: dict) -> Table:
-    table = Table(title=f"routing profile: {data['tokens']:,} tokens, top-{data['top_k']}", show_lines=False)
-    for col in ("layer", "entropy (bits)", "top expert", "top 25%", "next-layer recall", "recall@2k",
-                "fitted vs shadow, next (held back)", "two ahead", "temporal reuse", "rare"):
-        table.add_column(col, justify="right")
-    for x in data["layers"]:
-        recall = x["next_layer_recall"]
-        at2k = x.get("next_layer_recall_at_2k")
-        table.add_row(
-            str(x["layer"]),
-            f"{x['routing_entropy_bits']:.2f} / {x['max_entropy_bits']:.2f}",
-            f"{x['top_expert_share']:.1%}",
-            f"{x['top_quarter_share']:.1%}",
-            "—" if recall is None else f"{recall:.1%}",
-            "—" if at2k is None else f"{at2k:.1%}",
-            _fitted(x, 1),
-            _fitted(x, 2),
-            f"{x['temporal_reuse']:.1%} (indep. {x['temporal_reuse_baseline']:.1%})",
-            str(len(x["rare_experts"])),
-        )
-    return table
-
-
-def _fitted(x: dict, distance: int) -> str:
-    p = next((p for p in x.get("predictors", ()) if p["distance"] == distance), None)
-    if p is None:
-        return "—"
-    return f"{p['recall']:.1%} vs {p['shadow_recall']:.1%}" + (" (used)" if p["recall"] > p["shadow_recall"] else "")
 
 
 def verdicts(data: dict) -> list[str]:
@@ -167,10 +136,3 @@ def routing_shift(a: dict, b: dict) -> dict:
     return {"a": a["dataset"].get("spec"), "b": b["dataset"].get("spec"), "mean_total_variation": mean_tv, "layers": layers}
 
 
-def shift_table(shift: dict) -> Table:
-    table = Table(title=f"routing shift: {shift['a']} vs {shift['b']} (mean TV {shift['mean_total_variation']:.3f})")
-    for col in ("layer", "TV distance", "hot only in A", "hot only in B"):
-        table.add_column(col, justify="right")
-    for x in shift["layers"]:
-        table.add_row(str(x["layer"]), f"{x['total_variation']:.3f}", str(x["hot_only_in_a"]), str(x["hot_only_in_b"]))
-    return table

@@ -4,15 +4,15 @@ and, for a model whose experts sit behind the runtime's cache, the cache and pre
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from rich.console import Console
-from rich.table import Table
 
 from prism_load.errors import PrismError
 
+TextSink = Callable[[str, str], None]  # (text, role): role "prompt", "text" (generated) or "end" (of one continuation)
 
-def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, console: Console, *, cache=None,
+
+def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, on_text: TextSink | None = None, *, cache=None,
                prefetch: bool = True, numa=None, expert_form: str | None = None, lookahead: int = 1,
                predictor: bool = True, tokenizer: str | None = None, expert_kernel: str = "auto",
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> dict:
@@ -22,7 +22,9 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, c
     (None: the runtime's default, packed for containers; codes needs the cache: "100%" when no budget is
     given). `tokenizer` (--tokenizer, a path or Hub id)
     replaces the model's own, or stands in where it has none. temperature (0: greedy) and top_p sample;
-    None leaves the checkpoint's generation_config.json defaults."""
+    None leaves the checkpoint's generation_config.json defaults. `on_text(text, role)` receives the prompt and the
+    text as it streams (a batch: each prompt and its continuation once all are done); the result holds the
+    speeds and, behind the expert cache, `stats` (model.stats())."""
     import prism_load
     from prism_convert.tokenizer import check_vocabulary, resolve_tokenizer
 
@@ -43,18 +45,13 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, c
     if model.tokenizer is None:
         raise PrismError(f"{model_path}: no tokenizer, cannot encode a text prompt; name one with --tokenizer")
     sampling = sampling_options(temperature, top_p)
+    on_text = on_text or (lambda text, role: None)
     if isinstance(prompt, str):
-        result = _stream_one(model, prompt, max_new_tokens, console, sampling, seed)
+        result = _stream_one(model, prompt, max_new_tokens, on_text, sampling, seed)
     else:
-        result = _run_batch(model, prompt, max_new_tokens, console, sampling, seed)
+        result = _run_batch(model, prompt, max_new_tokens, on_text, sampling, seed)
     if hasattr(model, "stats"):
         result["stats"] = model.stats()
-        console.print(stats_table(result["stats"], result["seconds"]))
-        console.print(layer_table(result["stats"]))
-    console.print(f"[dim]prefill {result['prompt_tokens']} tokens in {result['prefill_seconds']:.3f} s "
-                  f"({result['prefill_tokens_per_second']:.1f} tokens/s); decode {result['decode_tokens']} tokens in "
-                  f"{result['decode_seconds']:.2f} s ({result['decode_tokens_per_second']:.1f} tokens/s)[/]",
-                  highlight=False)
     return result
 
 
@@ -85,12 +82,12 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _stream_one(model, prompt: str, max_new_tokens: int, console: Console, sampling: dict, seed) -> dict:
+def _stream_one(model, prompt: str, max_new_tokens: int, on_text: TextSink, sampling: dict, seed) -> dict:
     import torch
 
     tok = model.tokenizer
     ids = torch.tensor([tok.encode(prompt).ids])
-    console.print(prompt, end="", style="bold", highlight=False)
+    on_text(prompt, "prompt")
     new: list[int] = []
     shown = [0]
     times: list[float] = []  # when each token was sampled (before it is printed)
@@ -100,17 +97,17 @@ def _stream_one(model, prompt: str, max_new_tokens: int, console: Console, sampl
         times.append(time.perf_counter())
         new.append(int(nxt[0]))
         text = tok.decode(new)
-        console.print(text[shown[0]:], end="", highlight=False, markup=False)
+        on_text(text[shown[0]:], "text")
         shown[0] = len(text)
         printing[0] += time.perf_counter() - times[-1]
 
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=max_new_tokens, on_token=on_token, seed=seed, **sampling)
-    console.print()
+    on_text("", "end")
     return speed(ids.shape[1], start, times, printing[0])
 
 
-def _run_batch(model, prompts: list[str], max_new_tokens: int, console: Console, sampling: dict, seed) -> dict:
+def _run_batch(model, prompts: list[str], max_new_tokens: int, on_text: TextSink, sampling: dict, seed) -> dict:
     """Every prompt in one left-padded batch; each continuation printed after its prompt once all are done."""
     import torch
 
@@ -137,9 +134,9 @@ def _run_batch(model, prompts: list[str], max_new_tokens: int, console: Console,
     for i, p in enumerate(prompts):
         row = out[i, ids.shape[1]:].tolist()
         ended = [k for k, t in enumerate(row) if t in eos_ids]
-        console.print(f"[dim][{i}][/] ", end="")
-        console.print(p, end="", style="bold", highlight=False, markup=False)
-        console.print(model.tokenizer.decode(row[: ended[0] if ended else len(row)]), highlight=False, markup=False)
+        on_text(p, "prompt")
+        on_text(model.tokenizer.decode(row[: ended[0] if ended else len(row)]), "text")
+        on_text("", "end")
     return speed(int(mask.sum()), start, times, 0.0, live_rows)
 
 
@@ -158,50 +155,3 @@ def speed(prompt_tokens: int, start: float, times: list[float], printing_seconds
             "seconds": times[-1] - start}
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{x:.1%}"
-
-
-def _mib(n) -> str:
-    return f"{n / 2**20:,.2f} MiB"
-
-
-def stats_table(s: dict, seconds: float | None = None) -> Table:
-    """The runtime's counters (model.stats()) as one table; seconds: the generation's wall time."""
-    t = Table(title="expert cache", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column(justify="right")
-    res = s["residency"]
-    t.add_row("budget (fast tier)", f"{_mib(res['budget_bytes'])} of {_mib(s['expert_bytes_total'])} decoded "
-              f"({res['budget_bytes'] / s['expert_bytes_total']:.0%})")
-    t.add_row("resident", f"{res['fast_experts']} experts, {_mib(res['fast_bytes'])} "
-              f"({res['pinned_experts']} pinned hot)")
-    if "host_bytes" in res:
-        t.add_row("host tier (pinned)", f"{res['host_experts']} experts, {_mib(res['host_bytes'])}")
-    t.add_row("expert uses", f"{s['uses']:,}")
-    t.add_row("hits / misses", f"{s['hits']:,} / {s['misses']:,} (hit rate {_pct(s['hit_rate'])})")
-    stall = f"{s['stall_seconds']:.3f} s"
-    if seconds:
-        stall += f" ({s['stall_seconds'] / seconds:.0%} of the generation time)"
-    t.add_row("stalled", stall)
-    t.add_row("bytes fetched (cold tier)", f"{_mib(s['bytes_fetched'])} in {s['loads']:,} reads")
-    if s.get("prefetch"):
-        pairs = s.get("predictor_layers", [])
-        t.add_row("predicted by", "the shadow router" if not pairs else
-                  "fitted: " + ", ".join(f"{i}→{j}" for j, i in pairs) + "; shadow router elsewhere")
-        t.add_row("prefetch recall / precision", f"{_pct(s['prefetch_recall'])} / {_pct(s['prefetch_precision'])}")
-        t.add_row("prefetches used / loaded", f"{s['prefetch_used']:,} / {s['prefetch_loads']:,} "
-                  f"({s['prefetch_cancelled']:,} cancelled, {s['prefetch_aborted']:,} aborted)")
-        t.add_row("wasted bytes", _mib(s["wasted_bytes"]))
-    return t
-
-
-def layer_table(s: dict) -> Table:
-    t = Table(title="per MoE layer", title_justify="left")
-    for name in ("layer", "uses", "hit rate", "stall s", "recall", "precision"):
-        t.add_column(name, justify="right")
-    for i, x in s["layers"].items():
-        hit = x["hits"] / x["uses"] if x["uses"] else None
-        t.add_row(str(i), f"{x['uses']:,}", _pct(hit), f"{x['stall_seconds']:.3f}", _pct(x["recall"]),
-                  _pct(x["precision"]))
-    return t

@@ -1,13 +1,10 @@
 """`prism inspect`: what a .prism container holds — model, tiers, bits histogram, bytes, hottest experts,
-metadata overhead — as a JSON-able summary (`--json`) and as rich tables."""
+metadata overhead — as a JSON-able summary (`--json`; its tables: prism_convert/cli/render.py)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-
-from rich.console import Group
-from rich.table import Table
 
 from prism_load.container import TIERS
 from prism_load.container_reader import Container, metadata_overhead
@@ -58,48 +55,3 @@ def inspect_container(path: str | Path) -> dict:
         }
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.2f} MiB"
-
-
-def summary_tables(s: dict) -> Group:
-    """Rich rendering of inspect_container's summary."""
-    model = s["model"]
-    head = Table(title=f"{s['path']} (format {s['format_version']}, {s['writer']})", show_header=False)
-    head.add_row("source", f"{s['source']['model_id']} @ {s['source']['revision'] or '-'}")
-    head.add_row("model", f"{model['model_type']}: {model['num_hidden_layers']} layers ({model['moe_layers']} MoE), "
-                          f"{model['num_experts']} experts, top-{model['num_experts_per_tok']}, hidden {model['hidden_size']}")
-    b = s["bytes"]
-    head.add_row("bytes", f"dense {_mib(b['dense'])}, experts {_mib(b['experts'])}, tokenizer {_mib(b['tokenizer'])}"
-                          + (f", predictor {_mib(b['predictor'])}" if b["predictor"] else ""))
-    if s["predictor"]:
-        head.add_row("prefetch", "fitted predictors " + ", ".join(
-            f"{x['from_layer']}→{x['layer']} ({x['recall']:.0%} vs shadow {x['shadow_recall']:.0%})" for x in s["predictor"])
-            + " — recall on the profile's held-back tokens")
-    o = s["overhead"]
-    head.add_row("overhead", f"{o['bits_per_expert_weight']:.4f} bits per expert weight (manifest {o['manifest_bytes']:,} B, "
-                             f"headers {o['header_bytes']:,} B, padding {o['padding_bytes']:,} B)")
-    if s["quality"]:
-        head.add_row("quality", ", ".join(f"{k}={v}" for k, v in s["quality"].items()))
-
-    tiers = Table(title="tiers")
-    for col in ("tier", "experts", "shards", "bytes", "bits/weight"):
-        tiers.add_column(col, justify="right" if col != "tier" else "left")
-    for name, t in s["tiers"].items():
-        tiers.add_row(name, str(t["experts"]), str(t["shards"]), _mib(t["bytes"]), f"{t['bits_per_weight']:.3f}")
-
-    hist = Table(title="experts by bits per weight")
-    hist.add_column("bits/weight", justify="right")
-    hist.add_column("experts", justify="right")
-    hist.add_column("")
-    top = max(s["bits_histogram"].values(), default=1)
-    for k, v in s["bits_histogram"].items():
-        hist.add_row(k, str(v), "█" * max(1, round(30 * v / top)))
-
-    hot = Table(title="hottest experts")
-    for col in ("layer", "expert", "tier", "frequency", "gate mass", "placement", "bits/weight", "rank"):
-        hot.add_column(col, justify="right")
-    for r in s["hottest_experts"]:
-        hot.add_row(str(r["layer"]), str(r["expert"]), r["tier"], f"{r['frequency']:.4f}", f"{r['gate_mass']:.4f}",
-                    r["placement"], f"{r['bits_per_weight']:.3f}", str(r["rank"]))
-    return Group(head, tiers, hist, hot)

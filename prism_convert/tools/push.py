@@ -73,7 +73,7 @@ def container_summary(container) -> dict:
     }
 
 
-def _gb(n: int) -> str:
+def gigabytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
@@ -96,7 +96,7 @@ def _budget_line(budget: dict) -> str:
     if budget.get("bits") is not None:
         parts.append(f"{budget['bits']:g} bits per routed-expert weight (average)")
     if budget.get("size_bytes") is not None:
-        parts.append(f"{_gb(budget['size_bytes'])} of stored tensors")
+        parts.append(f"{gigabytes(budget['size_bytes'])} of stored tensors")
     rest = [
         (k, v)
         for k, v in budget.items()
@@ -144,7 +144,7 @@ def model_card(summary: dict, repo_id: str, base_model: str | None = None) -> st
         "|---|---|",
         f"| budget | {_budget_line(s['budget'] or {})} |",
         f"| routed-expert bits per weight | {s['expert_bits_per_weight']:.3f} (scales, zeros and low-rank factors counted) |",
-        f"| size | {_gb(s['total_bytes'])}: dense shards {_gb(s['dense_bytes'])}, expert shards {_gb(s['expert_bytes'])} |",
+        f"| size | {gigabytes(s['total_bytes'])}: dense shards {gigabytes(s['dense_bytes'])}, expert shards {gigabytes(s['expert_bytes'])} |",
         f"| experts | {s['moe_layers']} MoE layers x {s['experts_per_layer']} experts, top-{s['experts_per_token']}; "
         f"{s['hot_experts']} in the hot tier |",
         f"| model type | `{s['model_type']}` |",
@@ -199,7 +199,7 @@ def prepare_push(
     names = [MANIFEST_NAME, CARD_NAME, *listed]
     files = [(n, (folder / n).stat().st_size) for n in names]
     message = (
-        f"Upload {folder.name} ({_gb(summary['total_bytes'])}, {summary['expert_bits_per_weight']:.2f} bits "
+        f"Upload {folder.name} ({gigabytes(summary['total_bytes'])}, {summary['expert_bits_per_weight']:.2f} bits "
         f"per expert weight) with prism {__version__}"
     )
     return PushPlan(repo_id, revision, private, folder, files, message, card)
@@ -250,16 +250,3 @@ def push(
     return plan
 
 
-def push_table(plan: PushPlan):
-    """The files a push sends, for the terminal."""
-    from rich.table import Table
-
-    where = f"{plan.repo_id}" + (f" @ {plan.revision}" if plan.revision else "")
-    table = Table(
-        title=f"{where}{' (private)' if plan.private else ''}: {len(plan.files)} files, {_gb(plan.total_bytes)}"
-    )
-    table.add_column("file")
-    table.add_column("bytes", justify="right")
-    for name, n in plan.files:
-        table.add_row(name, f"{n:,}")
-    return table
