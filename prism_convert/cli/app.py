@@ -434,7 +434,7 @@ def inspect(
 @app.command()
 def reference(
     out: Path | None = typer.Option(None, "-o", "--out", help="Folder to write (default: the cache, $PRISM_CACHE or ~/.cache/prism)."),
-    preset: str = typer.Option("full", "--preset", help="tiny (tests, seconds), quick (~3 min), full (~15 min on 2 cores)."),
+    preset: str = typer.Option("full", "--preset", help="tiny (tests, seconds), quick, full (the largest; its training.json records how long training took)."),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: the preset's own, so the model is the same bits on any machine)."),
 ) -> None:
