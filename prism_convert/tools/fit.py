@@ -312,12 +312,12 @@ def container_inventory(shape: ModelShape, container: ContainerBytes) -> Invento
     base = inventory(shape, Storage(WeightFormat(16)))
     class_bytes = dict.fromkeys(CLASSES, 0)
     moe = set(shape.expert_tensors)
-    for name, nbytes in container.dense:
-        class_bytes[classify(name, moe)] += nbytes
+    for d in container.dense:
+        class_bytes[classify(d.name, moe)] += d.nbytes
     k = shape.experts_per_token
     by_layer: dict[int, list[tuple[int, int, float]]] = {}
-    for layer, expert, nbytes, freq, _ in container.experts:
-        by_layer.setdefault(layer, []).append((expert, nbytes, freq))
+    for x in container.experts:
+        by_layer.setdefault(x.layer, []).append((x.expert, x.nbytes, x.frequency))
     ranked = []
     for layer, xs in by_layer.items():
         total = sum(f for _, _, f in xs)
@@ -428,12 +428,12 @@ def plan(
     result["class_bytes"] = inv.class_bytes
     result["assumptions"] = assumptions(storage, machine, inv, context)
     if container is not None:
-        hot = [x for x in container.experts if x[4] == "hot"]
+        hot = [x for x in container.experts if x.tier == "hot"]
         result["container"] = {
             "file_bytes": container.file_bytes,
             "hot_experts": len(hot),
-            "hot_bytes": sum(x[2] for x in hot),
-            "cold_bytes": sum(x[2] for x in container.experts) - sum(x[2] for x in hot),
+            "hot_bytes": sum(x.nbytes for x in hot),
+            "cold_bytes": sum(x.nbytes for x in container.experts) - sum(x.nbytes for x in hot),
         }
     result["verdict"] = verdict(result, inv, machine)
     result["warnings"] = plan_warnings(result, machine)

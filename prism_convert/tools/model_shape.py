@@ -153,13 +153,32 @@ def kv_from_meta(model, args) -> list[tuple[int, int | None]]:
     return out
 
 
+@dataclass(frozen=True)
+class DenseBytes:
+    """One dense tensor of a container: its prism name and stored bytes."""
+
+    name: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ExpertBytes:
+    """One expert of a container: where it sits, its stored byte range, how often it is routed, its tier."""
+
+    layer: int
+    expert: int
+    nbytes: int
+    frequency: float
+    tier: str
+
+
 @dataclass
 class ContainerBytes:
     """What a .prism container really stores, from its manifest alone (no data file is read)."""
 
     path: str
-    dense: list[tuple[str, int]]  # (prism name, stored bytes)
-    experts: list[tuple[int, int, int, float, str]]  # (layer, expert, stored bytes, routing frequency, tier)
+    dense: list[DenseBytes]
+    experts: list[ExpertBytes]
     file_bytes: int  # every listed file: headers and alignment padding included
 
 
@@ -167,8 +186,8 @@ def read_container(folder: Path) -> ContainerBytes:
     from prism_load.container_reader import Container
 
     with Container(folder, check_files=False) as c:
-        dense = [(name, r.encoding.nbytes()) for name, r in c.manifest.dense.items()]
-        experts = [(r.layer, r.expert, r.length, r.frequency, r.tier) for r in c.records]
+        dense = [DenseBytes(name, r.encoding.nbytes()) for name, r in c.manifest.dense.items()]
+        experts = [ExpertBytes(r.layer, r.expert, r.length, r.frequency, r.tier) for r in c.records]
         return ContainerBytes(str(folder), dense, experts, c.data_bytes()), c.config
 
 
