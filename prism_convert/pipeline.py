@@ -42,10 +42,8 @@ def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: 
     preflight.check_parent(out, "-o")
     result = run_compress(model, profile_dir, recipe, out, layers, workers, progress)
     work = WorkDir(out)
-    job = work.job()
-    job["budget"] = budget.to_dict()
-    write_json(work.folder / "job.json", job)
-    n = job["model"]["num_hidden_layers"]
+    work.write_job(work.job().with_budget(budget.to_dict()))
+    n = work.job().num_layers
     plan = plan_work([work], budget, work.folder) if work.done_layers() == list(range(n)) else None
     return {"plan": plan, "layers": result["layers"], "num_layers": n, "work": str(out)}
 
@@ -71,14 +69,14 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
     works = [WorkDir(p) for p in work_dirs]
     jobs = [w.job() for w in works]
     if budget is None:
-        budgets = {json_key(j.get("budget")) for j in jobs}
+        budgets = {json_key(j.budget) for j in jobs}
         if len(budgets) != 1 or None in budgets:
             from prism_load.errors import BudgetError
 
             raise BudgetError("the work folders record no common budget; give --bits or --size")
-        budget = Budget.from_dict(jobs[0]["budget"])
+        budget = Budget.from_dict(jobs[0].budget)
     plan = plan_work(works, budget, works[0].folder)
-    recipe = jobs[0]["recipe"]
+    recipe = jobs[0].recipe
     experts = [
         ExpertInput(x.layer, x.expert, x.tier, x.frequency, x.gate_mass, x.placement, x.tensors)
         for x in planned_experts(works, plan, recipe["tiers"]["hot_share"], recipe["tiers"]["hot_min_frequency"])
@@ -90,7 +88,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
     write_container(
         out,
         config=json.loads((folder / "config.json").read_text()),
-        source=source_of(Path(jobs[0]["model"]["path"])),
+        source=source_of(Path(jobs[0].model["path"])),
         tokenizer_files=tokenizers,
         dense=dense_tensors(works),
         experts=experts,
@@ -99,7 +97,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
                 "total_bytes": plan["total_bytes"]},
         quality=quality,
         shard_size_bytes=shard_size_bytes,
-        extra={"profile": jobs[0]["profile"], "rare_experts": plan["rare_experts"]},
+        extra={"profile": jobs[0].profile, "rare_experts": plan["rare_experts"]},
         predictor=predictors(works),
     )
     return plan
@@ -132,9 +130,7 @@ def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix"
                     tokenizer=job.calibration.tokenizer)
     run_compress(model, profile_dir, job.recipe, work_dir, None, workers, progress)
     works = [WorkDir(work_dir)]
-    state = works[0].job()
-    state["budget"] = budget.to_dict()
-    write_json(work_dir / "job.json", state)
+    works[0].write_job(works[0].job().with_budget(budget.to_dict()))
     plan = make_plan(works, budget)
     quality = None
     if job.heldout is not None:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from prism_convert.allocation.knapsack import Option, allocate, pareto_front
-from prism_convert.compression.workdir import WorkDir, WorkError
+from prism_convert.compression.workdir import WorkDir, WorkError, WorkJob
 from prism_load.codecs import Encoding
 from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.errors import BudgetError
@@ -38,13 +38,13 @@ class Budget:
         return cls(bits=data.get("bits"), size_bytes=data.get("size_bytes"))
 
 
-def gather_layers(works: list[WorkDir]) -> tuple[dict, dict[int, WorkDir]]:
+def gather_layers(works: list[WorkDir]) -> tuple[WorkJob, dict[int, WorkDir]]:
     """The job all folders share, and which folder holds each layer; refuses mismatched or incomplete work."""
     jobs = [w.job() for w in works]
     first = jobs[0]
     for w, job in zip(works[1:], jobs[1:]):
         for key in ("model", "profile", "recipe"):
-            if job.get(key) != first.get(key):
+            if job.identity(key) != first.identity(key):
                 raise WorkError(f"{w.folder}: {key} differs from {works[0].folder}'s; these work folders cannot be merged")
     owner: dict[int, WorkDir] = {}
     for w in works:
@@ -52,7 +52,7 @@ def gather_layers(works: list[WorkDir]) -> tuple[dict, dict[int, WorkDir]]:
             if i in owner and owner[i].folder != w.folder:
                 raise WorkError(f"layer {i} was compressed twice ({owner[i].folder} and {w.folder})")
             owner[i] = w
-    n = first["model"]["num_hidden_layers"]
+    n = first.num_layers
     missing = [i for i in range(n) if i not in owner]
     if missing:
         raise WorkError(f"incomplete work: layers {_ranges(missing)} of 0..{n - 1} are missing; run prism compress --layers for them")
@@ -86,7 +86,7 @@ def expert_options(rec: dict, alignment: int) -> tuple[list[Option], list[tuple[
 class PlanInputs:
     """Every expert's priced choices, read once from the work folder(s)."""
 
-    job: dict
+    job: WorkJob
     keys: list[tuple[int, int]]  # (layer, expert) per table
     tables: list[list[Option]]
     picks: list[list[tuple[int, ...]]]  # per table and option: the candidate index of each tensor
@@ -170,7 +170,7 @@ def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> dict:
         "expected_error": weighted,
         "rare_experts": [[x["layer"], x["expert"]] for x in experts if x["rare"]],
         "experts": sorted(experts, key=lambda x: (x["layer"], x["expert"])),
-        "job": {k: inputs.job[k] for k in ("model", "profile")},
+        "job": {"model": inputs.job.model, "profile": inputs.job.profile},
     }
 
 

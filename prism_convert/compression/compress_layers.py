@@ -21,7 +21,7 @@ from prism_convert.compression.candidates import TensorStats, measure_candidates
 from prism_convert.compression.capture import ExpertCapture
 from prism_convert.compression.dense import encode_dense_layer, encode_top
 from prism_convert.compression.encode import encode_many
-from prism_convert.compression.workdir import WorkDir, WorkError
+from prism_convert.compression.workdir import WorkDir, WorkError, WorkJob
 from prism_convert.profiling.layer_stream import LayerStream
 from prism_convert.profiling.profile_format import TOKENIZER_FILE, Profile, config_sha256
 from prism_convert.progress import Progress
@@ -142,18 +142,18 @@ def parse_layers(spec: str | None, num_layers: int) -> range:
     return range(a, b)
 
 
-IDENTITY_KEYS = ("model", "profile", "recipe", "layers")  # what a resumed work folder must share with the job
+IDENTITY_KEYS = WorkJob.IDENTITY  # what a resumed work folder must share with the job
 
 
-def compress_job(model: Path, config: dict, args, profile_dir: Path, profile: dict, recipe: Recipe, span: range) -> dict:
+def compress_job(model: Path, config: dict, args, profile_dir: Path, profile: dict, recipe: Recipe, span: range) -> WorkJob:
     """The job a work folder records; its IDENTITY_KEYS decide whether earlier work may be resumed."""
-    return {
-        "model": {"path": str(model), "model_type": args.model_type, "config_sha256": config_sha256(config),
-                  "num_hidden_layers": args.num_hidden_layers},
-        "profile": {"path": str(profile_dir), "tokens": profile["tokens"], "dataset": profile["dataset"]},
-        "recipe": recipe.to_dict(),
-        "layers": [span.start, span.stop],
-    }
+    return WorkJob(
+        model={"path": str(model), "model_type": args.model_type, "config_sha256": config_sha256(config),
+               "num_hidden_layers": args.num_hidden_layers},
+        profile={"path": str(profile_dir), "tokens": profile["tokens"], "dataset": profile["dataset"]},
+        recipe=recipe.to_dict(),
+        layers=[span.start, span.stop],
+    )
 
 
 def run_compress(model: Path, profile_dir: Path, recipe: Recipe, out: Path, layers: str | None = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,54 @@ WORK_FORMAT, WORK_VERSION = "prism-work", 1
 
 class WorkError(PrismError):
     """A work folder is incomplete, from another job, or damaged."""
+
+
+@dataclass(frozen=True)
+class WorkJob:
+    """job.json: the identity of a compress job (model, profile, recipe, layer range), the layers an earlier
+    run had finished when this one resumed, and the budget compress or convert recorded for pack. Written
+    and read as the same JSON as before the record existed (keys in this order, absent ones left out)."""
+
+    model: dict  # path, model_type, config_sha256, num_hidden_layers
+    profile: dict  # path, tokens, dataset
+    recipe: dict  # Recipe.to_dict()
+    layers: list[int]  # [start, stop)
+    layers_done_before: list[int] | None = None
+    budget: dict | None = None  # Budget.to_dict()
+
+    IDENTITY = ("model", "profile", "recipe", "layers")  # what a resumed work folder must share with the job
+
+    @property
+    def num_layers(self) -> int:
+        return self.model["num_hidden_layers"]
+
+    def with_budget(self, budget: dict) -> WorkJob:
+        return replace(self, budget=budget)
+
+    def to_json(self) -> dict:
+        out = {"format": WORK_FORMAT, "version": WORK_VERSION, "model": self.model, "profile": self.profile,
+               "recipe": self.recipe, "layers": list(self.layers)}
+        if self.layers_done_before is not None:
+            out["layers_done_before"] = self.layers_done_before
+        if self.budget is not None:
+            out["budget"] = self.budget
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "job.json") -> WorkJob:
+        if not isinstance(data, dict) or data.get("format") != WORK_FORMAT or data.get("version") != WORK_VERSION:
+            raise WorkError(f"{where}: not a {WORK_FORMAT} v{WORK_VERSION} job")
+        try:
+            job = cls(data["model"], data["profile"], data["recipe"], list(data["layers"]),
+                      data.get("layers_done_before"), data.get("budget"))
+            job.num_layers  # noqa: B018 (checked here, not where pack first needs it)
+        except (KeyError, TypeError) as e:
+            raise WorkError(f"{where}: damaged job record ({type(e).__name__}: {e})") from None
+        return job
+
+    def identity(self, key: str):
+        """One identity field as JSON holds it (tuples become lists), for comparing jobs."""
+        return json.loads(json.dumps(self.to_json().get(key)))
 
 
 def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,38 +105,42 @@ class WorkDir:
         self.layers_dir = self.folder / "layers"
 
     # -- job identity ----------------------------------------------------------------------------------
-    def job(self) -> dict:
+    def job(self) -> WorkJob:
         path = self.folder / "job.json"
         if not path.is_file():
             raise WorkError(f"{self.folder}: no job.json (not a prism compress work folder)")
-        job = json.loads(path.read_text())
-        if job.get("format") != WORK_FORMAT or job.get("version") != WORK_VERSION:
-            raise WorkError(f"{path}: not a {WORK_FORMAT} v{WORK_VERSION} job")
-        return job
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise WorkError(f"{path}: not JSON ({e.msg})") from None
+        return WorkJob.from_json(data, str(path))
 
-    def check_job(self, job: dict, identity_keys: tuple[str, ...], option: str = "-o") -> None:
+    def write_job(self, job: WorkJob) -> None:
+        write_json(self.folder / "job.json", job.to_json())
+
+    def check_job(self, job: WorkJob, identity_keys: tuple[str, ...] = WorkJob.IDENTITY, option: str = "-o") -> None:
         """Refuse to resume work of another job (convert checks this before it profiles)."""
         if not (self.folder / "job.json").is_file():
             return
-        old, new = self.job(), json.loads(json.dumps(job))  # compared as JSON holds them (tuples become lists)
+        old = self.job()
         for key in identity_keys:
-            if old.get(key) != new.get(key):
+            if old.identity(key) != job.identity(key):
                 raise WorkError(f"{self.folder}: holds work of another job ({key} differs); use another {option} folder")
 
-    def start(self, job: dict, model_folder: Path, identity_keys: tuple[str, ...], tokenizer: Path | None = None) -> None:
+    def start(self, job: WorkJob, model_folder: Path, identity_keys: tuple[str, ...] = WorkJob.IDENTITY,
+              tokenizer: Path | None = None) -> None:
         """Create the folder for `job`, or check that an existing one belongs to the same job (resume).
         `tokenizer`: the tokenizer.json to ship instead of the checkpoint's (the one calibration was cut with)."""
-        job = {"format": WORK_FORMAT, "version": WORK_VERSION, **job}
         if (self.folder / "job.json").is_file():
             self.check_job(job, identity_keys)
-            job["layers_done_before"] = self.done_layers()
+            job = replace(job, layers_done_before=self.done_layers())
         self.layers_dir.mkdir(parents=True, exist_ok=True)
         if tokenizer is not None and not (self.folder / "tokenizer.json").is_file():
             shutil.copyfile(tokenizer, self.folder / "tokenizer.json")
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             if (model_folder / name).is_file() and not (self.folder / name).is_file():
                 shutil.copyfile(model_folder / name, self.folder / name)
-        write_json(self.folder / "job.json", job)
+        self.write_job(job)
 
     # -- per-layer results -----------------------------------------------------------------------------
     def has_layer(self, i: int) -> bool:
