@@ -402,10 +402,14 @@ def verify(
     """Check a container against its manifest (files, headers, byte ranges, checksums); exit 1 naming each problem."""
     from prism_load.container_verify import verify_container
 
+    read = [0]
     with _progress() as progress:
-        task = progress.add_task("verifying", total=None)
-        problems = verify_container(container, checksums,
-                                    lambda n, total: progress.update(task, advance=n, total=total))
+
+        def advance(n: int, total: int) -> None:
+            read[0] += n
+            progress("verifying", read[0], total)
+
+        problems = verify_container(container, checksums, advance)
     for problem in problems:
         err_console.print(f"[bold red]damaged:[/] {problem}", highlight=False, soft_wrap=True)
     if problems:
