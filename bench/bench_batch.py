@@ -55,7 +55,7 @@ def bench_prompts(container: Path, count: int, synthetic: bool, vocab: int) -> t
     if synthetic:
         rows = [torch.randint(0, vocab, (32,), generator=gen) for _ in range(count)]
     else:
-        from prism_convert.profile import calibration_tokens
+        from prism_convert.profiling.profiler import calibration_tokens
 
         half = (count + 1) // 2
         rows = [*calibration_tokens(container, "builtin:prose", half, 32, seed=1, split="heldout"),

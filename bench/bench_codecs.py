@@ -16,10 +16,10 @@ import time
 import torch
 from common import write_result
 
-from prism_convert.encode import encode, encode_many
-from prism_convert.hessian import clear_cache, compute_factors
-from prism_convert.measure import output_error
-from prism_convert.quantize import rtn
+from prism_convert.compression.encode import encode, encode_many
+from prism_convert.compression.math.hessian import clear_cache, compute_factors
+from prism_convert.compression.math.measure import output_error
+from prism_convert.compression.math.quantize import rtn
 from prism_load.codecs import INT_BITS, Encoding, decode
 
 

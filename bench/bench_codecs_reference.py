@@ -17,12 +17,12 @@ from collections import defaultdict
 import torch
 from common import reference, write_result
 
-from prism_convert.encode import encode
-from prism_convert.gptq import gptq
-from prism_convert.measure import output_error
-from prism_convert.profile import calibration_tokens
-from prism_convert.quantize import clipped, rtn
-from prism_convert.stream import LayerStream
+from prism_convert.compression.encode import encode
+from prism_convert.compression.math.gptq import gptq
+from prism_convert.compression.math.measure import output_error
+from prism_convert.compression.math.quantize import clipped, rtn
+from prism_convert.profiling.layer_stream import LayerStream
+from prism_convert.profiling.profiler import calibration_tokens
 from prism_load.codecs import Encoding, decode
 from prism_load.models.moe import MoEBlock
 

@@ -20,8 +20,8 @@ from bench_runtime import reference_container
 from common import RESULTS, write_result
 
 import prism_load
-from prism_convert.eval import compare_models
-from prism_convert.profile import calibration_tokens
+from prism_convert.profiling.profiler import calibration_tokens
+from prism_convert.tools.evaluate import compare_models
 
 DEMO_PROMPT = "def fibonacci(n):"
 VARIANTS = [  # name, load options

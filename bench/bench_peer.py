@@ -152,10 +152,9 @@ def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conve
 
 
 def prism_convert(ckpt: Path, recipe: str | None, samples: int, work: Path, tmp: Path) -> None:
-    from prism_convert.bitplan import Budget
-    from prism_convert.pipeline import convert
+    import prism_convert as api  # this function's name shadows the package
 
-    convert(ckpt, tmp, Budget(bits=BITS), recipe_spec=recipe, samples=samples, eval_samples=0, work=work)
+    api.convert(ckpt, out=tmp, bits=BITS, recipe=recipe, samples=samples, eval_samples=0, work=work)
 
 
 def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bool) -> dict:

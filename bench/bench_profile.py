@@ -60,8 +60,9 @@ def profile_in_subprocess(model: Path, dataset: str, samples: int, seq_len: int,
     code = f"""
 import json
 from pathlib import Path
-from prism_convert.profile import profile_model
-d = profile_model(Path({str(model)!r}), {dataset!r}, {samples}, {seq_len}, 0, Path({str(out)!r}))
+import prism_convert
+d = prism_convert.profile(Path({str(model)!r}), out=Path({str(out)!r}), dataset={dataset!r}, samples={samples},
+                          seq_len={seq_len}, seed=0)
 print(json.dumps({{k: d[k] for k in ("seconds", "tokens_per_second", "tokens")}}))
 """
     return run_measured(code)
@@ -87,13 +88,15 @@ def main() -> None:
                            "tokens_per_second": stats["tokens_per_second"]})
             print(f"{layers} layers: peak RSS {rss / 2**20:.0f} MiB, weights ~{weights / 2**20:.0f} MiB, "
                   f"{stats['tokens_per_second']:.0f} tokens/s")
-        from prism_convert.profile import profile_model
-        from prism_convert.report import routing_shift, verdicts
+        import prism_convert
+        from prism_convert.profiling.routing_report import routing_shift, verdicts
 
         runs = {}
         for name in ("prose", "code"):
-            runs[name] = profile_model(model, f"builtin:{name}", args.samples, args.seq_len, 0, tmp / name)
-        profile_model(model, "builtin:mix", args.samples, args.seq_len, 0, tmp / "mix")
+            runs[name] = prism_convert.profile(model, out=tmp / name, dataset=f"builtin:{name}",
+                                               samples=args.samples, seq_len=args.seq_len, seed=0)
+        prism_convert.profile(model, out=tmp / "mix", dataset="builtin:mix", samples=args.samples,
+                              seq_len=args.seq_len, seed=0)
         full = json.loads((tmp / "mix" / "profile.json").read_text())
         layers = [{
             "layer": x["layer"], "next_layer_recall": x["next_layer_recall"],

@@ -25,15 +25,15 @@ import torch
 from common import RESULTS, reference, write_result
 
 import prism_load
-from prism_convert.allocate import Option
-from prism_convert.bitplan import Budget, PlanInputs, make_plan
-from prism_convert.compress import run_compress
-from prism_convert.eval import compare_models
-from prism_convert.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
-from prism_convert.profile import calibration_tokens, run_profile
-from prism_convert.quantize import rtn
+from prism_convert.allocation.bit_plan import Budget, PlanInputs, make_plan
+from prism_convert.allocation.knapsack import Option
+from prism_convert.compression.compress_layers import run_compress
+from prism_convert.compression.math.quantize import rtn
+from prism_convert.compression.workdir import WorkDir
+from prism_convert.packing.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+from prism_convert.profiling.profiler import calibration_tokens, run_profile
 from prism_convert.recipe import load_recipe
-from prism_convert.workdir import WorkDir
+from prism_convert.tools.evaluate import compare_models
 from prism_load.codecs import Encoding, decode
 from prism_load.container import aligned
 from prism_load.hf_loader import open_checkpoint

@@ -72,15 +72,14 @@ CONVERT_VERSION = 4  # in the cached container's name: bumped when conversion wr
 # -- the container -----------------------------------------------------------------------------------------
 def reference_container() -> Path:
     """The full reference model converted at 4.25 bits per expert weight, cached beside the checkpoint's key."""
-    from prism_convert.bitplan import Budget
-    from prism_convert.pipeline import convert
-    from prism_convert.reference import reference_model
+    import prism_convert
+    from prism_reference.train import reference_model
 
     ref = reference_model("full")
     out = CACHE / f"{ref.name}-{BITS}bit-c{CONVERT_VERSION}.prism"
     if not (out / "manifest.json").is_file():
         print(f"converting {ref} -> {out} ...", file=sys.stderr)
-        convert(ref, out, Budget(bits=BITS), samples=64, eval_samples=0)
+        prism_convert.convert(ref, out=out, bits=BITS, samples=64, eval_samples=0)
     return out
 
 
@@ -114,7 +113,7 @@ def bench_prompts(container: Path, synthetic: bool) -> list[torch.Tensor]:
     if synthetic:
         gen = torch.Generator().manual_seed(0)
         return [torch.randint(0, 2048, (1, 32), generator=gen) for _ in range(4)]
-    from prism_convert.profile import calibration_tokens
+    from prism_convert.profiling.profiler import calibration_tokens
 
     out = []
     for source in ("builtin:prose", "builtin:code"):

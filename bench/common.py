@@ -13,7 +13,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def reference(preset: str = "full") -> Path:
-    from prism_convert.reference import reference_model
+    from prism_reference.train import reference_model
 
     return reference_model(preset)
 

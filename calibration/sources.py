@@ -19,23 +19,12 @@ from pathlib import Path
 from prism_load.errors import CalibrationError
 
 from . import builtin
+from .source_base import CalibrationSource, text_value
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 SPEC_HELP = ("builtin:prose|code|mix, a .txt/.jsonl/.json/.parquet file, a dataset folder, "
              "or hf:NAME[:CONFIG][?split=S&column=C]")
-
-
-class CalibrationSource:
-    """A named stream of text documents. Subclasses implement `documents()`."""
-
-    name: str = "source"
-
-    def documents(self) -> Iterator[str]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r})"
 
 
 class BuiltinSource(CalibrationSource):
@@ -155,14 +144,6 @@ def _json(text: str, where: str):
         raise CalibrationError(f"{where}: invalid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
 
 
-def text_value(value, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise CalibrationError(f"{where}: expected text, found {type(value).__name__}")
-    return value
-
-
 def _options(spec: str, text: str, allowed: tuple[str, ...]) -> dict[str, str]:
     options = {}
     for item in filter(None, text.split("&")):
@@ -177,7 +158,7 @@ def _options(spec: str, text: str, allowed: tuple[str, ...]) -> dict[str, str]:
 
 def resolve(spec: str) -> CalibrationSource:
     """The calibration source a `--dataset` spec names (syntax in the module docstring)."""
-    from .hub import HubSource  # `datasets` is imported only when a dataset is read
+    from .datasets_source import HubSource  # `datasets` is imported only when a dataset is read
 
     spec = spec.strip()
     if not spec:

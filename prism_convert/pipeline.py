@@ -1,65 +1,51 @@
-"""The stages the CLI runs, each callable from Python: compress (measure + plan), pack, convert."""
+"""The stages the CLI runs, each callable from Python: compress (measure + plan), pack, convert. They return
+results and report progress through a plain callback (prism_convert/progress.py); they print nothing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
-from .atomic import write_json
-from .bitplan import Budget, PlanInputs, error_size_curve, make_plan
-from .compress import run_compress
-from .workdir import WorkDir
+from prism_convert.allocation.bit_plan import Budget, PlanInputs, error_size_curve, make_plan
+from prism_convert.atomic import write_json
+from prism_convert.compression.compress_layers import run_compress
+from prism_convert.compression.workdir import WorkDir
+from prism_convert.progress import Progress
 
 CURVE_BITS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.25, 5.0, 6.0, 8.25]
 
 
-def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path, console: Console | None = None) -> dict:
-    """Allocate over complete work, write plan.json and plan.png into out_folder, print the table."""
-    from .plan_report import plan_table, write_plan_plot
+def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path) -> dict:
+    """Allocate over complete work, write plan.json and plan.png (where matplotlib is installed) into out_folder."""
+    from prism_convert.allocation.bit_plan_plot import write_plan_plot
 
     inputs = PlanInputs.read(works)
     plan = make_plan(inputs, budget)
     write_json(out_folder / "plan.json", plan)
     curve = error_size_curve(inputs, CURVE_BITS)
-    plot = write_plan_plot(plan, curve, out_folder / "plan.png")
-    if console is not None:
-        console.print(plan_table(plan))
-        if plan["rare_experts"]:
-            console.print(f"rare experts (neutral prior, still encoded): {plan['rare_experts']}", highlight=False)
-        if plot:
-            console.print(f"[dim]wrote {out_folder / 'plan.json'} and {plot}[/]")
+    write_plan_plot(plan, curve, out_folder / "plan.png")
     return plan
 
 
 def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: str | None, out: Path,
-                   layers: str | None, workers: int, console: Console | None = None, progress_factory=None) -> dict | None:
+                   layers: str | None, workers: int, progress: Progress | None = None) -> dict:
     """Measure the layer range into `out`; when the model is complete there, plan the allocation. The recipe
-    and the budget are checked against the whole model first (an impossible budget fails now, not at the end)."""
-    from . import preflight
-    from .profile_schema import Profile
+    and the budget are checked against the whole model first (an impossible budget fails now, not at the end).
+    Returns {"plan": the plan (None while layers are missing), "layers": this run's layers, "num_layers",
+    "work": out}."""
+    from prism_convert import preflight
+    from prism_convert.profiling.profile_format import Profile
 
     checked = preflight.model_args(model)
     recipe = preflight.recipe(recipe_spec, checked)
     preflight.check_budget(checked, recipe, budget)
     Profile.load(profile_dir).check_model(checked.config)
     preflight.check_parent(out, "-o")
-    if progress_factory is not None:
-        with progress_factory() as progress:
-            result = run_compress(model, profile_dir, recipe, out, layers, workers, progress)
-    else:
-        result = run_compress(model, profile_dir, recipe, out, layers, workers)
+    result = run_compress(model, profile_dir, recipe, out, layers, workers, progress)
     work = WorkDir(out)
-    job = work.job()
-    job["budget"] = budget.to_dict()
-    write_json(work.folder / "job.json", job)
-    n = job["model"]["num_hidden_layers"]
-    if work.done_layers() == list(range(n)):
-        return plan_work([work], budget, work.folder, console)
-    if console is not None:
-        console.print(f"layers {result['layers'][0]}–{result['layers'][-1]} of 0–{n - 1} done in {out}; "
-                      "compress the other ranges, then `prism pack` all work folders together.")
-    return None
+    work.write_job(work.job().with_budget(budget.to_dict()))
+    n = work.job().num_layers
+    plan = plan_work([work], budget, work.folder) if work.done_layers() == list(range(n)) else None
+    return {"plan": plan, "layers": result["layers"], "num_layers": n, "work": str(out)}
 
 
 def source_of(model: Path) -> dict:
@@ -72,25 +58,25 @@ def source_of(model: Path) -> dict:
 
 
 def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_size_bytes: int,
-              console: Console | None = None, quality: dict | None = None) -> dict:
+              quality: dict | None = None) -> dict:
     """Allocate over the merged work folders (budget from the work unless given), then write the container."""
-    from .materialize import dense_tensors, planned_experts, predictors
-    from .pack import ExpertInput, write_container
-    from .preflight import check_output
+    from prism_convert.packing.container_writer import ExpertInput, write_container
+    from prism_convert.packing.materialize import dense_tensors, planned_experts, predictors
+    from prism_convert.preflight import check_output
 
     check_output(out, "a .prism container", "manifest.json")
 
     works = [WorkDir(p) for p in work_dirs]
     jobs = [w.job() for w in works]
     if budget is None:
-        budgets = {json_key(j.get("budget")) for j in jobs}
+        budgets = {json_key(j.budget) for j in jobs}
         if len(budgets) != 1 or None in budgets:
             from prism_load.errors import BudgetError
 
             raise BudgetError("the work folders record no common budget; give --bits or --size")
-        budget = Budget.from_dict(jobs[0]["budget"])
-    plan = plan_work(works, budget, works[0].folder, console)
-    recipe = jobs[0]["recipe"]
+        budget = Budget.from_dict(jobs[0].budget)
+    plan = plan_work(works, budget, works[0].folder)
+    recipe = jobs[0].recipe
     experts = [
         ExpertInput(x.layer, x.expert, x.tier, x.frequency, x.gate_mass, x.placement, x.tensors)
         for x in planned_experts(works, plan, recipe["tiers"]["hot_share"], recipe["tiers"]["hot_min_frequency"])
@@ -102,7 +88,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
     write_container(
         out,
         config=json.loads((folder / "config.json").read_text()),
-        source=source_of(Path(jobs[0]["model"]["path"])),
+        source=source_of(Path(jobs[0].model["path"])),
         tokenizer_files=tokenizers,
         dense=dense_tensors(works),
         experts=experts,
@@ -111,12 +97,9 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
                 "total_bytes": plan["total_bytes"]},
         quality=quality,
         shard_size_bytes=shard_size_bytes,
-        extra={"profile": jobs[0]["profile"], "rare_experts": plan["rare_experts"]},
+        extra={"profile": jobs[0].profile, "rare_experts": plan["rare_experts"]},
         predictor=predictors(works),
     )
-    if console is not None:
-        console.print(f"wrote {out}: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "
-                      f"{plan['bits_per_expert_weight']:.3f} bits per expert weight")
     return plan
 
 
@@ -128,14 +111,14 @@ def json_key(value) -> str | None:
 
 def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix", recipe_spec: str | None = None,
             samples: int = 128, seq_len: int = 256, seed: int = 0, work: Path | None = None,
-            eval_samples: int = 16, workers: int = 1, console: Console | None = None, progress=None,
+            eval_samples: int = 16, workers: int = 1, progress: Progress | None = None,
             tokenizer: str | None = None) -> dict:
     """profile -> compress -> (held-out quality of the plan, in memory) -> pack, under one progress display.
     Every input is checked first (preflight.conversion), so a bad option fails before any compute.
     Intermediate folders go to `work` (default: a hidden folder beside `out`), so a rerun resumes.
     `tokenizer`: --tokenizer (a path or Hub id) for a checkpoint that ships none."""
-    from . import preflight
-    from .profile import run_profile
+    from prism_convert import preflight
+    from prism_convert.profiling.profiler import run_profile
 
     model, out = Path(model), Path(out)
     work = Path(work) if work is not None else out.parent / f".{out.name}.work"
@@ -147,15 +130,13 @@ def convert(model: Path, out: Path, budget: Budget, dataset: str = "builtin:mix"
                     tokenizer=job.calibration.tokenizer)
     run_compress(model, profile_dir, job.recipe, work_dir, None, workers, progress)
     works = [WorkDir(work_dir)]
-    state = works[0].job()
-    state["budget"] = budget.to_dict()
-    write_json(work_dir / "job.json", state)
+    works[0].write_job(works[0].job().with_budget(budget.to_dict()))
     plan = make_plan(works, budget)
     quality = None
     if job.heldout is not None:
         quality = plan_quality(model, works, plan, job.heldout.tokens, job.recipe) | quality_record(
             job.heldout, dataset, eval_samples, seq_len)
-    pack_work([work_dir], out, budget, shard_size_bytes=2 * 10**9, console=console, quality=quality)
+    pack_work([work_dir], out, budget, shard_size_bytes=2 * 10**9, quality=quality)
     return {"plan": plan, "quality": quality, "out": str(out), "work": str(work)}
 
 
@@ -174,9 +155,13 @@ def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) 
     import torch
 
     import prism_load
-
-    from .eval import compare_models
-    from .materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+    from prism_convert.packing.materialize import (
+        apply_in_memory,
+        decoded_state,
+        dense_tensors,
+        planned_experts,
+    )
+    from prism_convert.tools.evaluate import compare_models
 
     original = prism_load.load(model, dtype=torch.float32)
     experts = list(planned_experts(works, plan, recipe.tiers.hot_share, recipe.tiers.hot_min_frequency))

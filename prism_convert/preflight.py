@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
+from prism_convert.allocation.bit_plan import Budget
+from prism_convert.recipe import Recipe, load_recipe
+from prism_convert.tokenizer import ResolvedTokenizer, resolve_tokenizer
 from prism_load.errors import BudgetError, CalibrationError, CheckpointError, PrismError, RecipeError
-
-from .bitplan import Budget
-from .recipe import Recipe, load_recipe
-from .tokenizer import ResolvedTokenizer, resolve_tokenizer
 
 
 @dataclass
@@ -94,11 +93,10 @@ class BudgetFloor:
 def budget_floor(model: Model, recipe: Recipe) -> BudgetFloor:
     """Priced on the family's meta-device model: each expert tensor's cheapest candidate is on its Pareto set
     (compress keeps it), so this is exactly the floor the allocation meets later. Unfit recipes fail here."""
+    from prism_convert.compression.dense import TOP_CLASSES, dense_encoding, tensor_class
     from prism_load.container import ALIGNMENT_BYTES, aligned
     from prism_load.hf_loader import empty_model
     from prism_load.models.moe import MoEBlock
-
-    from .dense import TOP_CLASSES, dense_encoding, tensor_class
 
     args = model.args
     meta = empty_model(model.family, args)
@@ -224,11 +222,10 @@ class Conversion:
 def conversion(model: Path, out: Path, work: Path, budget: Budget, dataset: str, recipe_spec: str | None,
                samples: int, seq_len: int, seed: int, eval_samples: int, tokenizer_spec: str | None) -> Conversion:
     """Cheap checks first (config, folders, recipe, budget, tokenizer, earlier work), then the text."""
+    from prism_convert.compression.compress_layers import IDENTITY_KEYS, compress_job
+    from prism_convert.compression.workdir import WorkDir
+    from prism_convert.profiling.profile_format import PROFILE_JSON, Profile
     from prism_load.checkpoint import config_sha256
-
-    from .compress import IDENTITY_KEYS, compress_job
-    from .profile_schema import PROFILE_JSON, Profile
-    from .workdir import WorkDir
 
     m = model_args(model)
     check_output(out, "a .prism container", "manifest.json")

@@ -28,7 +28,7 @@ class ResolvedTokenizer:
 
     def save(self, path: Path) -> None:
         """As tokenizer.json, atomically (profile folders carry a tokenizer the checkpoint lacks)."""
-        from .atomic import write_text
+        from prism_convert.atomic import write_text
 
         write_text(path, self.tokenizer.to_str())
 
@@ -84,7 +84,7 @@ def _in_folder(folder: Path, from_checkpoint: bool, label: str | None = None) ->
 
 def _read(path: Path, origin: str) -> ResolvedTokenizer:
     if path.name.endswith(".model"):
-        from .spm import spm_tokenizer
+        from prism_convert.spm import spm_tokenizer
 
         return ResolvedTokenizer(spm_tokenizer(path), f"{origin} (SentencePiece, converted)", False)
     from tokenizers import Tokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from prism_convert.pack import ExpertInput, write_container
+from prism_convert.packing.container_writer import ExpertInput, write_container
 from prism_load.codecs import Encoding, decode, pack_bits
 from prism_load.hf_loader import empty_model, stack_experts
 from prism_load.models.family import family_for

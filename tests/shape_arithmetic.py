@@ -1,10 +1,10 @@
 """An independent count of DeepSeek-V3 and GPT-OSS weights and KV cache by explicit arithmetic, written
 from the published configs, not from prism's model code: the tests hold `prism plan`'s meta-device count
-(prism_convert/model_shape.py) to it."""
+(prism_convert/tools/model_shape.py) to it."""
 
 from __future__ import annotations
 
-from prism_convert.model_shape import ModelShape
+from prism_convert.tools.model_shape import ModelShape
 
 
 def deepseek_v3_shape(config: dict) -> ModelShape:

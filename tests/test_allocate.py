@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from prism_convert.allocate import Option, allocate, lower_hull, pareto
+from prism_convert.allocation.knapsack import Option, allocate, lower_hull, pareto
 from prism_load.errors import BudgetError
 
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism_convert.encode import encode, encode_many
-from prism_convert.measure import output_error
-from prism_convert.quantize import rtn
+from prism_convert.compression.encode import encode, encode_many
+from prism_convert.compression.math.measure import output_error
+from prism_convert.compression.math.quantize import rtn
 from prism_load.codecs import (
     INT_BITS,
     Encoding,
@@ -168,7 +168,7 @@ def test_bad_inputs(problem):
     with pytest.raises(EncodingError, match="beyond fp16"):
         encode(torch.full((2, 2), 1e6), Encoding("fp16", (2, 2)))
     with pytest.raises(EncodingError, match="outside 1..2"):
-        from prism_convert.lowrank import whitened_svd
+        from prism_convert.compression.math.lowrank import whitened_svd
 
         whitened_svd(torch.ones(2, 5), 3)
     with pytest.raises(ContainerError, match="needs a 2-D shape"):

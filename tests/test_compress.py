@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from prism_convert.bitplan import Budget, PlanInputs, make_plan
-from prism_convert.compress import run_compress
-from prism_convert.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
-from prism_convert.profile import run_profile
+from prism_convert.allocation.bit_plan import Budget, PlanInputs, make_plan
+from prism_convert.compression.compress_layers import run_compress
+from prism_convert.compression.workdir import WorkDir, WorkError
+from prism_convert.packing.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+from prism_convert.profiling.profiler import run_profile
 from prism_convert.recipe import Recipe
-from prism_convert.workdir import WorkDir, WorkError
 from prism_load.errors import BudgetError, ProfileError
 
 SMALL = {"quantization": {"group_size": 16, "max_tokens_per_expert": 64},
@@ -89,7 +89,7 @@ def test_decoded_model_stays_close_to_the_original(setup, tmp_path):
 
 def test_resume_skips_finished_layers(setup, tmp_path, monkeypatch):
     folder, _, _, root, recipe = setup
-    import prism_convert.compress as compress_module
+    import prism_convert.compression.compress_layers as compress_module
 
     calls, failed = [], []
     real = compress_module._finish_layer

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from tiny import CASES
 
 import prism_load
-from prism_convert.pack import ExpertInput, write_container
+from prism_convert.packing.container_writer import ExpertInput, write_container
 from prism_load.codecs import Encoding
 from prism_load.container import ALIGNMENT_BYTES, Container, expert_layout
 from prism_load.container_loader import ResidentExperts
@@ -410,7 +410,7 @@ def test_metadata_overhead_at_realistic_expert_size(tmp_path):
 def test_cli_verify_and_inspect(tiny, damaged):
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     runner = CliRunner()
     ok = runner.invoke(app, ["verify", str(tiny[1])])

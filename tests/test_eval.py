@@ -7,7 +7,7 @@ import torch
 from tiny import save_char_tokenizer
 
 import prism_load
-from prism_convert.eval import compare_models
+from prism_convert.tools.evaluate import compare_models
 
 
 def test_identical_models(tiny_checkpoint):
@@ -50,7 +50,7 @@ def containers(tmp_path_factory):
 
 
 def test_evaluate_on_tokens_through_the_runtime(containers):
-    from prism_convert.eval import evaluate
+    from prism_convert.tools.evaluate import evaluate
 
     exact, coarse = containers
     tokens = torch.randint(0, 64, (3, 12))
@@ -64,7 +64,7 @@ def test_evaluate_on_tokens_through_the_runtime(containers):
 
 
 def test_evaluate_on_heldout_text(containers):
-    from prism_convert.eval import evaluate
+    from prism_convert.tools.evaluate import evaluate
 
     exact, coarse = containers
     result = evaluate(coarse, exact, "builtin:prose", samples=2, seq_len=16, seed=1)
@@ -76,8 +76,8 @@ def test_evaluate_on_heldout_text(containers):
 def test_evaluate_rejects_bad_input(containers, tmp_path):
     from containers import write_tiny
 
-    from prism_convert.eval import evaluate
     from prism_convert.tokenizer import TokenizerError
+    from prism_convert.tools.evaluate import evaluate
     from prism_load.errors import CalibrationError
 
     exact, _ = containers
@@ -101,7 +101,7 @@ def test_eval_command(containers):
 
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     exact, coarse = containers
     args = ["eval", str(coarse), "--reference", str(exact), "--dataset", "builtin:prose", "--samples", "2",

@@ -291,7 +291,7 @@ model = prism_load.load("org/tiny")
 
 @needs_container
 def test_push_operations_and_card(pushable, fake_api):
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
 
     plan = push(pushable, "org/tiny", private=True, revision="v1", token="hf_secret")
     (api,) = fake_api.instances
@@ -334,7 +334,7 @@ def test_push_operations_and_card(pushable, fake_api):
 
 @needs_container
 def test_push_main_needs_no_branch_and_public_by_default(pushable, fake_api):
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
 
     push(pushable, "org/tiny")
     (api,) = fake_api.instances
@@ -346,7 +346,7 @@ def test_push_main_needs_no_branch_and_public_by_default(pushable, fake_api):
 def test_card_parses_as_hub_metadata(pushable, fake_api):
     from huggingface_hub import ModelCard
 
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
 
     push(pushable, "org/tiny", dry_run=True)
     data = ModelCard.load(pushable / "README.md").data.to_dict()
@@ -361,7 +361,7 @@ def test_card_parses_as_hub_metadata(pushable, fake_api):
 
 @needs_container
 def test_dry_run_lists_files_without_any_api(pushable, fake_api):
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
 
     (pushable / "notes.txt").write_text("not in the manifest")
     plan = push(pushable, "org/tiny", dry_run=True)
@@ -380,7 +380,7 @@ def test_dry_run_lists_files_without_any_api(pushable, fake_api):
 
 @needs_container
 def test_local_source_has_no_base_model(pushable, fake_api):
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
     from prism_load.container import Manifest
 
     m = Manifest.from_json((pushable / "manifest.json").read_bytes())
@@ -396,7 +396,7 @@ def test_local_source_has_no_base_model(pushable, fake_api):
 
 @needs_container
 def test_push_refuses_bad_input(pushable, tmp_path, fake_api):
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
 
     with pytest.raises(HubError, match="'not-a-repo'"):
         push(pushable, "not-a-repo", dry_run=True)
@@ -415,7 +415,7 @@ def test_push_refuses_bad_input(pushable, tmp_path, fake_api):
 def test_push_cli_dry_run(pushable, fake_api):
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     out = CliRunner().invoke(app, ["push", str(pushable), "org/tiny", "--dry-run"], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
@@ -430,7 +430,7 @@ def test_predictor_file_travels_with_the_container(tmp_path, offline, fake_api):
     from containers import random_model, write_tiny
     from runtime_fixtures import RUNTIME_CONFIG
 
-    from prism_convert.hub import push
+    from prism_convert.tools.push import push
 
     n, h = RUNTIME_CONFIG["num_local_experts"], RUNTIME_CONFIG["hidden_size"]
     predictor = {(2, 1): {"recall": 0.9, "shadow_recall": 0.8, "weight": torch.zeros(n, h),

@@ -5,10 +5,10 @@ import pytest
 import torch
 from test_quantize import statistics
 
-import prism_convert.lowrank as lowrank
-from prism_convert.encode import encode
-from prism_convert.hessian import hessian_factors
-from prism_convert.measure import output_error
+import prism_convert.compression.math.lowrank as lowrank
+from prism_convert.compression.encode import encode
+from prism_convert.compression.math.hessian import hessian_factors
+from prism_convert.compression.math.measure import output_error
 from prism_load.codecs import Encoding, decode
 
 OUT, IN = 64, 160

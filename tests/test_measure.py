@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import prism_convert.measure as measure
-from prism_convert.measure import output_error, relative_output_error
+import prism_convert.compression.math.measure as measure
+from prism_convert.compression.math.measure import output_error, relative_output_error
 from prism_load.errors import EncodingError
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import prism_load
-from prism_convert.bitplan import Budget
-from prism_convert.compress import run_compress
-from prism_convert.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+from prism_convert.allocation.bit_plan import Budget
+from prism_convert.compression.compress_layers import run_compress
+from prism_convert.compression.workdir import WorkDir
+from prism_convert.packing.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
 from prism_convert.pipeline import pack_work
-from prism_convert.profile import run_profile
+from prism_convert.profiling.profiler import run_profile
 from prism_convert.recipe import Recipe
-from prism_convert.workdir import WorkDir
 
 RECIPE = {"quantization": {"group_size": 16, "max_tokens_per_expert": 64},
           "candidates": {"int_bits": [2, 3, 4, 8], "int_lowrank": [[2, 0.25]]},  # pure low-rank experts stay factored at load (equal to 1e-5, tested in test_container)

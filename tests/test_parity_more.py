@@ -434,12 +434,12 @@ PIPELINE_RECIPE = {"quantization": {"group_size": 16, "max_tokens_per_expert": 6
 def run_pipeline(folder: Path, root: Path, vocab: int, recipe: dict, extra_bits: float):
     """profile -> compress -> pack at `extra_bits` above the lowest budget the recipe allows (tiny experts
     are dominated by their 4 KiB alignment, so absolute bit-widths mean little here)."""
-    from prism_convert.bitplan import Budget, PlanInputs
-    from prism_convert.compress import run_compress
+    from prism_convert.allocation.bit_plan import Budget, PlanInputs
+    from prism_convert.compression.compress_layers import run_compress
+    from prism_convert.compression.workdir import WorkDir
     from prism_convert.pipeline import pack_work
-    from prism_convert.profile import run_profile
+    from prism_convert.profiling.profiler import run_profile
     from prism_convert.recipe import Recipe
-    from prism_convert.workdir import WorkDir
 
     tokens = torch.randint(0, vocab, (6, 16), generator=torch.Generator().manual_seed(5))
     run_profile(folder, tokens, root / "profile", {"spec": "random"}, min_tokens=4)
@@ -461,8 +461,13 @@ SLOW = pytest.mark.slow
 def test_pipeline_container_equals_in_memory_decode(source, tiny_checkpoint, tmp_path, request):
     """The container of each family (and of the FP8 / MXFP4 sources, dequantised while streaming) loads and
     equals the source model with the same encodings applied in memory; DeepSeek's router stays fp32 in it."""
-    from prism_convert.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
-    from prism_convert.workdir import WorkDir
+    from prism_convert.compression.workdir import WorkDir
+    from prism_convert.packing.materialize import (
+        apply_in_memory,
+        decoded_state,
+        dense_tensors,
+        planned_experts,
+    )
 
     if source == "fp8":
         folder, ref = request.getfixturevalue("fp8_checkpoints")[:2]

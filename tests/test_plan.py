@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from shape_arithmetic import ARITHMETIC
 
-from prism_convert import model_shape
-from prism_convert.plan import (
+from prism_convert.tools import model_shape
+from prism_convert.tools.fit import (
     Machine,
     Storage,
     WeightFormat,
@@ -374,7 +374,7 @@ def test_bad_inputs_name_the_value(tmp_path):
 def test_cli_json_and_table():
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     runner = CliRunner()
     args = ["plan", str(CONFIGS / "deepseek-v3.json"), "--bits", "2", "--gpu", "32GB", "--ram", "64GB"]

@@ -12,14 +12,14 @@ from containers import random_model, write_tiny
 from runtime_fixtures import INT_MIX, RUNTIME_CONFIG, greedy, load_cached, prompts
 
 import prism_load
-from prism_convert.bitplan import Budget
-from prism_convert.compress import run_compress
-from prism_convert.inspect import inspect_container
+from prism_convert.allocation.bit_plan import Budget
+from prism_convert.compression.compress_layers import run_compress
 from prism_convert.pipeline import pack_work
-from prism_convert.predictor import RIDGE, VALIDATION_SHARE, fit_predictor, recall
-from prism_convert.profile import run_profile
-from prism_convert.profile_schema import Profile
+from prism_convert.profiling.predictor_fit import RIDGE, VALIDATION_SHARE, fit_predictor, recall
+from prism_convert.profiling.profile_format import Profile
+from prism_convert.profiling.profiler import run_profile
 from prism_convert.recipe import Recipe
+from prism_convert.tools.inspect_container import inspect_container
 from prism_load.container_reader import Container
 from prism_load.container_verify import verify_container
 from prism_load.errors import ContainerError
@@ -299,7 +299,7 @@ def test_prism_run_names_the_predictors_it_uses(tmp_path, flags, shown):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(RUNTIME_CONFIG["vocab_size"])}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

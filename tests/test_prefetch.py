@@ -358,7 +358,7 @@ def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(RUNTIME_CONFIG["vocab_size"])}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -393,7 +393,7 @@ def test_prism_run_generates_a_prompts_file_as_one_batch(tmp_path):
     """Each printed continuation is the text API's for that prompt alone; tokens/s count every row."""
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     path = run_container(tmp_path)
     prompts = ["w1 w2 w3", "w9", "w4 w5"]
@@ -414,7 +414,7 @@ def test_prism_run_generates_a_prompts_file_as_one_batch(tmp_path):
 def test_prism_run_samples_with_temperature_top_p_and_seed(tmp_path):
     from typer.testing import CliRunner
 
-    from prism_convert.cli import app
+    from prism_convert.cli.app import app
 
     path = run_container(tmp_path)
     base = ["run", str(path), "-p", "w1 w2", "-n", "8"]
@@ -438,7 +438,7 @@ def test_prism_run_samples_with_temperature_top_p_and_seed(tmp_path):
 
 
 def test_run_speed_splits_prefill_and_decode():
-    from prism_convert.run import speed
+    from prism_convert.tools.generate import speed
 
     s = speed(prompt_tokens=8, start=10.0, times=[10.5, 11.0, 11.25, 12.5], printing_seconds=0.5)
     assert s["prefill_seconds"] == 0.5 and s["prefill_tokens_per_second"] == 16.0

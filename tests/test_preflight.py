@@ -15,11 +15,11 @@ from tiny import save_char_tokenizer
 from typer.testing import CliRunner
 
 import prism_convert.pipeline
-import prism_convert.profile
-import prism_convert.stream
+import prism_convert.profiling.layer_stream
+import prism_convert.profiling.profiler
 import prism_load
 from prism_convert import preflight
-from prism_convert.cli import app
+from prism_convert.cli.app import app
 from prism_load.errors import PrismError
 
 LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
@@ -51,9 +51,9 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("model compute started before the inputs were checked")
 
-    monkeypatch.setattr(prism_convert.profile, "run_profile", forbidden)
+    monkeypatch.setattr(prism_convert.profiling.profiler, "run_profile", forbidden)
     monkeypatch.setattr(prism_convert.pipeline, "run_compress", forbidden)
-    monkeypatch.setattr(prism_convert.stream.LayerStream, "__post_init__", forbidden)
+    monkeypatch.setattr(prism_convert.profiling.layer_stream.LayerStream, "__post_init__", forbidden)
 
 
 def _invoke(args):
@@ -146,8 +146,8 @@ def test_the_issue_a_text_file_and_no_tokenizer_convert_with_a_smaller_evaluatio
     """`prism convert MODEL --dataset calib.txt --tokenizer TOK`, asking more held-out samples than the file
     holds: the conversion completes, measured on what there is, and says so; the container carries the
     tokenizer it was calibrated with; the budget floor checked up front is the one the allocation meets."""
-    from prism_convert.bitplan import PlanInputs
-    from prism_convert.workdir import WorkDir
+    from prism_convert.allocation.bit_plan import PlanInputs
+    from prism_convert.compression.workdir import WorkDir
 
     tokenizer = save_char_tokenizer(tmp_path / "char.json")
     out = tmp_path / "out.prism"

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from prism_convert.profile import run_profile
-from prism_convert.profile_schema import Profile
+from prism_convert.profiling.profile_format import Profile
+from prism_convert.profiling.profiler import run_profile
 from prism_load.errors import ProfileError
 
 
@@ -132,7 +132,7 @@ def test_profile_of_another_model_is_refused(profiled):
 
 def test_interrupted_profile_leaves_nothing_that_looks_complete(profiled, tmp_path, monkeypatch):
     folder, _, tokens, _ = profiled["mixtral"]
-    import prism_convert.profile as profile_module
+    import prism_convert.profiling.profiler as profile_module
 
     def boom(*a, **k):
         raise RuntimeError("interrupted")

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism_convert.encode import encode
-from prism_convert.gptq import gptq
-from prism_convert.hessian import clear_cache, compute_factors, hessian_factors
-from prism_convert.measure import output_error
-from prism_convert.quantize import clipped, rtn
+from prism_convert.compression.encode import encode
+from prism_convert.compression.math.gptq import gptq
+from prism_convert.compression.math.hessian import clear_cache, compute_factors, hessian_factors
+from prism_convert.compression.math.measure import output_error
+from prism_convert.compression.math.quantize import clipped, rtn
 from prism_load.codecs import INT_BITS, Encoding, decode, unpack_bits
 from prism_load.errors import EncodingError
 

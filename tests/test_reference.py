@@ -12,12 +12,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import prism_load
-from prism_convert import reference
-from prism_convert.cli import app
-from prism_convert.reference import PRESETS, load_balancing_loss, lr_at, reference_model, train_reference
-from prism_convert.train_tokenizer import END_OF_TEXT
+from prism_convert.cli.app import app
 from prism_load.errors import PrismError
 from prism_load.models.moe import RouterOutput
+from prism_reference import train as reference
+from prism_reference.bpe_tokenizer import END_OF_TEXT
+from prism_reference.train import PRESETS, load_balancing_loss, lr_at, reference_model, train_reference
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from tiny import save_char_tokenizer
 from typer.testing import CliRunner
 
 from calibration import builtin
-from prism_convert.cli import app
+from prism_convert.cli.app import app
 from prism_convert.spm import SentencePieceError, spm_tokenizer
 from prism_convert.tokenizer import TokenizerError, resolve_tokenizer
 from prism_load.hub import HubError

@@ -1,0 +1,3 @@
+from prism_convert.cli.app import main
+
+main()

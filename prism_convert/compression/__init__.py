@@ -1,0 +1,1 @@
+"""Stage 2, `prism compress`: measure candidate encodings of every expert tensor into a work folder."""

@@ -1,0 +1,1 @@
+"""Commands beside the conversion stages: eval, inspect, push, plan (fit) and run (generate)."""
