@@ -109,12 +109,13 @@ class PackedLinear:
     native/dequant (qweight, scales, zeros) as stored (native: widened to 4 or 8 bits); int4pack
     (weight in the kernel's layout, scale_zero bf16 [in / group, out, 2])."""
 
-    __slots__ = ("backend", "shape", "bits", "group_size", "tensors")
+    __slots__ = ("backend", "shape", "bits", "group_size", "tensors", "_bound")
 
     def __init__(self, backend: str, shape: tuple[int, int], bits: int, group_size: int,
                  tensors: tuple[torch.Tensor, ...]):
         self.backend, self.shape, self.bits, self.group_size = backend, tuple(shape), bits, group_size
         self.tensors = tuple(tensors)
+        self._bound = None  # native: the kernel call bound to these tensors, made at the first call
 
     def with_tensors(self, tensors) -> PackedLinear:
         """The same operator over other tensors of the same layout (a slab copy, a device copy)."""
@@ -131,11 +132,13 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend in NATIVE:
-            from . import native
+            bound = self._bound
+            if bound is None:
+                from . import native
 
-            q, s, z = self.tensors
-            return native.int_linear(x, q, s, z, self.bits, self.group_size, self.shape[1],
-                                     int8_activations=self.backend == "native-int8").to(x.dtype)
+                bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
+                                                            int8_activations=self.backend == "native-int8")
+            return bound(x).to(x.dtype)
         if self.backend == "int4pack":
             w, scale_zero = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, self.group_size,

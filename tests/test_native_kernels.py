@@ -257,3 +257,22 @@ def test_int8_activations_leave_other_shapes_to_the_exact_kernel(q8, bits, g, m,
     x = torch.randn(m, k)
     args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
     assert torch.equal(native.int_linear(*args, int8_activations=True), native.int_linear(*args))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_bound_call_equals_int_linear(kernel, int8):
+    """BoundIntLinear (arguments bound once) gives int_linear's bits, from any thread and for any x it meets."""
+    t = stored(40, 256, 4, 64)
+    args = (t["qweight"], t["scales"], t["zeros"], 4, 64, 256)
+    bound = native.BoundIntLinear(*args, int8_activations=int8)
+    for x in (torch.randn(1, 256), torch.randn(3, 256), torch.randn(9, 256), torch.randn(2, 300)[:, :256],
+              torch.randn(1, 256).bfloat16()):
+        assert torch.equal(bound(x), native.int_linear(x, *args, int8_activations=int8))
+    x = torch.randn(1, 256)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(bound(x)))
+    worker.start()
+    worker.join()
+    assert torch.equal(got[0], native.int_linear(x, *args, int8_activations=int8))
+    with pytest.raises(ValueError, match="scales must be"):
+        native.BoundIntLinear(t["qweight"], t["scales"][:, :2], t["zeros"], 4, 64, 256)

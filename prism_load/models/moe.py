@@ -84,7 +84,8 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights, act: Activation) -> tuple[
         if all(getattr(op, "fp32_inside", False) for op in (*pair, w.down)):
             # kernels that compute in fp32 whatever the input: one conversion in and one out per expert
             # instead of one each way per projection
-            gate, up = pair[0](x.float()), pair[1](x.float())
+            xf = x.float()
+            gate, up = pair[0](xf), pair[1](xf)
             h = act(gate, up)
             return apply_linear(h, w.down, w.down_bias).to(x.dtype), h
         gate, up = apply_linear(x, pair[0]), apply_linear(x, pair[1])

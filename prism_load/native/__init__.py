@@ -128,6 +128,51 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return out
 
 
+class BoundIntLinear:
+    """int_linear for one weight, its arguments checked and bound once: a call fills the slots that change (x,
+    its rows, the output, the thread count). Why: an expert's three projections are called at every decode
+    step, and checking the same weight each time costs more Python than the call itself on small models.
+    Other threads (and x that the fast path does not take) go through int_linear."""
+
+    __slots__ = ("tensors", "bits", "group_size", "k", "n", "int8_activations", "_args", "_addr", "_fn", "_q8",
+                 "_thread")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int, k: int, int8_activations: bool = False):
+        fn = _kernel()
+        _diagnose(torch.empty(1, k) if isinstance(k, int) and k > 0 else None, qweight, scales, zeros, bits,
+                  group_size, k)
+        self.tensors = (qweight, scales, zeros)  # kept alive: the bound pointers are theirs
+        self.bits, self.group_size, self.k, self.n = bits, group_size, k, qweight.shape[0]
+        self.int8_activations = int8_activations
+        self._fn = fn
+        self._q8 = fn.q8 if int8_activations and fn.q8 is not None and q8_takes(1, k, bits, group_size) else None
+        self._args = (ctypes.c_int64 * _ARGS)(0, k, 0, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                                              self.n, bits, group_size, 0, self.n, 1)
+        self._addr = ctypes.addressof(self._args)
+        self._thread = threading.get_ident()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, k] @ w.T -> fp32 [M, N], as int_linear(x, *tensors, ...)."""
+        if (threading.get_ident() != self._thread or x.dim() != 2 or x.shape[1] != self.k or not x.is_cpu
+                or not x.is_floating_point()):
+            return int_linear(x, *self.tensors, self.bits, self.group_size, self.k,
+                              int8_activations=self.int8_activations)
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        m = x.shape[0]
+        out = torch.empty(m, self.n, dtype=torch.float32)
+        if m == 0:
+            return out
+        a = self._args
+        a[0], a[2], a[10], a[12] = x.data_ptr(), m, out.data_ptr(), torch.get_num_threads()
+        rc = (self._q8 if self._q8 is not None and m <= Q8_MAX_ROWS else self._fn)(self._addr)
+        if rc != 0:
+            raise MemoryError("int_linear: out of memory for its scratch buffers") if rc == -1 else \
+                ValueError(f"int_linear rejected its arguments (code {rc})")
+        return out
+
+
 GEMV_MAX_ROWS = 4  # rows of x bf16_linear takes (decode); more rows are a matrix product for torch
 
 
@@ -164,5 +209,5 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["BITS", "GEMV_MAX_ROWS", "Q8_MAX_ROWS", "q8_available", "q8_takes", "NativeUnavailable", "available", "bf16_linear", "int_linear",
+__all__ = ["BITS", "BoundIntLinear", "GEMV_MAX_ROWS", "Q8_MAX_ROWS", "q8_available", "q8_takes", "NativeUnavailable", "available", "bf16_linear", "int_linear",
            "unavailable_reason"]
