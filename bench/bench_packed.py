@@ -29,6 +29,7 @@ VARIANTS = [  # name, load options
     ("packed native, bf16", {"expert_kernel": "native"}),
     ("packed int4pack, bf16", {"expert_kernel": "int4pack"}),
     ("packed dequant, bf16", {"expert_kernel": "dequant"}),
+    ("packed native-int8 (int8 activations), bf16", {"expert_kernel": "native-int8"}),
     ("decoded, bf16", {"expert_form": "decoded"}),
     ("packed native, fp32", {"expert_kernel": "native", "dtype": torch.float32}),
 ]

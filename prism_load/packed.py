@@ -16,11 +16,10 @@ the cores by as much. Here an `int` tensor stays packed and one of three kernels
   encoding, any device, the same bits as the decoded form in fp32, and the slowest. A CPU load that
   puts tensors here although a kernel exists for others warns (prism_load.load never falls back to
   fp32-sized memory silently).
-- `native-int8` (opt-in, never chosen by "auto"): the native kernel's memory form, but decode rows of x are
-  rounded to int8 per weight group and multiplied in integers (AVX-VNNI, q8_linear.c), as llama.cpp's CPU
-  kernels do: faster where the exact kernel is bound by its vector instructions, and not exact
-  (bench/results/packed.md measures its KL). Prefill rows, and tensors whose groups the kernel cannot
-  take, run the exact kernel.
+- `native-int8` (opt-in, never chosen by "auto"): the native kernel's memory form, but x is rounded to int8
+  per weight group and multiplied in integers (AVX-VNNI, q8_linear.c), as llama.cpp's CPU kernels do:
+  faster where the exact kernel is bound by its vector instructions, and not exact (bench/results/packed.md
+  measures its KL). Tensors whose groups the kernel cannot take run the exact kernel.
 
 Everything else (bf16/fp16/fp32 expert tensors, low-rank factors, biases) is kept as tensors in the model's
 dtype; low-rank factors stay factored (`LowRankLinear`), with `int` factors packed like any `int` tensor.

@@ -29,9 +29,6 @@ def unavailable_reason() -> str | None:
     return load()[1]
 
 
-Q8_MAX_ROWS = 4  # rows of x the int8-activation kernel takes (decode); more rows take the exact path
-
-
 def q8_available() -> bool:
     """Whether the int8-activation kernel (q8_linear.c, AVX-VNNI) runs here."""
     fn = load()[0]
@@ -39,8 +36,8 @@ def q8_available() -> bool:
 
 
 def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether q8_linear.c takes this shape: groups of whole 32-byte blocks, K whole groups, decode rows."""
-    return (bits in BITS and 0 < m <= Q8_MAX_ROWS and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
+    """Whether q8_linear.c takes this shape: groups of whole 32-byte blocks, K whole groups."""
+    return (bits in BITS and 0 < m and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
             and k % group_size == 0)
 
 
@@ -166,7 +163,7 @@ class BoundIntLinear:
             return out
         a = self._args
         a[0], a[2], a[10], a[12] = x.data_ptr(), m, out.data_ptr(), torch.get_num_threads()
-        rc = (self._q8 if self._q8 is not None and m <= Q8_MAX_ROWS else self._fn)(self._addr)
+        rc = (self._q8 if self._q8 is not None else self._fn)(self._addr)
         if rc != 0:
             raise MemoryError("int_linear: out of memory for its scratch buffers") if rc == -1 else \
                 ValueError(f"int_linear rejected its arguments (code {rc})")
@@ -209,5 +206,5 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["BITS", "BoundIntLinear", "GEMV_MAX_ROWS", "Q8_MAX_ROWS", "q8_available", "q8_takes", "NativeUnavailable", "available", "bf16_linear", "int_linear",
+__all__ = ["BITS", "BoundIntLinear", "GEMV_MAX_ROWS", "q8_available", "q8_takes", "NativeUnavailable", "available", "bf16_linear", "int_linear",
            "unavailable_reason"]

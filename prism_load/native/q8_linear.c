@@ -1,6 +1,6 @@
 /* y[m, n] ~= sum_k x[m, k] * w[n, k] with x rounded to int8 per weight group and the products summed in
  * integers by VNNI's vpdpbusd (unsigned codes x signed int8, four products per int32 lane): the decode path
- * of the opt-in `native-int8` expert kernel (prism_load/packed.py).
+ * of the opt-in `native-int8` expert kernel (prism_load/packed.py), decode and prefill alike.
  *
  * Why: int_linear.c computes exactly (every code widened to fp32, one FMA per code) and is bound by those
  * vector instructions, not by memory; llama.cpp's CPU kernels round activations to int8 the same way
@@ -12,8 +12,9 @@
  *   sum_k x_k w_k ~= s * d * (sum_k x8_k q_k - z * sum_k x8_k)
  * (the zero term uses the rounded x too, so the error is that of x8 against the weights (q - z) * s, which
  * are centred, rather than against the codes). Integer sums are exact (|x8 q| <= 127 * 255, g <= 2^14).
- * Shapes: groups of whole 32-byte blocks (g * bits % 256 == 0), K a multiple of g, M <= Q8_MAX_M rows;
- * the caller checks (prism_q8_takes). Every output is computed by one thread in a fixed order.
+ * Shapes: groups of whole 32-byte blocks (g * bits % 256 == 0), K a multiple of g; any number of rows (tiles
+ * of up to Q8_MAX_M rows of x share each weight load; prefill with more rows is still faster than the exact
+ * gemm path, both being bound by instructions). The caller checks (native.q8_takes). Every output is computed by one thread in a fixed order.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -175,7 +176,7 @@ int prism_q8_supported(void) {
 /* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take, -3 on a CPU without VNNI. */
 int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
                     const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads) {
-    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || M > Q8_MAX_M || K < 1 || N < 1 || g < 1 || g > 16384 ||
+    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || g < 1 || g > 16384 ||
         ldx < K || ldy < N || (g * bits) % 256 || K % g)
         return -2;
     if (!prism_q8_supported()) return -3;
