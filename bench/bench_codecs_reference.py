@@ -23,7 +23,8 @@ from prism_convert.measure import output_error
 from prism_convert.profile import calibration_tokens
 from prism_convert.quantize import clipped, rtn
 from prism_convert.stream import LayerStream
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 from prism_load.models.moe import MoEBlock
 
 

@@ -34,7 +34,8 @@ from prism_convert.profile import calibration_tokens, run_profile
 from prism_convert.quantize import rtn
 from prism_convert.recipe import load_recipe
 from prism_convert.workdir import WorkDir
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 from prism_load.container import aligned
 from prism_load.hf_loader import open_checkpoint
 

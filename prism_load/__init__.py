@@ -78,7 +78,7 @@ def _open(folder, dtype, device, expert_cache, prefetch, numa, runtime_options):
     if numa is not None:
         raise TypeError("numa applies to models loaded with an expert_cache")
     if (folder / "manifest.json").is_file():
-        from .container_loader import load_container
+        from .container.loader import load_container
 
         known = {"verify_checksums", "resolve_file", "expert_form", "expert_kernel"}
         if set(runtime_options) - known:

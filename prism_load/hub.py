@@ -131,9 +131,9 @@ def resolve(
             **common,
         )
         return HubSnapshot(repo_id, commit, Path(folder), "checkpoint", fetch=fetch)
-    from .container import Manifest
+    from .container.reader import parse_manifest
 
-    manifest = Manifest.from_json((probe / MANIFEST).read_bytes())
+    manifest = parse_manifest((probe / MANIFEST).read_bytes())
     first = [MANIFEST, *(f.name for f in manifest.whole_files())]
     if download_experts == "all":
         first += [s.name for s in manifest.expert_shards]

@@ -9,7 +9,8 @@ import prism_convert.lowrank as lowrank
 from prism_convert.encode import encode
 from prism_convert.hessian import hessian_factors
 from prism_convert.measure import output_error
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 
 OUT, IN = 64, 160
 

@@ -274,8 +274,7 @@ def test_prefetch_variants_match_resident(container, resident, options):
 
 def largest(container) -> int:
     """Bytes the largest expert reserves in the cache."""
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container, model_args
     from prism_load.runtime.stores import ContainerStore
 
     with Container(container) as c:

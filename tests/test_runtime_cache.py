@@ -71,8 +71,7 @@ def test_tiny_budget_matches_resident(container, resident, resident_fp32, prefet
 
 def resident_store(container, form: str = "packed", dtype=torch.bfloat16):
     """The store a cached load of `container` gets (prism_load.load's defaults: packed, bf16)."""
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container, model_args
 
     c = Container(container)
     return ContainerStore(c, model_args(c.config)[1], dtype, form=form)
@@ -360,7 +359,7 @@ def test_two_threads_missing_one_expert_load_it_once():
 
 # -- experts kept as unpacked codes in the fast tier ---------------------------------------------------------
 def test_codes_form_nbytes_is_exact_and_about_a_byte_per_weight(tmp_path):
-    from prism_load.codecs import CodesLinear
+    from prism_load.container.codecs import CodesLinear
 
     path = write_runtime_container(tmp_path / "f.prism", mix=[dict(kind="int", bits=3, group_size=8)])
     codes, dense = resident_store(path, "codes", torch.float32), resident_store(path, "decoded", torch.float32)

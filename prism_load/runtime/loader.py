@@ -1,7 +1,7 @@
 """Load a model whose experts stay in the cold tier: dense weights resident, experts behind the cache.
 
 `prism_load.load(path, expert_cache=...)` lands here. The dense part is built exactly as the resident
-loaders build it (container_loader / hf_loader); the MoE blocks get a CachedExperts view instead of their
+loaders build it (container/loader.py / hf_loader.py); the MoE blocks get a CachedExperts view instead of their
 stacked expert tensors, which are never read.
 """
 
@@ -80,19 +80,24 @@ def _detach_experts(model) -> None:
 
 
 def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device):
-    from ..container import model_args
-    from ..container_loader import _generation_config, _rotary, _skeleton, _tokenizer, load_dense
-    from ..container_reader import Container
+    from ..container.loader import (
+        build_rotary,
+        build_skeleton,
+        load_dense,
+        read_generation_config,
+        read_tokenizer,
+    )
+    from ..container.reader import Container, model_args
 
     c = Container(folder, resolve_file)  # stays open: the store reads experts through it
     family, args = model_args(c.config)
-    model = _skeleton(family, args)
+    model = build_skeleton(family, args)
     load_dense(c, model, dtype, verify_checksums)
     _detach_experts(model)
     model.tie_weights()
-    model.rotary = _rotary(family, args)
-    model.tokenizer = _tokenizer(c, verify_checksums)
-    model.generation_config = _generation_config(c, verify_checksums)
+    model.rotary = build_rotary(family, args)
+    model.tokenizer = read_tokenizer(c, verify_checksums)
+    model.generation_config = read_generation_config(c, verify_checksums)
     store = ContainerStore(c, args, dtype, verify_checksums, form, kernel, device)
     if store.packer is not None:
         from ..packed import fallback_warning

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from .. import kernels
-from ..codecs import CodesLinear, Encoding, LowRankLinear, codes_nbytes
-from ..container import aligned
+from ..container.codecs import CodesLinear, LowRankLinear, codes_nbytes
+from ..container.format import Encoding, aligned
 from ..models.moe import ExpertWeights
 from ..packed import PackedLinear
 
@@ -137,7 +137,7 @@ def weights_nbytes(w: ExpertWeights) -> int:
     return sum(t.numel() * t.element_size() for t in weights_tensors(w))
 
 
-TENSOR_ALIGNMENT = 64  # bytes: CPU GEMM kernels round differently on misaligned inputs (see container_reader.owned)
+TENSOR_ALIGNMENT = 64  # bytes: CPU GEMM kernels round differently on misaligned inputs (see container.reader.owned)
 
 
 def aligned_nbytes(t: torch.Tensor) -> int:
@@ -168,7 +168,7 @@ def pack_into(buf: torch.Tensor, w: ExpertWeights) -> ExpertWeights:
 def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
     """Bytes of decode_expert's output for one expert: a low-rank tensor stays factored when that is smaller;
     with codes=True, what codes_layout keeps as codes costs a byte per weight plus scales and zeros."""
-    from ..container_reader import codes_layout
+    from ..container.reader import codes_layout
 
     as_codes = codes_layout(encodings) if codes else {}
     total = 0
@@ -338,7 +338,7 @@ class ContainerStore(StoreBase):
 
     def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
         """The fast tier's form of the stored bytes in raw (packed operators may view raw itself)."""
-        from ..container_reader import decode_expert
+        from ..container.reader import decode_expert
 
         encoded = self._encoded(layer, expert, raw)
         if self.packer is not None:
