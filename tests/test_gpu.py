@@ -148,7 +148,8 @@ def test_fitted_predictors_run_on_the_gpu(tmp_path):
 
 
 def test_gpu_numa_node_is_read_or_unknown():
-    from prism_load.runtime.cuda import gpu_pci_address, gpu_pci_node
+    from prism_load.runtime.cuda import gpu_pci_address
+    from prism_load.runtime.numa import gpu_pci_node
 
     address = gpu_pci_address(0)
     assert address is None or address.count(":") == 2

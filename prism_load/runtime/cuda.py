@@ -73,10 +73,3 @@ def gpu_pci_address(device_index: int = 0) -> str | None:
     domain, bus, device = parts
     return f"{domain:04x}:{bus:02x}:{device:02x}.0"
 
-
-def gpu_pci_node(device_index: int = 0, pci_root: str = "/sys/bus/pci/devices") -> int | None:
-    """NUMA node of a GPU's PCI slot (sysfs `numa_node`; -1 or missing means unknown)."""
-    from .numa import pci_numa_node
-
-    address = gpu_pci_address(device_index)
-    return None if address is None else pci_numa_node(address, pci_root)
