@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ContainerError
+from ..models.family import family_for
 from ..models.moe import ExpertWeights
 from .codecs import (
     CodesLinear,
@@ -471,8 +472,6 @@ def validate_config(m: Manifest) -> None:
 # -- the embedded model config -------------------------------------------------------------------------
 def model_args(config: dict):
     """(family, ModelArgs) of the embedded config; any failure is the container's fault."""
-    from ..models.family import family_for
-
     layers = config.get("num_hidden_layers")
     if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= MAX_LAYERS:
         fail("config.num_hidden_layers", f"expected an integer in 1..{MAX_LAYERS}, got {layers!r}")

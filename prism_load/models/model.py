@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import GenerationError
 from ..generation_config import GenerationConfig
-from .family import Family, ModelArgs
+from .base import Family, ModelArgs
 from .layers import ForwardContext, KVCache, RMSNorm
 from .linear import Linear
 from .rope import Rotary
