@@ -267,7 +267,7 @@ def decode_loop(container: str, stop, count) -> None:
     """Load the container's experts round-robin until stopped, as prism's prefetch worker loads one (a read,
     then the decode straight into a fast-tier buffer), counting them."""
     from prism_load.container.reader import Container, model_args
-    from prism_load.runtime.stores import ContainerStore
+    from prism_load.runtime.container_store import ContainerStore
     from prism_load.runtime.tiers import footprint
 
     torch.set_num_threads(1)

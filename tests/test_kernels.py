@@ -9,7 +9,8 @@ from runtime_fixtures import write_runtime_container
 
 from prism_load import kernels
 from prism_load.container.codecs import pack_bits
-from prism_load.runtime.stores import ContainerStore, load, pack_into, packed_nbytes, weights_tensors
+from prism_load.runtime.container_store import ContainerStore
+from prism_load.runtime.stores import load, pack_into, packed_nbytes, weights_tensors
 
 SHAPES = [(24, 48, 16), (7, 13, 4), (5, 101, 256), (3, 9, 8), (6, 33, 16), (2, 40, 40)]  # rows, cols, group
 

@@ -29,7 +29,8 @@ from prism_load.errors import BudgetError
 from prism_load.models.moe import ExpertWeights
 from prism_load.runtime import ExpertCache, MemoryStore, parse_budget
 from prism_load.runtime.cache import footprint
-from prism_load.runtime.stores import ContainerStore, load, weights_nbytes
+from prism_load.runtime.container_store import ContainerStore
+from prism_load.runtime.stores import load, weights_nbytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,8 +10,9 @@ NUMA placement. `prism_load.load(path, expert_cache="50%")` builds it; see attac
 
 from .attach import Runtime, attach_runtime, parse_budget
 from .cache import CachedExperts, ExpertCache
+from .container_store import ContainerStore
 from .loader import RUNTIME_OPTIONS, load_cached
-from .stores import CheckpointStore, ContainerStore, ExpertStore, MemoryStore
+from .stores import CheckpointStore, ExpertStore, MemoryStore
 
 __all__ = [
     "RUNTIME_OPTIONS",

@@ -15,8 +15,9 @@ import torch
 
 from ..errors import BudgetError, ProfileError
 from .attach import attach_runtime
+from .container_store import ContainerStore
 from .predictor import as_runtime, check_predictors, container_predictors, profile_predictors
-from .stores import CheckpointStore, ContainerStore, Key
+from .stores import CheckpointStore, Key
 
 RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
                    "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form", "expert_kernel", "predictor")
