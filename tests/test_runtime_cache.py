@@ -381,3 +381,34 @@ def test_expert_form_errors(container, tiny_checkpoint):
     for form in ("codes", "packed"):
         with pytest.raises(BudgetError, match=rf"expert_form='{form}' needs a \.prism container \(a checkpoint's"):
             load_cached(folder, "50%", expert_form=form)
+
+
+# -- RuntimeConfig: load's options as one typed record ----------------------------------------------------
+def test_runtime_config_loads_as_its_keywords_do(container, resident):
+    from prism_load.runtime import RuntimeConfig
+
+    ids = torch.tensor([[1, 5, 9, 3]])
+    by_config = prism_load.load(container, config=RuntimeConfig(expert_cache="50%", prefetch=False))
+    by_keywords = prism_load.load(container, expert_cache="50%", prefetch=False)
+    assert torch.equal(by_config(ids), by_keywords(ids))
+    assert by_config.stats()["prefetch"] is False and hasattr(by_config, "runtime")
+    assert not hasattr(resident, "runtime") and not hasattr(resident, "stats")  # declared, absent without a cache
+    resident_again = prism_load.load(container, config=RuntimeConfig(verify_checksums=False))
+    assert torch.equal(resident_again(ids), resident(ids))
+
+
+def test_runtime_config_names_what_does_not_apply(container):
+    from prism_load.runtime import RuntimeConfig
+
+    with pytest.raises(TypeError, match=r"unknown container options \['lookahead'\]"):
+        prism_load.load(container, lookahead=2)
+    with pytest.raises(TypeError, match=r"unknown container options \['lookahead'\]"):
+        prism_load.load(container, config=RuntimeConfig(lookahead=2))
+    with pytest.raises(TypeError, match="numa applies to models loaded with an expert_cache"):
+        prism_load.load(container, config=RuntimeConfig(numa=True))
+    with pytest.raises(TypeError, match=r"unknown options \['colour'\]"):
+        prism_load.load(container, expert_cache="50%", colour="blue")
+    with pytest.raises(TypeError, match="set them in the RuntimeConfig"):
+        prism_load.load(container, config=RuntimeConfig(), expert_cache="50%")
+    with pytest.raises(BudgetError, match="lookahead=3"):
+        prism_load.load(container, config=RuntimeConfig(expert_cache="50%", lookahead=3))
