@@ -1,8 +1,8 @@
 """CUDA transfers for the expert cache: pinned host tier, non-blocking copies on a side stream, events.
 
 A miss on CUDA: the stored (encoded) bytes come from the host tier, or from the cold tier and are then
-copied into page-locked memory (the host tier keeps that copy: encoded, so 4-8x more experts fit than
-decoded ones would). The bytes are copied to the GPU with non_blocking=True on a dedicated side stream and
+copied into page-locked memory (the host tier keeps that copy: encoded, so more experts fit than decoded
+ones would, by the ratio of the decoded dtype's bits to the stored bits per weight). The bytes are copied to the GPU with non_blocking=True on a dedicated side stream and
 decoded there (the decode's factory calls land on the GPU through `torch.device`), and an event is recorded
 after the decode. Before a matmul uses the expert, the compute stream waits on that event (on the GPU; the
 CPU does not block) and the tensors are recorded on the compute stream, so the caching allocator does not
