@@ -1,4 +1,5 @@
-"""Load by Hugging Face Hub repo id: manifest, dense shards and tokenizer first, expert shards on demand.
+"""Resolve a Hugging Face Hub repo id for `prism_load.load` (which then loads the local files): manifest,
+dense shards and tokenizer first, expert shards on demand.
 
 Everything goes through huggingface_hub's own cache (revision, token, cache_dir, HF_HUB_OFFLINE and
 local_files_only behave as they do for transformers). The revision is pinned to the commit the first call
