@@ -20,7 +20,8 @@ from prism_convert.compression.encode import encode, encode_many
 from prism_convert.compression.math.hessian import clear_cache, compute_factors
 from prism_convert.compression.math.measure import output_error
 from prism_convert.compression.math.quantize import rtn
-from prism_load.codecs import INT_BITS, Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import INT_BITS, Encoding
 
 
 def problem(out: int, inp: int, tokens: int, seed: int = 0):

@@ -23,7 +23,8 @@ from prism_convert.compression.math.measure import output_error
 from prism_convert.compression.math.quantize import clipped, rtn
 from prism_convert.profiling.layer_stream import LayerStream
 from prism_convert.profiling.profiler import calibration_tokens
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 from prism_load.models.moe import MoEBlock
 
 

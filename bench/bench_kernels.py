@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prism_load import native
-from prism_load.codecs import pack_bits
+from prism_load.container.codecs import pack_bits
 
 SHAPES = "768x192,192x384,5632x1024,1024x2816,22528x1024,1024x11264"  # N x K (out x in)
 METHODS = ["native int2", "native int4", "native int8", "torch int4 (tinygemm)", "torch int8", "fp32 F.linear", "bf16 F.linear"]

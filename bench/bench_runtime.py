@@ -265,9 +265,8 @@ def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens:
 def decode_loop(container: str, stop, count) -> None:
     """Load the container's experts round-robin until stopped, as prism's prefetch worker loads one (a read,
     then the decode straight into a fast-tier buffer), counting them."""
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
-    from prism_load.runtime.stores import ContainerStore
+    from prism_load.container.reader import Container, model_args
+    from prism_load.runtime.container_store import ContainerStore
     from prism_load.runtime.tiers import footprint
 
     torch.set_num_threads(1)
@@ -337,12 +336,11 @@ def sample():
     while not stop.is_set():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
-import prism_load.container_loader, prism_load.hub, prism_load.runtime, tokenizers  # noqa: E401 - imports
-from prism_load.container import model_args
-from prism_load.container_reader import Container
+import prism_load.container.loader, prism_load.hub, prism_load.runtime, tokenizers  # noqa: E401 - imports
+from prism_load.container.reader import Container, model_args
 torch.nn.functional.linear(torch.randn(4, 64), torch.randn(64, 64))  # BLAS set up before the baseline, and
 with Container({container!r}) as c:  # the one-time lazy imports of a first (meta-device) model build
-    prism_load.container_loader._skeleton(*model_args(c.config))
+    prism_load.container.loader.build_skeleton(*model_args(c.config))
 ids = torch.tensor({ids})
 before = rss()
 sampler = threading.Thread(target=sample, daemon=True)

@@ -25,41 +25,38 @@ def generate(model, prompt, max_new_tokens=None, *, stream=False, stop=None, **o
     return generate_text(model, prompt, max_new_tokens, stream=stream, stop=stop, **options)
 
 
-def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, numa=None, revision=None, token=None,
-         cache_dir=None, local_files_only=None, download_experts="lazy", **runtime_options):
+def load(path, dtype=None, device="cpu", *, config=None, revision=None, token=None, cache_dir=None,
+         local_files_only=None, download_experts="lazy", **options):
     """Load a model: a .prism container folder (manifest.json) or a Hugging Face checkpoint folder.
 
     Returns a torch.nn.Module: `model(input_ids)` gives logits [B, T, V]; `model.generate(...)` decodes.
     `path` may also be a Hub repo id ("org/name" where no such local path exists), resolved through
     huggingface_hub (`revision`, `token`, `cache_dir`, `local_files_only`, else HF_HUB_OFFLINE): manifest,
     dense shards and tokenizer first, expert shards on demand (`download_experts="lazy"`) or all at once ("all").
-    Container options: `verify_checksums` (default True), `resolve_file` (fetch a shard not in the folder),
-    `expert_form` ("packed", the default: experts stay as stored and kernels multiply that form, so the
-    model needs about the container's bytes; "decoded": dense weights, the reference), `expert_kernel`
-    ("auto", "native", "int4pack", "dequant": prism_load/packed.py).
 
     dtype: bfloat16 unless given (dense weights and activations; pass torch.float32 for the reference
     arithmetic, as the parity tests do).
 
-    Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%" of every expert's bytes in the fast tier's
-    form, which for packed experts is about the container's expert bytes, or "2GB") the
+    Everything else is a `RuntimeConfig` (prism_load/runtime/config.py, where each option is described):
+    pass `config=RuntimeConfig(...)`, or its fields as keywords. Container options: `verify_checksums`
+    (default True), `resolve_file`, `expert_form` ("packed", the default: experts stay as stored and kernels
+    multiply that form, so the model needs about the container's bytes; "decoded": dense weights, the
+    reference), `expert_kernel`. Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%", "2GB") the
     experts stay in the cold tier (the container, or the checkpoint's safetensors) and are served by a cache
-    of that budget on `device`; `prefetch` starts the shadow-router prefetch; `numa=True` places the hottest
-    experts on the compute's NUMA node. More: `prefetch_extra`, `lookahead`, `host_cache` (CUDA pinned tier),
-    `decode_on` (CUDA), `pin_hot`, `frequency_weight` (eviction), `profile` (checkpoints: a prism profile
-    folder for routing frequencies).
-    Such a model has `model.stats()` and `model.reset_stats()`.
+    of that budget on `device`; `prefetch`, `numa`, `prefetch_extra`, `lookahead`, `host_cache`, `decode_on`,
+    `pin_hot`, `frequency_weight`, `profile`, `predictor`. Such a model has `model.runtime`, `model.stats()`
+    and `model.reset_stats()`.
     """
     from pathlib import Path
 
     import torch
 
-    from .hub import is_repo_id, load_from_hub
+    from .hub import is_repo_id
 
     hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     if is_repo_id(path):
-        return load_from_hub(str(path), **hub, download_experts=download_experts, dtype=dtype, device=device,
-                             expert_cache=expert_cache, prefetch=prefetch, numa=numa, **runtime_options)
+        return _load_from_hub(str(path), **hub, download_experts=download_experts, dtype=dtype, device=device,
+                              config=config, **options)
     if any(v is not None for v in hub.values()) or download_experts != "lazy":
         raise TypeError(f"{path}: revision, token, cache_dir, local_files_only and download_experts apply to "
                         "Hub repo ids, not to local folders")
@@ -67,38 +64,65 @@ def load(path, dtype=None, device="cpu", *, expert_cache=None, prefetch=True, nu
     dtype = dtype or torch.bfloat16
     # An inference model: no parameter asks autograd to record (a call outside no_grad would otherwise build
     # a graph each step, and refuse experts loaded under inference_mode by generate).
-    return _open(Path(path), dtype, device, expert_cache, prefetch, numa, runtime_options).requires_grad_(False)
+    return _open(Path(path), dtype, device, config, options).requires_grad_(False)
 
 
-def _open(folder, dtype, device, expert_cache, prefetch, numa, runtime_options):
-    from .hf_loader import load_hf
-
-    if expert_cache is not None:
-        return _load_cached(folder, dtype, device, expert_cache, prefetch, numa, runtime_options)
-    if numa is not None:
-        raise TypeError("numa applies to models loaded with an expert_cache")
-    if (folder / "manifest.json").is_file():
-        from .container_loader import load_container
-
-        known = {"verify_checksums", "resolve_file", "expert_form", "expert_kernel"}
-        if set(runtime_options) - known:
-            raise TypeError(f"unknown container options {sorted(set(runtime_options) - known)}")
-        return load_container(folder, dtype=dtype, device=device, **runtime_options)
-    if (folder / "config.json").is_file():
-        if runtime_options:
-            raise TypeError(f"options {sorted(runtime_options)} apply to .prism containers only")
-        return load_hf(folder, dtype=dtype, device=device)
-    raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
-
-
-def _load_cached(folder, dtype, device, expert_cache, prefetch, numa, options):
-    """load(..., expert_cache=...): experts behind the runtime's budgeted cache (prism_load/runtime)."""
-    from .runtime import RUNTIME_OPTIONS, load_cached
+def _open(folder, dtype, device, config, options):
+    from .runtime.config import RuntimeConfig
 
     container = (folder / "manifest.json").is_file()
-    if not container and not (folder / "config.json").is_file():
+    checkpoint = container or (folder / "config.json").is_file()
+    if config is not None and options:
+        raise TypeError(f"options {sorted(options)} given beside config=: set them in the RuntimeConfig")
+    cached = (config.expert_cache if config is not None else options.get("expert_cache")) is not None
+    if not checkpoint and (cached or "numa" not in (config.given() if config is not None else options)):
         raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
-    allowed = set(RUNTIME_OPTIONS) | ({"verify_checksums", "resolve_file"} if container else set())
-    if set(options) - allowed:
-        raise TypeError(f"unknown options {sorted(set(options) - allowed)} for {folder}")
-    return load_cached(folder, dtype, device, expert_cache=expert_cache, prefetch=prefetch, numa=numa, **options)
+    if config is None:
+        config = RuntimeConfig.from_options(options, folder, container)
+    else:
+        config.check(folder, container)
+    if config.expert_cache is not None:
+        from .runtime import load_cached
+
+        return load_cached(folder, dtype, device, config)
+    if container:
+        from .container.loader import load_container
+
+        return load_container(folder, dtype=dtype, device=device, verify_checksums=config.verify_checksums,
+                              resolve_file=config.resolve_file, expert_form=config.expert_form or "packed",
+                              expert_kernel=config.expert_kernel)
+    from .hf_loader import load_hf
+
+    return load_hf(folder, dtype=dtype, device=device)
+
+
+def _load_from_hub(repo_id: str, *, revision, token, cache_dir, local_files_only, download_experts, config,
+                   **load_options):
+    """`load("org/name", ...)`: resolve through the Hub cache (prism_load/hub.py), then load the local files."""
+    import shutil
+    import tempfile
+    import weakref
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .hub import MANIFEST, resolve
+
+    if "resolve_file" in load_options or (config is not None and config.resolve_file is not None):
+        raise TypeError("resolve_file is set by the Hub loader itself")
+    snap = resolve(repo_id, revision, token, cache_dir, local_files_only, download_experts)
+    if snap.kind == "checkpoint":
+        model = load(snap.folder, config=config, **load_options)
+    else:
+        view = Path(tempfile.mkdtemp(prefix="prism-hub-"))
+        shutil.copyfile(snap.folder / MANIFEST, view / MANIFEST)
+        try:
+            if config is not None:
+                model = load(view, config=replace(config, resolve_file=snap.resolve_file), **load_options)
+            else:
+                model = load(view, resolve_file=snap.resolve_file, **load_options)
+        except BaseException:
+            shutil.rmtree(view, ignore_errors=True)
+            raise
+        weakref.finalize(model, shutil.rmtree, view, True)
+    model.hub = snap
+    return model

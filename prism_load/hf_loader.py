@@ -9,7 +9,8 @@ from torch import nn
 
 from .checkpoint import Checkpoint, read_config
 from .generation_config import GenerationConfig
-from .models.family import Family, ModelArgs, family_for
+from .models.base import Family, ModelArgs
+from .models.family import family_for
 from .models.model import MoEForCausalLM
 from .models.moe import MoEBlock
 from .models.rope import Rotary

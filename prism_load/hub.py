@@ -1,4 +1,5 @@
-"""Load by Hugging Face Hub repo id: manifest, dense shards and tokenizer first, expert shards on demand.
+"""Resolve a Hugging Face Hub repo id for `prism_load.load` (which then loads the local files): manifest,
+dense shards and tokenizer first, expert shards on demand.
 
 Everything goes through huggingface_hub's own cache (revision, token, cache_dir, HF_HUB_OFFLINE and
 local_files_only behave as they do for transformers). The revision is pinned to the commit the first call
@@ -12,9 +13,6 @@ copy of manifest.json only, and every other file reaches the reader through its 
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,42 +129,11 @@ def resolve(
             **common,
         )
         return HubSnapshot(repo_id, commit, Path(folder), "checkpoint", fetch=fetch)
-    from .container import Manifest
+    from .container.reader import parse_manifest
 
-    manifest = Manifest.from_json((probe / MANIFEST).read_bytes())
+    manifest = parse_manifest((probe / MANIFEST).read_bytes())
     first = [MANIFEST, *(f.name for f in manifest.whole_files())]
     if download_experts == "all":
         first += [s.name for s in manifest.expert_shards]
     folder = hub_call(where, hf.snapshot_download, repo_id, revision=commit, allow_patterns=first, **common)
     return HubSnapshot(repo_id, commit, Path(folder), "container", fetch=fetch, prefetched=frozenset(first))
-
-
-def load_from_hub(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool | None = None,
-    download_experts: str = "lazy",
-    **load_options,
-):
-    """`prism_load.load("org/name", ...)`: resolve through the Hub cache, then load the local files."""
-    from . import load
-
-    if "resolve_file" in load_options:
-        raise TypeError("resolve_file is set by the Hub loader itself")
-    snap = resolve(repo_id, revision, token, cache_dir, local_files_only, download_experts)
-    if snap.kind == "checkpoint":
-        model = load(snap.folder, **load_options)
-    else:
-        view = Path(tempfile.mkdtemp(prefix="prism-hub-"))
-        shutil.copyfile(snap.folder / MANIFEST, view / MANIFEST)
-        try:
-            model = load(view, resolve_file=snap.resolve_file, **load_options)
-        except BaseException:
-            shutil.rmtree(view, ignore_errors=True)
-            raise
-        weakref.finalize(model, shutil.rmtree, view, True)
-    model.hub = snap
-    return model

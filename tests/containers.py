@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from prism_convert.packing.container_writer import ExpertInput, write_container
-from prism_load.codecs import Encoding, decode, pack_bits
+from prism_load.container.codecs import decode, pack_bits
+from prism_load.container.format import Encoding
 from prism_load.hf_loader import empty_model, stack_experts
 from prism_load.models.family import family_for
 from prism_load.models.rope import Rotary
@@ -123,7 +124,7 @@ def decoded_state(dense, experts, dtype=torch.float32, model=None) -> dict[str, 
     dense tensors its family keeps in fp32 are decoded in fp32, as the loaders do. Every tensor is a fresh
     allocation: CPU matmuls round differently on misaligned memory (an mmap view), so a reference that
     computes on views is not bit-comparable."""
-    from prism_load.container_loader import dense_decode_dtype
+    from prism_load.container.loader import dense_decode_dtype
 
     dtype_for = (lambda name: dtype) if model is None else (lambda name: dense_decode_dtype(model.family, model.args, name, dtype))
     state = {name: decode(enc, t, dtype_for(name)).clone() for name, (enc, t) in dense.items()}

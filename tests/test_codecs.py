@@ -11,17 +11,15 @@ from hypothesis import strategies as st
 from prism_convert.compression.encode import encode, encode_many
 from prism_convert.compression.math.measure import output_error
 from prism_convert.compression.math.quantize import rtn
-from prism_load.codecs import (
-    INT_BITS,
-    Encoding,
+from prism_load.container.codecs import (
     LowRankLinear,
     check_tensors,
     decode,
     decode_linear,
     pack_bits,
-    packed_row_bytes,
     unpack_bits,
 )
+from prism_load.container.format import INT_BITS, Encoding, packed_row_bytes
 from prism_load.errors import ContainerError, EncodingError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -24,11 +24,11 @@ from tiny import CASES
 
 import prism_load
 from prism_convert.packing.container_writer import ExpertInput, write_container
-from prism_load.codecs import Encoding
 from prism_load.container import ALIGNMENT_BYTES, Container, expert_layout
-from prism_load.container_loader import ResidentExperts
-from prism_load.container_reader import metadata_overhead, overhead_bits_per_expert_weight
-from prism_load.container_verify import verify_container
+from prism_load.container.format import Encoding
+from prism_load.container.loader import ResidentExperts
+from prism_load.container.reader import metadata_overhead, overhead_bits_per_expert_weight
+from prism_load.container.verify import verify_container
 from prism_load.errors import ContainerError
 from prism_load.hf_loader import empty_model, load_hf
 from prism_load.models.family import family_for
@@ -203,7 +203,7 @@ def test_concurrent_reads_with_descriptor_eviction(tiny, monkeypatch):
     """Threads read experts while the descriptor cache holds one shard: every read returns its own bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import prism_load.container_reader as reader
+    import prism_load.container.reader as reader
 
     monkeypatch.setattr(reader, "MAX_OPEN_SHARDS", 1)
     with Container(tiny[1]) as c:

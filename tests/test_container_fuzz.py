@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prism_load
-from prism_load.container_verify import verify_container
+from prism_load.container.verify import verify_container
 from prism_load.errors import ContainerError
 
 OPAQUE = ("recipe", "budget", "quality", "extra")  # free-form objects: any JSON is valid there

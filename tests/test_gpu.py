@@ -148,7 +148,8 @@ def test_fitted_predictors_run_on_the_gpu(tmp_path):
 
 
 def test_gpu_numa_node_is_read_or_unknown():
-    from prism_load.runtime.cuda import gpu_pci_address, gpu_pci_node
+    from prism_load.runtime.cuda import gpu_pci_address
+    from prism_load.runtime.numa import gpu_pci_node
 
     address = gpu_pci_address(0)
     assert address is None or address.count(":") == 2
@@ -159,7 +160,7 @@ def test_gpu_numa_node_is_read_or_unknown():
 def test_packed_experts_on_gpu_stay_packed_and_match_the_cpu(container):
     """On CUDA the fast tier holds the stored bytes (dequantised on the device at each use): the resident
     model's expert tensors are the container's expert bytes, and its fp32 logits are the CPU's decoded ones."""
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container
     from prism_load.runtime.stores import weights_nbytes
 
     bf16 = prism_load.load(container, device="cuda")  # bf16 tensors of the mix stay bf16: stored bytes too

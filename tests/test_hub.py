@@ -17,8 +17,8 @@ import prism_load
 from prism_load.errors import CheckpointError, ContainerError
 from prism_load.hub import HubError, is_repo_id
 
-HAS_CONTAINER = (Path(prism_load.__file__).parent / "container.py").is_file()
-needs_container = pytest.mark.skipif(not HAS_CONTAINER, reason="prism_load/container.py has not landed yet")
+HAS_CONTAINER = (Path(prism_load.__file__).parent / "container" / "format.py").is_file()
+needs_container = pytest.mark.skipif(not HAS_CONTAINER, reason="prism_load/container/format.py has not landed yet")
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
 
 
@@ -88,7 +88,7 @@ def test_hub_options_refused_for_local_folders(tiny_checkpoint):
 def containers(tmp_path_factory):
     """Two tiny containers (different seeds) with a tokenizer file."""
     if not HAS_CONTAINER:
-        pytest.skip("prism_load/container.py has not landed yet")
+        pytest.skip("prism_load/container/format.py has not landed yet")
     from containers import random_model, write_tiny
     from tokenizers import Tokenizer, models
 

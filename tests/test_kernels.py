@@ -8,8 +8,9 @@ import torch
 from runtime_fixtures import write_runtime_container
 
 from prism_load import kernels
-from prism_load.codecs import pack_bits
-from prism_load.runtime.stores import ContainerStore, load, pack_into, packed_nbytes, weights_tensors
+from prism_load.container.codecs import pack_bits
+from prism_load.runtime.container_store import ContainerStore
+from prism_load.runtime.stores import load, pack_into, packed_nbytes, weights_tensors
 
 SHAPES = [(24, 48, 16), (7, 13, 4), (5, 101, 256), (3, 9, 8), (6, 33, 16), (2, 40, 40)]  # rows, cols, group
 
@@ -54,8 +55,7 @@ def test_dequantize_into_matches_python_and_reference(bits, rows, cols, g):
 def test_store_decode_into_equals_decode_then_pack(tmp_path, mix):
     """Experts of three int projections take the one-call kernel; the rest decode, then are copied in; either
     way the slab holds the generic decode's bytes, laid out as pack_into lays them."""
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container, model_args
 
     mixes = {"int": [dict(kind="int", bits=3, group_size=8), dict(kind="int", bits=5, group_size=16)],
              "mixed": [dict(kind="int", bits=4, group_size=16), dict(kind="int", bits=2, group_size=8),
@@ -85,7 +85,8 @@ def test_store_decode_into_equals_decode_then_pack(tmp_path, mix):
 def test_decode_stays_on_the_inputs_device(bits):
     """Every temporary is made on the inputs' device (the CUDA path decodes on the GPU): on the meta device a
     CPU temporary would fail the ops that mix it with meta tensors."""
-    from prism_load.codecs import Encoding, dequantize_int, unpack_bits
+    from prism_load.container.codecs import dequantize_int, unpack_bits
+    from prism_load.container.format import Encoding
 
     rows, cols, g = 6, 33, 16
     enc = Encoding("int", (rows, cols), bits=bits, group_size=g)

@@ -9,7 +9,8 @@ import prism_convert.compression.math.lowrank as lowrank
 from prism_convert.compression.encode import encode
 from prism_convert.compression.math.hessian import hessian_factors
 from prism_convert.compression.math.measure import output_error
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 
 OUT, IN = 64, 160
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from prism_load import native
-from prism_load.codecs import Encoding, decode, pack_bits
+from prism_load.container.codecs import decode, pack_bits
+from prism_load.container.format import Encoding
 
 SHAPES = [(1, 5, 37), (3, 33, 200), (17, 64, 130), (64, 7, 257), (1, 300, 1000), (2, 9, 64), (9, 150, 2100)]  # M, N, K
 

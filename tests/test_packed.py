@@ -13,8 +13,9 @@ from runtime_fixtures import CountingFetches, greedy, load_cached, prompts
 
 import prism_load
 from prism_load import packed
-from prism_load.codecs import Encoding, decode
-from prism_load.container_reader import Container
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
+from prism_load.container.reader import Container
 from prism_load.runtime.cache import footprint
 from prism_load.runtime.stores import weights_nbytes, weights_tensors
 

@@ -390,14 +390,14 @@ def test_cli_json_and_table():
 
 
 # -- a .prism container: its real bytes and calibration frequencies -----------------------------------------
-HAS_CONTAINER = (Path(__file__).parents[1] / "prism_load" / "container.py").is_file()
+HAS_CONTAINER = (Path(__file__).parents[1] / "prism_load" / "container" / "format.py").is_file()
 
 
-@pytest.mark.skipif(not HAS_CONTAINER, reason="prism_load/container.py has not landed yet")
+@pytest.mark.skipif(not HAS_CONTAINER, reason="prism_load/container/format.py has not landed yet")
 def test_container_plan_uses_stored_bytes_and_routing_frequencies(tmp_path):
     from containers import TINY_CONFIG, write_tiny
 
-    from prism_load.codecs import Encoding
+    from prism_load.container.format import Encoding
 
     folder = write_tiny(tmp_path / "tiny.prism")
     m = json.loads((folder / "manifest.json").read_text())

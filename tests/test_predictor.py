@@ -20,8 +20,8 @@ from prism_convert.profiling.profile_format import Profile
 from prism_convert.profiling.profiler import run_profile
 from prism_convert.recipe import Recipe
 from prism_convert.tools.inspect_container import inspect_container
-from prism_load.container_reader import Container
-from prism_load.container_verify import verify_container
+from prism_load.container.reader import Container
+from prism_load.container.verify import verify_container
 from prism_load.errors import ContainerError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

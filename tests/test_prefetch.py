@@ -274,9 +274,8 @@ def test_prefetch_variants_match_resident(container, resident, options):
 
 def largest(container) -> int:
     """Bytes the largest expert reserves in the cache."""
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
-    from prism_load.runtime.stores import ContainerStore
+    from prism_load.container.reader import Container, model_args
+    from prism_load.runtime.container_store import ContainerStore
 
     with Container(container) as c:
         return expert_bytes(ContainerStore(c, model_args(c.config)[1]))[-1]

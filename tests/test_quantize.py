@@ -13,7 +13,8 @@ from prism_convert.compression.math.gptq import gptq
 from prism_convert.compression.math.hessian import clear_cache, compute_factors, hessian_factors
 from prism_convert.compression.math.measure import output_error
 from prism_convert.compression.math.quantize import clipped, rtn
-from prism_load.codecs import INT_BITS, Encoding, decode, unpack_bits
+from prism_load.container.codecs import decode, unpack_bits
+from prism_load.container.format import INT_BITS, Encoding
 from prism_load.errors import EncodingError
 
 OUT, IN, G = 48, 200, 64  # in-features not a multiple of the group size

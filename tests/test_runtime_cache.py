@@ -29,7 +29,8 @@ from prism_load.errors import BudgetError
 from prism_load.models.moe import ExpertWeights
 from prism_load.runtime import ExpertCache, MemoryStore, parse_budget
 from prism_load.runtime.cache import footprint
-from prism_load.runtime.stores import ContainerStore, load, weights_nbytes
+from prism_load.runtime.container_store import ContainerStore
+from prism_load.runtime.stores import load, weights_nbytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,8 +72,7 @@ def test_tiny_budget_matches_resident(container, resident, resident_fp32, prefet
 
 def resident_store(container, form: str = "packed", dtype=torch.bfloat16):
     """The store a cached load of `container` gets (prism_load.load's defaults: packed, bf16)."""
-    from prism_load.container import model_args
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container, model_args
 
     c = Container(container)
     return ContainerStore(c, model_args(c.config)[1], dtype, form=form)
@@ -360,7 +360,7 @@ def test_two_threads_missing_one_expert_load_it_once():
 
 # -- experts kept as unpacked codes in the fast tier ---------------------------------------------------------
 def test_codes_form_nbytes_is_exact_and_about_a_byte_per_weight(tmp_path):
-    from prism_load.codecs import CodesLinear
+    from prism_load.container.codecs import CodesLinear
 
     path = write_runtime_container(tmp_path / "f.prism", mix=[dict(kind="int", bits=3, group_size=8)])
     codes, dense = resident_store(path, "codes", torch.float32), resident_store(path, "decoded", torch.float32)
@@ -381,3 +381,34 @@ def test_expert_form_errors(container, tiny_checkpoint):
     for form in ("codes", "packed"):
         with pytest.raises(BudgetError, match=rf"expert_form='{form}' needs a \.prism container \(a checkpoint's"):
             load_cached(folder, "50%", expert_form=form)
+
+
+# -- RuntimeConfig: load's options as one typed record ----------------------------------------------------
+def test_runtime_config_loads_as_its_keywords_do(container, resident):
+    from prism_load.runtime import RuntimeConfig
+
+    ids = torch.tensor([[1, 5, 9, 3]])
+    by_config = prism_load.load(container, config=RuntimeConfig(expert_cache="50%", prefetch=False))
+    by_keywords = prism_load.load(container, expert_cache="50%", prefetch=False)
+    assert torch.equal(by_config(ids), by_keywords(ids))
+    assert by_config.stats()["prefetch"] is False and hasattr(by_config, "runtime")
+    assert not hasattr(resident, "runtime") and not hasattr(resident, "stats")  # declared, absent without a cache
+    resident_again = prism_load.load(container, config=RuntimeConfig(verify_checksums=False))
+    assert torch.equal(resident_again(ids), resident(ids))
+
+
+def test_runtime_config_names_what_does_not_apply(container):
+    from prism_load.runtime import RuntimeConfig
+
+    with pytest.raises(TypeError, match=r"unknown container options \['lookahead'\]"):
+        prism_load.load(container, lookahead=2)
+    with pytest.raises(TypeError, match=r"unknown container options \['lookahead'\]"):
+        prism_load.load(container, config=RuntimeConfig(lookahead=2))
+    with pytest.raises(TypeError, match="numa applies to models loaded with an expert_cache"):
+        prism_load.load(container, config=RuntimeConfig(numa=True))
+    with pytest.raises(TypeError, match=r"unknown options \['colour'\]"):
+        prism_load.load(container, expert_cache="50%", colour="blue")
+    with pytest.raises(TypeError, match="set them in the RuntimeConfig"):
+        prism_load.load(container, config=RuntimeConfig(), expert_cache="50%")
+    with pytest.raises(BudgetError, match="lookahead=3"):
+        prism_load.load(container, config=RuntimeConfig(expert_cache="50%", lookahead=3))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .family import Family, ModelArgs, read_swiglu_expert, register, require
+from .base import Family, ModelArgs, read_swiglu_expert, require
 from .layers import DecoderLayer, ForwardContext, RMSNorm, SwiGLU, attend
 from .linear import Linear
 from .moe import MoEBlock, RouterOutput, StackedExperts
@@ -285,12 +285,10 @@ class _DeepseekFamily(Family):
         }
 
 
-@register
 class DeepseekV2(_DeepseekFamily):
     model_types = ("deepseek_v2",)
 
 
-@register
 class DeepseekV3(_DeepseekFamily):
     model_types = ("deepseek_v3",)
     v3 = True

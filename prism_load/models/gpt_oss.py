@@ -19,7 +19,7 @@ from torch import nn
 
 from ..dequant import MXFP4_GROUP, dequantize_mxfp4
 from ..errors import CheckpointError, ConfigError
-from .family import Family, ModelArgs, register, require
+from .base import Family, ModelArgs, require
 from .layers import Attention, AttentionSpec, DecoderLayer
 from .moe import MoEBlock, RouterOutput, StackedExperts
 from .rope import RopeConfig
@@ -90,7 +90,6 @@ def gpt_oss_windows(config: dict, num_layers: int) -> tuple[int | None, ...]:
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
-@register
 class GptOss(Family):
     model_types = ("gpt_oss",)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .family import Family, ModelArgs, read_swiglu_expert, register, require
+from .base import Family, ModelArgs, read_swiglu_expert, require
 from .layers import Attention, AttentionSpec, DecoderLayer
 from .moe import MoEBlock, SoftmaxTopKRouter, StackedExperts
 
@@ -17,7 +17,6 @@ class MixtralArgs(ModelArgs):
     sliding_window: int | None = None
 
 
-@register
 class Mixtral(Family):
     model_types = ("mixtral",)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import GenerationError
 from ..generation_config import GenerationConfig
-from .family import Family, ModelArgs
+from .base import Family, ModelArgs
 from .layers import ForwardContext, KVCache, RMSNorm
 from .linear import Linear
 from .rope import Rotary
@@ -27,6 +27,30 @@ class MoEForCausalLM(nn.Module):
         self.tokenizer = None
         self.generation_config = GenerationConfig()  # the checkpoint's generation_config.json, set by the loaders
         self.layer_hook = None  # called as hook(layer_index, hidden) after each layer (runtime prefetch)
+        self._runtime = None  # set through `runtime` by prism_load/runtime/attach.py
+
+    # -- the runtime (prism_load/runtime) of a model loaded with an expert_cache --------------------------
+    # Absent (AttributeError) on a model without one, so `hasattr(model, "stats")` says whether it has one.
+    @property
+    def runtime(self):
+        """The Runtime serving this model's experts from the cache (prism_load/runtime/attach.py)."""
+        if self._runtime is None:
+            raise AttributeError("runtime: this model was loaded without an expert_cache")
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime) -> None:
+        self._runtime = runtime
+
+    @property
+    def stats(self):
+        """`model.stats()`: the runtime's counters as a dict (Runtime.stats)."""
+        return self.runtime.stats
+
+    @property
+    def reset_stats(self):
+        """`model.reset_stats()`: zero the runtime's counters."""
+        return self.runtime.reset_stats
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .family import Family, ModelArgs, read_swiglu_expert, register, require
+from .base import Family, ModelArgs, read_swiglu_expert, require
 from .layers import Attention, AttentionSpec, DecoderLayer
 from .moe import MoEBlock, SoftmaxTopKRouter, StackedExperts
 
@@ -18,7 +18,6 @@ class OlmoeArgs(ModelArgs):
     clip_qkv: float | None = None
 
 
-@register
 class Olmoe(Family):
     model_types = ("olmoe",)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .family import Family, ModelArgs, read_swiglu_expert, register, require
+from .base import Family, ModelArgs, read_swiglu_expert, require
 from .layers import Attention, AttentionSpec, DecoderLayer, SwiGLU
 from .linear import Linear
 from .moe import MoEBlock, SoftmaxTopKRouter, StackedExperts
@@ -86,7 +86,6 @@ class _QwenFamily(Family):
         )
 
 
-@register
 class Qwen2Moe(_QwenFamily):
     model_types = ("qwen2_moe",)
     shared_expert = True
@@ -105,7 +104,6 @@ class Qwen2Moe(_QwenFamily):
         return tuple(window if t == "sliding_attention" else None for t in types)
 
 
-@register
 class Qwen3Moe(_QwenFamily):
     model_types = ("qwen3_moe",)
 

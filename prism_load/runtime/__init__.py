@@ -1,7 +1,8 @@
 """The runtime: experts of a converted model served from a budgeted cache, with shadow-router prefetch and
 NUMA placement. `prism_load.load(path, expert_cache="50%")` builds it; see attach.py for the wiring.
 
-- stores.py: the cold tier (container, checkpoint, memory) behind one small protocol;
+- config.py: RuntimeConfig, every option of prism_load.load (loader.py loads with one);
+- stores.py: the cold tier (checkpoint, memory; container_store.py: a container) behind one small protocol;
 - cache.py: the fast (and, on CUDA, host) tier within a byte budget, GreedyDual-frequency eviction;
 - prefetch.py: the background fetch worker and the shadow router;
 - numa.py: topology from sysfs, libnuma allocations, placement of hot experts on the compute node;
@@ -10,11 +11,12 @@ NUMA placement. `prism_load.load(path, expert_cache="50%")` builds it; see attac
 
 from .attach import Runtime, attach_runtime, parse_budget
 from .cache import CachedExperts, ExpertCache
-from .loader import RUNTIME_OPTIONS, load_cached
-from .stores import CheckpointStore, ContainerStore, ExpertStore, MemoryStore
+from .config import RuntimeConfig
+from .container_store import ContainerStore
+from .loader import load_cached
+from .stores import CheckpointStore, ExpertStore, MemoryStore
 
 __all__ = [
-    "RUNTIME_OPTIONS",
     "CachedExperts",
     "CheckpointStore",
     "ContainerStore",
@@ -22,6 +24,7 @@ __all__ = [
     "ExpertStore",
     "MemoryStore",
     "Runtime",
+    "RuntimeConfig",
     "attach_runtime",
     "load_cached",
     "parse_budget",

@@ -133,9 +133,7 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
                               predictors={key: p.to(device) for key, p in (predictors or {}).items()})
         weakref.finalize(model, worker.close)
     runtime = Runtime(cache, worker, shadow, total)
-    model.runtime = runtime
+    model.runtime = runtime  # MoEForCausalLM.runtime; model.stats() and model.reset_stats() are the runtime's
     model.layer_hook = runtime.on_layer
-    model.stats = runtime.stats
-    model.reset_stats = runtime.reset_stats
     return runtime
 

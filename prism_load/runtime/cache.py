@@ -10,10 +10,10 @@ Memory (tiers.py): every entry reserves its footprint before its load starts, so
 never exceed the budget; on the CPU the decoded experts live in slabs reused across evictions. The
 container's hot tier is loaded at construction, hottest first, while it leaves room for two layer steps'
 experts: by default as ordinary entries ("warm": their profile frequency gives them a head start, use
-decides after), or pinned for good (pin_hot=True). Pinning measured worse: on the v1 reference model
-(4-bit, builtin:mix held-out, 6 x 32 decoded tokens) a 50% cache hit 73% of expert uses warm and 69%
-pinned (25%: 40% vs 24%); a sequence's experts are a subset that drifts away from the calibration-wide hot
-set, which pinned entries cannot follow.
+decides after), or pinned for good (pin_hot=True). Warm is the default because pinning measured a lower
+hit rate (bench/results/runtime.md and runtime_packed.md: the "hot tier pinned" rows against the plain
+ones): a sequence's experts are a subset that drifts away from the calibration-wide hot set, which pinned
+entries cannot follow.
 
 Locking: one lock (`_lock`) guards all state here and in the fetch worker (entries, heap, pins, counters,
 job queue); two conditions share it: `_changed` (an entry became ready or went away, a pin was released:

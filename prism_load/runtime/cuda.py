@@ -1,8 +1,8 @@
 """CUDA transfers for the expert cache: pinned host tier, non-blocking copies on a side stream, events.
 
 A miss on CUDA: the stored (encoded) bytes come from the host tier, or from the cold tier and are then
-copied into page-locked memory (the host tier keeps that copy: encoded, so 4-8x more experts fit than
-decoded ones would). The bytes are copied to the GPU with non_blocking=True on a dedicated side stream and
+copied into page-locked memory (the host tier keeps that copy: encoded, so more experts fit than decoded
+ones would, by the ratio of the decoded dtype's bits to the stored bits per weight). The bytes are copied to the GPU with non_blocking=True on a dedicated side stream and
 decoded there (the decode's factory calls land on the GPU through `torch.device`), and an event is recorded
 after the decode. Before a matmul uses the expert, the compute stream waits on that event (on the GPU; the
 CPU does not block) and the tensors are recorded on the compute stream, so the caching allocator does not
@@ -73,10 +73,3 @@ def gpu_pci_address(device_index: int = 0) -> str | None:
     domain, bus, device = parts
     return f"{domain:04x}:{bus:02x}:{device:02x}.0"
 
-
-def gpu_pci_node(device_index: int = 0, pci_root: str = "/sys/bus/pci/devices") -> int | None:
-    """NUMA node of a GPU's PCI slot (sysfs `numa_node`; -1 or missing means unknown)."""
-    from .numa import pci_numa_node
-
-    address = gpu_pci_address(device_index)
-    return None if address is None else pci_numa_node(address, pci_root)

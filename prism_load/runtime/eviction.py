@@ -6,8 +6,9 @@ expert's expected uses per layer step: the profile's routing frequency, updated 
 prior worth PRIOR_STEPS steps). With w = 0 this is LRU; a larger w keeps often-routed experts longer than
 rarely routed ones used as recently. It needs one heap, no per-step decay over all experts, and the profile
 only enters as F. A prefetched expert that the real routing did not pick is demoted to H = -inf (below
-every L + w * F, ties included), so it goes first. Measured on the reference model (bench/results): w > 0
-beats LRU by 1-10 points of hit rate at 25-75% budgets; w between 0.5 and 4 are within a point.
+every L + w * F, ties included), so it goes first. w > 0 is the default because it beat plain LRU on the
+reference model's hit rate (bench/results/runtime.md and runtime_packed.md: the "plain LRU" rows against
+the default cache rows).
 
 Used under the cache's lock; it reads the cache's entries (pins, expected, ready, permanent) but never
 changes them.

@@ -1,7 +1,7 @@
 """Load a model whose experts stay in the cold tier: dense weights resident, experts behind the cache.
 
 `prism_load.load(path, expert_cache=...)` lands here. The dense part is built exactly as the resident
-loaders build it (container_loader / hf_loader); the MoE blocks get a CachedExperts view instead of their
+loaders build it (container/loader.py / hf_loader.py); the MoE blocks get a CachedExperts view instead of their
 stacked expert tensors, which are never read.
 """
 
@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..errors import BudgetError, ProfileError
 from .attach import attach_runtime
+from .config import RuntimeConfig
+from .container_store import ContainerStore
 from .predictor import as_runtime, check_predictors, container_predictors, profile_predictors
-from .stores import CheckpointStore, ContainerStore, Key
+from .stores import CheckpointStore, Key
 
-RUNTIME_OPTIONS = ("expert_cache", "prefetch", "prefetch_extra", "lookahead", "numa", "host_cache",
-                   "frequency_weight", "pin_hot", "decode_on", "profile", "expert_form", "expert_kernel", "predictor")
 EXPERT_FORMS = ("packed", "decoded", "codes")
 
 
@@ -35,11 +36,10 @@ def expert_form_for(expert_form: str | None, container: bool, device) -> str:
     return form
 
 
-def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu", *, expert_cache="50%",
-                prefetch: bool = True, verify_checksums: bool = True, resolve_file=None, profile=None,
-                expert_form: str | None = None, expert_kernel: str = "auto", predictor: bool = True,
-                **runtime_options):
-    """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache.
+def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                config: RuntimeConfig | None = None):
+    """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache of
+    config.expert_cache ("50%" when the config has none). The options (prism_load/runtime/config.py):
     `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction and
     whose fitted predictors (those that beat the shadow router) feed prefetch.
     `expert_form` (containers): "packed" (the default) keeps experts as stored and multiplies them there
@@ -48,26 +48,32 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     weight, dequantised at each use. The budget counts the bytes of the form held.
     `predictor`: prefetch with the fitted predictors of the container (or of `profile`) where it has them
     (runtime/predictor.py); False: the shadow router everywhere."""
+    config = config or RuntimeConfig()
+    if config.expert_cache is None:
+        config = replace(config, expert_cache="50%")
+    profile, prefetch, verify_checksums = config.profile, config.prefetch, config.verify_checksums
     folder = Path(path)
     container = (folder / "manifest.json").is_file()
-    form = expert_form_for(expert_form, container, device)
+    form = expert_form_for(config.expert_form, container, device)
     profiled = read_profile(profile) if profile is not None and not container else None  # read once
     if container:
-        model, store = _container_model(folder, dtype, verify_checksums, resolve_file, form, expert_kernel, device)
+        model, store = _container_model(folder, dtype, verify_checksums, config.resolve_file, form,
+                                        config.expert_kernel, device)
     else:
         model, store = _checkpoint_model(folder, dtype, profile, profiled)
     model = model.to(device).eval()
     if isinstance(store, ContainerStore):  # close its files before interpreter teardown, not in __del__ then
         weakref.finalize(model, store.container.close)
     predictors = {}
-    if prefetch and predictor:
+    if prefetch and config.predictor:
         if isinstance(store, ContainerStore):
             predictors = container_predictors(store.container, verify_checksums)
         elif profiled is not None:
             found = profile_predictors(profile, entries=profiled.get("layers"))
             check_predictors(found, store.args, profile)
             predictors = as_runtime(found)
-    attach_runtime(model, store, expert_cache, device, prefetch=prefetch, predictors=predictors, **runtime_options)
+    attach_runtime(model, store, config.expert_cache, device, prefetch=prefetch, predictors=predictors,
+                   **config.runtime_options())
     return model
 
 
@@ -80,19 +86,24 @@ def _detach_experts(model) -> None:
 
 
 def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device):
-    from ..container import model_args
-    from ..container_loader import _generation_config, _rotary, _skeleton, _tokenizer, load_dense
-    from ..container_reader import Container
+    from ..container.loader import (
+        build_rotary,
+        build_skeleton,
+        load_dense,
+        read_generation_config,
+        read_tokenizer,
+    )
+    from ..container.reader import Container, model_args
 
     c = Container(folder, resolve_file)  # stays open: the store reads experts through it
     family, args = model_args(c.config)
-    model = _skeleton(family, args)
+    model = build_skeleton(family, args)
     load_dense(c, model, dtype, verify_checksums)
     _detach_experts(model)
     model.tie_weights()
-    model.rotary = _rotary(family, args)
-    model.tokenizer = _tokenizer(c, verify_checksums)
-    model.generation_config = _generation_config(c, verify_checksums)
+    model.rotary = build_rotary(family, args)
+    model.tokenizer = read_tokenizer(c, verify_checksums)
+    model.generation_config = read_generation_config(c, verify_checksums)
     store = ContainerStore(c, args, dtype, verify_checksums, form, kernel, device)
     if store.packer is not None:
         from ..packed import fallback_warning

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import PrismError
 from ..models.moe import ExpertWeights
+from .cuda import gpu_pci_address
 from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency
 
 SYS_NODE_ROOT = "/sys/devices/system/node"
@@ -117,13 +118,16 @@ def compute_node(topology: Topology, device: torch.device | str = "cpu", cpus: I
     """Node of the GPU's PCI slot on CUDA (when known), else of the CPUs this process may run on."""
     device = torch.device(device)
     if device.type == "cuda":
-        from .cuda import gpu_pci_address
-
-        address = gpu_pci_address(device.index or 0)
-        node = None if address is None else pci_numa_node(address, pci_root)
+        node = gpu_pci_node(device.index or 0, pci_root)
         if node is not None:
             return node
     return topology.node_of_cpus(os.sched_getaffinity(0) if cpus is None else cpus)
+
+
+def gpu_pci_node(device_index: int = 0, pci_root: str | Path = SYS_PCI_ROOT) -> int | None:
+    """NUMA node of a GPU's PCI slot (sysfs `numa_node`; -1 or missing means unknown)."""
+    address = gpu_pci_address(device_index)
+    return None if address is None else pci_numa_node(address, pci_root)
 
 
 def bind_thread(cpus: Iterable[int]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..container import predictor_sources
+from ..container.format import predictor_sources
 from ..errors import ProfileError
 
 

@@ -9,18 +9,15 @@ between the two. Every store is safe to call from several threads at once.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
 
-from .. import kernels
-from ..codecs import CodesLinear, Encoding, LowRankLinear, codes_nbytes
-from ..container import aligned
+from ..container.codecs import CodesLinear, LowRankLinear
+from ..container.format import aligned
 from ..models.moe import ExpertWeights
-from ..packed import PackedLinear
 
 Key = tuple[int, int]  # (layer index, expert index)
 
@@ -82,7 +79,7 @@ def op_tensors(op) -> list[torch.Tensor]:
         return [op]
     if isinstance(op, LowRankLinear):
         return [t for o in (op.a, op.b, op.base) for t in op_tensors(o)]
-    if isinstance(op, PackedLinear):
+    if hasattr(op, "with_tensors"):  # PackedLinear (prism_load/packed.py): its backend's tensors
         return list(op.tensors)
     if isinstance(op, CodesLinear):
         return [t for q, sz, _ in op.parts for t in (q, sz)]
@@ -99,7 +96,7 @@ def map_op(op, fn: Callable[[torch.Tensor], torch.Tensor]):
         return fn(op)
     if isinstance(op, LowRankLinear):
         return LowRankLinear(map_op(op.a, fn), map_op(op.b, fn), map_op(op.base, fn))
-    if isinstance(op, PackedLinear):
+    if hasattr(op, "with_tensors"):
         return op.with_tensors(fn(t) for t in op.tensors)
     if isinstance(op, CodesLinear):
         return CodesLinear([(fn(q), fn(sz), g) for q, sz, g in op.parts], op.dtype)
@@ -137,7 +134,7 @@ def weights_nbytes(w: ExpertWeights) -> int:
     return sum(t.numel() * t.element_size() for t in weights_tensors(w))
 
 
-TENSOR_ALIGNMENT = 64  # bytes: CPU GEMM kernels round differently on misaligned inputs (see container_reader.owned)
+TENSOR_ALIGNMENT = 64  # bytes: CPU GEMM kernels round differently on misaligned inputs (see container.reader.owned)
 
 
 def aligned_nbytes(t: torch.Tensor) -> int:
@@ -163,23 +160,6 @@ def pack_into(buf: torch.Tensor, w: ExpertWeights) -> ExpertWeights:
         return view
 
     return map_weights(w, copy_into)
-
-
-def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
-    """Bytes of decode_expert's output for one expert: a low-rank tensor stays factored when that is smaller;
-    with codes=True, what codes_layout keeps as codes costs a byte per weight plus scales and zeros."""
-    from ..container_reader import codes_layout
-
-    as_codes = codes_layout(encodings) if codes else {}
-    total = 0
-    for name, enc in encodings.items():
-        if as_codes.get(name):
-            total += codes_nbytes(enc)
-        elif enc.kind == "lowrank" and enc.rank * sum(enc.shape) < math.prod(enc.shape):
-            total += enc.rank * sum(enc.shape) * dtype.itemsize
-        else:
-            total += math.prod(enc.shape) * dtype.itemsize
-    return total
 
 
 def _uniform(store) -> float:
@@ -273,127 +253,6 @@ class CheckpointStore(StoreBase):
             bias = torch.cat([raw["gate_bias"], raw["up_bias"]])
         return ExpertWeights(torch.cat([raw["gate_proj"], raw["up_proj"]]), raw["down_proj"].clone(), bias,
                              raw["down_bias"].clone() if "down_bias" in raw else None)
-
-
-class ContainerStore(StoreBase):
-    """Experts of a .prism container: one positional read per expert (checksum checked) into one uint8 tensor
-    (the form the CUDA host tier pins as it is), then the fast tier's form on the tensor's device.
-
-    form: "packed" (prism_load/packed.py: `int` tensors stay packed and a kernel multiplies them; an expert
-    whose tensors are all used as stored is read straight into its slab, `read_into`), "decoded" (dense
-    weights) or "codes" (`int` projections as unpacked uint8 codes)."""
-
-    def __init__(self, container, args, dtype: torch.dtype = torch.float32, verify_checksums: bool = True,
-                 form: str = "decoded", kernel: str = "auto", device="cpu"):
-        from ..packed import ExpertPacker
-
-        self.container, self.dtype, self.verify_checksums = container, dtype, verify_checksums
-        self.form, self.codes = form, form == "codes"
-        self.packer = ExpertPacker(dtype, device, kernel) if form == "packed" else None
-        self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
-        self.moe_layers = tuple(args.moe_layers)
-        self._layouts = {(r.layer, r.expert): r.layout() for r in container.records}
-        sizes, direct = {}, {}  # by encodings: experts of one encoding share their size and form
-        for r in container.records:
-            sig = tuple(sorted((name, enc) for name, enc in r.encodings.items()))
-            if sig not in sizes:
-                if self.packer is not None:
-                    sizes[sig] = self.packer.nbytes(r.encodings)
-                    direct[sig] = self.packer.reads_stored_form(r.encodings)
-                else:
-                    sizes[sig] = decoded_nbytes(r.encodings, dtype, self.codes)
-                    direct[sig] = False
-            if self.packer is not None:
-                self.packer.count(r.encodings)
-        self._nbytes = {(r.layer, r.expert): sizes[tuple(sorted(r.encodings.items()))] for r in container.records}
-        self._direct = {(r.layer, r.expert): direct[tuple(sorted(r.encodings.items()))] for r in container.records}
-        plain = dtype == torch.float32 and form == "decoded"
-        self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if plain else None
-                           for key, layout in self._layouts.items()}
-
-    def nbytes(self, layer, expert):
-        return self._nbytes[(layer, expert)]
-
-    def stored_nbytes(self, layer, expert):
-        return self.container.record(layer, expert).length
-
-    def frequency(self, layer, expert):
-        return self.container.record(layer, expert).frequency
-
-    def hot(self, layer, expert):
-        return self.container.record(layer, expert).tier == "hot"
-
-    def fetch(self, layer, expert) -> torch.Tensor:
-        record = self.container.record(layer, expert)
-        return torch.frombuffer(self.container.read_expert_bytes(record, self.verify_checksums), dtype=torch.uint8)
-
-    def _encoded(self, layer, expert, raw: torch.Tensor) -> dict:
-        """{tensor: (Encoding, {suffix: view of raw})}, as Container.read_expert makes them."""
-        record = self.container.record(layer, expert)
-        encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
-        for t in self._layouts[(layer, expert)]:
-            tensor, suffix = t.key.split(".", 1)
-            encoded[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
-        return encoded
-
-    def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
-        """The fast tier's form of the stored bytes in raw (packed operators may view raw itself)."""
-        from ..container_reader import decode_expert
-
-        encoded = self._encoded(layer, expert, raw)
-        if self.packer is not None:
-            return self.packer.expert(encoded, count=False)
-        return decode_expert(encoded, self.dtype, self.codes)
-
-    def reads_into(self, layer, expert) -> bool:
-        """Whether read_into can serve this expert: its packed form is its stored bytes."""
-        return self._direct[(layer, expert)]
-
-    def read_into(self, layer, expert, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
-        """A fetch that is only a read: the stored bytes land in take_buffer(stored bytes) (a fast-tier slab)
-        with one positional read, and the packed operators view them there."""
-        record = self.container.record(layer, expert)
-        buf = take_buffer(record.length)
-        self.container.read_expert_bytes(record, self.verify_checksums, into=buf.numpy())
-        return self.decode(layer, expert, buf)
-
-    def decode_into(self, layer, expert, raw: torch.Tensor, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
-        """Decoded weights in take_buffer(packed bytes) (a fast-tier slab), laid out as pack_into lays them.
-        An expert whose three projections are `int` (fp32 runtime, no biases) is dequantised straight into
-        the buffer in one lock-free kernel call (kernels.decode_int_expert): no temporaries, no
-        concatenation, no second copy, and little interpreter-lock time on a prefetch thread. Others
-        decode, then are copied in."""
-        plan = self._int_plans[(layer, expert)]
-        if plan is None:
-            weights = self.decode(layer, expert, raw)
-            return pack_into(take_buffer(packed_nbytes(weights)), weights)
-        meta, nbytes, (inter, hidden), down_start = plan
-        buf = take_buffer(nbytes)
-        kernels.decode_int_expert(raw, raw[: raw.numel() // 2 * 2].view(torch.float16), buf.view(torch.float32), meta)
-        gate_up = buf[: 2 * inter * hidden * 4].view(torch.float32).view(2 * inter, hidden)
-        down = buf[down_start : down_start + hidden * inter * 4].view(torch.float32).view(hidden, inter)
-        return ExpertWeights(gate_up, down)
-
-
-def int_plan(encodings: dict[str, Encoding], layout) -> tuple | None:
-    """decode_into's plan for an expert of three `int` projections and nothing else (None otherwise):
-    (kernels.decode_int_expert's meta, slab bytes, (intermediate, hidden), byte offset of down), the slab
-    laid out as pack_into lays ExpertWeights(gate_up, down): gate rows, up rows, then down 64-byte aligned."""
-    names = ("gate_proj", "up_proj", "down_proj")
-    if set(encodings) != set(names) or any(encodings[n].kind != "int" for n in names):
-        return None
-    where = {t.key: t for t in layout}
-    inter, hidden = encodings["gate_proj"].shape
-    down_start = aligned(2 * inter * hidden * 4, TENSOR_ALIGNMENT)
-    nbytes = down_start + aligned(hidden * inter * 4, TENSOR_ALIGNMENT)
-    meta = []
-    for name, dst in zip(names, (0, inter * hidden, down_start // 4)):
-        enc, q, s, z = encodings[name], *(where[f"{name}.{k}"] for k in ("qweight", "scales", "zeros"))
-        if s.start % 2 or z.start % 2:  # the spec's layout puts fp16 first: always even
-            return None
-        meta += [q.start, q.shape[0], q.shape[1], s.start // 2, z.start // 2, s.shape[1], enc.bits, enc.shape[1],
-                 enc.group_size, dst]
-    return meta, nbytes, (inter, hidden), down_start
 
 
 def prior_frequency(store: ExpertStore, layer: int, expert: int) -> float:

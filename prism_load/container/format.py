@@ -1,9 +1,21 @@
-"""The .prism container format (spec: docs/FORMAT.md): constants, byte layout rules and the manifest.
+"""The .prism container format (spec: docs/FORMAT.md): constants, encodings, byte layout rules and the manifest.
 
-Everything here is the spec in code. The writer (prism_convert/pack.py) imports it; the reader
-(`Container`, prism_load/container_reader.py) enforces it. Manifest records are dataclasses; `Manifest.from_json`
-validates every field (types, ranges, unknown keys, cross references, byte ranges, layer/expert indices vs
-the embedded config) and raises ContainerError naming the field and the value.
+Everything here is the spec in code; it imports no model code and nothing of prism_load but its errors. The
+writer (prism_convert/pack.py) imports it; the reader (`Container`, prism_load/container/reader.py) enforces
+it. Manifest records are dataclasses; `Manifest.from_json` validates every field (types, ranges, unknown
+keys, cross references, byte ranges) and raises ContainerError naming the field and the value; the reader
+then checks layer/expert indices and shapes against the embedded model config (reader.validate_config).
+
+Encoding kinds (`Encoding`: how one tensor is stored; decoders in prism_load/container/codecs.py):
+- `bf16` / `fp16` / `fp32`: the tensor itself, suffix `weight`.
+- `int`: group-wise asymmetric integer quantization, w = (q - zero) * scale per group of `group_size`
+  input channels; `qweight` uint8 [out, ceil(in*bits/8)] is a dense little-endian bitstream per row (only
+  the row end is padded), `scales` and `zeros` fp16 [out, ceil(in/group_size)].
+- `lowrank`: w = A @ B with A [out, rank], B [rank, in]; each factor stored as bf16 (`factor_bits` 16)
+  or as `int` with `factor_bits` bits, under suffixes `lr_a.*` and `lr_b.*`.
+- `int+lowrank`: an `int` base (`base.*`) plus a low-rank correction of its residual (`lr_a.*`, `lr_b.*`).
+`tensor_specs()` lists the exact stored tensors (suffix -> dtype, shape) and `nbytes()` their exact size,
+so bits-per-weight figures always count scales, zeros and padding.
 """
 
 from __future__ import annotations
@@ -11,26 +23,24 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 import xxhash
 
-from .codecs import Encoding
-from .errors import ContainerError
+from ..errors import ContainerError
 
-if TYPE_CHECKING:
-    from .container_reader import Container  # noqa: F401
-
-
-def __getattr__(name: str):
-    """`from prism_load.container import Container`: the reader lives in container_reader.py (it imports this)."""
-    if name == "Container":
-        from .container_reader import Container
-
-        return Container
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [  # the spec's public names (prism_load.container re-exports them)
+    "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ALIGNMENT_BYTES", "DENSE_ALIGNMENT_BYTES", "TIERS",
+    "PLACEMENTS", "EXPERT_TENSORS", "EXPERT_BIASES", "CHECKSUM_NAME", "SHARD_FORMATS", "PREDICTOR_FILE",
+    "MAX_MANIFEST_BYTES", "MAX_HEADER_BYTES", "MAX_LAYERS", "MAX_EXPERTS", "DEFAULT_SHARD_BYTES",
+    "FLOAT_DIGITS", "FILE_NAME", "TENSOR_NAME", "CHECKSUM_HEX", "SAFETENSORS_DTYPES", "KINDS", "INT_BITS",
+    "PASSTHROUGH_DTYPES", "Encoding", "packed_row_bytes", "checksum", "aligned", "expert_blob_name",
+    "dense_key", "StoredTensor", "expert_layout", "safetensors_header", "fail", "round_stat", "Source",
+    "DataFile", "ExpertShard", "DenseRecord", "ExpertRecord", "PredictorLayer", "Predictor", "Manifest",
+    "validate_layout", "PREDICTOR_DISTANCES", "predictor_sources",
+]
 
 FORMAT_NAME = "prism"
 FORMAT_VERSION = 1
@@ -54,6 +64,123 @@ FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,255}")
 CHECKSUM_HEX = re.compile(r"[0-9a-f]{16}")
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
+
+
+# -- encodings: how one tensor is stored (docs/FORMAT.md §3) ----------------------------------------------
+KINDS = ("bf16", "fp16", "fp32", "int", "lowrank", "int+lowrank")
+INT_BITS = (2, 3, 4, 5, 6, 8)
+PASSTHROUGH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    kind: str
+    shape: tuple[int, ...]
+    bits: int | None = None
+    group_size: int | None = None
+    rank: int | None = None
+    factor_bits: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        self.validate()
+
+    # -- description ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ContainerError(f"encoding kind {self.kind!r} is unknown (known: {', '.join(KINDS)})")
+        if any(s <= 0 for s in self.shape) or not self.shape:
+            raise ContainerError(f"encoding shape {list(self.shape)} must be non-empty and positive")
+        if self.kind in PASSTHROUGH_DTYPES:
+            return
+        if len(self.shape) != 2:
+            raise ContainerError(f"{self.kind} encoding needs a 2-D shape, got {list(self.shape)}")
+        if self.kind in ("int", "int+lowrank") and self.bits not in INT_BITS:
+            raise ContainerError(f"int bits must be one of {INT_BITS}, got {self.bits}")
+        needs_groups = self.kind in ("int", "int+lowrank") or self.factor_bits not in (None, 16)
+        if needs_groups and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ContainerError(f"{self.kind} encoding needs a positive group_size, got {self.group_size}")
+        if self.kind in ("lowrank", "int+lowrank"):
+            if not isinstance(self.rank, int) or not 0 < self.rank <= min(self.shape):
+                raise ContainerError(f"rank must be in 1..{min(self.shape)}, got {self.rank}")
+            if self.factor_bits not in (16, *INT_BITS):
+                raise ContainerError(f"factor_bits must be 16 or one of {INT_BITS}, got {self.factor_bits}")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if k == "shape" else v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Encoding:
+        if not isinstance(data, dict):
+            raise ContainerError(f"encoding must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ContainerError(f"encoding has unknown keys {unknown}")
+        if "kind" not in data or "shape" not in data:
+            raise ContainerError("encoding needs 'kind' and 'shape'")
+        if not isinstance(data["shape"], list) or not all(isinstance(s, int) for s in data["shape"]):
+            raise ContainerError(f"encoding shape must be a list of integers, got {data['shape']!r}")
+        return cls(**data)
+
+    def _factor(self, rows: int, cols: int) -> Encoding:
+        if self.factor_bits == 16:
+            return Encoding("bf16", (rows, cols))
+        return Encoding("int", (rows, cols), bits=self.factor_bits, group_size=self.group_size)
+
+    def parts(self) -> dict[str, Encoding]:
+        """Sub-encodings of composite kinds, by suffix prefix."""
+        out, inp = self.shape[0], self.shape[-1]
+        parts = {}
+        if self.kind == "int+lowrank":
+            parts["base"] = Encoding("int", self.shape, bits=self.bits, group_size=self.group_size)
+        if self.kind in ("lowrank", "int+lowrank"):
+            parts["lr_a"] = self._factor(out, self.rank)
+            parts["lr_b"] = self._factor(self.rank, inp)
+        return parts
+
+    def tensor_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Exact stored tensors: suffix -> (dtype, shape)."""
+        if self.kind in PASSTHROUGH_DTYPES:
+            return {"weight": (PASSTHROUGH_DTYPES[self.kind], self.shape)}
+        if self.kind == "int":
+            out, inp = self.shape
+            groups = math.ceil(inp / self.group_size)
+            return {
+                "qweight": (torch.uint8, (out, packed_row_bytes(inp, self.bits))),
+                "scales": (torch.float16, (out, groups)),
+                "zeros": (torch.float16, (out, groups)),
+            }
+        return {
+            f"{prefix}.{suffix}": spec
+            for prefix, part in self.parts().items()
+            for suffix, spec in part.tensor_specs().items()
+        }
+
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.tensor_specs().values())
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes() / self.numel
+
+    def label(self) -> str:
+        """Short human label: 'int3/g128', 'int2+r16', 'lr32', 'bf16'."""
+        if self.kind in PASSTHROUGH_DTYPES:
+            return self.kind
+        if self.kind == "int":
+            return f"int{self.bits}/g{self.group_size}"
+        if self.kind == "lowrank":
+            return f"lr{self.rank}"
+        return f"int{self.bits}+r{self.rank}"
+
+
+def packed_row_bytes(cols: int, bits: int) -> int:
+    return (cols * bits + 7) // 8
 
 
 # -- byte layout rules ---------------------------------------------------------------------------------
@@ -115,60 +242,61 @@ def safetensors_header(entries: list[tuple[str, str, list[int], int, int]], meta
 
 
 # -- manifest field readers (every error names the field and the value) ------------------------------------
-def _fail(where: str, what: str):
+def fail(where: str, what: str):
+    """Raise the ContainerError of a manifest field: `manifest.json: {where}: {what}`."""
     raise ContainerError(f"{MANIFEST_NAME}: {where}: {what}")
 
 
 def _keys(data, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     if not isinstance(data, dict):
-        _fail(where, f"expected an object, got {type(data).__name__}")
+        fail(where, f"expected an object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(required) - set(optional))
     if unknown:
-        _fail(where, f"unknown key {unknown[0]!r} (known: {', '.join(required + optional)})")
+        fail(where, f"unknown key {unknown[0]!r} (known: {', '.join(required + optional)})")
     missing = [k for k in required if k not in data]
     if missing:
-        _fail(where, f"missing required key {missing[0]!r}")
+        fail(where, f"missing required key {missing[0]!r}")
     return data
 
 
 def _int(data: dict, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
     v = data[key]
     if not isinstance(v, int) or isinstance(v, bool):
-        _fail(f"{where}.{key}", f"expected an integer, got {v!r}")
+        fail(f"{where}.{key}", f"expected an integer, got {v!r}")
     if v < lo or (hi is not None and v > hi):
-        _fail(f"{where}.{key}", f"{v} is out of range [{lo}, {'∞' if hi is None else hi}]")
+        fail(f"{where}.{key}", f"{v} is out of range [{lo}, {'∞' if hi is None else hi}]")
     return v
 
 
 def _float(data: dict, key: str, where: str) -> float:
     v = data[key]
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-        _fail(f"{where}.{key}", f"expected a finite number >= 0, got {v!r}")
+        fail(f"{where}.{key}", f"expected a finite number >= 0, got {v!r}")
     return float(v)
 
 
 def _str(data: dict, key: str, where: str, choices: tuple[str, ...] | None = None, pattern=None) -> str:
     v = data[key]
     if not isinstance(v, str):
-        _fail(f"{where}.{key}", f"expected a string, got {v!r}")
+        fail(f"{where}.{key}", f"expected a string, got {v!r}")
     if choices is not None and v not in choices:
-        _fail(f"{where}.{key}", f"{v!r} is not one of {', '.join(choices)}")
+        fail(f"{where}.{key}", f"{v!r} is not one of {', '.join(choices)}")
     if pattern is not None and not pattern.fullmatch(v):
-        _fail(f"{where}.{key}", f"{v!r} is not allowed (pattern {pattern.pattern})")
+        fail(f"{where}.{key}", f"{v!r} is not allowed (pattern {pattern.pattern})")
     return v
 
 
 def _list(data: dict, key: str, where: str, nonempty: bool = False) -> list:
     v = data[key]
     if not isinstance(v, list) or (nonempty and not v):
-        _fail(f"{where}.{key}", f"expected a {'non-empty ' if nonempty else ''}list, got {type(v).__name__}")
+        fail(f"{where}.{key}", f"expected a {'non-empty ' if nonempty else ''}list, got {type(v).__name__}")
     return v
 
 
 def _object_or_null(data: dict, key: str, where: str) -> dict | None:
     v = data.get(key)
     if v is not None and not isinstance(v, dict):
-        _fail(f"{where}.{key}", f"expected an object or null, got {type(v).__name__}")
+        fail(f"{where}.{key}", f"expected an object or null, got {type(v).__name__}")
     return v
 
 
@@ -191,7 +319,7 @@ class Source:
         _keys(data, where, ("model_id",), ("revision",))
         rev = data.get("revision")
         if rev is not None and not isinstance(rev, str):
-            _fail(f"{where}.revision", f"expected a string or null, got {rev!r}")
+            fail(f"{where}.revision", f"expected a string or null, got {rev!r}")
         return cls(_str(data, "model_id", where), rev)
 
     def to_dict(self) -> dict:
@@ -300,7 +428,7 @@ class PredictorLayer:
                   _float(data, "shadow_recall", where))
         for key in ("recall", "shadow_recall"):
             if not 0.0 <= getattr(rec, key) <= 1.0:
-                _fail(f"{where}.{key}", f"{getattr(rec, key)} is outside [0, 1]")
+                fail(f"{where}.{key}", f"{getattr(rec, key)} is outside [0, 1]")
         return rec
 
     def to_dict(self) -> dict:
@@ -409,12 +537,12 @@ class Manifest:
         if isinstance(data, dict) and "format_version" in data:  # the version decides what else is valid
             version = data["format_version"]
             if version != FORMAT_VERSION or isinstance(version, bool):
-                _fail("format_version", f"{version!r} is not supported (this reader knows version {FORMAT_VERSION})")
+                fail("format_version", f"{version!r} is not supported (this reader knows version {FORMAT_VERSION})")
         _keys(data, "manifest", top, ("quality", "extra", "predictor"))
         _str(data, "format", "manifest", (FORMAT_NAME,))
         for key in ("config", "recipe", "budget"):
             if not isinstance(data[key], dict):
-                _fail(key, f"expected an object, got {type(data[key]).__name__}")
+                fail(key, f"expected an object, got {type(data[key]).__name__}")
         encodings = [_encoding(e, f"encodings[{i}]") for i, e in enumerate(_list(data, "encodings", "manifest"))]
         manifest = cls(
             writer=_str(data, "writer", "manifest"),
@@ -431,7 +559,7 @@ class Manifest:
             experts=[_expert_record(r, f"experts[{i}]", encodings) for i, r in enumerate(_list(data, "experts", "manifest"))],
             predictor=Predictor.from_dict(data["predictor"]) if "predictor" in data else None,  # absent, never null
         )
-        validate(manifest)
+        validate_layout(manifest)
         return manifest
 
 
@@ -443,23 +571,23 @@ def _encoding(data, where: str) -> Encoding:
     try:
         return Encoding.from_dict(data)
     except ContainerError as e:
-        _fail(where, str(e))
+        fail(where, str(e))
     except (TypeError, ValueError) as e:
-        _fail(where, f"invalid encoding {data!r} ({e})")
+        fail(where, f"invalid encoding {data!r} ({e})")
 
 
 def _table_index(data: dict, key: str, where: str, table: list) -> Any:
-    return table[_int(data, key, where, 0, len(table) - 1)] if table else _fail(f"{where}.{key}", "the table is empty")
+    return table[_int(data, key, where, 0, len(table) - 1)] if table else fail(f"{where}.{key}", "the table is empty")
 
 
 def _dense_records(data, encodings: list[Encoding]) -> dict[str, DenseRecord]:
     if not isinstance(data, dict) or not data:
-        _fail("dense", "expected a non-empty object of dense tensors")
+        fail("dense", "expected a non-empty object of dense tensors")
     out = {}
     for name, rec in data.items():
         where = f"dense[{name!r}]"
         if not TENSOR_NAME.fullmatch(name):
-            _fail(where, f"tensor name {name!r} is not allowed (pattern {TENSOR_NAME.pattern})")
+            fail(where, f"tensor name {name!r} is not allowed (pattern {TENSOR_NAME.pattern})")
         _keys(rec, where, ("shard", "encoding"))
         out[name] = DenseRecord(name, _int(rec, "shard", where), _table_index(rec, "encoding", where, encodings))
     return out
@@ -470,10 +598,10 @@ def _expert_record(data, where: str, encodings: list[Encoding]) -> ExpertRecord:
                         "length", "checksum", "tensors"))
     tensors = data["tensors"]
     if not isinstance(tensors, dict):
-        _fail(f"{where}.tensors", f"expected an object, got {type(tensors).__name__}")
+        fail(f"{where}.tensors", f"expected an object, got {type(tensors).__name__}")
     names = tuple(tensors)
     if set(names) not in (set(EXPERT_TENSORS), set(EXPERT_TENSORS + EXPERT_BIASES)):
-        _fail(f"{where}.tensors", f"{sorted(names)} must be {list(EXPERT_TENSORS)} (+ {list(EXPERT_BIASES)})")
+        fail(f"{where}.tensors", f"{sorted(names)} must be {list(EXPERT_TENSORS)} (+ {list(EXPERT_BIASES)})")
     return ExpertRecord(
         layer=_int(data, "layer", where, 0, MAX_LAYERS - 1), expert=_int(data, "expert", where, 0, MAX_EXPERTS - 1),
         tier=_str(data, "tier", where, TIERS), frequency=_float(data, "frequency", where),
@@ -485,13 +613,12 @@ def _expert_record(data, where: str, encodings: list[Encoding]) -> ExpertRecord:
 
 
 # -- cross-field validation ----------------------------------------------------------------------------
-def validate(m: Manifest) -> None:
-    """Everything checkable without touching a data file: names, references, byte ranges, the model."""
+def validate_layout(m: Manifest) -> None:
+    """Everything checkable without the model or a data file: names, references, byte ranges. The checks
+    against the embedded model config live with the reader (prism_load/container/reader.py: validate)."""
     _unique_names(m)
     _validate_dense(m)
     _validate_expert_ranges(m)
-    _validate_against_config(m)
-    _validate_predictor(m)
 
 
 def _unique_names(m: Manifest) -> None:
@@ -500,7 +627,7 @@ def _unique_names(m: Manifest) -> None:
                         ("expert_shards", m.expert_shards), ("predictor", [m.predictor.file] if m.predictor else [])):
         for i, f in enumerate(files):
             if f.name in seen:
-                _fail(f"{kind}[{i}].name", f"{f.name!r} is listed twice")
+                fail(f"{kind}[{i}].name", f"{f.name!r} is listed twice")
             seen.add(f.name)
 
 
@@ -509,113 +636,51 @@ def _validate_dense(m: Manifest) -> None:
     for rec in m.dense.values():
         where = f"dense[{rec.name!r}]"
         if rec.shard >= len(m.dense_shards):
-            _fail(f"{where}.shard", f"{rec.shard} is not an index of dense_shards (0..{len(m.dense_shards) - 1})")
+            fail(f"{where}.shard", f"{rec.shard} is not an index of dense_shards (0..{len(m.dense_shards) - 1})")
         keys = keys_by_shard.setdefault(rec.shard, set())
         for key in rec.keys().values():
             if key in keys:
-                _fail(where, f"stored key {key!r} collides with another dense tensor's")
+                fail(where, f"stored key {key!r} collides with another dense tensor's")
             keys.add(key)
     for i, shard in enumerate(m.dense_shards):
         if i not in keys_by_shard:
-            _fail(f"dense_shards[{i}]", f"{shard.name} holds no dense tensor")
+            fail(f"dense_shards[{i}]", f"{shard.name} holds no dense tensor")
 
 
 def _validate_expert_ranges(m: Manifest) -> None:
     """Hot shards first; records in file order; each range aligned, inside its shard, not overlapping."""
     tiers = [s.tier for s in m.expert_shards]
     if tiers != sorted(tiers, key=TIERS.index):
-        _fail("expert_shards", f"hot shards must come before cold shards, got tiers {tiers}")
+        fail("expert_shards", f"hot shards must come before cold shards, got tiers {tiers}")
     seen, prev = set(), None
     for i, r in enumerate(m.experts):
         where = f"experts[{i}] ({r.where()})"
         if (r.layer, r.expert) in seen:
-            _fail(where, "this expert has two records")
+            fail(where, "this expert has two records")
         seen.add((r.layer, r.expert))
         if r.shard >= len(m.expert_shards):
-            _fail(f"{where}.shard", f"{r.shard} is not an index of expert_shards (0..{len(m.expert_shards) - 1})")
+            fail(f"{where}.shard", f"{r.shard} is not an index of expert_shards (0..{len(m.expert_shards) - 1})")
         shard = m.expert_shards[r.shard]
         if r.tier != shard.tier:
-            _fail(f"{where}.tier", f"{r.tier!r} but its shard {shard.name} holds the {shard.tier} tier")
+            fail(f"{where}.tier", f"{r.tier!r} but its shard {shard.name} holds the {shard.tier} tier")
         if r.offset % ALIGNMENT_BYTES or r.offset < ALIGNMENT_BYTES:
-            _fail(f"{where}.offset", f"{r.offset} is not a multiple of {ALIGNMENT_BYTES} past the header")
+            fail(f"{where}.offset", f"{r.offset} is not a multiple of {ALIGNMENT_BYTES} past the header")
         stored = sum(e.nbytes() for e in r.encodings.values())
         if r.length != stored:
-            _fail(f"{where}.length", f"{r.length} bytes, but its encodings store {stored} bytes")
+            fail(f"{where}.length", f"{r.length} bytes, but its encodings store {stored} bytes")
         if aligned(r.end) > shard.bytes:
-            _fail(f"{where}", f"range [{r.offset}, {r.end}) ends past the end of {shard.name} ({shard.bytes} bytes)")
+            fail(f"{where}", f"range [{r.offset}, {r.end}) ends past the end of {shard.name} ({shard.bytes} bytes)")
         if prev is not None:
             if r.shard < prev.shard:
-                _fail(where, "records must be in file order (shard, then offset)")
+                fail(where, "records must be in file order (shard, then offset)")
             if r.shard == prev.shard and r.offset < aligned(prev.end):
-                _fail(where, f"range [{r.offset}, {r.end}) overlaps the previous expert's "
+                fail(where, f"range [{r.offset}, {r.end}) overlaps the previous expert's "
                              f"[{prev.offset}, {prev.end}) in {shard.name}")
         prev = r
     used = {r.shard for r in m.experts}
     for i, shard in enumerate(m.expert_shards):
         if i not in used:
-            _fail(f"expert_shards[{i}]", f"{shard.name} holds no expert")
-
-
-def model_args(config: dict):
-    """(family, ModelArgs) of the embedded config; any failure is the container's fault."""
-    from .models.family import family_for
-
-    layers = config.get("num_hidden_layers")
-    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= MAX_LAYERS:
-        _fail("config.num_hidden_layers", f"expected an integer in 1..{MAX_LAYERS}, got {layers!r}")
-    try:
-        family = family_for(config)
-        args = family.parse_config(config)
-    except Exception as e:  # noqa: BLE001 - an untrusted config may break parsing in any way
-        _fail("config", f"not a supported model config ({type(e).__name__}: {e})")
-    _check_args(args)
-    return family, args
-
-
-def _check_args(args) -> None:
-    """Values a model cannot be built or run with (the parsers check presence, not sense)."""
-    for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-        v = getattr(args, name)
-        if not isinstance(v, int) or not 0 < v < 2**31:
-            _fail(f"config.{name}", f"expected a positive integer, got {v!r}")
-    if args.num_experts_per_tok > args.num_experts:
-        _fail("config.num_experts_per_tok", f"{args.num_experts_per_tok} > {args.num_experts} experts")
-    if args.num_attention_heads % args.num_key_value_heads:
-        _fail("config.num_key_value_heads", f"{args.num_key_value_heads} does not divide {args.num_attention_heads} heads")
-    if not (isinstance(args.rms_norm_eps, float) and math.isfinite(args.rms_norm_eps) and args.rms_norm_eps >= 0):
-        _fail("config.rms_norm_eps", f"expected a finite number >= 0, got {args.rms_norm_eps!r}")
-
-
-def _validate_against_config(m: Manifest) -> None:
-    """Exactly one record per (MoE layer, expert); tensor shapes as the config says; biases all or none."""
-    _, args = model_args(m.config)
-    if not 0 < args.num_experts <= MAX_EXPERTS:
-        _fail("config", f"num_experts {args.num_experts} is out of range 1..{MAX_EXPERTS}")
-    h, inter = args.hidden_size, args.moe_intermediate_size
-    shapes = {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter),
-              "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (h,)}
-    moe_layers = set(args.moe_layers)
-    has_bias = None
-    for i, r in enumerate(m.experts):
-        where = f"experts[{i}] ({r.where()})"
-        if r.layer not in moe_layers:
-            _fail(f"{where}.layer", f"layer {r.layer} is not a MoE layer of the config (MoE layers: {sorted(moe_layers)})")
-        if r.expert >= args.num_experts:
-            _fail(f"{where}.expert", f"{r.expert} >= num_experts {args.num_experts}")
-        for name, enc in r.encodings.items():
-            if enc.shape != shapes[name]:
-                _fail(f"{where}.tensors.{name}", f"shape {list(enc.shape)}, the config says {list(shapes[name])}")
-        bias = "gate_bias" in r.encodings
-        if has_bias is not None and bias != has_bias:
-            _fail(where, "some experts have biases and others not")
-        has_bias = bias
-    expected = len(moe_layers) * args.num_experts
-    if len(m.experts) != expected:
-        missing = sorted({(i, e) for i in moe_layers for e in range(args.num_experts)}
-                         - {(r.layer, r.expert) for r in m.experts})
-        _fail("experts", f"{len(m.experts)} records, the config has {expected} routed experts "
-                         f"(first missing: layer {missing[0][0]} expert {missing[0][1]})")
+            fail(f"expert_shards[{i}]", f"{shard.name} holds no expert")
 
 
 PREDICTOR_DISTANCES = 2  # a layer is predicted from the output of one of the two MoE layers before it
@@ -625,24 +690,3 @@ def predictor_sources(moe_layers) -> dict[int, list[int]]:
     """MoE layer -> the MoE layers a fitted predictor of it may start from (the PREDICTOR_DISTANCES before it)."""
     moe = sorted(moe_layers)
     return {j: moe[max(0, n - PREDICTOR_DISTANCES) : n] for n, j in enumerate(moe)}
-
-
-def _validate_predictor(m: Manifest) -> None:
-    """Each (layer, from_layer) once, in ascending order; layer a MoE layer, from_layer one of the two MoE
-    layers before it."""
-    if m.predictor is None:
-        return
-    _, args = model_args(m.config)
-    moe = sorted(args.moe_layers)
-    sources = predictor_sources(moe)
-    last = (-1, -1)
-    for n, x in enumerate(m.predictor.layers):
-        where = f"predictor.layers[{n}]"
-        if not sources.get(x.layer):
-            _fail(f"{where}.layer", f"{x.layer} is not a MoE layer after the first (MoE layers: {moe})")
-        if x.from_layer not in sources[x.layer]:
-            _fail(f"{where}.from_layer", f"{x.from_layer}: layer {x.layer} is predicted from one of the MoE layers "
-                                         f"{sources[x.layer]}")
-        if (x.layer, x.from_layer) <= last:
-            _fail(where, f"layer {x.layer} from layer {x.from_layer} is listed twice or out of order")
-        last = (x.layer, x.from_layer)

@@ -1,0 +1,100 @@
+"""RuntimeConfig: every option of `prism_load.load` beyond the path, dtype, device and the Hub's.
+
+One typed, frozen record instead of keyword options checked against a tuple of names. `load(...,
+config=RuntimeConfig(...))` takes it as it is; `load(..., expert_cache="50%", ...)` keeps working and builds
+one from the keywords (`RuntimeConfig.from_options`), naming an option that does not apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+READ_OPTIONS = ("verify_checksums", "resolve_file")  # how a container's files are read: containers only
+CONTAINER_OPTIONS = (*READ_OPTIONS, "expert_form", "expert_kernel")  # what a resident container takes
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model's experts are held and served (prism_load/runtime; defaults: every expert resident).
+
+    expert_cache: the fast tier's budget (bytes, "50%" of every expert's bytes in the fast tier's form, or
+      "2GB"); None keeps every expert resident, without the runtime.
+    prefetch: the shadow-router prefetch; prefetch_extra: experts fetched beyond the predicted top-k;
+      lookahead: MoE layers predicted ahead (1 or 2); predictor: use the container's (or `profile`'s)
+      fitted predictors where it has them (False: the shadow router everywhere).
+    numa: True / "auto" places the hottest experts on the compute's NUMA node (or a NumaPlacement).
+    host_cache (CUDA): the pinned host tier's budget of stored bytes; decode_on (CUDA): "device" or "host".
+    pin_hot: keep the container's hot tier resident ("warm": once it has been used); frequency_weight:
+      eviction's weight on routing frequency.
+    profile (checkpoints): a prism profile folder for routing frequencies and fitted predictors.
+    expert_form (containers): "packed" (default), "decoded" or "codes" (runtime only); expert_kernel:
+      "auto", "native", "int4pack", "dequant" (prism_load/packed.py).
+    verify_checksums, resolve_file (containers): check every byte read; fetch a shard not in the folder.
+    """
+
+    expert_cache: int | str | None = None
+    prefetch: bool = True
+    prefetch_extra: int = 0
+    lookahead: int = 1
+    predictor: bool = True
+    numa: Any = None
+    host_cache: int | str | None = None
+    decode_on: str = "device"
+    pin_hot: bool | str = "warm"
+    frequency_weight: float = 1.0
+    profile: str | Path | None = None
+    expert_form: str | None = None
+    expert_kernel: str = "auto"
+    verify_checksums: bool = True
+    resolve_file: Callable[[str], Any] | None = field(default=None, compare=False)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], folder: Path, container: bool) -> RuntimeConfig:
+        """The config of load()'s keyword options for a local `folder`; TypeError naming the options that do
+        not apply to it (an unknown name, a container's option for a checkpoint, a runtime option without an
+        expert_cache)."""
+        check_applies(set(options), folder, container, options.get("expert_cache") is not None)
+        return cls(**options)
+
+    def given(self) -> set[str]:
+        """Options set to something other than their default."""
+        return {f.name for f in fields(self) if getattr(self, f.name) is not f.default
+                and getattr(self, f.name) != f.default}
+
+    def check(self, folder: Path, container: bool) -> None:
+        """As from_options checks keywords: the options set here must apply to `folder`."""
+        check_applies(self.given(), folder, container, self.expert_cache is not None)
+
+    def runtime_options(self) -> dict[str, Any]:
+        """The options attach_runtime takes (all but the cache budget, prefetch and how files are read)."""
+        skip = {"expert_cache", "prefetch", "profile", "expert_form", "expert_kernel", "predictor", *READ_OPTIONS}
+        return {name: getattr(self, name) for name in self.names() if name not in skip}
+
+
+def check_applies(names: set[str], folder: Path, container: bool, cached: bool) -> None:
+    """TypeError naming options that do not apply: without an expert_cache only a container's reading
+    options (and prefetch, which then does nothing) are known; with one, every runtime option, the reading
+    options for containers only."""
+    names = names - {"expert_cache", "prefetch"}
+    if not cached:
+        if "numa" in names:
+            raise TypeError("numa applies to models loaded with an expert_cache")
+        if container:
+            unknown = names - set(CONTAINER_OPTIONS)
+            if unknown:
+                raise TypeError(f"unknown container options {sorted(unknown)}")
+        elif names:
+            raise TypeError(f"options {sorted(names)} apply to .prism containers only")
+        return
+    allowed = set(RuntimeConfig.names()) - {"expert_cache", "prefetch"}
+    if not container:
+        allowed -= set(READ_OPTIONS)
+    if names - allowed:
+        raise TypeError(f"unknown options {sorted(names - allowed)} for {folder}")
