@@ -34,9 +34,9 @@ from prism_convert.packing.materialize import apply_in_memory, decoded_state, de
 from prism_convert.profiling.profiler import calibration_tokens, run_profile
 from prism_convert.recipe import load_recipe
 from prism_convert.tools.evaluate import compare_models
+from prism_load.container import aligned
 from prism_load.container.codecs import decode
 from prism_load.container.format import Encoding
-from prism_load.container import aligned
 from prism_load.hf_loader import open_checkpoint
 
 POINTS = {2.25: 2, 3.25: 3, 4.25: 4}  # bits per weight -> the uniform RTN bit-width that costs exactly that

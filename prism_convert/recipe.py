@@ -12,7 +12,7 @@ import importlib.resources
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from prism_load.codecs import INT_BITS, Encoding
+from prism_load.container.format import INT_BITS, Encoding
 from prism_load.errors import RecipeError
 
 try:

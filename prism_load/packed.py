@@ -32,7 +32,8 @@ import warnings
 import torch
 
 from . import kernels
-from .codecs import Encoding, LowRankLinear, pack_bits, packed_row_bytes, unpack_bits
+from .container.codecs import LowRankLinear, pack_bits, unpack_bits
+from .container.format import Encoding, packed_row_bytes
 from .errors import ContainerError
 from .models.linear import linear
 
@@ -241,7 +242,7 @@ class ExpertPacker:
         return LowRankLinear(a, b, base)
 
     def _dense(self, enc: Encoding, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        from .codecs import decode
+        from .container.codecs import decode
 
         if tensors and next(iter(tensors.values())).device.type == "meta":
             return torch.empty(enc.shape, dtype=self.dtype, device="meta")
@@ -250,7 +251,7 @@ class ExpertPacker:
     def expert(self, encoded: dict[str, EncodedTensor], count: bool = True):
         """ExpertWeights of packed operators; gate and up stay two operators (ConcatLinear), each reading its
         own stored rows (expert_forward calls them one by one, without a concatenation)."""
-        from .container_reader import ConcatLinear
+        from .container.reader import ConcatLinear
         from .models.moe import ExpertWeights
 
         ops = {name: self.linear(enc, t, count) for name, (enc, t) in encoded.items()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from prism_convert.allocation.knapsack import Option, allocate, pareto_front
 from prism_convert.compression.workdir import WorkDir, WorkError, WorkJob
-from prism_load.codecs import Encoding
 from prism_load.container import ALIGNMENT_BYTES, aligned
+from prism_load.container.format import Encoding
 from prism_load.errors import BudgetError
 
 

@@ -400,7 +400,7 @@ def verify(
     checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Read every byte and compare checksums."),
 ) -> None:
     """Check a container against its manifest (files, headers, byte ranges, checksums); exit 1 naming each problem."""
-    from prism_load.container_verify import verify_container
+    from prism_load.container.verify import verify_container
 
     read = [0]
     with _progress() as progress:

@@ -19,7 +19,8 @@ import torch
 
 from prism_convert.allocation.knapsack import Option, pareto
 from prism_convert.compression.math.measure import output_error
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 
 
 @dataclass

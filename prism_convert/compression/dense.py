@@ -10,7 +10,7 @@ import torch
 
 from prism_convert.compression.encode import encode
 from prism_convert.recipe import Recipe
-from prism_load.codecs import Encoding
+from prism_load.container.format import Encoding
 
 
 def tensor_class(key: str) -> str:

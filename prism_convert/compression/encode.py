@@ -23,7 +23,8 @@ from prism_convert.compression.math.gptq import gptq_many
 from prism_convert.compression.math.hessian import check_hessian, hessian_factors
 from prism_convert.compression.math.lowrank import factor_tensors, whitening
 from prism_convert.compression.math.quantize import FP16_MAX, clipped
-from prism_load.codecs import PASSTHROUGH_DTYPES, Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import PASSTHROUGH_DTYPES, Encoding
 from prism_load.errors import EncodingError
 
 

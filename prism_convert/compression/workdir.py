@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prism_convert.atomic import write_json
-from prism_load.codecs import Encoding
+from prism_load.container.format import Encoding
 from prism_load.errors import PrismError
 
 WORK_FORMAT, WORK_VERSION = "prism-work", 1

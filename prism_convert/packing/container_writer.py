@@ -21,7 +21,6 @@ import xxhash
 
 from prism_convert.atomic import atomic_folder
 from prism_load import __version__
-from prism_load.codecs import Encoding, check_tensors
 from prism_load.container import (
     ALIGNMENT_BYTES,
     DEFAULT_SHARD_BYTES,
@@ -54,7 +53,9 @@ from prism_load.container import (
     safetensors_header,
     validate,
 )
-from prism_load.container_reader import Container
+from prism_load.container.codecs import check_tensors
+from prism_load.container.format import Encoding
+from prism_load.container.reader import Container
 from prism_load.errors import ContainerError
 
 EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]

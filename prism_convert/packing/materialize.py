@@ -11,7 +11,8 @@ import torch
 
 from prism_convert.allocation.bit_plan import gather_layers
 from prism_convert.compression.workdir import WorkDir, split_encoded
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 
 EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
 
@@ -88,7 +89,7 @@ def decoded_state(dense: dict[str, EncodedTensor], experts: list[PlannedExpert],
                   family=None, args=None) -> dict[str, torch.Tensor]:
     """prism model state_dict with every tensor decoded exactly as the container loader decodes it
     (with `family`/`args`, tensors the family keeps in fp32 stay fp32 whatever `dtype`)."""
-    from prism_load.container_loader import dense_decode_dtype
+    from prism_load.container.loader import dense_decode_dtype
 
     def dense_dtype(name):
         return dtype if family is None else dense_decode_dtype(family, args, name, dtype)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prism_convert.tools.model_shape import CLASSES, ContainerBytes, ModelShape, classify, load_shape
-from prism_load.codecs import INT_BITS, Encoding
+from prism_load.container.format import INT_BITS, Encoding
 from prism_load.errors import BudgetError
 
 DENSE_POLICIES = ("bf16", "int8", "same")

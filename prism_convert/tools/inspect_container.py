@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from prism_load.container import TIERS
-from prism_load.container_reader import Container, metadata_overhead
+from prism_load.container.reader import Container, metadata_overhead
 
 HISTOGRAM_STEP_BITS = 0.25
 HOTTEST = 10

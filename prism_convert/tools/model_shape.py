@@ -183,7 +183,7 @@ class ContainerBytes:
 
 
 def read_container(folder: Path) -> ContainerBytes:
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container
 
     with Container(folder, check_files=False) as c:
         dense = [DenseBytes(name, r.encoding.nbytes()) for name, r in c.manifest.dense.items()]

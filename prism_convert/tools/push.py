@@ -178,7 +178,7 @@ def prepare_push(
     base_model: str | None = None,
 ) -> PushPlan:
     """Validate the container, write its card (README.md, atomically) and list what the upload sends."""
-    from prism_load.container_reader import Container
+    from prism_load.container.reader import Container
 
     if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise HubError(f"repo id {repo_id!r} is not of the form ORG/NAME")

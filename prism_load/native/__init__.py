@@ -1,4 +1,4 @@
-"""Native CPU kernels that compute on `int` weights in their stored, packed form (prism_load/codecs.py).
+"""Native CPU kernels that compute on `int` weights in their stored, packed form (prism_load/container/codecs.py).
 
 Decode is memory-bound: reading 4-bit codes instead of fp32 or bf16 weights is the speed-up, provided the
 unpacking costs less than the bytes it saves. torch's stock int4 op (`_weight_int4pack_mm_for_cpu`) needs
@@ -37,7 +37,7 @@ def q8_available() -> bool:
 
 def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
     """Whether q8_linear.c takes this shape: groups of whole 32-byte blocks, K whole groups."""
-    return (bits in BITS and 0 < m and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
+    return (bits in BITS and m > 0 and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
             and k % group_size == 0)
 
 

@@ -38,7 +38,7 @@ from prism_convert.compression.math.quantize import (
     grouped,
     store,
 )
-from prism_load.codecs import Encoding
+from prism_load.container.format import Encoding
 from prism_load.errors import EncodingError
 
 GPTQ_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)  # feedback already repairs most clipping: a shorter search

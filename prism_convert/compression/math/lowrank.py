@@ -23,7 +23,8 @@ import torch
 from prism_convert.compression.math.gptq import gptq
 from prism_convert.compression.math.hessian import HessianFactors, compute_factors, hessian_factors
 from prism_convert.compression.math.quantize import clipped
-from prism_load.codecs import Encoding, decode
+from prism_load.container.codecs import decode
+from prism_load.container.format import Encoding
 from prism_load.errors import EncodingError
 
 OVERSAMPLE = 10

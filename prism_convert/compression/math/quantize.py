@@ -1,6 +1,6 @@
 """Group-wise asymmetric integer quantization: w ≈ (q − zero) · scale per group of `group_size` inputs.
 
-Scales and zeros are stored in fp16 and decoded in fp32 (prism_load.codecs.dequantize_int), so every
+Scales and zeros are stored in fp16 and decoded in fp32 (prism_load.container.codecs.dequantize_int), so every
 choice here is made with the fp16 values the decoder will use and scored with the decoder's own
 formula: what decode(encode(W)) returns is exactly what was optimised.
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_load.codecs import Encoding, pack_bits
+from prism_load.container.codecs import pack_bits
+from prism_load.container.format import Encoding
 from prism_load.errors import EncodingError
 
 SHRINK_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)  # range shrink factors; 1.0 first

@@ -1,8 +1,0 @@
-"""Old path of prism_load/container/reader.py.
-
-Kept only for the importers outside this half of issue 15 that still use the old path (prism_convert/,
-prism_load/packed.py: owned by others while the restructuring is under way); delete it once they import
-from prism_load.container.
-"""
-
-from .container.reader import ConcatLinear, Container, metadata_overhead  # noqa: F401
