@@ -17,7 +17,7 @@ log="$out/gpu_check.log"
 } 2>&1 | tee "$log"
 
 status=0
-timeout 300 python -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tee -a "$log" || status=1
+timeout 300 python -m pytest tests/test_cuda.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tee -a "$log" || status=1
 
 PRISM_CACHE="${PRISM_CACHE:-/tmp/prism-cache}" timeout 240 python bench/bench_runtime.py --device cuda --synthetic \
   --threads 4 --tokens 32 --repeats 2 --name runtime_gpu 2>&1 | tee -a "$log" || status=1

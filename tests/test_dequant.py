@@ -6,26 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from numerics import e2m1_reference, e4m3_reference
 
 from prism_load.dequant import dequantize_fp8, dequantize_fp8_scaled, dequantize_mxfp4
 from prism_load.errors import CheckpointError
-
-
-def e4m3_reference(bits: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn from its bits: sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals at exponent 0."""
-    bits = bits.astype(np.int64)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exp, man = (bits >> 3) & 0xF, bits & 0x7
-    normal = (1.0 + man / 8.0) * np.power(2.0, exp - 7.0)
-    subnormal = (man / 8.0) * 2.0**-6
-    return sign * np.where(exp == 0, subnormal, normal)
-
-
-def e2m1_reference(nibble: int) -> float:
-    """FP4 e2m1 from its bits: sign, 2 exponent bits (bias 1), 1 mantissa bit, subnormal at exponent 0."""
-    sign = -1.0 if nibble & 0x8 else 1.0
-    exp, man = (nibble >> 1) & 0x3, nibble & 0x1
-    return sign * (man * 0.5 if exp == 0 else 2.0 ** (exp - 1) * (1 + man / 2))
 
 
 def random_e4m3(shape, generator) -> torch.Tensor:

@@ -3,7 +3,7 @@ the randomized path matches the exact one, quantized factors and int+lowrank beh
 
 import pytest
 import torch
-from test_quantize import statistics
+from numerics import statistics
 
 import prism_convert.compression.math.lowrank as lowrank
 from prism_convert.compression.encode import encode

@@ -4,13 +4,10 @@ import json
 
 import pytest
 import torch
+from numerics import rel_max_error
 from tiny import CASES
 
 import prism_load
-
-
-def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

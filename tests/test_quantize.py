@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import statistics
 
 from prism_convert.compression.encode import encode
 from prism_convert.compression.math.gptq import gptq
@@ -21,16 +22,6 @@ OUT, IN, G = 48, 200, 64  # in-features not a multiple of the group size
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def statistics(inp: int, seed: int = 0, dead: tuple[int, ...] = (7,)):
-    """LLM-like inputs: log-normal channel scales, an outlier channel, shared directions; H = xᵀx / N."""
-    gen = torch.Generator().manual_seed(seed)
-    scale = torch.exp(torch.randn(inp, generator=gen) * 0.7)
-    scale[3] *= 12
-    x = (torch.randn(1024, inp, generator=gen) + torch.randn(1024, 8, generator=gen) @ torch.randn(8, inp, generator=gen) * 0.5) * scale
-    x[:, list(dead)] = 0.0
-    return (x.T @ x / len(x)).double()
 
 
 @pytest.fixture(scope="module")

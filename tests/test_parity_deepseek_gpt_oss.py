@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import e2m1_reference, e4m3_reference, rel_max_error
 from safetensors.torch import load_file, save_file
-from test_dequant import e2m1_reference, e4m3_reference
-from test_parity import rel_max_error
 from tiny import CASES, build_hf_model
 
 import prism_load

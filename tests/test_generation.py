@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 from containers import random_model, write_tiny
+from numerics import rel_max_error
 from runtime_fixtures import INT_MIX, RUNTIME_CONFIG, load_cached
-from test_parity import rel_max_error
 from tiny import CASES
 
 import prism_load
