@@ -112,7 +112,8 @@ class Rotary(torch.nn.Module):
 
     def __init__(self, cfg: RopeConfig):
         super().__init__()
-        inv, self.attention_scaling = cfg.inv_freq()
+        with torch.device("cpu"):  # real values even inside a meta-device skeleton (meta ops here would run
+            inv, self.attention_scaling = cfg.inv_freq()  # torch's Python reference kernels, importing sympy)
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
