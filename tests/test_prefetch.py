@@ -8,6 +8,7 @@ import queue
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
