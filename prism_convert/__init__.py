@@ -18,9 +18,13 @@ importing the package (and `prism --help`) stays fast.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prism_convert.progress import Progress
 from prism_load import __version__  # noqa: F401
+
+if TYPE_CHECKING:  # imported for annotations only: the record's module pulls in torch
+    from prism_convert.allocation.bit_plan import BitPlan
 
 __all__ = ["Progress", "compress", "convert", "evaluate", "pack", "profile"]
 
@@ -61,7 +65,8 @@ def compress(model: str | Path, *, profile: str | Path, out: str | Path, bits: f
              progress: Progress | None = None, revision: str | None = None, token: str | None = None) -> dict:
     """`prism compress`: measure candidate encodings of the layer range into the work folder `out` (resumable) and,
     once the model is complete there, allocate the budget (`bits` per routed-expert weight, or `size`: total
-    bytes, e.g. "12GB"). Returns {"plan" (None while layers are missing), "layers", "num_layers", "work"}."""
+    bytes, e.g. "12GB"). Returns {"plan" (the BitPlan, None while layers are missing), "layers", "num_layers",
+    "work"}."""
     from prism_convert import pipeline
 
     return pipeline.compress_model(_checkpoint(model, revision, token), Path(profile), _budget(bits, size), recipe,
@@ -69,9 +74,10 @@ def compress(model: str | Path, *, profile: str | Path, out: str | Path, bits: f
 
 
 def pack(work: str | Path | list[str | Path], *, out: str | Path, bits: float | None = None,
-         size: str | int | None = None, shard_size: str | int = "2GB") -> dict:
+         size: str | int | None = None, shard_size: str | int = "2GB") -> BitPlan:
     """`prism pack`: allocate over the finished work folder(s) (the budget they record, unless `bits`/`size` is
-    given) and write the .prism container `out`. Returns the bit plan (plan.json's content)."""
+    given) and write the .prism container `out`. Returns the bit plan (prism_convert.allocation.bit_plan.BitPlan,
+    a typed record; its to_json() is plan.json's content, BitPlan.read(path) reads plan.json back)."""
     from prism_convert import pipeline
     from prism_convert.tools.fit import parse_bytes
 
@@ -85,7 +91,7 @@ def convert(model: str | Path, *, out: str | Path, bits: float | None = None, si
             eval_samples: int = 16, work: str | Path | None = None, workers: int = 1, tokenizer: str | None = None,
             progress: Progress | None = None, revision: str | None = None, token: str | None = None) -> dict:
     """`prism convert`: profile -> compress -> pack, every input checked before any compute; intermediate work
-    in `work` (default: hidden beside `out`; a rerun resumes). Returns {"plan", "quality" (held-out KL and
+    in `work` (default: hidden beside `out`; a rerun resumes). Returns {"plan" (a BitPlan), "quality" (held-out KL and
     perplexities, None with eval_samples=0), "out", "work"}."""
     from prism_convert import pipeline
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_convert.allocation.bit_plan import Budget, PlanInputs, error_size_curve, make_plan
-from prism_convert.atomic import write_json
+from prism_convert.allocation.bit_plan import BitPlan, Budget, PlanInputs, error_size_curve, make_plan
 from prism_convert.compression.compress_layers import run_compress
 from prism_convert.compression.workdir import WorkDir
 from prism_convert.progress import Progress
@@ -14,13 +13,13 @@ from prism_convert.progress import Progress
 CURVE_BITS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.25, 5.0, 6.0, 8.25]
 
 
-def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path) -> dict:
+def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path) -> BitPlan:
     """Allocate over complete work, write plan.json and plan.png (where matplotlib is installed) into out_folder."""
     from prism_convert.allocation.bit_plan_plot import write_plan_plot
 
     inputs = PlanInputs.read(works)
     plan = make_plan(inputs, budget)
-    write_json(out_folder / "plan.json", plan)
+    plan.write(out_folder / "plan.json")
     curve = error_size_curve(inputs, CURVE_BITS)
     write_plan_plot(plan, curve, out_folder / "plan.png")
     return plan
@@ -58,7 +57,7 @@ def source_of(model: Path) -> dict:
 
 
 def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_size_bytes: int,
-              quality: dict | None = None) -> dict:
+              quality: dict | None = None) -> BitPlan:
     """Allocate over the merged work folders (budget from the work unless given), then write the container."""
     from prism_convert.packing.container_writer import ExpertInput, write_container
     from prism_convert.packing.materialize import dense_tensors, planned_experts, predictors
@@ -93,11 +92,11 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
         dense=dense_tensors(works),
         experts=experts,
         recipe=recipe,
-        budget={**budget.to_dict(), "bits_per_expert_weight": plan["bits_per_expert_weight"],
-                "total_bytes": plan["total_bytes"]},
+        budget={**budget.to_dict(), "bits_per_expert_weight": plan.bits_per_expert_weight,
+                "total_bytes": plan.total_bytes},
         quality=quality,
         shard_size_bytes=shard_size_bytes,
-        extra={"profile": jobs[0].profile, "rare_experts": plan["rare_experts"]},
+        extra={"profile": jobs[0].profile, "rare_experts": [list(k) for k in plan.rare_experts]},
         predictor=predictors(works),
     )
     return plan
@@ -150,7 +149,7 @@ def quality_record(heldout, dataset: str, eval_samples: int, seq_len: int) -> di
     return record
 
 
-def plan_quality(model: Path, works: list[WorkDir], plan: dict, tokens, recipe) -> dict:
+def plan_quality(model: Path, works: list[WorkDir], plan: BitPlan, tokens, recipe) -> dict:
     """KL(original || planned) and perplexities on held-out tokens, with the plan's encodings applied in memory."""
     import torch
 

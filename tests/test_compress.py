@@ -49,17 +49,17 @@ def test_plan_respects_the_budget_to_the_byte(setup, bits):
     _, _, _, root, _ = setup
     inputs = PlanInputs.read([WorkDir(root / "work")], alignment=1)  # tiny experts: price tensors alone
     plan = make_plan(inputs, Budget(bits=bits))
-    assert plan["expert_bytes"] <= bits * plan["expert_weights"] / 8
-    assert plan["bits_per_expert_weight"] <= bits
-    assert plan["bits_per_expert_weight"] > bits - 0.6  # spends most of it
-    size_plan = make_plan(inputs, Budget(size_bytes=plan["total_bytes"]))
-    assert size_plan["total_bytes"] <= plan["total_bytes"]
+    assert plan.expert_bytes <= bits * plan.expert_weights / 8
+    assert plan.bits_per_expert_weight <= bits
+    assert plan.bits_per_expert_weight > bits - 0.6  # spends most of it
+    size_plan = make_plan(inputs, Budget(size_bytes=plan.total_bytes))
+    assert size_plan.total_bytes <= plan.total_bytes
 
 
 def test_more_budget_means_less_expected_error(setup):
     _, _, _, root, _ = setup
     inputs = PlanInputs.read([WorkDir(root / "work")], alignment=1)
-    errors = [make_plan(inputs, Budget(bits=b))["expected_error"] for b in (4.6, 5.5, 7.0, 10.0)]
+    errors = [make_plan(inputs, Budget(bits=b)).expected_error for b in (4.6, 5.5, 7.0, 10.0)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
 
 
@@ -122,7 +122,7 @@ def test_layer_ranges_merge_and_mismatches_are_refused(setup, tmp_path):
     run_compress(folder, root / "profile", recipe, tmp_path / "b", layers="2:")
     merged = make_plan([WorkDir(tmp_path / "a"), WorkDir(tmp_path / "b")], Budget(bits=12))
     whole = make_plan([WorkDir(root / "work")], Budget(bits=12))
-    assert merged["experts"] == whole["experts"]
+    assert merged.experts == whole.experts
     other = Recipe.from_dict({**SMALL, "quantization": {"group_size": 32, "max_tokens_per_expert": 64}})
     run_compress(folder, root / "profile", other, tmp_path / "c", layers="2:4")
     with pytest.raises(WorkError, match="recipe differs"):
@@ -161,9 +161,9 @@ def test_aligned_pricing_counts_padding_and_fills_pages(setup):
     inputs = PlanInputs.read([WorkDir(root / "work")])
     budget = inputs.lowest_bits() + 2.0
     plan = make_plan(inputs, Budget(bits=budget))
-    assert plan["expert_bytes"] <= budget * plan["expert_weights"] / 8
-    assert all(x["stored_bytes"] % 4096 == 0 for x in plan["experts"])
-    assert plan["expert_bytes"] == sum(x["stored_bytes"] for x in plan["experts"])
-    assert plan["alignment_padding_bytes"] == plan["expert_bytes"] - plan["expert_tensor_bytes"]
+    assert plan.expert_bytes <= budget * plan.expert_weights / 8
+    assert all(x.stored_bytes % 4096 == 0 for x in plan.experts)
+    assert plan.expert_bytes == sum(x.stored_bytes for x in plan.experts)
+    assert plan.alignment_padding_bytes == plan.expert_bytes - plan.expert_tensor_bytes
     flat = make_plan(PlanInputs.read([WorkDir(root / "work")], alignment=1), Budget(bits=budget))
-    assert plan["expected_error"] >= flat["expected_error"]  # padding is a real cost
+    assert plan.expected_error >= flat.expected_error  # padding is a real cost

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prism_load
-from prism_convert.allocation.bit_plan import Budget
+from prism_convert.allocation.bit_plan import BitPlan, Budget
 from prism_convert.compression.compress_layers import run_compress
 from prism_convert.compression.workdir import WorkDir
 from prism_convert.packing.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
@@ -43,15 +43,23 @@ def test_container_equals_in_memory_decode(packed):
     assert model.generate(prompt, max_new_tokens=6).tolist() == expected.generate(prompt, max_new_tokens=6).tolist()
 
 
+def test_plan_json_reads_back_as_the_plan(packed):
+    """pack writes plan.json beside the work; BitPlan.read gives back the record pack returned."""
+    _, _, _, root, plan = packed
+    path = root / "work" / "plan.json"
+    assert BitPlan.read(path) == plan
+    assert path.read_text() == json.dumps(plan.to_json(), indent=1)
+
+
 def test_manifest_records_plan_tiers_and_budget(packed):
     _, ref, _, root, plan = packed
     manifest = json.loads((root / "m.prism" / "manifest.json").read_text())
     assert manifest["budget"]["bits"] == 12.0
-    assert manifest["budget"]["bits_per_expert_weight"] == pytest.approx(plan["bits_per_expert_weight"])
-    assert plan["bits_per_expert_weight"] <= 12.0
+    assert manifest["budget"]["bits_per_expert_weight"] == pytest.approx(plan.bits_per_expert_weight)
+    assert plan.bits_per_expert_weight <= 12.0
     records = manifest["experts"]
-    moe_layers = {x["layer"] for x in plan["experts"]}
-    assert sorted((r["layer"], r["expert"]) for r in records) == [(x["layer"], x["expert"]) for x in plan["experts"]]
+    moe_layers = {x.layer for x in plan.experts}
+    assert sorted((r["layer"], r["expert"]) for r in records) == [(x.layer, x.expert) for x in plan.experts]
     for layer in moe_layers:
         mine = sorted((r for r in records if r["layer"] == layer), key=lambda r: -r["frequency"])
         hot = [r for r in mine if r["tier"] == "hot"]

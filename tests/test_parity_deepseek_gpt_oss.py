@@ -445,7 +445,7 @@ def run_pipeline(folder: Path, root: Path, vocab: int, recipe: dict, extra_bits:
     run_compress(folder, root / "profile", Recipe.from_dict(recipe), root / "work")
     bits = PlanInputs.read([WorkDir(root / "work")]).lowest_bits() + extra_bits
     plan = pack_work([root / "work"], root / "m.prism", Budget(bits=bits), shard_size_bytes=1 << 16)
-    assert plan["bits_per_expert_weight"] <= bits
+    assert plan.bits_per_expert_weight <= bits
     return tokens, plan
 
 

@@ -9,10 +9,14 @@ aligned size, so alignment padding is spent on precision where it can be.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 from prism_convert.allocation.knapsack import Option, allocate, pareto_front
+from prism_convert.atomic import write_json
 from prism_convert.compression.workdir import WorkDir, WorkError, WorkJob
 from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.container.format import Encoding
@@ -36,6 +40,224 @@ class Budget:
     @classmethod
     def from_dict(cls, data: dict) -> Budget:
         return cls(bits=data.get("bits"), size_bytes=data.get("size_bytes"))
+
+
+class PlanError(WorkError):
+    """plan.json does not hold a bit plan: a field is missing, unexpected or of the wrong type."""
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{type(value).__name__} {text[:32]}..."
+
+
+_KINDS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "int or null": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+}
+
+
+class _Fields:
+    """One JSON object of plan.json as it is read: each field checked for presence and type, every error
+    naming the file and the field's path (e.g. `plan.json: experts[3].tensors.up_proj.nbytes`)."""
+
+    def __init__(self, data, file: str, path: str, keys: tuple[str, ...]):
+        self.file, self.path = file, path
+        if not isinstance(data, dict):
+            raise PlanError(f"{self.where()}: expected object, got {_show(data)}")
+        unknown = [k for k in data if k not in keys]
+        if unknown:
+            raise PlanError(f"{self.where()}: unexpected field {unknown[0]!r}")
+        self.data = data
+
+    def where(self, key: str | None = None) -> str:
+        path = self.child(key) if key is not None else self.path
+        return f"{self.file}: {path}" if path else self.file
+
+    def child(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    def __getitem__(self, spec: tuple[str, str]):
+        key, kind = spec
+        if key not in self.data:
+            raise PlanError(f"{self.where()}: missing field {key!r}")
+        value = self.data[key]
+        if not _KINDS[kind](value):
+            raise PlanError(f"{self.where(key)}: expected {kind}, got {_show(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class TensorPick:
+    """The candidate chosen for one tensor of an expert, with its encoding's label, size and error."""
+
+    name: str  # gate_proj, up_proj, down_proj
+    candidate: int  # index into the work folder's candidates of this tensor
+    label: str
+    bits_per_weight: float
+    rank: int | None
+    nbytes: int
+    error: float  # output error of the candidate, not weighted by importance
+
+    def to_json(self) -> dict:
+        return {"candidate": self.candidate, "label": self.label, "bits_per_weight": self.bits_per_weight,
+                "rank": self.rank, "nbytes": self.nbytes, "error": self.error}
+
+    @classmethod
+    def from_json(cls, name: str, data, file: str, path: str) -> TensorPick:
+        f = _Fields(data, file, path, ("candidate", "label", "bits_per_weight", "rank", "nbytes", "error"))
+        return cls(name, f["candidate", "int"], f["label", "str"], f["bits_per_weight", "number"],
+                   f["rank", "int or null"], f["nbytes", "int"], f["error", "number"])
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """One routed expert's allocation: its calibration routing, its aligned stored size and each tensor's pick."""
+
+    layer: int
+    expert: int
+    tokens: int
+    gate_mass: float
+    importance: float
+    rare: bool  # too few routed tokens: planned with a neutral prior, still encoded
+    stored_bytes: int  # the expert's byte range, aligned
+    bits_per_weight: float  # stored_bytes per weight of its tensors
+    tensors: tuple[TensorPick, ...]  # in the work folder's tensor order
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layer, self.expert)
+
+    def tensor(self, name: str) -> TensorPick:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"layer {self.layer} expert {self.expert} has no tensor {name!r}")
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "expert": self.expert, "tokens": self.tokens, "gate_mass": self.gate_mass,
+                "importance": self.importance, "rare": self.rare, "stored_bytes": self.stored_bytes,
+                "bits_per_weight": self.bits_per_weight, "tensors": {t.name: t.to_json() for t in self.tensors}}
+
+    @classmethod
+    def from_json(cls, data, file: str, path: str) -> ExpertPlan:
+        f = _Fields(data, file, path, ("layer", "expert", "tokens", "gate_mass", "importance", "rare",
+                                       "stored_bytes", "bits_per_weight", "tensors"))
+        head = (f["layer", "int"], f["expert", "int"], f["tokens", "int"], f["gate_mass", "number"],
+                f["importance", "number"], f["rare", "bool"], f["stored_bytes", "int"], f["bits_per_weight", "number"])
+        tensors = tuple(TensorPick.from_json(name, t, file, f"{f.child('tensors')}.{name}")
+                        for name, t in f["tensors", "object"].items())
+        return cls(*head, tensors)
+
+
+_TOTALS = {"expert_weights": "int", "alignment_bytes": "int", "budget_bytes": "int", "expert_bytes": "int",
+           "expert_tensor_bytes": "int", "alignment_padding_bytes": "int", "dense_bytes": "int", "total_bytes": "int",
+           "bits_per_expert_weight": "number", "expected_error": "number"}
+PLAN_KEYS = ("budget", *_TOTALS, "rare_experts", "experts", "job")  # plan.json's keys, in its order
+
+
+@dataclass(frozen=True)
+class BitPlan:
+    """plan.json: the allocation over every routed expert of the model under one budget. make_plan builds it;
+    to_json gives plan.json's content (keys in this order, numbers as computed), from_json reads it back and
+    refuses, naming the field, anything that is not a plan."""
+
+    budget: Budget
+    expert_weights: int  # weights of all routed-expert tensors
+    alignment_bytes: int  # each expert's byte range is a multiple of this
+    budget_bytes: int  # what the allocator could spend on the experts
+    expert_bytes: int  # what it spent (aligned ranges)
+    expert_tensor_bytes: int  # of which the chosen candidates' tensors
+    alignment_padding_bytes: int  # and of which padding (the rest is expert biases)
+    dense_bytes: int
+    total_bytes: int  # expert_bytes + dense_bytes
+    bits_per_expert_weight: float
+    expected_error: float  # sum of the chosen options' importance-weighted errors
+    rare_experts: tuple[tuple[int, int], ...]  # (layer, expert), in allocation order
+    experts: tuple[ExpertPlan, ...]  # sorted by (layer, expert)
+    model: dict  # the compress job's model identity (path, model_type, config_sha256, num_hidden_layers)
+    profile: dict  # the compress job's profile (path, tokens, dataset)
+
+    def expert(self, layer: int, expert: int) -> ExpertPlan:
+        return self._by_key[(layer, expert)]
+
+    def layers(self) -> list[int]:
+        """The MoE layers the plan covers, ascending."""
+        return sorted({x.layer for x in self.experts})
+
+    def layer(self, layer: int) -> list[ExpertPlan]:
+        return [x for x in self.experts if x.layer == layer]
+
+    @cached_property
+    def _by_key(self) -> dict[tuple[int, int], ExpertPlan]:
+        return {x.key: x for x in self.experts}
+
+    def to_json(self) -> dict:
+        return {
+            "budget": self.budget.to_dict(),
+            "expert_weights": self.expert_weights,
+            "alignment_bytes": self.alignment_bytes,
+            "budget_bytes": self.budget_bytes,
+            "expert_bytes": self.expert_bytes,
+            "expert_tensor_bytes": self.expert_tensor_bytes,
+            "alignment_padding_bytes": self.alignment_padding_bytes,
+            "dense_bytes": self.dense_bytes,
+            "total_bytes": self.total_bytes,
+            "bits_per_expert_weight": self.bits_per_expert_weight,
+            "expected_error": self.expected_error,
+            "rare_experts": [list(k) for k in self.rare_experts],
+            "experts": [x.to_json() for x in self.experts],
+            "job": {"model": self.model, "profile": self.profile},
+        }
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> BitPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not JSON ({e.msg})") from None
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def from_json(cls, data, file: str = "plan.json") -> BitPlan:
+        f = _Fields(data, file, "", PLAN_KEYS)
+        budget = _budget_from_json(f["budget", "object"], file)
+        totals = {key: f[key, kind] for key, kind in _TOTALS.items()}
+        experts = tuple(ExpertPlan.from_json(x, file, f.child("experts") + f"[{n}]")
+                        for n, x in enumerate(f["experts", "list"]))
+        seen = set()
+        for n, x in enumerate(experts):
+            if x.key in seen:
+                raise PlanError(f"{file}: experts[{n}]: layer {x.layer} expert {x.expert} appears twice")
+            seen.add(x.key)
+        rare = f["rare_experts", "list"]
+        marked = sorted([x.layer, x.expert] for x in experts if x.rare)
+        if not all(isinstance(k, list) and len(k) == 2 and all(_KINDS["int"](v) for v in k) for k in rare) \
+                or sorted(rare) != marked:
+            raise PlanError(f"{f.where('rare_experts')}: {_show(rare)} does not match the experts marked rare ({marked})")
+        job = _Fields(f["job", "object"], file, "job", ("model", "profile"))
+        return cls(budget, **totals, rare_experts=tuple((k[0], k[1]) for k in rare), experts=experts,
+                   model=job["model", "object"], profile=job["profile", "object"])
+
+
+def _budget_from_json(data: dict, file: str) -> Budget:
+    f = _Fields(data, file, "budget", ("bits", "size_bytes"))
+    bits = f["bits", "number"] if "bits" in data else None
+    size = f["size_bytes", "int"] if "size_bytes" in data else None
+    try:
+        return Budget(bits=bits, size_bytes=size)
+    except BudgetError as e:
+        raise PlanError(f"{f.where()}: {e}") from None
 
 
 def gather_layers(works: list[WorkDir]) -> tuple[WorkJob, dict[int, WorkDir]]:
@@ -129,7 +351,7 @@ class PlanInputs:
         return 8 * sum(min(o.nbytes for o in t) for t in self.tables) / self.expert_weights
 
 
-def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> dict:
+def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> BitPlan:
     inputs = works if isinstance(works, PlanInputs) else PlanInputs.read(works)
     budget_bytes = inputs.budget_bytes(budget)
     try:
@@ -140,38 +362,38 @@ def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> dict:
     spent = weighted = tensor_bytes = 0
     for (i, e), table, combos, k in zip(inputs.keys, inputs.tables, inputs.picks, choice):
         rec = inputs.records[(i, e)]
-        tensors = {}
+        tensors = []
         for name, j in zip(rec["tensors"], combos[k]):
             cand = rec["tensors"][name][j]
             enc = Encoding.from_dict(cand["encoding"])
-            tensors[name] = {"candidate": j, "label": enc.label(), "bits_per_weight": enc.bits_per_weight,
-                             "rank": enc.rank, "nbytes": cand["nbytes"], "error": cand["error"]}
+            tensors.append(TensorPick(name, j, enc.label(), enc.bits_per_weight, enc.rank, cand["nbytes"], cand["error"]))
         weights = sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
         spent += table[k].nbytes
         weighted += table[k].error
-        tensor_bytes += sum(t["nbytes"] for t in tensors.values())
-        experts.append({
-            "layer": i, "expert": e, "tokens": rec["tokens"], "gate_mass": rec["gate_mass"],
-            "importance": rec["importance"], "rare": rec["rare"], "stored_bytes": table[k].nbytes,
-            "bits_per_weight": 8 * table[k].nbytes / weights, "tensors": tensors,
-        })
-    return {
-        "budget": budget.to_dict(),
-        "expert_weights": inputs.expert_weights,
-        "alignment_bytes": inputs.alignment,
-        "budget_bytes": budget_bytes,
-        "expert_bytes": spent,
-        "expert_tensor_bytes": tensor_bytes,
-        "alignment_padding_bytes": spent - tensor_bytes - sum(
+        tensor_bytes += sum(t.nbytes for t in tensors)
+        experts.append(ExpertPlan(
+            layer=i, expert=e, tokens=rec["tokens"], gate_mass=rec["gate_mass"], importance=rec["importance"],
+            rare=rec["rare"], stored_bytes=table[k].nbytes, bits_per_weight=8 * table[k].nbytes / weights,
+            tensors=tuple(tensors),
+        ))
+    return BitPlan(
+        budget=budget,
+        expert_weights=inputs.expert_weights,
+        alignment_bytes=inputs.alignment,
+        budget_bytes=budget_bytes,
+        expert_bytes=spent,
+        expert_tensor_bytes=tensor_bytes,
+        alignment_padding_bytes=spent - tensor_bytes - sum(
             Encoding.from_dict(b["encoding"]).nbytes() for r in inputs.records.values() for b in r.get("biases", {}).values()),
-        "dense_bytes": inputs.dense_bytes,
-        "total_bytes": spent + inputs.dense_bytes,
-        "bits_per_expert_weight": 8 * spent / inputs.expert_weights,
-        "expected_error": weighted,
-        "rare_experts": [[x["layer"], x["expert"]] for x in experts if x["rare"]],
-        "experts": sorted(experts, key=lambda x: (x["layer"], x["expert"])),
-        "job": {"model": inputs.job.model, "profile": inputs.job.profile},
-    }
+        dense_bytes=inputs.dense_bytes,
+        total_bytes=spent + inputs.dense_bytes,
+        bits_per_expert_weight=8 * spent / inputs.expert_weights,
+        expected_error=weighted,
+        rare_experts=tuple((x.layer, x.expert) for x in experts if x.rare),
+        experts=tuple(sorted(experts, key=lambda x: (x.layer, x.expert))),
+        model=inputs.job.model,
+        profile=inputs.job.profile,
+    )
 
 
 def error_size_curve(inputs: PlanInputs, bits_grid: list[float]) -> list[dict]:
@@ -182,5 +404,5 @@ def error_size_curve(inputs: PlanInputs, bits_grid: list[float]) -> list[dict]:
             plan = make_plan(inputs, Budget(bits=bits))
         except BudgetError:
             continue
-        points.append({"bits": plan["bits_per_expert_weight"], "error": plan["expected_error"]})
+        points.append({"bits": plan.bits_per_expert_weight, "error": plan.expected_error})
     return points

@@ -135,12 +135,13 @@ def _budget(bits, size):
     return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None)
 
 
-def _print_plan(plan: dict, folder: Path) -> None:
+def _print_plan(plan, folder: Path) -> None:
     from prism_convert.cli.render import plan_table
 
     console.print(plan_table(plan))
-    if plan["rare_experts"]:
-        console.print(f"rare experts (neutral prior, still encoded): {plan['rare_experts']}", highlight=False)
+    if plan.rare_experts:
+        rare = [list(k) for k in plan.rare_experts]
+        console.print(f"rare experts (neutral prior, still encoded): {rare}", highlight=False)
     plot = folder / "plan.png"
     if plot.is_file():
         console.print(f"[dim]wrote {folder / 'plan.json'} and {plot}[/]")
@@ -159,8 +160,8 @@ def pack(
 
     plan = prism_convert.pack(work_dirs, out=out, bits=bits, size=size, shard_size=shard_size)
     _print_plan(plan, work_dirs[0])
-    console.print(f"wrote {out}: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "
-                  f"{plan['bits_per_expert_weight']:.3f} bits per expert weight")
+    console.print(f"wrote {out}: {plan.total_bytes / 2**20:,.1f} MiB of tensors, "
+                  f"{plan.bits_per_expert_weight:.3f} bits per expert weight")
 
 
 def _model_path(spec: str, progress=None) -> Path:
@@ -207,8 +208,8 @@ def _print_conversion(result: dict) -> None:
 
     plan, quality = result["plan"], result["quality"]
     console.print(plan_table(plan))
-    console.print(f"[bold]{result['out']}[/]: {plan['total_bytes'] / 2**20:,.1f} MiB of tensors, "
-                  f"{plan['bits_per_expert_weight']:.3f} bits per expert weight", highlight=False)
+    console.print(f"[bold]{result['out']}[/]: {plan.total_bytes / 2**20:,.1f} MiB of tensors, "
+                  f"{plan.bits_per_expert_weight:.3f} bits per expert weight", highlight=False)
     if quality:
         console.print(f"held-out quality ({quality['dataset']}, {quality['tokens']:,} tokens): "
                       f"KL(original || packed) = {quality['kl']:.4f} nats/token, perplexity "

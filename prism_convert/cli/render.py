@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from rich.console import Console, Group
 from rich.table import Table
 
+from prism_convert.allocation.bit_plan import BitPlan
 from prism_convert.tools.fit import human_bytes
 from prism_convert.tools.push import PushPlan, gigabytes
 
@@ -84,29 +85,27 @@ def shift_table(shift: dict) -> Table:
 
 
 # -- the bit plan (compress, pack, convert) ------------------------------------------------------------
-def plan_table(plan: dict) -> Table:
-    title = (f"allocation: {plan['bits_per_expert_weight']:.3f} bits per expert weight, "
-             f"{plan['total_bytes'] / 2**20:,.1f} MiB total ({plan['expert_bytes'] / 2**20:,.1f} MiB experts, "
-             f"{plan['dense_bytes'] / 2**20:,.1f} MiB dense)")
+def plan_table(plan: BitPlan) -> Table:
+    title = (f"allocation: {plan.bits_per_expert_weight:.3f} bits per expert weight, "
+             f"{plan.total_bytes / 2**20:,.1f} MiB total ({plan.expert_bytes / 2**20:,.1f} MiB experts, "
+             f"{plan.dense_bytes / 2**20:,.1f} MiB dense)")
     table = Table(title=title)
     for col in ("layer", "mean bits", "min–max", "hot 25%", "rest", "low-rank"):
         table.add_column(col, justify="right", no_wrap=True)  # numbers stay whole; the encodings column wraps
     table.add_column("most used encodings", justify="left", overflow="fold")
-    by_layer = defaultdict(list)
-    for x in plan["experts"]:
-        by_layer[x["layer"]].append(x)
-    for layer, experts in sorted(by_layer.items()):
-        bits = [x["bits_per_weight"] for x in experts]
-        ranked = sorted(experts, key=lambda x: -x["tokens"])
+    for layer in plan.layers():
+        experts = plan.layer(layer)
+        bits = [x.bits_per_weight for x in experts]
+        ranked = sorted(experts, key=lambda x: -x.tokens)
         quarter = max(1, -(-len(ranked) // 4))
         hot, rest = ranked[:quarter], ranked[quarter:]
-        mean = lambda xs: sum(x["bits_per_weight"] for x in xs) / len(xs) if xs else float("nan")
+        mean = lambda xs: sum(x.bits_per_weight for x in xs) / len(xs) if xs else float("nan")
         labels = defaultdict(int)
         lowrank = 0
         for x in experts:
-            for t in x["tensors"].values():
-                labels[t["label"]] += 1
-                lowrank += t["rank"] is not None
+            for t in x.tensors:
+                labels[t.label] += 1
+                lowrank += t.rank is not None
         common = " ".join(f"{k}×{v}" for k, v in sorted(labels.items(), key=lambda kv: -kv[1])[:3])
         table.add_row(str(layer), f"{sum(bits) / len(bits):.2f}", f"{min(bits):.2f}–{max(bits):.2f}",
                       f"{mean(hot):.2f}", f"{mean(rest):.2f}", str(lowrank), common)

@@ -7,7 +7,7 @@
                                    importance, and the Pareto candidates of each tensor (encoding, bytes, error)
     WORK_DIR/layers/NNNN.safetensors  every stored tensor of that layer, candidates included:
                                    `dense.{name}.{suffix}`, `experts.{e}.{tensor}.c{j}.{suffix}`
-    WORK_DIR/plan.json             the allocation (written once every layer of the model is present)
+    WORK_DIR/plan.json             the allocation, a BitPlan (written once every layer of the model is present)
 
 Candidates do not depend on the budget, so a finished work folder can be re-planned at any budget.
 Layer files are written atomically and a layer whose pair of files exists is not redone (resume).

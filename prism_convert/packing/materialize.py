@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_convert.allocation.bit_plan import gather_layers
+from prism_convert.allocation.bit_plan import BitPlan, gather_layers
 from prism_convert.compression.workdir import WorkDir, split_encoded
 from prism_load.container.codecs import decode
 from prism_load.container.format import Encoding
@@ -58,10 +58,9 @@ def predictors(works: list[WorkDir]) -> dict[tuple[int, int], dict]:
     return out
 
 
-def planned_experts(works: list[WorkDir], plan: dict, hot_share: float, hot_min_frequency: float) -> Iterator[PlannedExpert]:
+def planned_experts(works: list[WorkDir], plan: BitPlan, hot_share: float, hot_min_frequency: float) -> Iterator[PlannedExpert]:
     """The chosen encodings of every expert, one layer in memory at a time."""
     _, owner = gather_layers(works)
-    chosen = {(x["layer"], x["expert"]): x for x in plan["experts"]}
     for i in sorted(owner):
         meta = owner[i].layer_meta(i)
         if not meta.get("experts"):
@@ -75,9 +74,10 @@ def planned_experts(works: list[WorkDir], plan: dict, hot_share: float, hot_min_
             e = rec["expert"]
             freq = rec["tokens"] / seen
             tensors = {}
-            for name, pick in chosen[(i, e)]["tensors"].items():
-                cand = rec["tensors"][name][pick["candidate"]]
-                tensors[name] = (Encoding.from_dict(cand["encoding"]), split_encoded(stored, f"{e}.{name}.c{pick['candidate']}"))
+            for pick in plan.expert(i, e).tensors:
+                cand = rec["tensors"][pick.name][pick.candidate]
+                tensors[pick.name] = (Encoding.from_dict(cand["encoding"]),
+                                      split_encoded(stored, f"{e}.{pick.name}.c{pick.candidate}"))
             for name, bias in rec.get("biases", {}).items():
                 tensors[name] = (Encoding.from_dict(bias["encoding"]), split_encoded(stored, f"{e}.{name}"))
             hot = rank[e] < hot_n and freq >= hot_min_frequency

@@ -344,7 +344,7 @@ def container_inventory(shape: ModelShape, container: ContainerBytes) -> Invento
 BLOCK_ORDER = ("lm_head", "attention", "norms", "routers", "shared_experts", "dense_mlp", "embedding")
 
 
-def make_plan(inv: Inventory, machine: Machine, context: int = 4096) -> dict:
+def placement_plan(inv: Inventory, machine: Machine, context: int = 4096) -> dict:
     """Placement (KV cache and dense weights first, then experts hottest first; GPU, RAM, disk) and the
     byte counts behind `fits`: weights plus a KV cache of `context` tokens within GPU + RAM."""
     if context < 1:
@@ -411,7 +411,7 @@ def plan(
             )
         storage = None
         inv = container_inventory(shape, container)
-    result = make_plan(inv, machine, context)
+    result = placement_plan(inv, machine, context)
     result["model"] = {
         "source": str(source),
         "model_type": shape.model_type,
