@@ -16,7 +16,7 @@ from prism_convert.allocation.bit_plan import (
     make_plan,
 )
 from prism_convert.compression.workdir import WorkJob
-from prism_load.codecs import Encoding
+from prism_load.container.format import Encoding
 
 GOLDEN = Path(__file__).parent / "fixtures" / "bit_plan" / "plan.json"
 TENSORS = {"gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}
