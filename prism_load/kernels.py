@@ -3,10 +3,10 @@ once with TorchScript.
 
 Why: on a CPU a cache miss or a prefetch is a decode, a few dozen torch calls per expert. Called from
 Python, each call takes the interpreter lock between kernels, and a prefetch thread decoding beside the
-compute thread (also Python between its kernels) slows it: before these kernels the runtime bench's overlap
-probe measured resident decode at 114 tokens/s alone and 66 beside a thread decoding experts in Python. A
-TorchScript function runs its whole body in C++ with the lock released, so the same work beside the compute
-costs it far less (bench/results/runtime.md has the current probe). The bodies use only torch ops that give
+compute thread (also Python between its kernels) slows it, since each waits for the lock the other holds
+(the runtime bench's overlap probe measures what a decoding thread costs the compute). A TorchScript
+function runs its whole body in C++ with the lock released, so the same work beside the compute costs it far
+less (bench/results/runtime.md has the current probe). The bodies use only torch ops that give
 the same bits wherever they run; where torch cannot script them they run as plain Python (`python(name)`
 returns that version; the tests hold the two to bit equality).
 

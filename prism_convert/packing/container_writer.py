@@ -1,4 +1,5 @@
-"""Write a .prism container (spec: docs/FORMAT.md; constants and layout rules: prism_load/container.py).
+"""Write a .prism container (spec: docs/FORMAT.md; constants and layout rules:
+prism_load/container/format.py).
 
 `write_container` lays out every shard from the encodings alone (so the manifest is validated before any
 data is written), then writes each expert with one positional write at its 4 KiB-aligned offset, in the

@@ -4,9 +4,10 @@ logits (j the next MoE layer, or the one after it), fitted by ridge regression o
 Why: the shadow router applies layer j's router to layer j's norm of the hidden state leaving layer i; it
 misses whatever layer j's attention adds to the residual stream before its router reads it. The fitted map
 takes the same input and costs the same one matmul, but is trained to predict the router's actual logits, so
-it absorbs the average effect of that attention update. On the reference model it recovers 84% → 89% of
-next-layer experts on held-back tokens, and two MoE layers ahead (where the runtime's lookahead 2 uses it)
-75% → 82%, about what the shadow router gets one layer ahead (`prism profile` records both per layer).
+it absorbs the average effect of that attention update. On the reference model it recovers more next-layer
+experts than the shadow router on held-back tokens, and two MoE layers ahead (where the runtime's lookahead 2
+uses it) about what the shadow router gets one layer ahead (`prism profile` records both per layer; the
+reference model's figures: bench/results/profile.json, written by bench/bench_profile.py).
 
 It is used only where it beats the shadow router: both are scored on the last fifth of the calibration
 sequences by a fit on the first four fifths; the stored map is then refitted on every token. The prediction

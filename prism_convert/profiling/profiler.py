@@ -4,9 +4,10 @@ Per MoE layer and expert: top-k hits, gate mass, per-channel second moments of t
 gate/up input and the down-projection input, like llama.cpp's importance matrix), co-activation counts,
 and how well the next MoE layer's router, applied to this layer's output, predicts the next layer's
 experts (the shadow router the runtime prefetches with). Per MoE layer and each of the two MoE layers
-before it, it also fits the prefetch predictor (predictor.py: a ridge-regression map to the layer's router
-logits) and scores it against the shadow router on held-back calibration tokens; the fit two MoE layers
-ahead keeps the output of the MoE layer before the last, one more copy of the calibration hidden states.
+before it, it also fits the prefetch predictor (predictor_fit.py: a ridge-regression map to the layer's
+router logits) and scores it against the shadow router on held-back calibration tokens; the fit two MoE
+layers ahead keeps the output of the MoE layer before the last, one more copy of the calibration hidden
+states.
 """
 
 from __future__ import annotations

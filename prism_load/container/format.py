@@ -1,10 +1,11 @@
 """The .prism container format (spec: docs/FORMAT.md): constants, encodings, byte layout rules and the manifest.
 
 Everything here is the spec in code; it imports no model code and nothing of prism_load but its errors. The
-writer (prism_convert/pack.py) imports it; the reader (`Container`, prism_load/container/reader.py) enforces
-it. Manifest records are dataclasses; `Manifest.from_json` validates every field (types, ranges, unknown
-keys, cross references, byte ranges) and raises ContainerError naming the field and the value; the reader
-then checks layer/expert indices and shapes against the embedded model config (reader.validate_config).
+writer (prism_convert/packing/container_writer.py) imports it; the reader (`Container`,
+prism_load/container/reader.py) enforces it. Manifest records are dataclasses; `Manifest.from_json`
+validates every field (types, ranges, unknown keys, cross references, byte ranges) and raises ContainerError
+naming the field and the value; the reader then checks layer/expert indices and shapes against the embedded
+model config (reader.validate_config).
 
 Encoding kinds (`Encoding`: how one tensor is stored; decoders in prism_load/container/codecs.py):
 - `bf16` / `fp16` / `fp32`: the tensor itself, suffix `weight`.

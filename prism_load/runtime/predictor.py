@@ -2,10 +2,10 @@
 their runtime form.
 
 A fitted predictor maps layer j's norm of the hidden state leaving MoE layer i (the previous MoE layer, or
-the one before it) to layer j's router logits (prism_convert/predictor.py fits them during `prism
-profile`). Only predictors that beat the shadow router on the profile's held-back tokens are stored, so the
-runtime uses every one it finds, and only right after layer i: after a dense layer between i and j the
-shadow router predicts j as before.
+the one before it) to layer j's router logits (prism_convert/profiling/predictor_fit.py fits them during
+`prism profile`). Only predictors that beat the shadow router on the profile's held-back tokens are stored,
+so the runtime uses every one it finds, and only right after layer i: after a dense layer between i and j
+the shadow router predicts j as before.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def container_predictors(container, verify_checksum: bool = True) -> dict[tuple[
 
 
 def predictor_key(layer: int, from_layer: int, part: str) -> str:
-    """A profile's stats.safetensors name of a fitted predictor's `weight` or `bias` (profile_schema)."""
+    """A profile's stats.safetensors name of a fitted predictor's `weight` or `bias` (profile_format)."""
     return f"layers.{layer}.predictor.{from_layer}.{part}"
 
 
