@@ -24,18 +24,25 @@ from common import write_report
 import prism_load
 from prism_load import native
 
-NATIVE_RANGE = "prism::native_int_linear"
+NATIVE_RANGE = "prism::native_int_linear"  # the int kernels: experts and int dense layers (exact or int8 activations)
+DENSE_RANGE = "prism::native_bf16_linear"  # the dense bf16 matrix-vector kernel
+RANGES = (NATIVE_RANGE, DENSE_RANGE)
+
+
+def _traced(inner, name: str):
+    def traced(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return inner(*args, **kwargs)
+
+    return traced
 
 
 def wrap_native() -> None:
-    """Name the native kernel's calls for the profiler (a ctypes call is invisible to it otherwise)."""
-    inner = native.int_linear
-
-    def traced(*args, **kwargs):
-        with torch.profiler.record_function(NATIVE_RANGE):
-            return inner(*args, **kwargs)
-
-    native.int_linear = traced
+    """Name the native kernels' calls for the profiler (a ctypes call is invisible to it otherwise): the bound
+    expert call, int_linear itself (other threads, odd inputs) and the dense bf16 kernel."""
+    native.int_linear = _traced(native.int_linear, NATIVE_RANGE)
+    native.BoundIntLinear.__call__ = _traced(native.BoundIntLinear.__call__, NATIVE_RANGE)
+    native.bf16_linear = _traced(native.bf16_linear, DENSE_RANGE)
 
 
 def decode(model, prompt: torch.Tensor, tokens: int) -> float:
@@ -64,6 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="ops listed by self time")
     ap.add_argument("--name", default="decode_profile")
+    ap.add_argument("--expert-kernel", default="auto", help="load()'s expert_kernel (e.g. native-int8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.container is None:
@@ -71,7 +79,7 @@ def main() -> None:
 
         args.container = reference_container()
     wrap_native()
-    model = prism_load.load(args.container)
+    model = prism_load.load(args.container, expert_kernel=args.expert_kernel)
     vocab = model.args.vocab_size
     prompt = (torch.arange(args.prompt_tokens)[None] * 7919) % vocab
     decode(model, prompt, 4)  # untimed: builds the kernel, warms the allocator
@@ -89,13 +97,16 @@ def main() -> None:
     rows.sort(key=lambda r: -r["self_us_per_token"])
     per_token_us = (wall - prefill_wall) / args.tokens * 1e6
     native_us = sum(r["self_us_per_token"] for r in rows if r["op"] == NATIVE_RANGE)
-    aten_us = sum(r["self_us_per_token"] for r in rows if r["op"] != NATIVE_RANGE)
+    dense_us = sum(r["self_us_per_token"] for r in rows if r["op"] == DENSE_RANGE)
+    aten_us = sum(r["self_us_per_token"] for r in rows if r["op"] not in RANGES)
     events = sum(r["calls_per_token"] for r in rows)
     result = {
         "container": str(args.container), "threads": args.threads, "tokens": args.tokens,
         "dtype": str(next(model.parameters()).dtype), "decode_ms_per_token": plain * 1e3,
-        "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": native_us / 1e3, "aten_ms": aten_us / 1e3,
-        "rest_ms": (per_token_us - native_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
+        "expert_kernel": args.expert_kernel,
+        "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": native_us / 1e3,
+        "dense_kernel_ms": dense_us / 1e3, "aten_ms": aten_us / 1e3,
+        "rest_ms": (per_token_us - native_us - dense_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
     }
     path = write_report(args.name, result, markdown(result))
     print(markdown(result))
@@ -113,7 +124,8 @@ def markdown(r: dict) -> str:
              f"Decode without the profiler: {r['decode_ms_per_token']:.3f} ms per token; under it "
              f"{total:.3f} ms ({r['events_per_token']:.0f} profiled events per token).", "",
              "| part | per token |", "|---|---|",
-             f"| native expert kernel | {share(r['native_kernel_ms'])} |",
+             f"| native int kernel (experts; int dense layers) ({r.get("expert_kernel", "auto")}) | {share(r['native_kernel_ms'])} |",
+             f"| native dense bf16 kernel | {share(r.get('dense_kernel_ms', 0.0))} |",
              f"| aten ops (self time) | {share(r['aten_ms'])} |",
              f"| Python, runtime bookkeeping, profiler | {share(r['rest_ms'])} |", "",
              "| op | self µs per token | calls per token |", "|---|---|---|"]

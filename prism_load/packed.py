@@ -204,6 +204,67 @@ def fallback_warning(backends: dict[str, int], device: torch.device, requested: 
                   f"{reason} and are dequantised at every use: same memory, slower", stacklevel=3)
 
 
+# -- dense layers ------------------------------------------------------------------------------------------
+class PackedDense(torch.nn.Module):
+    """A dense Linear whose stored `int` weight stays as stored and is multiplied by the native kernel: the
+    attention projections of a container are int8 by default, and decoding them to bf16 at load doubled the
+    bytes every decode step streams (and the memory they hold) for a less exact product."""
+
+    def __init__(self, op: PackedLinear, bias: torch.Tensor | None):
+        super().__init__()
+        self.op = op
+        self.out_features, self.in_features = op.shape
+        self.bias = bias  # a Parameter (moved from the Linear it replaces) or None
+
+    @property
+    def nbytes(self) -> int:
+        return self.op.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def dense_packable(module, enc: Encoding, device: torch.device) -> bool:
+    """Whether a dense tensor can stay packed: the weight of a prism Linear, `int` at a width the native
+    kernel reads as stored (2, 4, 8 bits), on a CPU where the kernel runs."""
+    from .models.linear import Linear
+
+    return (type(module) is Linear and enc.kind == "int" and kernel_bits(enc.bits) == enc.bits
+            and device.type == "cpu" and native_available())
+
+
+def pack_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
+    """Replace every packable dense Linear of `model` (dense_packable) by a PackedDense over its stored
+    tensors; returns the weight names it took (their Linear keeps its bias, already loaded or not: the
+    caller loads the rest first). A tied lm_head shares the embedding's dense weight and is never packed."""
+    device = torch.device(device)
+    taken = set()
+    for name, (enc, tensors) in dense.items():
+        if not name.endswith(".weight"):
+            continue
+        path = name[: -len(".weight")]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if dense_packable(module, enc, device):
+            taken.add(name)
+    return taken
+
+
+def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str]) -> None:
+    """Put a PackedDense where each taken Linear was (after its bias was loaded)."""
+    for name in taken:
+        path = name[: -len(".weight")]
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = getattr(parent, child)
+        enc, tensors = dense[name]
+        op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, "native")
+        setattr(parent, child, PackedDense(op, old.bias))
+
+
 # -- whole experts -------------------------------------------------------------------------------------
 EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
 

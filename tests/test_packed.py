@@ -246,3 +246,39 @@ def test_native_int8_model_keeps_the_packed_bytes_and_tracks_the_exact_kernel(tm
         a, b = exact(ids[:, -1:], cache=cache_a).float(), q8(ids[:, -1:], cache=cache_b).float()  # one decode step
     assert not torch.equal(a, b)  # the activations were rounded: not the exact kernel
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+# -- dense Linear layers stay packed too ---------------------------------------------------------------------
+def dense_int_linears(path) -> set[str]:
+    """Module paths of the dense `int` weights the model multiplies with a prism Linear (not the router)."""
+    with Container(path) as c:
+        dense = c.dense_encoded()
+    return {n[: -len(".weight")] for n, (enc, _) in dense.items()
+            if enc.kind == "int" and n.endswith(".weight") and ("_proj" in n or n == "lm_head.weight")}
+
+
+def test_dense_int_linears_stay_packed_and_match_the_decoded_product(int4_container):
+    from prism_load.packed import PackedDense
+
+    if not packed.native_available():
+        pytest.skip("the native kernel does not run here: dense layers are decoded")
+    model = prism_load.load(int4_container, dtype=torch.float32)
+    kept = {n for n, m in model.named_modules() if isinstance(m, PackedDense)}
+    assert kept and kept == dense_int_linears(int4_container)
+    for name in kept:
+        assert model.get_submodule(name).op.backend == "native"
+        assert f"{name}.weight" not in model.state_dict()  # no decoded copy beside the stored bytes
+    decoded = prism_load.load(int4_container, dtype=torch.float32, expert_kernel="dequant")
+    assert not any(isinstance(m, PackedDense) for m in decoded.modules())  # the dequant reference decodes them
+    ids = torch.randint(0, KERNEL_CONFIG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = model(ids), decoded(ids)
+    assert rel_error(a, b) < 1e-5  # fp32 sums in another order: the same product
+
+
+def test_dense_layers_are_decoded_where_the_kernel_cannot_run(int4_container, monkeypatch):
+    from prism_load.packed import PackedDense
+
+    monkeypatch.setattr(packed, "native_available", lambda: False)
+    model = prism_load.load(int4_container)
+    assert not any(isinstance(m, PackedDense) for m in model.modules())

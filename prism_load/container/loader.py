@@ -39,15 +39,22 @@ class ResidentExperts(nn.Module):
         return {e: self.experts[e] for e in expert_ids}
 
 
-def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool) -> None:
-    """Decode every dense tensor of the container into `model` (owned copies; fp32 where the family keeps it)."""
+def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,
+               packed_on: str | torch.device | None = None) -> None:
+    """Decode every dense tensor of the container into `model` (owned copies; fp32 where the family keeps it).
+    `packed_on` (the packed form's device): where it is a CPU with the native kernel, the `int` weights of dense
+    Linear layers stay as stored (packed.PackedDense), as the experts do."""
     family, args = model.family, model.args
     dense = c.dense_encoded(verify_checksum=verify_checksums)
     _check_dense_names(model, dense)
+    from ..packed import pack_dense, swap_dense
+
+    kept = pack_dense(model, dense, packed_on) if packed_on is not None else set()
     state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
                          {x.untyped_storage().data_ptr() for x in t.values()})
-             for name, (enc, t) in dense.items()}
+             for name, (enc, t) in dense.items() if name not in kept}
     model.load_state_dict(state, assign=True, strict=False)
+    swap_dense(model, dense, kept)
 
 
 def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
@@ -62,8 +69,9 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
     with Container(path, resolve_file) as c:
         family, args = model_args(c.config)
         model = build_skeleton(family, args)
-        load_dense(c, model, dtype, verify_checksums)
         packer = ExpertPacker(dtype, device, expert_kernel) if expert_form == "packed" else None
+        dense_kernel = expert_kernel in ("auto", "native", "native-int8")  # dequant/int4pack: the dense decoded
+        load_dense(c, model, dtype, verify_checksums, device if packer is not None and dense_kernel else None)
         for i, block in model.moe_blocks():
             if packer is None:
                 experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums)

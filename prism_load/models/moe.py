@@ -39,7 +39,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = F.linear(x, self.weight)
+        logits = linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
