@@ -124,7 +124,7 @@ def markdown(r: dict) -> str:
              f"Decode without the profiler: {r['decode_ms_per_token']:.3f} ms per token; under it "
              f"{total:.3f} ms ({r['events_per_token']:.0f} profiled events per token).", "",
              "| part | per token |", "|---|---|",
-             f"| native int kernel (experts; int dense layers) ({r.get("expert_kernel", "auto")}) | {share(r['native_kernel_ms'])} |",
+             f"| native int kernel (experts; int dense layers) ({r.get('expert_kernel', 'auto')}) | {share(r['native_kernel_ms'])} |",
              f"| native dense bf16 kernel | {share(r.get('dense_kernel_ms', 0.0))} |",
              f"| aten ops (self time) | {share(r['aten_ms'])} |",
              f"| Python, runtime bookkeeping, profiler | {share(r['rest_ms'])} |", "",

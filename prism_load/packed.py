@@ -240,7 +240,7 @@ def pack_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
     caller loads the rest first). A tied lm_head shares the embedding's dense weight and is never packed."""
     device = torch.device(device)
     taken = set()
-    for name, (enc, tensors) in dense.items():
+    for name, (enc, _) in dense.items():
         if not name.endswith(".weight"):
             continue
         path = name[: -len(".weight")]
