@@ -1,7 +1,9 @@
 """Matmul kernels on expert-shaped weights: prism's native `int` kernel (prism_load/native) against stock torch.
 
-y = x @ w.T for w [N, K] at M rows of x, on the same threads: native int4 and int8 on the container's stored
-bytes (fp32 x), torch's tinygemm int4 (`_weight_int4pack_mm_for_cpu`, bf16 x, its own packed layout), torch's
+y = x @ w.T for w [N, K] at M rows of x, on the same threads: native int2, int4 and int8 on the container's
+stored bytes (fp32 x, exact), the same with x rounded to int8 per group (AVX-VNNI, expert_kernel="native-int8";
+where the CPU lacks VNNI these rows time the exact kernel), the runtime's dense bf16 product (linear(): prism's
+bf16 kernel up to 4 rows, torch beyond), torch's tinygemm int4 (`_weight_int4pack_mm_for_cpu`, bf16 x, its own packed layout), torch's
 int8 (`_weight_int8pack_mm`, per-row scales), and dense fp32 and bf16 F.linear. Methods are timed round-robin
 (each round calls every method once, in a rotated order) so a shared machine's load falls on all alike; the
 figure is the median over rounds. GB/s counts the bytes of each method's weight representation (codes plus
@@ -32,9 +34,11 @@ from rich.table import Table
 
 from prism_load import native
 from prism_load.container.codecs import pack_bits
+from prism_load.models.linear import linear
 
 SHAPES = "768x192,192x384,5632x1024,1024x2816,22528x1024,1024x11264"  # N x K (out x in)
-METHODS = ["native int2", "native int4", "native int8", "torch int4 (tinygemm)", "torch int8", "fp32 F.linear", "bf16 F.linear"]
+METHODS = ["native int2", "native int4", "native int8", "native int4, int8 x", "native int8, int8 x", "torch int4 (tinygemm)",
+           "torch int8", "fp32 F.linear", "bf16 F.linear", "bf16 linear()"]
 
 
 def int_weights(n: int, k: int, bits: int, g: int, gen: torch.Generator) -> dict:
@@ -54,10 +58,11 @@ def method(name: str, n: int, k: int, x: torch.Tensor, g: int, gen: torch.Genera
     m, groups = x.shape[0], 4 * n * (k // g)  # fp16 scale + zero per group
     out = torch.empty(m, n)
     if name.startswith("native"):
-        bits = int(name.removeprefix("native int"))
+        bits = int(name.removeprefix("native int").split(",")[0])
         w = int_weights(n, k, bits, g, gen)
-        return (lambda: native.int_linear(x, w["qweight"], w["scales"], w["zeros"], bits, g, k, out=out),
-                n * k * bits // 8 + groups)
+        q8 = name.endswith("int8 x")  # x rounded to int8 per group, integer products (expert_kernel="native-int8")
+        return (lambda: native.int_linear(x, w["qweight"], w["scales"], w["zeros"], bits, g, k, out=out,
+                                          int8_activations=q8), n * k * bits // 8 + groups)
     xb = x.bfloat16()
     if name == "torch int4 (tinygemm)":  # tinygemm dequantises (q - 8) * scale + zero: zero = (8 - z) * s
         w = int_weights(n, k, 4, g, gen)
@@ -73,6 +78,8 @@ def method(name: str, n: int, k: int, x: torch.Tensor, g: int, gen: torch.Genera
     if name == "fp32 F.linear":
         return lambda: F.linear(x, w), 4 * n * k
     w = w.bfloat16()
+    if name == "bf16 linear()":  # the runtime's dense product: the native bf16 kernel up to 4 rows, torch beyond
+        return lambda: linear(xb, w), 2 * n * k
     return lambda: F.linear(xb, w), 2 * n * k
 
 
