@@ -23,6 +23,9 @@ the cores by as much. Here an `int` tensor stays packed and one of three kernels
 
 Everything else (bf16/fp16/fp32 expert tensors, low-rank factors, biases) is kept as tensors in the model's
 dtype; low-rank factors stay factored (`LowRankLinear`), with `int` factors packed like any `int` tensor.
+Dense Linear layers stored as `int` (a container's attention projections are int8 by default) stay packed
+too where the native kernel runs (`PackedDense`: the exact kernel, or native-int8 where that was asked for),
+instead of being decoded to bf16.
 """
 
 from __future__ import annotations
@@ -206,7 +209,7 @@ def fallback_warning(backends: dict[str, int], device: torch.device, requested: 
 
 # -- dense layers ------------------------------------------------------------------------------------------
 class PackedDense(torch.nn.Module):
-    """A dense Linear whose stored `int` weight stays as stored and is multiplied by the native kernel: the
+    """A dense Linear whose stored `int` weight stays as stored and is multiplied by a native kernel: the
     attention projections of a container are int8 by default, and decoding them to bf16 at load doubled the
     bytes every decode step streams (and the memory they hold) for a less exact product."""
 
@@ -253,15 +256,17 @@ def pack_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
     return taken
 
 
-def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str]) -> None:
-    """Put a PackedDense where each taken Linear was (after its bias was loaded)."""
+def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: str = "auto") -> None:
+    """Put a PackedDense where each taken Linear was (after its bias was loaded): the exact native kernel, or
+    with `requested` "native-int8" the int8-activation one where it takes the tensor (as for the experts)."""
     for name in taken:
         path = name[: -len(".weight")]
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child)
         enc, tensors = dense[name]
-        op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, "native")
+        backend = "native-int8" if requested == "native-int8" and int8_activations_take(enc) else "native"
+        op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, backend)
         setattr(parent, child, PackedDense(op, old.bias))
 
 

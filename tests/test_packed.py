@@ -282,3 +282,22 @@ def test_dense_layers_are_decoded_where_the_kernel_cannot_run(int4_container, mo
     monkeypatch.setattr(packed, "native_available", lambda: False)
     model = prism_load.load(int4_container)
     assert not any(isinstance(m, PackedDense) for m in model.modules())
+
+
+def test_dense_layers_follow_the_requested_int8_kernel():
+    """expert_kernel="native-int8" rounds the activations of dense int layers too, where the kernel takes them."""
+    from prism_load import native
+    from prism_load.packed import PackedDense, swap_dense
+
+    if not (packed.native_available() and native.q8_available()):
+        pytest.skip("the int8-activation kernel does not run here (needs AVX-VNNI)")
+    name = "layers.0.self_attn.q_proj.weight"
+    for requested, expected in (("native-int8", "native-int8"), ("auto", "native")):
+        model = random_model(Q8_CONFIG)
+        w = model.get_parameter(name).detach()
+        dense = {name: (Encoding("int", tuple(w.shape), bits=8, group_size=64), rtn(w, 8, 64))}
+        swap_dense(model, dense, {name}, requested)
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(layer, PackedDense) and layer.op.backend == expected
+        x = torch.randn(1, 3, w.shape[1])
+        assert torch.allclose(layer(x), x @ decode(dense[name][0], dense[name][1]).T, rtol=0.05, atol=0.05)

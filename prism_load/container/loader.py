@@ -40,7 +40,7 @@ class ResidentExperts(nn.Module):
 
 
 def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,
-               packed_on: str | torch.device | None = None) -> None:
+               packed_on: str | torch.device | None = None, kernel: str = "auto") -> None:
     """Decode every dense tensor of the container into `model` (owned copies; fp32 where the family keeps it).
     `packed_on` (the packed form's device): where it is a CPU with the native kernel, the `int` weights of dense
     Linear layers stay as stored (packed.PackedDense), as the experts do."""
@@ -54,7 +54,7 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
                          {x.untyped_storage().data_ptr() for x in t.values()})
              for name, (enc, t) in dense.items() if name not in kept}
     model.load_state_dict(state, assign=True, strict=False)
-    swap_dense(model, dense, kept)
+    swap_dense(model, dense, kept, kernel)
 
 
 def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
@@ -71,7 +71,8 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
         model = build_skeleton(family, args)
         packer = ExpertPacker(dtype, device, expert_kernel) if expert_form == "packed" else None
         dense_kernel = expert_kernel in ("auto", "native", "native-int8")  # dequant/int4pack: the dense decoded
-        load_dense(c, model, dtype, verify_checksums, device if packer is not None and dense_kernel else None)
+        load_dense(c, model, dtype, verify_checksums, device if packer is not None and dense_kernel else None,
+                   expert_kernel)
         for i, block in model.moe_blocks():
             if packer is None:
                 experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums)

@@ -33,6 +33,7 @@ class MoEForCausalLM(nn.Module):
         self.generation_config = GenerationConfig()  # the checkpoint's generation_config.json, set by the loaders
         self.layer_hook = None  # called as hook(layer_index, hidden) after each layer (runtime prefetch)
         self._runtime = None  # set through `runtime` by prism_load/runtime/attach.py
+        self.hub = None  # the Hub snapshot (prism_load.hub.HubSnapshot) when loaded from a repo id, else None
 
     # -- the runtime (prism_load/runtime) of a model loaded with an expert_cache --------------------------
     # Absent (AttributeError) on a model without one, so `hasattr(model, "stats")` says whether it has one.

@@ -1,10 +1,15 @@
-"""Native CPU kernels that compute on `int` weights in their stored, packed form (prism_load/container/codecs.py).
+"""Native CPU kernels for decode-shaped products, on weights in the form the container stores them.
 
 Decode is memory-bound: reading 4-bit codes instead of fp32 or bf16 weights is the speed-up, provided the
 unpacking costs less than the bytes it saves. torch's stock int4 op (`_weight_int4pack_mm_for_cpu`) needs
-its own layout and is compute-bound on AVX2; `int_linear` reads the container's bytes as they are
-(bench/results/kernels.md compares them). The C source is compiled on first use (build.py); when that is
-impossible `available()` is False and `unavailable_reason()` says why, and callers use stock torch ops.
+its own layout and is compute-bound on AVX2, and its one-row bf16 product reads bf16 weights no faster than
+fp32 ones. So (bench/results/kernels.md compares them all):
+- `int_linear` / `BoundIntLinear`: an `int` weight (prism_load/container/codecs.py layout) read as stored,
+  exact (int_linear.c); with `int8_activations`, x rounded to int8 per group and multiplied in integers
+  (q8_linear.c, AVX-VNNI; faster, not exact: the opt-in "native-int8" expert kernel);
+- `bf16_linear`: a bf16 weight times up to GEMV_MAX_ROWS bf16 rows (int_linear.c), rounded as torch rounds.
+The C sources are compiled on first use (build.py); when that is impossible `available()` is False and
+`unavailable_reason()` says why, and callers use stock torch ops.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Compiles int_linear.c on first use with the system C compiler and loads it with ctypes; nothing at install.
+"""Compiles int_linear.c and q8_linear.c (one library) on first use with the system C compiler and loads it
+with ctypes; nothing at install. q8_linear.c's AVX-VNNI code is compiled for that target alone and runs only
+where the CPU reports it (`prism_q8_supported`), so the library itself needs AVX2/FMA/F16C only.
 
 The library lands in $PRISM_CACHE (default ~/.cache/prism) under kernels/<hash of source, flags, compiler
 version and OpenMP library>/, written to a temporary name and renamed, so two processes building at once

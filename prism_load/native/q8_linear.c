@@ -27,6 +27,7 @@
 #define UNROLL _Pragma("GCC unroll 16")
 #define Q8_MAX_M 4
 #define Q8_AHEAD_TILES 2 /* the rows two tiles on are prefetched (as in int_linear.c: rows are contiguous) */
+#define Q8_GROUP_CHUNK 64 /* groups whose scale terms are prepared at once */
 #define Q8_SERIAL_BYTES 65536 /* below this many weight bytes one thread beats waking a second */
 
 typedef struct {
@@ -51,76 +52,130 @@ INLINE float q8_hsum(__m256 v) {
 /* A 32-byte block of one row holds 256 / bits codes; plane p is the vector of bits p*bits .. p*bits+bits-1 of
  * every byte (8-bit codes: one plane, the bytes). Byte j of plane p is code (8 / bits) * j + p. */
 static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t *xq, float *d, int32_t *sxq) {
-    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / 256, G = P->G, g = P->g;
+    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / 256, G = P->G, g = P->g, K = P->K;
+    int8_t *nat = (int8_t *)(sxq + P->M * G); /* scratch after sxq: K int8 values in natural order */
     for (int64_t m = 0; m < P->M; m++) {
         const float *xr = x + m * ldx;
         for (int64_t gi = 0; gi < G; gi++) {
-            float amax = 0.0f;
-            for (int64_t k = gi * g; k < (gi + 1) * g; k++) amax = fmaxf(amax, fabsf(xr[k]));
-            d[m * G + gi] = amax / 127.0f;
-            sxq[m * G + gi] = 0;
-        }
-        for (int64_t b = 0; b < blocks; b++)
-            for (int64_t p = 0; p < per; p++)
-                for (int64_t j = 0; j < 32; j++) {
-                    int64_t k = b * 32 * per + per * j + p, gi = k / g;
-                    float step = d[m * G + gi], v = step > 0.0f ? nearbyintf(xr[k] / step) : 0.0f;
-                    int8_t c = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
-                    xq[((m * blocks + b) * per + p) * 32 + j] = c;
-                    sxq[m * G + gi] += c;
+            const float *xg = xr + gi * g;
+            __m256 vmax = _mm256_setzero_ps();
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            int64_t k = 0;
+            for (; k + 8 <= g; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
+            float buf[8], amax = 0.0f;
+            _mm256_storeu_ps(buf, vmax);
+            for (int i = 0; i < 8; i++) amax = fmaxf(amax, buf[i]);
+            for (; k < g; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            const float step = amax / 127.0f;
+            d[m * G + gi] = step;
+            int32_t sum = 0;
+            k = 0;
+            if (step > 0.0f) {
+                const __m256 sv = _mm256_set1_ps(step), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+                for (; k + 8 <= g; k += 8) {
+                    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k), sv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    __m256i c = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(v, lim), nlim));
+                    int32_t ci[8];
+                    _mm256_storeu_si256((__m256i *)ci, c);
+                    for (int i = 0; i < 8; i++) nat[gi * g + k + i] = (int8_t)ci[i], sum += ci[i];
                 }
+                for (; k < g; k++) {
+                    float v = nearbyintf(xg[k] / step);
+                    int8_t c = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+                    nat[gi * g + k] = c, sum += c;
+                }
+            } else {
+                memset(nat + gi * g, 0, (size_t)g);
+            }
+            sxq[m * G + gi] = sum;
+        }
+        int8_t *dst = xq + m * K;
+        if (per == 1) {
+            memcpy(dst, nat, (size_t)K);
+        } else {
+            for (int64_t b = 0; b < blocks; b++)
+                for (int64_t p = 0; p < per; p++)
+                    for (int64_t j = 0; j < 32; j++) dst[(b * per + p) * 32 + j] = nat[b * 32 * per + per * j + p];
+        }
     }
 }
 
 /* The integer dot product of 32 unsigned codes with 32 int8 values, added to eight int32 lanes. */
 #define DOT_VNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 
-/* Rows n0 .. n0+NR-1 for x rows m0 .. m0+MT-1. NR, MT and bits are constants after inlining. */
-#define Q8_TILE(NAME, DOT)                                                                                       \
-    INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {  \
-        const int per = 8 / bits;                                                                                \
-        const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 256;                           \
-        const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;                                                      \
-        const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));                                        \
-        const uint8_t *row[4];                                                                                   \
-        __m256 tot[4][Q8_MAX_M];                                                                                 \
-        UNROLL for (int r = 0; r < NR; r++) {                                                                    \
-            row[r] = P->q + (n0 + r) * P->ldq;                                                                   \
-            UNROLL for (int m = 0; m < MT; m++) tot[r][m] = _mm256_setzero_ps();                                 \
-        }                                                                                                        \
-        for (int64_t gi = 0; gi < G; gi++) {                                                                     \
-            __m256i acc[4][Q8_MAX_M];                                                                            \
-            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] =                  \
-                _mm256_setzero_si256();                                                                          \
-            for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {                                                \
-                UNROLL for (int r = 0; r < NR; r++) {                                                            \
-                    _mm_prefetch((const char *)(row[r] + 32 * b + ahead), _MM_HINT_T0);                          \
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * b));                          \
-                    UNROLL for (int p = 0; p < per; p++) {                                                       \
-                        __m256i u = bits == 8 ? w                                                                \
-                                              : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask); \
-                        UNROLL for (int m = 0; m < MT; m++) {                                                    \
-                            __m256i xv = _mm256_loadu_si256(                                                     \
-                                (const __m256i *)(P->xq + (((m0 + m) * blocks + b) * per + p) * 32));            \
-                            acc[r][m] = DOT(acc[r][m], u, xv);                                                   \
-                        }                                                                                        \
-                    }                                                                                            \
-                }                                                                                                \
-            }                                                                                                    \
-            UNROLL for (int r = 0; r < NR; r++) {                                                                \
-                float s = _cvtsh_ss(P->s[(n0 + r) * G + gi]), z = _cvtsh_ss(P->z[(n0 + r) * G + gi]);           \
-                UNROLL for (int m = 0; m < MT; m++) {                                                            \
-                    float sd = s * P->d[(m0 + m) * G + gi];                                                      \
-                    /* the zero term goes to lane 0 of the same vector: sd * (dot - z * sum x8) */               \
-                    __m256 v = _mm256_cvtepi32_ps(acc[r][m]);                                                    \
-                    v = _mm256_sub_ps(v, _mm256_setr_ps(z * (float)P->sxq[(m0 + m) * G + gi], 0, 0, 0, 0, 0, 0, 0)); \
-                    tot[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(sd), v, tot[r][m]);                               \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
-        UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) P->y[(m0 + m) * P->ldy + n0 + r] = \
-            q8_hsum(tot[r][m]);                                                                                  \
+/* For one weight row n and x rows m0.. m0+MT-1, groups gb .. gb+gn-1: sd[m][j] <- s * d (the group's step for
+ * the integer sum) and zt[m] += s * z * d * sum(x8) (the zero term, eight groups a vector; F16C). */
+INLINE void q8_group_terms(const q8_problem *P, int64_t n, int64_t m0, const int MT, int64_t gb, int64_t gn,
+                           float sd[][Q8_GROUP_CHUNK], __m256 *zt) {
+    const uint16_t *s = P->s + n * P->G + gb, *z = P->z + n * P->G + gb;
+    int64_t j = 0;
+    for (; j + 8 <= gn; j += 8) {
+        __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j)));
+        __m256 zv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + j)));
+        for (int m = 0; m < MT; m++) {
+            const int64_t at = (m0 + m) * P->G + gb + j;
+            __m256 v = _mm256_mul_ps(sv, _mm256_loadu_ps(P->d + at));
+            _mm256_storeu_ps(sd[m] + j, v);
+            __m256 sx = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(P->sxq + at)));
+            zt[m] = _mm256_fmadd_ps(_mm256_mul_ps(v, zv), sx, zt[m]);
+        }
     }
+    for (; j < gn; j++) {
+        float sj = _cvtsh_ss(s[j]), zj = _cvtsh_ss(z[j]);
+        for (int m = 0; m < MT; m++) {
+            const int64_t at = (m0 + m) * P->G + gb + j;
+            sd[m][j] = sj * P->d[at];
+            float term = sd[m][j] * zj * (float)P->sxq[at];
+            zt[m] = _mm256_add_ps(zt[m], _mm256_setr_ps(term, 0, 0, 0, 0, 0, 0, 0));
+        }
+    }
+}
+
+/* Rows n0 .. n0+NR-1 for x rows m0 .. m0+MT-1. NR, MT and bits are constants after inlining. Per group: the
+ * integer sums, then one convert and one FMA by s * d; the zero terms are summed apart, a vector at a time. */
+#define Q8_TILE(NAME, DOT)                                                                                                \
+INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {               \
+    const int per = 8 / bits;                                                                                             \
+    const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 256;                                        \
+    const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;                                                                   \
+    const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));                                                       \
+    const uint8_t *row[4];                                                                                                \
+    __m256 tot[4][Q8_MAX_M], zt[4][Q8_MAX_M];                                                                             \
+    UNROLL for (int r = 0; r < NR; r++) {                                                                                 \
+        row[r] = P->q + (n0 + r) * P->ldq;                                                                                \
+        UNROLL for (int m = 0; m < MT; m++) tot[r][m] = zt[r][m] = _mm256_setzero_ps();                                   \
+    }                                                                                                                     \
+    for (int64_t gb = 0; gb < G; gb += Q8_GROUP_CHUNK) {                                                                  \
+        const int64_t gn = q8_min(Q8_GROUP_CHUNK, G - gb);                                                                \
+        float sd[4][Q8_MAX_M][Q8_GROUP_CHUNK];                                                                            \
+        UNROLL for (int r = 0; r < NR; r++)                                                                               \
+            q8_group_terms(P, n0 + r, m0, MT, gb, gn, sd[r], zt[r]);                                                      \
+        for (int64_t gi = gb; gi < gb + gn; gi++) {                                                                       \
+            __m256i acc[4][Q8_MAX_M];                                                                                     \
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_si256();   \
+            for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {                                                         \
+                UNROLL for (int r = 0; r < NR; r++) {                                                                     \
+                    _mm_prefetch((const char *)(row[r] + 32 * b + ahead), _MM_HINT_T0);                                   \
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * b));                                   \
+                    UNROLL for (int p = 0; p < per; p++) {                                                                \
+                        __m256i u = bits == 8 ? w : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask);       \
+                        UNROLL for (int m = 0; m < MT; m++) {                                                             \
+                            __m256i xv = _mm256_loadu_si256(                                                              \
+                                (const __m256i *)(P->xq + (((m0 + m) * blocks + b) * per + p) * 32));                     \
+                            acc[r][m] = DOT(acc[r][m], u, xv);                                                            \
+                        }                                                                                                 \
+                    }                                                                                                     \
+                }                                                                                                         \
+            }                                                                                                             \
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)                                       \
+                tot[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sd[r][m][gi - gb]), _mm256_cvtepi32_ps(acc[r][m]),       \
+                                            tot[r][m]);                                                                   \
+        }                                                                                                                 \
+    }                                                                                                                     \
+    UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)                                               \
+        P->y[(m0 + m) * P->ldy + n0 + r] = q8_hsum(tot[r][m]) - q8_hsum(zt[r][m]);                                        \
+}
 
 #define Q8_ROWS(NAME, TILE)                                                                                      \
     INLINE void NAME##_bits(const q8_problem *P, int64_t n0, int64_t n1, const int bits) {                       \
@@ -182,7 +237,8 @@ int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uin
     if (!prism_q8_supported()) return -3;
     q8_problem P = {M, K, N, bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits, qweight, scales, zeros,
                     NULL, NULL, NULL, y, ldy};
-    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * P.G) + sizeof(int32_t) * (size_t)(M * P.G) + 8);
+    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * P.G) + sizeof(int32_t) * (size_t)(M * P.G) + 8 +
+                        (size_t)K);
     if (!xq) return -1;
     float *d = (float *)(((uintptr_t)(xq + M * K) + 7) & ~(uintptr_t)7);
     int32_t *sxq = (int32_t *)(d + M * P.G);
