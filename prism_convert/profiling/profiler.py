@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from prism_convert.atomic import atomic_folder, write_json
 from prism_convert.profiling.layer_stream import LayerStream
 from prism_convert.profiling.predictor_fit import fit_predictor, set_overlap
 from prism_convert.profiling.profile_format import (
@@ -33,6 +32,7 @@ from prism_convert.profiling.profile_format import (
     config_sha256,
 )
 from prism_convert.progress import Progress
+from prism_load.atomic import atomic_folder, write_json
 from prism_load.container import PREDICTOR_DISTANCES
 from prism_load.models.moe import MoEBlock, RouterOutput
 from prism_load.runtime.predictor import predictor_key
