@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from prism_convert.profiling.profile_format import Profile
 from prism_convert.profiling.profiler import run_profile
 from prism_load.errors import ProfileError
+from prism_load.profile_format import Profile
 
 
 @pytest.fixture(scope="module")

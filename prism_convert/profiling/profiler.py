@@ -22,7 +22,11 @@ import torch
 
 from prism_convert.profiling.layer_stream import LayerStream
 from prism_convert.profiling.predictor_fit import fit_predictor, set_overlap
-from prism_convert.profiling.profile_format import (
+from prism_convert.progress import Progress
+from prism_load.atomic import atomic_folder, write_json
+from prism_load.container import PREDICTOR_DISTANCES
+from prism_load.models.moe import MoEBlock, RouterOutput
+from prism_load.profile_format import (
     CALIBRATION_FILE,
     PROFILE_FORMAT,
     PROFILE_JSON,
@@ -31,10 +35,6 @@ from prism_convert.profiling.profile_format import (
     TOKENIZER_FILE,
     config_sha256,
 )
-from prism_convert.progress import Progress
-from prism_load.atomic import atomic_folder, write_json
-from prism_load.container import PREDICTOR_DISTANCES
-from prism_load.models.moe import MoEBlock, RouterOutput
 from prism_load.runtime.predictor import predictor_key
 
 
