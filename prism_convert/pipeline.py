@@ -32,7 +32,7 @@ def compress_model(model: Path, profile_dir: Path, budget: Budget, recipe_spec: 
     Returns {"plan": the plan (None while layers are missing), "layers": this run's layers, "num_layers",
     "work": out}."""
     from prism_convert import preflight
-    from prism_convert.profiling.profile_format import Profile
+    from prism_load.profile_format import Profile
 
     checked = preflight.model_args(model)
     recipe = preflight.recipe(recipe_spec, checked)

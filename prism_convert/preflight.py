@@ -224,8 +224,8 @@ def conversion(model: Path, out: Path, work: Path, budget: Budget, dataset: str,
     """Cheap checks first (config, folders, recipe, budget, tokenizer, earlier work), then the text."""
     from prism_convert.compression.compress_layers import IDENTITY_KEYS, compress_job
     from prism_convert.compression.workdir import WorkDir
-    from prism_convert.profiling.profile_format import PROFILE_JSON, Profile
     from prism_load.checkpoint import config_sha256
+    from prism_load.profile_format import PROFILE_JSON, Profile
 
     m = model_args(model)
     check_output(out, "a .prism container", "manifest.json")

@@ -28,7 +28,7 @@ class ResolvedTokenizer:
 
     def save(self, path: Path) -> None:
         """As tokenizer.json, atomically (profile folders carry a tokenizer the checkpoint lacks)."""
-        from prism_convert.atomic import write_text
+        from prism_load.atomic import write_text
 
         write_text(path, self.tokenizer.to_str())
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prism_convert.atomic import atomic_folder
+from prism_load.atomic import atomic_folder
 from prism_load.errors import PrismError
 from prism_load.models.family import family_for
 from prism_load.models.model import MoEForCausalLM

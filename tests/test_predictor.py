@@ -16,13 +16,13 @@ from prism_convert.allocation.bit_plan import Budget
 from prism_convert.compression.compress_layers import run_compress
 from prism_convert.pipeline import pack_work
 from prism_convert.profiling.predictor_fit import RIDGE, VALIDATION_SHARE, fit_predictor, recall
-from prism_convert.profiling.profile_format import Profile
 from prism_convert.profiling.profiler import run_profile
 from prism_convert.recipe import Recipe
 from prism_convert.tools.inspect_container import inspect_container
 from prism_load.container.reader import Container
 from prism_load.container.verify import verify_container
 from prism_load.errors import ContainerError
+from prism_load.profile_format import Profile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

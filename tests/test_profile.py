@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from prism_convert.profiling.profile_format import Profile
 from prism_convert.profiling.profiler import run_profile
 from prism_load.errors import ProfileError
+from prism_load.profile_format import PROFILE_JSON, Profile, RoutingProfile
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,45 @@ def test_interrupted_profile_leaves_nothing_that_looks_complete(profiled, tmp_pa
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ProfileError, match="no profile.json"):
         Profile.load(tmp_path / "p")
+
+
+def test_the_runtime_record_reads_what_the_profiler_wrote(profiled):
+    """RoutingProfile (what the runtime reads) carries profile.json's routing: frequencies of each layer sum to
+    top_k, the predictors are those recorded, and the model identity is checked as the converter's is."""
+    folder, _, tokens, prof = profiled["qwen2_moe"]
+    record = RoutingProfile.read(prof.folder)
+    assert record.tokens == tokens.numel() and record.config_sha256 == prof.data["model"]["config_sha256"]
+    assert [x.layer for x in record.layers] == [x["layer"] for x in prof.layers]
+    freq = record.frequencies()
+    for entry in record.layers:
+        assert sum(freq[(entry.layer, x.expert)] for x in entry.experts) == pytest.approx(prof.top_k)
+        assert [x.gate_mass for x in entry.experts] == [x["gate_mass"] for x in prof.layer(entry.layer)["experts"]]
+    assert [(p.from_layer, p.layer) for x in record.layers for p in x.predictors] == \
+        [(x["layer"], p["layer"]) for x in prof.layers for p in x["predictors"]]
+    record.check_model(json.loads((folder / "config.json").read_text()))
+    other = json.loads((profiled["mixtral"][0] / "config.json").read_text())
+    with pytest.raises(ProfileError, match="recorded on another model"):
+        record.check_model(other)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: d["layers"][1]["experts"][2].__setitem__("tokens", "many"),
+     r"profile.json: `layers\[1\].experts\[2\].tokens` is 'many', expected an integer >= 0"),
+    (lambda d: d["model"].pop("config_sha256"), r"profile.json: `model.config_sha256` is missing"),
+    (lambda d: d.__setitem__("tokens", 0), r"profile.json: `tokens` is 0, expected an integer >= 1"),
+    (lambda d: d["layers"][0]["predictors"].append({"layer": 2, "recall": None, "shadow_recall": 0.5}),
+     r"`layers\[0\].predictors\[\d\].recall` is None, expected a number"),
+    (lambda d: d.__setitem__("version", 2), r"profile.json: format 'prism-profile' version 2, expected"),
+])
+def test_the_runtime_record_names_the_file_and_field_that_is_wrong(profiled, tmp_path, damage, message):
+    import shutil
+
+    _, _, _, prof = profiled["qwen2_moe"]
+    copy = tmp_path / "p"
+    shutil.copytree(prof.folder, copy)
+    data = json.loads((copy / PROFILE_JSON).read_text())
+    damage(data)
+    (copy / PROFILE_JSON).write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message):
+        RoutingProfile.read(copy)
+

@@ -16,8 +16,8 @@ from functools import cached_property
 from pathlib import Path
 
 from prism_convert.allocation.knapsack import Option, allocate, pareto_front
-from prism_convert.atomic import write_json
 from prism_convert.compression.workdir import WorkDir, WorkError, WorkJob
+from prism_load.atomic import write_json
 from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.container.format import Encoding
 from prism_load.errors import BudgetError

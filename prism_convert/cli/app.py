@@ -94,8 +94,8 @@ def shift(
     import json
 
     from prism_convert.cli.render import shift_table
-    from prism_convert.profiling.profile_format import Profile
     from prism_convert.profiling.routing_report import routing_shift
+    from prism_load.profile_format import Profile
 
     a, b = Profile.load(profile_a), Profile.load(profile_b)
     if a.data["model"]["config_sha256"] != b.data["model"]["config_sha256"]:

@@ -23,10 +23,10 @@ from prism_convert.compression.dense import encode_dense_layer, encode_top
 from prism_convert.compression.encode import encode_many
 from prism_convert.compression.workdir import WorkDir, WorkError, WorkJob
 from prism_convert.profiling.layer_stream import LayerStream
-from prism_convert.profiling.profile_format import TOKENIZER_FILE, Profile, config_sha256
 from prism_convert.progress import Progress
 from prism_convert.recipe import Recipe
 from prism_load.models.moe import MoEBlock
+from prism_load.profile_format import TOKENIZER_FILE, Profile, config_sha256
 
 EXPERT_MATRICES = ("gate_proj", "up_proj", "down_proj")
 EXPERT_BIASES = ("gate_bias", "up_bias", "down_bias")

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from prism_convert.atomic import write_json
+from prism_load.atomic import write_json
 from prism_load.container.format import Encoding
 from prism_load.errors import PrismError
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import xxhash
 
-from prism_convert.atomic import atomic_folder
 from prism_load import __version__
+from prism_load.atomic import atomic_folder
 from prism_load.container import (
     ALIGNMENT_BYTES,
     DEFAULT_SHARD_BYTES,

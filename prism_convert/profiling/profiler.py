@@ -20,10 +20,13 @@ from pathlib import Path
 
 import torch
 
-from prism_convert.atomic import atomic_folder, write_json
 from prism_convert.profiling.layer_stream import LayerStream
 from prism_convert.profiling.predictor_fit import fit_predictor, set_overlap
-from prism_convert.profiling.profile_format import (
+from prism_convert.progress import Progress
+from prism_load.atomic import atomic_folder, write_text
+from prism_load.container import PREDICTOR_DISTANCES
+from prism_load.models.moe import MoEBlock, RouterOutput
+from prism_load.profile_format import (
     CALIBRATION_FILE,
     PROFILE_FORMAT,
     PROFILE_JSON,
@@ -31,11 +34,9 @@ from prism_convert.profiling.profile_format import (
     STATS_FILE,
     TOKENIZER_FILE,
     config_sha256,
+    predictor_key,
+    to_json,
 )
-from prism_convert.progress import Progress
-from prism_load.container import PREDICTOR_DISTANCES
-from prism_load.models.moe import MoEBlock, RouterOutput
-from prism_load.runtime.predictor import predictor_key
 
 
 @dataclass
@@ -257,7 +258,7 @@ def run_profile(model: Path, tokens: torch.Tensor, out: Path, dataset: dict, min
         save_file({"tokens": tokens.to(torch.int64).contiguous()}, tmp / CALIBRATION_FILE)
         if tokenizer is not None and not tokenizer.from_checkpoint:
             tokenizer.save(tmp / TOKENIZER_FILE)
-        write_json(tmp / PROFILE_JSON, data)
+        write_text(tmp / PROFILE_JSON, to_json(data))
     return data
 
 

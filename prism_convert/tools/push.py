@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prism_convert.atomic import write_text
 from prism_load import __version__
+from prism_load.atomic import write_text
 from prism_load.container import MANIFEST_NAME
 from prism_load.hub import REPO_ID, HubError
 

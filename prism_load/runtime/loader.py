@@ -7,19 +7,19 @@ stacked expert tensors, which are never read.
 
 from __future__ import annotations
 
-import json
 import weakref
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..errors import BudgetError, ProfileError
+from ..errors import BudgetError
+from ..profile_format import RoutingProfile
 from .attach import attach_runtime
 from .config import RuntimeConfig
 from .container_store import ContainerStore
 from .predictor import as_runtime, check_predictors, container_predictors, profile_predictors
-from .stores import CheckpointStore, Key
+from .stores import CheckpointStore
 
 EXPERT_FORMS = ("packed", "decoded", "codes")
 
@@ -55,12 +55,12 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     folder = Path(path)
     container = (folder / "manifest.json").is_file()
     form = expert_form_for(config.expert_form, container, device)
-    profiled = read_profile(profile) if profile is not None and not container else None  # read once
+    profiled = RoutingProfile.read(profile) if profile is not None and not container else None  # read once
     if container:
         model, store = _container_model(folder, dtype, verify_checksums, config.resolve_file, form,
                                         config.expert_kernel, device)
     else:
-        model, store = _checkpoint_model(folder, dtype, profile, profiled)
+        model, store = _checkpoint_model(folder, dtype, profiled)
     model = model.to(device).eval()
     if isinstance(store, ContainerStore):  # close its files before interpreter teardown, not in __del__ then
         weakref.finalize(model, store.container.close)
@@ -69,7 +69,7 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
         if isinstance(store, ContainerStore):
             predictors = container_predictors(store.container, verify_checksums)
         elif profiled is not None:
-            found = profile_predictors(profile, entries=profiled.get("layers"))
+            found = profile_predictors(profiled)
             check_predictors(found, store.args, profile)
             predictors = as_runtime(found)
     attach_runtime(model, store, config.expert_cache, device, prefetch=prefetch, predictors=predictors,
@@ -113,8 +113,8 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     return model, store
 
 
-def _checkpoint_model(folder: Path, dtype, profile, profiled: dict | None):
-    """profiled: the JSON of the `profile` folder (read_profile), or None."""
+def _checkpoint_model(folder: Path, dtype, profiled: RoutingProfile | None):
+    """profiled: the `profile` folder as a RoutingProfile, or None."""
     from ..generation_config import GenerationConfig
     from ..hf_loader import empty_model, layer_state, load_tokenizer, open_checkpoint, top_level_state
 
@@ -129,42 +129,6 @@ def _checkpoint_model(folder: Path, dtype, profile, profiled: dict | None):
     model.generation_config = GenerationConfig.from_folder(ckpt.folder)
     frequencies = None
     if profiled is not None:
-        check_profile_model(profiled, profile, ckpt.config)
-        frequencies = profile_frequencies(profiled, profile)
+        profiled.check_model(ckpt.config)
+        frequencies = profiled.frequencies()
     return model, CheckpointStore(ckpt, family, args, dtype, frequencies)
-
-
-def read_profile(folder: str | Path) -> dict:
-    """A prism profile folder's profile.json (the runtime reads it once: identity, frequencies, predictors)."""
-    path = Path(folder) / "profile.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ProfileError(f"{path}: cannot read the profile ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: not a profile (a JSON {type(data).__name__}, expected an object)")
-    return data
-
-
-def check_profile_model(data: dict, folder: str | Path, config: dict) -> None:
-    """Refuse a profile recorded on another model: its frequencies and predictors describe that model."""
-    from ..checkpoint import config_sha256
-
-    try:
-        recorded = data["model"]["config_sha256"]
-    except (KeyError, TypeError) as e:
-        raise ProfileError(f"{Path(folder) / 'profile.json'}: cannot read the profiled model's identity "
-                           f"({type(e).__name__}: {e})") from None
-    if recorded != config_sha256(config):
-        raise ProfileError(f"{folder}: profile was recorded on another model (config sha256 {str(recorded)[:12]}, "
-                           f"this model's is {config_sha256(config)[:12]})")
-
-
-def profile_frequencies(data: dict, folder: str | Path) -> dict[Key, float]:
-    """Routing frequency of every profiled expert (its top-k tokens / calibration tokens) from profile.json."""
-    path = Path(folder) / "profile.json"
-    try:
-        tokens = data["tokens"]
-        return {(layer["layer"], x["expert"]): x["tokens"] / tokens for layer in data["layers"] for x in layer["experts"]}
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
-        raise ProfileError(f"{path}: cannot read routing frequencies ({type(e).__name__}: {e})") from None

@@ -10,14 +10,13 @@ the shadow router predicts j as before.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..container.format import predictor_sources
 from ..errors import ProfileError
+from ..profile_format import RoutingProfile
 
 
 @dataclass(frozen=True)
@@ -40,46 +39,16 @@ def container_predictors(container, verify_checksum: bool = True) -> dict[tuple[
             for x in p.layers}
 
 
-def predictor_key(layer: int, from_layer: int, part: str) -> str:
-    """A profile's stats.safetensors name of a fitted predictor's `weight` or `bias` (profile_format)."""
-    return f"layers.{layer}.predictor.{from_layer}.{part}"
-
-
-def profile_predictors(folder: str | Path, layers: list[int] | None = None,
-                       entries: list[dict] | None = None) -> dict[tuple[int, int], dict]:
-    """The predictors of a prism profile folder that beat the shadow router on its held-back tokens, by
-    (predicted MoE layer, source MoE layer), for `layers` only when given: {"from_layer", "recall",
-    "shadow_recall", "weight", "bias"}. `entries`: profile.json's layers, when the caller has read them. A
-    profile written before predictors existed has none."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    try:
-        if entries is None:
-            entries = json.loads((folder / "profile.json").read_text())["layers"]
-        chosen = {(p["layer"], entry["layer"]): {"from_layer": entry["layer"], "recall": p["recall"],
-                                                 "shadow_recall": p["shadow_recall"]}
-                  for entry in entries for p in entry.get("predictors", ())
-                  if p["recall"] > p["shadow_recall"] and (layers is None or p["layer"] in layers)}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ProfileError(f"{folder / 'profile.json'}: cannot read the predictors ({type(e).__name__}: {e})") from None
-    if not chosen:
-        return {}
-    stats = folder / "stats.safetensors"
-    try:
-        with safe_open(stats, framework="pt") as f:
-            names = set(f.keys())
-            for (j, i), p in chosen.items():
-                w, b = predictor_key(j, i, "weight"), predictor_key(j, i, "bias")
-                if w not in names or b not in names:
-                    raise ProfileError(f"{stats}: the predictor of layer {j} from layer {i} is recorded in "
-                                       f"profile.json but {w} / {b} is missing")
-                p["weight"], p["bias"] = f.get_tensor(w), f.get_tensor(b)
-    except ProfileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - missing or damaged file: name it
-        raise ProfileError(f"{stats}: cannot read the predictors ({type(e).__name__}: {e})") from None
-    return chosen
+def profile_predictors(profile: RoutingProfile, layers: list[int] | None = None) -> dict[tuple[int, int], dict]:
+    """The predictors of a prism profile that beat the shadow router on its held-back tokens, by (predicted MoE
+    layer, source MoE layer), for `layers` only when given: {"from_layer", "recall", "shadow_recall", "weight",
+    "bias"}. A profile written before predictors existed has none."""
+    fits = profile.offered_predictors(layers)
+    tensors = profile.predictor_tensors(fits)
+    return {(p.layer, p.from_layer): {"from_layer": p.from_layer, "recall": p.recall, "shadow_recall": p.shadow_recall,
+                                      "weight": tensors[(p.layer, p.from_layer)][0],
+                                      "bias": tensors[(p.layer, p.from_layer)][1]}
+            for p in fits}
 
 
 def check_predictors(predictors: dict[tuple[int, int], dict], args, where) -> None:
