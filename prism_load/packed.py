@@ -270,6 +270,36 @@ def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: 
         setattr(parent, child, PackedDense(op, old.bias))
 
 
+def fuse_qkv(model: torch.nn.Module) -> int:
+    """One PackedDense for each attention's q, k and v projections where all three are packed alike (same
+    backend, bits, group size, input width; biases all present or all absent): one kernel call per layer
+    instead of three. Each output row is computed exactly as before (rows do not interact), so the logits
+    are unchanged. Returns how many attentions were fused."""
+    from .models.layers import Attention
+
+    fused = 0
+    for attn in model.modules():
+        if type(attn) is not Attention:
+            continue
+        parts = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if not all(isinstance(m, PackedDense) for m in parts):
+            continue
+        ops = [m.op for m in parts]
+        if (len({(o.backend, o.bits, o.group_size, o.shape[1]) for o in ops}) != 1
+                or len({m.bias is None for m in parts}) != 1):
+            continue
+        tensors = tuple(torch.cat([o.tensors[i] for o in ops]) for i in range(len(ops[0].tensors)))
+        rows = sum(o.shape[0] for o in ops)
+        op = PackedLinear(ops[0].backend, (rows, ops[0].shape[1]), ops[0].bits, ops[0].group_size, tensors)
+        bias = None if parts[0].bias is None else torch.nn.Parameter(torch.cat([m.bias for m in parts]),
+                                                                        requires_grad=False)
+        attn.qkv_proj = PackedDense(op, bias)
+        attn.qkv_sizes = [o.shape[0] for o in ops]
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        fused += 1
+    return fused
+
+
 # -- whole experts -------------------------------------------------------------------------------------
 EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
 

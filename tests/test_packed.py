@@ -301,3 +301,31 @@ def test_dense_layers_follow_the_requested_int8_kernel():
         assert isinstance(layer, PackedDense) and layer.op.backend == expected
         x = torch.randn(1, 3, w.shape[1])
         assert torch.allclose(layer(x), x @ decode(dense[name][0], dense[name][1]).T, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("requested", ["auto", "native-int8"])
+def test_fused_qkv_gives_the_same_logits_as_three_calls(requested):
+    """fuse_qkv concatenates q, k and v's stored rows into one operator: each row is computed as before, so
+    the logits are bit-identical; an attention whose projections differ in packing is left alone."""
+    from prism_load.packed import PackedDense, fuse_qkv, swap_dense
+
+    if not packed.native_available():
+        pytest.skip("the native kernel does not run here")
+    model = random_model(Q8_CONFIG)
+    names = [f"layers.{i}.self_attn.{p}.weight" for i in range(Q8_CONFIG["num_hidden_layers"])
+             for p in ("q_proj", "k_proj", "v_proj")]
+    dense = {}
+    for n in names:
+        w = model.get_parameter(n).detach()
+        bits = 4 if n.startswith("layers.0.") and "v_proj" in n else 8  # layer 0: v packed unlike q and k
+        dense[n] = (Encoding("int", tuple(w.shape), bits=bits, group_size=64), rtn(w, bits, 64))
+    swap_dense(model, dense, set(names), requested)
+    ids = torch.randint(0, Q8_CONFIG["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids)
+        assert fuse_qkv(model) == Q8_CONFIG["num_hidden_layers"] - 1
+        after = model(ids)
+    assert torch.equal(before, after)
+    assert not hasattr(model.layers[1].self_attn, "q_proj")
+    assert isinstance(model.layers[1].self_attn.qkv_proj, PackedDense)
+    assert isinstance(model.layers[0].self_attn.q_proj, PackedDense)  # not fused: v differs

@@ -47,7 +47,7 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
     family, args = model.family, model.args
     dense = c.dense_encoded(verify_checksum=verify_checksums)
     _check_dense_names(model, dense)
-    from ..packed import pack_dense, swap_dense
+    from ..packed import fuse_qkv, pack_dense, swap_dense
 
     kept = pack_dense(model, dense, packed_on) if packed_on is not None else set()
     state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
@@ -55,6 +55,7 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
              for name, (enc, t) in dense.items() if name not in kept}
     model.load_state_dict(state, assign=True, strict=False)
     swap_dense(model, dense, kept, kernel)
+    fuse_qkv(model)
 
 
 def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
