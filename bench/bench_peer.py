@@ -157,12 +157,16 @@ def prism_convert(ckpt: Path, recipe: str | None, samples: int, work: Path, tmp:
     api.convert(ckpt, out=tmp, bits=BITS, recipe=recipe, samples=samples, eval_samples=0, work=work)
 
 
-def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bool) -> dict:
+RECIPES = {"uniform": ("uniform int4/g128", str(UNIFORM_RECIPE)), "own": (f"own allocation, {BITS} bits", None)}
+
+
+def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bool,
+               recipes: tuple[str, ...] = ("uniform", "own")) -> dict:
     """prism convert at 4.25 bits per expert weight: uniform int4/g128, and prism's own allocation (the
     family's recipe). Calibration as `prism convert`'s defaults (builtin:mix, 256-token samples); no held-out
     quality pass (eval_samples=0), so the time is the conversion's alone."""
     out = {}
-    for name, recipe in (("uniform int4/g128", str(UNIFORM_RECIPE)), (f"own allocation, {BITS} bits", None)):
+    for name, recipe in (RECIPES[r] for r in recipes):
         tag = "uniform_int4_g128" if recipe else f"prism_{BITS}"
         path = work / "prism" / f"{ckpt.name}-{tag}.prism"
         what = f"prism convert --bits {BITS} --recipe {Path(recipe).name if recipe else 'mixtral (default)'}"
@@ -230,7 +234,7 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     times = {"checkpoint": conv.make(ckpt, "random checkpoint + tokenizer",
                                      lambda tmp: make_checkpoint(shape, tmp, log), args.skip_convert)}
     ggufs = make_gguf(ckpt, llama_dir, work, args.threads, conv, args.skip_convert)
-    prisms = make_prism(ckpt, work, args.samples, conv, args.skip_convert)
+    prisms = make_prism(ckpt, work, args.samples, conv, args.skip_convert, tuple(args.recipes.split(",")))
     params = shape.parameters()
     prompt = prompt_ids(ckpt, args.prompt_tokens)
     logits = work / "logits" / ckpt.name
@@ -380,6 +384,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="auto,native-int8",
                     help="prism's expert kernels to measure, comma-separated (load()'s expert_kernel; native-int8 "
                          "rounds decode activations to int8 as llama.cpp does, where the CPU has AVX-VNNI)")
+    ap.add_argument("--recipes", default="uniform,own", help="prism conversions to make and measure: uniform "
+                    "(int4/g128) and/or own (prism's allocation at 4.25 bits, about 5x longer to convert)")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")
