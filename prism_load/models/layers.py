@@ -160,7 +160,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         spec = self.spec
         b, t, _ = x.shape
-        if hasattr(self, "qkv_proj"):  # q, k and v fused into one packed operator at load (packed.fuse_qkv)
+        if hasattr(self, "qkv_proj") and spec.qk_norm is None and spec.clip_qkv is None:
+            # q, k and v fused into one packed operator at load (packed.fuse_qkv): q and k, adjacent in its
+            # output, take the rotary phases in one pass (elementwise, so the same bits as two passes)
+            qk, v = self.qkv_proj(x).split([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
+            qk = apply_rotary(qk.view(b, t, -1, spec.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
+            q, k = qk.split([self.qkv_sizes[0] // spec.head_dim, self.qkv_sizes[1] // spec.head_dim], dim=1)
+            v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+            return self._attend(q, k, v, ctx, b, t)
+        if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -175,9 +183,13 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, h|g, T, D]
         v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        return self._attend(q, k, v, ctx, b, t)
+
+    def _attend(self, q, k, v, ctx: ForwardContext, b: int, t: int) -> torch.Tensor:
+        """q [B, h, T, D], k/v [B, g, T, D] (rotary applied): cache, attention, output projection."""
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_index, k, v)
-        out = attend(q, k, v, ctx.positions, self.scaling, spec.sliding_window, getattr(self, "sinks", None),
+        out = attend(q, k, v, ctx.positions, self.scaling, self.spec.sliding_window, getattr(self, "sinks", None),
                      ctx.key_valid)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
