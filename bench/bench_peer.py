@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -192,6 +193,9 @@ def prompt_ids(ckpt: Path, n: int) -> list[int]:
     raise SystemExit(f"no held-out prose document has {n} tokens")
 
 
+ROUND_KEYS = ("decode_tokens_per_second", "prefill_tokens_per_second", "peak_rss_bytes")
+
+
 def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, expert_kernel: str = "auto") -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(args.threads))
@@ -245,12 +249,21 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     models += [("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel)
                for n, p in prisms.items() for kernel in args.kernels.split(",")]
     rows = []
+    rounds: dict[str, list[dict]] = {}  # every model measured once per round, in turn: drift falls on all alike
+    for r in range(args.rounds):
+        for runtime, fmt, made, kernel in models:
+            path = Path(made["path"])
+            log(f"{ckpt.name}: {runtime} {fmt} (round {r + 1} of {args.rounds})")
+            tag = path.name if kernel == "auto" else f"{path.name}-{kernel}"
+            rounds.setdefault(f"{runtime} {fmt}", []).append(
+                measure("llama" if runtime == "llama.cpp" else "prism", str(path), prompt, args,
+                        logits / f"{tag}.npy", kernel))
     for runtime, fmt, made, kernel in models:
         path = Path(made["path"])
-        log(f"{ckpt.name}: {runtime} {fmt}")
         tag = path.name if kernel == "auto" else f"{path.name}-{kernel}"
-        result = measure("llama" if runtime == "llama.cpp" else "prism", str(path), prompt, args,
-                         logits / f"{tag}.npy", kernel)
+        runs = rounds[f"{runtime} {fmt}"]
+        result = dict(runs[0], rounds=[{k: x[k] for k in ROUND_KEYS} for x in runs],
+                      **{k: statistics.median(x[k] for x in runs) for k in ROUND_KEYS})
         sizes = gguf_sizes(path, llama_dir) if runtime == "llama.cpp" else prism_sizes(path)
         if "expert_bytes" in sizes:
             sizes["bits_per_expert_weight"] = 8 * sizes["expert_bytes"] / params["experts"]
@@ -263,9 +276,9 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
         log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
             f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
     base = next(r for r in rows if r["name"] == BASELINE)
-    for r in rows:
-        r["vs_q4_k_m"] = {k: r[k] / base[k] for k in ("decode_tokens_per_second", "prefill_tokens_per_second",
-                                                      "peak_rss_bytes")}
+    for r in rows:  # the median over rounds of the ratio within each round (neighbours in time)
+        r["vs_q4_k_m"] = {k: statistics.median(a[k] / b[k] for a, b in zip(r["rounds"], base["rounds"]))
+                          for k in ROUND_KEYS}
     times["gguf_bf16"] = ggufs["bf16"]
     return {"shape": {**shape.__dict__, "intermediate": shape.intermediate, "parameters": params,
                       "checkpoint": str(ckpt)}, "prompt_tokens": len(prompt), "rows": rows,
@@ -319,7 +332,8 @@ def cells(r: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     lines = [f"# prism vs llama.cpp ({result['threads']} threads, prefill {result['prompt_tokens']} tokens, decode "
-             f"{result['tokens']} tokens greedy, median of {result['repeats']} repeats, one fresh process per model)",
+             f"{result['tokens']} tokens greedy, median of {result['repeats']} repeats, one fresh process per model, "
+             f"{result.get('rounds', 1)} round(s) in turn: medians, ratios the median of each round's)",
              "", f"llama-cpp-python {result['llama_cpp_version']}; prism at {result['prism_commit']}. Load average "
              f"before / after: {result['load_before']} / {result['load_after']}.", ""]
     for s in result["shapes"]:
@@ -380,6 +394,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64, help="prefill length")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="measure every model this many times, in turn; figures "
+                    "are medians over rounds, ratios the median of each round's ratio (this machine drifts)")
     ap.add_argument("--samples", type=int, default=128, help="prism's calibration sequences (of 256 tokens)")
     ap.add_argument("--kernels", default="auto,native-int8",
                     help="prism's expert kernels to measure, comma-separated (load()'s expert_kernel; native-int8 "
@@ -411,7 +427,7 @@ def main() -> None:
     shapes = [bench_shape(Shape(width=w, layers=n), args, llama_dir, conv) for w, n in zip(widths, layers)]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    result = {"threads": args.threads, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens,
+    result = {"threads": args.threads, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
               "repeats": args.repeats, "samples": args.samples, "llama_cpp_version": llama_cpp.__version__,
               "llama_src": str(llama_dir), "prism_commit": commit, "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()], "shapes": shapes, "targets": targets(shapes)}
