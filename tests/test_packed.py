@@ -329,3 +329,17 @@ def test_fused_qkv_gives_the_same_logits_as_three_calls(requested):
     assert not hasattr(model.layers[1].self_attn, "q_proj")
     assert isinstance(model.layers[1].self_attn.qkv_proj, PackedDense)
     assert isinstance(model.layers[0].self_attn.q_proj, PackedDense)  # not fused: v differs
+
+
+def test_loading_a_container_imports_no_symbolic_machinery(int4_container):
+    """The meta-device skeleton must not run torch's Python reference ops: their first use imports
+    torch._dynamo and sympy, tens of MiB resident for values the container overwrites anyway."""
+    import subprocess
+    import sys
+
+    code = ("import sys, prism_load\n"
+            f"prism_load.load({str(int4_container)!r})\n"
+            "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
