@@ -141,7 +141,8 @@ class PackedLinear:
 
                 bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
                                                             int8_activations=self.backend == "native-int8")
-            return bound(x).to(x.dtype)
+            y = bound(x)  # fp32
+            return y if x.dtype is torch.float32 else y.to(x.dtype)
         if self.backend == "int4pack":
             w, scale_zero = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, self.group_size,

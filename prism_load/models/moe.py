@@ -86,7 +86,8 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights, act: Activation) -> tuple[
             # instead of one each way per projection
             xf = x.float()
             gate, up = pair[0](xf), pair[1](xf)
-            h = act(gate, up)
+            # the kernels' outputs are fresh fp32 tensors: SwiGLU can overwrite gate (the same bits as silu_glu)
+            h = F.silu(gate, inplace=True).mul_(up) if act is silu_glu else act(gate, up)
             return apply_linear(h, w.down, w.down_bias).to(x.dtype), h
         gate, up = apply_linear(x, pair[0]), apply_linear(x, pair[1])
     else:
