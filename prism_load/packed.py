@@ -133,15 +133,27 @@ class PackedLinear:
         """The kernel computes in fp32 whatever x's dtype (expert_forward then converts once per expert)."""
         return self.backend in NATIVE
 
+    def _native_call(self):
+        """The native kernel bound to these tensors (made at the first call)."""
+        bound = self._bound
+        if bound is None:
+            from . import native
+
+            bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
+                                                        int8_activations=self.backend == "native-int8")
+        return bound
+
+    def pair(self, other: PackedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x), other(x)); one native call where both are native operators of one kind and x is fp32
+        (an expert's gate and up: BoundIntLinear.pair), else two calls."""
+        if (self.backend in NATIVE and isinstance(other, PackedLinear) and other.backend == self.backend
+                and x.dtype is torch.float32):
+            return self._native_call().pair(other._native_call(), x)
+        return self(x), other(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend in NATIVE:
-            bound = self._bound
-            if bound is None:
-                from . import native
-
-                bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
-                                                            int8_activations=self.backend == "native-int8")
-            y = bound(x)  # fp32
+            y = self._native_call()(x)  # fp32
             return y if x.dtype is torch.float32 else y.to(x.dtype)
         if self.backend == "int4pack":
             w, scale_zero = self.tensors

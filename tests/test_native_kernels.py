@@ -277,3 +277,20 @@ def test_bound_call_equals_int_linear(kernel, int8):
     assert torch.equal(got[0], native.int_linear(x, *args, int8_activations=int8))
     with pytest.raises(ValueError, match="scales must be"):
         native.BoundIntLinear(t["qweight"], t["scales"][:, :2], t["zeros"], 4, 64, 256)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_pair_call_equals_two_calls(kernel, int8, m):
+    """BoundIntLinear.pair (gate and up in one call) gives the bits of two separate calls, for decode and
+    prefill rows; a pair that cannot share (other widths of x) falls back to two calls, whose checks apply."""
+    a, b = stored(40, 256, 4, 64, seed=1), stored(56, 256, 4, 64, seed=2)
+    bound = [native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], 4, 64, 256, int8_activations=int8)
+             for t in (a, b)]
+    x = torch.randn(m, 256)
+    ya, yb = bound[0].pair(bound[1], x)
+    assert torch.equal(ya, bound[0](x)) and torch.equal(yb, bound[1](x))
+    c = stored(8, 128, 4, 64, seed=3)
+    other = native.BoundIntLinear(c["qweight"], c["scales"], c["zeros"], 4, 64, 128)
+    with pytest.raises(ValueError, match=r"x must be a cpu tensor \[M, 128\]"):
+        bound[0].pair(other, x)  # another input width: two calls, and x does not fit the second

@@ -174,6 +174,30 @@ class BoundIntLinear:
                 ValueError(f"int_linear rejected its arguments (code {rc})")
         return out
 
+    def pair(self, other: BoundIntLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x), other(x)) in one native call (an expert's gate and up): x is prepared once and both
+        weights share one parallel loop; the same bits as two calls. Two calls where the pair cannot share
+        (another thread, another input width, one int8-activation and one exact kernel)."""
+        if (other.k != self.k or (self._q8 is None) != (other._q8 is None) or threading.get_ident() != self._thread
+                or other._thread != self._thread or x.dim() != 2 or x.shape[1] != self.k or not x.is_cpu
+                or not x.is_floating_point()):
+            return self(x), other(x)
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        m = x.shape[0]
+        ya, yb = torch.empty(m, self.n, dtype=torch.float32), torch.empty(m, other.n, dtype=torch.float32)
+        if m == 0:
+            return ya, yb
+        threads = torch.get_num_threads()
+        a, b = self._args, other._args
+        a[0], a[2], a[10], a[12] = x.data_ptr(), m, ya.data_ptr(), threads
+        b[0], b[2], b[10], b[12] = x.data_ptr(), m, yb.data_ptr(), threads
+        rc = (self._fn.q8_pair if self._q8 is not None else self._fn.pair)(self._addr, other._addr)
+        if rc != 0:
+            raise MemoryError("int_linear: out of memory for its scratch buffers") if rc == -1 else \
+                ValueError(f"int_linear rejected its arguments (code {rc})")
+        return ya, yb
+
 
 GEMV_MAX_ROWS = 4  # rows of x bf16_linear takes (decode); more rows are a matrix product for torch
 

@@ -127,4 +127,9 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     q8.argtypes = [ctypes.c_void_p]
     q8.restype = ctypes.c_int
     fn.q8 = q8 if lib.prism_q8_supported() else None  # None: the CPU (or the compiler) lacks AVX-VNNI
+    for name in ("prism_int_linear_pair_packed", "prism_q8_linear_pair_packed"):  # two int64 args[13] each
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_int
+    fn.pair = lib.prism_int_linear_pair_packed
+    fn.q8_pair = lib.prism_q8_linear_pair_packed if fn.q8 is not None else None
     return fn, None, seconds

@@ -549,3 +549,50 @@ int prism_bf16_gemv_packed(const int64_t *a) {
     return prism_bf16_gemv((const uint16_t *)(intptr_t)a[0], a[1], a[2], a[3], (const uint16_t *)(intptr_t)a[4], a[5],
                            a[6], (const uint16_t *)(intptr_t)a[7], (uint16_t *)(intptr_t)a[8], a[9], (int)a[10]);
 }
+
+/* Two products of the same x (an expert's gate and up projections) in one call: with the same shape of x and
+ * the same bits and group size, x is prepared once and both weights' row chunks share one parallel loop (one
+ * fork and join instead of two); every output row is computed exactly as prism_int_linear computes it.
+ * Otherwise (or for gemm-sized x) the two products run one after the other. Returns as prism_int_linear. */
+int prism_int_linear_pair_packed(const int64_t *a, const int64_t *b) {
+    const int same = a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[8] == b[8] && a[9] == b[9];
+    if (!same || a[2] > DIRECT_UPTO_M) {
+        int rc = prism_int_linear_packed(a);
+        return rc ? rc : prism_int_linear_packed(b);
+    }
+    const int64_t M = a[2], K = a[3];
+    const int bits = (int)a[8], threads_asked = (int)a[12];
+    const int64_t g = a[9];
+    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || a[7] < 1 || b[7] < 1 || g < 1 || a[1] < K ||
+        a[11] < a[7] || b[11] < b[7])
+        return -2;
+    problem P[2];
+    for (int i = 0; i < 2; i++) {
+        const int64_t *v = i ? b : a;
+        problem Q = {(const float *)(intptr_t)v[0], v[1], M, K, (const uint8_t *)(intptr_t)v[4], (K * bits + 7) / 8,
+                     (const uint16_t *)(intptr_t)v[5], (const uint16_t *)(intptr_t)v[6], (K + g - 1) / g, g, v[7],
+                     (float *)(intptr_t)v[10], v[11]};
+        P[i] = Q;
+    }
+    const int64_t G = P[0].G;
+    float *xp = malloc(sizeof(float) * (size_t)(M * K + M * G));
+    if (!xp) return -1;
+    float *sx = xp + M * K;
+    const int64_t step[2] = {chunk_rows(P[0].N), chunk_rows(P[1].N)};
+    const int64_t chunks0 = (P[0].N + step[0] - 1) / step[0], chunks = chunks0 + (P[1].N + step[1] - 1) / step[1];
+    int threads = threads_asked;
+    if (threads < 1 || (double)M * (P[0].N + P[1].N) * K < SERIAL_MACS) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < M * G; t++) prepare_x(&P[0], bits, t / G, t % G, xp + (t / G) * K, sx + (t / G) * G);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int i = c >= chunks0;
+            const int64_t n0 = (i ? c - chunks0 : c) * step[i];
+            direct_rows_any(&P[i], xp, sx, n0, min64(n0 + step[i], P[i].N), bits);
+        }
+    }
+    free(xp);
+    return 0;
+}

@@ -261,3 +261,48 @@ int prism_q8_linear_packed(const int64_t *a) {
                            (const uint16_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], a[7], (int)a[8], a[9],
                            (float *)(intptr_t)a[10], a[11], (int)a[12]);
 }
+
+/* Two products of the same x (an expert's gate and up projections): with the same shape of x and the same bits
+ * and group size, x is quantised once and both weights' row chunks share one parallel loop; every output row
+ * is computed as prism_q8_linear computes it. Otherwise the two run one after the other. */
+int prism_q8_linear_pair_packed(const int64_t *a, const int64_t *b) {
+    const int same = a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[8] == b[8] && a[9] == b[9];
+    if (!same) {
+        int rc = prism_q8_linear_packed(a);
+        return rc ? rc : prism_q8_linear_packed(b);
+    }
+    const int64_t M = a[2], K = a[3], g = a[9];
+    const int bits = (int)a[8];
+    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || a[7] < 1 || b[7] < 1 || g < 1 || g > 16384 ||
+        a[1] < K || a[11] < a[7] || b[11] < b[7] || (g * bits) % 256 || K % g)
+        return -2;
+    if (!prism_q8_supported()) return -3;
+    q8_problem P[2];
+    for (int i = 0; i < 2; i++) {
+        const int64_t *v = i ? b : a;
+        q8_problem Q = {M, K, v[7], bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits,
+                        (const uint8_t *)(intptr_t)v[4], (const uint16_t *)(intptr_t)v[5],
+                        (const uint16_t *)(intptr_t)v[6], NULL, NULL, NULL, (float *)(intptr_t)v[10], v[11]};
+        P[i] = Q;
+    }
+    const int64_t G = K / g;
+    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G) + 8 +
+                        (size_t)K);
+    if (!xq) return -1;
+    float *d = (float *)(((uintptr_t)(xq + M * K) + 7) & ~(uintptr_t)7);
+    int32_t *sxq = (int32_t *)(d + M * G);
+    quantize_x(&P[0], (const float *)(intptr_t)a[0], a[1], xq, d, sxq);
+    for (int i = 0; i < 2; i++) P[i].xq = xq, P[i].d = d, P[i].sxq = sxq;
+    const int64_t step[2] = {q8_chunk_rows(P[0].N), q8_chunk_rows(P[1].N)};
+    const int64_t chunks0 = (P[0].N + step[0] - 1) / step[0], chunks = chunks0 + (P[1].N + step[1] - 1) / step[1];
+    int threads = (int)a[12];
+    if (threads < 1 || (P[0].N + P[1].N) * P[0].ldq < Q8_SERIAL_BYTES) threads = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int i = c >= chunks0;
+        const int64_t n0 = (i ? c - chunks0 : c) * step[i];
+        q8_rows_vnni(&P[i], n0, q8_min(n0 + step[i], P[i].N));
+    }
+    free(xq);
+    return 0;
+}
