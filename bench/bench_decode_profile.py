@@ -39,9 +39,10 @@ def _traced(inner, name: str):
 
 def wrap_native() -> None:
     """Name the native kernels' calls for the profiler (a ctypes call is invisible to it otherwise): the bound
-    expert call, int_linear itself (other threads, odd inputs) and the dense bf16 kernel."""
+    call and the gate/up pair call, int_linear itself (other threads, odd inputs) and the dense bf16 kernel."""
     native.int_linear = _traced(native.int_linear, NATIVE_RANGE)
     native.BoundIntLinear.__call__ = _traced(native.BoundIntLinear.__call__, NATIVE_RANGE)
+    native.BoundIntLinear.pair = _traced(native.BoundIntLinear.pair, NATIVE_RANGE)  # gate and up in one call
     native.bf16_linear = _traced(native.bf16_linear, DENSE_RANGE)
 
 
