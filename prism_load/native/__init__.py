@@ -46,6 +46,14 @@ def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
             and k % group_size == 0)
 
 
+def _check_rc(rc: int, what: str) -> None:
+    """A native entry point's return code as the exception it stands for (0: nothing)."""
+    if rc == -1:
+        raise MemoryError(f"{what}: out of memory for its scratch buffers")
+    if rc != 0:
+        raise ValueError(f"{what} rejected its arguments (code {rc})")
+
+
 def _kernel():
     fn, reason, _ = load()
     if fn is None:
@@ -122,12 +130,12 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     args[:] = (x.data_ptr(), max(x.stride(0), k), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                n, bits, group_size, out.data_ptr(), max(out.stride(0), n), torch.get_num_threads())
     q8 = int8_activations and fn.q8 is not None and q8_takes(m, k, bits, group_size)
-    rc = (fn.q8 if q8 else fn)(ctypes.addressof(args))
-    if rc == -1:
-        raise MemoryError("int_linear: out of memory for its scratch buffers")
-    if rc != 0:
-        raise ValueError(f"int_linear rejected its arguments (code {rc})")
+    _check_rc((fn.q8 if q8 else fn)(ctypes.addressof(args)), "int_linear")
     return out
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
 
 
 class BoundIntLinear:
@@ -154,48 +162,43 @@ class BoundIntLinear:
         self._addr = ctypes.addressof(self._args)
         self._thread = threading.get_ident()
 
+    def _takes(self, x: torch.Tensor) -> bool:
+        """Whether the bound call takes x as it is bound (else int_linear checks it: another thread, another
+        width, not a float cpu matrix)."""
+        return (threading.get_ident() == self._thread and x.dim() == 2 and x.shape[1] == self.k and x.is_cpu
+                and x.is_floating_point())
+
+    def _bind_call(self, x: torch.Tensor, out: torch.Tensor, threads: int) -> None:
+        a = self._args
+        a[0], a[2], a[10], a[12] = x.data_ptr(), x.shape[0], out.data_ptr(), threads
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, k] @ w.T -> fp32 [M, N], as int_linear(x, *tensors, ...)."""
-        if (threading.get_ident() != self._thread or x.dim() != 2 or x.shape[1] != self.k or not x.is_cpu
-                or not x.is_floating_point()):
+        if not self._takes(x):
             return int_linear(x, *self.tensors, self.bits, self.group_size, self.k,
                               int8_activations=self.int8_activations)
-        if x.dtype is not torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        out = torch.empty(m, self.n, dtype=torch.float32)
-        if m == 0:
-            return out
-        a = self._args
-        a[0], a[2], a[10], a[12] = x.data_ptr(), m, out.data_ptr(), torch.get_num_threads()
-        rc = (self._q8 if self._q8 is not None else self._fn)(self._addr)
-        if rc != 0:
-            raise MemoryError("int_linear: out of memory for its scratch buffers") if rc == -1 else \
-                ValueError(f"int_linear rejected its arguments (code {rc})")
+        xf = _fp32(x)
+        out = torch.empty(xf.shape[0], self.n, dtype=torch.float32)
+        if xf.shape[0]:
+            self._bind_call(xf, out, torch.get_num_threads())
+            _check_rc((self._q8 if self._q8 is not None else self._fn)(self._addr), "int_linear")
         return out
 
     def pair(self, other: BoundIntLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(x), other(x)) in one native call (an expert's gate and up): x is prepared once and both
         weights share one parallel loop; the same bits as two calls. Two calls where the pair cannot share
         (another thread, another input width, one int8-activation and one exact kernel)."""
-        if (other.k != self.k or (self._q8 is None) != (other._q8 is None) or threading.get_ident() != self._thread
-                or other._thread != self._thread or x.dim() != 2 or x.shape[1] != self.k or not x.is_cpu
-                or not x.is_floating_point()):
+        if not (self._takes(x) and other._takes(x)) or (self._q8 is None) != (other._q8 is None):
             return self(x), other(x)
-        if x.dtype is not torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        ya, yb = torch.empty(m, self.n, dtype=torch.float32), torch.empty(m, other.n, dtype=torch.float32)
-        if m == 0:
-            return ya, yb
-        threads = torch.get_num_threads()
-        a, b = self._args, other._args
-        a[0], a[2], a[10], a[12] = x.data_ptr(), m, ya.data_ptr(), threads
-        b[0], b[2], b[10], b[12] = x.data_ptr(), m, yb.data_ptr(), threads
-        rc = (self._fn.q8_pair if self._q8 is not None else self._fn.pair)(self._addr, other._addr)
-        if rc != 0:
-            raise MemoryError("int_linear: out of memory for its scratch buffers") if rc == -1 else \
-                ValueError(f"int_linear rejected its arguments (code {rc})")
+        xf = _fp32(x)
+        ya = torch.empty(xf.shape[0], self.n, dtype=torch.float32)
+        yb = torch.empty(xf.shape[0], other.n, dtype=torch.float32)
+        if xf.shape[0]:
+            threads = torch.get_num_threads()
+            self._bind_call(xf, ya, threads)
+            other._bind_call(xf, yb, threads)
+            _check_rc((self._fn.q8_pair if self._q8 is not None else self._fn.pair)(self._addr, other._addr),
+                      "int_linear")
         return ya, yb
 
 
@@ -227,13 +230,9 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     args = _args()
     args[:11] = (x2.data_ptr(), max(x2.stride(0), k), rows, k, weight.data_ptr(), weight.stride(0), n,
                  0 if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads())
-    rc = fn.gemv(ctypes.addressof(args))
-    if rc == -1:
-        raise MemoryError("bf16_linear: out of memory for its scratch buffer")
-    if rc != 0:
-        raise ValueError(f"bf16_linear rejected its arguments (code {rc})")
+    _check_rc(fn.gemv(ctypes.addressof(args)), "bf16_linear")
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["BITS", "BoundIntLinear", "GEMV_MAX_ROWS", "q8_available", "q8_takes", "NativeUnavailable", "available", "bf16_linear", "int_linear",
-           "unavailable_reason"]
+__all__ = ["BITS", "GEMV_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available", "bf16_linear", "int_linear",
+           "q8_available", "q8_takes", "unavailable_reason"]

@@ -237,25 +237,32 @@ static int64_t chunk_rows(int64_t N) {
     return rows < 4 ? 4 : rows;
 }
 
-/* The work of one thread of the team (or of the caller alone): the loops are orphaned worksharing
- * constructs, so a one-thread call enters no parallel region at all. */
-static void direct_team(const problem *P, int bits, float *xp, float *sx) {
-    const int64_t K = P->K, G = P->G, N = P->N, step = chunk_rows(N);
+/* The work of one thread of the team (or of the caller alone) for `count` products of the same x (1, or 2 for
+ * an expert's gate and up, same bits and group size): x prepared once, then every product's row chunks in one
+ * loop. The loops are orphaned worksharing constructs, so a one-thread call enters no parallel region. */
+static void direct_team(const problem *P, int count, int bits, float *xp, float *sx) {
+    const int64_t K = P->K, G = P->G;
+    int64_t step[2], first[3] = {0};
+    for (int i = 0; i < count; i++) step[i] = chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < P->M * G; t++) prepare_x(P, bits, t / G, t % G, xp + (t / G) * K, sx + (t / G) * G);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t n0 = 0; n0 < N; n0 += step) direct_rows_any(P, xp, sx, n0, min64(n0 + step, N), bits);
+    for (int64_t c = 0; c < first[count]; c++) {
+        const int i = c >= first[1];
+        const int64_t n0 = (c - first[i]) * step[i];
+        direct_rows_any(&P[i], xp, sx, n0, min64(n0 + step[i], P[i].N), bits);
+    }
 }
 
-static int run_direct(const problem *P, int bits, int threads) {
+static int run_direct(const problem *P, int count, int bits, int threads) {
     float *xp = malloc(sizeof(float) * (size_t)(P->M * P->K + P->M * P->G));
     if (!xp) return -1;
     float *sx = xp + P->M * P->K;
     if (threads == 1) {
-        direct_team(P, bits, xp, sx);
+        direct_team(P, count, bits, xp, sx);
     } else {
 #pragma omp parallel num_threads(threads)
-        direct_team(P, bits, xp, sx);
+        direct_team(P, count, bits, xp, sx);
     }
     free(xp);
     return 0;
@@ -525,16 +532,26 @@ int prism_bf16_gemv(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const 
 
 /* ---- entry point ------------------------------------------------------------------------------------ */
 
+/* P <- the problem of these arguments; -2 for arguments the kernel does not take. */
+static int make_problem(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight,
+                        const uint16_t *scales, const uint16_t *zeros, int64_t N, int bits, int64_t group_size,
+                        float *y, int64_t ldy, problem *P) {
+    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || group_size < 1 || ldx < K || ldy < N)
+        return -2;
+    problem Q = {x, ldx, M, K, qweight, (K * bits + 7) / 8, scales, zeros, (K + group_size - 1) / group_size,
+                 group_size, N, y, ldy};
+    *P = Q;
+    return 0;
+}
+
 /* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take (the caller checks first). */
 int prism_int_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight,
                      const uint16_t *scales, const uint16_t *zeros, int64_t N, int bits, int64_t group_size,
                      float *y, int64_t ldy, int threads) {
-    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || group_size < 1 || ldx < K || ldy < N)
-        return -2;
-    problem P = {x, ldx, M, K, qweight, (K * bits + 7) / 8, scales, zeros, (K + group_size - 1) / group_size,
-                 group_size, N, y, ldy};
+    problem P;
+    if (make_problem(x, ldx, M, K, qweight, scales, zeros, N, bits, group_size, y, ldy, &P)) return -2;
     if (threads < 1 || (double)M * N * K < SERIAL_MACS) threads = 1;
-    return M <= DIRECT_UPTO_M ? run_direct(&P, bits, threads) : run_gemm(&P, bits, threads);
+    return M <= DIRECT_UPTO_M ? run_direct(&P, 1, bits, threads) : run_gemm(&P, bits, threads);
 }
 
 /* The same call with its arguments in one array (in the order above; pointers as integers): one ctypes
@@ -560,39 +577,15 @@ int prism_int_linear_pair_packed(const int64_t *a, const int64_t *b) {
         int rc = prism_int_linear_packed(a);
         return rc ? rc : prism_int_linear_packed(b);
     }
-    const int64_t M = a[2], K = a[3];
-    const int bits = (int)a[8], threads_asked = (int)a[12];
-    const int64_t g = a[9];
-    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || a[7] < 1 || b[7] < 1 || g < 1 || a[1] < K ||
-        a[11] < a[7] || b[11] < b[7])
-        return -2;
     problem P[2];
     for (int i = 0; i < 2; i++) {
         const int64_t *v = i ? b : a;
-        problem Q = {(const float *)(intptr_t)v[0], v[1], M, K, (const uint8_t *)(intptr_t)v[4], (K * bits + 7) / 8,
-                     (const uint16_t *)(intptr_t)v[5], (const uint16_t *)(intptr_t)v[6], (K + g - 1) / g, g, v[7],
-                     (float *)(intptr_t)v[10], v[11]};
-        P[i] = Q;
+        if (make_problem((const float *)(intptr_t)v[0], v[1], v[2], v[3], (const uint8_t *)(intptr_t)v[4],
+                         (const uint16_t *)(intptr_t)v[5], (const uint16_t *)(intptr_t)v[6], v[7], (int)v[8], v[9],
+                         (float *)(intptr_t)v[10], v[11], &P[i]))
+            return -2;
     }
-    const int64_t G = P[0].G;
-    float *xp = malloc(sizeof(float) * (size_t)(M * K + M * G));
-    if (!xp) return -1;
-    float *sx = xp + M * K;
-    const int64_t step[2] = {chunk_rows(P[0].N), chunk_rows(P[1].N)};
-    const int64_t chunks0 = (P[0].N + step[0] - 1) / step[0], chunks = chunks0 + (P[1].N + step[1] - 1) / step[1];
-    int threads = threads_asked;
-    if (threads < 1 || (double)M * (P[0].N + P[1].N) * K < SERIAL_MACS) threads = 1;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < M * G; t++) prepare_x(&P[0], bits, t / G, t % G, xp + (t / G) * K, sx + (t / G) * G);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks; c++) {
-            const int i = c >= chunks0;
-            const int64_t n0 = (i ? c - chunks0 : c) * step[i];
-            direct_rows_any(&P[i], xp, sx, n0, min64(n0 + step[i], P[i].N), bits);
-        }
-    }
-    free(xp);
-    return 0;
+    int threads = (int)a[12];
+    if (threads < 1 || (double)P[0].M * (P[0].N + P[1].N) * P[0].K < SERIAL_MACS) threads = 1;
+    return run_direct(P, 2, (int)a[8], threads);
 }

@@ -228,32 +228,52 @@ int prism_q8_supported(void) {
 #endif
 }
 
-/* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take, -3 on a CPU without VNNI. */
-int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
-                    const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads) {
+/* P <- the problem of these arguments; -2 for arguments the kernel does not take. */
+static int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                   const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, q8_problem *P) {
     if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || g < 1 || g > 16384 ||
         ldx < K || ldy < N || (g * bits) % 256 || K % g)
         return -2;
-    if (!prism_q8_supported()) return -3;
-    q8_problem P = {M, K, N, bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits, qweight, scales, zeros,
+    q8_problem Q = {M, K, N, bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits, qweight, scales, zeros,
                     NULL, NULL, NULL, y, ldy};
-    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * P.G) + sizeof(int32_t) * (size_t)(M * P.G) + 8 +
+    *P = Q;
+    return 0;
+}
+
+/* `count` products of the same x (1, or 2 for an expert's gate and up, same bits and group size): x quantised
+ * once, then every product's row chunks in one parallel loop. */
+static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int threads) {
+    const int64_t M = P->M, K = P->K, G = P->G;
+    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G) + 8 +
                         (size_t)K);
     if (!xq) return -1;
     float *d = (float *)(((uintptr_t)(xq + M * K) + 7) & ~(uintptr_t)7);
-    int32_t *sxq = (int32_t *)(d + M * P.G);
-    quantize_x(&P, x, ldx, xq, d, sxq);
-    P.xq = xq, P.d = d, P.sxq = sxq;
-    const int64_t step = q8_chunk_rows(N);
-    if (threads < 1 || N * P.ldq < Q8_SERIAL_BYTES) threads = 1;
-    if (threads == 1) {
-        q8_rows_vnni(&P, 0, N);
-    } else {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-        for (int64_t n0 = 0; n0 < N; n0 += step) q8_rows_vnni(&P, n0, q8_min(n0 + step, N));
+    int32_t *sxq = (int32_t *)(d + M * G);
+    quantize_x(P, x, ldx, xq, d, sxq);
+    int64_t step[2], first[3] = {0}, bytes = 0;
+    for (int i = 0; i < count; i++) {
+        P[i].xq = xq, P[i].d = d, P[i].sxq = sxq;
+        step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
+        bytes += P[i].N * P[i].ldq;
+    }
+    if (threads < 1 || bytes < Q8_SERIAL_BYTES) threads = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t c = 0; c < first[count]; c++) {
+        const int i = c >= first[1];
+        const int64_t n0 = (c - first[i]) * step[i];
+        q8_rows_vnni(&P[i], n0, q8_min(n0 + step[i], P[i].N));
     }
     free(xq);
     return 0;
+}
+
+/* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take, -3 on a CPU without VNNI. */
+int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                    const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads) {
+    q8_problem P;
+    if (q8_make(ldx, M, K, qweight, scales, zeros, N, bits, g, y, ldy, &P)) return -2;
+    if (!prism_q8_supported()) return -3;
+    return q8_run(&P, 1, x, ldx, threads);
 }
 
 int prism_q8_linear_packed(const int64_t *a) {
@@ -271,38 +291,13 @@ int prism_q8_linear_pair_packed(const int64_t *a, const int64_t *b) {
         int rc = prism_q8_linear_packed(a);
         return rc ? rc : prism_q8_linear_packed(b);
     }
-    const int64_t M = a[2], K = a[3], g = a[9];
-    const int bits = (int)a[8];
-    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || a[7] < 1 || b[7] < 1 || g < 1 || g > 16384 ||
-        a[1] < K || a[11] < a[7] || b[11] < b[7] || (g * bits) % 256 || K % g)
-        return -2;
-    if (!prism_q8_supported()) return -3;
     q8_problem P[2];
     for (int i = 0; i < 2; i++) {
         const int64_t *v = i ? b : a;
-        q8_problem Q = {M, K, v[7], bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits,
-                        (const uint8_t *)(intptr_t)v[4], (const uint16_t *)(intptr_t)v[5],
-                        (const uint16_t *)(intptr_t)v[6], NULL, NULL, NULL, (float *)(intptr_t)v[10], v[11]};
-        P[i] = Q;
+        if (q8_make(v[1], v[2], v[3], (const uint8_t *)(intptr_t)v[4], (const uint16_t *)(intptr_t)v[5],
+                    (const uint16_t *)(intptr_t)v[6], v[7], (int)v[8], v[9], (float *)(intptr_t)v[10], v[11], &P[i]))
+            return -2;
     }
-    const int64_t G = K / g;
-    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G) + 8 +
-                        (size_t)K);
-    if (!xq) return -1;
-    float *d = (float *)(((uintptr_t)(xq + M * K) + 7) & ~(uintptr_t)7);
-    int32_t *sxq = (int32_t *)(d + M * G);
-    quantize_x(&P[0], (const float *)(intptr_t)a[0], a[1], xq, d, sxq);
-    for (int i = 0; i < 2; i++) P[i].xq = xq, P[i].d = d, P[i].sxq = sxq;
-    const int64_t step[2] = {q8_chunk_rows(P[0].N), q8_chunk_rows(P[1].N)};
-    const int64_t chunks0 = (P[0].N + step[0] - 1) / step[0], chunks = chunks0 + (P[1].N + step[1] - 1) / step[1];
-    int threads = (int)a[12];
-    if (threads < 1 || (P[0].N + P[1].N) * P[0].ldq < Q8_SERIAL_BYTES) threads = 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int i = c >= chunks0;
-        const int64_t n0 = (i ? c - chunks0 : c) * step[i];
-        q8_rows_vnni(&P[i], n0, q8_min(n0 + step[i], P[i].N));
-    }
-    free(xq);
-    return 0;
+    if (!prism_q8_supported()) return -3;
+    return q8_run(P, 2, (const float *)(intptr_t)a[0], a[1], (int)a[12]);
 }
