@@ -336,7 +336,7 @@ def sample():
     while not stop.is_set():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
-import prism_load.container.loader, prism_load.hub, prism_load.runtime, tokenizers  # noqa: E401 - imports
+import prism_load.container.loader, prism_load.hub, prism_load.packed, prism_load.runtime, tokenizers  # noqa: E401 - imports
 from prism_load.container.reader import Container, model_args
 torch.nn.functional.linear(torch.randn(4, 64), torch.randn(64, 64))  # BLAS set up before the baseline, and
 with Container({container!r}) as c:  # the one-time lazy imports of a first (meta-device) model build
@@ -346,7 +346,7 @@ before = rss()
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 model = prism_load.load({container!r}, **{kw})
-dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp.experts." not in n)
+dense = prism_load.packed.dense_nbytes(model)
 loaded = rss()
 model.generate(ids, max_new_tokens={tokens}, eos_token_id=[])
 stop.set()

@@ -232,13 +232,16 @@ class PackedDense(torch.nn.Module):
         self.out_features, self.in_features = op.shape
         self.bias = bias  # a Parameter (moved from the Linear it replaces) or None
 
-    @property
-    def nbytes(self) -> int:
-        return self.op.nbytes
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.op(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def dense_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's dense weights as it holds them: its parameters outside the experts, and the stored
+    tensors of its packed dense layers (which are not parameters)."""
+    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp.experts." not in n)
+    return params + sum(m.op.nbytes for m in model.modules() if isinstance(m, PackedDense))
 
 
 def dense_packable(module, enc: Encoding, device: torch.device) -> bool:
@@ -250,10 +253,10 @@ def dense_packable(module, enc: Encoding, device: torch.device) -> bool:
             and device.type == "cpu" and native_available())
 
 
-def pack_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
-    """Replace every packable dense Linear of `model` (dense_packable) by a PackedDense over its stored
-    tensors; returns the weight names it took (their Linear keeps its bias, already loaded or not: the
-    caller loads the rest first). A tied lm_head shares the embedding's dense weight and is never packed."""
+def packable_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
+    """The names of the dense weights that can stay packed (dense_packable): the caller loads the rest (the
+    biases of these layers included), then swap_dense replaces their Linear layers. A tied lm_head shares the
+    embedding's weight, is not a dense tensor of its own, and is never among them."""
     device = torch.device(device)
     taken = set()
     for name, (enc, _) in dense.items():

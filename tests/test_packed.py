@@ -4,6 +4,7 @@ slabs, the fallback warning, and whole-model agreement with the decoded fp32 ref
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -268,6 +269,11 @@ def test_dense_int_linears_stay_packed_and_match_the_decoded_product(int4_contai
     for name in kept:
         assert model.get_submodule(name).op.backend == "native"
         assert f"{name}.weight" not in model.state_dict()  # no decoded copy beside the stored bytes
+    with Container(int4_container) as c:  # held: the stored bytes of packed layers, fp32 for the others
+        expected = sum(sum(t.numel() * t.element_size() for t in tensors.values())
+                       if name.removesuffix(".weight") in kept else math.prod(enc.shape) * 4
+                       for name, (enc, tensors) in c.dense_encoded().items())
+    assert packed.dense_nbytes(model) == expected
     decoded = prism_load.load(int4_container, dtype=torch.float32, expert_kernel="dequant")
     assert not any(isinstance(m, PackedDense) for m in decoded.modules())  # the dequant reference decodes them
     ids = torch.randint(0, KERNEL_CONFIG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))

@@ -21,7 +21,7 @@ from ..hf_loader import stack_experts
 from ..models.model import MoEForCausalLM
 from ..models.moe import ExpertWeights, MoEBlock
 from ..models.rope import Rotary
-from ..packed import ExpertPacker, fallback_warning
+from ..packed import NATIVE, ExpertPacker, fallback_warning, fuse_qkv, packable_dense, swap_dense
 from ..runtime.stores import map_weights, pack_into, packed_nbytes
 from .codecs import decode
 from .reader import Container, ResolveFile, model_args, owned
@@ -40,16 +40,16 @@ class ResidentExperts(nn.Module):
 
 
 def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,
-               packed_on: str | torch.device | None = None, kernel: str = "auto") -> None:
+               expert_form: str = "decoded", kernel: str = "auto", device: str | torch.device = "cpu") -> None:
     """Decode every dense tensor of the container into `model` (owned copies; fp32 where the family keeps it).
-    `packed_on` (the packed form's device): where it is a CPU with the native kernel, the `int` weights of dense
-    Linear layers stay as stored (packed.PackedDense), as the experts do."""
+    With the packed form and a native kernel (auto, native, native-int8) on a CPU where it runs, the `int`
+    weights of dense Linear layers stay as stored (packed.PackedDense), as the experts do; with the dequant or
+    int4pack kernels (the references) they are decoded."""
     family, args = model.family, model.args
     dense = c.dense_encoded(verify_checksum=verify_checksums)
     _check_dense_names(model, dense)
-    from ..packed import fuse_qkv, pack_dense, swap_dense
-
-    kept = pack_dense(model, dense, packed_on) if packed_on is not None else set()
+    packed = expert_form == "packed" and (kernel == "auto" or kernel in NATIVE)
+    kept = packable_dense(model, dense, device) if packed else set()
     state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
                          {x.untyped_storage().data_ptr() for x in t.values()})
              for name, (enc, t) in dense.items() if name not in kept}
@@ -71,9 +71,7 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
         family, args = model_args(c.config)
         model = build_skeleton(family, args)
         packer = ExpertPacker(dtype, device, expert_kernel) if expert_form == "packed" else None
-        dense_kernel = expert_kernel in ("auto", "native", "native-int8")  # dequant/int4pack: the dense decoded
-        load_dense(c, model, dtype, verify_checksums, device if packer is not None and dense_kernel else None,
-                   expert_kernel)
+        load_dense(c, model, dtype, verify_checksums, expert_form, expert_kernel, device)
         for i, block in model.moe_blocks():
             if packer is None:
                 experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums)

@@ -98,8 +98,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     c = Container(folder, resolve_file)  # stays open: the store reads experts through it
     family, args = model_args(c.config)
     model = build_skeleton(family, args)
-    dense_kernel = form == "packed" and kernel in ("auto", "native", "native-int8")
-    load_dense(c, model, dtype, verify_checksums, device if dense_kernel else None, kernel)
+    load_dense(c, model, dtype, verify_checksums, form, kernel, device)
     _detach_experts(model)
     model.tie_weights()
     model.rotary = build_rotary(family, args)
