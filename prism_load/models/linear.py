@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 UPCAST_ROWS = 8  # rows from which an fp32 product beats bf16 on CPUs without bf16 matmul (kernels_*.md)
-GEMV_ROWS = 4  # rows up to which the native bf16 kernel runs (native.GEMV_MAX_ROWS)
 
 
 @functools.cache
@@ -41,8 +40,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     UPCAST_ROWS rows on a CPU without bf16 matmul in fp32."""
     if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= GEMV_ROWS and _native() is not None:
-            y = _native().bf16_linear(x, weight, bias)
+        native = _native()
+        if native is not None and rows <= native.GEMV_MAX_ROWS:
+            y = native.bf16_linear(x, weight, bias)
             if y is not None:
                 return y
         if rows >= UPCAST_ROWS and not cpu_has_bf16_matmul():

@@ -19,12 +19,12 @@ class MoEForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs, family: Family, layers: list[nn.Module]):
         super().__init__()
         self.args, self.family = args, family
-        weight = torch.empty(args.vocab_size, args.hidden_size)
         # on the meta device (a container's skeleton) the initialisation is skipped: nn.Embedding's normal_ on
         # meta runs torch's Python reference ops, whose first use imports torch._dynamo and sympy (tens of MiB
         # of resident modules for values that are overwritten anyway)
-        self.embed_tokens = (nn.Embedding(args.vocab_size, args.hidden_size, _weight=weight) if weight.is_meta
-                             else nn.Embedding(args.vocab_size, args.hidden_size))
+        meta = torch.empty(0).is_meta  # the default device, as the skeleton's torch.device("meta") sets it
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size) if meta else None)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
