@@ -31,6 +31,7 @@ from prism_convert.compression.compress_layers import run_compress
 from prism_convert.compression.math.quantize import rtn
 from prism_convert.compression.workdir import WorkDir
 from prism_convert.packing.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
+from prism_convert.plots import pyplot
 from prism_convert.profiling.profiler import calibration_tokens, run_profile
 from prism_convert.recipe import load_recipe
 from prism_convert.tools.evaluate import compare_models
@@ -161,12 +162,8 @@ def write_markdown(result: dict) -> None:
 
 
 def write_plot(result: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, domain in zip(axes, ("prose", "code")):

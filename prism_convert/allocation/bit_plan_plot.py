@@ -6,16 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prism_convert.allocation.bit_plan import BitPlan
+from prism_convert.plots import layer_expert_heatmap, pyplot
 
 
 def write_plan_plot(plan: BitPlan, curve: list[dict], path: Path) -> Path | None:
     """PNG (needs matplotlib, the `plot` extra); returns None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     layers = plan.layers()
     experts = max(x.expert for x in plan.experts) + 1
@@ -23,12 +20,7 @@ def write_plan_plot(plan: BitPlan, curve: list[dict], path: Path) -> Path | None
     for x in plan.experts:
         grid[layers.index(x.layer)][x.expert] = x.bits_per_weight
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.4 * len(layers) + 3), width_ratios=[3, 2])
-    im = ax1.imshow(grid, aspect="auto", cmap="magma")
-    ax1.set_yticks(range(len(layers)), [str(i) for i in layers])
-    ax1.set_xlabel("expert")
-    ax1.set_ylabel("layer")
-    ax1.set_title("bits per weight (scales, zeros, low-rank factors included)")
-    fig.colorbar(im, ax=ax1)
+    layer_expert_heatmap(fig, ax1, grid, layers, "magma", "bits per weight (scales, zeros, low-rank factors included)")
     if curve:
         ax2.plot([p["bits"] for p in curve], [p["error"] for p in curve], marker="o")
         ax2.axvline(plan.bits_per_expert_weight, color="gray", linestyle="--", label="this plan")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from prism_convert.plots import layer_expert_heatmap, pyplot
+
 SKEW_USEFUL = 0.40  # top-25% share above which frequency-driven precision has something to exploit
 RECALL_USEFUL = 0.60  # shadow-router recall above which prefetching the prediction mostly hits
 
@@ -74,20 +76,11 @@ def write_heatmap(data: dict, folder: Path) -> Path:
     freq = frequency_matrix(data)
     layers = [x["layer"] for x in data["layers"]]
     recall = [x["next_layer_recall"] for x in data["layers"]]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return _write_html(freq, layers, recall, folder / "routing.html")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(layers) + 2.5), width_ratios=[3, 1])
-    im = ax1.imshow(freq, aspect="auto", cmap="viridis")
-    ax1.set_yticks(range(len(layers)), [str(i) for i in layers])
-    ax1.set_xlabel("expert")
-    ax1.set_ylabel("layer")
-    ax1.set_title("share of each layer's assignments")
-    fig.colorbar(im, ax=ax1)
+    layer_expert_heatmap(fig, ax1, freq, layers, "viridis", "share of each layer's assignments")
     ax2.barh(range(len(layers)), [r or 0 for r in recall], color="tab:orange")
     ax2.set_yticks(range(len(layers)), [str(i) for i in layers])
     ax2.invert_yaxis()
