@@ -150,3 +150,25 @@ def write_tiny(out: Path, model=None, config: dict = TINY_CONFIG, mix=EXACT_MIX,
     kwargs.setdefault("tokenizer_files", [])
     return write_container(out, config=config, source={"model_id": "test/tiny", "revision": "abc123"},
                            dense=dense, experts=experts, recipe={"name": "test"}, budget={"bits": 3.0}, **kwargs)
+
+
+def assert_container_equals_in_memory_decode(folder: Path, work: Path, container: Path, plan, tokens: torch.Tensor):
+    """The container, loaded with decoded experts in fp32, gives the logits and greedy continuation of the
+    original checkpoint with the plan's decoded tensors swapped in memory (the pack adds nothing)."""
+    import prism_load
+    from prism_convert.compression.workdir import WorkDir
+    from prism_convert.packing.materialize import (
+        apply_in_memory,
+        decoded_state,
+        dense_tensors,
+        planned_experts,
+    )
+
+    works = [WorkDir(work)]
+    state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
+    expected = apply_in_memory(prism_load.load(folder, dtype=torch.float32), state)
+    model = prism_load.load(container, dtype=torch.float32, expert_form="decoded")
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected(tokens))
+    prompt = tokens[:1, :5]
+    assert model.generate(prompt, max_new_tokens=6).tolist() == expected.generate(prompt, max_new_tokens=6).tolist()

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from containers import assert_container_equals_in_memory_decode
 
 import prism_load
 from prism_convert.allocation.bit_plan import BitPlan, Budget
 from prism_convert.compression.compress_layers import run_compress
-from prism_convert.compression.workdir import WorkDir
-from prism_convert.packing.materialize import apply_in_memory, decoded_state, dense_tensors, planned_experts
 from prism_convert.pipeline import pack_work
 from prism_convert.profiling.profiler import run_profile
 from prism_convert.recipe import Recipe
@@ -33,14 +32,7 @@ def packed(request, tiny_checkpoint, tmp_path_factory):
 
 def test_container_equals_in_memory_decode(packed):
     folder, ref, tokens, root, plan = packed
-    works = [WorkDir(root / "work")]
-    state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
-    expected = apply_in_memory(prism_load.load(folder, dtype=torch.float32), state)
-    model = prism_load.load(root / "m.prism", dtype=torch.float32, expert_form="decoded")
-    with torch.no_grad():
-        assert torch.equal(model(tokens), expected(tokens))
-    prompt = tokens[:1, :5]
-    assert model.generate(prompt, max_new_tokens=6).tolist() == expected.generate(prompt, max_new_tokens=6).tolist()
+    assert_container_equals_in_memory_decode(folder, root / "work", root / "m.prism", plan, tokens)
 
 
 def test_plan_json_reads_back_as_the_plan(packed):

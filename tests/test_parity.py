@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from numerics import rel_max_error
-from tiny import CASES
+from tiny import CASES, prefill_then_steps
 
 import prism_load
 
@@ -39,13 +39,8 @@ def test_incremental_decode_matches_full_forward(name, tiny_checkpoint):
     """Logits from prefill + one-token decode steps equal those of one forward over the whole sequence."""
     folder, ref = tiny_checkpoint(name)
     model = prism_load.load(folder, dtype=torch.float32)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 10))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache()
-        steps = [model(ids[:, :6], cache=cache)]
-        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)]
-    assert rel_max_error(torch.cat(steps, dim=1), full) < 1e-5
+    stepped, full, _ = prefill_then_steps(model, torch.randint(0, ref.config.vocab_size, (2, 10)), 6)
+    assert rel_max_error(stepped, full) < 1e-5
 
 
 def test_generate_stops_at_eos(tiny_checkpoint):

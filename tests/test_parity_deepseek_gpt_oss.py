@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from containers import assert_container_equals_in_memory_decode
 from numerics import e2m1_reference, e4m3_reference, rel_max_error
 from safetensors.torch import load_file, save_file
-from tiny import CASES, build_hf_model
+from tiny import CASES, build_hf_model, prefill_then_steps
 
 import prism_load
 from prism_load.errors import CheckpointError, ConfigError
@@ -300,13 +301,8 @@ def test_incremental_decode_matches_full_forward(name, tiny_checkpoint):
     forward over the whole sequence."""
     folder, ref = tiny_checkpoint(name)
     model = prism_load.load(folder, dtype=torch.float32)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 11))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache()
-        steps = [model(ids[:, :5], cache=cache)]
-        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 11)]
-    assert rel_max_error(torch.cat(steps, dim=1), full) < 1e-5
+    stepped, full, cache = prefill_then_steps(model, torch.randint(0, ref.config.vocab_size, (2, 11)), 5)
+    assert rel_max_error(stepped, full) < 1e-5
     assert cache.keys[0].shape[1] == (1 if name.startswith("deepseek") else ref.config.num_key_value_heads)
 
 
@@ -460,14 +456,6 @@ SLOW = pytest.mark.slow
 def test_pipeline_container_equals_in_memory_decode(source, tiny_checkpoint, tmp_path, request):
     """The container of each family (and of the FP8 / MXFP4 sources, dequantised while streaming) loads and
     equals the source model with the same encodings applied in memory; DeepSeek's router stays fp32 in it."""
-    from prism_convert.compression.workdir import WorkDir
-    from prism_convert.packing.materialize import (
-        apply_in_memory,
-        decoded_state,
-        dense_tensors,
-        planned_experts,
-    )
-
     if source == "fp8":
         folder, ref = request.getfixturevalue("fp8_checkpoints")[:2]
     elif source == "mxfp4":
@@ -475,14 +463,7 @@ def test_pipeline_container_equals_in_memory_decode(source, tiny_checkpoint, tmp
     else:
         folder, ref = tiny_checkpoint(source)
     tokens, plan = run_pipeline(folder, tmp_path, ref.config.vocab_size, PIPELINE_RECIPE, extra_bits=1.0)
-    works = [WorkDir(tmp_path / "work")]
-    state = decoded_state(dense_tensors(works), list(planned_experts(works, plan, 0.25, 0.0)))
-    expected = apply_in_memory(prism_load.load(folder, dtype=torch.float32), state)
-    model = prism_load.load(tmp_path / "m.prism", dtype=torch.float32, expert_form="decoded")
-    with torch.no_grad():
-        assert torch.equal(model(tokens), expected(tokens))
-    prompt = tokens[:1, :5]
-    assert model.generate(prompt, max_new_tokens=6).tolist() == expected.generate(prompt, max_new_tokens=6).tolist()
+    assert_container_equals_in_memory_decode(folder, tmp_path / "work", tmp_path / "m.prism", plan, tokens)
     if source not in ("gpt_oss", "mxfp4"):
         assert prism_load.load(tmp_path / "m.prism", dtype=torch.bfloat16).layers[-1].mlp.router.weight.dtype == torch.float32
 

@@ -134,3 +134,14 @@ def save_char_tokenizer(path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
     tok.save(str(path))
     return path
+
+
+def prefill_then_steps(model, ids: torch.Tensor, prefix: int):
+    """(logits of a prefill of `prefix` tokens then one-token steps through the KV cache, logits of one forward
+    over all of ids, the cache): incremental decoding must reproduce the full forward."""
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        steps = [model(ids[:, :prefix], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(prefix, ids.shape[1])]
+    return torch.cat(steps, dim=1), full, cache
