@@ -225,7 +225,7 @@ def test_models_linear_routes_bf16_decode_rows_to_the_kernel(kernel, monkeypatch
 @pytest.fixture(scope="module")
 def q8(kernel):
     if not native.q8_available():
-        pytest.skip("the int8-activation kernel needs AVX-VNNI")
+        pytest.skip("the int8-activation kernel does not run here")
 
 
 def int8_rounded(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -249,6 +249,45 @@ def test_int8_activations_are_the_product_with_x_rounded_per_group(q8, bits, g, 
     check(int8_rounded(x, g), t, bits, g, y)
     exact = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
     assert not torch.equal(y, exact)
+
+
+@pytest.fixture
+def q8_instruction_sets(q8):
+    """Every integer dot product this CPU runs (AVX2 always, its VNNI where it has one); detection restored."""
+    sets = sorted({"AVX2", native.q8_instructions()})
+    yield sets
+    native.q8_force_instructions(None)
+
+
+@pytest.mark.parametrize("bits, g", [(4, 64), (2, 128), (8, 32), (8, 256)])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_int8_activations_give_the_same_bits_with_every_instruction_set(q8_instruction_sets, bits, g, m):
+    """AVX2's vpmaddubsw path (8-bit codes split into nibbles so no int16 sum saturates) and VNNI's vpdpbusd
+    sum the same integers: the outputs are equal bit for bit, including codes of 255 against x8 of +-127."""
+    k = 512
+    t = stored(37, k, bits, g, seed=bits + m)
+    t["qweight"][:3] = 255  # every code at its maximum: the sums that would saturate int16 pairs
+    x = torch.randn(m, k)
+    x[:, ::2] = x[:, ::2].abs().max()  # many x8 at +127 beside them
+    args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
+    outs = {}
+    for name in q8_instruction_sets:
+        native.q8_force_instructions(name)
+        outs[name] = native.int_linear(*args, int8_activations=True)
+    native.q8_force_instructions(None)
+    check(int8_rounded(x, g), t, bits, g, outs["AVX2"])
+    for name, y in outs.items():
+        assert torch.equal(y, outs["AVX2"]), name
+
+
+def test_forcing_instructions_the_cpu_lacks_is_refused(q8):
+    lacking = {"AVX-VNNI", "AVX512-VNNI"} - {native.q8_instructions()}
+    for name in lacking:
+        with pytest.raises(ValueError, match=f"this CPU cannot run {name}"):
+            native.q8_force_instructions(name)
+    with pytest.raises(ValueError, match="unknown instructions 'SSE'"):
+        native.q8_force_instructions("SSE")
+    assert native.q8_instructions() in ("AVX2", "AVX512-VNNI", "AVX-VNNI")
 
 
 @pytest.mark.parametrize("bits, g, m, k", [(4, 32, 1, 256), (2, 64, 5, 256), (4, 64, 1, 96)])

@@ -6,7 +6,7 @@ its own layout and is compute-bound on AVX2, and its one-row bf16 product reads 
 fp32 ones. So (bench/results/kernels.md compares them all):
 - `int_linear` / `BoundIntLinear`: an `int` weight (prism_load/container/codecs.py layout) read as stored,
   exact (int_linear.c); with `int8_activations`, x rounded to int8 per group and multiplied in integers
-  (q8_linear.c, AVX-VNNI; faster, not exact: the opt-in "native-int8" expert kernel);
+  (q8_linear.c: VNNI where the CPU has it, else AVX2; faster, not exact: the "native-int8" kernel);
 - `bf16_linear`: a bf16 weight times up to GEMV_MAX_ROWS bf16 rows (int_linear.c), rounded as torch rounds.
 The C sources are compiled on first use (build.py); when that is impossible `available()` is False and
 `unavailable_reason()` says why, and callers use stock torch ops.
@@ -35,9 +35,29 @@ def unavailable_reason() -> str | None:
 
 
 def q8_available() -> bool:
-    """Whether the int8-activation kernel (q8_linear.c, AVX-VNNI) runs here."""
+    """Whether the int8-activation kernel (q8_linear.c) runs here: wherever the native kernels do."""
     fn = load()[0]
     return fn is not None and fn.q8 is not None
+
+
+def q8_instructions() -> str | None:
+    """The integer dot product q8_linear.c uses on this CPU ("AVX-VNNI", "AVX512-VNNI" or "AVX2"), or None."""
+    fn = load()[0]
+    return None if fn is None else fn.q8_instructions()
+
+
+def q8_force_instructions(name: str | None) -> None:
+    """Make q8_linear.c use these instructions ("AVX2", or the VNNI this CPU has; None: detect), so tests and
+    benchmarks can compare them on one machine. ValueError where the CPU lacks them."""
+    from .build import Q8_INSTRUCTIONS
+
+    codes = {v: k for k, v in Q8_INSTRUCTIONS.items()}
+    if name is not None and name not in codes:
+        raise ValueError(f"unknown instructions {name!r}; expected one of {sorted(codes)}")
+    rc = _kernel().q8_force(0 if name is None else codes[name])
+    if rc == -3:
+        raise ValueError(f"this CPU cannot run {name} (it runs {q8_instructions()})")
+    _check_rc(rc, "q8_force")
 
 
 def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
@@ -235,4 +255,4 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["BITS", "GEMV_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available", "bf16_linear", "int_linear",
-           "q8_available", "q8_takes", "unavailable_reason"]
+           "q8_available", "q8_force_instructions", "q8_instructions", "q8_takes", "unavailable_reason"]

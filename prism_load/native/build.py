@@ -1,6 +1,7 @@
 """Compiles int_linear.c and q8_linear.c (one library) on first use with the system C compiler and loads it
-with ctypes; nothing at install. q8_linear.c's AVX-VNNI code is compiled for that target alone and runs only
-where the CPU reports it (`prism_q8_supported`), so the library itself needs AVX2/FMA/F16C only.
+with ctypes; nothing at install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
+alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
+needs AVX2/FMA/F16C only.
 
 The library lands in $PRISM_CACHE (default ~/.cache/prism) under kernels/<hash of source, flags, compiler
 version and OpenMP library>/, written to a temporary name and renamed, so two processes building at once
@@ -25,6 +26,7 @@ SOURCES = (Path(__file__).with_name("int_linear.c"), Path(__file__).with_name("q
 SOURCE = SOURCES[0]
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
+Q8_INSTRUCTIONS = {1: "AVX2", 2: "AVX512-VNNI", 3: "AVX-VNNI"}  # prism_q8_instructions' codes
 
 
 class NativeUnavailable(RuntimeError):
@@ -126,10 +128,12 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     q8 = lib.prism_q8_linear_packed  # int64 args[13], as prism_int_linear_packed's
     q8.argtypes = [ctypes.c_void_p]
     q8.restype = ctypes.c_int
-    fn.q8 = q8 if lib.prism_q8_supported() else None  # None: the CPU (or the compiler) lacks AVX-VNNI
+    fn.q8 = q8
+    fn.q8_instructions = lambda: Q8_INSTRUCTIONS[lib.prism_q8_instructions()]
+    fn.q8_force = lib.prism_q8_force
     for name in ("prism_int_linear_pair_packed", "prism_q8_linear_pair_packed"):  # two int64 args[13] each
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         getattr(lib, name).restype = ctypes.c_int
     fn.pair = lib.prism_int_linear_pair_packed
-    fn.q8_pair = lib.prism_q8_linear_pair_packed if fn.q8 is not None else None
+    fn.q8_pair = lib.prism_q8_linear_pair_packed
     return fn, None, seconds

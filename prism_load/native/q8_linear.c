@@ -1,6 +1,7 @@
 /* y[m, n] ~= sum_k x[m, k] * w[n, k] with x rounded to int8 per weight group and the products summed in
- * integers by VNNI's vpdpbusd (unsigned codes x signed int8, four products per int32 lane): the decode path
- * of the opt-in `native-int8` expert kernel (prism_load/packed.py), decode and prefill alike.
+ * integers (unsigned codes x signed int8): the `native-int8` kernel of prism_load/packed.py, decode and prefill
+ * alike. The integer dot product is VNNI's vpdpbusd (four products per int32 lane) where the CPU has AVX-VNNI
+ * or AVX512-VNNI, else AVX2's vpmaddubsw + vpmaddwd (prism_q8_instructions says which); the sums are equal.
  *
  * Why: int_linear.c computes exactly (every code widened to fp32, one FMA per code) and is bound by those
  * vector instructions, not by memory; llama.cpp's CPU kernels round activations to int8 the same way
@@ -101,9 +102,6 @@ static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t 
     }
 }
 
-/* The integer dot product of 32 unsigned codes with 32 int8 values, added to eight int32 lanes. */
-#define DOT_VNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
-
 /* For one weight row n and x rows m0.. m0+MT-1, groups gb .. gb+gn-1: sd[m][j] <- s * d (the group's step for
  * the integer sum) and zt[m] += s * z * d * sum(x8) (the zero term, eight groups a vector; F16C). */
 INLINE void q8_group_terms(const q8_problem *P, int64_t n, int64_t m0, const int MT, int64_t gb, int64_t gn,
@@ -200,32 +198,82 @@ INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, cons
         else NAME##_bits(P, n0, n1, 2);                                                                          \
     }
 
+/* AVX2 (no VNNI), as llama.cpp's AVX2 path: vpmaddubsw sums pairs of unsigned x signed bytes into int16 lanes,
+ * vpmaddwd pairs of those into int32. A pair stays below 2^15 for codes up to 4 bits (2 * 15 * 127); 8-bit
+ * codes are split into nibbles, the high one weighted 16 in the int32 step: every sum stays exact. */
+INLINE __m256i dot_avx2_nibbles(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+INLINE __m256i dot_avx2_bytes(__m256i acc, __m256i u, __m256i s) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(u, low), s);
+    __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u, 4), low), s);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi16(1)),
+                                                  _mm256_madd_epi16(hi, _mm256_set1_epi16(16))));
+}
+#define DOT_AVX2(acc, u, s) (bits == 8 ? dot_avx2_bytes(acc, u, s) : dot_avx2_nibbles(acc, u, s))
+Q8_TILE(q8_tile_avx2, DOT_AVX2)
+Q8_ROWS(q8_rows_avx2, q8_tile_avx2)
+
+/* VNNI: one vpdpbusd per 32 products, VEX-encoded (AVX-VNNI: Alder Lake, Sapphire Rapids, Zen 5) or
+ * EVEX-encoded on 256-bit vectors (AVX512-VNNI: Cascade Lake, Ice Lake, Zen 4). Same sums, same order. */
 #if defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11 /* compilers that know AVX-VNNI */
-#define Q8_COMPILED 1
+#define Q8_VNNI_COMPILED 1
 #pragma GCC push_options
 #pragma GCC target("avxvnni")
-Q8_TILE(q8_tile_vnni, DOT_VNNI)
-Q8_ROWS(q8_rows_vnni, q8_tile_vnni)
+#define DOT_AVXVNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+Q8_TILE(q8_tile_avxvnni, DOT_AVXVNNI)
+Q8_ROWS(q8_rows_avxvnni, q8_tile_avxvnni)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512vnni,avx512vl")
+#define DOT_AVX512VNNI(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+Q8_TILE(q8_tile_avx512vnni, DOT_AVX512VNNI)
+Q8_ROWS(q8_rows_avx512vnni, q8_tile_avx512vnni)
 #pragma GCC pop_options
 #else
-#define Q8_COMPILED 0
-static void q8_rows_vnni(const q8_problem *P, int64_t n0, int64_t n1) { (void)P, (void)n0, (void)n1; }
+#define Q8_VNNI_COMPILED 0
 #endif
+
+static int q8_forced; /* 0: what the CPU offers; else prism_q8_force's choice */
+
+/* Which integer dot product this CPU runs: 3 AVX-VNNI, 2 AVX512-VNNI, 1 AVX2 (what the library needs anyway). */
+static int q8_detected(void) {
+    __builtin_cpu_init();
+#if Q8_VNNI_COMPILED
+    if (__builtin_cpu_supports("avxvnni")) return 3;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 2;
+#endif
+    return 1;
+}
+
+int prism_q8_instructions(void) { return q8_forced ? q8_forced : q8_detected(); }
+
+/* Run with the given instructions (1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI; 0: detect again), for tests that compare
+ * them; -3 when this CPU lacks them. Not for concurrent use with running products. */
+int prism_q8_force(int instructions) {
+    if (instructions < 0 || instructions > 3) return -2;
+    const int have = q8_detected();
+    if (instructions && !(instructions == 1 || instructions == have)) return -3;
+    q8_forced = instructions;
+    return 0;
+}
+
+static void q8_rows(const q8_problem *P, int64_t n0, int64_t n1, int instructions) {
+#if Q8_VNNI_COMPILED
+    if (instructions == 3) q8_rows_avxvnni(P, n0, n1);
+    else if (instructions == 2) q8_rows_avx512vnni(P, n0, n1);
+    else q8_rows_avx2(P, n0, n1);
+#else
+    (void)instructions;
+    q8_rows_avx2(P, n0, n1);
+#endif
+}
 
 /* Rows per scheduling chunk: a multiple of 4 that depends on N only (about 32 chunks per call). */
 static int64_t q8_chunk_rows(int64_t N) {
     int64_t rows = (N / 32 + 3) & ~(int64_t)3;
     return rows < 4 ? 4 : rows;
-}
-
-/* Whether this CPU runs the kernel (AVX-VNNI: Alder Lake, Sapphire Rapids, Zen 5 and later). */
-int prism_q8_supported(void) {
-#if Q8_COMPILED
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avxvnni");
-#else
-    return 0;
-#endif
 }
 
 /* P <- the problem of these arguments; -2 for arguments the kernel does not take. */
@@ -257,22 +305,22 @@ static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int thr
         bytes += P[i].N * P[i].ldq;
     }
     if (threads < 1 || bytes < Q8_SERIAL_BYTES) threads = 1;
+    const int instructions = prism_q8_instructions();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
     for (int64_t c = 0; c < first[count]; c++) {
         const int i = c >= first[1];
         const int64_t n0 = (c - first[i]) * step[i];
-        q8_rows_vnni(&P[i], n0, q8_min(n0 + step[i], P[i].N));
+        q8_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), instructions);
     }
     free(xq);
     return 0;
 }
 
-/* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take, -3 on a CPU without VNNI. */
+/* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take. */
 int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
                     const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads) {
     q8_problem P;
     if (q8_make(ldx, M, K, qweight, scales, zeros, N, bits, g, y, ldy, &P)) return -2;
-    if (!prism_q8_supported()) return -3;
     return q8_run(&P, 1, x, ldx, threads);
 }
 
@@ -298,6 +346,5 @@ int prism_q8_linear_pair_packed(const int64_t *a, const int64_t *b) {
                     (const uint16_t *)(intptr_t)v[6], v[7], (int)v[8], v[9], (float *)(intptr_t)v[10], v[11], &P[i]))
             return -2;
     }
-    if (!prism_q8_supported()) return -3;
     return q8_run(P, 2, (const float *)(intptr_t)a[0], a[1], (int)a[12]);
 }
