@@ -1,8 +1,8 @@
 """Matmul kernels on expert-shaped weights: prism's native `int` kernel (prism_load/native) against stock torch.
 
 y = x @ w.T for w [N, K] at M rows of x, on the same threads: native int2, int4 and int8 on the container's
-stored bytes (fp32 x, exact), the same with x rounded to int8 per group (AVX-VNNI, expert_kernel="native-int8";
-where the CPU lacks VNNI these rows time the exact kernel), the runtime's dense bf16 product (linear(): prism's
+stored bytes (fp32 x, exact), the same with x rounded to int8 per group (expert_kernel="native-int8"; VNNI
+where the CPU has it, else AVX2, named in the results), the runtime's dense bf16 product (linear(): prism's
 bf16 kernel up to 4 rows, torch beyond), torch's tinygemm int4 (`_weight_int4pack_mm_for_cpu`, bf16 x, its own packed layout), torch's
 int8 (`_weight_int8pack_mm`, per-row scales), and dense fp32 and bf16 F.linear. Methods are timed round-robin
 (each round calls every method once, in a rotated order) so a shared machine's load falls on all alike; the

@@ -1,10 +1,10 @@
-"""What the packed fast tier costs in quality (issue 14): the default runtime (experts packed, bf16 dense weights
-and activations) against the fp32 reference path (experts decoded to fp32) on the same container.
+"""What the packed fast tier costs in quality (issue 14): the default runtime (experts packed, bf16 dense weights,
+fp32 activations on the CPU) against the fp32 reference path (experts decoded to fp32) on the same container.
 
 On the reference model at 4.25 bits (bench_runtime's container): KL(fp32 decoded || candidate) and top-1
 agreement on held-out prose and code, and whether greedy continuations of the README's demo prompt agree, for
-each kernel the packed form can use here (auto = the default, native, int4pack, dequant) in bf16 and, for
-the native kernel, in fp32 (its own rounding apart from bf16's). Writes bench/results/packed.json and .md.
+each kernel the packed form can use here, with fp32 activations (the CPU default) and with bf16 activations
+(compute_dtype=bf16), and the native kernel in fp32 throughout (its own rounding apart from bf16's). Writes bench/results/packed.json and .md.
 
     python bench/bench_packed.py [--container PATH] [--samples 8] [--seq-len 256]
 """
@@ -24,13 +24,15 @@ from prism_convert.profiling.profiler import calibration_tokens
 from prism_convert.tools.evaluate import compare_models
 
 DEMO_PROMPT = "def fibonacci(n):"
+BF16 = torch.bfloat16
 VARIANTS = [  # name, load options
-    ("packed, bf16 (default)", {}),
-    ("packed native, bf16", {"expert_kernel": "native"}),
-    ("packed int4pack, bf16", {"expert_kernel": "int4pack"}),
-    ("packed dequant, bf16", {"expert_kernel": "dequant"}),
-    ("packed native-int8 (int8 activations), bf16", {"expert_kernel": "native-int8"}),
-    ("decoded, bf16", {"expert_form": "decoded"}),
+    ("packed, default (bf16 weights, fp32 activations)", {}),
+    ("packed native-int8, fp32 activations", {"expert_kernel": "native-int8"}),
+    ("packed native, bf16 activations", {"expert_kernel": "native", "compute_dtype": BF16}),
+    ("packed int4pack, bf16 activations", {"expert_kernel": "int4pack", "compute_dtype": BF16}),
+    ("packed dequant, bf16 activations", {"expert_kernel": "dequant", "compute_dtype": BF16}),
+    ("packed native-int8, bf16 activations", {"expert_kernel": "native-int8", "compute_dtype": BF16}),
+    ("decoded, bf16 activations", {"expert_form": "decoded", "compute_dtype": BF16}),
     ("packed native, fp32", {"expert_kernel": "native", "dtype": torch.float32}),
 ]
 

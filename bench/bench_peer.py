@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's prism, in this process and (PYTHONPATH) in the measured ones
 
-from common import RESULTS, write_report  # noqa: E402
+from common import RESULTS, machine, write_report  # noqa: E402
 from peer_checkpoint import Shape, make_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -335,7 +335,7 @@ def markdown(result: dict) -> str:
              f"{result['tokens']} tokens greedy, median of {result['repeats']} repeats, one fresh process per model, "
              f"{result.get('rounds', 1)} round(s) in turn: medians, ratios the median of each round's)",
              "", f"llama-cpp-python {result['llama_cpp_version']}; prism at {result['prism_commit']}. Load average "
-             f"before / after: {result['load_before']} / {result['load_after']}.", ""]
+             f"before / after: {result['load_before']} / {result['load_after']}.", "", machine_line(result), ""]
     for s in result["shapes"]:
         lines += [f"## {shape_title(s)}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(cells(r)) + " |" for r in s["rows"]]
@@ -346,6 +346,19 @@ def markdown(result: dict) -> str:
         lines += [f"| {t['name']} | {t['figure']} | {t['ratio']:.2f} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
                   for t in result["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def q8_instructions() -> str | None:
+    from prism_load import native
+
+    return native.q8_instructions() if native.available() else None
+
+
+def machine_line(result: dict) -> str:
+    m = result.get("machine", {})
+    q8 = result.get("q8_instructions")
+    return (f"CPU: {m.get('cpu', '?')} ({', '.join(m.get('cpu_features', [])) or 'features not recorded'})"
+            + (f"; prism's int8-activation kernel uses {q8}" if q8 else "") + ".")
 
 
 def conversion_note(t: dict) -> str:
@@ -399,7 +412,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128, help="prism's calibration sequences (of 256 tokens)")
     ap.add_argument("--kernels", default="auto,native-int8",
                     help="prism's expert kernels to measure, comma-separated (load()'s expert_kernel; native-int8 "
-                         "rounds decode activations to int8 as llama.cpp does, where the CPU has AVX-VNNI)")
+                         "rounds activations to int8 per group as llama.cpp does)")
     ap.add_argument("--recipes", default="uniform,own", help="prism conversions to make and measure: uniform "
                     "(int4/g128) and/or own (prism's allocation at 4.25 bits, about 5x longer to convert)")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
@@ -430,7 +443,8 @@ def main() -> None:
     result = {"threads": args.threads, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
               "repeats": args.repeats, "samples": args.samples, "llama_cpp_version": llama_cpp.__version__,
               "llama_src": str(llama_dir), "prism_commit": commit, "load_before": load_before,
-              "load_after": [round(x, 2) for x in os.getloadavg()], "shapes": shapes, "targets": targets(shapes)}
+              "load_after": [round(x, 2) for x in os.getloadavg()], "shapes": shapes, "targets": targets(shapes),
+              "machine": machine(), "q8_instructions": q8_instructions()}
     path = write_report(args.name, result, markdown(result))
     print_tables(result)
     log(f"wrote {path} and {RESULTS / (args.name + '.md')}")

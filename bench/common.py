@@ -19,10 +19,31 @@ def reference(preset: str = "full") -> Path:
 
 
 def machine() -> dict:
+    """What ran a benchmark: results from different CPUs are not comparable (the figures in bench/results come
+    from more than one machine), so the CPU's model name and the vector extensions the kernels use are kept."""
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
+            "cpu_features": cpu_features(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """The extensions among those prism's and torch's CPU kernels choose by (AVX2 up to AMX)."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [w for w in wanted if w in flags]
 
 
 def write_result(name: str, data: dict) -> Path:

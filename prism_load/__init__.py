@@ -25,8 +25,8 @@ def generate(model, prompt, max_new_tokens=None, *, stream=False, stop=None, **o
     return generate_text(model, prompt, max_new_tokens, stream=stream, stop=stop, **options)
 
 
-def load(path, dtype=None, device="cpu", *, config=None, revision=None, token=None, cache_dir=None,
-         local_files_only=None, download_experts="lazy", **options):
+def load(path, dtype=None, device="cpu", *, compute_dtype=None, config=None, revision=None, token=None,
+         cache_dir=None, local_files_only=None, download_experts="lazy", **options):
     """Load a model: a .prism container folder (manifest.json) or a Hugging Face checkpoint folder.
 
     Returns a torch.nn.Module: `model(input_ids)` gives logits [B, T, V]; `model.generate(...)` decodes.
@@ -34,8 +34,10 @@ def load(path, dtype=None, device="cpu", *, config=None, revision=None, token=No
     huggingface_hub (`revision`, `token`, `cache_dir`, `local_files_only`, else HF_HUB_OFFLINE): manifest,
     dense shards and tokenizer first, expert shards on demand (`download_experts="lazy"`) or all at once ("all").
 
-    dtype: bfloat16 unless given (dense weights and activations; pass torch.float32 for the reference
-    arithmetic, as the parity tests do).
+    dtype: the dense weights' dtype, bfloat16 unless given (torch.float32 for the reference arithmetic, as the
+    parity tests use). compute_dtype: the activations' (and the KV cache's) dtype; unless given, float32 on the
+    CPU, where bf16 arithmetic costs accuracy and no bandwidth (prism_load/models/precision.py), and `dtype`
+    on a GPU. Routers, norms and biases are held in compute_dtype, the big matrices in dtype.
 
     Everything else is a `RuntimeConfig` (prism_load/runtime/config.py, where each option is described):
     pass `config=RuntimeConfig(...)`, or its fields as keywords. Container options: `verify_checksums`
@@ -56,18 +58,21 @@ def load(path, dtype=None, device="cpu", *, config=None, revision=None, token=No
     hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     if is_repo_id(path):
         return _load_from_hub(str(path), **hub, download_experts=download_experts, dtype=dtype, device=device,
-                              config=config, **options)
+                              compute_dtype=compute_dtype, config=config, **options)
     if any(v is not None for v in hub.values()) or download_experts != "lazy":
         raise TypeError(f"{path}: revision, token, cache_dir, local_files_only and download_experts apply to "
                         "Hub repo ids, not to local folders")
 
+    from .models.precision import default_compute_dtype
+
     dtype = dtype or torch.bfloat16
+    compute_dtype = compute_dtype or default_compute_dtype(dtype, device)
     # An inference model: no parameter asks autograd to record (a call outside no_grad would otherwise build
     # a graph each step, and refuse experts loaded under inference_mode by generate).
-    return _open(Path(path), dtype, device, config, options).requires_grad_(False)
+    return _open(Path(path), dtype, device, config, options, compute_dtype).requires_grad_(False)
 
 
-def _open(folder, dtype, device, config, options):
+def _open(folder, dtype, device, config, options, compute_dtype):
     from .runtime.config import RuntimeConfig
 
     container = (folder / "manifest.json").is_file()
@@ -84,16 +89,16 @@ def _open(folder, dtype, device, config, options):
     if config.expert_cache is not None:
         from .runtime import load_cached
 
-        return load_cached(folder, dtype, device, config)
+        return load_cached(folder, dtype, device, config, compute_dtype)
     if container:
         from .container.loader import load_container
 
         return load_container(folder, dtype=dtype, device=device, verify_checksums=config.verify_checksums,
                               resolve_file=config.resolve_file, expert_form=config.expert_form or "packed",
-                              expert_kernel=config.expert_kernel)
+                              expert_kernel=config.expert_kernel, compute_dtype=compute_dtype)
     from .hf_loader import load_hf
 
-    return load_hf(folder, dtype=dtype, device=device)
+    return load_hf(folder, dtype=dtype, device=device, compute_dtype=compute_dtype)
 
 
 def _load_from_hub(repo_id: str, *, revision, token, cache_dir, local_files_only, download_experts, config,

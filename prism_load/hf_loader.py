@@ -13,6 +13,7 @@ from .models.base import Family, ModelArgs
 from .models.family import family_for
 from .models.model import MoEForCausalLM
 from .models.moe import MoEBlock
+from .models.precision import held_dtype
 from .models.rope import Rotary
 
 
@@ -49,15 +50,18 @@ def stack_experts(experts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 def layer_state(
-    ckpt: Checkpoint, family: Family, args: ModelArgs, layer: nn.Module, dtype: torch.dtype, experts: bool = True
+    ckpt: Checkpoint, family: Family, args: ModelArgs, layer: nn.Module, dtype: torch.dtype, experts: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read one layer's tensors (shapes checked against the module); routed experts stacked if asked."""
+    """Read one layer's tensors (shapes checked against the module); routed experts stacked if asked. Big
+    matrices in `dtype`, the rest in `compute_dtype` (models/precision.py)."""
     i = layer.index
     state = {}
     for key, p in layer.state_dict(keep_vars=True).items():
         if key.startswith("mlp.experts."):
             continue
-        state[key] = _read(ckpt, family, family.checkpoint_name(args, i, key), dtype, tuple(p.shape))
+        state[key] = _read(ckpt, family, family.checkpoint_name(args, i, key),
+                           held_dtype(layer, key, dtype, compute_dtype), tuple(p.shape))
     if experts and isinstance(layer.mlp, MoEBlock):
         per_expert = [family.expert_tensors(args, i, e, ckpt, dtype) for e in range(args.num_experts)]
         for key, value in stack_experts(per_expert).items():
@@ -73,9 +77,11 @@ def load_layer(ckpt: Checkpoint, family: Family, args: ModelArgs, i: int, dtype:
     return layer
 
 
-def top_level_state(ckpt: Checkpoint, family: Family, args: ModelArgs, model: nn.Module, dtype) -> dict:
+def top_level_state(ckpt: Checkpoint, family: Family, args: ModelArgs, model: nn.Module, dtype,
+                    compute_dtype: torch.dtype | None = None) -> dict:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    return {key: _read(ckpt, family, name, dtype, shapes[key]) for key, name in family.top_level_names(args).items()}
+    return {key: _read(ckpt, family, name, held_dtype(model, key, dtype, compute_dtype), shapes[key])
+            for key, name in family.top_level_names(args).items()}
 
 
 def load_tokenizer(path: Path | None):
@@ -86,13 +92,16 @@ def load_tokenizer(path: Path | None):
     return Tokenizer.from_file(str(path))
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MoEForCausalLM:
-    """Load a whole checkpoint folder as a resident prism model."""
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            compute_dtype: torch.dtype | None = None) -> MoEForCausalLM:
+    """Load a whole checkpoint folder as a resident prism model (compute_dtype: as load_container's)."""
     ckpt, family, args = open_checkpoint(path)
     model = empty_model(family, args)
-    model.load_state_dict(top_level_state(ckpt, family, args, model, dtype), assign=True, strict=False)
+    model.load_state_dict(top_level_state(ckpt, family, args, model, dtype, compute_dtype), assign=True, strict=False)
     for layer in model.layers:
-        layer.load_state_dict(layer_state(ckpt, family, args, layer, dtype), assign=True, strict=True)
+        layer.load_state_dict(layer_state(ckpt, family, args, layer, dtype, compute_dtype=compute_dtype), assign=True,
+                              strict=True)
+    model.compute_dtype = compute_dtype
     model.tie_weights()
     model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
     model.generation_config = GenerationConfig.from_folder(ckpt.folder)

@@ -17,7 +17,8 @@ the cores by as much. Here an `int` tensor stays packed and one of three kernels
   puts tensors here although a kernel exists for others warns (prism_load.load never falls back to
   fp32-sized memory silently).
 - `native-int8` (opt-in, never chosen by "auto"): the native kernel's memory form, but x is rounded to int8
-  per weight group and multiplied in integers (AVX-VNNI, q8_linear.c), as llama.cpp's CPU kernels do:
+  per weight group and multiplied in integers (q8_linear.c: VNNI where the CPU has it, else AVX2), as
+  llama.cpp's CPU kernels do:
   faster where the exact kernel is bound by its vector instructions, and not exact (bench/results/packed.md
   measures its KL). Tensors whose groups the kernel cannot take run the exact kernel.
 

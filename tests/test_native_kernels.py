@@ -190,6 +190,23 @@ def test_bf16_linear_is_the_fp64_product_rounded_to_bf16(kernel, m, n, k, with_b
     assert (y == ref.bfloat16()).float().mean() > 0.99  # round to nearest: all but near-ties agree
 
 
+@pytest.mark.parametrize("m, n, k", [(1, 1024, 1024), (4, 37, 1000), (2, 8, 7)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_with_fp32_x_is_the_product_of_the_widened_weight(kernel, m, n, k, with_bias):
+    """An fp32 x (and bias) against a bf16 weight: the fp32 product of the weight widened to fp32, nothing
+    rounded to bf16 (a bf16-weight model computing in fp32)."""
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen)
+    b = torch.randn(n, generator=gen) if with_bias else None
+    y = native.bf16_linear(x, w, b)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    bound = 1e-6 * x.double().norm(dim=1, keepdim=True) * w.double().norm(dim=1) + 1e-6 * ref.abs()
+    assert ((y.double() - ref).abs() <= bound).all()
+    assert not torch.equal(y, y.bfloat16().float())  # not rounded to bf16 on the way
+
+
 def test_bf16_linear_takes_views_and_leading_shapes(kernel):
     w_wide = torch.randn(40, 80).bfloat16()
     w = w_wide[:, 10:74]  # row stride 80
@@ -202,7 +219,8 @@ def test_bf16_linear_takes_views_and_leading_shapes(kernel):
 def test_bf16_linear_declines_what_it_does_not_take(kernel):
     w = torch.randn(8, 16).bfloat16()
     assert native.bf16_linear(torch.randn(5, 16).bfloat16(), w) is None  # prefill rows: torch's matrix product
-    assert native.bf16_linear(torch.randn(1, 16), w) is None  # fp32 x
+    assert native.bf16_linear(torch.randn(1, 16).half(), w) is None  # fp16 x
+    assert native.bf16_linear(torch.randn(1, 16), w, torch.randn(8).bfloat16()) is None  # fp32 x, bf16 bias
     assert native.bf16_linear(torch.randn(1, 16).bfloat16(), w.float()) is None
     assert native.bf16_linear(torch.randn(1, 16).bfloat16(), w.t().contiguous().t()) is None  # column-major
     assert native.bf16_linear(torch.randn(1, 16).bfloat16(), w, torch.randn(8)) is None  # fp32 bias
@@ -218,7 +236,23 @@ def test_models_linear_routes_bf16_decode_rows_to_the_kernel(kernel, monkeypatch
     linear_module.linear(torch.randn(1, 1, 64).bfloat16(), w)
     linear_module.linear(torch.randn(1, 9, 64).bfloat16(), w)  # prefill: torch
     linear_module.linear(torch.randn(1, 64), w.float())  # fp32: torch
-    assert calls == [(1, 1, 64)]
+    linear_module.linear(torch.randn(2, 64), w)  # fp32 x, bf16 weight: the kernel's fp32 form
+    assert calls == [(1, 1, 64), (2, 64)]
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+def test_fp32_x_against_a_bf16_weight_is_the_widened_product_block_by_block(monkeypatch, rows):
+    """linear() of an fp32 x and a bf16 weight (bf16 weights computing in fp32): the product with the weight
+    widened to fp32, also when the widening goes a block of rows at a time (a big LM head), bias included."""
+    from prism_load.models import linear as linear_module
+
+    w, b = torch.randn(70, 48).bfloat16(), torch.randn(70)
+    x = torch.randn(1, rows, 48)
+    want = torch.nn.functional.linear(x, w.float(), b)
+    assert torch.allclose(linear_module.linear(x, w, b), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(linear_module, "UPCAST_CHUNK_BYTES", 48 * 4 * 16)  # 16 rows at a time: 5 blocks
+    got = linear_module.widened_linear(x, w, b)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 # -- int8 activations (q8_linear.c, opt-in) ------------------------------------------------------------------

@@ -282,14 +282,22 @@ def test_mxfp4_layout_agrees_with_transformers_own_loader(mxfp4_checkpoint):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "gpt_oss"])
-def test_bfloat16_load_keeps_deepseek_router_in_fp32(name, tiny_checkpoint):
+def test_bfloat16_load_holds_routers_as_the_arithmetic_needs(name, tiny_checkpoint):
+    """bf16 weights computing in fp32 (the CPU default): every router in fp32 with the big matrices in bf16. With
+    bf16 arithmetic asked for, DeepSeek's router stays fp32 as transformers keeps it, GPT-OSS's is bf16."""
     folder, ref = tiny_checkpoint(name)
-    model = prism_load.load(folder, dtype=torch.bfloat16)
-    router = model.layers[-1].mlp.router
-    assert router.weight.dtype == (torch.float32 if name.startswith("deepseek") else torch.bfloat16)
-    assert model.layers[-1].self_attn.o_proj.weight.dtype == torch.bfloat16
-    out = model.generate(torch.randint(0, ref.config.vocab_size, (1, 5)), max_new_tokens=4, eos_token_id=[])
-    assert out.shape == (1, 9)
+    for compute, router_dtype in ((None, torch.float32),
+                                  (torch.bfloat16, torch.float32 if name.startswith("deepseek") else torch.bfloat16)):
+        model = prism_load.load(folder, dtype=torch.bfloat16, compute_dtype=compute)
+        router = model.layers[-1].mlp.router
+        assert router.weight.dtype == router_dtype
+        assert model.layers[-1].self_attn.o_proj.weight.dtype == torch.bfloat16
+        assert model.embed_tokens.weight.dtype == torch.bfloat16
+        ids = torch.randint(0, ref.config.vocab_size, (1, 5))
+        with torch.no_grad():
+            assert model(ids).dtype == (compute or torch.float32)
+        out = model.generate(ids, max_new_tokens=4, eos_token_id=[])
+        assert out.shape == (1, 9)
 
 
 # --- cached decoding ---------------------------------------------------------------------------------------------

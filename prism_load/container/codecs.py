@@ -97,7 +97,7 @@ class CodesLinear:
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight())
+        return linear(x, self.weight())
 
     @property
     def nbytes(self) -> int:

@@ -20,6 +20,7 @@ from ..generation_config import GenerationConfig
 from ..hf_loader import stack_experts
 from ..models.model import MoEForCausalLM
 from ..models.moe import ExpertWeights, MoEBlock
+from ..models.precision import held_dtype
 from ..models.rope import Rotary
 from ..packed import NATIVE, ExpertPacker, fallback_warning, fuse_qkv, packable_dense, swap_dense
 from ..runtime.stores import map_weights, pack_into, packed_nbytes
@@ -40,8 +41,10 @@ class ResidentExperts(nn.Module):
 
 
 def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,
-               expert_form: str = "decoded", kernel: str = "auto", device: str | torch.device = "cpu") -> None:
-    """Decode every dense tensor of the container into `model` (owned copies; fp32 where the family keeps it).
+               expert_form: str = "decoded", kernel: str = "auto", device: str | torch.device = "cpu",
+               compute_dtype: torch.dtype | None = None) -> None:
+    """Decode every dense tensor of the container into `model` (owned copies): big matrices in `dtype`, the
+    rest in `compute_dtype` (models/precision.py), fp32 where the family keeps it.
     With the packed form and a native kernel (auto, native, native-int8) on a CPU where it runs, the `int`
     weights of dense Linear layers stay as stored (packed.PackedDense), as the experts do; with the dequant or
     int4pack kernels (the references) they are decoded."""
@@ -50,28 +53,32 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
     _check_dense_names(model, dense)
     packed = expert_form == "packed" and (kernel == "auto" or kernel in NATIVE)
     kept = packable_dense(model, dense, device) if packed else set()
-    state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name, dtype)),
+    state = {name: owned(decode(enc, t, dense_decode_dtype(family, args, name,
+                                                           held_dtype(model, name, dtype, compute_dtype))),
                          {x.untyped_storage().data_ptr() for x in t.values()})
              for name, (enc, t) in dense.items() if name not in kept}
     model.load_state_dict(state, assign=True, strict=False)
+    model.compute_dtype = compute_dtype
     swap_dense(model, dense, kept, kernel)
     fuse_qkv(model)
 
 
 def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
                    verify_checksums: bool = True, resolve_file: ResolveFile | None = None,
-                   expert_form: str = "packed", expert_kernel: str = "auto") -> MoEForCausalLM:
+                   expert_form: str = "packed", expert_kernel: str = "auto",
+                   compute_dtype: torch.dtype | None = None) -> MoEForCausalLM:
     """Open, validate and load a container; with verify_checksums every byte read is checked.
     expert_form "packed" (the default) keeps every expert as stored, multiplied by a kernel that reads that
     form (prism_load/packed.py): the model needs the container's bytes, not fp32's. "decoded" expands them to
-    dense `dtype` weights (the reference the packed kernels are tested against)."""
+    dense `dtype` weights (the reference the packed kernels are tested against). compute_dtype: the activations'
+    dtype where it differs from `dtype` (models/precision.py; None: `dtype`)."""
     if expert_form not in ("packed", "decoded"):
         raise ContainerError(f"expert_form={expert_form!r}: a resident container is 'packed' or 'decoded'")
     with Container(path, resolve_file) as c:
         family, args = model_args(c.config)
         model = build_skeleton(family, args)
         packer = ExpertPacker(dtype, device, expert_kernel) if expert_form == "packed" else None
-        load_dense(c, model, dtype, verify_checksums, expert_form, expert_kernel, device)
+        load_dense(c, model, dtype, verify_checksums, expert_form, expert_kernel, device, compute_dtype)
         for i, block in model.moe_blocks():
             if packer is None:
                 experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums)

@@ -34,6 +34,9 @@ class MoEForCausalLM(nn.Module):
         self.layer_hook = None  # called as hook(layer_index, hidden) after each layer (runtime prefetch)
         self._runtime = None  # set through `runtime` by prism_load/runtime/attach.py
         self.hub = None  # the Hub snapshot (prism_load.hub.HubSnapshot) when loaded from a repo id, else None
+        # the activations' dtype where it differs from the weights' (bf16 weights computing in fp32 on CPUs:
+        # prism_load/models/precision.py); set by the loaders, None: the embedding's dtype
+        self.compute_dtype: torch.dtype | None = None
 
     # -- the runtime (prism_load/runtime) of a model loaded with an expert_cache --------------------------
     # Absent (AttributeError) on a model without one, so `hasattr(model, "stats")` says whether it has one.
@@ -85,6 +88,8 @@ class MoEForCausalLM(nn.Module):
         """attention_mask (1 real, 0 padding), as in transformers: [B, T] over the new tokens, or [B, S] over the
         cached and new ones; a cache remembers the padding of earlier calls."""
         x = self.embed_tokens(input_ids)
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
         ctx = self.context(input_ids.shape[0], input_ids.shape[1], cache, x.device, x.dtype, attention_mask)
         for layer in self.layers:
             x = layer(x, ctx)

@@ -226,14 +226,16 @@ GEMV_MAX_ROWS = 4  # rows of x bf16_linear takes (decode); more rows are a matri
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """F.linear for a bf16 x of at most GEMV_MAX_ROWS rows (any leading shape) and a bf16 weight [N, K] on
-    the CPU, rounded to bf16 as torch rounds; None where the kernel does not take the arguments (the caller
-    uses torch). Why: torch's one-row bf16 product is slower than its fp32 one on most CPUs, although it
-    reads half the bytes (see int_linear.c)."""
-    if not (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and weight.dim() == 2 and x.dim() >= 1
-            and x.shape[-1] == weight.shape[1] and x.is_cpu and weight.is_cpu and weight.stride(1) == 1
-            and weight.shape[1] > 0 and weight.stride(0) >= weight.shape[1]
-            and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_cpu and bias.is_contiguous()
+    """F.linear for a bf16 weight [N, K] and x of at most GEMV_MAX_ROWS rows (any leading shape) on the CPU:
+    a bf16 x (and bias) gives a bf16 result rounded as torch rounds; an fp32 x (and bias) gives the fp32 product
+    with the weight widened to fp32 (a bf16-weight model computing in fp32). None where the kernel does not take
+    the arguments (the caller uses torch). Why: torch's one-row bf16 product is slower than its fp32 one on most
+    CPUs, although it reads half the bytes, and torch multiplies no fp32 x by a bf16 weight (see int_linear.c)."""
+    io = x.dtype
+    if not (io in (torch.bfloat16, torch.float32) and weight.dtype is torch.bfloat16 and weight.dim() == 2
+            and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.is_cpu and weight.is_cpu
+            and weight.stride(1) == 1 and weight.shape[1] > 0 and weight.stride(0) >= weight.shape[1]
+            and (bias is None or (bias.dtype is io and bias.is_cpu and bias.is_contiguous()
                                   and bias.shape == (weight.shape[0],)))):
         return None
     k, n = weight.shape[1], weight.shape[0]
@@ -246,10 +248,11 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2 = x.reshape(rows, k)
     if x2.stride(1) != 1 or (rows > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    out = torch.empty(rows, n, dtype=io)
     args = _args()
-    args[:11] = (x2.data_ptr(), max(x2.stride(0), k), rows, k, weight.data_ptr(), weight.stride(0), n,
-                 0 if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads())
+    args[:12] = (x2.data_ptr(), max(x2.stride(0), k), rows, k, weight.data_ptr(), weight.stride(0), n,
+                 0 if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads(),
+                 int(io is torch.float32))
     _check_rc(fn.gemv(ctypes.addressof(args)), "bf16_linear")
     return out.view(*x.shape[:-1], n)
 

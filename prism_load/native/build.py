@@ -121,7 +121,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn = lib.prism_int_linear_packed  # int64 args[13]: see int_linear.c
     fn.argtypes = [ctypes.c_void_p]
     fn.restype = ctypes.c_int
-    gemv = lib.prism_bf16_gemv_packed  # int64 args[11]
+    gemv = lib.prism_bf16_gemv_packed  # int64 args[12]
     gemv.argtypes = [ctypes.c_void_p]
     gemv.restype = ctypes.c_int
     fn.gemv = gemv

@@ -435,11 +435,13 @@ static int run_gemm(const problem *P, int bits, int threads) {
 
 /* ---- bf16 matrix-vector product ---------------------------------------------------------------------- */
 
-/* y = x @ w.T (+ bias) for bf16 x [M <= GEMV_MAX_M, K] and w [N, K], rounded to bf16 as torch rounds (to
- * nearest even). Why: torch's bf16 product of one row is compute-bound on CPUs without bf16 vector
- * arithmetic and reads bf16 weights no faster than fp32 ones, so a bf16 model lost the bandwidth it saves
- * (bench/results/kernels_*.md). Here a bf16 weight becomes fp32 by a 16-bit shift (exact) and meets x in
- * fp32 FMAs: exact products, fp32 sums, as torch's product (in another order). */
+/* y = x @ w.T (+ bias) for x [M <= GEMV_MAX_M, K] and a bf16 w [N, K]: x, bias and y bf16 (y rounded to bf16
+ * as torch rounds, to nearest even), or with io_fp32 all three fp32 (a bf16-weight model that computes in
+ * fp32). Why: torch's bf16 product of one row is compute-bound on CPUs without bf16 vector arithmetic and
+ * reads bf16 weights no faster than fp32 ones, so a bf16 model lost the bandwidth it saves
+ * (bench/results/kernels_*.md); and torch has no product of an fp32 x with a bf16 weight at all. Here a bf16
+ * weight becomes fp32 by a 16-bit shift (exact) and meets x in fp32 FMAs: exact products, fp32 sums, as
+ * torch's product of the widened weight (in another order). */
 #define GEMV_MAX_M 4
 
 INLINE __m256 bf16x8(const uint16_t *p) {
@@ -461,8 +463,8 @@ INLINE uint16_t bf16_round(float f) {
 }
 
 /* Rows n0 .. n0+NR-1 of y for x rows m0 .. m0+MT-1 (x already widened to fp32, xf [M][K]). */
-INLINE void gemv_tile(const float *xf, int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
-                      uint16_t *y, int64_t ldy, int64_t n0, int64_t m0, const int NR, const int MT) {
+INLINE void gemv_tile(const float *xf, int64_t K, const uint16_t *w, int64_t ldw, const void *bias,
+                      void *y, int64_t ldy, int io_fp32, int64_t n0, int64_t m0, const int NR, const int MT) {
     __m256 acc[4][GEMV_MAX_M][2];
     const int64_t ahead = AHEAD_TILES * NR * ldw; /* the rows two tiles on, as the direct path prefetches */
     const uint16_t *row[4];
@@ -487,44 +489,53 @@ INLINE void gemv_tile(const float *xf, int64_t K, const uint16_t *w, int64_t ldw
         UNROLL for (int m = 0; m < MT; m++) {
             float v = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
             for (int64_t j = k; j < K; j++) v += bf16_float(row[r][j]) * xf[(m0 + m) * K + j];
-            if (bias) v += bf16_float(bias[n0 + r]);
-            y[(m0 + m) * ldy + n0 + r] = bf16_round(v);
+            const int64_t at = (m0 + m) * ldy + n0 + r;
+            if (io_fp32) {
+                if (bias) v += ((const float *)bias)[n0 + r];
+                ((float *)y)[at] = v;
+            } else {
+                if (bias) v += bf16_float(((const uint16_t *)bias)[n0 + r]);
+                ((uint16_t *)y)[at] = bf16_round(v);
+            }
         }
 }
 
-static void gemv_rows(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
-                      uint16_t *y, int64_t ldy, int64_t n0, int64_t n1) {
+static void gemv_rows(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, const void *bias,
+                      void *y, int64_t ldy, int io_fp32, int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += GEMV_MAX_M) {
         int64_t mt = min64(M - m0, GEMV_MAX_M), n = n0;
         if (mt == 1) {
-            for (; n + 4 <= n1; n += 4) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 4, 1);
-            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 1);
+            for (; n + 4 <= n1; n += 4) gemv_tile(xf, K, w, ldw, bias, y, ldy, io_fp32, n, m0, 4, 1);
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, io_fp32, n, m0, 1, 1);
         } else if (mt == 2) {
-            for (; n + 2 <= n1; n += 2) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 2, 2);
-            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 2);
+            for (; n + 2 <= n1; n += 2) gemv_tile(xf, K, w, ldw, bias, y, ldy, io_fp32, n, m0, 2, 2);
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, io_fp32, n, m0, 1, 2);
         } else if (mt == 3) {
-            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 3);
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, io_fp32, n, m0, 1, 3);
         } else {
-            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, n, m0, 1, 4);
+            for (; n < n1; n++) gemv_tile(xf, K, w, ldw, bias, y, ldy, io_fp32, n, m0, 1, 4);
         }
     }
 }
 
 /* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take. */
-int prism_bf16_gemv(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N,
-                    const uint16_t *bias, uint16_t *y, int64_t ldy, int threads) {
+int prism_bf16_gemv(const void *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N,
+                    const void *bias, void *y, int64_t ldy, int threads, int io_fp32) {
     if (M < 1 || M > GEMV_MAX_M || K < 1 || N < 1 || ldx < K || ldw < K || ldy < N) return -2;
     float *xf = malloc(sizeof(float) * (size_t)(M * K));
     if (!xf) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_float(x[m * ldx + k]);
+    for (int64_t m = 0; m < M; m++) {
+        if (io_fp32) memcpy(xf + m * K, (const float *)x + m * ldx, sizeof(float) * (size_t)K);
+        else for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_float(((const uint16_t *)x)[m * ldx + k]);
+    }
     const int64_t step = chunk_rows(N);
     if (threads < 1 || (double)N * K * M < SERIAL_MACS) threads = 1;
     if (threads == 1) {
-        gemv_rows(xf, M, K, w, ldw, bias, y, ldy, 0, N);
+        gemv_rows(xf, M, K, w, ldw, bias, y, ldy, io_fp32, 0, N);
     } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-        for (int64_t n0 = 0; n0 < N; n0 += step) gemv_rows(xf, M, K, w, ldw, bias, y, ldy, n0, min64(n0 + step, N));
+        for (int64_t n0 = 0; n0 < N; n0 += step)
+            gemv_rows(xf, M, K, w, ldw, bias, y, ldy, io_fp32, n0, min64(n0 + step, N));
     }
     free(xf);
     return 0;
@@ -563,8 +574,8 @@ int prism_int_linear_packed(const int64_t *a) {
 }
 
 int prism_bf16_gemv_packed(const int64_t *a) {
-    return prism_bf16_gemv((const uint16_t *)(intptr_t)a[0], a[1], a[2], a[3], (const uint16_t *)(intptr_t)a[4], a[5],
-                           a[6], (const uint16_t *)(intptr_t)a[7], (uint16_t *)(intptr_t)a[8], a[9], (int)a[10]);
+    return prism_bf16_gemv((const void *)(intptr_t)a[0], a[1], a[2], a[3], (const uint16_t *)(intptr_t)a[4], a[5],
+                           a[6], (const void *)(intptr_t)a[7], (void *)(intptr_t)a[8], a[9], (int)a[10], (int)a[11]);
 }
 
 /* Two products of the same x (an expert's gate and up projections) in one call: with the same shape of x and

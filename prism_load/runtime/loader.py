@@ -37,7 +37,7 @@ def expert_form_for(expert_form: str | None, container: bool, device) -> str:
 
 
 def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                config: RuntimeConfig | None = None):
+                config: RuntimeConfig | None = None, compute_dtype: torch.dtype | None = None):
     """A container folder (manifest.json) or a checkpoint folder, with its experts behind an ExpertCache of
     config.expert_cache ("50%" when the config has none). The options (prism_load/runtime/config.py):
     `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction and
@@ -47,7 +47,8 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     "decoded" keeps dense weights; "codes" (CPU) keeps `int` projections as unpacked codes, a byte per
     weight, dequantised at each use. The budget counts the bytes of the form held.
     `predictor`: prefetch with the fitted predictors of the container (or of `profile`) where it has them
-    (runtime/predictor.py); False: the shadow router everywhere."""
+    (runtime/predictor.py); False: the shadow router everywhere. compute_dtype: the activations' dtype where it
+    differs from the weights' `dtype` (models/precision.py)."""
     config = config or RuntimeConfig()
     if config.expert_cache is None:
         config = replace(config, expert_cache="50%")
@@ -58,9 +59,9 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     profiled = RoutingProfile.read(profile) if profile is not None and not container else None  # read once
     if container:
         model, store = _container_model(folder, dtype, verify_checksums, config.resolve_file, form,
-                                        config.expert_kernel, device)
+                                        config.expert_kernel, device, compute_dtype)
     else:
-        model, store = _checkpoint_model(folder, dtype, profiled)
+        model, store = _checkpoint_model(folder, dtype, profiled, compute_dtype)
     model = model.to(device).eval()
     if isinstance(store, ContainerStore):  # close its files before interpreter teardown, not in __del__ then
         weakref.finalize(model, store.container.close)
@@ -85,7 +86,8 @@ def _detach_experts(model) -> None:
         block.experts = CachedExperts(None, block.experts.num_experts)
 
 
-def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device):
+def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device,
+                     compute_dtype=None):
     from ..container.loader import (
         build_rotary,
         build_skeleton,
@@ -98,7 +100,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     c = Container(folder, resolve_file)  # stays open: the store reads experts through it
     family, args = model_args(c.config)
     model = build_skeleton(family, args)
-    load_dense(c, model, dtype, verify_checksums, form, kernel, device)
+    load_dense(c, model, dtype, verify_checksums, form, kernel, device, compute_dtype)
     _detach_experts(model)
     model.tie_weights()
     model.rotary = build_rotary(family, args)
@@ -112,16 +114,18 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     return model, store
 
 
-def _checkpoint_model(folder: Path, dtype, profiled: RoutingProfile | None):
+def _checkpoint_model(folder: Path, dtype, profiled: RoutingProfile | None, compute_dtype=None):
     """profiled: the `profile` folder as a RoutingProfile, or None."""
     from ..generation_config import GenerationConfig
     from ..hf_loader import empty_model, layer_state, load_tokenizer, open_checkpoint, top_level_state
 
     ckpt, family, args = open_checkpoint(folder)
     model = empty_model(family, args)
-    model.load_state_dict(top_level_state(ckpt, family, args, model, dtype), assign=True, strict=False)
+    model.load_state_dict(top_level_state(ckpt, family, args, model, dtype, compute_dtype), assign=True, strict=False)
     for layer in model.layers:
-        layer.load_state_dict(layer_state(ckpt, family, args, layer, dtype, experts=False), assign=True, strict=False)
+        layer.load_state_dict(layer_state(ckpt, family, args, layer, dtype, experts=False, compute_dtype=compute_dtype),
+                              assign=True, strict=False)
+    model.compute_dtype = compute_dtype
     _detach_experts(model)
     model.tie_weights()
     model.tokenizer = load_tokenizer(ckpt.tokenizer_path())
