@@ -37,8 +37,9 @@ from prism_load.container.codecs import pack_bits
 from prism_load.models.linear import linear
 
 SHAPES = "768x192,192x384,5632x1024,1024x2816,22528x1024,1024x11264"  # N x K (out x in)
-METHODS = ["native int2", "native int4", "native int8", "native int4, int8 x", "native int8, int8 x", "torch int4 (tinygemm)",
-           "torch int8", "fp32 F.linear", "bf16 F.linear", "bf16 linear()"]
+METHODS = ["native int2", "native int4", "native int8", "native int4, int16 x", "native int8, int16 x",
+           "native int4, int8 x", "native int8, int8 x", "torch int4 (tinygemm)", "torch int8", "fp32 F.linear",
+           "bf16 F.linear", "bf16 linear()"]
 
 
 def int_weights(n: int, k: int, bits: int, g: int, gen: torch.Generator) -> dict:
@@ -60,9 +61,10 @@ def method(name: str, n: int, k: int, x: torch.Tensor, g: int, gen: torch.Genera
     if name.startswith("native"):
         bits = int(name.removeprefix("native int").split(",")[0])
         w = int_weights(n, k, bits, g, gen)
-        q8 = name.endswith("int8 x")  # x rounded to int8 per group, integer products (expert_kernel="native-int8")
+        # x rounded to int16 / int8 per group, integer products (expert_kernel="native-int16" / "native-int8")
+        activations = name.split(", ")[1].removesuffix(" x") if ", " in name else "fp32"
         return (lambda: native.int_linear(x, w["qweight"], w["scales"], w["zeros"], bits, g, k, out=out,
-                                          int8_activations=q8), n * k * bits // 8 + groups)
+                                          activations=activations), n * k * bits // 8 + groups)
     xb = x.bfloat16()
     if name == "torch int4 (tinygemm)":  # tinygemm dequantises (q - 8) * scale + zero: zero = (8 - z) * s
         w = int_weights(n, k, 4, g, gen)
@@ -87,8 +89,9 @@ def check_methods(g: int) -> None:
     """The int4 methods compute x @ w.T for the same w (tinygemm's scale/zero mapping above), native int8 too."""
     n, k = 96, 4 * g
     x = torch.randn(3, k)
-    for bits, names, tol in ((2, ["native int2"], (1e-5,)), (4, ["native int4", "torch int4 (tinygemm)"], (1e-5, 2e-2)),
-                             (8, ["native int8"], (1e-5,))):
+    for bits, names, tol in ((2, ["native int2"], (1e-5,)),
+                             (4, ["native int4", "native int4, int16 x", "torch int4 (tinygemm)"], (1e-5, 1e-4, 2e-2)),
+                             (8, ["native int8", "native int8, int16 x"], (1e-5, 1e-4))):
         for name, rtol in zip(names, tol):
             fn, _ = method(name, n, k, x, g, torch.Generator().manual_seed(7))
             ref = x.double() @ dequantize(int_weights(n, k, bits, g, torch.Generator().manual_seed(7)), g).double().T

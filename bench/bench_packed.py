@@ -27,6 +27,8 @@ DEMO_PROMPT = "def fibonacci(n):"
 BF16 = torch.bfloat16
 VARIANTS = [  # name, load options
     ("packed, default (bf16 weights, fp32 activations)", {}),
+    ("packed native (exact), fp32 activations", {"expert_kernel": "native"}),
+    ("packed native-int16, fp32 activations", {"expert_kernel": "native-int16"}),
     ("packed native-int8, fp32 activations", {"expert_kernel": "native-int8"}),
     ("packed native, bf16 activations", {"expert_kernel": "native", "compute_dtype": BF16}),
     ("packed int4pack, bf16 activations", {"expert_kernel": "int4pack", "compute_dtype": BF16}),

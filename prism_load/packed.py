@@ -16,11 +16,12 @@ the cores by as much. Here an `int` tensor stays packed and one of three kernels
   encoding, any device, the same bits as the decoded form in fp32, and the slowest. A CPU load that
   puts tensors here although a kernel exists for others warns (prism_load.load never falls back to
   fp32-sized memory silently).
-- `native-int8` (opt-in, never chosen by "auto"): the native kernel's memory form, but x is rounded to int8
-  per weight group and multiplied in integers (q8_linear.c: VNNI where the CPU has it, else AVX2), as
-  llama.cpp's CPU kernels do:
-  faster where the exact kernel is bound by its vector instructions, and not exact (bench/results/packed.md
-  measures its KL). Tensors whose groups the kernel cannot take run the exact kernel.
+- `native-int16` and `native-int8`: the native kernel's memory form, but x is rounded to int16 (steps of
+  max|x| / 32767 per weight group: 250 times finer than a bf16 rounding of x) or to int8 (as llama.cpp's
+  CPU kernels do) and multiplied in integers (q8_linear.c: VNNI where the CPU has it, else AVX2): fewer
+  vector instructions per weight than the exact kernel, which is bound by them, and not exact
+  (bench/results/packed.md measures the KL of each). Tensors whose groups a kernel cannot take run the
+  exact kernel.
 
 Everything else (bf16/fp16/fp32 expert tensors, low-rank factors, biases) is kept as tensors in the model's
 dtype; low-rank factors stay factored (`LowRankLinear`), with `int` factors packed like any `int` tensor.
@@ -41,8 +42,9 @@ from .container.format import Encoding, packed_row_bytes
 from .errors import ContainerError
 from .models.linear import linear
 
-BACKENDS = ("native", "int4pack", "dequant", "native-int8")  # "auto" takes the first that can run
-NATIVE = ("native", "native-int8")  # the backends that read the native kernel's form
+BACKENDS = ("native", "int4pack", "dequant", "native-int16", "native-int8")  # "auto" takes the first that can run
+NATIVE_ACTIVATIONS = {"native": "fp32", "native-int16": "int16", "native-int8": "int8"}  # native.int_linear's
+NATIVE = tuple(NATIVE_ACTIVATIONS)  # the backends that read the native kernel's form
 INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel takes
 INT4PACK_ROW_MULTIPLE = 16  # its packing needs output rows in multiples of this
 
@@ -83,12 +85,13 @@ def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:
     return None
 
 
-def int8_activations_take(enc: Encoding) -> bool:
-    """Whether the int8-activation kernel runs here and takes this tensor's groups."""
+def integer_kernel_takes(backend: str, enc: Encoding) -> bool:
+    """Whether the integer-activation kernel of `backend` (native-int16, native-int8) runs here and takes this
+    tensor's groups."""
     from . import native
 
     rows, cols = enc.shape
-    return native.q8_available() and native.q8_takes(1, cols, kernel_bits(enc.bits), enc.group_size)
+    return native.integer_takes(NATIVE_ACTIVATIONS[backend], 1, cols, kernel_bits(enc.bits), enc.group_size)
 
 
 def choose_backend(enc: Encoding, dtype: torch.dtype, device: torch.device, requested: str = "auto") -> str:
@@ -101,8 +104,8 @@ def choose_backend(enc: Encoding, dtype: torch.dtype, device: torch.device, requ
         "int4pack": cpu and dtype == torch.bfloat16 and enc.bits <= 4 and int4pack_group(enc.shape, enc.group_size) is not None,
         "dequant": True,
     }
-    if requested == "native-int8":
-        can[requested] = can["native"] and int8_activations_take(enc)
+    if requested in ("native-int16", "native-int8"):
+        can[requested] = can["native"] and integer_kernel_takes(requested, enc)
     if requested != "auto" and can[requested]:
         return requested
     return next(b for b in BACKENDS if can.get(b))  # the fastest that can (the fallback warning counts these)
@@ -141,7 +144,7 @@ class PackedLinear:
             from . import native
 
             bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
-                                                        int8_activations=self.backend == "native-int8")
+                                                        activations=NATIVE_ACTIVATIONS[self.backend])
         return bound
 
     def pair(self, other: PackedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,14 +278,16 @@ def packable_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
 
 def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: str = "auto") -> None:
     """Put a PackedDense where each taken Linear was (after its bias was loaded): the exact native kernel, or
-    with `requested` "native-int8" the int8-activation one where it takes the tensor (as for the experts)."""
+    with `requested` "native-int16" / "native-int8" the integer-activation one where it takes the tensor (as
+    for the experts)."""
     for name in taken:
         path = name[: -len(".weight")]
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child)
         enc, tensors = dense[name]
-        backend = "native-int8" if requested == "native-int8" and int8_activations_take(enc) else "native"
+        integer = requested in ("native-int16", "native-int8") and integer_kernel_takes(requested, enc)
+        backend = requested if integer else "native"
         op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, backend)
         setattr(parent, child, PackedDense(op, old.bias))
 

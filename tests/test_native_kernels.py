@@ -255,34 +255,61 @@ def test_fp32_x_against_a_bf16_weight_is_the_widened_product_block_by_block(monk
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
-# -- int8 activations (q8_linear.c, opt-in) ------------------------------------------------------------------
+# -- integer activations (q8_linear.c: int16 and int8 x) ------------------------------------------------------
+LEVELS = {"int16": 32767, "int8": 127}
+
+
 @pytest.fixture(scope="module")
 def q8(kernel):
     if not native.q8_available():
-        pytest.skip("the int8-activation kernel does not run here")
+        pytest.skip("the integer-activation kernels do not run here")
 
 
-def int8_rounded(x: torch.Tensor, g: int) -> torch.Tensor:
-    """x with each group of g columns rounded to int8 steps of max|x| / 127 (ties to even), as the kernel does."""
-    m, k = x.shape
-    groups = x.view(m, k // g, g)
-    step = groups.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(step > 0, torch.round(groups / step).clamp(-127, 127), torch.zeros_like(groups))
-    return (q * step).view(m, k)
+def int_rounded(x: torch.Tensor, g: int, activations: str = "int8") -> torch.Tensor:
+    """x with each group of g columns (the last one may be shorter) rounded to steps of max|x| / 127 (int8) or
+    / 32767 (int16), ties to even, as the kernel does."""
+    top = LEVELS[activations]
+    out = torch.empty_like(x)
+    for k0 in range(0, x.shape[1], g):
+        group = x[:, k0:k0 + g]
+        step = group.abs().amax(-1, keepdim=True) / top
+        q = torch.where(step > 0, torch.round(group / step).clamp(-top, top), torch.zeros_like(group))
+        out[:, k0:k0 + g] = q * step
+    return out
 
 
+@pytest.mark.parametrize("act", ["int16", "int8"])
 @pytest.mark.parametrize("bits, g", [(4, 64), (4, 128), (2, 128), (8, 32), (8, 64)])
-@pytest.mark.parametrize("m, n, k", [(1, 70, 256), (2, 33, 512), (4, 8, 128 * 3), (9, 12, 256)])
-def test_int8_activations_are_the_product_with_x_rounded_per_group(q8, bits, g, m, n, k):
-    if k % g:
-        pytest.skip("K must be whole groups")
+@pytest.mark.parametrize("m, n, k", [(1, 70, 256), (2, 33, 512), (4, 8, 128 * 3), (9, 12, 256), (1, 16, 192)])
+def test_integer_activations_are_the_product_with_x_rounded_per_group(q8, act, bits, g, m, n, k):
+    """Including a partial last group (k = 384 at g = 128 x 3, 256 at g = 128, ...: whole blocks, a group of
+    its own)."""
+    if not native.integer_takes(act, m, k, bits, g):
+        pytest.skip("K is not whole blocks for this kernel: the exact kernel's (tested below)")
     t = stored(n, k, bits, g, seed=k + m)
     x = torch.randn(m, k)
     x[0, :g] = 0.0  # an all-zero group: step 0, no division by it
-    y = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k, int8_activations=True)
-    check(int8_rounded(x, g), t, bits, g, y)
+    y = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k, activations=act)
+    check(int_rounded(x, g, act), t, bits, g, y)
     exact = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
     assert not torch.equal(y, exact)
+
+
+@pytest.mark.parametrize("bits, g", [(4, 32), (2, 64), (8, 16), (4, 2048)])
+def test_int16_activations_take_16_byte_groups_and_stay_within_their_rounding(q8, bits, g):
+    """int16 x takes groups of whole 16-byte blocks (finer than int8's 32) up to 2048 codes; its error against
+    the exact product is x's rounding alone: at most half a step per element, so |dy| <= sum_k |w_k| * d_g / 2."""
+    k = max(256, 2 * g)
+    t = stored(40, k, bits, g, seed=g)
+    x = torch.randn(3, k)
+    assert native.q16_takes(3, k, bits, g) and not native.q16_takes(3, k, bits, 4096)
+    y = native.int_linear(x, t["qweight"], t["scales"], t["zeros"], bits, g, k, activations="int16")
+    w = decode(Encoding("int", (40, k), bits=bits, group_size=g), t).double()
+    step = x.view(3, k // g, g).abs().amax(-1).double() / 32767  # [M, G]
+    bound = (w.abs().view(40, k // g, g).sum(-1)[None] * step[:, None] / 2).sum(-1)  # [M, N]
+    err = (y.double() - x.double() @ w.T).abs()
+    assert (err <= bound + 1e-5 * x.double().norm(dim=1, keepdim=True) * w.norm(dim=1)).all()
+    assert (err.max() / (x.double() @ w.T).abs().max()) < 1e-4
 
 
 @pytest.fixture
@@ -293,11 +320,13 @@ def q8_instruction_sets(q8):
     native.q8_force_instructions(None)
 
 
+@pytest.mark.parametrize("act", ["int16", "int8"])
 @pytest.mark.parametrize("bits, g", [(4, 64), (2, 128), (8, 32), (8, 256)])
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_int8_activations_give_the_same_bits_with_every_instruction_set(q8_instruction_sets, bits, g, m):
-    """AVX2's vpmaddubsw path (8-bit codes split into nibbles so no int16 sum saturates) and VNNI's vpdpbusd
-    sum the same integers: the outputs are equal bit for bit, including codes of 255 against x8 of +-127."""
+def test_integer_activations_give_the_same_bits_with_every_instruction_set(q8_instruction_sets, act, bits, g, m):
+    """AVX2's vpmaddubsw (8-bit codes split into nibbles so no int16 sum saturates) / vpmaddwd and VNNI's
+    vpdpbusd / vpdpwssd sum the same integers: the outputs are equal bit for bit, including codes of 255
+    against x at the top of its range."""
     k = 512
     t = stored(37, k, bits, g, seed=bits + m)
     t["qweight"][:3] = 255  # every code at its maximum: the sums that would saturate int16 pairs
@@ -307,9 +336,9 @@ def test_int8_activations_give_the_same_bits_with_every_instruction_set(q8_instr
     outs = {}
     for name in q8_instruction_sets:
         native.q8_force_instructions(name)
-        outs[name] = native.int_linear(*args, int8_activations=True)
+        outs[name] = native.int_linear(*args, activations=act)
     native.q8_force_instructions(None)
-    check(int8_rounded(x, g), t, bits, g, outs["AVX2"])
+    check(int_rounded(x, g, act), t, bits, g, outs["AVX2"])
     for name, y in outs.items():
         assert torch.equal(y, outs["AVX2"]), name
 
@@ -324,41 +353,45 @@ def test_forcing_instructions_the_cpu_lacks_is_refused(q8):
     assert native.q8_instructions() in ("AVX2", "AVX512-VNNI", "AVX-VNNI")
 
 
-@pytest.mark.parametrize("bits, g, m, k", [(4, 32, 1, 256), (2, 64, 5, 256), (4, 64, 1, 96)])
-def test_int8_activations_leave_other_shapes_to_the_exact_kernel(q8, bits, g, m, k):
-    """Groups under 32 bytes, partial groups: computed exactly."""
+@pytest.mark.parametrize("act, bits, g, m, k", [("int8", 4, 32, 1, 256), ("int8", 2, 64, 5, 256), ("int8", 4, 64, 1, 96),
+                                                ("int16", 4, 16, 1, 256), ("int16", 2, 32, 5, 256),
+                                                ("int16", 4, 64, 1, 88), ("int16", 8, 4096, 1, 4096)])
+def test_integer_activations_leave_other_shapes_to_the_exact_kernel(q8, act, bits, g, m, k):
+    """Groups under 32 (int8) / 16 (int16) bytes, K not whole blocks, int16 groups over 2048 codes: exact."""
     t = stored(16, k, bits, g)
     x = torch.randn(m, k)
     args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
-    assert torch.equal(native.int_linear(*args, int8_activations=True), native.int_linear(*args))
+    assert torch.equal(native.int_linear(*args, activations=act), native.int_linear(*args))
+    with pytest.raises(ValueError, match="activations='int4': expected one of fp32, int16, int8"):
+        native.int_linear(*args, activations="int4")
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_bound_call_equals_int_linear(kernel, int8):
+@pytest.mark.parametrize("act", ["fp32", "int16", "int8"])
+def test_bound_call_equals_int_linear(kernel, act):
     """BoundIntLinear (arguments bound once) gives int_linear's bits, from any thread and for any x it meets."""
     t = stored(40, 256, 4, 64)
     args = (t["qweight"], t["scales"], t["zeros"], 4, 64, 256)
-    bound = native.BoundIntLinear(*args, int8_activations=int8)
+    bound = native.BoundIntLinear(*args, activations=act)
     for x in (torch.randn(1, 256), torch.randn(3, 256), torch.randn(9, 256), torch.randn(2, 300)[:, :256],
               torch.randn(1, 256).bfloat16()):
-        assert torch.equal(bound(x), native.int_linear(x, *args, int8_activations=int8))
+        assert torch.equal(bound(x), native.int_linear(x, *args, activations=act))
     x = torch.randn(1, 256)
     got = []
     worker = threading.Thread(target=lambda: got.append(bound(x)))
     worker.start()
     worker.join()
-    assert torch.equal(got[0], native.int_linear(x, *args, int8_activations=int8))
+    assert torch.equal(got[0], native.int_linear(x, *args, activations=act))
     with pytest.raises(ValueError, match="scales must be"):
         native.BoundIntLinear(t["qweight"], t["scales"][:, :2], t["zeros"], 4, 64, 256)
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("act", ["fp32", "int16", "int8"])
 @pytest.mark.parametrize("m", [1, 3, 9])
-def test_pair_call_equals_two_calls(kernel, int8, m):
+def test_pair_call_equals_two_calls(kernel, act, m):
     """BoundIntLinear.pair (gate and up in one call) gives the bits of two separate calls, for decode and
     prefill rows; a pair that cannot share (other widths of x) falls back to two calls, whose checks apply."""
     a, b = stored(40, 256, 4, 64, seed=1), stored(56, 256, 4, 64, seed=2)
-    bound = [native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], 4, 64, 256, int8_activations=int8)
+    bound = [native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], 4, 64, 256, activations=act)
              for t in (a, b)]
     x = torch.randn(m, 256)
     ya, yb = bound[0].pair(bound[1], x)

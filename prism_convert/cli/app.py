@@ -253,7 +253,7 @@ def run(
     predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
     form: str | None = typer.Option(None, "--form", help="The experts' form in memory (containers): packed (the default: as stored, multiplied by a kernel that reads that form), decoded (dense weights), codes (a byte per weight; CPU; default cache 100%). --cache percentages are of that form."),
-    kernel: str = typer.Option("auto", "--kernel", help="Kernel for packed int tensors: auto, native, int4pack, dequant, or native-int8 (int8 activations, as llama.cpp; not exact)."),
+    kernel: str = typer.Option("auto", "--kernel", help="Kernel for packed int tensors: auto, native, int4pack, dequant, native-int16 (int16 activations), or native-int8 (int8 activations, as llama.cpp; not exact)."),
     codes: bool = typer.Option(False, "--codes", help="The same as --form codes."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature (0: greedy). Default: the checkpoint's generation_config.json, else greedy."),

@@ -5,8 +5,10 @@ unpacking costs less than the bytes it saves. torch's stock int4 op (`_weight_in
 its own layout and is compute-bound on AVX2, and its one-row bf16 product reads bf16 weights no faster than
 fp32 ones. So (bench/results/kernels.md compares them all):
 - `int_linear` / `BoundIntLinear`: an `int` weight (prism_load/container/codecs.py layout) read as stored,
-  exact (int_linear.c); with `int8_activations`, x rounded to int8 per group and multiplied in integers
-  (q8_linear.c: VNNI where the CPU has it, else AVX2; faster, not exact: the "native-int8" kernel);
+  exact with fp32 x (int_linear.c); with `activations="int16"` or `"int8"`, x rounded to int16 / int8 per
+  group and multiplied in integers (q8_linear.c: VNNI where the CPU has it, else AVX2), which takes fewer
+  vector instructions per weight than the exact kernel's widening to fp32: int16 rounds x 250 times finer
+  than bf16 would (the "native-int16" kernel), int8 as llama.cpp does (the opt-in "native-int8" kernel);
 - `bf16_linear`: a bf16 weight times up to GEMV_MAX_ROWS bf16 rows (int_linear.c), rounded as torch rounds.
 The C sources are compiled on first use (build.py); when that is impossible `available()` is False and
 `unavailable_reason()` says why, and callers use stock torch ops.
@@ -22,6 +24,8 @@ import torch
 from .build import NativeUnavailable, load
 
 BITS = (2, 4, 8)
+ACTIVATIONS = ("fp32", "int16", "int8")  # what x is multiplied as: exact fp32, or rounded per group
+Q16_MAX_GROUP = 2048  # q8_linear.c's int16 path: integer sums stay exact up to this group size
 _ARGS = 13  # prism_int_linear_packed's argument array
 _local = threading.local()  # one argument array per thread: the compute and prefetch threads may both call
 
@@ -61,9 +65,33 @@ def q8_force_instructions(name: str | None) -> None:
 
 
 def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether q8_linear.c takes this shape: groups of whole 32-byte blocks, K whole groups."""
+    """Whether q8_linear.c takes this shape with int8 x: groups (and K) of whole 32-byte blocks; a last group
+    shorter than group_size is one of its own."""
     return (bits in BITS and m > 0 and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
-            and k % group_size == 0)
+            and k > 0 and (k * bits) % 256 == 0)
+
+
+def q16_takes(m: int, k: int, bits: int, group_size: int) -> bool:
+    """Whether q8_linear.c takes this shape with int16 x: groups (and K) of whole 16-byte blocks, groups of at
+    most Q16_MAX_GROUP codes; a last group shorter than group_size is one of its own."""
+    return (bits in BITS and m > 0 and (group_size * bits) % 128 == 0 and 0 < group_size <= Q16_MAX_GROUP
+            and k > 0 and (k * bits) % 128 == 0)
+
+
+def integer_takes(activations: str, m: int, k: int, bits: int, group_size: int) -> bool:
+    """Whether the kernel of these activations ("int16", "int8") runs here and takes this shape."""
+    takes = {"int16": q16_takes, "int8": q8_takes}[activations]
+    return q8_available() and takes(m, k, bits, group_size)
+
+
+def _entry(fn, activations: str, m: int, k: int, bits: int, group_size: int, pair: bool = False):
+    """The native entry point for these activations where it takes the shape, else the exact kernel's."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if activations != "fp32" and fn.q8 is not None and integer_takes(activations, m, k, bits, group_size):
+        return {("int8", False): fn.q8, ("int8", True): fn.q8_pair,
+                ("int16", False): fn.q16, ("int16", True): fn.q16_pair}[activations, pair]
+    return fn.pair if pair else fn
 
 
 def _check_rc(rc: int, what: str) -> None:
@@ -114,12 +142,13 @@ def _diagnose(x, qweight, scales, zeros, bits, group_size, k) -> None:
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-               group_size: int, k: int, out: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
+               group_size: int, k: int, out: torch.Tensor | None = None, activations: str = "fp32") -> torch.Tensor:
     """x [M, k] (fp32, or bf16/fp16, widened) @ w.T -> fp32 [M, N], w the `int` weight [N, k] of `bits` bits
     in groups of `group_size` (qweight uint8 [N, ceil(k*bits/8)], scales and zeros fp16 [N, ceil(k/g)]),
     read as stored. `out`: an fp32 [M, N] destination (rows may be strided). Runs on torch's thread count.
-    `int8_activations`: where q8_available() and q8_takes() the shape, x is rounded to int8 per group and
-    multiplied in integers (q8_linear.c: faster, not exact); elsewhere the exact kernel runs.
+    `activations` "int16" / "int8": where the integer kernel takes the shape (integer_takes), x is rounded to
+    int16 / int8 per group and multiplied in integers (q8_linear.c: faster, not exact); elsewhere, and for
+    "fp32", the exact kernel runs.
     Called about 50 times per decoded token, so the common case is checked in one expression."""
     fn = _kernel()
     try:
@@ -149,8 +178,7 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     args = _args()
     args[:] = (x.data_ptr(), max(x.stride(0), k), m, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                n, bits, group_size, out.data_ptr(), max(out.stride(0), n), torch.get_num_threads())
-    q8 = int8_activations and fn.q8 is not None and q8_takes(m, k, bits, group_size)
-    _check_rc((fn.q8 if q8 else fn)(ctypes.addressof(args)), "int_linear")
+    _check_rc(_entry(fn, activations, m, k, bits, group_size)(ctypes.addressof(args)), "int_linear")
     return out
 
 
@@ -164,19 +192,20 @@ class BoundIntLinear:
     step, and checking the same weight each time costs more Python than the call itself on small models.
     Other threads (and x that the fast path does not take) go through int_linear."""
 
-    __slots__ = ("tensors", "bits", "group_size", "k", "n", "int8_activations", "_args", "_addr", "_fn", "_q8",
+    __slots__ = ("tensors", "bits", "group_size", "k", "n", "activations", "_args", "_addr", "_call", "_pair",
                  "_thread")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                 group_size: int, k: int, int8_activations: bool = False):
+                 group_size: int, k: int, activations: str = "fp32"):
         fn = _kernel()
         _diagnose(torch.empty(1, k) if isinstance(k, int) and k > 0 else None, qweight, scales, zeros, bits,
                   group_size, k)
         self.tensors = (qweight, scales, zeros)  # kept alive: the bound pointers are theirs
         self.bits, self.group_size, self.k, self.n = bits, group_size, k, qweight.shape[0]
-        self.int8_activations = int8_activations
-        self._fn = fn
-        self._q8 = fn.q8 if int8_activations and fn.q8 is not None and q8_takes(1, k, bits, group_size) else None
+        self._call = _entry(fn, activations, 1, k, bits, group_size)
+        self._pair = _entry(fn, activations, 1, k, bits, group_size, pair=True)
+        # what this weight is actually multiplied with ("fp32" where the integer kernel does not take it)
+        self.activations = activations if self._call is not fn else "fp32"
         self._args = (ctypes.c_int64 * _ARGS)(0, k, 0, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                                               self.n, bits, group_size, 0, self.n, 1)
         self._addr = ctypes.addressof(self._args)
@@ -195,20 +224,19 @@ class BoundIntLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, k] @ w.T -> fp32 [M, N], as int_linear(x, *tensors, ...)."""
         if not self._takes(x):
-            return int_linear(x, *self.tensors, self.bits, self.group_size, self.k,
-                              int8_activations=self.int8_activations)
+            return int_linear(x, *self.tensors, self.bits, self.group_size, self.k, activations=self.activations)
         xf = _fp32(x)
         out = torch.empty(xf.shape[0], self.n, dtype=torch.float32)
         if xf.shape[0]:
             self._bind_call(xf, out, torch.get_num_threads())
-            _check_rc((self._q8 if self._q8 is not None else self._fn)(self._addr), "int_linear")
+            _check_rc(self._call(self._addr), "int_linear")
         return out
 
     def pair(self, other: BoundIntLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(x), other(x)) in one native call (an expert's gate and up): x is prepared once and both
         weights share one parallel loop; the same bits as two calls. Two calls where the pair cannot share
-        (another thread, another input width, one int8-activation and one exact kernel)."""
-        if not (self._takes(x) and other._takes(x)) or (self._q8 is None) != (other._q8 is None):
+        (another thread, another input width, kernels of different activations)."""
+        if not (self._takes(x) and other._takes(x)) or self.activations != other.activations:
             return self(x), other(x)
         xf = _fp32(x)
         ya = torch.empty(xf.shape[0], self.n, dtype=torch.float32)
@@ -217,8 +245,7 @@ class BoundIntLinear:
             threads = torch.get_num_threads()
             self._bind_call(xf, ya, threads)
             other._bind_call(xf, yb, threads)
-            _check_rc((self._fn.q8_pair if self._q8 is not None else self._fn.pair)(self._addr, other._addr),
-                      "int_linear")
+            _check_rc(self._pair(self._addr, other._addr), "int_linear")
         return ya, yb
 
 
@@ -258,4 +285,4 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["BITS", "GEMV_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available", "bf16_linear", "int_linear",
-           "q8_available", "q8_force_instructions", "q8_instructions", "q8_takes", "unavailable_reason"]
+           "q8_available", "ACTIVATIONS", "integer_takes", "q16_takes", "q8_force_instructions", "q8_instructions", "q8_takes", "unavailable_reason"]

@@ -131,9 +131,13 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.q8 = q8
     fn.q8_instructions = lambda: Q8_INSTRUCTIONS[lib.prism_q8_instructions()]
     fn.q8_force = lib.prism_q8_force
-    for name in ("prism_int_linear_pair_packed", "prism_q8_linear_pair_packed"):  # two int64 args[13] each
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    fn.q16 = lib.prism_q16_linear_packed  # the same with int16 x
+    fn.q16.argtypes = [ctypes.c_void_p]
+    fn.q16.restype = ctypes.c_int
+    for name in ("prism_int_linear_pair_packed", "prism_q8_linear_pair_packed", "prism_q16_linear_pair_packed"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]  # two int64 args[13] each
         getattr(lib, name).restype = ctypes.c_int
     fn.pair = lib.prism_int_linear_pair_packed
     fn.q8_pair = lib.prism_q8_linear_pair_packed
+    fn.q16_pair = lib.prism_q16_linear_pair_packed
     return fn, None, seconds

@@ -13,7 +13,8 @@
  *   sum_k x_k w_k ~= s * d * (sum_k x8_k q_k - z * sum_k x8_k)
  * (the zero term uses the rounded x too, so the error is that of x8 against the weights (q - z) * s, which
  * are centred, rather than against the codes). Integer sums are exact (|x8 q| <= 127 * 255, g <= 2^14).
- * Shapes: groups of whole 32-byte blocks (g * bits % 256 == 0), K a multiple of g; any number of rows (tiles
+ * Shapes: groups of whole 32-byte blocks (g * bits % 256 == 0), K whole blocks too (a last group shorter than g
+ * is a group of its own, with its own scale, as the container stores it); any number of rows (tiles
  * of up to Q8_MAX_M rows of x share each weight load; prefill with more rows is still faster than the exact
  * gemm path, both being bound by instructions). The caller checks (native.q8_takes). Every output is computed by one thread in a fixed order.
  */
@@ -36,6 +37,7 @@ typedef struct {
     const uint8_t *q;
     const uint16_t *s, *z;
     const int8_t *xq;   /* [M][blocks][planes][32]: x8 in the byte order of each plane's codes */
+    const int16_t *xw;  /* int16 x: [M][blocks16][planes][16], x16 in the word order of each plane's codes */
     const float *d;     /* [M][G] the groups' steps */
     const int32_t *sxq; /* [M][G] the groups' sums of x8 */
     float *y;
@@ -59,21 +61,22 @@ static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t 
         const float *xr = x + m * ldx;
         for (int64_t gi = 0; gi < G; gi++) {
             const float *xg = xr + gi * g;
+            const int64_t len = q8_min(g, K - gi * g); /* the last group may be partial (whole blocks) */
             __m256 vmax = _mm256_setzero_ps();
             const __m256 sign = _mm256_set1_ps(-0.0f);
             int64_t k = 0;
-            for (; k + 8 <= g; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
+            for (; k + 8 <= len; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
             float buf[8], amax = 0.0f;
             _mm256_storeu_ps(buf, vmax);
             for (int i = 0; i < 8; i++) amax = fmaxf(amax, buf[i]);
-            for (; k < g; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            for (; k < len; k++) amax = fmaxf(amax, fabsf(xg[k]));
             const float step = amax / 127.0f;
             d[m * G + gi] = step;
             int32_t sum = 0;
             k = 0;
             if (step > 0.0f) {
                 const __m256 sv = _mm256_set1_ps(step), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
-                for (; k + 8 <= g; k += 8) {
+                for (; k + 8 <= len; k += 8) {
                     __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k), sv),
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                     __m256i c = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(v, lim), nlim));
@@ -81,13 +84,13 @@ static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t 
                     _mm256_storeu_si256((__m256i *)ci, c);
                     for (int i = 0; i < 8; i++) nat[gi * g + k + i] = (int8_t)ci[i], sum += ci[i];
                 }
-                for (; k < g; k++) {
+                for (; k < len; k++) {
                     float v = nearbyintf(xg[k] / step);
                     int8_t c = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
                     nat[gi * g + k] = c, sum += c;
                 }
             } else {
-                memset(nat + gi * g, 0, (size_t)g);
+                memset(nat + gi * g, 0, (size_t)len);
             }
             sxq[m * G + gi] = sum;
         }
@@ -152,7 +155,7 @@ INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, cons
         for (int64_t gi = gb; gi < gb + gn; gi++) {                                                                       \
             __m256i acc[4][Q8_MAX_M];                                                                                     \
             UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_si256();   \
-            for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {                                                         \
+            for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {                                \
                 UNROLL for (int r = 0; r < NR; r++) {                                                                     \
                     _mm_prefetch((const char *)(row[r] + 32 * b + ahead), _MM_HINT_T0);                                   \
                     __m256i w = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * b));                                   \
@@ -198,6 +201,94 @@ INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, cons
         else NAME##_bits(P, n0, n1, 2);                                                                          \
     }
 
+/* ---- int16 x ---------------------------------------------------------------------------------------------
+ * The same scheme with x rounded to int16 per group (d = max|x| / 32767): the rounding error is 1/258 of int8's,
+ * far below a bf16 rounding of x, and vpmaddwd (AVX2) / vpdpwssd (VNNI) still multiply 16 codes a
+ * instruction where the exact kernel converts and multiplies 8 (int_linear.c). Codes are widened to 16-bit
+ * lanes (vpmovzxbw, 16 bytes at a time); integer sums stay exact for groups up to Q16_MAX_GROUP codes
+ * (|sum| <= g/16 * 2 * 255 * 32767 < 2^31). */
+#define Q16_MAX_GROUP 2048
+
+static void quantize_x16(const q8_problem *P, const float *x, int64_t ldx, int16_t *xw, float *d, int32_t *sxq) {
+    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / 128, G = P->G, g = P->g, K = P->K;
+    int16_t *nat = (int16_t *)(sxq + P->M * G); /* scratch after sxq: K int16 values in natural order */
+    for (int64_t m = 0; m < P->M; m++) {
+        const float *xr = x + m * ldx;
+        for (int64_t gi = 0; gi < G; gi++) {
+            const float *xg = xr + gi * g;
+            const int64_t len = q8_min(g, K - gi * g); /* the last group may be partial (whole blocks) */
+            float amax = 0.0f;
+            for (int64_t k = 0; k < len; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            const float step = amax / 32767.0f;
+            d[m * G + gi] = step;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < len; k++) {
+                float v = step > 0.0f ? nearbyintf(xg[k] / step) : 0.0f;
+                int16_t c = (int16_t)(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
+                nat[gi * g + k] = c, sum += c;
+            }
+            sxq[m * G + gi] = sum;
+        }
+        int16_t *dst = xw + m * K;
+        if (per == 1) {
+            memcpy(dst, nat, sizeof(int16_t) * (size_t)K);
+        } else {
+            for (int64_t b = 0; b < blocks; b++)
+                for (int64_t p = 0; p < per; p++)
+                    for (int64_t j = 0; j < 16; j++) dst[(b * per + p) * 16 + j] = nat[b * 16 * per + per * j + p];
+        }
+    }
+}
+
+/* As Q8_TILE, on 16-byte blocks widened to 16-bit lanes; plane p of a block is (w >> bits*p) & mask. */
+#define Q16_TILE(NAME, DOT)                                                                                               \
+INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {               \
+    const int per = 8 / bits;                                                                                             \
+    const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 128;                                        \
+    const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;                                                                   \
+    const __m256i mask = _mm256_set1_epi16((short)((1 << bits) - 1));                                                    \
+    const uint8_t *row[4];                                                                                                \
+    __m256 tot[4][Q8_MAX_M], zt[4][Q8_MAX_M];                                                                             \
+    UNROLL for (int r = 0; r < NR; r++) {                                                                                 \
+        row[r] = P->q + (n0 + r) * P->ldq;                                                                                \
+        UNROLL for (int m = 0; m < MT; m++) tot[r][m] = zt[r][m] = _mm256_setzero_ps();                                   \
+    }                                                                                                                     \
+    for (int64_t gb = 0; gb < G; gb += Q8_GROUP_CHUNK) {                                                                  \
+        const int64_t gn = q8_min(Q8_GROUP_CHUNK, G - gb);                                                                \
+        float sd[4][Q8_MAX_M][Q8_GROUP_CHUNK];                                                                            \
+        UNROLL for (int r = 0; r < NR; r++)                                                                               \
+            q8_group_terms(P, n0 + r, m0, MT, gb, gn, sd[r], zt[r]);                                                      \
+        for (int64_t gi = gb; gi < gb + gn; gi++) {                                                                       \
+            __m256i acc[4][Q8_MAX_M];                                                                                     \
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_si256();   \
+            for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {                                \
+                UNROLL for (int r = 0; r < NR; r++) {                                                                     \
+                    if (!(b & 3)) _mm_prefetch((const char *)(row[r] + 16 * b + ahead), _MM_HINT_T0);                     \
+                    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + 16 * b)));               \
+                    UNROLL for (int p = 0; p < per; p++) {                                                                \
+                        __m256i u = bits == 8 ? w : p == per - 1 ? _mm256_srli_epi16(w, bits * p)                        \
+                                  : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask);                       \
+                        UNROLL for (int m = 0; m < MT; m++) {                                                             \
+                            __m256i xv = _mm256_loadu_si256(                                                              \
+                                (const __m256i *)(P->xw + (((m0 + m) * blocks + b) * per + p) * 16));                     \
+                            acc[r][m] = DOT(acc[r][m], u, xv);                                                            \
+                        }                                                                                                 \
+                    }                                                                                                     \
+                }                                                                                                         \
+            }                                                                                                             \
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)                                       \
+                tot[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sd[r][m][gi - gb]), _mm256_cvtepi32_ps(acc[r][m]),       \
+                                            tot[r][m]);                                                                   \
+        }                                                                                                                 \
+    }                                                                                                                     \
+    UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)                                               \
+        P->y[(m0 + m) * P->ldy + n0 + r] = q8_hsum(tot[r][m]) - q8_hsum(zt[r][m]);                                        \
+}
+
+#define DOT16_AVX2(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(u, s))
+Q16_TILE(q16_tile_avx2, DOT16_AVX2)
+Q8_ROWS(q16_rows_avx2, q16_tile_avx2)
+
 /* AVX2 (no VNNI), as llama.cpp's AVX2 path: vpmaddubsw sums pairs of unsigned x signed bytes into int16 lanes,
  * vpmaddwd pairs of those into int32. A pair stays below 2^15 for codes up to 4 bits (2 * 15 * 127); 8-bit
  * codes are split into nibbles, the high one weighted 16 in the int32 step: every sum stays exact. */
@@ -224,12 +315,18 @@ Q8_ROWS(q8_rows_avx2, q8_tile_avx2)
 #define DOT_AVXVNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 Q8_TILE(q8_tile_avxvnni, DOT_AVXVNNI)
 Q8_ROWS(q8_rows_avxvnni, q8_tile_avxvnni)
+#define DOT16_AVXVNNI(acc, u, s) _mm256_dpwssd_avx_epi32(acc, u, s)
+Q16_TILE(q16_tile_avxvnni, DOT16_AVXVNNI)
+Q8_ROWS(q16_rows_avxvnni, q16_tile_avxvnni)
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512vnni,avx512vl")
 #define DOT_AVX512VNNI(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
 Q8_TILE(q8_tile_avx512vnni, DOT_AVX512VNNI)
 Q8_ROWS(q8_rows_avx512vnni, q8_tile_avx512vnni)
+#define DOT16_AVX512VNNI(acc, u, s) _mm256_dpwssd_epi32(acc, u, s)
+Q16_TILE(q16_tile_avx512vnni, DOT16_AVX512VNNI)
+Q8_ROWS(q16_rows_avx512vnni, q16_tile_avx512vnni)
 #pragma GCC pop_options
 #else
 #define Q8_VNNI_COMPILED 0
@@ -259,6 +356,17 @@ int prism_q8_force(int instructions) {
     return 0;
 }
 
+static void q16_rows(const q8_problem *P, int64_t n0, int64_t n1, int instructions) {
+#if Q8_VNNI_COMPILED
+    if (instructions == 3) q16_rows_avxvnni(P, n0, n1);
+    else if (instructions == 2) q16_rows_avx512vnni(P, n0, n1);
+    else q16_rows_avx2(P, n0, n1);
+#else
+    (void)instructions;
+    q16_rows_avx2(P, n0, n1);
+#endif
+}
+
 static void q8_rows(const q8_problem *P, int64_t n0, int64_t n1, int instructions) {
 #if Q8_VNNI_COMPILED
     if (instructions == 3) q8_rows_avxvnni(P, n0, n1);
@@ -276,31 +384,36 @@ static int64_t q8_chunk_rows(int64_t N) {
     return rows < 4 ? 4 : rows;
 }
 
-/* P <- the problem of these arguments; -2 for arguments the kernel does not take. */
+/* P <- the problem of these arguments; -2 for arguments the kernel does not take. wide: int16 x (groups of
+ * whole 16-byte blocks, at most Q16_MAX_GROUP codes), else int8 x (groups of whole 32-byte blocks). */
 static int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
-                   const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, q8_problem *P) {
-    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || g < 1 || g > 16384 ||
-        ldx < K || ldy < N || (g * bits) % 256 || K % g)
+                   const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int wide,
+                   q8_problem *P) {
+    const int64_t block_bits = wide ? 128 : 256;
+    if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || g < 1 || g > (wide ? Q16_MAX_GROUP : 16384) ||
+        ldx < K || ldy < N || (g * bits) % block_bits || (K * bits) % block_bits)
         return -2;
-    q8_problem Q = {M, K, N, bits, g, K / g, K * bits / 8, g * bits / 256, 8 / bits, qweight, scales, zeros,
-                    NULL, NULL, NULL, y, ldy};
+    q8_problem Q = {M, K, N, bits, g, (K + g - 1) / g, K * bits / 8, g * bits / block_bits, 8 / bits, qweight, scales, zeros,
+                    NULL, NULL, NULL, NULL, y, ldy};
     *P = Q;
     return 0;
 }
 
 /* `count` products of the same x (1, or 2 for an expert's gate and up, same bits and group size): x quantised
  * once, then every product's row chunks in one parallel loop. */
-static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int threads) {
+static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int threads, int wide) {
     const int64_t M = P->M, K = P->K, G = P->G;
-    int8_t *xq = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G) + 8 +
-                        (size_t)K);
+    const size_t xbytes = (size_t)(M * K) * (wide ? 2 : 1);
+    int8_t *xq = malloc(xbytes + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G) + 8 +
+                        (size_t)K * (wide ? 2 : 1));
     if (!xq) return -1;
-    float *d = (float *)(((uintptr_t)(xq + M * K) + 7) & ~(uintptr_t)7);
+    float *d = (float *)(((uintptr_t)(xq + xbytes) + 7) & ~(uintptr_t)7);
     int32_t *sxq = (int32_t *)(d + M * G);
-    quantize_x(P, x, ldx, xq, d, sxq);
+    if (wide) quantize_x16(P, x, ldx, (int16_t *)xq, d, sxq);
+    else quantize_x(P, x, ldx, xq, d, sxq);
     int64_t step[2], first[3] = {0}, bytes = 0;
     for (int i = 0; i < count; i++) {
-        P[i].xq = xq, P[i].d = d, P[i].sxq = sxq;
+        P[i].xq = xq, P[i].xw = (const int16_t *)xq, P[i].d = d, P[i].sxq = sxq;
         step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
         bytes += P[i].N * P[i].ldq;
     }
@@ -310,41 +423,49 @@ static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int thr
     for (int64_t c = 0; c < first[count]; c++) {
         const int i = c >= first[1];
         const int64_t n0 = (c - first[i]) * step[i];
-        q8_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), instructions);
+        if (wide) q16_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), instructions);
+        else q8_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), instructions);
     }
     free(xq);
     return 0;
 }
 
 /* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take. */
-int prism_q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
-                    const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads) {
+static int q8_linear(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                     const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int threads, int wide) {
     q8_problem P;
-    if (q8_make(ldx, M, K, qweight, scales, zeros, N, bits, g, y, ldy, &P)) return -2;
-    return q8_run(&P, 1, x, ldx, threads);
+    if (q8_make(ldx, M, K, qweight, scales, zeros, N, bits, g, y, ldy, wide, &P)) return -2;
+    return q8_run(&P, 1, x, ldx, threads, wide);
 }
 
-int prism_q8_linear_packed(const int64_t *a) {
-    return prism_q8_linear((const float *)(intptr_t)a[0], a[1], a[2], a[3], (const uint8_t *)(intptr_t)a[4],
-                           (const uint16_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], a[7], (int)a[8], a[9],
-                           (float *)(intptr_t)a[10], a[11], (int)a[12]);
+static int q8_linear_args(const int64_t *a, int wide) {
+    return q8_linear((const float *)(intptr_t)a[0], a[1], a[2], a[3], (const uint8_t *)(intptr_t)a[4],
+                     (const uint16_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], a[7], (int)a[8], a[9],
+                     (float *)(intptr_t)a[10], a[11], (int)a[12], wide);
 }
 
 /* Two products of the same x (an expert's gate and up projections): with the same shape of x and the same bits
  * and group size, x is quantised once and both weights' row chunks share one parallel loop; every output row
- * is computed as prism_q8_linear computes it. Otherwise the two run one after the other. */
-int prism_q8_linear_pair_packed(const int64_t *a, const int64_t *b) {
+ * is computed as the single call computes it. Otherwise the two run one after the other. */
+static int q8_linear_pair_args(const int64_t *a, const int64_t *b, int wide) {
     const int same = a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[8] == b[8] && a[9] == b[9];
     if (!same) {
-        int rc = prism_q8_linear_packed(a);
-        return rc ? rc : prism_q8_linear_packed(b);
+        int rc = q8_linear_args(a, wide);
+        return rc ? rc : q8_linear_args(b, wide);
     }
     q8_problem P[2];
     for (int i = 0; i < 2; i++) {
         const int64_t *v = i ? b : a;
         if (q8_make(v[1], v[2], v[3], (const uint8_t *)(intptr_t)v[4], (const uint16_t *)(intptr_t)v[5],
-                    (const uint16_t *)(intptr_t)v[6], v[7], (int)v[8], v[9], (float *)(intptr_t)v[10], v[11], &P[i]))
+                    (const uint16_t *)(intptr_t)v[6], v[7], (int)v[8], v[9], (float *)(intptr_t)v[10], v[11], wide,
+                    &P[i]))
             return -2;
     }
-    return q8_run(P, 2, (const float *)(intptr_t)a[0], a[1], (int)a[12]);
+    return q8_run(P, 2, (const float *)(intptr_t)a[0], a[1], (int)a[12], wide);
 }
+
+/* The entry points: arguments as prism_int_linear_packed's (int_linear.c), int8 or int16 x. */
+int prism_q8_linear_packed(const int64_t *a) { return q8_linear_args(a, 0); }
+int prism_q8_linear_pair_packed(const int64_t *a, const int64_t *b) { return q8_linear_pair_args(a, b, 0); }
+int prism_q16_linear_packed(const int64_t *a) { return q8_linear_args(a, 1); }
+int prism_q16_linear_pair_packed(const int64_t *a, const int64_t *b) { return q8_linear_pair_args(a, b, 1); }

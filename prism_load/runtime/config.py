@@ -31,7 +31,7 @@ class RuntimeConfig:
       eviction's weight on routing frequency.
     profile (checkpoints): a prism profile folder for routing frequencies and fitted predictors.
     expert_form (containers): "packed" (default), "decoded" or "codes" (runtime only); expert_kernel:
-      "auto", "native", "int4pack", "dequant", or the opt-in "native-int8" (prism_load/packed.py).
+      "auto", "native", "int4pack", "dequant", "native-int16" or "native-int8" (prism_load/packed.py).
     verify_checksums, resolve_file (containers): check every byte read; fetch a shard not in the folder.
     """
 

@@ -43,7 +43,7 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     `profile` (checkpoints only): a prism profile folder whose routing frequencies inform eviction and
     whose fitted predictors (those that beat the shadow router) feed prefetch.
     `expert_form` (containers): "packed" (the default) keeps experts as stored and multiplies them there
-    (prism_load/packed.py; `expert_kernel` picks the kernel: "auto", "native", "int4pack", "dequant", "native-int8");
+    (prism_load/packed.py; `expert_kernel` picks the kernel: "auto", "native", "int4pack", "dequant", "native-int16", "native-int8");
     "decoded" keeps dense weights; "codes" (CPU) keeps `int` projections as unpacked codes, a byte per
     weight, dequantised at each use. The budget counts the bytes of the form held.
     `predictor`: prefetch with the fitted predictors of the container (or of `profile`) where it has them
