@@ -410,8 +410,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="measure every model this many times, in turn; figures "
                     "are medians over rounds, ratios the median of each round's ratio (this machine drifts)")
     ap.add_argument("--samples", type=int, default=128, help="prism's calibration sequences (of 256 tokens)")
-    ap.add_argument("--kernels", default="auto,native-int8",
-                    help="prism's expert kernels to measure, comma-separated (load()'s expert_kernel; native-int8 "
+    ap.add_argument("--kernels", default="auto,native,native-int8",
+                    help="prism's expert kernels to measure, comma-separated (load()'s expert_kernel: auto is "
+                         "native-int16 where it takes a tensor, native the exact fp32 kernel, native-int8 "
                          "rounds activations to int8 per group as llama.cpp does)")
     ap.add_argument("--recipes", default="uniform,own", help="prism conversions to make and measure: uniform "
                     "(int4/g128) and/or own (prism's allocation at 4.25 bits, about 5x longer to convert)")

@@ -36,8 +36,8 @@ import warnings
 
 import torch
 
-from . import kernels
-from .container.codecs import LowRankLinear, pack_bits, unpack_bits
+from . import kernels, native  # native compiles nothing at import (native.available() builds on first use)
+from .container.codecs import LowRankLinear, unpack_bits
 from .container.format import Encoding, packed_row_bytes
 from .errors import ContainerError
 from .models.linear import linear
@@ -49,28 +49,18 @@ INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel take
 INT4PACK_ROW_MULTIPLE = 16  # its packing needs output rows in multiples of this
 
 
-def _native():
-    try:
-        from . import native
-    except ImportError:
-        return None
-    return native
-
-
 def native_available() -> bool:
-    native = _native()
-    return native is not None and native.available()
+    return native.available()
 
 
 def native_unavailable_reason() -> str:
-    native = _native()
-    return "prism_load.native is missing" if native is None else native.unavailable_reason()
+    return native.unavailable_reason()
 
 
 def kernel_bits(bits: int) -> int:
-    """The width the native kernel reads a `bits`-bit tensor at: 2 and 4 as stored, 3 widened to nibbles,
-    5 and 6 to bytes."""
-    return bits if bits in (2, 4, 8) else (4 if bits == 3 else 8)
+    """The width the native kernel reads a `bits`-bit tensor at: 2, 4 and 8 as stored, 3 widened to nibbles,
+    5 and 6 to bytes (native.WIDENINGS)."""
+    return native.WIDENINGS.get(bits, bits)
 
 
 def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:
@@ -88,17 +78,21 @@ def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:
 def integer_kernel_takes(backend: str, enc: Encoding) -> bool:
     """Whether the integer-activation kernel of `backend` (native-int16, native-int8) runs here and takes this
     tensor's groups."""
-    from . import native
-
     rows, cols = enc.shape
     return native.integer_takes(NATIVE_ACTIVATIONS[backend], 1, cols, kernel_bits(enc.bits), enc.group_size)
 
 
 def choose_backend(enc: Encoding, dtype: torch.dtype, device: torch.device, requested: str = "auto") -> str:
-    """The kernel for one `int` tensor: `requested` where it can run it, else the fastest exact one that can."""
+    """The kernel for one `int` tensor: `requested` where it can run it, else the fastest exact one that can.
+    "auto" on a CPU: native-int16 where it takes the tensor (its rounding of x is far below what the logits
+    notice, and it is the fastest kernel that is not opt-in), except for an fp32 model, which asks for the
+    reference arithmetic and gets the exact kernel."""
     if requested not in ("auto", *BACKENDS):
         raise ValueError(f"expert_kernel={requested!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
     cpu = device.type == "cpu"
+    if (requested == "auto" and cpu and dtype != torch.float32 and native_available()
+            and integer_kernel_takes("native-int16", enc)):
+        return "native-int16"
     can = {
         "native": cpu and native_available(),
         "int4pack": cpu and dtype == torch.bfloat16 and enc.bits <= 4 and int4pack_group(enc.shape, enc.group_size) is not None,
@@ -141,8 +135,6 @@ class PackedLinear:
         """The native kernel bound to these tensors (made at the first call)."""
         bound = self._bound
         if bound is None:
-            from . import native
-
             bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
                                                         activations=NATIVE_ACTIVATIONS[self.backend])
         return bound
@@ -190,7 +182,7 @@ def pack_int(enc: Encoding, tensors: dict[str, torch.Tensor], backend: str) -> P
         if bits != enc.bits and meta:
             q = torch.empty(rows, packed_row_bytes(cols, bits), dtype=torch.uint8, device="meta")
         elif bits != enc.bits:
-            q = pack_bits(unpack_bits(q, enc.bits, cols), bits) if bits < 8 else unpack_bits(q, enc.bits, cols)
+            q = native.widen_codes(q, enc.bits, cols)
         return PackedLinear(backend, enc.shape, bits, enc.group_size, (q, s, z))
     if backend != "int4pack":
         raise ValueError(f"unknown backend {backend!r}")
@@ -276,18 +268,20 @@ def packable_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
     return taken
 
 
-def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: str = "auto") -> None:
+def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: str = "auto",
+               dtype: torch.dtype = torch.bfloat16) -> None:
     """Put a PackedDense where each taken Linear was (after its bias was loaded): the exact native kernel, or
-    with `requested` "native-int16" / "native-int8" the integer-activation one where it takes the tensor (as
-    for the experts)."""
+    the integer-activation one that `requested` ("native-int16", "native-int8", or "auto" as choose_backend
+    reads it for a `dtype` model) names where it takes the tensor (as for the experts)."""
     for name in taken:
         path = name[: -len(".weight")]
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child)
         enc, tensors = dense[name]
-        integer = requested in ("native-int16", "native-int8") and integer_kernel_takes(requested, enc)
-        backend = requested if integer else "native"
+        kernel = "native-int16" if requested == "auto" and dtype != torch.float32 else requested
+        integer = kernel in ("native-int16", "native-int8") and integer_kernel_takes(kernel, enc)
+        backend = kernel if integer else "native"
         op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, backend)
         setattr(parent, child, PackedDense(op, old.bias))
 

@@ -173,6 +173,21 @@ def test_disabled_by_environment():
                                 "native kernels unavailable: disabled by PRISM_NATIVE=0"]
 
 
+# -- widening 3-, 5- and 6-bit codes to the kernels' widths --------------------------------------------------
+@pytest.mark.parametrize("bits", [3, 5, 6])
+@pytest.mark.parametrize("cols", [192, 17, 8, 1])
+def test_widen_codes_is_unpack_then_pack_at_the_kernel_width(kernel, bits, cols):
+    """The same values, rewritten 4 (3-bit) or 8 (5-, 6-bit) bits wide, including rows whose last codes do not
+    fill 8 (the part one pdep cannot take) and codes at their maximum."""
+    q = torch.randint(0, 2**bits, (9, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(cols))
+    q[0] = 2**bits - 1
+    widened = native.widen_codes(pack_bits(q, bits), bits, cols)
+    to = native.WIDENINGS[bits]
+    assert torch.equal(widened, pack_bits(q, to) if to < 8 else q)
+    with pytest.raises(ValueError, match="widen_codes: a cpu uint8"):
+        native.widen_codes(pack_bits(q, bits), 4, cols)
+
+
 # -- the bf16 matrix-vector product (decode rows of a bf16 model's dense layers) ------------------------------
 @pytest.mark.parametrize("m, n, k", [(1, 1024, 1024), (3, 100, 64), (4, 37, 1000), (2, 8, 7), (1, 5, 17)])
 @pytest.mark.parametrize("with_bias", [False, True])

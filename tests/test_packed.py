@@ -227,6 +227,10 @@ def test_integer_kernels_are_chosen_where_they_take_the_tensor(monkeypatch):
     taken, odd = Encoding("int", (128, 128), bits=4, group_size=64), Encoding("int", (128, 88), bits=4, group_size=64)
     g32, g16 = (Encoding("int", (128, 128), bits=4, group_size=g) for g in (32, 16))
     assert packed.choose_backend(taken, torch.bfloat16, cpu, "native") == "native"
+    assert packed.choose_backend(taken, torch.bfloat16, cpu) == "native-int16"  # auto: int16 where it takes it
+    assert packed.choose_backend(g16, torch.bfloat16, cpu) == "native"  # ... else the exact kernel
+    assert packed.choose_backend(taken, torch.float32, cpu) == "native"  # fp32: the reference arithmetic
+    assert packed.choose_backend(taken, torch.bfloat16, torch.device("meta")) == "dequant"  # not a CPU
     for kernel in ("native-int16", "native-int8"):
         assert packed.choose_backend(taken, torch.bfloat16, cpu, kernel) == kernel
         assert packed.choose_backend(odd, torch.bfloat16, cpu, kernel) == "native"  # 88 columns: not whole blocks
@@ -236,6 +240,7 @@ def test_integer_kernels_are_chosen_where_they_take_the_tensor(monkeypatch):
     monkeypatch.setattr(native, "q8_available", lambda: False)
     assert packed.choose_backend(taken, torch.bfloat16, cpu, "native-int8") == "native"  # no integer kernel here
     assert packed.choose_backend(taken, torch.bfloat16, cpu, "native-int16") == "native"
+    assert packed.choose_backend(taken, torch.bfloat16, cpu) == "native"
 
 
 @pytest.mark.parametrize("kernel, cosine", [("native-int16", 1 - 1e-7), ("native-int8", 0.999)])
@@ -311,7 +316,7 @@ def test_dense_layers_follow_the_requested_integer_kernel():
         pytest.skip("the integer-activation kernels do not run here (no native kernels)")
     name = "layers.0.self_attn.q_proj.weight"
     for requested, expected in (("native-int8", "native-int8"), ("native-int16", "native-int16"),
-                                ("native", "native")):
+                                ("auto", "native-int16"), ("native", "native")):
         model = random_model(Q8_CONFIG)
         w = model.get_parameter(name).detach()
         dense = {name: (Encoding("int", tuple(w.shape), bits=8, group_size=64), rtn(w, 8, 64))}

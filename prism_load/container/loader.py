@@ -59,7 +59,7 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
              for name, (enc, t) in dense.items() if name not in kept}
     model.load_state_dict(state, assign=True, strict=False)
     model.compute_dtype = compute_dtype
-    swap_dense(model, dense, kept, kernel)
+    swap_dense(model, dense, kept, kernel, dtype)
     fuse_qkv(model)
 
 

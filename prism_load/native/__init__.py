@@ -249,6 +249,26 @@ class BoundIntLinear:
         return ya, yb
 
 
+WIDENINGS = {3: 4, 5: 8, 6: 8}  # stored bits -> the width the int kernels read them at (widen_codes)
+
+
+def widen_codes(qweight: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """A `bits`-bit stored tensor's codes (uint8 [rows, ceil(cols*bits/8)]) rewritten WIDENINGS[bits] wide, in
+    fresh memory: the same values in the layout the int kernels read (int_linear.c: one BMI2 pdep per 8 codes).
+    Why native: this runs at every cache miss of a 3-, 5- or 6-bit expert."""
+    to = WIDENINGS.get(bits)
+    rows = qweight.shape[0] if qweight.dim() == 2 else -1
+    if (to is None or qweight.dtype is not torch.uint8 or not qweight.is_cpu or rows < 0 or qweight.stride(1) != 1
+            or qweight.shape[1] != (cols * bits + 7) // 8):
+        raise ValueError(f"widen_codes: a cpu uint8 [rows, {(cols * bits + 7) // 8}] tensor of 3, 5 or 6-bit codes "
+                         f"is needed, got {qweight.dtype} {list(qweight.shape)} at {bits} bits")
+    out = torch.empty(rows, (cols * to + 7) // 8, dtype=torch.uint8)
+    if rows and cols:
+        _check_rc(_kernel().widen(qweight.data_ptr(), qweight.stride(0), out.data_ptr(), out.stride(0), rows, cols,
+                                  bits, to), "widen_codes")
+    return out
+
+
 GEMV_MAX_ROWS = 4  # rows of x bf16_linear takes (decode); more rows are a matrix product for torch
 
 
@@ -285,4 +305,4 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["BITS", "GEMV_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available", "bf16_linear", "int_linear",
-           "q8_available", "ACTIVATIONS", "integer_takes", "q16_takes", "q8_force_instructions", "q8_instructions", "q8_takes", "unavailable_reason"]
+           "q8_available", "ACTIVATIONS", "integer_takes", "q16_takes", "q8_force_instructions", "q8_instructions", "q8_takes", "widen_codes", "unavailable_reason"]

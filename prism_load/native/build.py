@@ -137,6 +137,10 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     for name in ("prism_int_linear_pair_packed", "prism_q8_linear_pair_packed", "prism_q16_linear_pair_packed"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]  # two int64 args[13] each
         getattr(lib, name).restype = ctypes.c_int
+    lib.prism_widen_codes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.prism_widen_codes.restype = ctypes.c_int
+    fn.widen = lib.prism_widen_codes
     fn.pair = lib.prism_int_linear_pair_packed
     fn.q8_pair = lib.prism_q8_linear_pair_packed
     fn.q16_pair = lib.prism_q16_linear_pair_packed

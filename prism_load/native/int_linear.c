@@ -600,3 +600,89 @@ int prism_int_linear_pair_packed(const int64_t *a, const int64_t *b) {
     if (threads < 1 || (double)P[0].M * (P[0].N + P[1].N) * P[0].K < SERIAL_MACS) threads = 1;
     return run_direct(P, 2, (int)a[8], threads);
 }
+
+/* ---- widening stored codes to the kernel's widths ----------------------------------------------------- */
+
+/* dst [rows, ceil(cols*to/8)] <- the codes of src [rows, ceil(cols*from/8)] (little-endian bitstreams per row,
+ * code k at bits k*from .. k*from+from-1), rewritten `to` bits wide: 3 -> 4 and 5 or 6 -> 8 (the widths the
+ * matmul kernels read; the values are unchanged). Why: a 3-, 5- or 6-bit expert is widened every time it is
+ * loaded into the fast tier, and torch's bit arithmetic took ~0.5 ms per tensor of a small model's expert,
+ * most of a cache miss. Eight codes fill `from` bytes and `to` bytes exactly: one BMI2 pdep scatters them
+ * (where the CPU has BMI2; shifts and masks otherwise). Returns 0, or -2 for widths it does not take. */
+#define WIDEN_FIELDS(x, from, to, out)                                                     \
+    do {                                                                                   \
+        out = 0;                                                                           \
+        for (int f_ = 0; f_ < 8; f_++) out |= ((x >> (from * f_)) & ((1ull << from) - 1)) << (to * f_); \
+    } while (0)
+
+/* FROM and TO are constants after inlining (the callers below), so the 3-6 byte copies are moves, not calls. */
+#define WIDEN_ROWS(NAME, ATTR, SCATTER)                                                                         \
+    ATTR INLINE void NAME(const uint8_t *src, int64_t lds, uint8_t *dst, int64_t ldd, int64_t rows,            \
+                          int64_t cols, const int FROM, const int TO) {                                         \
+        const uint64_t mask = widen_mask(FROM, TO);                                                              \
+        const int64_t whole = cols / 8;                                                                          \
+        const uint8_t *end = src + (rows - 1) * lds + (cols * FROM + 7) / 8; /* the last byte read, + 1 */       \
+        for (int64_t r = 0; r < rows; r++) {                                                                     \
+            const uint8_t *s = src + r * lds;                                                                    \
+            uint8_t *d = dst + r * ldd;                                                                          \
+            for (int64_t w = 0; w < whole; w++) {                                                                \
+                /* one 8-byte load (the bits past FROM bytes are ignored) where it stays inside the buffer: */  \
+                /* FROM-byte copies went through the stack and stalled on store forwarding */                    \
+                const uint8_t *p = s + w * FROM;                                                                 \
+                uint64_t x = 0, out;                                                                             \
+                if (p + 8 <= end) memcpy(&x, p, 8);                                                              \
+                else for (int b = 0; b < FROM; b++) x |= (uint64_t)p[b] << (8 * b);                              \
+                SCATTER;                                                                                         \
+                memcpy(d + w * TO, &out, TO);                                                                    \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+INLINE uint64_t widen_mask(int from, int to) {
+    uint64_t mask = 0;
+    for (int f = 0; f < 8; f++) mask |= ((1ull << from) - 1) << (to * f);
+    return mask;
+}
+
+WIDEN_ROWS(widen_rows_pdep, __attribute__((target("bmi2"))), out = _pdep_u64(x, mask))
+WIDEN_ROWS(widen_rows_shift, , (void)mask; WIDEN_FIELDS(x, FROM, TO, out))
+
+__attribute__((target("bmi2"))) static void widen_pdep(const uint8_t *src, int64_t lds, uint8_t *dst, int64_t ldd,
+                                                      int64_t rows, int64_t cols, int from) {
+    if (from == 3) widen_rows_pdep(src, lds, dst, ldd, rows, cols, 3, 4);
+    else if (from == 5) widen_rows_pdep(src, lds, dst, ldd, rows, cols, 5, 8);
+    else widen_rows_pdep(src, lds, dst, ldd, rows, cols, 6, 8);
+}
+
+static void widen_shift(const uint8_t *src, int64_t lds, uint8_t *dst, int64_t ldd, int64_t rows, int64_t cols,
+                        int from) {
+    if (from == 3) widen_rows_shift(src, lds, dst, ldd, rows, cols, 3, 4);
+    else if (from == 5) widen_rows_shift(src, lds, dst, ldd, rows, cols, 5, 8);
+    else widen_rows_shift(src, lds, dst, ldd, rows, cols, 6, 8);
+}
+
+int prism_widen_codes(const uint8_t *src, int64_t lds, uint8_t *dst, int64_t ldd, int64_t rows, int64_t cols,
+                      int from, int to) {
+    if (!((from == 3 && to == 4) || ((from == 5 || from == 6) && to == 8)) || rows < 0 || cols < 0 ||
+        lds < (cols * from + 7) / 8 || ldd < (cols * to + 7) / 8)
+        return -2;
+    __builtin_cpu_init();
+    /* pdep is microcoded (slow) on AMD before Zen 3; shifts are never slower than that */
+    const int fast_pdep = __builtin_cpu_supports("bmi2") && !__builtin_cpu_is("amd");
+    if (fast_pdep) widen_pdep(src, lds, dst, ldd, rows, cols, from);
+    else widen_shift(src, lds, dst, ldd, rows, cols, from);
+    const int64_t tail0 = cols / 8 * 8; /* the last cols % 8 codes, one at a time */
+    for (int64_t r = 0; r < rows && tail0 < cols; r++) {
+        const uint8_t *s = src + r * lds;
+        uint8_t *d = dst + r * ldd;
+        memset(d + tail0 * to / 8, 0, (size_t)(ldd - tail0 * to / 8));
+        for (int64_t k = tail0; k < cols; k++) {
+            int64_t bit = k * from;
+            unsigned v = (unsigned)(s[bit >> 3] | (bit / 8 + 1 < lds ? s[(bit >> 3) + 1] << 8 : 0));
+            v = (v >> (bit & 7)) & ((1u << from) - 1);
+            int64_t out = k * to;
+            d[out >> 3] |= (uint8_t)(v << (out & 7));
+        }
+    }
+    return 0;
+}

@@ -52,6 +52,9 @@ class ContainerStore(StoreBase):
         self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
         self.moe_layers = tuple(args.moe_layers)
         self._layouts = {(r.layer, r.expert): r.layout() for r in container.records}
+        # each stored tensor's (tensor, suffix, byte range, dtype, shape), split once: _encoded runs per miss
+        self._views = {key: [(*t.key.split(".", 1), t.start, t.start + t.nbytes, t.dtype, tuple(t.shape)) for t in layout]
+                       for key, layout in self._layouts.items()}
         sizes, direct = {}, {}  # by encodings: experts of one encoding share their size and form
         for r in container.records:
             sig = tuple(sorted((name, enc) for name, enc in r.encodings.items()))
@@ -90,9 +93,8 @@ class ContainerStore(StoreBase):
         """{tensor: (Encoding, {suffix: view of raw})}, as Container.read_expert makes them."""
         record = self.container.record(layer, expert)
         encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
-        for t in self._layouts[(layer, expert)]:
-            tensor, suffix = t.key.split(".", 1)
-            encoded[tensor][1][suffix] = raw[t.start : t.start + t.nbytes].view(t.dtype).reshape(t.shape)
+        for tensor, suffix, start, end, dtype, shape in self._views[(layer, expert)]:
+            encoded[tensor][1][suffix] = raw[start:end].view(dtype).reshape(shape)
         return encoded
 
     def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
