@@ -370,9 +370,11 @@ def test_forcing_instructions_the_cpu_lacks_is_refused(q8):
 
 @pytest.mark.parametrize("act, bits, g, m, k", [("int8", 4, 32, 1, 256), ("int8", 2, 64, 5, 256), ("int8", 4, 64, 1, 96),
                                                 ("int16", 4, 16, 1, 256), ("int16", 2, 32, 5, 256),
-                                                ("int16", 4, 64, 1, 88), ("int16", 8, 4096, 1, 4096)])
+                                                ("int16", 4, 64, 1, 88), ("int16", 8, 4096, 1, 4096),
+                                                ("int16", 4, 64, 9, 256)])
 def test_integer_activations_leave_other_shapes_to_the_exact_kernel(q8, act, bits, g, m, k):
-    """Groups under 32 (int8) / 16 (int16) bytes, K not whole blocks, int16 groups over 2048 codes: exact."""
+    """Groups under 32 (int8) / 16 (int16) bytes, K not whole blocks, int16 groups over 2048 codes, int16 with
+    more rows than Q16_UPTO_M (prefill: the exact gemm path is faster there): computed exactly."""
     t = stored(16, k, bits, g)
     x = torch.randn(m, k)
     args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)

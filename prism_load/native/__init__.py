@@ -26,6 +26,9 @@ from .build import NativeUnavailable, load
 BITS = (2, 4, 8)
 ACTIVATIONS = ("fp32", "int16", "int8")  # what x is multiplied as: exact fp32, or rounded per group
 Q16_MAX_GROUP = 2048  # q8_linear.c's int16 path: integer sums stay exact up to this group size
+# rows of x up to which int16 activations beat the exact kernel; beyond, the exact kernel's gemm path (weights
+# dequantised once per block, then fp32 register tiles) is faster (bench/results/kernels.md, M = 8 vs 16)
+Q16_UPTO_M = 8
 _ARGS = 13  # prism_int_linear_packed's argument array
 _local = threading.local()  # one argument array per thread: the compute and prefetch threads may both call
 
@@ -79,7 +82,10 @@ def q16_takes(m: int, k: int, bits: int, group_size: int) -> bool:
 
 
 def integer_takes(activations: str, m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether the kernel of these activations ("int16", "int8") runs here and takes this shape."""
+    """Whether the kernel of these activations ("int16", "int8") runs here and takes this shape (int16: decode
+    rows, up to Q16_UPTO_M; more rows go to the exact kernel, which is faster there)."""
+    if activations == "int16" and m > Q16_UPTO_M:
+        return False
     takes = {"int16": q16_takes, "int8": q8_takes}[activations]
     return q8_available() and takes(m, k, bits, group_size)
 
@@ -146,9 +152,9 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """x [M, k] (fp32, or bf16/fp16, widened) @ w.T -> fp32 [M, N], w the `int` weight [N, k] of `bits` bits
     in groups of `group_size` (qweight uint8 [N, ceil(k*bits/8)], scales and zeros fp16 [N, ceil(k/g)]),
     read as stored. `out`: an fp32 [M, N] destination (rows may be strided). Runs on torch's thread count.
-    `activations` "int16" / "int8": where the integer kernel takes the shape (integer_takes), x is rounded to
-    int16 / int8 per group and multiplied in integers (q8_linear.c: faster, not exact); elsewhere, and for
-    "fp32", the exact kernel runs.
+    `activations` "int16" / "int8": where the integer kernel takes the shape (integer_takes: int16 for up to
+    Q16_UPTO_M rows), x is rounded to int16 / int8 per group and multiplied in integers (q8_linear.c: faster,
+    not exact); elsewhere, and for "fp32", the exact kernel runs.
     Called about 50 times per decoded token, so the common case is checked in one expression."""
     fn = _kernel()
     try:
@@ -193,7 +199,7 @@ class BoundIntLinear:
     Other threads (and x that the fast path does not take) go through int_linear."""
 
     __slots__ = ("tensors", "bits", "group_size", "k", "n", "activations", "_args", "_addr", "_call", "_pair",
-                 "_thread")
+                 "_exact", "_exact_pair", "_upto", "_thread")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int, k: int, activations: str = "fp32"):
@@ -206,6 +212,8 @@ class BoundIntLinear:
         self._pair = _entry(fn, activations, 1, k, bits, group_size, pair=True)
         # what this weight is actually multiplied with ("fp32" where the integer kernel does not take it)
         self.activations = activations if self._call is not fn else "fp32"
+        self._exact, self._exact_pair = fn, fn.pair
+        self._upto = Q16_UPTO_M if self.activations == "int16" else None  # rows beyond: the exact kernel
         self._args = (ctypes.c_int64 * _ARGS)(0, k, 0, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                                               self.n, bits, group_size, 0, self.n, 1)
         self._addr = ctypes.addressof(self._args)
@@ -229,7 +237,8 @@ class BoundIntLinear:
         out = torch.empty(xf.shape[0], self.n, dtype=torch.float32)
         if xf.shape[0]:
             self._bind_call(xf, out, torch.get_num_threads())
-            _check_rc(self._call(self._addr), "int_linear")
+            call = self._call if self._upto is None or xf.shape[0] <= self._upto else self._exact
+            _check_rc(call(self._addr), "int_linear")
         return out
 
     def pair(self, other: BoundIntLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +254,8 @@ class BoundIntLinear:
             threads = torch.get_num_threads()
             self._bind_call(xf, ya, threads)
             other._bind_call(xf, yb, threads)
-            _check_rc(self._pair(self._addr, other._addr), "int_linear")
+            pair = self._pair if self._upto is None or xf.shape[0] <= self._upto else self._exact_pair
+            _check_rc(pair(self._addr, other._addr), "int_linear")
         return ya, yb
 
 
