@@ -56,7 +56,8 @@ class PrismRunner:
 
     def forward(self, ids: list[int]) -> np.ndarray:
         with self.torch.inference_mode():
-            logits = self.model(self.torch.tensor([ids]), cache=self.cache)[0, -1]  # [V]
+            # the last position's logits only, as llama.cpp computes them (logits_all=False)
+            logits = self.model(self.torch.tensor([ids]), cache=self.cache, logits_to_keep=1)[0, -1]  # [V]
         return logits.float().numpy()
 
     def close(self) -> None:

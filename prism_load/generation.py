@@ -92,7 +92,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     fill = int(eos[0]) if eos.numel() else (config.pad_token_id or 0)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache()
-    logits = model(input_ids, cache=cache, attention_mask=mask)[:, -1]
+    logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     for step in range(config.max_new_tokens):
         nxt = sample_next(logits, config.do_sample, config.temperature, config.top_k, config.top_p, generator)

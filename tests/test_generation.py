@@ -84,6 +84,26 @@ def test_each_row_of_a_padded_batch_equals_its_prompt_alone(name, tiny_checkpoin
     assert_rows_match_alone(model, random_prompts(ref.config.vocab_size, [3, 8, 5]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_to_keep_gives_the_last_positions_logits(tiny_checkpoint, dtype):
+    """model(ids, logits_to_keep=n) is model(ids)[:, -n:] (the LM head over n positions only; one row may take
+    the native decode kernel, so equal to fp32 rounding), with the cache filled alike."""
+    folder, ref = tiny_checkpoint("mixtral")
+    model = prism_load.load(folder, dtype=dtype)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache_all, cache_last = model.new_cache(), model.new_cache()
+        full = model(ids, cache=cache_all)
+        for n in (1, 3):
+            kept = model(ids, logits_to_keep=n)
+            assert kept.shape == (2, n, ref.config.vocab_size)
+            assert rel_max_error(kept, full[:, -n:]) < 1e-5
+        last = model(ids, cache=cache_last, logits_to_keep=1)
+        step = torch.tensor([[3], [4]])
+        assert rel_max_error(model(step, cache=cache_last), model(step, cache=cache_all)) < 1e-5
+    assert rel_max_error(last[:, -1], full[:, -1]) < 1e-5
+
+
 def test_a_padded_row_counts_positions_from_its_first_token(tiny_checkpoint):
     """Rotary attention only sees position differences, so a shifted row would still pass the tests above; the
     phases follow transformers' cumsum(attention_mask) - 1 all the same (long-context rope scaling is not

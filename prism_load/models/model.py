@@ -84,9 +84,11 @@ class MoEForCausalLM(nn.Module):
         return ForwardContext(slots, cos[:, None], sin[:, None], cache, key_valid, key_valid[:, start:])
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """attention_mask (1 real, 0 padding), as in transformers: [B, T] over the new tokens, or [B, S] over the
-        cached and new ones; a cache remembers the padding of earlier calls."""
+        cached and new ones; a cache remembers the padding of earlier calls. logits_to_keep (transformers'
+        name): logits of the last n positions only ([B, n, V]; 0: all), so a prefill that samples from its
+        last position skips the LM head's product over every other one."""
         x = self.embed_tokens(input_ids)
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
@@ -95,6 +97,8 @@ class MoEForCausalLM(nn.Module):
             x = layer(x, ctx)
             if self.layer_hook is not None:
                 self.layer_hook(layer.index, x if ctx.token_valid is None else x[ctx.token_valid])
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
 
     @torch.inference_mode()
