@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-UPCAST_ROWS = 8  # rows from which an fp32 product beats bf16 on CPUs without bf16 matmul (kernels_*.md)
+# rows from which an fp32 product (the weight widened per call) beats torch's bf16 one on CPUs without bf16
+# matmul: on an Ice Lake-class CPU, 8 rows lost (4.4 ms vs 3.1 at 5632x1024), 16 tied, 32 and 64 won
+# (`python bench/bench_kernels.py --shapes 5632x1024,1024x2816 --m 8,16,32,64`)
+UPCAST_ROWS = 16
 
 
 @functools.cache
