@@ -36,8 +36,8 @@ typedef struct {
     int64_t M, K, N, bits, g, G, ldq, blocks_per_group, planes;
     const uint8_t *q;
     const uint16_t *s, *z;
-    const int8_t *xq;   /* [M][blocks][planes][32]: x8 in the byte order of each plane's codes */
-    const int16_t *xw;  /* int16 x: [M][blocks16][planes][16], x16 in the word order of each plane's codes */
+    /* [M][blocks][planes] 32-byte vectors: 32 x8 (int8 x) or 16 x16 (int16 x) in the order of each plane's codes */
+    const uint8_t *xq;
     const float *d;     /* [M][G] the groups' steps */
     const int32_t *sxq; /* [M][G] the groups' sums of x8 */
     float *y;
@@ -52,15 +52,21 @@ INLINE float q8_hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* A 32-byte block of one row holds 256 / bits codes; plane p is the vector of bits p*bits .. p*bits+bits-1 of
- * every byte (8-bit codes: one plane, the bytes). Byte j of plane p is code (8 / bits) * j + p. */
-static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t *xq, float *d, int32_t *sxq) {
-    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / 256, G = P->G, g = P->g, K = P->K;
-    int8_t *nat = (int8_t *)(sxq + P->M * G); /* scratch after sxq: K int8 values in natural order */
+/* x rounded per group and laid out for the tiles. A weight block is `lanes` bytes of one row (32 for int8 x, 16
+ * for int16 x, whose codes are widened to 16-bit lanes) and holds lanes * 8 / bits codes; plane p is the vector
+ * of bits p*bits .. p*bits+bits-1 of every byte (8-bit codes: one plane, the bytes), so lane j of plane p is
+ * code (8 / bits) * j + p. d = max|x| / top per group (top 127 or 32767), x = round(x / d) (ties to even). */
+static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int wide, uint8_t *xq, float *d,
+                       int32_t *sxq) {
+    const int lanes = wide ? 16 : 32;
+    const float top = wide ? 32767.0f : 127.0f;
+    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / (8 * lanes), G = P->G, g = P->g, K = P->K;
+    int32_t *nat = sxq + P->M * G; /* scratch after sxq: K codes in natural order */
     for (int64_t m = 0; m < P->M; m++) {
         const float *xr = x + m * ldx;
         for (int64_t gi = 0; gi < G; gi++) {
             const float *xg = xr + gi * g;
+            int32_t *codes = nat + gi * g;
             const int64_t len = q8_min(g, K - gi * g); /* the last group may be partial (whole blocks) */
             __m256 vmax = _mm256_setzero_ps();
             const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -70,38 +76,36 @@ static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int8_t 
             _mm256_storeu_ps(buf, vmax);
             for (int i = 0; i < 8; i++) amax = fmaxf(amax, buf[i]);
             for (; k < len; k++) amax = fmaxf(amax, fabsf(xg[k]));
-            const float step = amax / 127.0f;
+            const float step = amax / top;
             d[m * G + gi] = step;
             int32_t sum = 0;
             k = 0;
             if (step > 0.0f) {
-                const __m256 sv = _mm256_set1_ps(step), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+                const __m256 sv = _mm256_set1_ps(step), lim = _mm256_set1_ps(top), nlim = _mm256_set1_ps(-top);
                 for (; k + 8 <= len; k += 8) {
                     __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k), sv),
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                    __m256i c = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(v, lim), nlim));
-                    int32_t ci[8];
-                    _mm256_storeu_si256((__m256i *)ci, c);
-                    for (int i = 0; i < 8; i++) nat[gi * g + k + i] = (int8_t)ci[i], sum += ci[i];
+                    _mm256_storeu_si256((__m256i *)(codes + k), _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(v, lim), nlim)));
+                    for (int i = 0; i < 8; i++) sum += codes[k + i];
                 }
                 for (; k < len; k++) {
                     float v = nearbyintf(xg[k] / step);
-                    int8_t c = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
-                    nat[gi * g + k] = c, sum += c;
+                    codes[k] = (int32_t)(v > top ? top : v < -top ? -top : v), sum += codes[k];
                 }
             } else {
-                memset(nat + gi * g, 0, (size_t)len);
+                memset(codes, 0, sizeof(int32_t) * (size_t)len);
             }
             sxq[m * G + gi] = sum;
         }
-        int8_t *dst = xq + m * K;
-        if (per == 1) {
-            memcpy(dst, nat, (size_t)K);
-        } else {
-            for (int64_t b = 0; b < blocks; b++)
-                for (int64_t p = 0; p < per; p++)
-                    for (int64_t j = 0; j < 32; j++) dst[(b * per + p) * 32 + j] = nat[b * 32 * per + per * j + p];
-        }
+        int8_t *dst8 = (int8_t *)(xq + m * K * (wide ? 2 : 1));
+        int16_t *dst16 = (int16_t *)dst8;
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t p = 0; p < per; p++)
+                for (int64_t j = 0; j < lanes; j++) {
+                    const int64_t at = (b * per + p) * lanes + j, code = nat[b * lanes * per + per * j + p];
+                    if (wide) dst16[at] = (int16_t)code;
+                    else dst8[at] = (int8_t)code;
+                }
     }
 }
 
@@ -133,14 +137,17 @@ INLINE void q8_group_terms(const q8_problem *P, int64_t n, int64_t m0, const int
     }
 }
 
-/* Rows n0 .. n0+NR-1 for x rows m0 .. m0+MT-1. NR, MT and bits are constants after inlining. Per group: the
- * integer sums, then one convert and one FMA by s * d; the zero terms are summed apart, a vector at a time. */
-#define Q8_TILE(NAME, DOT)                                                                                                \
+/* Rows n0 .. n0+NR-1 for x rows m0 .. m0+MT-1. NR, MT, bits and WIDE are constants after inlining. Per group:
+ * the integer sums, then one convert and one FMA by s * d; the zero terms are summed apart, a vector at a time.
+ * WIDE 0: int8 x against 32-byte weight blocks; 1: int16 x against 16-byte blocks widened to 16-bit lanes
+ * (vpmovzxbw), where the top plane needs no mask (the lanes' high bytes are zero) and one prefetch per 64
+ * bytes suffices. Either way each plane of a block meets one 32-byte vector of x. */
+#define INT_TILE(NAME, DOT, WIDE)                                                                                         \
 INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {               \
-    const int per = 8 / bits;                                                                                             \
-    const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 256;                                        \
+    const int per = 8 / bits, lanes = WIDE ? 16 : 32;                                                                     \
+    const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / (8 * lanes);                                \
     const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;                                                                   \
-    const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));                                                       \
+    const __m256i mask = WIDE ? _mm256_set1_epi16((short)((1 << bits) - 1)) : _mm256_set1_epi8((char)((1 << bits) - 1)); \
     const uint8_t *row[4];                                                                                                \
     __m256 tot[4][Q8_MAX_M], zt[4][Q8_MAX_M];                                                                             \
     UNROLL for (int r = 0; r < NR; r++) {                                                                                 \
@@ -157,10 +164,13 @@ INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, cons
             UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_si256();   \
             for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {                                \
                 UNROLL for (int r = 0; r < NR; r++) {                                                                     \
-                    _mm_prefetch((const char *)(row[r] + 32 * b + ahead), _MM_HINT_T0);                                   \
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * b));                                   \
+                    const uint8_t *at = row[r] + lanes * b;                                                               \
+                    if (!WIDE || !(b & 3)) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T0);                         \
+                    __m256i w = WIDE ? _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)at))                        \
+                                     : _mm256_loadu_si256((const __m256i *)at);                                           \
                     UNROLL for (int p = 0; p < per; p++) {                                                                \
-                        __m256i u = bits == 8 ? w : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask);       \
+                        __m256i u = bits == 8 ? w : WIDE && p == per - 1 ? _mm256_srli_epi16(w, bits * p)                \
+                                  : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask);                       \
                         UNROLL for (int m = 0; m < MT; m++) {                                                             \
                             __m256i xv = _mm256_loadu_si256(                                                              \
                                 (const __m256i *)(P->xq + (((m0 + m) * blocks + b) * per + p) * 32));                     \
@@ -209,84 +219,8 @@ INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, cons
  * (|sum| <= g/16 * 2 * 255 * 32767 < 2^31). */
 #define Q16_MAX_GROUP 2048
 
-static void quantize_x16(const q8_problem *P, const float *x, int64_t ldx, int16_t *xw, float *d, int32_t *sxq) {
-    const int64_t per = 8 / P->bits, blocks = P->K * P->bits / 128, G = P->G, g = P->g, K = P->K;
-    int16_t *nat = (int16_t *)(sxq + P->M * G); /* scratch after sxq: K int16 values in natural order */
-    for (int64_t m = 0; m < P->M; m++) {
-        const float *xr = x + m * ldx;
-        for (int64_t gi = 0; gi < G; gi++) {
-            const float *xg = xr + gi * g;
-            const int64_t len = q8_min(g, K - gi * g); /* the last group may be partial (whole blocks) */
-            float amax = 0.0f;
-            for (int64_t k = 0; k < len; k++) amax = fmaxf(amax, fabsf(xg[k]));
-            const float step = amax / 32767.0f;
-            d[m * G + gi] = step;
-            int32_t sum = 0;
-            for (int64_t k = 0; k < len; k++) {
-                float v = step > 0.0f ? nearbyintf(xg[k] / step) : 0.0f;
-                int16_t c = (int16_t)(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
-                nat[gi * g + k] = c, sum += c;
-            }
-            sxq[m * G + gi] = sum;
-        }
-        int16_t *dst = xw + m * K;
-        if (per == 1) {
-            memcpy(dst, nat, sizeof(int16_t) * (size_t)K);
-        } else {
-            for (int64_t b = 0; b < blocks; b++)
-                for (int64_t p = 0; p < per; p++)
-                    for (int64_t j = 0; j < 16; j++) dst[(b * per + p) * 16 + j] = nat[b * 16 * per + per * j + p];
-        }
-    }
-}
-
-/* As Q8_TILE, on 16-byte blocks widened to 16-bit lanes; plane p of a block is (w >> bits*p) & mask. */
-#define Q16_TILE(NAME, DOT)                                                                                               \
-INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {               \
-    const int per = 8 / bits;                                                                                             \
-    const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 128;                                        \
-    const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;                                                                   \
-    const __m256i mask = _mm256_set1_epi16((short)((1 << bits) - 1));                                                    \
-    const uint8_t *row[4];                                                                                                \
-    __m256 tot[4][Q8_MAX_M], zt[4][Q8_MAX_M];                                                                             \
-    UNROLL for (int r = 0; r < NR; r++) {                                                                                 \
-        row[r] = P->q + (n0 + r) * P->ldq;                                                                                \
-        UNROLL for (int m = 0; m < MT; m++) tot[r][m] = zt[r][m] = _mm256_setzero_ps();                                   \
-    }                                                                                                                     \
-    for (int64_t gb = 0; gb < G; gb += Q8_GROUP_CHUNK) {                                                                  \
-        const int64_t gn = q8_min(Q8_GROUP_CHUNK, G - gb);                                                                \
-        float sd[4][Q8_MAX_M][Q8_GROUP_CHUNK];                                                                            \
-        UNROLL for (int r = 0; r < NR; r++)                                                                               \
-            q8_group_terms(P, n0 + r, m0, MT, gb, gn, sd[r], zt[r]);                                                      \
-        for (int64_t gi = gb; gi < gb + gn; gi++) {                                                                       \
-            __m256i acc[4][Q8_MAX_M];                                                                                     \
-            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_si256();   \
-            for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {                                \
-                UNROLL for (int r = 0; r < NR; r++) {                                                                     \
-                    if (!(b & 3)) _mm_prefetch((const char *)(row[r] + 16 * b + ahead), _MM_HINT_T0);                     \
-                    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + 16 * b)));               \
-                    UNROLL for (int p = 0; p < per; p++) {                                                                \
-                        __m256i u = bits == 8 ? w : p == per - 1 ? _mm256_srli_epi16(w, bits * p)                        \
-                                  : _mm256_and_si256(p ? _mm256_srli_epi16(w, bits * p) : w, mask);                       \
-                        UNROLL for (int m = 0; m < MT; m++) {                                                             \
-                            __m256i xv = _mm256_loadu_si256(                                                              \
-                                (const __m256i *)(P->xw + (((m0 + m) * blocks + b) * per + p) * 16));                     \
-                            acc[r][m] = DOT(acc[r][m], u, xv);                                                            \
-                        }                                                                                                 \
-                    }                                                                                                     \
-                }                                                                                                         \
-            }                                                                                                             \
-            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)                                       \
-                tot[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sd[r][m][gi - gb]), _mm256_cvtepi32_ps(acc[r][m]),       \
-                                            tot[r][m]);                                                                   \
-        }                                                                                                                 \
-    }                                                                                                                     \
-    UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)                                               \
-        P->y[(m0 + m) * P->ldy + n0 + r] = q8_hsum(tot[r][m]) - q8_hsum(zt[r][m]);                                        \
-}
-
 #define DOT16_AVX2(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(u, s))
-Q16_TILE(q16_tile_avx2, DOT16_AVX2)
+INT_TILE(q16_tile_avx2, DOT16_AVX2, 1)
 Q8_ROWS(q16_rows_avx2, q16_tile_avx2)
 
 /* AVX2 (no VNNI), as llama.cpp's AVX2 path: vpmaddubsw sums pairs of unsigned x signed bytes into int16 lanes,
@@ -303,7 +237,7 @@ INLINE __m256i dot_avx2_bytes(__m256i acc, __m256i u, __m256i s) {
                                                   _mm256_madd_epi16(hi, _mm256_set1_epi16(16))));
 }
 #define DOT_AVX2(acc, u, s) (bits == 8 ? dot_avx2_bytes(acc, u, s) : dot_avx2_nibbles(acc, u, s))
-Q8_TILE(q8_tile_avx2, DOT_AVX2)
+INT_TILE(q8_tile_avx2, DOT_AVX2, 0)
 Q8_ROWS(q8_rows_avx2, q8_tile_avx2)
 
 /* VNNI: one vpdpbusd per 32 products, VEX-encoded (AVX-VNNI: Alder Lake, Sapphire Rapids, Zen 5) or
@@ -313,19 +247,19 @@ Q8_ROWS(q8_rows_avx2, q8_tile_avx2)
 #pragma GCC push_options
 #pragma GCC target("avxvnni")
 #define DOT_AVXVNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
-Q8_TILE(q8_tile_avxvnni, DOT_AVXVNNI)
+INT_TILE(q8_tile_avxvnni, DOT_AVXVNNI, 0)
 Q8_ROWS(q8_rows_avxvnni, q8_tile_avxvnni)
 #define DOT16_AVXVNNI(acc, u, s) _mm256_dpwssd_avx_epi32(acc, u, s)
-Q16_TILE(q16_tile_avxvnni, DOT16_AVXVNNI)
+INT_TILE(q16_tile_avxvnni, DOT16_AVXVNNI, 1)
 Q8_ROWS(q16_rows_avxvnni, q16_tile_avxvnni)
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512vnni,avx512vl")
 #define DOT_AVX512VNNI(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
-Q8_TILE(q8_tile_avx512vnni, DOT_AVX512VNNI)
+INT_TILE(q8_tile_avx512vnni, DOT_AVX512VNNI, 0)
 Q8_ROWS(q8_rows_avx512vnni, q8_tile_avx512vnni)
 #define DOT16_AVX512VNNI(acc, u, s) _mm256_dpwssd_epi32(acc, u, s)
-Q16_TILE(q16_tile_avx512vnni, DOT16_AVX512VNNI)
+INT_TILE(q16_tile_avx512vnni, DOT16_AVX512VNNI, 1)
 Q8_ROWS(q16_rows_avx512vnni, q16_tile_avx512vnni)
 #pragma GCC pop_options
 #else
@@ -394,7 +328,7 @@ static int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, co
         ldx < K || ldy < N || (g * bits) % block_bits || (K * bits) % block_bits)
         return -2;
     q8_problem Q = {M, K, N, bits, g, (K + g - 1) / g, K * bits / 8, g * bits / block_bits, 8 / bits, qweight, scales, zeros,
-                    NULL, NULL, NULL, NULL, y, ldy};
+                    NULL, NULL, NULL, y, ldy};
     *P = Q;
     return 0;
 }
@@ -404,16 +338,14 @@ static int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, co
 static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int threads, int wide) {
     const int64_t M = P->M, K = P->K, G = P->G;
     const size_t xbytes = (size_t)(M * K) * (wide ? 2 : 1);
-    int8_t *xq = malloc(xbytes + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G) + 8 +
-                        (size_t)K * (wide ? 2 : 1));
+    uint8_t *xq = malloc(xbytes + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G + K) + 8);
     if (!xq) return -1;
     float *d = (float *)(((uintptr_t)(xq + xbytes) + 7) & ~(uintptr_t)7);
     int32_t *sxq = (int32_t *)(d + M * G);
-    if (wide) quantize_x16(P, x, ldx, (int16_t *)xq, d, sxq);
-    else quantize_x(P, x, ldx, xq, d, sxq);
+    quantize_x(P, x, ldx, wide, xq, d, sxq);
     int64_t step[2], first[3] = {0}, bytes = 0;
     for (int i = 0; i < count; i++) {
-        P[i].xq = xq, P[i].xw = (const int16_t *)xq, P[i].d = d, P[i].sxq = sxq;
+        P[i].xq = xq, P[i].d = d, P[i].sxq = sxq;
         step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
         bytes += P[i].N * P[i].ldq;
     }
