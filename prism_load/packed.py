@@ -270,18 +270,16 @@ def packable_dense(model: torch.nn.Module, dense: dict, device) -> set[str]:
 
 def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: str = "auto",
                dtype: torch.dtype = torch.bfloat16) -> None:
-    """Put a PackedDense where each taken Linear was (after its bias was loaded): the exact native kernel, or
-    the integer-activation one that `requested` ("native-int16", "native-int8", or "auto" as choose_backend
-    reads it for a `dtype` model) names where it takes the tensor (as for the experts)."""
+    """Put a PackedDense where each taken Linear was (after its bias was loaded), its kernel chosen as an
+    expert's is (choose_backend for a `dtype` model on the CPU: taken tensors run natively, so the choice is
+    among the native kernels)."""
     for name in taken:
         path = name[: -len(".weight")]
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child)
         enc, tensors = dense[name]
-        kernel = "native-int16" if requested == "auto" and dtype != torch.float32 else requested
-        integer = kernel in ("native-int16", "native-int8") and integer_kernel_takes(kernel, enc)
-        backend = kernel if integer else "native"
+        backend = choose_backend(enc, dtype, torch.device("cpu"), requested)
         op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, backend)
         setattr(parent, child, PackedDense(op, old.bias))
 

@@ -59,7 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.dtype == torch.float32:
             return widened_linear(x, weight, bias)
         if rows >= UPCAST_ROWS and not cpu_has_bf16_matmul():
-            return widened_linear(x.float(), weight, None if bias is None else bias.float()).to(torch.bfloat16)
+            return widened_linear(x.float(), weight, bias).to(torch.bfloat16)  # the bias widened there too
     if weight.dtype != x.dtype:
         return widened_linear(x, weight, bias)
     return F.linear(x, weight, bias)
