@@ -42,9 +42,9 @@ def unavailable_reason() -> str | None:
 
 
 def q8_available() -> bool:
-    """Whether the int8-activation kernel (q8_linear.c) runs here: wherever the native kernels do."""
-    fn = load()[0]
-    return fn is not None and fn.q8 is not None
+    """Whether the integer-activation kernels (q8_linear.c) run here: wherever the native kernels do (AVX2 is
+    their floor); a function of its own so tests can take them away alone."""
+    return available()
 
 
 def q8_instructions() -> str | None:
@@ -67,18 +67,21 @@ def q8_force_instructions(name: str | None) -> None:
     _check_rc(rc, "q8_force")
 
 
+def _whole_blocks(m: int, k: int, bits: int, group_size: int, block_bits: int, max_group: int) -> bool:
+    """q8_linear.c's shape rule (q8_make): groups and K of whole weight blocks, groups of at most max_group codes;
+    a last group shorter than group_size is one of its own."""
+    return (bits in BITS and m > 0 and (group_size * bits) % block_bits == 0 and 0 < group_size <= max_group
+            and k > 0 and (k * bits) % block_bits == 0)
+
+
 def q8_takes(m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether q8_linear.c takes this shape with int8 x: groups (and K) of whole 32-byte blocks; a last group
-    shorter than group_size is one of its own."""
-    return (bits in BITS and m > 0 and (group_size * bits) % 256 == 0 and 0 < group_size <= 16384
-            and k > 0 and (k * bits) % 256 == 0)
+    """Whether q8_linear.c takes this shape with int8 x: 32-byte blocks, groups up to 16384 codes."""
+    return _whole_blocks(m, k, bits, group_size, 256, 16384)
 
 
 def q16_takes(m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether q8_linear.c takes this shape with int16 x: groups (and K) of whole 16-byte blocks, groups of at
-    most Q16_MAX_GROUP codes; a last group shorter than group_size is one of its own."""
-    return (bits in BITS and m > 0 and (group_size * bits) % 128 == 0 and 0 < group_size <= Q16_MAX_GROUP
-            and k > 0 and (k * bits) % 128 == 0)
+    """Whether q8_linear.c takes this shape with int16 x: 16-byte blocks, groups up to Q16_MAX_GROUP codes."""
+    return _whole_blocks(m, k, bits, group_size, 128, Q16_MAX_GROUP)
 
 
 def integer_takes(activations: str, m: int, k: int, bits: int, group_size: int) -> bool:
@@ -94,7 +97,7 @@ def _entry(fn, activations: str, m: int, k: int, bits: int, group_size: int, pai
     """The native entry point for these activations where it takes the shape, else the exact kernel's."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations={activations!r}: expected one of {', '.join(ACTIVATIONS)}")
-    if activations != "fp32" and fn.q8 is not None and integer_takes(activations, m, k, bits, group_size):
+    if activations != "fp32" and integer_takes(activations, m, k, bits, group_size):
         return {("int8", False): fn.q8, ("int8", True): fn.q8_pair,
                 ("int16", False): fn.q16, ("int16", True): fn.q16_pair}[activations, pair]
     return fn.pair if pair else fn
