@@ -22,6 +22,8 @@ the cores by as much. Here an `int` tensor stays packed and one of three kernels
   vector instructions per weight than the exact kernel, which is bound by them, and not exact
   (bench/results/packed.md measures the KL of each). Tensors whose groups a kernel cannot take run the
   exact kernel.
+  At decode, a token's experts on these kernels run in one native call per MoE layer
+  (native/expert_block.py: ExpertWeights.block()).
 
 Everything else (bf16/fp16/fp32 expert tensors, low-rank factors, biases) is kept as tensors in the model's
 dtype; low-rank factors stay factored (`LowRankLinear`), with `int` factors packed like any `int` tensor.
@@ -138,6 +140,11 @@ class PackedLinear:
             bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
                                                         activations=NATIVE_ACTIVATIONS[self.backend])
         return bound
+
+    def native_bound(self):
+        """The native kernel bound to these tensors (BoundIntLinear), or None for the other backends
+        (expert_block.c reads the bound arguments)."""
+        return self._native_call() if self.backend in NATIVE else None
 
     def pair(self, other: PackedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(x), other(x)); one native call where both are native operators of one kind and x is fp32

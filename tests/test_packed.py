@@ -367,3 +367,36 @@ def test_loading_a_container_imports_no_symbolic_machinery(int4_container):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("kernel", ["native-int16", "native-int8"])
+def test_decode_runs_a_layers_experts_in_one_block_call(tmp_path, kernel, monkeypatch):
+    """A decode step of an integer-kernel model computes each MoE layer's routed experts in one expert_block
+    call, and its logits match the experts computed one by one (which round each expert's output to the model's
+    dtype before the weighted sum: the block sums in fp32) to within that rounding."""
+    from prism_load import native
+    from prism_load.models import moe
+
+    if not (packed.native_available() and native.q8_available()):
+        pytest.skip("the integer-activation kernels do not run here (no native kernels)")
+    path = write_tiny(tmp_path / "q8.prism", random_model(Q8_CONFIG), config=Q8_CONFIG, mix=INT4_G64)
+    model = prism_load.load(path, expert_kernel=kernel)
+    ids = torch.randint(0, Q8_CONFIG["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = moe.expert_block
+    monkeypatch.setattr(moe, "expert_block", lambda *a: calls.append(len(a[1])) or real(*a))
+
+    def decode_step():
+        with torch.no_grad():
+            cache = model.new_cache()
+            model(ids, cache=cache)
+            return model(ids[:, -1:], cache=cache).float()
+
+    block = decode_step()
+    assert calls == [Q8_CONFIG["num_experts_per_tok"]] * len(list(model.moe_blocks()))
+    monkeypatch.setattr(moe.ExpertWeights, "block", lambda self: None)  # every expert one by one
+    one_by_one = decode_step()
+    assert len(calls) == len(list(model.moe_blocks()))
+    cos = torch.nn.functional.cosine_similarity(block.double().flatten(), one_by_one.double().flatten(), dim=0)
+    assert cos > 1 - 1e-4
+    assert block.argmax() == one_by_one.argmax()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native.expert_block import block_ops, expert_block
 from .linear import linear
 
 
@@ -58,11 +59,24 @@ class ExpertWeights:
     gate_up and down are plain tensors or any callable linear operator (a low-rank pair, for example).
     """
 
-    __slots__ = ("gate_up", "down", "gate_up_bias", "down_bias")
+    __slots__ = ("gate_up", "down", "gate_up_bias", "down_bias", "_block")
 
     def __init__(self, gate_up, down, gate_up_bias=None, down_bias=None):
         self.gate_up, self.down = gate_up, down
         self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
+        self._block = None  # block(): not looked at yet
+
+    def block(self):
+        """The expert as native expert_block.c operators (native.expert_block.BlockOps), or None where it is
+        not three packed integer-kernel operators without biases; worked out once per ExpertWeights."""
+        b = self._block
+        if b is None:
+            pair = getattr(self.gate_up, "ops", None)
+            b = False
+            if pair is not None and len(pair) == 2 and self.gate_up_bias is None and self.down_bias is None:
+                b = block_ops(pair[0], pair[1], self.down) or False
+            self._block = b
+        return b or None
 
 
 def apply_linear(x: torch.Tensor, op, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,6 +192,10 @@ class MoEBlock(nn.Module):
         if indices.shape[0] == 1:  # decode: no sort needed, just the K chosen experts
             ids = indices[0].tolist()
             weights = self.experts.acquire(self.layer_index, ids)
+            if self.observer is None:  # one native call for all of them where each is a native block
+                blocks = [weights[e].block() for e in ids]
+                if all(blocks) and len({b.wide for b in blocks}) == 1:
+                    return expert_block(flat, blocks, route.weights).to(flat.dtype)
             for k, e in enumerate(ids):
                 y, h = expert_forward(flat, weights[e], self.activation)
                 w = route.weights[:, k : k + 1]

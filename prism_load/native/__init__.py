@@ -10,6 +10,8 @@ fp32 ones. So (bench/results/kernels.md compares them all):
   vector instructions per weight than the exact kernel's widening to fp32: int16 rounds x 250 times finer
   than bf16 would (the "native-int16" kernel), int8 as llama.cpp does (the opt-in "native-int8" kernel);
 - `bf16_linear`: a bf16 weight times up to GEMV_MAX_ROWS bf16 rows (int_linear.c), rounded as torch rounds.
+- `expert_block.expert_block`: a decode token's routed experts of one MoE layer (gate, up, SwiGLU, down and
+  the weighted sum) in one call on the integer kernels (expert_block.c).
 The C sources are compiled on first use (build.py); when that is impossible `available()` is False and
 `unavailable_reason()` says why, and callers use stock torch ops.
 """

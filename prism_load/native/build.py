@@ -1,4 +1,4 @@
-"""Compiles int_linear.c and q8_linear.c (one library) on first use with the system C compiler and loads it
+"""Compiles int_linear.c, q8_linear.c and expert_block.c (one library) on first use with the system C compiler and loads it
 with ctypes; nothing at install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
 alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
 needs AVX2/FMA/F16C only.
@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCES = (Path(__file__).with_name("int_linear.c"), Path(__file__).with_name("q8_linear.c"))  # one library
-SOURCE = SOURCES[0]
+_HERE = Path(__file__).parent
+SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c"))  # one library
+HEADERS = (_HERE / "q8_linear.h",)  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
 Q8_INSTRUCTIONS = {1: "AVX2", 2: "AVX512-VNNI", 3: "AVX-VNNI"}  # prism_q8_instructions' codes
@@ -72,7 +73,7 @@ def library_path(compiler: str) -> Path:
         raise NativeUnavailable(f"the C compiler {compiler} does not run ({compiler} --version: exit {done.returncode})")
     version = done.stdout
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(), version.encode(),
+    for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode(), version.encode(),
                  str(torch_gomp()).encode()):
         key.update(part)
         key.update(b"\0")
@@ -91,7 +92,8 @@ def build(compiler: str) -> tuple[Path, float]:
     try:
         done = subprocess.run(compile_command(compiler, Path(tmp)), capture_output=True, text=True)
         if done.returncode != 0:
-            raise NativeUnavailable(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-800:]}")
+            names = ", ".join(s.name for s in SOURCES)
+            raise NativeUnavailable(f"{compiler} failed on {names}: {done.stderr.strip()[-800:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -144,4 +146,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.pair = lib.prism_int_linear_pair_packed
     fn.q8_pair = lib.prism_q8_linear_pair_packed
     fn.q16_pair = lib.prism_q16_linear_pair_packed
+    fn.expert_block = lib.prism_expert_block  # int64 hdr[5], int64 *ops[3E], float weights[E]: expert_block.c
+    fn.expert_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.expert_block.restype = ctypes.c_int
     return fn, None, seconds

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "q8_linear.h"
+
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 16")
 #define Q8_MAX_M 4
@@ -32,19 +34,6 @@
 #define Q8_GROUP_CHUNK 64 /* groups whose scale terms are prepared at once */
 #define Q8_SERIAL_BYTES 65536 /* below this many weight bytes one thread beats waking a second */
 
-typedef struct {
-    int64_t M, K, N, bits, g, G, ldq, blocks_per_group, planes;
-    const uint8_t *q;
-    const uint16_t *s, *z;
-    /* [M][blocks][planes] 32-byte vectors: 32 x8 (int8 x) or 16 x16 (int16 x) in the order of each plane's codes */
-    const uint8_t *xq;
-    const float *d;     /* [M][G] the groups' steps */
-    const int32_t *sxq; /* [M][G] the groups' sums of x8 */
-    float *y;
-    int64_t ldy;
-} q8_problem;
-
-INLINE int64_t q8_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 INLINE float q8_hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -313,16 +302,15 @@ static void q8_rows(const q8_problem *P, int64_t n0, int64_t n1, int instruction
 }
 
 /* Rows per scheduling chunk: a multiple of 4 that depends on N only (about 32 chunks per call). */
-static int64_t q8_chunk_rows(int64_t N) {
+int64_t q8_chunk_rows(int64_t N) {
     int64_t rows = (N / 32 + 3) & ~(int64_t)3;
     return rows < 4 ? 4 : rows;
 }
 
 /* P <- the problem of these arguments; -2 for arguments the kernel does not take. wide: int16 x (groups of
  * whole 16-byte blocks, at most Q16_MAX_GROUP codes), else int8 x (groups of whole 32-byte blocks). */
-static int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
-                   const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int wide,
-                   q8_problem *P) {
+int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+           const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int wide, q8_problem *P) {
     const int64_t block_bits = wide ? 128 : 256;
     if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || g < 1 || g > (wide ? Q16_MAX_GROUP : 16384) ||
         ldx < K || ldy < N || (g * bits) % block_bits || (K * bits) % block_bits)
@@ -333,19 +321,33 @@ static int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, co
     return 0;
 }
 
+size_t q8_x_bytes(const q8_problem *P, int wide) {
+    const size_t xbytes = ((size_t)(P->M * P->K) * (wide ? 2 : 1) + 7) & ~(size_t)7;
+    return xbytes + sizeof(float) * (size_t)(P->M * P->G) + sizeof(int32_t) * (size_t)(P->M * P->G + P->K) + 8;
+}
+
+void q8_prepare_x(q8_problem *P, const float *x, int64_t ldx, int wide, uint8_t *scratch) {
+    const size_t xbytes = ((size_t)(P->M * P->K) * (wide ? 2 : 1) + 7) & ~(size_t)7;
+    float *d = (float *)(scratch + xbytes);
+    int32_t *sxq = (int32_t *)(d + P->M * P->G);
+    quantize_x(P, x, ldx, wide, scratch, d, sxq);
+    P->xq = scratch, P->d = d, P->sxq = sxq;
+}
+
+void q8_product_rows(const q8_problem *P, int64_t n0, int64_t n1, int wide, int instructions) {
+    if (wide) q16_rows(P, n0, n1, instructions);
+    else q8_rows(P, n0, n1, instructions);
+}
+
 /* `count` products of the same x (1, or 2 for an expert's gate and up, same bits and group size): x quantised
  * once, then every product's row chunks in one parallel loop. */
 static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int threads, int wide) {
-    const int64_t M = P->M, K = P->K, G = P->G;
-    const size_t xbytes = (size_t)(M * K) * (wide ? 2 : 1);
-    uint8_t *xq = malloc(xbytes + sizeof(float) * (size_t)(M * G) + sizeof(int32_t) * (size_t)(M * G + K) + 8);
-    if (!xq) return -1;
-    float *d = (float *)(((uintptr_t)(xq + xbytes) + 7) & ~(uintptr_t)7);
-    int32_t *sxq = (int32_t *)(d + M * G);
-    quantize_x(P, x, ldx, wide, xq, d, sxq);
+    uint8_t *scratch = malloc(q8_x_bytes(P, wide));
+    if (!scratch) return -1;
+    q8_prepare_x(P, x, ldx, wide, scratch);
     int64_t step[2], first[3] = {0}, bytes = 0;
     for (int i = 0; i < count; i++) {
-        P[i].xq = xq, P[i].d = d, P[i].sxq = sxq;
+        P[i].xq = P->xq, P[i].d = P->d, P[i].sxq = P->sxq;
         step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
         bytes += P[i].N * P[i].ldq;
     }
@@ -355,10 +357,9 @@ static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int thr
     for (int64_t c = 0; c < first[count]; c++) {
         const int i = c >= first[1];
         const int64_t n0 = (c - first[i]) * step[i];
-        if (wide) q16_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), instructions);
-        else q8_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), instructions);
+        q8_product_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), wide, instructions);
     }
-    free(xq);
+    free(scratch);
     return 0;
 }
 

@@ -1,0 +1,70 @@
+"""One native call for a decode token's routed experts (expert_block.c), where every expert is three packed
+integer-kernel operators: gate, up and down of the same activation rounding (int16 or int8 x).
+
+Why: called one by one, a token's experts cost two kernel calls each plus a SwiGLU, a scaling, a sum and two
+dtype conversions in torch ops; on models with a hidden size around 1024 that Python and fork/join overhead is
+of the order of the products. expert_block.c runs all of it in one OpenMP region.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import BoundIntLinear, _check_rc, _kernel
+
+WIDE = {"int16": 1, "int8": 0}  # expert_block.c's `wide` flag by activation rounding
+MAX_EXPERTS = 64  # EB_MAX_EXPERTS
+
+
+class BlockOps:
+    """An expert's three bound operators as expert_block.c reads them: the addresses of their argument arrays
+    (only the weight fields are read, so any thread may use them) and the rounding of x they share."""
+
+    __slots__ = ("addresses", "wide", "hidden", "keep")
+
+    def __init__(self, gate: BoundIntLinear, up: BoundIntLinear, down: BoundIntLinear):
+        self.keep = (gate, up, down)  # the argument arrays (and the tensors they point at) live as long as this
+        self.addresses = tuple(ctypes.addressof(op._args) for op in self.keep)
+        self.wide = WIDE[gate.activations]
+        self.hidden = down.n
+
+
+def block_ops(gate, up, down) -> BlockOps | None:
+    """BlockOps for three operators where they are native integer-kernel operators of one rounding with
+    matching shapes (gate and up [I, H], down [H, I]); else None (the caller multiplies them one by one).
+    Operators expose their BoundIntLinear as `native_bound()` (PackedLinear does)."""
+    bound = []
+    for op in (gate, up, down):
+        get = getattr(op, "native_bound", None)
+        b = get() if get is not None else None
+        if b is None:
+            return None
+        bound.append(b)
+    g, u, d = bound
+    if (g.activations not in WIDE or u.activations != g.activations or d.activations != g.activations
+            or g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k):
+        return None
+    return BlockOps(g, u, d)
+
+
+def expert_block(x: torch.Tensor, experts: list[BlockOps], weights: torch.Tensor) -> torch.Tensor:
+    """sum_e weights[e] * down_e(silu(gate_e(x)) * up_e(x)) for one token: x [1, H] (any float dtype),
+    weights [1, E] or [E]; fp32 [1, H]. All experts must share the rounding of x (ValueError otherwise)."""
+    e = len(experts)
+    if not 0 < e <= MAX_EXPERTS or len({b.wide for b in experts}) != 1:
+        raise ValueError(f"expert_block: 1 to {MAX_EXPERTS} experts of one activation rounding, got {e}")
+    xf = x.reshape(-1)
+    h = experts[0].keep[0].k
+    if xf.shape[0] != h or any(b.keep[0].k != h for b in experts):
+        raise ValueError(f"expert_block: x must be one row of {h}, got {list(x.shape)}")
+    xf = xf.to(torch.float32).contiguous() if xf.dtype is not torch.float32 or not xf.is_contiguous() else xf
+    w = weights.reshape(-1).to(torch.float32).contiguous()
+    if w.shape[0] != e:
+        raise ValueError(f"expert_block: {e} experts but {w.shape[0]} weights")
+    out = torch.empty(1, h, dtype=torch.float32)
+    ops = (ctypes.c_void_p * (3 * e))(*(a for b in experts for a in b.addresses))
+    hdr = (ctypes.c_int64 * 5)(xf.data_ptr(), out.data_ptr(), e, torch.get_num_threads(), experts[0].wide)
+    _check_rc(_kernel().expert_block(ctypes.addressof(hdr), ctypes.addressof(ops), w.data_ptr()), "expert_block")
+    return out

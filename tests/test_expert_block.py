@@ -1,0 +1,150 @@
+"""expert_block.c: a decode token's routed experts in one native call equal the experts computed one by one
+with the same kernels (gate and up products, fp32 SwiGLU, the down product of its rounded input, the weighted
+sum); the same bits on one and two threads; experts of mixed widths; what it refuses; and MoEBlock using it
+only where every chosen expert is a native block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prism_load import native
+from prism_load.container.reader import ConcatLinear
+from prism_load.native.expert_block import BlockOps, block_ops, expert_block
+from tests.test_native_kernels import stored
+
+H, INTER = 256, 384
+
+
+@pytest.fixture(scope="module")
+def q8():
+    if not native.q8_available():
+        pytest.skip(f"the integer kernels do not run here: {native.unavailable_reason()}")
+
+
+def bound(n, k, bits, g, seed, act):
+    t = stored(n, k, bits, g, seed=seed)
+    return native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], bits, g, k, activations=act)
+
+
+class Op:
+    """An operator exposing its bound kernel as PackedLinear does."""
+
+    def __init__(self, b):
+        self.b = b
+
+    def native_bound(self):
+        return self.b
+
+    def __call__(self, x):
+        return self.b(x).to(x.dtype)
+
+
+def expert(seed, act, bits=(4, 4, 4), g=64, hidden=INTER):
+    return BlockOps(bound(hidden, H, bits[0], g, seed, act), bound(hidden, H, bits[1], g, seed + 1, act),
+                    bound(H, hidden, bits[2], g, seed + 2, act))
+
+
+def one_by_one(x, experts, weights):
+    """What MoEBlock computed before: each expert's products by single kernel calls, SwiGLU in fp32."""
+    out = torch.zeros(1, H, dtype=torch.float64)
+    for b, w in zip(experts, weights.tolist()):
+        gate, up, down = b.keep
+        h = F.silu(gate(x)) * up(x)
+        out += w * down(h).double()
+    return out
+
+
+def close(a, b, tol=2e-6):
+    err = (a.double() - b.double()).norm() / b.double().norm()
+    assert err < tol, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("act", ["int16", "int8"])
+@pytest.mark.parametrize("count", [1, 2, 8])
+def test_block_equals_the_experts_one_by_one(q8, act, count):
+    experts = [expert(10 * e, act) for e in range(count)]
+    x = torch.randn(1, H)
+    weights = torch.softmax(torch.randn(count), 0)
+    close(expert_block(x, experts, weights), one_by_one(x, experts, weights))
+
+
+def test_mixed_widths_and_group_sizes(q8):
+    """Experts of different bits (gate and up rounded apart where they differ) and intermediate widths."""
+    experts = [expert(0, "int16", bits=(4, 2, 8)), expert(5, "int16", bits=(8, 8, 2), g=128, hidden=512),
+               expert(9, "int16", bits=(2, 2, 4), g=256)]
+    x = torch.randn(1, H)
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    close(expert_block(x, experts, weights), one_by_one(x, experts, weights))
+
+
+def test_same_bits_on_one_and_two_threads(q8):
+    experts = [expert(e, "int16") for e in range(4)]
+    x, weights = torch.randn(1, H), torch.rand(4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = expert_block(x, experts, weights)
+        torch.set_num_threads(2)
+        two = expert_block(x, experts, weights)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_bf16_x_and_weights_are_widened(q8):
+    experts = [expert(0, "int16"), expert(3, "int16")]
+    x, weights = torch.randn(1, H).bfloat16(), torch.tensor([[0.7, 0.3]]).bfloat16()
+    assert torch.equal(expert_block(x, experts, weights), expert_block(x.float(), experts, weights.float()))
+
+
+def test_refusals_say_what_is_wrong(q8):
+    a, b = expert(0, "int16"), expert(3, "int8")
+    with pytest.raises(ValueError, match="one activation rounding"):
+        expert_block(torch.randn(1, H), [a, b], torch.rand(2))
+    with pytest.raises(ValueError, match="one row of 256"):
+        expert_block(torch.randn(2, H), [a], torch.rand(1))
+    with pytest.raises(ValueError, match="1 experts but 2 weights"):
+        expert_block(torch.randn(1, H), [a], torch.rand(2))
+    # operators that are not a native integer block: the exact kernel, a plain tensor, mismatched shapes
+    exact = bound(INTER, H, 4, 64, 0, "fp32")
+    assert block_ops(Op(exact), Op(exact), Op(bound(H, INTER, 4, 64, 1, "fp32"))) is None
+    assert block_ops(torch.zeros(INTER, H), Op(bound(INTER, H, 4, 64, 0, "int16")), Op(bound(H, INTER, 4, 64, 1, "int16"))) is None
+    assert block_ops(Op(bound(INTER, H, 4, 64, 0, "int16")), Op(bound(INTER, H, 4, 64, 1, "int16")),
+                     Op(bound(H, 512, 4, 64, 2, "int16"))) is None
+    assert block_ops(Op(bound(INTER, H, 4, 64, 0, "int16")), Op(bound(INTER, H, 4, 64, 1, "int8")),
+                     Op(bound(H, INTER, 4, 64, 2, "int16"))) is None
+
+
+def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
+    """MoEBlock's decode step calls expert_block when every chosen expert is a native block, and gives what
+    the one-by-one path gives (within the SwiGLU's and the sum's fp32-vs-bf16 rounding); with an observer, or
+    experts that are tensors, it takes the one-by-one path."""
+    from prism_load.models import moe
+
+    torch.manual_seed(0)
+    experts = [expert(10 * e, "int16") for e in range(4)]
+
+    class Source:
+        num_experts = 4
+
+        def acquire(self, layer, ids):
+            return {e: moe.ExpertWeights(ConcatLinear([Op(experts[e].keep[0]), Op(experts[e].keep[1])]),
+                                         Op(experts[e].keep[2])) for e in ids}
+
+    router = moe.SoftmaxTopKRouter(H, 4, 2, norm_topk_prob=True)
+    torch.nn.init.normal_(router.weight)
+    block = moe.MoEBlock(0, router, Source())
+    calls = []
+    real = moe.expert_block
+    monkeypatch.setattr(moe, "expert_block", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 1, H)
+    fused = block(x)
+    assert calls == [1]
+    route = router(x.reshape(1, H))
+    ref = one_by_one(x.reshape(1, H), [experts[e] for e in route.indices[0].tolist()], route.weights[0])
+    close(fused.reshape(1, H), ref)
+    block.observer = type("Watch", (), {"on_route": lambda *a: None, "on_expert": lambda *a: None})()
+    block(x)
+    assert calls == [1]
