@@ -360,6 +360,31 @@ def test_integer_activations_give_the_same_bits_with_every_instruction_set(q8_in
         assert torch.equal(y, outs["AVX2"]), name
 
 
+@pytest.mark.parametrize("bits, g, k", [(4, 128, 576), (2, 256, 640), (8, 64, 320), (4, 64, 512)])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_int16_512_bit_tiles_give_the_256_bit_tiles_bits(q8, bits, g, k, m, monkeypatch):
+    """Where the CPU has AVX512-VNNI and AVX512BW the int16 path multiplies 32-byte blocks in 512-bit vectors
+    (x laid out in pairs of the 256-bit tiles' blocks, int32 halves added before the scaling): the same bits as
+    the 256-bit tiles (forced by AVX2), partial last groups (576 = 4.5 groups of 128) included. The 512-bit tiles
+    take any number of rows (16 here); the 256-bit ones are compared at 16 rows with their row limit lifted."""
+    monkeypatch.setattr(native, "Q16_UPTO_M", 10**6)
+    if native.q16_vector_bits() != 512:
+        pytest.skip("this CPU has no AVX512-VNNI with AVX512BW: the int16 tiles are 256-bit only")
+    t = stored(45, k, bits, g, seed=k + m)
+    x = torch.randn(m, k)
+    args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)
+    wide = native.int_linear(*args, activations="int16")
+    try:
+        native.q8_force_instructions("AVX2")
+        assert native.q16_vector_bits() == 256
+        narrow = native.int_linear(*args, activations="int16")
+    finally:
+        native.q8_force_instructions(None)
+    assert native.q16_vector_bits() == 512
+    assert torch.equal(wide, narrow)
+    check(int_rounded(x, g, "int16"), t, bits, g, wide)
+
+
 def test_forcing_instructions_the_cpu_lacks_is_refused(q8):
     lacking = {"AVX-VNNI", "AVX512-VNNI"} - {native.q8_instructions()}
     for name in lacking:
@@ -373,10 +398,11 @@ def test_forcing_instructions_the_cpu_lacks_is_refused(q8):
 @pytest.mark.parametrize("act, bits, g, m, k", [("int8", 4, 32, 1, 256), ("int8", 2, 64, 5, 256), ("int8", 4, 64, 1, 96),
                                                 ("int16", 4, 16, 1, 256), ("int16", 2, 32, 5, 256),
                                                 ("int16", 4, 64, 1, 88), ("int16", 8, 4096, 1, 4096),
-                                                ("int16", 4, 64, 9, 256)])
+                                                ("int16", 4, 32, 9, 256)])
 def test_integer_activations_leave_other_shapes_to_the_exact_kernel(q8, act, bits, g, m, k):
     """Groups under 32 (int8) / 16 (int16) bytes, K not whole blocks, int16 groups over 2048 codes, int16 with
-    more rows than Q16_UPTO_M (prefill: the exact gemm path is faster there): computed exactly."""
+    more rows than Q16_UPTO_M on the 256-bit tiles (16-byte groups: 32 codes of 4 bits; the exact gemm path is faster
+    there): computed exactly."""
     t = stored(16, k, bits, g)
     x = torch.randn(m, k)
     args = (x, t["qweight"], t["scales"], t["zeros"], bits, g, k)

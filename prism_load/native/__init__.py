@@ -28,8 +28,9 @@ from .build import NativeUnavailable, load
 BITS = (2, 4, 8)
 ACTIVATIONS = ("fp32", "int16", "int8")  # what x is multiplied as: exact fp32, or rounded per group
 Q16_MAX_GROUP = 2048  # q8_linear.c's int16 path: integer sums stay exact up to this group size
-# rows of x up to which int16 activations beat the exact kernel; beyond, the exact kernel's gemm path (weights
-# dequantised once per block, then fp32 register tiles) is faster (bench/results/kernels.md, M = 8 vs 16)
+# rows of x up to which the 256-bit int16 tiles beat the exact kernel; beyond, the exact kernel's gemm path (weights
+# dequantised once per block, then fp32 register tiles) is faster (bench/results/kernels.md, M = 8 vs 16). The
+# 512-bit tiles beat it at every M measured (1 to 64: bench/results/kernels.md) and take any number of rows.
 Q16_UPTO_M = 8
 _ARGS = 13  # prism_int_linear_packed's argument array
 _local = threading.local()  # one argument array per thread: the compute and prefetch threads may both call
@@ -53,6 +54,13 @@ def q8_instructions() -> str | None:
     """The integer dot product q8_linear.c uses on this CPU ("AVX-VNNI", "AVX512-VNNI" or "AVX2"), or None."""
     fn = load()[0]
     return None if fn is None else fn.q8_instructions()
+
+
+def q16_vector_bits() -> int | None:
+    """The vector width of the int16-activation tiles here: 512 where the CPU has AVX512-VNNI and AVX512BW (and
+    no AVX2 was forced), else 256; None without the native kernels. Same outputs either way (q8_linear.c)."""
+    fn = load()[0]
+    return None if fn is None else (512 if fn.q16_zmm() else 256)
 
 
 def q8_force_instructions(name: str | None) -> None:
@@ -86,11 +94,25 @@ def q16_takes(m: int, k: int, bits: int, group_size: int) -> bool:
     return _whole_blocks(m, k, bits, group_size, 128, Q16_MAX_GROUP)
 
 
+def q16_512(k: int, bits: int, group_size: int) -> bool:
+    """Whether the int16 path multiplies this weight with its 512-bit tiles: a CPU that has them, and groups and
+    K of whole 32-byte blocks (q8_make)."""
+    return q16_vector_bits() == 512 and (group_size * bits) % 256 == 0 and (k * bits) % 256 == 0
+
+
+def q16_row_limit(k: int, bits: int, group_size: int) -> int | None:
+    """The most rows of x the int16 path takes for this weight (None: any): Q16_UPTO_M on the 256-bit tiles."""
+    return None if q16_512(k, bits, group_size) else Q16_UPTO_M
+
+
 def integer_takes(activations: str, m: int, k: int, bits: int, group_size: int) -> bool:
-    """Whether the kernel of these activations ("int16", "int8") runs here and takes this shape (int16: decode
-    rows, up to Q16_UPTO_M; more rows go to the exact kernel, which is faster there)."""
-    if activations == "int16" and m > Q16_UPTO_M:
-        return False
+    """Whether the kernel of these activations ("int16", "int8") runs here and takes this shape (int16: any rows
+    on the 512-bit tiles, up to Q16_UPTO_M on the 256-bit ones; more rows go to the exact kernel, which is
+    faster there)."""
+    if activations == "int16" and q8_available():
+        limit = q16_row_limit(k, bits, group_size)
+        if limit is not None and m > limit:
+            return False
     takes = {"int16": q16_takes, "int8": q8_takes}[activations]
     return q8_available() and takes(m, k, bits, group_size)
 
@@ -218,7 +240,8 @@ class BoundIntLinear:
         # what this weight is actually multiplied with ("fp32" where the integer kernel does not take it)
         self.activations = activations if self._call is not fn else "fp32"
         self._exact, self._exact_pair = fn, fn.pair
-        self._upto = Q16_UPTO_M if self.activations == "int16" else None  # rows beyond: the exact kernel
+        # rows beyond: the exact kernel
+        self._upto = q16_row_limit(k, bits, group_size) if self.activations == "int16" else None
         self._args = (ctypes.c_int64 * _ARGS)(0, k, 0, k, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                                               self.n, bits, group_size, 0, self.n, 1)
         self._addr = ctypes.addressof(self._args)

@@ -133,6 +133,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.q8 = q8
     fn.q8_instructions = lambda: Q8_INSTRUCTIONS[lib.prism_q8_instructions()]
     fn.q8_force = lib.prism_q8_force
+    fn.q16_zmm = lib.prism_q16_zmm  # 1 where the int16 path runs 512-bit tiles (AVX512-VNNI + AVX512BW)
     fn.q16 = lib.prism_q16_linear_packed  # the same with int16 x
     fn.q16.argtypes = [ctypes.c_void_p]
     fn.q16.restype = ctypes.c_int

@@ -47,7 +47,7 @@ INLINE float q8_hsum(__m256 v) {
  * code (8 / bits) * j + p. d = max|x| / top per group (top 127 or 32767), x = round(x / d) (ties to even). */
 static void quantize_x(const q8_problem *P, const float *x, int64_t ldx, int wide, uint8_t *xq, float *d,
                        int32_t *sxq) {
-    const int lanes = wide ? 16 : 32;
+    const int lanes = wide ? 16 * (int)P->vec : 32;
     const float top = wide ? 32767.0f : 127.0f;
     const int64_t per = 8 / P->bits, blocks = P->K * P->bits / (8 * lanes), G = P->G, g = P->g, K = P->K;
     int32_t *nat = sxq + P->M * G; /* scratch after sxq: K codes in natural order */
@@ -251,11 +251,83 @@ Q8_ROWS(q8_rows_avx512vnni, q8_tile_avx512vnni)
 INT_TILE(q16_tile_avx512vnni, DOT16_AVX512VNNI, 1)
 Q8_ROWS(q16_rows_avx512vnni, q16_tile_avx512vnni)
 #pragma GCC pop_options
+
+/* int16 x in 512-bit vectors (AVX512-VNNI with AVX512BW: Ice Lake, Sapphire Rapids, Zen 4, Zen 5): a block is 32
+ * bytes of a row, two of the 256-bit tiles' 16-byte blocks side by side, and x's layout pairs their plane vectors
+ * the same way (quantize_x with 32 lanes). One vpdpwssd then does the work of two; before the scaling the two
+ * halves of the int32 sums are added (integers: exact), so every lane holds what the 256-bit tile's lane holds
+ * and the outputs are the same bits. Used where a group is whole 32-byte blocks (g * bits % 256 == 0, K too). */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+INLINE void q16z_tile(const q8_problem *P, int64_t n0, int64_t m0, const int NR, const int MT, const int bits) {
+    const int per = 8 / bits;
+    const int64_t G = P->G, bpg = P->blocks_per_group, blocks = P->K * bits / 256;
+    const int64_t ahead = Q8_AHEAD_TILES * NR * P->ldq;
+    const __m512i mask = _mm512_set1_epi16((short)((1 << bits) - 1));
+    const uint8_t *row[4];
+    __m256 tot[4][Q8_MAX_M], zt[4][Q8_MAX_M];
+    UNROLL for (int r = 0; r < NR; r++) {
+        row[r] = P->q + (n0 + r) * P->ldq;
+        UNROLL for (int m = 0; m < MT; m++) tot[r][m] = zt[r][m] = _mm256_setzero_ps();
+    }
+    for (int64_t gb = 0; gb < G; gb += Q8_GROUP_CHUNK) {
+        const int64_t gn = q8_min(Q8_GROUP_CHUNK, G - gb);
+        float sd[4][Q8_MAX_M][Q8_GROUP_CHUNK];
+        UNROLL for (int r = 0; r < NR; r++) q8_group_terms(P, n0 + r, m0, MT, gb, gn, sd[r], zt[r]);
+        for (int64_t gi = gb; gi < gb + gn; gi++) {
+            __m512i acc[4][Q8_MAX_M];
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_si512();
+            for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {
+                UNROLL for (int r = 0; r < NR; r++) {
+                    const uint8_t *at = row[r] + 32 * b;
+                    if (!(b & 1)) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T0);
+                    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)at));
+                    UNROLL for (int p = 0; p < per; p++) {
+                        const __m512i u = p == per - 1 ? _mm512_srli_epi16(w, bits * p)
+                                                       : _mm512_and_si512(p ? _mm512_srli_epi16(w, bits * p) : w, mask);
+                        UNROLL for (int m = 0; m < MT; m++) {
+                            const __m512i xv = _mm512_loadu_si512(P->xq + (((m0 + m) * blocks + b) * per + p) * 64);
+                            acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], u, xv);
+                        }
+                    }
+                }
+            }
+            UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++) {
+                const __m256i folded = _mm256_add_epi32(_mm512_castsi512_si256(acc[r][m]),
+                                                        _mm512_extracti64x4_epi64(acc[r][m], 1));
+                tot[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sd[r][m][gi - gb]), _mm256_cvtepi32_ps(folded),
+                                            tot[r][m]);
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)
+        P->y[(m0 + m) * P->ldy + n0 + r] = q8_hsum(tot[r][m]) - q8_hsum(zt[r][m]);
+}
+Q8_ROWS(q16z_rows, q16z_tile)
+#pragma GCC pop_options
 #else
 #define Q8_VNNI_COMPILED 0
 #endif
 
 static int q8_forced; /* 0: what the CPU offers; else prism_q8_force's choice */
+static int q8_zmm_off; /* prism_q8_force(1): the 256-bit tiles only */
+
+/* Whether the int16 path may use 512-bit vectors: AVX512-VNNI and AVX512BW here, and no AVX2 forced. */
+static int q16_zmm(void) {
+#if Q8_VNNI_COMPILED
+    static int have = -1;
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+    }
+    return have && !q8_zmm_off;
+#else
+    return 0;
+#endif
+}
+
+int prism_q16_zmm(void) { return q16_zmm(); }
 
 /* Which integer dot product this CPU runs: 3 AVX-VNNI, 2 AVX512-VNNI, 1 AVX2 (what the library needs anyway). */
 static int q8_detected(void) {
@@ -276,12 +348,14 @@ int prism_q8_force(int instructions) {
     const int have = q8_detected();
     if (instructions && !(instructions == 1 || instructions == have)) return -3;
     q8_forced = instructions;
+    q8_zmm_off = instructions == 1;
     return 0;
 }
 
 static void q16_rows(const q8_problem *P, int64_t n0, int64_t n1, int instructions) {
 #if Q8_VNNI_COMPILED
-    if (instructions == 3) q16_rows_avxvnni(P, n0, n1);
+    if (P->vec == 2) q16z_rows(P, n0, n1);
+    else if (instructions == 3) q16_rows_avxvnni(P, n0, n1);
     else if (instructions == 2) q16_rows_avx512vnni(P, n0, n1);
     else q16_rows_avx2(P, n0, n1);
 #else
@@ -315,8 +389,9 @@ int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uin
     if ((bits != 2 && bits != 4 && bits != 8) || M < 1 || K < 1 || N < 1 || g < 1 || g > (wide ? Q16_MAX_GROUP : 16384) ||
         ldx < K || ldy < N || (g * bits) % block_bits || (K * bits) % block_bits)
         return -2;
-    q8_problem Q = {M, K, N, bits, g, (K + g - 1) / g, K * bits / 8, g * bits / block_bits, 8 / bits, qweight, scales, zeros,
-                    NULL, NULL, NULL, y, ldy};
+    const int64_t vec = wide && q16_zmm() && (g * bits) % 256 == 0 && (K * bits) % 256 == 0 ? 2 : 1;
+    q8_problem Q = {M, K, N, bits, g, (K + g - 1) / g, K * bits / 8, g * bits / (block_bits * vec), 8 / bits, vec, qweight,
+                    scales, zeros, NULL, NULL, NULL, y, ldy};
     *P = Q;
     return 0;
 }

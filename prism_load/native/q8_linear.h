@@ -10,6 +10,7 @@
 
 typedef struct {
     int64_t M, K, N, bits, g, G, ldq, blocks_per_group, planes;
+    int64_t vec; /* 2: int16 x in 512-bit vectors (q16z tiles: blocks of 32 bytes), else 1 */
     const uint8_t *q;
     const uint16_t *s, *z;
     /* [M][blocks][planes] 32-byte vectors: 32 x8 (int8 x) or 16 x16 (int16 x) in the order of each plane's codes */
