@@ -445,3 +445,50 @@ def test_pair_call_equals_two_calls(kernel, act, m):
     other = native.BoundIntLinear(c["qweight"], c["scales"], c["zeros"], 4, 64, 128)
     with pytest.raises(ValueError, match=r"x must be a cpu tensor \[M, 128\]"):
         bound[0].pair(other, x)  # another input width: two calls, and x does not fit the second
+
+
+# -- RMSNorm (rms_norm.c) --------------------------------------------------------------------------------------
+def torch_rms_norm(x, weight, eps):
+    """transformers' RMSNorm: fp32 statistics, rounded to x's dtype, times the weight in that dtype."""
+    return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("cols", [1000, 1024, 7])
+def test_rms_norm_is_transformers_rms_norm(kernel, cols):
+    """bf16: the same bits as torch (every rounding matches; the fp32 sum of squares is far below a bf16 step);
+    fp32: equal up to the order of the sum of squares."""
+    gen = torch.Generator().manual_seed(cols)
+    for dt in (torch.bfloat16, torch.float32):
+        w = torch.randn(cols, generator=gen).to(dt)
+        x = (torch.randn(3, 5, cols, generator=gen) * 3).to(dt)
+        got, want = native.rms_norm(x, w, 1e-6), torch_rms_norm(x, w, 1e-6)
+        assert got.shape == x.shape and got.dtype == dt
+        if dt is torch.bfloat16:
+            assert torch.equal(got, want)
+        else:
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_declines_what_it_does_not_take(kernel):
+    x, w = torch.randn(2, 64), torch.randn(64)
+    assert native.rms_norm(x, w.bfloat16(), 1e-6) is None  # weight of another dtype
+    assert native.rms_norm(x.half(), w.half(), 1e-6) is None  # fp16
+    assert native.rms_norm(torch.randn(native.RMS_NORM_MAX_ROWS + 1, 64), w, 1e-6) is None  # a long prompt: torch
+    assert native.rms_norm(torch.randn(64, 2).t(), torch.randn(2), 1e-6) is None  # not contiguous
+    assert native.rms_norm(x.requires_grad_(), w, 1e-6) is None  # autograd needs torch's ops
+
+
+def test_rms_norm_module_uses_the_kernel_and_falls_back(kernel, monkeypatch):
+    from prism_load.models import layers
+
+    norm = layers.RMSNorm(64, 1e-5).bfloat16()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(1, 1, 64).bfloat16()
+    calls = []
+    real = native.rms_norm
+    monkeypatch.setattr(native, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = norm(x)
+        monkeypatch.setattr(native, "rms_norm", lambda *a: None)
+        slow = norm(x)
+    assert calls == [1] and torch.equal(fast, slow)

@@ -19,6 +19,7 @@ The C sources are compiled on first use (build.py); when that is impossible `ava
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 
 import torch
@@ -285,6 +286,33 @@ class BoundIntLinear:
             pair = self._pair if self._upto is None or xf.shape[0] <= self._upto else self._exact_pair
             _check_rc(pair(self._addr, other._addr), "int_linear")
         return ya, yb
+
+
+RMS_NORM_MAX_ROWS = 64  # rows rms_norm takes (decode and short prompts); torch's rms_norm threads longer ones
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """transformers' RMSNorm of x (fp32 or bf16, any leading shape, up to RMS_NORM_MAX_ROWS rows) with a weight of
+    x's dtype: weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(dtype), in one native call (rms_norm.c); None where
+    it does not take the arguments (the caller uses torch)."""
+    dt = x.dtype
+    if not (dt in (torch.float32, torch.bfloat16) and weight.dtype is dt and x.is_cpu and weight.is_cpu
+            and x.dim() >= 1 and weight.dim() == 1 and x.shape[-1] == weight.shape[0] and weight.is_contiguous()
+            and x.is_contiguous()):
+        return None
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    if not 0 < rows <= RMS_NORM_MAX_ROWS or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    fn = load()[0]
+    if fn is None:
+        return None
+    out = torch.empty_like(x)
+    args = _args()
+    args[:9] = (x.data_ptr(), cols, rows, cols, weight.data_ptr(), out.data_ptr(), cols,
+                struct.unpack("<I", struct.pack("<f", eps))[0], int(dt is torch.bfloat16))
+    _check_rc(fn.rms_norm(ctypes.addressof(args)), "rms_norm")
+    return out
 
 
 WIDENINGS = {3: 4, 5: 8, 6: 8}  # stored bits -> the width the int kernels read them at (widen_codes)
