@@ -303,7 +303,28 @@ INLINE void q16z_tile(const q8_problem *P, int64_t n0, int64_t m0, const int NR,
     UNROLL for (int r = 0; r < NR; r++) UNROLL for (int m = 0; m < MT; m++)
         P->y[(m0 + m) * P->ldy + n0 + r] = q8_hsum(tot[r][m]) - q8_hsum(zt[r][m]);
 }
-Q8_ROWS(q16z_rows, q16z_tile)
+/* As Q8_ROWS, but two weight rows per tile for 3 and 4 rows of x: 32 vector registers hold the 8 sums, and each
+ * load of x then serves two products (prefill; a tile's outputs are computed as with one row, so the same bits). */
+INLINE void q16z_rows_bits(const q8_problem *P, int64_t n0, int64_t n1, const int bits) {
+    for (int64_t m0 = 0; m0 < P->M; m0 += Q8_MAX_M) {
+        int64_t mt = q8_min(P->M - m0, Q8_MAX_M), n = n0;
+        if (mt == 1) {
+            for (; n + 4 <= n1; n += 4) q16z_tile(P, n, m0, 4, 1, bits);
+        } else if (mt == 2) {
+            for (; n + 2 <= n1; n += 2) q16z_tile(P, n, m0, 2, 2, bits);
+        } else if (mt == 3) {
+            for (; n + 2 <= n1; n += 2) q16z_tile(P, n, m0, 2, 3, bits);
+        } else {
+            for (; n + 2 <= n1; n += 2) q16z_tile(P, n, m0, 2, 4, bits);
+        }
+        for (; n < n1; n++) q16z_tile(P, n, m0, 1, (int)mt, bits);
+    }
+}
+static void q16z_rows(const q8_problem *P, int64_t n0, int64_t n1) {
+    if (P->bits == 4) q16z_rows_bits(P, n0, n1, 4);
+    else if (P->bits == 8) q16z_rows_bits(P, n0, n1, 8);
+    else q16z_rows_bits(P, n0, n1, 2);
+}
 #pragma GCC pop_options
 #else
 #define Q8_VNNI_COMPILED 0
