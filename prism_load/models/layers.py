@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
+from ..native.attention_decode import attention_decode, attention_ops
 from .linear import Linear
 from .rope import apply_rotary
 
@@ -46,18 +47,25 @@ class KVCache:
     def length(self) -> int:
         return max(self.lengths) if self.lengths else 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v [B, g, T, D] for a layer; return all cached k/v [B, g, S, D]."""
-        n, t = self.lengths[layer], k.shape[2]
+    def reserve(self, layer: int, like_k: torch.Tensor, like_v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key/value buffers [B, g, capacity, D], grown (doubling) so that t more slots fit; like_k /
+        like_v give batch, heads, head dims, dtype and device of a new buffer."""
+        n = self.lengths[layer]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or n + t > buf_k.shape[2]:
             capacity = max(2 * (n + t), 64)
-            new_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            new_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            new_k = like_k.new_empty(*like_k.shape[:2], capacity, like_k.shape[3])
+            new_v = like_v.new_empty(*like_v.shape[:2], capacity, like_v.shape[3])
             if buf_k is not None:
                 new_k[:, :, :n] = buf_k[:, :, :n]
                 new_v[:, :, :n] = buf_v[:, :, :n]
             buf_k, buf_v = self.keys[layer], self.values[layer] = new_k, new_v
+        return buf_k, buf_v
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v [B, g, T, D] for a layer; return all cached k/v [B, g, S, D]."""
+        n, t = self.lengths[layer], k.shape[2]
+        buf_k, buf_v = self.reserve(layer, k, v, t)
         buf_k[:, :, n : n + t] = k
         buf_v[:, :, n : n + t] = v
         self.lengths[layer] = n + t
@@ -164,6 +172,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         spec = self.spec
         b, t, _ = x.shape
+        if t == 1 and b == 1 and ctx.cache is not None and ctx.key_valid is None:
+            out = self._native_decode(x, ctx)  # one native call for the whole step where it applies
+            if out is not None:
+                return out
         if hasattr(self, "qkv_proj") and spec.qk_norm is None and spec.clip_qkv is None:
             # q, k and v fused into one packed operator at load (packed.fuse_qkv): q and k, adjacent in its
             # output, take the rotary phases in one pass (elementwise, so the same bits as two passes)
@@ -188,6 +200,39 @@ class Attention(nn.Module):
         v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         return self._attend(q, k, v, ctx, b, t)
+
+    def _native_ops(self):
+        """The native decode step's operators (native.attention_decode.AttentionOps), or False: the plain case
+        only (q, k and v fused and packed on an integer kernel, a packed o projection, no biases, no q/k norm,
+        clipping, sliding window or sinks). Worked out at the first decode step."""
+        ops = self.__dict__.get("_native_decode_ops")
+        if ops is None:
+            spec, ops = self.spec, False
+            qkv, o = getattr(self, "qkv_proj", None), self.o_proj
+            if (qkv is not None and spec.qk_norm is None and spec.clip_qkv is None and spec.sliding_window is None
+                    and not spec.sinks and getattr(qkv, "bias", 0) is None and getattr(o, "bias", 0) is None
+                    and hasattr(qkv, "op") and hasattr(o, "op")):
+                ops = attention_ops(qkv.op, o.op, spec.num_heads, spec.num_kv_heads, spec.head_dim) or False
+            self.__dict__["_native_decode_ops"] = ops
+        return ops
+
+    def _native_decode(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """One decode token of one sequence through attention_decode.c (fp32 models with a full-width rotary
+        and an fp32 cache), or None where it does not apply."""
+        ops = self._native_ops()
+        spec = self.spec
+        if not ops or x.dtype is not torch.float32 or ctx.cos.dim() != 2 or ctx.cos.shape[-1] != spec.head_dim:
+            return None
+        cache, layer = ctx.cache, self.layer_index
+        like = x.new_empty(1, spec.num_kv_heads, 0, spec.head_dim)
+        keys, values = cache.reserve(layer, like, like, 1)
+        if keys.dtype is not torch.float32 or not (keys.is_contiguous() and values.is_contiguous()):
+            return None
+        n = cache.lengths[layer]
+        out = attention_decode(x.reshape(-1).contiguous(), ops, ctx.cos[0], ctx.sin[0], keys, values, n,
+                               spec.num_heads, spec.num_kv_heads, spec.head_dim, self.scaling)
+        cache.lengths[layer] = n + 1
+        return out.view(1, 1, -1)
 
     def _attend(self, q, k, v, ctx: ForwardContext, b: int, t: int) -> torch.Tensor:
         """q [B, h, T, D], k/v [B, g, T, D] (rotary applied): cache, attention, output projection."""

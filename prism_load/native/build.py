@@ -1,4 +1,4 @@
-"""Compiles int_linear.c, q8_linear.c, expert_block.c and rms_norm.c (one library) on first use with the system C compiler and loads it
+"""Compiles int_linear.c, q8_linear.c, expert_block.c, rms_norm.c and attention_decode.c (one library) on first use with the system C compiler and loads it
 with ctypes; nothing at install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
 alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
 needs AVX2/FMA/F16C only.
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c"))  # one library
+SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c", "attention_decode.c"))  # one library
 HEADERS = (_HERE / "q8_linear.h",)  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -153,4 +153,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.rms_norm = lib.prism_rms_norm  # int64 args[9]: rms_norm.c
     fn.rms_norm.argtypes = [ctypes.c_void_p]
     fn.rms_norm.restype = ctypes.c_int
+    fn.attention_decode = lib.prism_attention_decode  # int64 args[16]: attention_decode.c
+    fn.attention_decode.argtypes = [ctypes.c_void_p]
+    fn.attention_decode.restype = ctypes.c_int
     return fn, None, seconds

@@ -1,0 +1,135 @@
+/* One decode token's attention for one sequence, in one call: the fused q/k/v projection on the integer
+ * tiles, rotary phases on q and k (half-split layout), k and v appended to the KV cache, scaled dot-product
+ * attention of every query head over the cached keys of its kv head (grouped-query), and the output
+ * projection. All in fp32, as the model computes on a CPU.
+ *
+ * Why: in torch this is about 25 small ops a layer (splits, views, transposes, the rotary's five, the cache's
+ * slice copies, SDPA, reshapes) plus two kernel calls, each op a few microseconds of dispatch; on a
+ * Mixtral-shaped model of hidden 1024 they cost more than the projections themselves move in weights.
+ *
+ * Numerics: the projections are the q8 kernels' (the same bits as their single calls); the rotary is
+ * x * cos + rotate_half(x) * sin with the same fp32 roundings as torch's three ops; the attention is a
+ * plain max-subtracted softmax in fp32 (torch's SDPA blocks it differently: equal to fp32 rounding).
+ *
+ * Arguments: a = {x, qkv op args, o op args, out, cos, sin, k cache, v cache, capacity, n, heads, kv heads,
+ * head dim, scaling (float bits), threads, wide}: x fp32 [hidden]; the op args as prism_int_linear_packed
+ * takes them (only the weight fields are read); out fp32 [hidden]; cos and sin fp32 [head dim]; the caches
+ * fp32 [kv heads][capacity][head dim], this token written at slot n and attending to slots 0..n.
+ * Returns 0, -1 when out of memory, -2 for arguments it does not take. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "q8_linear.h"
+
+static int ad_make(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8_problem *P) {
+    if (a[3] != k || a[7] != n) return -2;
+    return q8_make(k, 1, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
+                   (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], y, n, wide, P);
+}
+
+static float ad_dot(const float *a, const float *b, int64_t d) { /* d a multiple of 8 */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* out <- x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]); each product rounded, then the
+ * sum, as torch's x * cos + rotate_half(x) * sin rounds. */
+static void ad_rotary(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
+    const int64_t half = d / 2;
+    for (int64_t j = 0; j < d; j++) {
+        const float rot = j < half ? -x[j + half] : x[j - half];
+        const float a = x[j] * cos[j], b = rot * sin[j];
+        out[j] = a + b;
+    }
+}
+
+int prism_attention_decode(const int64_t *a) {
+    const float *x = (const float *)(intptr_t)a[0];
+    const int64_t *qkv_args = (const int64_t *)(intptr_t)a[1], *o_args = (const int64_t *)(intptr_t)a[2];
+    float *out = (float *)(intptr_t)a[3];
+    const float *cos = (const float *)(intptr_t)a[4], *sin = (const float *)(intptr_t)a[5];
+    float *kc = (float *)(intptr_t)a[6], *vc = (float *)(intptr_t)a[7];
+    const int64_t cap = a[8], n = a[9], h = a[10], g = a[11], d = a[12];
+    float scaling;
+    const uint32_t scaling_bits = (uint32_t)a[13];
+    memcpy(&scaling, &scaling_bits, 4);
+    int threads = (int)a[14];
+    const int wide = (int)a[15];
+    if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || (wide != 0 && wide != 1)) return -2;
+    const int64_t hidden = qkv_args[3], width = (h + 2 * g) * d, keys = n + 1;
+    q8_problem pq, po;
+    /* scratch: the projection's output, the attention's output, scores per head, x rounded for each product */
+    float *buf = malloc(sizeof(float) * (size_t)(width + h * d + h * keys));
+    if (!buf) return -1;
+    float *qkv = buf, *att = qkv + width, *scores = att + h * d;
+    if (ad_make(qkv_args, hidden, width, qkv, wide, &pq) || ad_make(o_args, h * d, hidden, out, wide, &po)) {
+        free(buf);
+        return -2;
+    }
+    uint8_t *xs = malloc(q8_x_bytes(&pq, wide) + q8_x_bytes(&po, wide));
+    if (!xs) {
+        free(buf);
+        return -1;
+    }
+    const int64_t step_q = q8_chunk_rows(width), chunks_q = (width + step_q - 1) / step_q;
+    const int64_t step_o = q8_chunk_rows(hidden), chunks_o = (hidden + step_o - 1) / step_o;
+    const int instructions = prism_q8_instructions();
+    const int64_t group = h / g;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp single
+        q8_prepare_x(&pq, x, hidden, wide, xs);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks_q; c++)
+            q8_product_rows(&pq, c * step_q, q8_min((c + 1) * step_q, width), wide, instructions);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < h + 2 * g; i++) { /* q heads roped in place; k heads roped into the cache; v copied */
+            const float *src = qkv + i * d;
+            if (i < h) {
+                float tmp[1024];
+                ad_rotary(src, cos, sin, d, tmp);
+                memcpy(qkv + i * d, tmp, sizeof(float) * (size_t)d);
+            } else if (i < h + g) {
+                ad_rotary(src, cos, sin, d, kc + ((i - h) * cap + n) * d);
+            } else {
+                memcpy(vc + ((i - h - g) * cap + n) * d, src, sizeof(float) * (size_t)d);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < h; i++) {
+            const float *q = qkv + i * d, *kh = kc + (i / group) * cap * d, *vh = vc + (i / group) * cap * d;
+            float *s = scores + i * keys, *o = att + i * d;
+            float top = -INFINITY;
+            for (int64_t j = 0; j < keys; j++) {
+                s[j] = ad_dot(q, kh + j * d, d) * scaling;
+                top = s[j] > top ? s[j] : top;
+            }
+            float total = 0.0f;
+            for (int64_t j = 0; j < keys; j++) total += (s[j] = expf(s[j] - top));
+            const float inv = 1.0f / total;
+            for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(o + e, _mm256_setzero_ps());
+            for (int64_t j = 0; j < keys; j++) {
+                const __m256 p = _mm256_set1_ps(s[j] * inv);
+                const float *v = vh + j * d;
+                for (int64_t e = 0; e < d; e += 8)
+                    _mm256_storeu_ps(o + e, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + e), _mm256_loadu_ps(o + e)));
+            }
+        }
+#pragma omp single
+        q8_prepare_x(&po, att, h * d, wide, xs + q8_x_bytes(&pq, wide));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks_o; c++)
+            q8_product_rows(&po, c * step_o, q8_min((c + 1) * step_o, hidden), wide, instructions);
+    }
+    free(xs);
+    free(buf);
+    return 0;
+}

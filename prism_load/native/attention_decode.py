@@ -1,0 +1,72 @@
+"""One native call for a decode token's attention (attention_decode.c): fused q/k/v projection, rotary phases,
+KV-cache append, grouped-query attention and output projection, for one sequence in fp32, where both
+projections are packed integer-kernel operators of one rounding (int16 or int8 x).
+
+Why: in torch the same step is about 25 small ops a layer plus two kernel calls; at decode on a model of
+hidden size ~1024 their dispatch costs more than the projections' weight reads (bench/results/
+decode_profile_peer.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import torch
+
+from . import _check_rc, _kernel
+from .expert_block import WIDE
+
+MAX_HEAD_DIM = 1024  # attention_decode.c's rotary scratch
+
+
+class AttentionOps:
+    """The bound operators of one attention (fused qkv and o) as attention_decode.c reads them."""
+
+    __slots__ = ("qkv", "o", "wide", "hidden")
+
+    def __init__(self, qkv, o):
+        self.qkv, self.o = qkv, o  # BoundIntLinear: their argument arrays live as long as this
+        self.wide = WIDE[qkv.activations]
+        self.hidden = qkv.k
+
+
+def attention_ops(qkv_op, o_op, heads: int, kv_heads: int, head_dim: int) -> AttentionOps | None:
+    """AttentionOps where both operators expose a native integer-kernel BoundIntLinear (`native_bound()`, as
+    PackedLinear does) of one rounding and the shapes agree (qkv [(h + 2g) D, H], o [H, h D]); else None."""
+    bound = []
+    for op in (qkv_op, o_op):
+        get = getattr(op, "native_bound", None)
+        b = get() if get is not None else None
+        if b is None or b.activations not in WIDE:
+            return None
+        bound.append(b)
+    qkv, o = bound
+    if (qkv.activations != o.activations or qkv.n != (heads + 2 * kv_heads) * head_dim or o.k != heads * head_dim
+            or o.n != qkv.k or head_dim % 8 or head_dim > MAX_HEAD_DIM or heads % kv_heads):
+        return None
+    return AttentionOps(qkv, o)
+
+
+def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, n: int, heads: int, kv_heads: int, head_dim: int,
+                     scaling: float) -> torch.Tensor:
+    """The attention output (after the o projection) of one token: x fp32 [H] (normed); cos/sin fp32 [head_dim]
+    for its position; keys/values fp32 [1, kv_heads, capacity, head_dim] contiguous caches, this token's k and v
+    written at slot n (the caller counts it). Returns fp32 [H]."""
+    cap = keys.shape[2]
+    if not (x.dtype is torch.float32 and x.is_contiguous() and x.numel() == ops.hidden
+            and cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.numel() == head_dim and sin.numel() == head_dim
+            and keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
+            and values.is_contiguous() and keys.shape == (1, kv_heads, cap, head_dim) and values.shape == keys.shape
+            and 0 <= n < cap):
+        raise ValueError("attention_decode: fp32 contiguous x [H], cos/sin [D] and caches [1, g, capacity, D] with a "
+                         f"free slot at {n} are needed, got x {list(x.shape)} {x.dtype}, cache {list(keys.shape)}")
+    out = torch.empty(ops.hidden, dtype=torch.float32)
+    args = (ctypes.c_int64 * 16)(
+        x.data_ptr(), ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,
+        struct.unpack("<I", struct.pack("<f", scaling))[0], torch.get_num_threads(), ops.wide)
+    _check_rc(_kernel().attention_decode(ctypes.addressof(args)), "attention_decode")
+    return out

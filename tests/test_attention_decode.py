@@ -1,0 +1,115 @@
+"""attention_decode.c: a decode token's attention in one native call (fused qkv on an integer kernel, rotary,
+KV append, grouped-query attention, o projection) gives the torch path's logits to fp32 rounding over many
+steps (the cache growing past its first capacity), writes the same cache, and is used only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from containers import TINY_CONFIG, random_model, rtn
+
+from prism_load import native, packed
+from prism_load.container.format import Encoding
+from prism_load.models import layers
+from prism_load.native import attention_decode as ad
+
+CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=4, num_attention_heads=4,
+              num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def q8():
+    if not (packed.native_available() and native.q8_available()):
+        pytest.skip("the integer kernels do not run here")
+
+
+def packed_model(requested="native-int16", bits=8):
+    """A random fp32 model whose attention projections are int-packed, q, k and v fused (as load() leaves them)."""
+    from prism_load.packed import fuse_qkv, swap_dense
+
+    model = random_model(CONFIG)
+    names = [f"layers.{i}.self_attn.{p}.weight" for i in range(CONFIG["num_hidden_layers"])
+             for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    dense = {}
+    for n in names:
+        w = model.get_parameter(n).detach()
+        dense[n] = (Encoding("int", tuple(w.shape), bits=bits, group_size=64), rtn(w, bits, 64))
+    swap_dense(model, dense, set(names), requested)
+    assert fuse_qkv(model) == CONFIG["num_hidden_layers"]
+    return model.eval()
+
+
+def decode_logits(model, steps: int):
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
+    nxt = torch.randint(0, CONFIG["vocab_size"], (1, steps), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        out = [model(nxt[:, i:i + 1], cache=cache) for i in range(steps)]
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("requested", ["native-int16", "native-int8"])
+def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, monkeypatch):
+    model = packed_model(requested)
+    calls = []
+    real = layers.attention_decode
+    monkeypatch.setattr(layers, "attention_decode", lambda *a: calls.append(1) or real(*a))
+    fast, fast_cache = decode_logits(model, 70)  # 6 + 70 positions: the cache grows past its 64 slots
+    assert len(calls) == 70 * CONFIG["num_hidden_layers"]
+    monkeypatch.setattr(layers.Attention, "_native_decode", lambda self, x, ctx: None)
+    slow, slow_cache = decode_logits(model, 70)
+    # the attention's fp32 sums are ordered unlike torch's SDPA; where that moves its output across a rounding
+    # step of the o projection's int16 (int8) x, the logits move by about one such step
+    tol = {"native-int16": 2e-4, "native-int8": 2e-3}[requested] * slow.abs().max().item()
+    assert (fast - slow).abs().max() <= tol
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.97
+    # layer 0 sees the same inputs either way: its cache (rotary phases, appended k and v) is the same bits
+    assert fast_cache.lengths == slow_cache.lengths == [76] * CONFIG["num_hidden_layers"]
+    assert torch.equal(fast_cache.keys[0][:, :, :76], slow_cache.keys[0][:, :, :76])
+    assert torch.equal(fast_cache.values[0][:, :, :76], slow_cache.values[0][:, :, :76])
+    for layer in range(1, CONFIG["num_hidden_layers"]):
+        for a, b in ((fast_cache.keys, slow_cache.keys), (fast_cache.values, slow_cache.values)):
+            assert torch.allclose(a[layer][:, :, :76], b[layer][:, :, :76], rtol=1e-3, atol=1e-3)
+
+
+def test_used_only_where_it_applies(q8, monkeypatch):
+    calls = []
+    real = layers.attention_decode
+    monkeypatch.setattr(layers, "attention_decode", lambda *a: calls.append(1) or real(*a))
+    exact = packed_model("native")  # the exact kernel (fp32 x): no integer-kernel operators to hand over
+    decode_logits(exact, 2)
+    assert calls == [] and exact.layers[0].self_attn._native_ops() is False
+    model = packed_model()
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)  # two rows decoding: the torch path
+        assert calls == []
+        cache = model.new_cache()
+        model(ids[:1], cache=cache, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]))  # padded: the torch path
+        model(ids[:1, :1], cache=cache)
+        assert calls == []
+        cache = model.new_cache()
+        model(ids[:1], cache=cache)
+        model(ids[:1, :1], cache=cache)
+    assert len(calls) == CONFIG["num_hidden_layers"]
+
+
+def test_refuses_shapes_and_caches_it_cannot_take(q8):
+    model = packed_model()
+    attn = model.layers[0].self_attn
+    ops = attn._native_ops()
+    assert ops
+    spec = attn.spec
+    assert ad.attention_ops(attn.qkv_proj.op, attn.o_proj.op, spec.num_heads + 1, spec.num_kv_heads,
+                            spec.head_dim) is None  # the fused rows do not fit these heads
+    keys = torch.zeros(1, spec.num_kv_heads, 4, spec.head_dim)
+    cos = torch.ones(spec.head_dim)
+    with pytest.raises(ValueError, match="free slot at 4"):
+        ad.attention_decode(torch.zeros(CONFIG["hidden_size"]), ops, cos, cos, keys, keys.clone(), 4,
+                            spec.num_heads, spec.num_kv_heads, spec.head_dim, attn.scaling)
+    with pytest.raises(ValueError, match="fp32 contiguous x"):
+        ad.attention_decode(torch.zeros(CONFIG["hidden_size"]).bfloat16(), ops, cos, cos, keys, keys.clone(), 0,
+                            spec.num_heads, spec.num_kv_heads, spec.head_dim, attn.scaling)
