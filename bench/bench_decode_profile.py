@@ -27,7 +27,8 @@ from prism_load import native
 NATIVE_RANGE = "prism::native_int_linear"  # the int kernels: experts and int dense layers (exact or int8 activations)
 DENSE_RANGE = "prism::native_bf16_linear"  # the dense bf16 matrix-vector kernel
 BLOCK_RANGE = "prism::native_expert_block"  # a decode token's routed experts in one call (expert_block.c)
-RANGES = (NATIVE_RANGE, DENSE_RANGE, BLOCK_RANGE)
+ATTENTION_RANGE = "prism::native_attention_decode"  # a decode token's attention in one call (attention_decode.c)
+RANGES = (NATIVE_RANGE, DENSE_RANGE, BLOCK_RANGE, ATTENTION_RANGE)
 
 
 def _traced(inner, name: str):
@@ -48,6 +49,7 @@ def wrap_native() -> None:
     fn = native.build.load()[0]
     if fn is not None:  # the ctypes entry itself, so the wrapper's conversions count as the aten ops they are
         fn.expert_block = _traced(fn.expert_block, BLOCK_RANGE)
+        fn.attention_decode = _traced(fn.attention_decode, ATTENTION_RANGE)
 
 
 def decode(model, prompt: torch.Tensor, tokens: int) -> float:
@@ -105,6 +107,7 @@ def main() -> None:
     native_us = sum(r["self_us_per_token"] for r in rows if r["op"] == NATIVE_RANGE)
     dense_us = sum(r["self_us_per_token"] for r in rows if r["op"] == DENSE_RANGE)
     block_us = sum(r["self_us_per_token"] for r in rows if r["op"] == BLOCK_RANGE)
+    attention_us = sum(r["self_us_per_token"] for r in rows if r["op"] == ATTENTION_RANGE)
     aten_us = sum(r["self_us_per_token"] for r in rows if r["op"] not in RANGES)
     events = sum(r["calls_per_token"] for r in rows)
     result = {
@@ -112,8 +115,9 @@ def main() -> None:
         "dtype": str(next(model.parameters()).dtype), "decode_ms_per_token": plain * 1e3,
         "expert_kernel": args.expert_kernel,
         "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": native_us / 1e3,
-        "dense_kernel_ms": dense_us / 1e3, "expert_block_ms": block_us / 1e3, "aten_ms": aten_us / 1e3,
-        "rest_ms": (per_token_us - native_us - dense_us - block_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
+        "dense_kernel_ms": dense_us / 1e3, "expert_block_ms": block_us / 1e3, "attention_ms": attention_us / 1e3,
+        "aten_ms": aten_us / 1e3,
+        "rest_ms": (per_token_us - native_us - dense_us - block_us - attention_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
     }
     path = write_report(args.name, result, markdown(result))
     print(markdown(result))
@@ -131,6 +135,7 @@ def markdown(r: dict) -> str:
              f"Decode without the profiler: {r['decode_ms_per_token']:.3f} ms per token; under it "
              f"{total:.3f} ms ({r['events_per_token']:.0f} profiled events per token).", "",
              "| part | per token |", "|---|---|",
+             f"| native attention (projections, rotary, cache, attention: one call a layer) | {share(r.get('attention_ms', 0.0))} |",
              f"| native expert block (a token's routed experts, one call a layer) | {share(r.get('expert_block_ms', 0.0))} |",
              f"| native int kernel (experts; int dense layers) ({r.get('expert_kernel', 'auto')}) | {share(r['native_kernel_ms'])} |",
              f"| native dense bf16 kernel | {share(r.get('dense_kernel_ms', 0.0))} |",
