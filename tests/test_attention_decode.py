@@ -15,6 +15,10 @@ from prism_load.native import attention_decode as ad
 
 CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=4, num_attention_heads=4,
               num_key_value_heads=2)
+QWEN = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+            shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+            tie_word_embeddings=False, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +27,19 @@ def q8():
         pytest.skip("the integer kernels do not run here")
 
 
-def packed_model(requested="native-int16", bits=8):
+def packed_model(requested="native-int16", bits=8, config=CONFIG):
     """A random fp32 model whose attention projections are int-packed, q, k and v fused (as load() leaves them)."""
     from prism_load.packed import fuse_qkv, swap_dense
 
-    model = random_model(CONFIG)
-    names = [f"layers.{i}.self_attn.{p}.weight" for i in range(CONFIG["num_hidden_layers"])
+    model = random_model(config)
+    names = [f"layers.{i}.self_attn.{p}.weight" for i in range(config["num_hidden_layers"])
              for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     dense = {}
     for n in names:
         w = model.get_parameter(n).detach()
         dense[n] = (Encoding("int", tuple(w.shape), bits=bits, group_size=64), rtn(w, bits, 64))
     swap_dense(model, dense, set(names), requested)
-    assert fuse_qkv(model) == CONFIG["num_hidden_layers"]
+    assert fuse_qkv(model) == config["num_hidden_layers"]
     return model.eval()
 
 
@@ -49,14 +53,18 @@ def decode_logits(model, steps: int):
     return torch.cat(out, 1), cache
 
 
-@pytest.mark.parametrize("requested", ["native-int16", "native-int8"])
-def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, monkeypatch):
-    model = packed_model(requested)
+@pytest.mark.parametrize("requested, config", [("native-int16", CONFIG), ("native-int8", CONFIG),
+                                               ("native-int16", QWEN)], ids=["int16", "int8", "qwen2-moe-qkv-bias"])
+def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, config, monkeypatch):
+    """Mixtral's attention, and Qwen2-MoE's with its q/k/v bias (added in the native step as torch adds it)."""
+    model = packed_model(requested, config=config)
+    if config is QWEN:
+        assert model.layers[0].self_attn.qkv_proj.bias is not None
     calls = []
     real = layers.attention_decode
     monkeypatch.setattr(layers, "attention_decode", lambda *a: calls.append(1) or real(*a))
     fast, fast_cache = decode_logits(model, 70)  # 6 + 70 positions: the cache grows past its 64 slots
-    assert len(calls) == 70 * CONFIG["num_hidden_layers"]
+    assert len(calls) == 70 * config["num_hidden_layers"]
     monkeypatch.setattr(layers.Attention, "_native_decode", lambda self, x, ctx: None)
     slow, slow_cache = decode_logits(model, 70)
     # the attention's fp32 sums are ordered unlike torch's SDPA; where that moves its output across a rounding
@@ -65,10 +73,10 @@ def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, monke
     assert (fast - slow).abs().max() <= tol
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.97
     # layer 0 sees the same inputs either way: its cache (rotary phases, appended k and v) is the same bits
-    assert fast_cache.lengths == slow_cache.lengths == [76] * CONFIG["num_hidden_layers"]
+    assert fast_cache.lengths == slow_cache.lengths == [76] * config["num_hidden_layers"]
     assert torch.equal(fast_cache.keys[0][:, :, :76], slow_cache.keys[0][:, :, :76])
     assert torch.equal(fast_cache.values[0][:, :, :76], slow_cache.values[0][:, :, :76])
-    for layer in range(1, CONFIG["num_hidden_layers"]):
+    for layer in range(1, config["num_hidden_layers"]):
         for a, b in ((fast_cache.keys, slow_cache.keys), (fast_cache.values, slow_cache.values)):
             assert torch.allclose(a[layer][:, :, :76], b[layer][:, :, :76], rtol=1e-3, atol=1e-3)
 

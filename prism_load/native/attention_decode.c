@@ -12,9 +12,11 @@
  * plain max-subtracted softmax in fp32 (torch's SDPA blocks it differently: equal to fp32 rounding).
  *
  * Arguments: a = {x, qkv op args, o op args, out, cos, sin, k cache, v cache, capacity, n, heads, kv heads,
- * head dim, scaling (float bits), threads, wide}: x fp32 [hidden]; the op args as prism_int_linear_packed
- * takes them (only the weight fields are read); out fp32 [hidden]; cos and sin fp32 [head dim]; the caches
- * fp32 [kv heads][capacity][head dim], this token written at slot n and attending to slots 0..n.
+ * head dim, scaling (float bits), threads, wide, qkv bias, o bias}: x fp32 [hidden]; the op args as
+ * prism_int_linear_packed takes them (only the weight fields are read); out fp32 [hidden]; cos and sin fp32
+ * [head dim]; the caches fp32 [kv heads][capacity][head dim], this token written at slot n and attending to
+ * slots 0..n; the biases fp32 [(heads + 2 kv heads) head dim] and [hidden], or 0 for none (added to the
+ * products' outputs, as torch adds them: Qwen2-MoE's q, k and v have one).
  * Returns 0, -1 when out of memory, -2 for arguments it does not take. */
 #include <immintrin.h>
 #include <math.h>
@@ -62,6 +64,7 @@ int prism_attention_decode(const int64_t *a) {
     memcpy(&scaling, &scaling_bits, 4);
     int threads = (int)a[14];
     const int wide = (int)a[15];
+    const float *qkv_bias = (const float *)(intptr_t)a[16], *o_bias = (const float *)(intptr_t)a[17];
     if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || (wide != 0 && wide != 1)) return -2;
     const int64_t hidden = qkv_args[3], width = (h + 2 * g) * d, keys = n + 1;
     q8_problem pq, po;
@@ -92,7 +95,9 @@ int prism_attention_decode(const int64_t *a) {
             q8_product_rows(&pq, c * step_q, q8_min((c + 1) * step_q, width), wide, instructions);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < h + 2 * g; i++) { /* q heads roped in place; k heads roped into the cache; v copied */
-            const float *src = qkv + i * d;
+            float *src = qkv + i * d;
+            if (qkv_bias)
+                for (int64_t j = 0; j < d; j++) src[j] += qkv_bias[i * d + j];
             if (i < h) {
                 float tmp[1024];
                 ad_rotary(src, cos, sin, d, tmp);
@@ -128,6 +133,10 @@ int prism_attention_decode(const int64_t *a) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_o; c++)
             q8_product_rows(&po, c * step_o, q8_min((c + 1) * step_o, hidden), wide, instructions);
+        if (o_bias) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < hidden; j++) out[j] += o_bias[j];
+        }
     }
     free(xs);
     free(buf);

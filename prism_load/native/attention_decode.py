@@ -21,19 +21,28 @@ MAX_HEAD_DIM = 1024  # attention_decode.c's rotary scratch
 
 
 class AttentionOps:
-    """The bound operators of one attention (fused qkv and o) as attention_decode.c reads them."""
+    """The bound operators of one attention (fused qkv and o, their fp32 biases or None) as attention_decode.c
+    reads them."""
 
-    __slots__ = ("qkv", "o", "wide", "hidden")
+    __slots__ = ("qkv", "o", "qkv_bias", "o_bias", "wide", "hidden")
 
-    def __init__(self, qkv, o):
+    def __init__(self, qkv, o, qkv_bias=None, o_bias=None):
         self.qkv, self.o = qkv, o  # BoundIntLinear: their argument arrays live as long as this
+        self.qkv_bias, self.o_bias = qkv_bias, o_bias
         self.wide = WIDE[qkv.activations]
         self.hidden = qkv.k
 
 
-def attention_ops(qkv_op, o_op, heads: int, kv_heads: int, head_dim: int) -> AttentionOps | None:
+def _fp32_vector(t, n: int) -> bool:
+    return t is None or (isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_contiguous()
+                         and t.shape == (n,) and t.is_cpu)
+
+
+def attention_ops(qkv_op, o_op, heads: int, kv_heads: int, head_dim: int, qkv_bias=None,
+                  o_bias=None) -> AttentionOps | None:
     """AttentionOps where both operators expose a native integer-kernel BoundIntLinear (`native_bound()`, as
-    PackedLinear does) of one rounding and the shapes agree (qkv [(h + 2g) D, H], o [H, h D]); else None."""
+    PackedLinear does) of one rounding, the shapes agree (qkv [(h + 2g) D, H], o [H, h D]) and the biases are
+    fp32 vectors of the outputs' widths (or None); else None."""
     bound = []
     for op in (qkv_op, o_op):
         get = getattr(op, "native_bound", None)
@@ -43,9 +52,10 @@ def attention_ops(qkv_op, o_op, heads: int, kv_heads: int, head_dim: int) -> Att
         bound.append(b)
     qkv, o = bound
     if (qkv.activations != o.activations or qkv.n != (heads + 2 * kv_heads) * head_dim or o.k != heads * head_dim
-            or o.n != qkv.k or head_dim % 8 or head_dim > MAX_HEAD_DIM or heads % kv_heads):
+            or o.n != qkv.k or head_dim % 8 or head_dim > MAX_HEAD_DIM or heads % kv_heads
+            or not _fp32_vector(qkv_bias, qkv.n) or not _fp32_vector(o_bias, o.n)):
         return None
-    return AttentionOps(qkv, o)
+    return AttentionOps(qkv, o, qkv_bias, o_bias)
 
 
 def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -64,9 +74,10 @@ def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin:
         raise ValueError("attention_decode: fp32 contiguous x [H], cos/sin [D] and caches [1, g, capacity, D] with a "
                          f"free slot at {n} are needed, got x {list(x.shape)} {x.dtype}, cache {list(keys.shape)}")
     out = torch.empty(ops.hidden, dtype=torch.float32)
-    args = (ctypes.c_int64 * 16)(
+    args = (ctypes.c_int64 * 18)(
         x.data_ptr(), ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,
-        struct.unpack("<I", struct.pack("<f", scaling))[0], torch.get_num_threads(), ops.wide)
+        struct.unpack("<I", struct.pack("<f", scaling))[0], torch.get_num_threads(), ops.wide,
+        0 if ops.qkv_bias is None else ops.qkv_bias.data_ptr(), 0 if ops.o_bias is None else ops.o_bias.data_ptr())
     _check_rc(_kernel().attention_decode(ctypes.addressof(args)), "attention_decode")
     return out
