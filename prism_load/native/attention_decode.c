@@ -27,12 +27,6 @@
 
 #include "q8_linear.h"
 
-static int ad_make(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8_problem *P) {
-    if (a[3] != k || a[7] != n) return -2;
-    return q8_make(k, 1, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
-                   (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], y, n, wide, P);
-}
-
 static float ad_dot(const float *a, const float *b, int64_t d) { /* d a multiple of 8 */
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
@@ -72,7 +66,7 @@ int prism_attention_decode(const int64_t *a) {
     float *buf = malloc(sizeof(float) * (size_t)(width + h * d + h * keys));
     if (!buf) return -1;
     float *qkv = buf, *att = qkv + width, *scores = att + h * d;
-    if (ad_make(qkv_args, hidden, width, qkv, wide, &pq) || ad_make(o_args, h * d, hidden, out, wide, &po)) {
+    if (q8_make_bound(qkv_args, hidden, width, qkv, wide, &pq) || q8_make_bound(o_args, h * d, hidden, out, wide, &po)) {
         free(buf);
         return -2;
     }

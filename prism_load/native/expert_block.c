@@ -27,12 +27,6 @@
 
 #define EB_MAX_EXPERTS 64
 
-static int eb_make(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8_problem *P) {
-    if (a[3] != k || a[7] != n) return -2;
-    return q8_make(k, 1, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
-                   (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], y, n, wide, P);
-}
-
 /* The chunk c of a dynamic loop over products P[0..count-1]: its product index and first row. */
 static inline int eb_chunk(const int64_t *first, const int64_t *step, int count, int64_t c, int64_t *n0) {
     int i = 0;
@@ -64,8 +58,9 @@ int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const floa
         const int64_t *g = ops[3 * e], *u = ops[3 * e + 1], *d = ops[3 * e + 2];
         hidden[e] = g[7];
         /* y fields are set below, once the scratch exists */
-        if (eb_make(g, H, hidden[e], NULL, wide, &gu[2 * e]) || eb_make(u, H, hidden[e], NULL, wide, &gu[2 * e + 1]) ||
-            eb_make(d, hidden[e], H, NULL, wide, &dn[e]))
+        if (q8_make_bound(g, H, hidden[e], NULL, wide, &gu[2 * e]) ||
+            q8_make_bound(u, H, hidden[e], NULL, wide, &gu[2 * e + 1]) ||
+            q8_make_bound(d, hidden[e], H, NULL, wide, &dn[e]))
             return -2;
         bytes += 2 * sizeof(float) * (size_t)hidden[e] + sizeof(float) * (size_t)H;
         bytes += q8_x_bytes(&gu[2 * e], wide) + q8_x_bytes(&gu[2 * e + 1], wide) + q8_x_bytes(&dn[e], wide);

@@ -417,6 +417,12 @@ int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uin
     return 0;
 }
 
+int q8_make_bound(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8_problem *P) {
+    if (a[3] != k || a[7] != n) return -2;
+    return q8_make(k, 1, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
+                   (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], y, n, wide, P);
+}
+
 size_t q8_x_bytes(const q8_problem *P, int wide) {
     const size_t xbytes = ((size_t)(P->M * P->K) * (wide ? 2 : 1) + 7) & ~(size_t)7;
     return xbytes + sizeof(float) * (size_t)(P->M * P->G) + sizeof(int32_t) * (size_t)(P->M * P->G + P->K) + 8;
