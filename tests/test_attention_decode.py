@@ -53,10 +53,15 @@ def decode_logits(model, steps: int):
     return torch.cat(out, 1), cache
 
 
+WINDOWED = dict(CONFIG, sliding_window=16)
+
+
 @pytest.mark.parametrize("requested, config", [("native-int16", CONFIG), ("native-int8", CONFIG),
-                                               ("native-int16", QWEN)], ids=["int16", "int8", "qwen2-moe-qkv-bias"])
+                                               ("native-int16", QWEN), ("native-int16", WINDOWED)],
+                         ids=["int16", "int8", "qwen2-moe-qkv-bias", "sliding-window-16"])
 def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, config, monkeypatch):
-    """Mixtral's attention, and Qwen2-MoE's with its q/k/v bias (added in the native step as torch adds it)."""
+    """Mixtral's attention, Qwen2-MoE's with its q/k/v bias (added in the native step as torch adds it), and a
+    sliding window of 16 positions over 76 (the native step attends to the window's slots only)."""
     model = packed_model(requested, config=config)
     if config is QWEN:
         assert model.layers[0].self_attn.qkv_proj.bias is not None

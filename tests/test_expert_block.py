@@ -148,3 +148,7 @@ def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
     block.observer = type("Watch", (), {"on_route": lambda *a: None, "on_expert": lambda *a: None})()
     block(x)
     assert calls == [1]
+    block.observer = None
+    block.activation = lambda gate, up: torch.clamp(gate, max=7.0) * up  # not SwiGLU (GPT-OSS clamps): no block
+    block(x)
+    assert calls == [1]

@@ -204,13 +204,13 @@ class Attention(nn.Module):
     def _native_ops(self):
         """The native decode step's operators (native.attention_decode.AttentionOps), or False: the plain case
         only (q, k and v fused and packed on an integer kernel, a packed o projection, fp32 biases or none, no
-        q/k norm, clipping, sliding window or sinks). Worked out at the first decode step."""
+        q/k norm, clipping or sinks; a sliding window is fine). Worked out at the first decode step."""
         ops = self.__dict__.get("_native_decode_ops")
         if ops is None:
             spec, ops = self.spec, False
             qkv, o = getattr(self, "qkv_proj", None), self.o_proj
-            if (qkv is not None and spec.qk_norm is None and spec.clip_qkv is None and spec.sliding_window is None
-                    and not spec.sinks and hasattr(qkv, "op") and hasattr(o, "op")):
+            if (qkv is not None and spec.qk_norm is None and spec.clip_qkv is None and not spec.sinks
+                    and hasattr(qkv, "op") and hasattr(o, "op")):
                 bias = [None if m.bias is None else m.bias.detach() for m in (qkv, o)]
                 ops = attention_ops(qkv.op, o.op, spec.num_heads, spec.num_kv_heads, spec.head_dim, *bias) or False
             self.__dict__["_native_decode_ops"] = ops
@@ -230,7 +230,7 @@ class Attention(nn.Module):
             return None
         n = cache.lengths[layer]
         out = attention_decode(x.reshape(-1).contiguous(), ops, ctx.cos[0], ctx.sin[0], keys, values, n,
-                               spec.num_heads, spec.num_kv_heads, spec.head_dim, self.scaling)
+                               spec.num_heads, spec.num_kv_heads, spec.head_dim, self.scaling, spec.sliding_window)
         cache.lengths[layer] = n + 1
         return out.view(1, 1, -1)
 

@@ -192,7 +192,7 @@ class MoEBlock(nn.Module):
         if indices.shape[0] == 1:  # decode: no sort needed, just the K chosen experts
             ids = indices[0].tolist()
             weights = self.experts.acquire(self.layer_index, ids)
-            if self.observer is None:  # one native call for all of them where each is a native block
+            if self.observer is None and self.activation is silu_glu:  # one native call where each is a native block
                 blocks = [weights[e].block() for e in ids]
                 if all(blocks) and len({b.wide for b in blocks}) == 1:
                     return expert_block(flat, blocks, route.weights).to(flat.dtype)

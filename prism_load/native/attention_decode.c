@@ -12,11 +12,12 @@
  * plain max-subtracted softmax in fp32 (torch's SDPA blocks it differently: equal to fp32 rounding).
  *
  * Arguments: a = {x, qkv op args, o op args, out, cos, sin, k cache, v cache, capacity, n, heads, kv heads,
- * head dim, scaling (float bits), threads, wide, qkv bias, o bias}: x fp32 [hidden]; the op args as
+ * head dim, scaling (float bits), threads, wide, qkv bias, o bias, window}: x fp32 [hidden]; the op args as
  * prism_int_linear_packed takes them (only the weight fields are read); out fp32 [hidden]; cos and sin fp32
  * [head dim]; the caches fp32 [kv heads][capacity][head dim], this token written at slot n and attending to
  * slots 0..n; the biases fp32 [(heads + 2 kv heads) head dim] and [hidden], or 0 for none (added to the
- * products' outputs, as torch adds them: Qwen2-MoE's q, k and v have one).
+ * products' outputs, as torch adds them: Qwen2-MoE's q, k and v have one); window: a sliding window of that
+ * many positions (the token sees slots n - window + 1 .. n, as layers.attention_mask allows), or 0 for none.
  * Returns 0, -1 when out of memory, -2 for arguments it does not take. */
 #include <immintrin.h>
 #include <math.h>
@@ -59,7 +60,8 @@ int prism_attention_decode(const int64_t *a) {
     int threads = (int)a[14];
     const int wide = (int)a[15];
     const float *qkv_bias = (const float *)(intptr_t)a[16], *o_bias = (const float *)(intptr_t)a[17];
-    if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || (wide != 0 && wide != 1)) return -2;
+    const int64_t window = a[18], first = window > 0 && n + 1 > window ? n + 1 - window : 0;
+    if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || window < 0 || (wide != 0 && wide != 1)) return -2;
     const int64_t hidden = qkv_args[3], width = (h + 2 * g) * d, keys = n + 1;
     q8_problem pq, po;
     /* scratch: the projection's output, the attention's output, scores per head, x rounded for each product */
@@ -107,15 +109,15 @@ int prism_attention_decode(const int64_t *a) {
             const float *q = qkv + i * d, *kh = kc + (i / group) * cap * d, *vh = vc + (i / group) * cap * d;
             float *s = scores + i * keys, *o = att + i * d;
             float top = -INFINITY;
-            for (int64_t j = 0; j < keys; j++) {
+            for (int64_t j = first; j < keys; j++) {
                 s[j] = ad_dot(q, kh + j * d, d) * scaling;
                 top = s[j] > top ? s[j] : top;
             }
             float total = 0.0f;
-            for (int64_t j = 0; j < keys; j++) total += (s[j] = expf(s[j] - top));
+            for (int64_t j = first; j < keys; j++) total += (s[j] = expf(s[j] - top));
             const float inv = 1.0f / total;
             for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(o + e, _mm256_setzero_ps());
-            for (int64_t j = 0; j < keys; j++) {
+            for (int64_t j = first; j < keys; j++) {
                 const __m256 p = _mm256_set1_ps(s[j] * inv);
                 const float *v = vh + j * d;
                 for (int64_t e = 0; e < d; e += 8)

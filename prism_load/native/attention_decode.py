@@ -60,24 +60,26 @@ def attention_ops(qkv_op, o_op, heads: int, kv_heads: int, head_dim: int, qkv_bi
 
 def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, n: int, heads: int, kv_heads: int, head_dim: int,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, window: int | None = None) -> torch.Tensor:
     """The attention output (after the o projection) of one token: x fp32 [H] (normed); cos/sin fp32 [head_dim]
     for its position; keys/values fp32 [1, kv_heads, capacity, head_dim] contiguous caches, this token's k and v
-    written at slot n (the caller counts it). Returns fp32 [H]."""
+    written at slot n (the caller counts it); window: a sliding window of that many positions, or None.
+    Returns fp32 [H]."""
     cap = keys.shape[2]
     if not (x.dtype is torch.float32 and x.is_contiguous() and x.numel() == ops.hidden
             and cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
             and cos.numel() == head_dim and sin.numel() == head_dim
             and keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
             and values.is_contiguous() and keys.shape == (1, kv_heads, cap, head_dim) and values.shape == keys.shape
-            and 0 <= n < cap):
+            and 0 <= n < cap and (window is None or window > 0)):
         raise ValueError("attention_decode: fp32 contiguous x [H], cos/sin [D] and caches [1, g, capacity, D] with a "
                          f"free slot at {n} are needed, got x {list(x.shape)} {x.dtype}, cache {list(keys.shape)}")
     out = torch.empty(ops.hidden, dtype=torch.float32)
-    args = (ctypes.c_int64 * 18)(
+    args = (ctypes.c_int64 * 19)(
         x.data_ptr(), ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,
         struct.unpack("<I", struct.pack("<f", scaling))[0], torch.get_num_threads(), ops.wide,
-        0 if ops.qkv_bias is None else ops.qkv_bias.data_ptr(), 0 if ops.o_bias is None else ops.o_bias.data_ptr())
+        0 if ops.qkv_bias is None else ops.qkv_bias.data_ptr(), 0 if ops.o_bias is None else ops.o_bias.data_ptr(),
+        window or 0)
     _check_rc(_kernel().attention_decode(ctypes.addressof(args)), "attention_decode")
     return out
