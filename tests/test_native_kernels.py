@@ -492,3 +492,36 @@ def test_rms_norm_module_uses_the_kernel_and_falls_back(kernel, monkeypatch):
         monkeypatch.setattr(native, "rms_norm", lambda *a: None)
         slow = norm(x)
     assert calls == [1] and torch.equal(fast, slow)
+
+
+# -- the softmax top-k router (router_topk.c) ------------------------------------------------------------------
+@pytest.mark.parametrize("experts, k, hidden", [(8, 2, 1024), (64, 8, 100), (128, 1, 7)])
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_router_topk_is_the_routers_softmax_top_k(kernel, experts, k, hidden, renormalise):
+    """The same experts as torch's softmax -> topk (in descending order of probability), their weights and the
+    logits equal up to fp32 summation order, renormalised or not."""
+    gen = torch.Generator().manual_seed(experts + k)
+    for _ in range(20):
+        x, w = torch.randn(1, hidden, generator=gen), torch.randn(experts, hidden, generator=gen)
+        logits, indices, weights = native.router_topk(x, w, k, renormalise)
+        want_logits = x @ w.T
+        probs = torch.softmax(want_logits, dim=-1)
+        want_w, want_i = torch.topk(probs, k, dim=-1)
+        if renormalise:
+            want_w = want_w / want_w.sum(-1, keepdim=True)
+        # logits of |x| |w| ~ hidden differ by ~1e-7 of that (summation order); a probability moves with e^logit
+        bound = 1e-6 * x.norm() * w.norm(dim=1)
+        assert ((logits - want_logits).abs() <= bound).all()
+        assert torch.equal(indices, want_i)
+        assert torch.allclose(weights, want_w, rtol=2 * bound.max().item(), atol=1e-7)
+
+
+def test_router_topk_ties_go_to_the_lower_index_and_it_declines_what_it_does_not_take(kernel):
+    x, w = torch.ones(1, 16), torch.zeros(6, 16)
+    w[3] = w[1] = 1.0  # experts 1 and 3 tie at the top
+    _, indices, weights = native.router_topk(x, w, 3, True)
+    assert indices.tolist() == [[1, 3, 0]] and torch.allclose(weights.sum(), torch.tensor(1.0))
+    assert native.router_topk(torch.ones(2, 16), w, 2, True) is None  # two rows: torch
+    assert native.router_topk(x.bfloat16(), w.bfloat16(), 2, True) is None  # bf16: torch
+    assert native.router_topk(x, w, 7, True) is None  # k > experts
+    assert native.router_topk(x.requires_grad_(), w, 2, True) is None  # autograd: torch

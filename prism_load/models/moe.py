@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native import router_topk
 from ..native.expert_block import block_ops, expert_block
 from .linear import linear
 
@@ -40,6 +41,10 @@ class SoftmaxTopKRouter(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
+        native_route = router_topk(x, self.weight, self.top_k, self.norm_topk_prob)  # a decode row: one call
+        if native_route is not None:
+            logits, indices, weights = native_route
+            return RouterOutput(logits, indices, weights.to(x.dtype))
         logits = linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)

@@ -315,6 +315,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
+def router_topk(x: torch.Tensor, weight: torch.Tensor, k: int,
+                renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A softmax top-k router for one fp32 row x [1, H] and an fp32 weight [E, H] (router_topk.c): (logits
+    [1, E], indices int64 [1, k], weights fp32 [1, k]), the weights renormalised to sum 1 if asked; None where it
+    does not take the arguments (the caller uses torch)."""
+    if not (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2 and x.shape[0] == 1
+            and weight.dim() == 2 and x.shape[1] == weight.shape[1] and x.is_cpu and weight.is_cpu
+            and x.is_contiguous() and weight.is_contiguous() and 0 < k <= weight.shape[0] <= 4096
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    fn = load()[0]
+    if fn is None:
+        return None
+    e = weight.shape[0]
+    logits = torch.empty(1, e, dtype=torch.float32)
+    indices = torch.empty(1, k, dtype=torch.int64)
+    weights = torch.empty(1, k, dtype=torch.float32)
+    args = _args()
+    args[:9] = (x.data_ptr(), weight.data_ptr(), e, weight.shape[1], k, int(renormalise), logits.data_ptr(),
+                indices.data_ptr(), weights.data_ptr())
+    _check_rc(fn.router_topk(ctypes.addressof(args)), "router_topk")
+    return logits, indices, weights
+
+
 WIDENINGS = {3: 4, 5: 8, 6: 8}  # stored bits -> the width the int kernels read them at (widen_codes)
 
 

@@ -1,5 +1,6 @@
-"""Compiles int_linear.c, q8_linear.c, expert_block.c, rms_norm.c and attention_decode.c (one library) on first use with the system C compiler and loads it
-with ctypes; nothing at install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
+"""Compiles the C sources (int_linear.c, q8_linear.c, expert_block.c, rms_norm.c, attention_decode.c,
+router_topk.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
+install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
 alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
 needs AVX2/FMA/F16C only.
 
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c", "attention_decode.c"))  # one library
+SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c",
+                                          "attention_decode.c", "router_topk.c"))  # one library
 HEADERS = (_HERE / "q8_linear.h",)  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -156,4 +158,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.attention_decode = lib.prism_attention_decode  # int64 args[16]: attention_decode.c
     fn.attention_decode.argtypes = [ctypes.c_void_p]
     fn.attention_decode.restype = ctypes.c_int
+    fn.router_topk = lib.prism_router_topk  # int64 args[9]: router_topk.c
+    fn.router_topk.argtypes = [ctypes.c_void_p]
+    fn.router_topk.restype = ctypes.c_int
     return fn, None, seconds
