@@ -394,5 +394,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["BITS", "GEMV_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available", "bf16_linear", "int_linear",
-           "q8_available", "ACTIVATIONS", "integer_takes", "q16_takes", "q8_force_instructions", "q8_instructions", "q8_takes", "widen_codes", "unavailable_reason"]
+__all__ = ["ACTIVATIONS", "BITS", "GEMV_MAX_ROWS", "RMS_NORM_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available",
+           "bf16_linear", "int_linear", "integer_takes", "q8_available", "q8_force_instructions", "q8_instructions",
+           "q8_takes", "q16_512", "q16_row_limit", "q16_takes", "q16_vector_bits", "rms_norm", "router_topk",
+           "unavailable_reason", "widen_codes"]

@@ -28,7 +28,7 @@ class BlockOps:
         self.keep = (gate, up, down)  # the argument arrays (and the tensors they point at) live as long as this
         self.addresses = tuple(ctypes.addressof(op._args) for op in self.keep)
         self.wide = WIDE[gate.activations]
-        self.hidden = down.n
+        self.hidden = down.n  # H: the width of x and of the output
 
 
 def block_ops(gate, up, down) -> BlockOps | None:
@@ -56,8 +56,8 @@ def expert_block(x: torch.Tensor, experts: list[BlockOps], weights: torch.Tensor
     if not 0 < e <= MAX_EXPERTS or len({b.wide for b in experts}) != 1:
         raise ValueError(f"expert_block: 1 to {MAX_EXPERTS} experts of one activation rounding, got {e}")
     xf = x.reshape(-1)
-    h = experts[0].keep[0].k
-    if xf.shape[0] != h or any(b.keep[0].k != h for b in experts):
+    h = experts[0].hidden
+    if xf.shape[0] != h or any(b.hidden != h for b in experts):
         raise ValueError(f"expert_block: x must be one row of {h}, got {list(x.shape)}")
     xf = xf.to(torch.float32).contiguous() if xf.dtype is not torch.float32 or not xf.is_contiguous() else xf
     w = weights.reshape(-1).to(torch.float32).contiguous()
