@@ -45,8 +45,10 @@ BITS = 4.25
 GGUF_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 BASELINE = "llama.cpp Q4_K_M"
 INSTALL_HINT = ('llama-cpp-python is not installed, so there is nothing to compare against. Install the peer '
-                'extra (builds llama.cpp from source, about 4.5 minutes on 2 cores; a GGML_NATIVE=ON build crashed '
-                'in its first eval here; see README "prism against llama.cpp"):\n'
+                'extra (builds llama.cpp from source, 3-5 minutes on 2 cores; a GGML_NATIVE=ON build crashed '
+                'in its first eval on one machine; name the instruction sets the CPU has, e.g. add '
+                '-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON on an AVX-512 CPU; '
+                'see README "prism against llama.cpp"):\n'
                 '    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" '
                 'pip install -e ".[peer]"')
 DEFAULT_WORK = Path(os.environ.get("PRISM_CACHE", Path.home() / ".cache" / "prism")) / "peer"
