@@ -18,6 +18,7 @@ from ..errors import ConfigError, ContainerError
 from ..generation_config import FILE_NAME as GENERATION_CONFIG
 from ..generation_config import GenerationConfig
 from ..hf_loader import stack_experts
+from ..hugepages import huge_buffer
 from ..models.model import MoEForCausalLM
 from ..models.moe import ExpertWeights, MoEBlock
 from ..models.precision import held_dtype
@@ -86,7 +87,8 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
                 _attach_experts(block, experts, device)
             else:
                 _check_biases(block, c.record(i, 0).encodings)
-                block.experts = ResidentExperts([_packed_expert(c, packer, i, e, device, verify_checksums)
+                arena = _ExpertArena(c, packer, i, args.num_experts, device)
+                block.experts = ResidentExperts([_packed_expert(c, packer, i, e, device, verify_checksums, arena)
                                                  for e in range(args.num_experts)])
         if packer is not None:
             fallback_warning(packer.backends, torch.device(device), expert_kernel)
@@ -139,14 +141,38 @@ def dense_decode_dtype(family, args, name: str, dtype: torch.dtype) -> torch.dty
     return torch.float32 if family.keeps_fp32(checkpoint_name) else dtype
 
 
+class _ExpertArena:
+    """One huge-page buffer (prism_load/hugepages.py) for the stored bytes of a MoE layer's experts that are used
+    as stored (on a CPU): each is read straight into its slice, 64-byte aligned, and its operators view it
+    there. Other experts read into their own buffers."""
+
+    ALIGN = 64
+
+    def __init__(self, c: Container, packer: ExpertPacker, layer: int, num_experts: int, device):
+        self.offsets: dict[int, int] = {}
+        size = 0
+        if torch.device(device).type == "cpu":
+            for e in range(num_experts):
+                record = c.record(layer, e)
+                if packer.reads_stored_form(record.encodings):
+                    self.offsets[e] = size
+                    size += -(-record.length // self.ALIGN) * self.ALIGN
+        self.buffer = huge_buffer(size) if size else None
+
+    def slot(self, c: Container, layer: int, expert: int) -> torch.Tensor | None:
+        at = self.offsets.get(expert)
+        return None if at is None else self.buffer[at : at + c.record(layer, expert).length]
+
+
 def _packed_expert(c: Container, packer: ExpertPacker, layer: int, expert: int, device,
-                   verify_checksums: bool) -> ExpertWeights:
+                   verify_checksums: bool, arena: _ExpertArena | None = None) -> ExpertWeights:
     """One expert in its packed form: operators viewing its read buffer where they use the stored bytes as
-    they are (the buffer is then the expert's memory), else copied into one buffer of their own (so no read
-    buffer stays alive for a few views)."""
+    they are (the buffer is then the expert's memory: its slice of the layer's arena where there is one), else
+    copied into one buffer of their own (so no read buffer stays alive for a few views)."""
     record = c.record(layer, expert)
     packer.count(record.encodings)
-    weights = packer.expert(c.read_expert(layer, expert, verify_checksums), count=False)
+    into = arena.slot(c, layer, expert) if arena is not None else None
+    weights = packer.expert(c.read_expert(layer, expert, verify_checksums, into=into), count=False)
     if not packer.reads_stored_form(record.encodings):
         weights = pack_into(torch.empty(packed_nbytes(weights), dtype=torch.uint8), weights)
     return map_weights(weights, lambda t: t.to(device))

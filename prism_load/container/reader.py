@@ -236,10 +236,16 @@ class Container:
                 f"(bytes [{record.offset}, {record.end}) are damaged)")
         return buf
 
-    def read_expert(self, layer: int, expert: int, verify_checksum: bool = False) -> dict[str, EncodedTensor]:
-        """{tensor name: (Encoding, {suffix: stored tensor})} of one expert; tensors view one read buffer."""
+    def read_expert(self, layer: int, expert: int, verify_checksum: bool = False,
+                    into: torch.Tensor | None = None) -> dict[str, EncodedTensor]:
+        """{tensor name: (Encoding, {suffix: stored tensor})} of one expert; tensors view one read buffer (a fresh
+        one, or `into`: a contiguous uint8 CPU tensor of exactly the expert's stored bytes)."""
         record = self.record(layer, expert)
-        raw = torch.frombuffer(self.read_expert_bytes(record, verify_checksum), dtype=torch.uint8)
+        if into is None:
+            raw = torch.frombuffer(self.read_expert_bytes(record, verify_checksum), dtype=torch.uint8)
+        else:
+            raw = into
+            self.read_expert_bytes(record, verify_checksum, into=into.numpy())
         out: dict[str, EncodedTensor] = {name: (enc, {}) for name, enc in record.encodings.items()}
         for t in record.layout():
             tensor, suffix = t.key.split(".", 1)
