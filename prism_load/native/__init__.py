@@ -288,6 +288,24 @@ class BoundIntLinear:
         return ya, yb
 
 
+INTEGER_WIDE = {"int16": 1, "int8": 0}  # the native calls' `wide` flag by activation rounding (q8_linear.c)
+
+
+def bound_integer_ops(*ops) -> list[BoundIntLinear] | None:
+    """The BoundIntLinear of each operator (`native_bound()`, as PackedLinear exposes it) where all are on one
+    integer kernel (int16 or int8 x), else None: what the fused native calls (expert_block.c,
+    attention_decode.c) can read."""
+    bound = [getattr(op, "native_bound", lambda: None)() for op in ops]
+    if any(b is None for b in bound) or len({b.activations for b in bound}) != 1:
+        return None
+    return bound if bound[0].activations in INTEGER_WIDE else None
+
+
+def float_bits(value: float) -> int:
+    """An fp32 value's bits as an int64 argument slot (the native calls take their floats so)."""
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
 RMS_NORM_MAX_ROWS = 64  # rows rms_norm takes (decode and short prompts); torch's rms_norm threads longer ones
 
 
@@ -310,7 +328,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty_like(x)
     args = _args()
     args[:9] = (x.data_ptr(), cols, rows, cols, weight.data_ptr(), out.data_ptr(), cols,
-                struct.unpack("<I", struct.pack("<f", eps))[0], int(dt is torch.bfloat16))
+                float_bits(eps), int(dt is torch.bfloat16))
     _check_rc(fn.rms_norm(ctypes.addressof(args)), "rms_norm")
     return out
 
@@ -395,6 +413,6 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["ACTIVATIONS", "BITS", "GEMV_MAX_ROWS", "RMS_NORM_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available",
-           "bf16_linear", "int_linear", "integer_takes", "q8_available", "q8_force_instructions", "q8_instructions",
+           "bf16_linear", "bound_integer_ops", "float_bits", "int_linear", "INTEGER_WIDE", "integer_takes", "q8_available", "q8_force_instructions", "q8_instructions",
            "q8_takes", "q16_512", "q16_row_limit", "q16_takes", "q16_vector_bits", "rms_norm", "router_topk",
            "unavailable_reason", "widen_codes"]

@@ -10,12 +10,10 @@ decode_profile_peer.md).
 from __future__ import annotations
 
 import ctypes
-import struct
 
 import torch
 
-from . import _check_rc, _kernel
-from .expert_block import WIDE
+from . import INTEGER_WIDE, _check_rc, _kernel, bound_integer_ops, float_bits
 
 MAX_HEAD_DIM = 1024  # attention_decode.c's rotary scratch
 
@@ -29,7 +27,7 @@ class AttentionOps:
     def __init__(self, qkv, o, qkv_bias=None, o_bias=None):
         self.qkv, self.o = qkv, o  # BoundIntLinear: their argument arrays live as long as this
         self.qkv_bias, self.o_bias = qkv_bias, o_bias
-        self.wide = WIDE[qkv.activations]
+        self.wide = INTEGER_WIDE[qkv.activations]
         self.hidden = qkv.k
 
 
@@ -43,15 +41,11 @@ def attention_ops(qkv_op, o_op, heads: int, kv_heads: int, head_dim: int, qkv_bi
     """AttentionOps where both operators expose a native integer-kernel BoundIntLinear (`native_bound()`, as
     PackedLinear does) of one rounding, the shapes agree (qkv [(h + 2g) D, H], o [H, h D]) and the biases are
     fp32 vectors of the outputs' widths (or None); else None."""
-    bound = []
-    for op in (qkv_op, o_op):
-        get = getattr(op, "native_bound", None)
-        b = get() if get is not None else None
-        if b is None or b.activations not in WIDE:
-            return None
-        bound.append(b)
+    bound = bound_integer_ops(qkv_op, o_op)
+    if bound is None:
+        return None
     qkv, o = bound
-    if (qkv.activations != o.activations or qkv.n != (heads + 2 * kv_heads) * head_dim or o.k != heads * head_dim
+    if (qkv.n != (heads + 2 * kv_heads) * head_dim or o.k != heads * head_dim
             or o.n != qkv.k or head_dim % 8 or head_dim > MAX_HEAD_DIM or heads % kv_heads
             or not _fp32_vector(qkv_bias, qkv.n) or not _fp32_vector(o_bias, o.n)):
         return None
@@ -78,7 +72,7 @@ def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin:
     args = (ctypes.c_int64 * 19)(
         x.data_ptr(), ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,
-        struct.unpack("<I", struct.pack("<f", scaling))[0], torch.get_num_threads(), ops.wide,
+        float_bits(scaling), torch.get_num_threads(), ops.wide,
         0 if ops.qkv_bias is None else ops.qkv_bias.data_ptr(), 0 if ops.o_bias is None else ops.o_bias.data_ptr(),
         window or 0)
     _check_rc(_kernel().attention_decode(ctypes.addressof(args)), "attention_decode")

@@ -12,9 +12,8 @@ import ctypes
 
 import torch
 
-from . import BoundIntLinear, _check_rc, _kernel
+from . import INTEGER_WIDE, BoundIntLinear, _check_rc, _kernel, bound_integer_ops
 
-WIDE = {"int16": 1, "int8": 0}  # expert_block.c's `wide` flag by activation rounding
 MAX_EXPERTS = 64  # EB_MAX_EXPERTS
 
 
@@ -27,7 +26,7 @@ class BlockOps:
     def __init__(self, gate: BoundIntLinear, up: BoundIntLinear, down: BoundIntLinear):
         self.keep = (gate, up, down)  # the argument arrays (and the tensors they point at) live as long as this
         self.addresses = tuple(ctypes.addressof(op._args) for op in self.keep)
-        self.wide = WIDE[gate.activations]
+        self.wide = INTEGER_WIDE[gate.activations]
         self.hidden = down.n  # H: the width of x and of the output
 
 
@@ -35,16 +34,11 @@ def block_ops(gate, up, down) -> BlockOps | None:
     """BlockOps for three operators where they are native integer-kernel operators of one rounding with
     matching shapes (gate and up [I, H], down [H, I]); else None (the caller multiplies them one by one).
     Operators expose their BoundIntLinear as `native_bound()` (PackedLinear does)."""
-    bound = []
-    for op in (gate, up, down):
-        get = getattr(op, "native_bound", None)
-        b = get() if get is not None else None
-        if b is None:
-            return None
-        bound.append(b)
+    bound = bound_integer_ops(gate, up, down)
+    if bound is None:
+        return None
     g, u, d = bound
-    if (g.activations not in WIDE or u.activations != g.activations or d.activations != g.activations
-            or g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k):
+    if g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k:
         return None
     return BlockOps(g, u, d)
 
