@@ -61,14 +61,17 @@ int prism_attention_decode(const int64_t *a) {
     const int wide = (int)a[15];
     const float *qkv_bias = (const float *)(intptr_t)a[16], *o_bias = (const float *)(intptr_t)a[17];
     const int64_t window = a[18], first = window > 0 && n + 1 > window ? n + 1 - window : 0;
-    if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || window < 0 || (wide != 0 && wide != 1)) return -2;
+    if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || window < 0 ||
+        (wide != 0 && wide != 1))
+        return -2;
     const int64_t hidden = qkv_args[3], width = (h + 2 * g) * d, keys = n + 1;
     q8_problem pq, po;
-    /* scratch: the projection's output, the attention's output, scores per head, x rounded for each product */
+    /* scratch: the projection's output, the attention's output, scores per head (x's roundings: xs, below) */
     float *buf = malloc(sizeof(float) * (size_t)(width + h * d + h * keys));
     if (!buf) return -1;
     float *qkv = buf, *att = qkv + width, *scores = att + h * d;
-    if (q8_make_bound(qkv_args, hidden, width, qkv, wide, &pq) || q8_make_bound(o_args, h * d, hidden, out, wide, &po)) {
+    if (q8_make_bound(qkv_args, hidden, width, qkv, wide, &pq) ||
+        q8_make_bound(o_args, h * d, hidden, out, wide, &po)) {
         free(buf);
         return -2;
     }
@@ -77,8 +80,8 @@ int prism_attention_decode(const int64_t *a) {
         free(buf);
         return -1;
     }
-    const int64_t step_q = q8_chunk_rows(width), chunks_q = (width + step_q - 1) / step_q;
-    const int64_t step_o = q8_chunk_rows(hidden), chunks_o = (hidden + step_o - 1) / step_o;
+    int64_t first_q[2], step_q[1], first_o[2], step_o[1];
+    const int64_t chunks_q = q8_chunks(&pq, 1, first_q, step_q), chunks_o = q8_chunks(&po, 1, first_o, step_o);
     const int instructions = prism_q8_instructions();
     const int64_t group = h / g;
     if (threads < 1) threads = 1;
@@ -87,8 +90,7 @@ int prism_attention_decode(const int64_t *a) {
 #pragma omp single
         q8_prepare_x(&pq, x, hidden, wide, xs);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks_q; c++)
-            q8_product_rows(&pq, c * step_q, q8_min((c + 1) * step_q, width), wide, instructions);
+        for (int64_t c = 0; c < chunks_q; c++) q8_chunk_run(&pq, 1, first_q, step_q, c, wide, instructions);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < h + 2 * g; i++) { /* q heads roped in place; k heads roped into the cache; v copied */
             float *src = qkv + i * d;
@@ -127,8 +129,7 @@ int prism_attention_decode(const int64_t *a) {
 #pragma omp single
         q8_prepare_x(&po, att, h * d, wide, xs + q8_x_bytes(&pq, wide));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks_o; c++)
-            q8_product_rows(&po, c * step_o, q8_min((c + 1) * step_o, hidden), wide, instructions);
+        for (int64_t c = 0; c < chunks_o; c++) q8_chunk_run(&po, 1, first_o, step_o, c, wide, instructions);
         if (o_bias) {
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < hidden; j++) out[j] += o_bias[j];

@@ -27,21 +27,6 @@
 
 #define EB_MAX_EXPERTS 64
 
-/* The chunk c of a dynamic loop over products P[0..count-1]: its product index and first row. */
-static inline int eb_chunk(const int64_t *first, const int64_t *step, int count, int64_t c, int64_t *n0) {
-    int i = 0;
-    while (i + 1 < count && c >= first[i + 1]) i++;
-    *n0 = (c - first[i]) * step[i];
-    return i;
-}
-
-static int64_t eb_chunks(const q8_problem *P, int count, int64_t *first, int64_t *step) {
-    first[0] = 0;
-    for (int i = 0; i < count; i++)
-        step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
-    return first[count];
-}
-
 static int same_rounding(const q8_problem *a, const q8_problem *b) { return a->bits == b->bits && a->g == b->g; }
 
 int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const float *weights) {
@@ -79,7 +64,8 @@ int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const floa
     }
     int64_t first_gu[2 * EB_MAX_EXPERTS + 1], step_gu[2 * EB_MAX_EXPERTS], first_dn[EB_MAX_EXPERTS + 1],
         step_dn[EB_MAX_EXPERTS];
-    const int64_t chunks_gu = eb_chunks(gu, 2 * E, first_gu, step_gu), chunks_dn = eb_chunks(dn, E, first_dn, step_dn);
+    const int64_t chunks_gu = q8_chunks(gu, 2 * E, first_gu, step_gu);
+    const int64_t chunks_dn = q8_chunks(dn, E, first_dn, step_dn);
     const int instructions = prism_q8_instructions();
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -92,11 +78,7 @@ int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const floa
             if (same_rounding(&gu[2 * e], &gu[2 * e + 1]))
                 gu[2 * e + 1].xq = gu[2 * e].xq, gu[2 * e + 1].d = gu[2 * e].d, gu[2 * e + 1].sxq = gu[2 * e].sxq;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks_gu; c++) {
-            int64_t n0;
-            const int i = eb_chunk(first_gu, step_gu, 2 * E, c, &n0);
-            q8_product_rows(&gu[i], n0, q8_min(n0 + step_gu[i], gu[i].N), wide, instructions);
-        }
+        for (int64_t c = 0; c < chunks_gu; c++) q8_chunk_run(gu, 2 * E, first_gu, step_gu, c, wide, instructions);
 #pragma omp for schedule(static)
         for (int e = 0; e < E; e++) {
             float *gate = gu[2 * e].y;
@@ -105,11 +87,7 @@ int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const floa
             q8_prepare_x(&dn[e], gate, hidden[e], wide, hs[e]);
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks_dn; c++) {
-            int64_t n0;
-            const int i = eb_chunk(first_dn, step_dn, E, c, &n0);
-            q8_product_rows(&dn[i], n0, q8_min(n0 + step_dn[i], dn[i].N), wide, instructions);
-        }
+        for (int64_t c = 0; c < chunks_dn; c++) q8_chunk_run(dn, E, first_dn, step_dn, c, wide, instructions);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < H; r++) {
             float acc = 0.0f;

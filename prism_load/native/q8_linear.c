@@ -397,7 +397,7 @@ static void q8_rows(const q8_problem *P, int64_t n0, int64_t n1, int instruction
 }
 
 /* Rows per scheduling chunk: a multiple of 4 that depends on N only (about 32 chunks per call). */
-int64_t q8_chunk_rows(int64_t N) {
+static int64_t q8_chunk_rows(int64_t N) {
     int64_t rows = (N / 32 + 3) & ~(int64_t)3;
     return rows < 4 ? 4 : rows;
 }
@@ -423,22 +423,37 @@ int q8_make_bound(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8
                    (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], y, n, wide, P);
 }
 
+/* Bytes of x's rounded codes in q8_prepare_x's scratch (a multiple of 8: the steps after them are aligned). */
+static size_t q8_xq_bytes(const q8_problem *P, int wide) {
+    return ((size_t)(P->M * P->K) * (wide ? 2 : 1) + 7) & ~(size_t)7;
+}
+
 size_t q8_x_bytes(const q8_problem *P, int wide) {
-    const size_t xbytes = ((size_t)(P->M * P->K) * (wide ? 2 : 1) + 7) & ~(size_t)7;
-    return xbytes + sizeof(float) * (size_t)(P->M * P->G) + sizeof(int32_t) * (size_t)(P->M * P->G + P->K) + 8;
+    const size_t steps = sizeof(float) * (size_t)(P->M * P->G), sums = sizeof(int32_t) * (size_t)(P->M * P->G + P->K);
+    return q8_xq_bytes(P, wide) + steps + sums + 8;
 }
 
 void q8_prepare_x(q8_problem *P, const float *x, int64_t ldx, int wide, uint8_t *scratch) {
-    const size_t xbytes = ((size_t)(P->M * P->K) * (wide ? 2 : 1) + 7) & ~(size_t)7;
-    float *d = (float *)(scratch + xbytes);
+    float *d = (float *)(scratch + q8_xq_bytes(P, wide));
     int32_t *sxq = (int32_t *)(d + P->M * P->G);
     quantize_x(P, x, ldx, wide, scratch, d, sxq);
     P->xq = scratch, P->d = d, P->sxq = sxq;
 }
 
-void q8_product_rows(const q8_problem *P, int64_t n0, int64_t n1, int wide, int instructions) {
-    if (wide) q16_rows(P, n0, n1, instructions);
-    else q8_rows(P, n0, n1, instructions);
+int64_t q8_chunks(const q8_problem *P, int count, int64_t *first, int64_t *step) {
+    first[0] = 0;
+    for (int i = 0; i < count; i++)
+        step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
+    return first[count];
+}
+
+void q8_chunk_run(const q8_problem *P, int count, const int64_t *first, const int64_t *step, int64_t c, int wide,
+                  int instructions) {
+    int i = 0;
+    while (i + 1 < count && c >= first[i + 1]) i++;
+    const int64_t n0 = (c - first[i]) * step[i], n1 = q8_min(n0 + step[i], P[i].N);
+    if (wide) q16_rows(&P[i], n0, n1, instructions);
+    else q8_rows(&P[i], n0, n1, instructions);
 }
 
 /* `count` products of the same x (1, or 2 for an expert's gate and up, same bits and group size): x quantised
@@ -447,20 +462,16 @@ static int q8_run(q8_problem *P, int count, const float *x, int64_t ldx, int thr
     uint8_t *scratch = malloc(q8_x_bytes(P, wide));
     if (!scratch) return -1;
     q8_prepare_x(P, x, ldx, wide, scratch);
-    int64_t step[2], first[3] = {0}, bytes = 0;
+    int64_t step[2], first[3], bytes = 0;
+    const int64_t chunks = q8_chunks(P, count, first, step);
     for (int i = 0; i < count; i++) {
         P[i].xq = P->xq, P[i].d = P->d, P[i].sxq = P->sxq;
-        step[i] = q8_chunk_rows(P[i].N), first[i + 1] = first[i] + (P[i].N + step[i] - 1) / step[i];
         bytes += P[i].N * P[i].ldq;
     }
     if (threads < 1 || bytes < Q8_SERIAL_BYTES) threads = 1;
     const int instructions = prism_q8_instructions();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-    for (int64_t c = 0; c < first[count]; c++) {
-        const int i = c >= first[1];
-        const int64_t n0 = (c - first[i]) * step[i];
-        q8_product_rows(&P[i], n0, q8_min(n0 + step[i], P[i].N), wide, instructions);
-    }
+    for (int64_t c = 0; c < chunks; c++) q8_chunk_run(P, count, first, step, c, wide, instructions);
     free(scratch);
     return 0;
 }

@@ -34,10 +34,13 @@ Q8_HIDDEN int q8_make_bound(const int64_t *a, int64_t k, int64_t n, float *y, in
 Q8_HIDDEN size_t q8_x_bytes(const q8_problem *P, int wide);
 /* x rounded for P into `scratch` (q8_x_bytes of it, 8-byte aligned), and P's x fields pointed at it. */
 Q8_HIDDEN void q8_prepare_x(q8_problem *P, const float *x, int64_t ldx, int wide, uint8_t *scratch);
-/* Rows n0 .. n1-1 of P's output, with the integer dot product `instructions` (prism_q8_instructions()). */
-Q8_HIDDEN void q8_product_rows(const q8_problem *P, int64_t n0, int64_t n1, int wide, int instructions);
-/* Rows per scheduling chunk for N output rows (about 32 chunks per product). */
-Q8_HIDDEN int64_t q8_chunk_rows(int64_t N);
+/* The row chunks of products P[0..count-1] as one dynamic loop: step[i] rows a chunk of product i (about 32
+ * chunks a product), first[i] its first chunk, first[count] (returned) the loop's length. */
+Q8_HIDDEN int64_t q8_chunks(const q8_problem *P, int count, int64_t *first, int64_t *step);
+/* Chunk c of that loop: its rows of the product it falls in, with the integer dot product `instructions`
+ * (prism_q8_instructions()). */
+Q8_HIDDEN void q8_chunk_run(const q8_problem *P, int count, const int64_t *first, const int64_t *step, int64_t c,
+                            int wide, int instructions);
 
 int prism_q8_instructions(void);
 
