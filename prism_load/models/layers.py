@@ -47,15 +47,16 @@ class KVCache:
     def length(self) -> int:
         return max(self.lengths) if self.lengths else 0
 
-    def reserve(self, layer: int, like_k: torch.Tensor, like_v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's key/value buffers [B, g, capacity, D], grown (doubling) so that t more slots fit; like_k /
-        like_v give batch, heads, head dims, dtype and device of a new buffer."""
+    def reserve(self, layer: int, t: int, batch: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key/value buffers [B, g, capacity, D], grown (doubling) so that t more slots fit; the other
+        arguments shape a new buffer."""
         n = self.lengths[layer]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or n + t > buf_k.shape[2]:
             capacity = max(2 * (n + t), 64)
-            new_k = like_k.new_empty(*like_k.shape[:2], capacity, like_k.shape[3])
-            new_v = like_v.new_empty(*like_v.shape[:2], capacity, like_v.shape[3])
+            new_k = torch.empty(batch, heads, capacity, k_dim, dtype=dtype, device=device)
+            new_v = torch.empty(batch, heads, capacity, v_dim, dtype=dtype, device=device)
             if buf_k is not None:
                 new_k[:, :, :n] = buf_k[:, :, :n]
                 new_v[:, :, :n] = buf_v[:, :, :n]
@@ -65,7 +66,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v [B, g, T, D] for a layer; return all cached k/v [B, g, S, D]."""
         n, t = self.lengths[layer], k.shape[2]
-        buf_k, buf_v = self.reserve(layer, k, v, t)
+        buf_k, buf_v = self.reserve(layer, t, k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.dtype, k.device)
         buf_k[:, :, n : n + t] = k
         buf_v[:, :, n : n + t] = v
         self.lengths[layer] = n + t
@@ -224,8 +225,7 @@ class Attention(nn.Module):
         if not ops or x.dtype is not torch.float32 or ctx.cos.dim() != 2 or ctx.cos.shape[-1] != spec.head_dim:
             return None
         cache, layer = ctx.cache, self.layer_index
-        like = x.new_empty(1, spec.num_kv_heads, 0, spec.head_dim)
-        keys, values = cache.reserve(layer, like, like, 1)
+        keys, values = cache.reserve(layer, 1, 1, spec.num_kv_heads, spec.head_dim, spec.head_dim, x.dtype, x.device)
         if keys.dtype is not torch.float32 or not (keys.is_contiguous() and values.is_contiguous()):
             return None
         n = cache.lengths[layer]
