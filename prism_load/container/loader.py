@@ -149,19 +149,19 @@ class _ExpertArena:
     ALIGN = 64
 
     def __init__(self, c: Container, packer: ExpertPacker, layer: int, num_experts: int, device):
-        self.offsets: dict[int, int] = {}
+        self.ranges: dict[int, tuple[int, int]] = {}  # expert -> its slice (start, end)
         size = 0
         if torch.device(device).type == "cpu":
             for e in range(num_experts):
                 record = c.record(layer, e)
                 if packer.reads_stored_form(record.encodings):
-                    self.offsets[e] = size
+                    self.ranges[e] = (size, size + record.length)
                     size += -(-record.length // self.ALIGN) * self.ALIGN
         self.buffer = huge_buffer(size) if size else None
 
-    def slot(self, c: Container, layer: int, expert: int) -> torch.Tensor | None:
-        at = self.offsets.get(expert)
-        return None if at is None else self.buffer[at : at + c.record(layer, expert).length]
+    def slot(self, expert: int) -> torch.Tensor | None:
+        at = self.ranges.get(expert)
+        return None if at is None else self.buffer[at[0] : at[1]]
 
 
 def _packed_expert(c: Container, packer: ExpertPacker, layer: int, expert: int, device,
@@ -171,7 +171,7 @@ def _packed_expert(c: Container, packer: ExpertPacker, layer: int, expert: int, 
     copied into one buffer of their own (so no read buffer stays alive for a few views)."""
     record = c.record(layer, expert)
     packer.count(record.encodings)
-    into = arena.slot(c, layer, expert) if arena is not None else None
+    into = arena.slot(expert) if arena is not None else None
     weights = packer.expert(c.read_expert(layer, expert, verify_checksums, into=into), count=False)
     if not packer.reads_stored_form(record.encodings):
         weights = pack_into(torch.empty(packed_nbytes(weights), dtype=torch.uint8), weights)

@@ -110,12 +110,13 @@ def integer_takes(activations: str, m: int, k: int, bits: int, group_size: int) 
     """Whether the kernel of these activations ("int16", "int8") runs here and takes this shape (int16: any rows
     on the 512-bit tiles, up to Q16_UPTO_M on the 256-bit ones; more rows go to the exact kernel, which is
     faster there)."""
-    if activations == "int16" and q8_available():
+    if not q8_available():
+        return False
+    if activations == "int16":
         limit = q16_row_limit(k, bits, group_size)
         if limit is not None and m > limit:
             return False
-    takes = {"int16": q16_takes, "int8": q8_takes}[activations]
-    return q8_available() and takes(m, k, bits, group_size)
+    return {"int16": q16_takes, "int8": q8_takes}[activations](m, k, bits, group_size)
 
 
 def _entry(fn, activations: str, m: int, k: int, bits: int, group_size: int, pair: bool = False):
@@ -412,7 +413,8 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], n)
 
 
-__all__ = ["ACTIVATIONS", "BITS", "GEMV_MAX_ROWS", "RMS_NORM_MAX_ROWS", "BoundIntLinear", "NativeUnavailable", "available",
-           "bf16_linear", "bound_integer_ops", "float_bits", "int_linear", "INTEGER_WIDE", "integer_takes", "q8_available", "q8_force_instructions", "q8_instructions",
-           "q8_takes", "q16_512", "q16_row_limit", "q16_takes", "q16_vector_bits", "rms_norm", "router_topk",
-           "unavailable_reason", "widen_codes"]
+__all__ = ["ACTIVATIONS", "BITS", "GEMV_MAX_ROWS", "INTEGER_WIDE", "RMS_NORM_MAX_ROWS", "BoundIntLinear",
+           "NativeUnavailable", "available", "bf16_linear", "bound_integer_ops", "float_bits", "int_linear",
+           "integer_takes", "q8_available", "q8_force_instructions", "q8_instructions", "q8_takes", "q16_512",
+           "q16_row_limit", "q16_takes", "q16_vector_bits", "rms_norm", "router_topk", "unavailable_reason",
+           "widen_codes"]

@@ -103,6 +103,14 @@ def build(compiler: str) -> tuple[Path, float]:
     return path, time.perf_counter() - start
 
 
+def _bind(lib, name: str, pointers: int = 1):
+    """The library's entry point `name`, taking that many pointers (argument arrays) and returning an int code."""
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.c_void_p] * pointers
+    fn.restype = ctypes.c_int
+    return fn
+
+
 @functools.cache
 def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     """(the kernel's entry point, None, compile seconds) or (None, why not, 0). Tried once per process.
@@ -122,43 +130,21 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
         lib = ctypes.CDLL(str(path))  # CDLL, not PyDLL: the call releases the interpreter lock
     except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
         return None, str(e), 0.0
-    fn = lib.prism_int_linear_packed  # int64 args[13]: see int_linear.c
-    fn.argtypes = [ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    gemv = lib.prism_bf16_gemv_packed  # int64 args[12]
-    gemv.argtypes = [ctypes.c_void_p]
-    gemv.restype = ctypes.c_int
-    fn.gemv = gemv
-    q8 = lib.prism_q8_linear_packed  # int64 args[13], as prism_int_linear_packed's
-    q8.argtypes = [ctypes.c_void_p]
-    q8.restype = ctypes.c_int
-    fn.q8 = q8
+    fn = _bind(lib, "prism_int_linear_packed")  # int64 args[13]: see int_linear.c
+    fn.gemv = _bind(lib, "prism_bf16_gemv_packed")  # int64 args[12]
+    fn.q8 = _bind(lib, "prism_q8_linear_packed")  # int64 args[13], as prism_int_linear_packed's
+    fn.q16 = _bind(lib, "prism_q16_linear_packed")  # the same with int16 x
+    fn.pair = _bind(lib, "prism_int_linear_pair_packed", 2)  # two int64 args[13] each
+    fn.q8_pair = _bind(lib, "prism_q8_linear_pair_packed", 2)
+    fn.q16_pair = _bind(lib, "prism_q16_linear_pair_packed", 2)
     fn.q8_instructions = lambda: Q8_INSTRUCTIONS[lib.prism_q8_instructions()]
     fn.q8_force = lib.prism_q8_force
     fn.q16_zmm = lib.prism_q16_zmm  # 1 where the int16 path runs 512-bit tiles (AVX512-VNNI + AVX512BW)
-    fn.q16 = lib.prism_q16_linear_packed  # the same with int16 x
-    fn.q16.argtypes = [ctypes.c_void_p]
-    fn.q16.restype = ctypes.c_int
-    for name in ("prism_int_linear_pair_packed", "prism_q8_linear_pair_packed", "prism_q16_linear_pair_packed"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p]  # two int64 args[13] each
-        getattr(lib, name).restype = ctypes.c_int
-    lib.prism_widen_codes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    lib.prism_widen_codes.restype = ctypes.c_int
-    fn.widen = lib.prism_widen_codes
-    fn.pair = lib.prism_int_linear_pair_packed
-    fn.q8_pair = lib.prism_q8_linear_pair_packed
-    fn.q16_pair = lib.prism_q16_linear_pair_packed
-    fn.expert_block = lib.prism_expert_block  # int64 hdr[5], int64 *ops[3E], float weights[E]: expert_block.c
-    fn.expert_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    fn.expert_block.restype = ctypes.c_int
-    fn.rms_norm = lib.prism_rms_norm  # int64 args[9]: rms_norm.c
-    fn.rms_norm.argtypes = [ctypes.c_void_p]
-    fn.rms_norm.restype = ctypes.c_int
-    fn.attention_decode = lib.prism_attention_decode  # int64 args[16]: attention_decode.c
-    fn.attention_decode.argtypes = [ctypes.c_void_p]
-    fn.attention_decode.restype = ctypes.c_int
-    fn.router_topk = lib.prism_router_topk  # int64 args[9]: router_topk.c
-    fn.router_topk.argtypes = [ctypes.c_void_p]
-    fn.router_topk.restype = ctypes.c_int
+    fn.widen = _bind(lib, "prism_widen_codes")
+    fn.widen.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    fn.expert_block = _bind(lib, "prism_expert_block", 3)  # int64 hdr[5], int64 *ops[3E], float weights[E]
+    fn.rms_norm = _bind(lib, "prism_rms_norm")  # int64 args[9]: rms_norm.c
+    fn.attention_decode = _bind(lib, "prism_attention_decode")  # int64 args[19]: attention_decode.c
+    fn.router_topk = _bind(lib, "prism_router_topk")  # int64 args[9]: router_topk.c
     return fn, None, seconds
