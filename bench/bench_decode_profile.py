@@ -104,20 +104,18 @@ def main() -> None:
             rows.append({"op": e.key, "self_us_per_token": self_us / args.tokens, "calls_per_token": calls / args.tokens})
     rows.sort(key=lambda r: -r["self_us_per_token"])
     per_token_us = (wall - prefill_wall) / args.tokens * 1e6
-    native_us = sum(r["self_us_per_token"] for r in rows if r["op"] == NATIVE_RANGE)
-    dense_us = sum(r["self_us_per_token"] for r in rows if r["op"] == DENSE_RANGE)
-    block_us = sum(r["self_us_per_token"] for r in rows if r["op"] == BLOCK_RANGE)
-    attention_us = sum(r["self_us_per_token"] for r in rows if r["op"] == ATTENTION_RANGE)
+    ranges_us = {name: sum(r["self_us_per_token"] for r in rows if r["op"] == name) for name in RANGES}
     aten_us = sum(r["self_us_per_token"] for r in rows if r["op"] not in RANGES)
     events = sum(r["calls_per_token"] for r in rows)
     result = {
         "container": str(args.container), "threads": args.threads, "tokens": args.tokens,
         "dtype": str(next(model.parameters()).dtype), "decode_ms_per_token": plain * 1e3,
         "expert_kernel": args.expert_kernel,
-        "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": native_us / 1e3,
-        "dense_kernel_ms": dense_us / 1e3, "expert_block_ms": block_us / 1e3, "attention_ms": attention_us / 1e3,
-        "aten_ms": aten_us / 1e3,
-        "rest_ms": (per_token_us - native_us - dense_us - block_us - attention_us - aten_us) / 1e3, "events_per_token": events, "ops": rows[: args.top],
+        "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": ranges_us[NATIVE_RANGE] / 1e3,
+        "dense_kernel_ms": ranges_us[DENSE_RANGE] / 1e3, "expert_block_ms": ranges_us[BLOCK_RANGE] / 1e3,
+        "attention_ms": ranges_us[ATTENTION_RANGE] / 1e3, "aten_ms": aten_us / 1e3,
+        "rest_ms": (per_token_us - sum(ranges_us.values()) - aten_us) / 1e3, "events_per_token": events,
+        "ops": rows[: args.top],
     }
     path = write_report(args.name, result, markdown(result))
     print(markdown(result))
