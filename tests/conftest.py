@@ -51,3 +51,13 @@ def offline(monkeypatch):
 
         monkeypatch.setattr(huggingface_hub, name, spy)
     return calls
+
+
+@pytest.fixture(scope="session")
+def q8():
+    """Skip unless the native integer-activation kernels (int16 / int8 x: q8_linear.c and the fused decode calls
+    built on it) run here."""
+    from prism_load import native
+
+    if not native.q8_available():
+        pytest.skip(f"the integer kernels do not run here: {native.unavailable_reason()}")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from containers import TINY_CONFIG, random_model, rtn
 
-from prism_load import native, packed
 from prism_load.container.format import Encoding
 from prism_load.models import layers
 from prism_load.native import attention_decode as ad
@@ -19,12 +18,6 @@ QWEN = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=128, intermediate
             shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
             tie_word_embeddings=False, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
-
-
-@pytest.fixture(scope="module")
-def q8():
-    if not (packed.native_available() and native.q8_available()):
-        pytest.skip("the integer kernels do not run here")
 
 
 def packed_model(requested="native-int16", bits=8, config=CONFIG):

@@ -17,12 +17,6 @@ from tests.test_native_kernels import stored
 H, INTER = 256, 384
 
 
-@pytest.fixture(scope="module")
-def q8():
-    if not native.q8_available():
-        pytest.skip(f"the integer kernels do not run here: {native.unavailable_reason()}")
-
-
 def bound(n, k, bits, g, seed, act):
     t = stored(n, k, bits, g, seed=seed)
     return native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], bits, g, k, activations=act)

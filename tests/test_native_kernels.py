@@ -276,12 +276,6 @@ def test_fp32_x_against_a_bf16_weight_is_the_widened_product_block_by_block(monk
 LEVELS = {"int16": 32767, "int8": 127}
 
 
-@pytest.fixture(scope="module")
-def q8(kernel):
-    if not native.q8_available():
-        pytest.skip("the integer-activation kernels do not run here")
-
-
 def int_rounded(x: torch.Tensor, g: int, activations: str = "int8") -> torch.Tensor:
     """x with each group of g columns (the last one may be shorter) rounded to steps of max|x| / 127 (int8) or
     / 32767 (int16), ties to even, as the kernel does."""
