@@ -287,7 +287,9 @@ def swap_dense(model: torch.nn.Module, dense: dict, taken: set[str], requested: 
         old = getattr(parent, child)
         enc, tensors = dense[name]
         backend = choose_backend(enc, dtype, torch.device("cpu"), requested)
-        op = pack_int(enc, {k: v.contiguous() for k, v in tensors.items()}, backend)
+        # owned copies: the stored tensors are views of the dense shard's memory map, and one view kept alive
+        # keeps the whole mapping, every page of it read while loading, resident beside the decoded copies
+        op = pack_int(enc, {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}, backend)
         setattr(parent, child, PackedDense(op, old.bias))
 
 
