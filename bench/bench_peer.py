@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,7 +207,11 @@ def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, exp
            "--logits", str(logits), "--expert-kernel", expert_kernel]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise SystemExit(f"measuring {model} failed:\n{done.stderr[-3000:]}")
+        how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+               else f"exit status {done.returncode}")
+        hint = (" (an instruction this CPU lacks: rebuild llama-cpp-python with the CMAKE_ARGS its flags allow, "
+                "see the README)" if done.returncode == -signal.SIGILL else "")
+        raise SystemExit(f"measuring {model} failed, {how}{hint}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
