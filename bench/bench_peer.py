@@ -4,7 +4,9 @@ One random Mixtral-layout checkpoint per shape (bench/peer_checkpoint.py: hidden
 width 2816 x `width`, a Llama-style tokenizer trained here), converted by llama.cpp's own
 convert_hf_to_gguf.py (bf16) and quantised with llama_model_quantize to Q4_K_M and Q4_0, and by prism to
 uniform int4/g128 experts (bench/recipes/uniform_int4_g128.toml) and to its own allocation at 4.25 bits per
-expert weight (the family's recipe, recipes/mixtral.toml). Each model then runs in its own fresh process
+expert weight (the family's recipe, recipes/mixtral.toml), priced at what the runtime holds (`--price runtime`,
+the default) and, with --recipes own-stored, at the container's bytes (`--price stored`: its 3-, 5- and 6-bit
+tensors are then widened at load; both share one work folder, so the second only allocates and packs). Each model then runs in its own fresh process
 (bench/peer_measure.py): load, prefill 64 tokens, greedy decode, the same token ids for every runtime, the
 same thread count; peak RSS (VmHWM) per process. prism runs as `prism_load.load(path)` with its defaults.
 
@@ -155,13 +157,17 @@ def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conve
     return out
 
 
-def prism_convert(ckpt: Path, recipe: str | None, samples: int, work: Path, tmp: Path) -> None:
+def prism_convert(ckpt: Path, recipe: str | None, price: str, samples: int, work: Path, tmp: Path) -> None:
     import prism_convert as api  # this function's name shadows the package
 
-    api.convert(ckpt, out=tmp, bits=BITS, recipe=recipe, samples=samples, eval_samples=0, work=work)
+    api.convert(ckpt, out=tmp, bits=BITS, recipe=recipe, price=price, samples=samples, eval_samples=0, work=work)
 
 
-RECIPES = {"uniform": ("uniform int4/g128", str(UNIFORM_RECIPE)), "own": (f"own allocation, {BITS} bits", None)}
+RECIPES = {  # name: (label, recipe file or None for the family's, price, container tag)
+    "uniform": ("uniform int4/g128", str(UNIFORM_RECIPE), "runtime", "uniform_int4_g128"),
+    "own": (f"own allocation, {BITS} bits", None, "runtime", f"prism_{BITS}"),
+    "own-stored": (f"own allocation, {BITS} bits stored", None, "stored", f"prism_{BITS}_stored"),
+}
 
 
 def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bool,
@@ -170,12 +176,12 @@ def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bo
     family's recipe). Calibration as `prism convert`'s defaults (builtin:mix, 256-token samples); no held-out
     quality pass (eval_samples=0), so the time is the conversion's alone."""
     out = {}
-    for name, recipe in (RECIPES[r] for r in recipes):
-        tag = "uniform_int4_g128" if recipe else f"prism_{BITS}"
+    for name, recipe, price, tag in (RECIPES[r] for r in recipes):
         path = work / "prism" / f"{ckpt.name}-{tag}.prism"
-        what = f"prism convert --bits {BITS} --recipe {Path(recipe).name if recipe else 'mixtral (default)'}"
-        out[name] = conv.make(path, what, functools.partial(prism_convert, ckpt, recipe, samples,
-                                                            path.with_name(f".{path.name}.work")), skip)
+        what = (f"prism convert --bits {BITS} --price {price} "
+                f"--recipe {Path(recipe).name if recipe else 'mixtral (default)'}")
+        shared = work / "prism" / f".{ckpt.name}-{tag.removesuffix('_stored')}.prism.work"  # own-stored: own's
+        out[name] = conv.make(path, what, functools.partial(prism_convert, ckpt, recipe, price, samples, shared), skip)
     return out
 
 
@@ -422,7 +428,8 @@ def main() -> None:
                          "native-int16 where it takes a tensor, native the exact fp32 kernel, native-int8 "
                          "rounds activations to int8 per group as llama.cpp does)")
     ap.add_argument("--recipes", default="uniform,own", help="prism conversions to make and measure: uniform "
-                    "(int4/g128) and/or own (prism's allocation at 4.25 bits, about 5x longer to convert)")
+                    "(int4/g128), own (prism's allocation at 4.25 bits held by the runtime, about 5x longer to "
+                    "convert) and/or own-stored (the same at 4.25 bits stored)")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")

@@ -105,7 +105,7 @@ def main() -> None:
         run_profile(model, tokens, profile_dir, {"spec": "builtin:prose", "samples": args.samples, "seq_len": args.seq_len, "seed": 0})
     run_compress(model, profile_dir, recipe, work_dir)
     works = [WorkDir(work_dir)]
-    inputs = PlanInputs.read(works)
+    inputs = PlanInputs.read(works, price="stored")  # prism and RTN compared at the same container bytes
     flat = without_importance(inputs)
     evals = {d: calibration_tokens(model, f"builtin:{d}", args.eval_samples, args.seq_len, 1, split="heldout")
              for d in ("prose", "code")}
@@ -115,8 +115,8 @@ def main() -> None:
     for bpw, rtn_bits in POINTS.items():
         stored_bits[str(bpw)] = same_bytes = rtn_stored_bits(inputs, rtn_bits)  # prism gets exactly RTN's stored bytes
         variants = {
-            "prism": plan_state(works, make_plan(inputs, Budget(bits=same_bytes)), recipe),
-            "prism (no routing importance)": plan_state(works, make_plan(flat, Budget(bits=same_bytes)), recipe),
+            "prism": plan_state(works, make_plan(inputs, Budget(bits=same_bytes, price="stored")), recipe),
+            "prism (no routing importance)": plan_state(works, make_plan(flat, Budget(bits=same_bytes, price="stored")), recipe),
             f"uniform RTN int{rtn_bits}/g128": uniform_rtn_state(model, works, rtn_bits),
         }
         for name, state in variants.items():

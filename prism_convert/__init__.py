@@ -42,11 +42,11 @@ def _checkpoint(model: str | Path, revision: str | None = None, token: str | Non
     return resolve(str(model), revision=revision, token=token).folder
 
 
-def _budget(bits: float | None, size: str | int | None):
+def _budget(bits: float | None, size: str | int | None, price: str = "runtime"):
     from prism_convert.allocation.bit_plan import Budget
     from prism_convert.tools.fit import parse_bytes
 
-    return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None)
+    return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None, price=price)
 
 
 def profile(model: str | Path, *, out: str | Path, dataset: str = "builtin:mix", samples: int = 128,
@@ -62,40 +62,43 @@ def profile(model: str | Path, *, out: str | Path, dataset: str = "builtin:mix",
 
 def compress(model: str | Path, *, profile: str | Path, out: str | Path, bits: float | None = None,
              size: str | int | None = None, recipe: str | None = None, layers: str | None = None, workers: int = 1,
-             progress: Progress | None = None, revision: str | None = None, token: str | None = None) -> dict:
+             progress: Progress | None = None, revision: str | None = None, token: str | None = None,
+             price: str = "runtime") -> dict:
     """`prism compress`: measure candidate encodings of the layer range into the work folder `out` (resumable) and,
     once the model is complete there, allocate the budget (`bits` per routed-expert weight, or `size`: total
-    bytes, e.g. "12GB"). Returns {"plan" (the BitPlan, None while layers are missing), "layers", "num_layers",
+    bytes, e.g. "12GB"; `price`: "runtime" counts what prism_load's packed form holds in RAM, "stored" the
+    container's bytes; prism_convert/allocation/bit_plan.py). Returns {"plan" (the BitPlan, None while layers are missing), "layers", "num_layers",
     "work"}."""
     from prism_convert import pipeline
 
-    return pipeline.compress_model(_checkpoint(model, revision, token), Path(profile), _budget(bits, size), recipe,
+    return pipeline.compress_model(_checkpoint(model, revision, token), Path(profile), _budget(bits, size, price), recipe,
                                    Path(out), layers, workers, progress)
 
 
 def pack(work: str | Path | list[str | Path], *, out: str | Path, bits: float | None = None,
-         size: str | int | None = None, shard_size: str | int = "2GB") -> BitPlan:
+         size: str | int | None = None, shard_size: str | int = "2GB", price: str = "runtime") -> BitPlan:
     """`prism pack`: allocate over the finished work folder(s) (the budget they record, unless `bits`/`size` is
-    given) and write the .prism container `out`. Returns the bit plan (prism_convert.allocation.bit_plan.BitPlan,
+    given, priced by `price`) and write the .prism container `out`. Returns the bit plan (prism_convert.allocation.bit_plan.BitPlan,
     a typed record; its to_json() is plan.json's content, BitPlan.read(path) reads plan.json back)."""
     from prism_convert import pipeline
     from prism_convert.tools.fit import parse_bytes
 
     works = [Path(w) for w in ([work] if isinstance(work, (str, Path)) else work)]
-    budget = _budget(bits, size) if (bits is not None or size is not None) else None
+    budget = _budget(bits, size, price) if (bits is not None or size is not None) else None
     return pipeline.pack_work(works, Path(out), budget, parse_bytes(shard_size, "shard size"))
 
 
 def convert(model: str | Path, *, out: str | Path, bits: float | None = None, size: str | int | None = None,
             dataset: str = "builtin:mix", recipe: str | None = None, samples: int = 128, seq_len: int = 256,
             eval_samples: int = 16, work: str | Path | None = None, workers: int = 1, tokenizer: str | None = None,
-            progress: Progress | None = None, revision: str | None = None, token: str | None = None) -> dict:
-    """`prism convert`: profile -> compress -> pack, every input checked before any compute; intermediate work
+            progress: Progress | None = None, revision: str | None = None, token: str | None = None,
+            price: str = "runtime") -> dict:
+    """`prism convert`: profile -> compress -> pack (`price` as for compress), every input checked before any compute; intermediate work
     in `work` (default: hidden beside `out`; a rerun resumes). Returns {"plan" (a BitPlan), "quality" (held-out KL and
     perplexities, None with eval_samples=0), "out", "work"}."""
     from prism_convert import pipeline
 
-    return pipeline.convert(_checkpoint(model, revision, token), Path(out), _budget(bits, size), dataset, recipe,
+    return pipeline.convert(_checkpoint(model, revision, token), Path(out), _budget(bits, size, price), dataset, recipe,
                             samples, seq_len, work=Path(work) if work is not None else None,
                             eval_samples=eval_samples, workers=workers, progress=progress, tokenizer=tokenizer)
 

@@ -17,7 +17,7 @@ def plan_work(works: list[WorkDir], budget: Budget, out_folder: Path) -> BitPlan
     """Allocate over complete work, write plan.json and plan.png (where matplotlib is installed) into out_folder."""
     from prism_convert.allocation.bit_plan_plot import write_plan_plot
 
-    inputs = PlanInputs.read(works)
+    inputs = PlanInputs.read(works, price=budget.price)
     plan = make_plan(inputs, budget)
     plan.write(out_folder / "plan.json")
     curve = error_size_curve(inputs, CURVE_BITS)
@@ -93,6 +93,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
         experts=experts,
         recipe=recipe,
         budget={**budget.to_dict(), "bits_per_expert_weight": plan.bits_per_expert_weight,
+                "runtime_bits_per_expert_weight": 8 * plan.expert_runtime_bytes / plan.expert_weights,
                 "total_bytes": plan.total_bytes},
         quality=quality,
         shard_size_bytes=shard_size_bytes,

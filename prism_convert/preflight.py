@@ -79,7 +79,7 @@ def recipe(spec: str | None, model: Model) -> Recipe:
 
 @dataclass
 class BudgetFloor:
-    """What the smallest allocation this recipe allows stores, priced as bitplan prices it."""
+    """What the smallest allocation this recipe allows costs, priced as bit_plan prices it (stored or held)."""
 
     expert_weights: int
     expert_bytes: int  # every expert at its smallest candidate per tensor, each expert aligned
@@ -90,14 +90,17 @@ class BudgetFloor:
         return 8 * self.expert_bytes / self.expert_weights
 
 
-def budget_floor(model: Model, recipe: Recipe) -> BudgetFloor:
+def budget_floor(model: Model, recipe: Recipe, price: str = "runtime") -> BudgetFloor:
     """Priced on the family's meta-device model: each expert tensor's cheapest candidate is on its Pareto set
     (compress keeps it), so this is exactly the floor the allocation meets later. Unfit recipes fail here."""
     from prism_convert.compression.dense import TOP_CLASSES, dense_encoding, tensor_class
     from prism_load.container import ALIGNMENT_BYTES, aligned
+    from prism_load.container.format import Encoding
     from prism_load.hf_loader import empty_model
     from prism_load.models.moe import MoEBlock
+    from prism_load.packed import held_nbytes
 
+    cost = held_nbytes if price == "runtime" else Encoding.nbytes
     args = model.args
     meta = empty_model(model.family, args)
     shapes = meta.state_dict(keep_vars=True)
@@ -121,7 +124,7 @@ def budget_floor(model: Model, recipe: Recipe) -> BudgetFloor:
                 full = f"layers.{layer.index}.experts.{e}.{name}"
                 key = (shape, recipe.is_kept_exact(full))
                 if key not in cheapest:
-                    cheapest[key] = min(enc.nbytes() for enc in recipe.expert_candidates(shape, full))
+                    cheapest[key] = min(cost(enc) for enc in recipe.expert_candidates(shape, full))
                 total += cheapest[key]
             expert_bytes += aligned(total, ALIGNMENT_BYTES)
             weights += 3 * inter * hidden
@@ -130,7 +133,7 @@ def budget_floor(model: Model, recipe: Recipe) -> BudgetFloor:
 
 def check_budget(model: Model, recipe: Recipe, budget: Budget) -> BudgetFloor:
     try:
-        floor = budget_floor(model, recipe)
+        floor = budget_floor(model, recipe, budget.price)
     except RecipeError as e:
         raise RecipeError(f"{e}; choose another --recipe") from None
     if floor.expert_weights == 0:

@@ -35,6 +35,7 @@ instead of being decoded to bf16.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -63,6 +64,18 @@ def kernel_bits(bits: int) -> int:
     """The width the native kernel reads a `bits`-bit tensor at: 2, 4 and 8 as stored, 3 widened to nibbles,
     5 and 6 to bytes (native.WIDENINGS)."""
     return native.WIDENINGS.get(bits, bits)
+
+
+def held_nbytes(enc: Encoding) -> int:
+    """Bytes the packed CPU form (the native kernels' form) holds for one stored tensor: `int` codes at the width
+    the kernels read them (kernel_bits: 3 bits held as 4, 5 and 6 as 8; scales and zeros as stored), low-rank
+    factors and bases likewise, anything else as stored. What a conversion priced at "runtime" spends."""
+    def widened(e: Encoding) -> Encoding:
+        if e.kind not in ("int", "int+lowrank", "lowrank"):
+            return e
+        factor = e.factor_bits if e.factor_bits in (None, 16) else kernel_bits(e.factor_bits)
+        return replace(e, bits=None if e.bits is None else kernel_bits(e.bits), factor_bits=factor)
+    return widened(enc).nbytes()
 
 
 def int4pack_group(shape: tuple[int, int], group_size: int) -> int | None:

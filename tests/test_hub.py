@@ -264,7 +264,7 @@ base_model_relation: quantized
 
 | | |
 |---|---|
-| budget | 3 bits per routed-expert weight (average) |
+| budget | 3 bits per routed-expert weight (average, as stored) |
 | routed-expert bits per weight | {bpw:.3f} (scales, zeros and low-rank factors counted) |
 | size | {mb(total)}: dense shards {mb(dense)}, expert shards {mb(experts)} |
 | experts | 2 MoE layers x 4 experts, top-2; 2 in the hot tier |

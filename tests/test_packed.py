@@ -186,6 +186,26 @@ def test_store_nbytes_is_exact_for_every_encoding(tmp_path):
     assert torch.equal(greedy(model, ids, 6), greedy(resident, ids, 6))
 
 
+@pytest.mark.parametrize("enc", [
+    Encoding("int", (48, 96), bits=b, group_size=g) for b, g in ((2, 32), (3, 32), (4, 96), (5, 64), (6, 7), (8, 32))
+] + [
+    Encoding("int+lowrank", (48, 96), bits=3, group_size=16, rank=4, factor_bits=f) for f in (16, 6)
+] + [Encoding("lowrank", (48, 96), rank=4, factor_bits=5, group_size=8), Encoding("bf16", (48, 96))],
+    ids=lambda e: e.label() + (f"-f{e.factor_bits}" if e.factor_bits else ""))
+def test_held_nbytes_is_what_the_native_form_holds(enc):
+    """The runtime price of a candidate (bit_plan's --price runtime) is the bytes of the operator the native
+    kernels build from it, widened codes included."""
+    if not packed.native_available():
+        pytest.skip(packed.native_unavailable_reason())
+    from prism_load.runtime.stores import op_tensors
+
+    tensors = {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in enc.tensor_specs().items()}
+    op = packed.ExpertPacker(torch.bfloat16, "cpu", "native").linear(enc, tensors)
+    held = sum(t.numel() * t.element_size() for t in op_tensors(op))
+    assert packed.held_nbytes(enc) == held
+    assert (held > enc.nbytes()) == any(b in (3, 5, 6) for b in (enc.bits, enc.factor_bits))
+
+
 def test_a_tensor_without_a_kernel_warns_and_stays_packed(tmp_path, monkeypatch):
     """No native kernel here: int6 has no stock kernel either, so it is dequantised at each use, with a
     warning naming why; an int4/g32 container runs on torch's int4 kernel without one."""

@@ -1,10 +1,16 @@
 """The bits-and-rank plan: one allocation over every expert tensor of the model, from the work folder(s).
 
-Budget: `--bits B` = average bits per routed-expert weight as stored — scales, zeros, row padding,
-low-rank factors, expert biases and the padding that aligns each expert's byte range to 4 KiB all
-counted — or `--size S` = total bytes of all stored tensors (dense + aligned experts). The allocation
-unit is the expert: its options are the Pareto combinations of its tensors' candidates priced at their
-aligned size, so alignment padding is spent on precision where it can be.
+Budget: `--bits B` = average bits per routed-expert weight — scales, zeros, row padding, low-rank factors,
+expert biases and the padding that aligns each expert's byte range to 4 KiB all counted — or `--size S` =
+total bytes of all tensors (dense + aligned experts). The allocation unit is the expert: its options are the
+Pareto combinations of its tensors' candidates priced at their aligned size, so alignment padding is spent on
+precision where it can be.
+
+Price (`--price`): "runtime" (the default) counts each candidate at the bytes prism_load's packed CPU form holds
+(packed.held_nbytes: the kernels read 3-bit codes as 4-bit nibbles and 5- and 6-bit codes as bytes), so a
+budget sized to a machine's RAM holds once the container is loaded; under it a 3-, 5- or 6-bit candidate costs
+what the wider one does and is chosen only where nothing wider of that price is on offer. "stored" counts the
+container's bytes (disk and download size), where the wider codes at load are the runtime's business.
 """
 
 from __future__ import annotations
@@ -21,25 +27,33 @@ from prism_load.atomic import write_json
 from prism_load.container import ALIGNMENT_BYTES, aligned
 from prism_load.container.format import Encoding
 from prism_load.errors import BudgetError
+from prism_load.packed import held_nbytes
+
+PRICES = ("runtime", "stored")  # what a candidate costs the budget: bytes the packed runtime holds, or stored
 
 
 @dataclass(frozen=True)
 class Budget:
     bits: float | None = None
     size_bytes: int | None = None
+    price: str = "runtime"  # PRICES: the bytes a candidate costs
 
     def __post_init__(self):
         if (self.bits is None) == (self.size_bytes is None):
             raise BudgetError("give exactly one budget: --bits B or --size S")
         if self.bits is not None and not 0 < self.bits <= 32:
             raise BudgetError(f"--bits {self.bits} is out of range (0, 32]")
+        if self.price not in PRICES:
+            raise BudgetError(f"--price {self.price!r}: expected one of {', '.join(PRICES)}")
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits} if self.bits is not None else {"size_bytes": self.size_bytes}
+        size = {"bits": self.bits} if self.bits is not None else {"size_bytes": self.size_bytes}
+        return {**size, "price": self.price}
 
     @classmethod
     def from_dict(cls, data: dict) -> Budget:
-        return cls(bits=data.get("bits"), size_bytes=data.get("size_bytes"))
+        """A budget as to_dict wrote it; one recorded before budgets had a price was priced as stored."""
+        return cls(bits=data.get("bits"), size_bytes=data.get("size_bytes"), price=data.get("price", "stored"))
 
 
 class PlanError(WorkError):
@@ -158,7 +172,7 @@ class ExpertPlan:
 
 
 _TOTALS = {"expert_weights": "int", "alignment_bytes": "int", "budget_bytes": "int", "expert_bytes": "int",
-           "expert_tensor_bytes": "int", "alignment_padding_bytes": "int", "dense_bytes": "int", "total_bytes": "int",
+           "expert_runtime_bytes": "int", "expert_tensor_bytes": "int", "alignment_padding_bytes": "int", "dense_bytes": "int", "total_bytes": "int",
            "bits_per_expert_weight": "number", "expected_error": "number"}
 PLAN_KEYS = ("budget", *_TOTALS, "rare_experts", "experts", "job")  # plan.json's keys, in its order
 
@@ -172,8 +186,9 @@ class BitPlan:
     budget: Budget
     expert_weights: int  # weights of all routed-expert tensors
     alignment_bytes: int  # each expert's byte range is a multiple of this
-    budget_bytes: int  # what the allocator could spend on the experts
-    expert_bytes: int  # what it spent (aligned ranges)
+    budget_bytes: int  # what the allocator could spend on the experts, priced as budget.price says
+    expert_bytes: int  # the experts' stored size (aligned ranges)
+    expert_runtime_bytes: int  # what the packed runtime holds for them (packed.held_nbytes, aligned alike)
     expert_tensor_bytes: int  # of which the chosen candidates' tensors
     alignment_padding_bytes: int  # and of which padding (the rest is expert biases)
     dense_bytes: int
@@ -195,6 +210,12 @@ class BitPlan:
     def layer(self, layer: int) -> list[ExpertPlan]:
         return [x for x in self.experts if x.layer == layer]
 
+    @property
+    def priced_bits(self) -> float:
+        """Bits per expert weight as the budget counts them (budget.price): what --bits compares with."""
+        held = self.budget.price == "runtime"
+        return 8 * (self.expert_runtime_bytes if held else self.expert_bytes) / self.expert_weights
+
     @cached_property
     def _by_key(self) -> dict[tuple[int, int], ExpertPlan]:
         return {x.key: x for x in self.experts}
@@ -206,6 +227,7 @@ class BitPlan:
             "alignment_bytes": self.alignment_bytes,
             "budget_bytes": self.budget_bytes,
             "expert_bytes": self.expert_bytes,
+            "expert_runtime_bytes": self.expert_runtime_bytes,
             "expert_tensor_bytes": self.expert_tensor_bytes,
             "alignment_padding_bytes": self.alignment_padding_bytes,
             "dense_bytes": self.dense_bytes,
@@ -251,11 +273,12 @@ class BitPlan:
 
 
 def _budget_from_json(data: dict, file: str) -> Budget:
-    f = _Fields(data, file, "budget", ("bits", "size_bytes"))
+    f = _Fields(data, file, "budget", ("bits", "size_bytes", "price"))
     bits = f["bits", "number"] if "bits" in data else None
     size = f["size_bytes", "int"] if "size_bytes" in data else None
+    price = f["price", "str"] if "price" in data else "stored"
     try:
-        return Budget(bits=bits, size_bytes=size)
+        return Budget(bits=bits, size_bytes=size, price=price)
     except BudgetError as e:
         raise PlanError(f"{f.where()}: {e}") from None
 
@@ -290,14 +313,20 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(out)
 
 
-def expert_options(rec: dict, alignment: int) -> tuple[list[Option], list[tuple[int, ...]]]:
+def candidate_price(cand: dict, price: str) -> int:
+    """Bytes one candidate costs the budget: as stored, or as the packed runtime holds it."""
+    return cand["nbytes"] if price == "stored" else held_nbytes(Encoding.from_dict(cand["encoding"]))
+
+
+def expert_options(rec: dict, alignment: int, price: str = "runtime") -> tuple[list[Option], list[tuple[int, ...]]]:
     """One expert's choices as a whole: every Pareto-optimal combination of its tensors' candidates,
-    priced as stored — the sum of their bytes plus fixed biases, rounded up to the expert alignment
+    priced by `price` — the sum of their bytes plus fixed biases, rounded up to the expert alignment
     (each expert is one aligned byte range of the container). Errors are weighted by its importance."""
     front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
     for cands in rec["tensors"].values():
-        combos = [(b + c["nbytes"], e + rec["importance"] * c["error"], picks + (j,))
-                  for b, e, picks in front for j, c in enumerate(cands)]
+        costs = [candidate_price(c, price) for c in cands]
+        combos = [(b + cost, e + rec["importance"] * c["error"], picks + (j,))
+                  for b, e, picks in front for j, (c, cost) in enumerate(zip(cands, costs))]
         front = pareto_front(combos)
     fixed = sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
     priced = pareto_front([(aligned(b + fixed, alignment), e, picks) for b, e, picks in front])
@@ -316,9 +345,10 @@ class PlanInputs:
     expert_weights: int
     dense_bytes: int
     alignment: int
+    price: str = "runtime"  # what the tables' option bytes count (PRICES)
 
     @classmethod
-    def read(cls, works: list[WorkDir], alignment: int = ALIGNMENT_BYTES) -> PlanInputs:
+    def read(cls, works: list[WorkDir], alignment: int = ALIGNMENT_BYTES, price: str = "runtime") -> PlanInputs:
         job, owner = gather_layers(works)
         top_meta, _ = works[0].top()
         keys, tables, picks, records = [], [], [], {}
@@ -330,14 +360,16 @@ class PlanInputs:
             for rec in meta.get("experts", []):
                 records[(i, rec["expert"])] = rec
                 expert_weights += sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
-                options, combos = expert_options(rec, alignment)
+                options, combos = expert_options(rec, alignment, price)
                 keys.append((i, rec["expert"]))
                 tables.append(options)
                 picks.append(combos)
-        return cls(job, keys, tables, picks, records, expert_weights, dense_bytes, alignment)
+        return cls(job, keys, tables, picks, records, expert_weights, dense_bytes, alignment, price)
 
     def budget_bytes(self, budget: Budget) -> int:
-        """Bytes the allocator may spend on the experts' stored (aligned) byte ranges."""
+        """Bytes the allocator may spend on the experts' (aligned) byte ranges, priced as budget.price says.
+        --size leaves what the dense weights do not take (they are held as stored: the packed runtime keeps
+        a container's int8 dense layers packed)."""
         if budget.bits is not None:
             return math.floor(budget.bits * self.expert_weights / 8)
         spare = budget.size_bytes - self.dense_bytes
@@ -352,28 +384,34 @@ class PlanInputs:
 
 
 def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> BitPlan:
-    inputs = works if isinstance(works, PlanInputs) else PlanInputs.read(works)
+    inputs = works if isinstance(works, PlanInputs) else PlanInputs.read(works, price=budget.price)
+    if inputs.price != budget.price:
+        raise ValueError(f"the plan inputs are priced {inputs.price!r}, the budget {budget.price!r}")
     budget_bytes = inputs.budget_bytes(budget)
     try:
         choice = allocate(inputs.tables, budget_bytes)
     except BudgetError as e:
         raise BudgetError(f"{e}; the lowest this recipe allows is {inputs.lowest_bits():.3f} bits per expert weight") from None
     experts = []
-    spent = weighted = tensor_bytes = 0
+    spent = held = weighted = tensor_bytes = 0
     for (i, e), table, combos, k in zip(inputs.keys, inputs.tables, inputs.picks, choice):
         rec = inputs.records[(i, e)]
-        tensors = []
+        tensors, held_tensors = [], 0
         for name, j in zip(rec["tensors"], combos[k]):
             cand = rec["tensors"][name][j]
             enc = Encoding.from_dict(cand["encoding"])
             tensors.append(TensorPick(name, j, enc.label(), enc.bits_per_weight, enc.rank, cand["nbytes"], cand["error"]))
+            held_tensors += held_nbytes(enc)
         weights = sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
-        spent += table[k].nbytes
+        fixed = sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
+        stored = aligned(sum(t.nbytes for t in tensors) + fixed, inputs.alignment)
+        spent += stored
+        held += aligned(held_tensors + fixed, inputs.alignment)
         weighted += table[k].error
         tensor_bytes += sum(t.nbytes for t in tensors)
         experts.append(ExpertPlan(
             layer=i, expert=e, tokens=rec["tokens"], gate_mass=rec["gate_mass"], importance=rec["importance"],
-            rare=rec["rare"], stored_bytes=table[k].nbytes, bits_per_weight=8 * table[k].nbytes / weights,
+            rare=rec["rare"], stored_bytes=stored, bits_per_weight=8 * stored / weights,
             tensors=tuple(tensors),
         ))
     return BitPlan(
@@ -382,6 +420,7 @@ def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> BitPlan:
         alignment_bytes=inputs.alignment,
         budget_bytes=budget_bytes,
         expert_bytes=spent,
+        expert_runtime_bytes=held,
         expert_tensor_bytes=tensor_bytes,
         alignment_padding_bytes=spent - tensor_bytes - sum(
             Encoding.from_dict(b["encoding"]).nbytes() for r in inputs.records.values() for b in r.get("biases", {}).values()),
@@ -401,8 +440,8 @@ def error_size_curve(inputs: PlanInputs, bits_grid: list[float]) -> list[dict]:
     points = []
     for bits in bits_grid:
         try:
-            plan = make_plan(inputs, Budget(bits=bits))
+            plan = make_plan(inputs, Budget(bits=bits, price=inputs.price))
         except BudgetError:
             continue
-        points.append({"bits": plan.bits_per_expert_weight, "error": plan.expected_error})
+        points.append({"bits": plan.priced_bits, "error": plan.expected_error})
     return points

@@ -23,9 +23,9 @@ def write_plan_plot(plan: BitPlan, curve: list[dict], path: Path) -> Path | None
     layer_expert_heatmap(fig, ax1, grid, layers, "magma", "bits per weight (scales, zeros, low-rank factors included)")
     if curve:
         ax2.plot([p["bits"] for p in curve], [p["error"] for p in curve], marker="o")
-        ax2.axvline(plan.bits_per_expert_weight, color="gray", linestyle="--", label="this plan")
+        ax2.axvline(plan.priced_bits, color="gray", linestyle="--", label="this plan")
         ax2.set_yscale("log")
-        ax2.set_xlabel("bits per expert weight")
+        ax2.set_xlabel(f"bits per expert weight ({'held by the runtime' if plan.budget.price == 'runtime' else 'stored'})")
         ax2.set_ylabel("expected weighted output error")
         ax2.set_title("error vs size (optimal allocation)")
         ax2.legend()

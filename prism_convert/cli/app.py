@@ -40,6 +40,8 @@ def _root(
 
 TOKENIZER_HELP = ("For a checkpoint that ships no tokenizer.json: a tokenizer.json, a SentencePiece tokenizer.model, "
                   "a folder holding one, or a Hub repo id ORG/NAME.")
+PRICE_HELP = ("What --bits/--size count: runtime (bytes prism_load's packed form holds in RAM: 3-bit codes held "
+              "as 4, 5- and 6-bit as 8) or stored (the container's bytes on disk).")
 DATASET_HELP = ("Calibration source: builtin:prose|code|mix, a .txt/.jsonl/.json/.parquet file, or hf:NAME. "
                 "Held out for evaluation: 10% of its documents by a hash of their text, or, for a source with "
                 "fewer than 200 documents (a text file is cut at blank lines, else at lines), the last 10% of "
@@ -110,6 +112,7 @@ def compress(
     profile_dir: Path = typer.Option(..., "--profile", "-p", help="Folder written by prism profile."),
     bits: float | None = typer.Option(None, "--bits", help="Average bits per routed-expert weight (e.g. 3.25)."),
     size: str | None = typer.Option(None, "--size", help="Total bytes of all stored tensors (e.g. 12GB)."),
+    price: str = typer.Option("runtime", "--price", help=PRICE_HELP),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe file or built-in name (default: the family's)."),
     layers: str | None = typer.Option(None, "--layers", help="Layer range a:b for this machine (pack merges ranges)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Layers encoded in parallel."),
@@ -119,7 +122,7 @@ def compress(
     import prism_convert
 
     with _progress() as progress:
-        result = prism_convert.compress(model, profile=profile_dir, out=out, bits=bits, size=size, recipe=recipe,
+        result = prism_convert.compress(model, profile=profile_dir, out=out, bits=bits, size=size, price=price, recipe=recipe,
                                         layers=layers, workers=workers, progress=progress)
     if result["plan"] is not None:
         _print_plan(result["plan"], out)
@@ -128,11 +131,11 @@ def compress(
                       f"{out}; compress the other ranges, then `prism pack` all work folders together.")
 
 
-def _budget(bits, size):
+def _budget(bits, size, price="runtime"):
     from prism_convert.allocation.bit_plan import Budget
     from prism_convert.tools.fit import parse_bytes
 
-    return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None)
+    return Budget(bits=bits, size_bytes=parse_bytes(size) if size is not None else None, price=price)
 
 
 def _print_plan(plan, folder: Path) -> None:
@@ -153,12 +156,13 @@ def pack(
     out: Path = typer.Option(..., "-o", "--out", help="Container folder to write (e.g. model.prism)."),
     bits: float | None = typer.Option(None, "--bits", help="Override the budget recorded in the work folder."),
     size: str | None = typer.Option(None, "--size", help="Override the budget recorded in the work folder."),
+    price: str = typer.Option("runtime", "--price", help=PRICE_HELP),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum bytes per expert shard."),
 ) -> None:
     """Write a sharded .prism container with tier metadata from finished compress work."""
     import prism_convert
 
-    plan = prism_convert.pack(work_dirs, out=out, bits=bits, size=size, shard_size=shard_size)
+    plan = prism_convert.pack(work_dirs, out=out, bits=bits, size=size, shard_size=shard_size, price=price)
     _print_plan(plan, work_dirs[0])
     console.print(f"wrote {out}: {plan.total_bytes / 2**20:,.1f} MiB of tensors, "
                   f"{plan.bits_per_expert_weight:.3f} bits per expert weight")
@@ -179,6 +183,7 @@ def convert(
     out: Path = typer.Option(..., "-o", "--out", help="Container folder to write (e.g. model.prism)."),
     bits: float | None = typer.Option(None, "--bits", help="Average bits per routed-expert weight (e.g. 3.25)."),
     size: str | None = typer.Option(None, "--size", help="Total bytes of all stored tensors (e.g. 12GB)."),
+    price: str = typer.Option("runtime", "--price", help=PRICE_HELP),
     dataset: str = typer.Option("builtin:mix", "--dataset", "-d", help=DATASET_HELP),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe file or built-in name."),
     samples: int = typer.Option(128, "--samples", min=1),
@@ -193,10 +198,10 @@ def convert(
     import prism_convert
     from prism_convert.preflight import check_output
 
-    _budget(bits, size)  # a bad budget fails before a reference model is trained
+    _budget(bits, size, price)  # a bad budget fails before a reference model is trained
     check_output(out, "a .prism container", "manifest.json")  # before a reference model is trained
     with _progress() as progress:
-        result = prism_convert.convert(_model_path(model, progress), out=out, bits=bits, size=size, dataset=dataset,
+        result = prism_convert.convert(_model_path(model, progress), out=out, bits=bits, size=size, price=price, dataset=dataset,
                                        recipe=recipe, samples=samples, seq_len=seq_len, work=work,
                                        eval_samples=eval_samples, workers=workers, tokenizer=tokenizer,
                                        progress=progress)

@@ -86,9 +86,10 @@ def shift_table(shift: dict) -> Table:
 
 # -- the bit plan (compress, pack, convert) ------------------------------------------------------------
 def plan_table(plan: BitPlan) -> Table:
-    title = (f"allocation: {plan.bits_per_expert_weight:.3f} bits per expert weight, "
-             f"{plan.total_bytes / 2**20:,.1f} MiB total ({plan.expert_bytes / 2**20:,.1f} MiB experts, "
-             f"{plan.dense_bytes / 2**20:,.1f} MiB dense)")
+    held = 8 * plan.expert_runtime_bytes / plan.expert_weights
+    title = (f"allocation: {plan.bits_per_expert_weight:.3f} bits per expert weight stored, {held:.3f} held by the "
+             f"packed runtime (priced {plan.budget.price}); {plan.total_bytes / 2**20:,.1f} MiB total "
+             f"({plan.expert_bytes / 2**20:,.1f} MiB experts, {plan.dense_bytes / 2**20:,.1f} MiB dense)")
     table = Table(title=title)
     for col in ("layer", "mean bits", "min–max", "hot 25%", "rest", "low-rank"):
         table.add_column(col, justify="right", no_wrap=True)  # numbers stay whole; the encodings column wraps

@@ -93,14 +93,16 @@ def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def _budget_line(budget: dict) -> str:
     parts = []
+    counted = {"runtime": "as prism_load holds them", "stored": "as stored"}.get(budget.get("price"), "as stored")
     if budget.get("bits") is not None:
-        parts.append(f"{budget['bits']:g} bits per routed-expert weight (average)")
+        parts.append(f"{budget['bits']:g} bits per routed-expert weight (average, {counted})")
     if budget.get("size_bytes") is not None:
-        parts.append(f"{gigabytes(budget['size_bytes'])} of stored tensors")
+        parts.append(f"{gigabytes(budget['size_bytes'])} of tensors ({counted})")
     rest = [
         (k, v)
         for k, v in budget.items()
-        if k not in ("bits", "size_bytes", "bits_per_expert_weight", "total_bytes")
+        if k not in ("bits", "size_bytes", "price", "bits_per_expert_weight", "runtime_bits_per_expert_weight",
+                     "total_bytes")
     ]
     parts += [f"{k} {_value(v)}" for k, v in rest]
     return "; ".join(parts) or "not recorded"
