@@ -66,7 +66,9 @@ SUMMED = ("uses", "hits", "misses", "stall_seconds", "loads", "bytes_fetched", "
 LAYER_SUMMED = ("uses", "hits", "misses", "stall_seconds", "predicted", "actual", "correct")
 
 
-CONVERT_VERSION = 4  # in the cached container's name: bumped when conversion writes something new (4: predictors)
+# in the cached container's name: bumped when conversion writes something new (4: predictors; 5: budgets
+# priced at the bytes the runtime holds)
+CONVERT_VERSION = 5
 
 
 # -- the container -----------------------------------------------------------------------------------------

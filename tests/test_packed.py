@@ -5,8 +5,8 @@ slabs, the fallback warning, and whole-model agreement with the decoded fp32 ref
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +171,31 @@ def test_cache_budget_counts_packed_bytes_and_reads_into_slabs(int4_container):
     assert s["loads"] == len(fetched.calls) > 0 and s["bytes_fetched"] == fetched.bytes()
     assert s["residency"]["reserved_bytes"] <= model.runtime.cache.budget_bytes
     model.runtime.cache.check()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "native", "dequant"])
+def test_read_into_views_the_same_tensors_as_a_decode(tmp_path, kernel):
+    """read_into builds an expert's operators once (on meta) and then only views each miss's buffer; what it
+    returns must be what decoding the same bytes builds: same operators, backends, dtypes, shapes, strides
+    and bytes, and views of the buffer itself. Experts it cannot serve so (widened codes) decode as before."""
+    mix = [dict(kind="int", bits=b, group_size=g) for b, g in ((4, 32), (2, 16), (8, 32), (3, 32))]
+    path = write_tiny(tmp_path / "m.prism", model=random_model(KERNEL_CONFIG), config=KERNEL_CONFIG, mix=mix)
+    store = load_cached(path, "50%", prefetch=False, expert_kernel=kernel).runtime.cache.store
+    served = 0
+    for r in expert_records(path):
+        if not store.reads_into(r.layer, r.expert):
+            continue
+        for _ in range(2):  # the plan is made on the first read and reused on the second
+            buf = torch.empty(r.length, dtype=torch.uint8)
+            got = store.read_into(r.layer, r.expert, lambda n, buf=buf: buf)
+            want = store.decode(r.layer, r.expert, buf.clone())
+            for a, b in zip(weights_tensors(got), weights_tensors(want), strict=True):
+                assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride())
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                assert a.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            assert [op.backend for op in got.gate_up.ops + [got.down]] == [op.backend for op in want.gate_up.ops + [want.down]]
+        served += 1
+    assert served > 0
 
 
 def test_store_nbytes_is_exact_for_every_encoding(tmp_path):

@@ -18,7 +18,7 @@ from ..container.format import Encoding, aligned
 from ..container.reader import codes_layout, decode_expert
 from ..models.moe import ExpertWeights
 from ..packed import ExpertPacker
-from .stores import TENSOR_ALIGNMENT, StoreBase, pack_into, packed_nbytes
+from .stores import TENSOR_ALIGNMENT, StoreBase, map_weights, pack_into, packed_nbytes, weights_tensors
 
 
 def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
@@ -69,6 +69,7 @@ class ContainerStore(StoreBase):
                 self.packer.count(r.encodings)
         self._nbytes = {(r.layer, r.expert): sizes[tuple(sorted(r.encodings.items()))] for r in container.records}
         self._direct = {(r.layer, r.expert): direct[tuple(sorted(r.encodings.items()))] for r in container.records}
+        self._view_plans: dict = {}  # (layer, expert) -> read_into's operators on meta and their byte ranges
         plain = dtype == torch.float32 and form == "decoded"
         self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if plain else None
                            for key, layout in self._layouts.items()}
@@ -114,7 +115,35 @@ class ContainerStore(StoreBase):
         record = self.container.record(layer, expert)
         buf = take_buffer(record.length)
         self.container.read_expert_bytes(record, self.verify_checksums, into=buf.numpy())
-        return self.decode(layer, expert, buf)
+        plan = self._view_plan(layer, expert)
+        if plan is None:
+            return self.decode(layer, expert, buf)
+        template, ranges, dtypes = plan
+        typed = {dtype: buf if dtype == torch.uint8 else buf.view(dtype) for dtype in dtypes}  # one view per dtype
+        views = iter([typed[dtype].as_strided(shape, stride, offset) for dtype, shape, stride, offset in ranges])
+        return map_weights(template, lambda _: next(views))
+
+    def _view_plan(self, layer, expert):
+        """(the expert's operators built once on the meta device; the dtype, shape, stride and element offset of
+        each of their tensors in the stored bytes, in weights_tensors order; the dtypes), or None where an
+        operator holds anything but a view of the stored bytes, or a tensor sits off its dtype's alignment.
+        A miss then only views its buffer, one as_strided per tensor: no encoding walk and no kernel choice
+        per miss (about half of a small expert's load time went to those)."""
+        key = (layer, expert)
+        if key not in self._view_plans:
+            record = self.container.record(layer, expert)
+            encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
+            where = {}
+            for tensor, suffix, start, _end, dtype, shape in self._views[key]:
+                t = torch.empty(shape, dtype=dtype, device="meta")
+                encoded[tensor][1][suffix] = t  # held here, so no id() below is reused
+                if start % dtype.itemsize == 0:
+                    where[id(t)] = (dtype, t.shape, t.stride(), start // dtype.itemsize)
+            template = self.packer.expert(encoded, count=False)
+            ranges = [where.get(id(t)) for t in weights_tensors(template)]
+            usable = None not in ranges and record.length % 8 == 0
+            self._view_plans[key] = (template, ranges, {r[0] for r in ranges}) if usable else None
+        return self._view_plans[key]
 
     def decode_into(self, layer, expert, raw: torch.Tensor, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
         """Decoded weights in take_buffer(packed bytes) (a fast-tier slab), laid out as pack_into lays them.
