@@ -154,7 +154,7 @@ INLINE void NAME(const q8_problem *P, int64_t n0, int64_t m0, const int NR, cons
             for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {                                \
                 UNROLL for (int r = 0; r < NR; r++) {                                                                     \
                     const uint8_t *at = row[r] + lanes * b;                                                               \
-                    if (!WIDE || !(b & 3)) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T0);                         \
+                    if (!WIDE || !(b & 3)) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T1);                         \
                     __m256i w = WIDE ? _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)at))                        \
                                      : _mm256_loadu_si256((const __m256i *)at);                                           \
                     UNROLL for (int p = 0; p < per; p++) {                                                                \
@@ -280,7 +280,7 @@ INLINE void q16z_tile(const q8_problem *P, int64_t n0, int64_t m0, const int NR,
             for (int64_t b = gi * bpg, b1 = q8_min((gi + 1) * bpg, blocks); b < b1; b++) {
                 UNROLL for (int r = 0; r < NR; r++) {
                     const uint8_t *at = row[r] + 32 * b;
-                    if (!(b & 1)) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T0);
+                    if (!(b & 1)) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T1);
                     const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)at));
                     UNROLL for (int p = 0; p < per; p++) {
                         const __m512i u = p == per - 1 ? _mm512_srli_epi16(w, bits * p)
