@@ -30,7 +30,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 16")
 #define Q8_MAX_M 4
-#define Q8_AHEAD_TILES 2 /* the rows two tiles on are prefetched (as in int_linear.c: rows are contiguous) */
+#define Q8_AHEAD_TILES 2 /* the rows two tiles on are prefetched into L2 (as in int_linear.c: rows are contiguous) */
 #define Q8_GROUP_CHUNK 64 /* groups whose scale terms are prepared at once */
 #define Q8_SERIAL_BYTES 65536 /* below this many weight bytes one thread beats waking a second */
 
