@@ -27,7 +27,7 @@
 /* Decode reads four rows at once, 8 bytes of each per step: four short streams the hardware prefetcher does
  * not ramp up on, so weights coming from DRAM (an expert just fetched) arrived at 3.4 GB/s. Prefetching the
  * same bytes two tiles ahead (the rows are contiguous) brings cold calls within ~15% of warm ones. Into L2
- * (prefetcht1), not L1: on a Zen 4 the bf16 LM head of bench_decode_profile took 0.31-0.33 ms a token so
+ * (prefetcht1), not L1: on a Zen 4 the bf16 LM head of bench_decode_profile took 0.31-0.33 ms a token
  * against 0.43-0.53 with prefetcht0, alternating runs; q8_linear.c's tiles gained more the same way. */
 #define AHEAD_TILES 2
 #define PREFETCH_ROW(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
