@@ -192,7 +192,6 @@ class MoEBlock(nn.Module):
 
     def routed(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """Sum of weight x expert(x) over each token's chosen experts; one matmul pair per used expert."""
-        out = torch.zeros_like(flat)
         indices = route.indices
         if indices.shape[0] == 1:  # decode: no sort needed, just the K chosen experts
             ids = indices[0].tolist()
@@ -201,6 +200,7 @@ class MoEBlock(nn.Module):
                 blocks = [weights[e].block() for e in ids]
                 if all(blocks) and len({b.wide for b in blocks}) == 1:
                     return expert_block(flat, blocks, route.weights).to(flat.dtype)
+            out = torch.zeros_like(flat)
             for k, e in enumerate(ids):
                 y, h = expert_forward(flat, weights[e], self.activation)
                 w = route.weights[:, k : k + 1]
@@ -210,6 +210,7 @@ class MoEBlock(nn.Module):
             return out
         used = torch.unique(indices).tolist()
         weights = self.experts.acquire(self.layer_index, used)
+        out = torch.zeros_like(flat)
         for e in used:
             token_idx, slot = torch.where(indices == e)
             xe = flat[token_idx]
