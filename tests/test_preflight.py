@@ -83,6 +83,7 @@ CASES = {
                              r"per expert weight .* under recipe 'mixtral'; raise --bits, or give a --recipe"),
     "size below the dense weights": (["--bits", None, "--size", "1KB"], r"--size 1,000 bytes does not even hold the "
                                      r"dense weights \([\d,]+ bytes\) under recipe 'mixtral'; raise --size"),
+    "unknown price": (["--price", "disk"], r"--price 'disk': expected one of runtime, stored"),
     "unknown recipe": (["--recipe", "nosuch"], r"--recipe: recipe 'nosuch' is neither a file nor a built-in recipe"),
     "output holds other files": (["-o", "{root}/mine"], r"-o .*mine: exists and is not a .prism container \(writing "
                                  r"there would delete what it holds\); choose a new or empty folder"),
