@@ -76,16 +76,16 @@ def compress(model: str | Path, *, profile: str | Path, out: str | Path, bits: f
 
 
 def pack(work: str | Path | list[str | Path], *, out: str | Path, bits: float | None = None,
-         size: str | int | None = None, shard_size: str | int = "2GB", price: str = "runtime") -> BitPlan:
+         size: str | int | None = None, shard_size: str | int = "2GB", price: str | None = None) -> BitPlan:
     """`prism pack`: allocate over the finished work folder(s) (the budget they record, unless `bits`/`size` is
-    given, priced by `price`) and write the .prism container `out`. Returns the bit plan (prism_convert.allocation.bit_plan.BitPlan,
+    given; `price`, where given, replaces the recorded price, else "runtime" for a new budget) and write the .prism container `out`. Returns the bit plan (prism_convert.allocation.bit_plan.BitPlan,
     a typed record; its to_json() is plan.json's content, BitPlan.read(path) reads plan.json back)."""
     from prism_convert import pipeline
     from prism_convert.tools.fit import parse_bytes
 
     works = [Path(w) for w in ([work] if isinstance(work, (str, Path)) else work)]
-    budget = _budget(bits, size, price) if (bits is not None or size is not None) else None
-    return pipeline.pack_work(works, Path(out), budget, parse_bytes(shard_size, "shard size"))
+    budget = _budget(bits, size, price or "runtime") if (bits is not None or size is not None) else None
+    return pipeline.pack_work(works, Path(out), budget, parse_bytes(shard_size, "shard size"), price=price)
 
 
 def convert(model: str | Path, *, out: str | Path, bits: float | None = None, size: str | int | None = None,

@@ -57,8 +57,9 @@ def source_of(model: Path) -> dict:
 
 
 def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_size_bytes: int,
-              quality: dict | None = None) -> BitPlan:
-    """Allocate over the merged work folders (budget from the work unless given), then write the container."""
+              quality: dict | None = None, price: str | None = None) -> BitPlan:
+    """Allocate over the merged work folders (budget from the work unless given; `price` replaces the recorded
+    budget's price), then write the container."""
     from prism_convert.packing.container_writer import ExpertInput, write_container
     from prism_convert.packing.materialize import dense_tensors, planned_experts, predictors
     from prism_convert.preflight import check_output
@@ -74,6 +75,8 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
 
             raise BudgetError("the work folders record no common budget; give --bits or --size")
         budget = Budget.from_dict(jobs[0].budget)
+        if price is not None:
+            budget = Budget(bits=budget.bits, size_bytes=budget.size_bytes, price=price)
     plan = plan_work(works, budget, works[0].folder)
     recipe = jobs[0].recipe
     experts = [

@@ -70,3 +70,26 @@ def test_pack_merges_layer_ranges(packed, tmp_path):
     merged, whole = prism_load.load(tmp_path / "merged.prism"), prism_load.load(root / "m.prism")
     with torch.no_grad():
         assert torch.equal(merged(tokens), whole(tokens))
+
+
+def test_pack_takes_the_recorded_budget_and_its_price_unless_told(packed, tmp_path):
+    """A budget recorded before budgets had a price is priced as stored; --price replaces the recorded price
+    and keeps its size; the manifest says which price the plan was made at."""
+    import shutil
+
+    from prism_convert.compression.workdir import WorkDir
+
+    _, _, _, root, _ = packed
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    w = WorkDir(work)
+    w.write_job(w.job().with_budget({"bits": 12.0}))  # tiny experts: 4 KiB alignment alone is 6-11 bits
+    stored = pack_work([work], tmp_path / "a.prism", None, shard_size_bytes=1 << 16)
+    runtime = pack_work([work], tmp_path / "b.prism", None, shard_size_bytes=1 << 16, price="runtime")
+    assert stored.budget == Budget(bits=12.0, price="stored") and stored.bits_per_expert_weight <= 12.0
+    assert runtime.budget == Budget(bits=12.0, price="runtime") and runtime.priced_bits <= 12.0
+    assert 8 * runtime.expert_runtime_bytes / runtime.expert_weights <= 12.0
+    for name, plan in (("a.prism", stored), ("b.prism", runtime)):
+        budget = json.loads((tmp_path / name / "manifest.json").read_text())["budget"]
+        assert budget["price"] == plan.budget.price
+        assert budget["runtime_bits_per_expert_weight"] == pytest.approx(8 * plan.expert_runtime_bytes / plan.expert_weights)

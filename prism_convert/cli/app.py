@@ -156,7 +156,8 @@ def pack(
     out: Path = typer.Option(..., "-o", "--out", help="Container folder to write (e.g. model.prism)."),
     bits: float | None = typer.Option(None, "--bits", help="Override the budget recorded in the work folder."),
     size: str | None = typer.Option(None, "--size", help="Override the budget recorded in the work folder."),
-    price: str = typer.Option("runtime", "--price", help=PRICE_HELP),
+    price: str | None = typer.Option(None, "--price", help=PRICE_HELP + " Default: the work folder's, or runtime "
+                                     "with --bits/--size."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum bytes per expert shard."),
 ) -> None:
     """Write a sharded .prism container with tier metadata from finished compress work."""
