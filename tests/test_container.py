@@ -24,7 +24,7 @@ from tiny import CASES
 
 import prism_load
 from prism_convert.packing.container_writer import ExpertInput, write_container
-from prism_load.container import ALIGNMENT_BYTES, Container, expert_layout
+from prism_load.container import ALIGNMENT_BYTES, TIERS, Container, expert_layout
 from prism_load.container.format import Encoding
 from prism_load.container.loader import ResidentExperts
 from prism_load.container.reader import metadata_overhead, overhead_bits_per_expert_weight
@@ -417,6 +417,12 @@ def test_cli_verify_and_inspect(tiny, damaged):
     assert ok.exit_code == 0 and "intact" in ok.output
     summary = json.loads(runner.invoke(app, ["inspect", str(tiny[1]), "--json"]).output)
     assert summary["tiers"]["hot"]["experts"] == 2 and summary["tiers"]["cold"]["experts"] == 6
+    from prism_load.packed import held_nbytes
+
+    with Container(tiny[1]) as c:  # what the packed runtime holds: each tensor's packed form, widened codes counted
+        held = {t: sum(held_nbytes(e) for r in c.records if r.tier == t for e in r.encodings.values()) for t in TIERS}
+    assert {t: summary["tiers"][t]["runtime_bytes"] for t in TIERS} == held
+    assert "held by the runtime" in runner.invoke(app, ["inspect", str(tiny[1])]).output
     assert summary["hottest_experts"][0]["frequency"] == 0.5
     assert summary["overhead"]["bits_per_expert_weight"] > 0
     assert "hottest experts" in runner.invoke(app, ["inspect", str(tiny[1])]).output

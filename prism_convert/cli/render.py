@@ -135,10 +135,11 @@ def summary_tables(s: dict) -> Group:
         head.add_row("quality", ", ".join(f"{k}={v}" for k, v in s["quality"].items()))
 
     tiers = Table(title="tiers")
-    for col in ("tier", "experts", "shards", "bytes", "bits/weight"):
+    for col in ("tier", "experts", "shards", "bytes", "bits/weight", "held by the runtime"):
         tiers.add_column(col, justify="right" if col != "tier" else "left")
     for name, t in s["tiers"].items():
-        tiers.add_row(name, str(t["experts"]), str(t["shards"]), _mib(t["bytes"]), f"{t['bits_per_weight']:.3f}")
+        tiers.add_row(name, str(t["experts"]), str(t["shards"]), _mib(t["bytes"]), f"{t['bits_per_weight']:.3f}",
+                      f"{_mib(t['runtime_bytes'])}, {t['runtime_bits_per_weight']:.3f} bits")
 
     hist = Table(title="experts by bits per weight")
     hist.add_column("bits/weight", justify="right")

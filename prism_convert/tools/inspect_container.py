@@ -1,5 +1,5 @@
-"""`prism inspect`: what a .prism container holds — model, tiers, bits histogram, bytes, hottest experts,
-metadata overhead — as a JSON-able summary (`--json`; its tables: prism_convert/cli/render.py)."""
+"""`prism inspect`: what a .prism container holds — model, tiers (stored bytes, and the bytes the packed runtime
+holds: packed.held_nbytes), bits histogram, bytes, hottest experts, metadata overhead — as a JSON-able summary (`--json`; its tables: prism_convert/cli/render.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prism_load.container import TIERS
 from prism_load.container.reader import Container, metadata_overhead
+from prism_load.packed import held_nbytes
 
 HISTOGRAM_STEP_BITS = 0.25
 HOTTEST = 10
@@ -23,8 +24,10 @@ def inspect_container(path: str | Path) -> dict:
             recs = [r for r in c.records if r.tier == tier]
             weights = sum(r.numel for r in recs)
             stored = sum(r.length for r in recs)
+            held = sum(held_nbytes(enc) for r in recs for enc in r.encodings.values())  # tensors, unaligned
             tiers[tier] = {"experts": len(recs), "shards": sum(s.tier == tier for s in m.expert_shards),
-                           "bytes": stored, "bits_per_weight": 8 * stored / weights if weights else 0.0}
+                           "bytes": stored, "bits_per_weight": 8 * stored / weights if weights else 0.0,
+                           "runtime_bytes": held, "runtime_bits_per_weight": 8 * held / weights if weights else 0.0}
         histogram = Counter(round(r.bits_per_weight / HISTOGRAM_STEP_BITS) * HISTOGRAM_STEP_BITS for r in c.records)
         labels = Counter(enc.label() for r in c.records for enc in r.encodings.values())
         hottest = sorted(c.records, key=lambda r: (-r.frequency, r.layer, r.expert))[:HOTTEST]
