@@ -3,6 +3,7 @@ results and report progress through a plain callback (prism_convert/progress.py)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prism_convert.allocation.bit_plan import BitPlan, Budget, PlanInputs, error_size_curve, make_plan
@@ -76,7 +77,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
             raise BudgetError("the work folders record no common budget; give --bits or --size")
         budget = Budget.from_dict(jobs[0].budget)
         if price is not None:
-            budget = Budget(bits=budget.bits, size_bytes=budget.size_bytes, price=price)
+            budget = replace(budget, price=price)
     plan = plan_work(works, budget, works[0].folder)
     recipe = jobs[0].recipe
     experts = [
@@ -96,7 +97,7 @@ def pack_work(work_dirs: list[Path], out: Path, budget: Budget | None, shard_siz
         experts=experts,
         recipe=recipe,
         budget={**budget.to_dict(), "bits_per_expert_weight": plan.bits_per_expert_weight,
-                "runtime_bits_per_expert_weight": 8 * plan.expert_runtime_bytes / plan.expert_weights,
+                "runtime_bits_per_expert_weight": plan.runtime_bits_per_expert_weight,
                 "total_bytes": plan.total_bytes},
         quality=quality,
         shard_size_bytes=shard_size_bytes,

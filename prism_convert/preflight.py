@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from prism_convert.allocation.bit_plan import Budget
+from prism_convert.allocation.bit_plan import Budget, encoding_price
 from prism_convert.recipe import Recipe, load_recipe
 from prism_convert.tokenizer import ResolvedTokenizer, resolve_tokenizer
 from prism_load.errors import BudgetError, CalibrationError, CheckpointError, PrismError, RecipeError
@@ -95,12 +95,9 @@ def budget_floor(model: Model, recipe: Recipe, price: str = "runtime") -> Budget
     (compress keeps it), so this is exactly the floor the allocation meets later. Unfit recipes fail here."""
     from prism_convert.compression.dense import TOP_CLASSES, dense_encoding, tensor_class
     from prism_load.container import ALIGNMENT_BYTES, aligned
-    from prism_load.container.format import Encoding
     from prism_load.hf_loader import empty_model
     from prism_load.models.moe import MoEBlock
-    from prism_load.packed import held_nbytes
 
-    cost = held_nbytes if price == "runtime" else Encoding.nbytes
     args = model.args
     meta = empty_model(model.family, args)
     shapes = meta.state_dict(keep_vars=True)
@@ -124,7 +121,7 @@ def budget_floor(model: Model, recipe: Recipe, price: str = "runtime") -> Budget
                 full = f"layers.{layer.index}.experts.{e}.{name}"
                 key = (shape, recipe.is_kept_exact(full))
                 if key not in cheapest:
-                    cheapest[key] = min(cost(enc) for enc in recipe.expert_candidates(shape, full))
+                    cheapest[key] = min(encoding_price(enc, price) for enc in recipe.expert_candidates(shape, full))
                 total += cheapest[key]
             expert_bytes += aligned(total, ALIGNMENT_BYTES)
             weights += 3 * inter * hidden

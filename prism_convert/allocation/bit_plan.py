@@ -211,10 +211,15 @@ class BitPlan:
         return [x for x in self.experts if x.layer == layer]
 
     @property
+    def runtime_bits_per_expert_weight(self) -> float:
+        """bits_per_expert_weight as the packed runtime holds the experts."""
+        return 8 * self.expert_runtime_bytes / self.expert_weights
+
+    @property
     def priced_bits(self) -> float:
         """Bits per expert weight as the budget counts them (budget.price): what --bits compares with."""
         held = self.budget.price == "runtime"
-        return 8 * (self.expert_runtime_bytes if held else self.expert_bytes) / self.expert_weights
+        return self.runtime_bits_per_expert_weight if held else self.bits_per_expert_weight
 
     @cached_property
     def _by_key(self) -> dict[tuple[int, int], ExpertPlan]:
@@ -313,9 +318,19 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(out)
 
 
+def encoding_price(enc: Encoding, price: str) -> int:
+    """Bytes one encoded tensor costs the budget: as stored, or as the packed runtime holds it."""
+    return enc.nbytes() if price == "stored" else held_nbytes(enc)
+
+
 def candidate_price(cand: dict, price: str) -> int:
-    """Bytes one candidate costs the budget: as stored, or as the packed runtime holds it."""
-    return cand["nbytes"] if price == "stored" else held_nbytes(Encoding.from_dict(cand["encoding"]))
+    """encoding_price of a work folder's candidate (its stored size is recorded with it)."""
+    return cand["nbytes"] if price == "stored" else encoding_price(Encoding.from_dict(cand["encoding"]), price)
+
+
+def bias_nbytes(rec: dict) -> int:
+    """Bytes of an expert's biases (stored and held alike): fixed, whichever candidates are chosen."""
+    return sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
 
 
 def expert_options(rec: dict, alignment: int, price: str = "runtime") -> tuple[list[Option], list[tuple[int, ...]]]:
@@ -328,7 +343,7 @@ def expert_options(rec: dict, alignment: int, price: str = "runtime") -> tuple[l
         combos = [(b + cost, e + rec["importance"] * c["error"], picks + (j,))
                   for b, e, picks in front for j, (c, cost) in enumerate(zip(cands, costs))]
         front = pareto_front(combos)
-    fixed = sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
+    fixed = bias_nbytes(rec)
     priced = pareto_front([(aligned(b + fixed, alignment), e, picks) for b, e, picks in front])
     return [Option(b, e) for b, e, _ in priced], [picks for _, _, picks in priced]
 
@@ -393,7 +408,7 @@ def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> BitPlan:
     except BudgetError as e:
         raise BudgetError(f"{e}; the lowest this recipe allows is {inputs.lowest_bits():.3f} bits per expert weight") from None
     experts = []
-    spent = held = weighted = tensor_bytes = 0
+    spent = held = weighted = tensor_bytes = bias_bytes = 0
     for (i, e), table, combos, k in zip(inputs.keys, inputs.tables, inputs.picks, choice):
         rec = inputs.records[(i, e)]
         tensors, held_tensors = [], 0
@@ -403,12 +418,13 @@ def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> BitPlan:
             tensors.append(TensorPick(name, j, enc.label(), enc.bits_per_weight, enc.rank, cand["nbytes"], cand["error"]))
             held_tensors += held_nbytes(enc)
         weights = sum(math.prod(c[0]["encoding"]["shape"]) for c in rec["tensors"].values())
-        fixed = sum(Encoding.from_dict(b["encoding"]).nbytes() for b in rec.get("biases", {}).values())
-        stored = aligned(sum(t.nbytes for t in tensors) + fixed, inputs.alignment)
+        fixed, stored_tensors = bias_nbytes(rec), sum(t.nbytes for t in tensors)
+        stored = aligned(stored_tensors + fixed, inputs.alignment)
         spent += stored
         held += aligned(held_tensors + fixed, inputs.alignment)
         weighted += table[k].error
-        tensor_bytes += sum(t.nbytes for t in tensors)
+        tensor_bytes += stored_tensors
+        bias_bytes += fixed
         experts.append(ExpertPlan(
             layer=i, expert=e, tokens=rec["tokens"], gate_mass=rec["gate_mass"], importance=rec["importance"],
             rare=rec["rare"], stored_bytes=stored, bits_per_weight=8 * stored / weights,
@@ -422,8 +438,7 @@ def make_plan(works: list[WorkDir] | PlanInputs, budget: Budget) -> BitPlan:
         expert_bytes=spent,
         expert_runtime_bytes=held,
         expert_tensor_bytes=tensor_bytes,
-        alignment_padding_bytes=spent - tensor_bytes - sum(
-            Encoding.from_dict(b["encoding"]).nbytes() for r in inputs.records.values() for b in r.get("biases", {}).values()),
+        alignment_padding_bytes=spent - tensor_bytes - bias_bytes,
         dense_bytes=inputs.dense_bytes,
         total_bytes=spent + inputs.dense_bytes,
         bits_per_expert_weight=8 * spent / inputs.expert_weights,

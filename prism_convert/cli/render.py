@@ -86,8 +86,8 @@ def shift_table(shift: dict) -> Table:
 
 # -- the bit plan (compress, pack, convert) ------------------------------------------------------------
 def plan_table(plan: BitPlan) -> Table:
-    held = 8 * plan.expert_runtime_bytes / plan.expert_weights
-    title = (f"allocation: {plan.bits_per_expert_weight:.3f} bits per expert weight stored, {held:.3f} held by the "
+    title = (f"allocation: {plan.bits_per_expert_weight:.3f} bits per expert weight stored, "
+             f"{plan.runtime_bits_per_expert_weight:.3f} held by the "
              f"packed runtime (priced {plan.budget.price}); {plan.total_bytes / 2**20:,.1f} MiB total "
              f"({plan.expert_bytes / 2**20:,.1f} MiB experts, {plan.dense_bytes / 2**20:,.1f} MiB dense)")
     table = Table(title=title)
