@@ -90,17 +90,18 @@ class ContainerStore(StoreBase):
         record = self.container.record(layer, expert)
         return torch.frombuffer(self.container.read_expert_bytes(record, self.verify_checksums), dtype=torch.uint8)
 
-    def _encoded(self, layer, expert, raw: torch.Tensor) -> dict:
-        """{tensor: (Encoding, {suffix: view of raw})}, as Container.read_expert makes them."""
+    def _encoded(self, layer, expert, tensor_at: Callable[..., torch.Tensor]) -> dict:
+        """{tensor: (Encoding, {suffix: tensor_at(start, end, dtype, shape)})} over the expert's stored layout:
+        decode passes views of the read bytes (what Container.read_expert makes), _view_plan meta tensors."""
         record = self.container.record(layer, expert)
         encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
         for tensor, suffix, start, end, dtype, shape in self._views[(layer, expert)]:
-            encoded[tensor][1][suffix] = raw[start:end].view(dtype).reshape(shape)
+            encoded[tensor][1][suffix] = tensor_at(start, end, dtype, shape)
         return encoded
 
     def decode(self, layer, expert, raw: torch.Tensor) -> ExpertWeights:
         """The fast tier's form of the stored bytes in raw (packed operators may view raw itself)."""
-        encoded = self._encoded(layer, expert, raw)
+        encoded = self._encoded(layer, expert, lambda start, end, dtype, shape: raw[start:end].view(dtype).reshape(shape))
         if self.packer is not None:
             return self.packer.expert(encoded, count=False)
         return decode_expert(encoded, self.dtype, self.codes)
@@ -131,17 +132,18 @@ class ContainerStore(StoreBase):
         per miss (about half of a small expert's load time went to those)."""
         key = (layer, expert)
         if key not in self._view_plans:
-            record = self.container.record(layer, expert)
-            encoded = {name: (enc, {}) for name, enc in record.encodings.items()}
             where = {}
-            for tensor, suffix, start, _end, dtype, shape in self._views[key]:
-                t = torch.empty(shape, dtype=dtype, device="meta")
-                encoded[tensor][1][suffix] = t  # held here, so no id() below is reused
+
+            def on_meta(start, _end, dtype, shape):
+                t = torch.empty(shape, dtype=dtype, device="meta")  # held by `encoded`: no id() below is reused
                 if start % dtype.itemsize == 0:
                     where[id(t)] = (dtype, t.shape, t.stride(), start // dtype.itemsize)
+                return t
+
+            encoded = self._encoded(layer, expert, on_meta)
             template = self.packer.expert(encoded, count=False)
             ranges = [where.get(id(t)) for t in weights_tensors(template)]
-            usable = None not in ranges and record.length % 8 == 0
+            usable = None not in ranges and self.container.record(layer, expert).length % 8 == 0
             self._view_plans[key] = (template, ranges, {r[0] for r in ranges}) if usable else None
         return self._view_plans[key]
 
