@@ -347,7 +347,7 @@ def test_dense_int_linears_stay_packed_and_match_the_decoded_product(int4_contai
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
 def test_a_loaded_model_keeps_no_mapping_of_its_dense_shards(int4_container):
     """The dense shards are read through safetensors' memory map; a packed dense layer that kept views of it
-    kept the whole mapping, read in full while loading, resident beside the copies (29 MiB of the peer
+    kept the whole mapping, read in full while loading, resident beside the copies (28 MiB of the peer
     benchmark's RSS)."""
     import gc
 
