@@ -1,8 +1,9 @@
 """Where a decode step's time goes (issue 14, part 4): torch.profiler over greedy decode of a resident container.
 
 Loads a container with the runtime's defaults (experts packed, bf16), decodes a few untimed tokens, then
-profiles `--tokens` decode steps. The native kernel is a ctypes call the profiler cannot see, so this script
-wraps it in a `record_function` range ("prism::native_int_linear"); every other row is an aten op. The table
+profiles `--tokens` decode steps. The native kernels are ctypes calls the profiler cannot see, so this script
+wraps each in a `record_function` range ("prism::native_int_linear", "prism::native_decode_layers", ...); every
+other row is an aten op. The table
 splits a token's wall time into the native expert kernels, aten ops (self time, so nothing is counted twice)
 and the rest: Python between ops, the runtime's bookkeeping, the profiler's own cost per event (stated: the
 same decode without the profiler is timed first). Writes bench/results/NAME.json and NAME.md.
@@ -28,7 +29,9 @@ NATIVE_RANGE = "prism::native_int_linear"  # the int kernels: experts and int de
 DENSE_RANGE = "prism::native_bf16_linear"  # the dense bf16 matrix-vector kernel
 BLOCK_RANGE = "prism::native_expert_block"  # a decode token's routed experts in one call (expert_block.c)
 ATTENTION_RANGE = "prism::native_attention_decode"  # a decode token's attention in one call (attention_decode.c)
-RANGES = (NATIVE_RANGE, DENSE_RANGE, BLOCK_RANGE, ATTENTION_RANGE)
+LAYER_RANGE = "prism::native_decode_layer"  # a layer's norms, attention and routing in one call (decode_layer.c)
+TOKEN_RANGE = "prism::native_decode_layers"  # every layer of a resident model's token in one call (decode_layer.c)
+RANGES = (NATIVE_RANGE, DENSE_RANGE, BLOCK_RANGE, ATTENTION_RANGE, LAYER_RANGE, TOKEN_RANGE)
 
 
 def _traced(inner, name: str):
@@ -50,6 +53,8 @@ def wrap_native() -> None:
     if fn is not None:  # the ctypes entry itself, so the wrapper's conversions count as the aten ops they are
         fn.expert_block = _traced(fn.expert_block, BLOCK_RANGE)
         fn.attention_decode = _traced(fn.attention_decode, ATTENTION_RANGE)
+        fn.decode_layer = _traced(fn.decode_layer, LAYER_RANGE)
+        fn.decode_layers = _traced(fn.decode_layers, TOKEN_RANGE)
 
 
 def decode(model, prompt: torch.Tensor, tokens: int) -> float:
@@ -113,7 +118,8 @@ def main() -> None:
         "expert_kernel": args.expert_kernel,
         "profiled_ms_per_token": per_token_us / 1e3, "native_kernel_ms": ranges_us[NATIVE_RANGE] / 1e3,
         "dense_kernel_ms": ranges_us[DENSE_RANGE] / 1e3, "expert_block_ms": ranges_us[BLOCK_RANGE] / 1e3,
-        "attention_ms": ranges_us[ATTENTION_RANGE] / 1e3, "aten_ms": aten_us / 1e3,
+        "attention_ms": ranges_us[ATTENTION_RANGE] / 1e3, "layer_step_ms": ranges_us[LAYER_RANGE] / 1e3,
+        "token_layers_ms": ranges_us[TOKEN_RANGE] / 1e3, "aten_ms": aten_us / 1e3,
         "rest_ms": (per_token_us - sum(ranges_us.values()) - aten_us) / 1e3, "events_per_token": events,
         "ops": rows[: args.top],
     }
@@ -133,6 +139,8 @@ def markdown(r: dict) -> str:
              f"Decode without the profiler: {r['decode_ms_per_token']:.3f} ms per token; under it "
              f"{total:.3f} ms ({r['events_per_token']:.0f} profiled events per token).", "",
              "| part | per token |", "|---|---|",
+             f"| native decoder layers (a resident model's whole token: one call) | {share(r.get('token_layers_ms', 0.0))} |",
+             f"| native layer step (norms, attention, routing: one call a layer) | {share(r.get('layer_step_ms', 0.0))} |",
              f"| native attention (projections, rotary, cache, attention: one call a layer) | {share(r.get('attention_ms', 0.0))} |",
              f"| native expert block (a token's routed experts, one call a layer) | {share(r.get('expert_block_ms', 0.0))} |",
              f"| native int kernel (experts; int dense layers) ({r.get('expert_kernel', 'auto')}) | {share(r['native_kernel_ms'])} |",

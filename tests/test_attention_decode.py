@@ -1,6 +1,8 @@
 """attention_decode.c: a decode token's attention in one native call (fused qkv on an integer kernel, rotary,
 KV append, grouped-query attention, o projection) gives the torch path's logits to fp32 rounding over many
-steps (the cache growing past its first capacity), writes the same cache, and is used only where it applies."""
+steps (the cache growing past its first capacity), writes the same cache, and is used only where it applies.
+The decoder layer's own native step (decode_layer.c, tests/test_decode_layer.py) calls the same C function; here
+it is switched off so the attention's step is what runs."""
 
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ WINDOWED = dict(CONFIG, sliding_window=16)
 def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, config, monkeypatch):
     """Mixtral's attention, Qwen2-MoE's with its q/k/v bias (added in the native step as torch adds it), and a
     sliding window of 16 positions over 76 (the native step attends to the window's slots only)."""
+    monkeypatch.setattr(layers.DecoderLayer, "_native_decode", lambda self, x, ctx: None)
     model = packed_model(requested, config=config)
     if config is QWEN:
         assert model.layers[0].self_attn.qkv_proj.bias is not None
@@ -80,9 +83,11 @@ def test_native_step_gives_the_torch_paths_logits_and_cache(q8, requested, confi
 
 
 def test_used_only_where_it_applies(q8, monkeypatch):
+    """Either native step (the attention's or the whole layer's): never for two rows or padded ones."""
     calls = []
-    real = layers.attention_decode
-    monkeypatch.setattr(layers, "attention_decode", lambda *a: calls.append(1) or real(*a))
+    for name in ("attention_decode", "decode_layer"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, real=real: calls.append(1) or real(*a))
     exact = packed_model("native")  # the exact kernel (fp32 x): no integer-kernel operators to hand over
     decode_logits(exact, 2)
     assert calls == [] and exact.layers[0].self_attn._native_ops() is False

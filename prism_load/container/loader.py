@@ -40,6 +40,12 @@ class ResidentExperts(nn.Module):
     def acquire(self, layer_index: int, expert_ids: list[int]) -> dict[int, ExpertWeights]:
         return {e: self.experts[e] for e in expert_ids}
 
+    def native_blocks(self) -> list | None:
+        """Every expert as native expert_block.c operators (ExpertWeights.block) where all are, in one rounding
+        of x; else None. The whole-token decode step (models/native_token.py) reads them from a table."""
+        blocks = [w.block() for w in self.experts]
+        return blocks if blocks and all(blocks) and len({b.wide for b in blocks}) == 1 else None
+
 
 def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,
                expert_form: str = "decoded", kernel: str = "auto", device: str | torch.device = "cpu",

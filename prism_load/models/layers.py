@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import native
 from ..native.attention_decode import attention_decode, attention_ops
+from ..native.decode_layer import decode_layer, layer_step
 from .linear import Linear
 from .rope import apply_rotary
 
@@ -221,18 +222,26 @@ class Attention(nn.Module):
         """One decode token of one sequence through attention_decode.c (fp32 models with a full-width rotary
         and an fp32 cache), or None where it does not apply."""
         ops = self._native_ops()
+        slot = self.native_slot(x, ctx) if ops else None
+        if slot is None:
+            return None
+        spec, (keys, values, n) = self.spec, slot
+        out = attention_decode(x.reshape(-1).contiguous(), ops, ctx.cos[0], ctx.sin[0], keys, values, n,
+                               spec.num_heads, spec.num_kv_heads, spec.head_dim, self.scaling, spec.sliding_window)
+        ctx.cache.lengths[self.layer_index] = n + 1
+        return out.view(1, 1, -1)
+
+    def native_slot(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(keys, values, n): the layer's fp32 caches with room for this decode token at slot n, where the native
+        step applies to x (fp32) and ctx (a full-width rotary); else None. The caller counts the token."""
         spec = self.spec
-        if not ops or x.dtype is not torch.float32 or ctx.cos.dim() != 2 or ctx.cos.shape[-1] != spec.head_dim:
+        if x.dtype is not torch.float32 or ctx.cos.dim() != 2 or ctx.cos.shape[-1] != spec.head_dim:
             return None
         cache, layer = ctx.cache, self.layer_index
         keys, values = cache.reserve(layer, 1, 1, spec.num_kv_heads, spec.head_dim, spec.head_dim, x.dtype, x.device)
         if keys.dtype is not torch.float32 or not (keys.is_contiguous() and values.is_contiguous()):
             return None
-        n = cache.lengths[layer]
-        out = attention_decode(x.reshape(-1).contiguous(), ops, ctx.cos[0], ctx.sin[0], keys, values, n,
-                               spec.num_heads, spec.num_kv_heads, spec.head_dim, self.scaling, spec.sliding_window)
-        cache.lengths[layer] = n + 1
-        return out.view(1, 1, -1)
+        return keys, values, cache.lengths[layer]
 
     def _attend(self, q, k, v, ctx: ForwardContext, b: int, t: int) -> torch.Tensor:
         """q [B, h, T, D], k/v [B, g, T, D] (rotary applied): cache, attention, output projection."""
@@ -268,6 +277,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if x.shape[0] == 1 and x.shape[1] == 1 and ctx.cache is not None and ctx.key_valid is None:
+            out = self._native_decode(x, ctx)  # norms, attention and routing in one native call where it applies
+            if out is not None:
+                return out
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         h = self.post_attention_layernorm(x)
         if ctx.token_valid is None:
@@ -278,3 +291,44 @@ class DecoderLayer(nn.Module):
         if bool(ctx.token_valid.any()):
             out[ctx.token_valid] = self.mlp(h[ctx.token_valid]).to(out.dtype)
         return x + out
+
+    def _native_step(self):
+        """The layer's decode_layer.c step (native.decode_layer.LayerStep), or False: attention on the native
+        decode path (Attention._native_ops), both norms plain fp32 RMSNorms, and the MLP's router, where it is a
+        softmax top-k router, routed in the same call. Worked out at the first decode step."""
+        step = self.__dict__.get("_native_decode_step")
+        if step is None:
+            from .moe import MoEBlock, SoftmaxTopKRouter
+
+            attn, norms, step = self.self_attn, (self.input_layernorm, self.post_attention_layernorm), False
+            ops = attn._native_ops() if type(attn) is Attention else False
+            if ops and all(type(n) is RMSNorm for n in norms):
+                router = getattr(self.mlp, "router", None) if isinstance(self.mlp, MoEBlock) else None
+                routed = type(router) is SoftmaxTopKRouter
+                spec = attn.spec
+                step = layer_step(ops, spec.num_heads, spec.num_kv_heads, spec.head_dim, attn.scaling,
+                                  spec.sliding_window, norms[0].weight.detach(), norms[0].eps,
+                                  norms[1].weight.detach(), norms[1].eps,
+                                  router.weight.detach() if routed else None, router.top_k if routed else 0,
+                                  router.norm_topk_prob if routed else False) or False
+            self.__dict__["_native_decode_step"] = step
+        return step
+
+    def _native_decode(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """One decode token of one sequence: decode_layer.c up to the MLP, then the MLP (its experts from
+        wherever they live); None where the native step does not apply."""
+        step = self._native_step()
+        slot = self.self_attn.native_slot(x, ctx) if step else None
+        if slot is None:
+            return None
+        keys, values, n = slot
+        y, h, route = decode_layer(x.reshape(-1), step, ctx.cos[0], ctx.sin[0], keys, values, n)
+        ctx.cache.lengths[self.index] = n + 1
+        h = h.view(1, -1)
+        if route is None:
+            out = self.mlp(h.view(1, 1, -1)).view(1, -1)
+        else:
+            from .moe import RouterOutput
+
+            out = self.mlp.after_route(h, RouterOutput(*route))
+        return (y.view(1, -1) + out).view(1, 1, -1)

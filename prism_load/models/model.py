@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import GenerationError
 from ..generation_config import GenerationConfig
+from . import native_token
 from .base import Family, ModelArgs
 from .layers import ForwardContext, KVCache, RMSNorm
 from .linear import Linear
@@ -93,10 +94,15 @@ class MoEForCausalLM(nn.Module):
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
         ctx = self.context(input_ids.shape[0], input_ids.shape[1], cache, x.device, x.dtype, attention_mask)
-        for layer in self.layers:
-            x = layer(x, ctx)
-            if self.layer_hook is not None:
-                self.layer_hook(layer.index, x if ctx.token_valid is None else x[ctx.token_valid])
+        # a decode token of a plain resident model: every layer in one native call (models/native_token.py)
+        out = native_token.run(self, x, ctx) if x.shape[0] == 1 and x.shape[1] == 1 else None
+        if out is not None:
+            x = out
+        else:
+            for layer in self.layers:
+                x = layer(x, ctx)
+                if self.layer_hook is not None:
+                    self.layer_hook(layer.index, x if ctx.token_valid is None else x[ctx.token_valid])
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))

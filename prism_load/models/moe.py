@@ -179,7 +179,11 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        route = self.router(flat)
+        return self.after_route(flat, self.router(flat)).reshape(shape)
+
+    def after_route(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """The block's output [N, H] for tokens flat [N, H] that its router has routed (the decode step of
+        decode_layer.c routes them natively, then hands over here)."""
         if self.observer is not None:
             self.observer.on_route(self.layer_index, flat, route)
         out = self.routed(flat, route)
@@ -188,7 +192,7 @@ class MoEBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
-        return out.reshape(shape)
+        return out
 
     def routed(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """Sum of weight x expert(x) over each token's chosen experts; one matmul pair per used expert."""

@@ -59,21 +59,38 @@ def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin:
     for its position; keys/values fp32 [1, kv_heads, capacity, head_dim] contiguous caches, this token's k and v
     written at slot n (the caller counts it); window: a sliding window of that many positions, or None.
     Returns fp32 [H]."""
-    cap = keys.shape[2]
-    if not (x.dtype is torch.float32 and x.is_contiguous() and x.numel() == ops.hidden
-            and cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+    if not (x.dtype is torch.float32 and x.is_contiguous() and x.numel() == ops.hidden):
+        raise ValueError(f"attention_decode: an fp32 contiguous x of {ops.hidden} is needed, got x {list(x.shape)} "
+                         f"{x.dtype}")
+    out = torch.empty(ops.hidden, dtype=torch.float32)
+    args = attention_args(ops, cos, sin, keys, values, n, heads, kv_heads, head_dim, scaling, window,
+                          x.data_ptr(), out.data_ptr())
+    _check_rc(_kernel().attention_decode(ctypes.addressof(args)), "attention_decode")
+    return out
+
+
+# attention_args' slots that change from one token to the next (the others depend on the layer alone)
+SLOT_COS, SLOT_SIN, SLOT_KEYS, SLOT_VALUES, SLOT_CAPACITY, SLOT_N, SLOT_THREADS = 4, 5, 6, 7, 8, 9, 14
+
+
+def attention_args(ops: AttentionOps, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   n: int, heads: int, kv_heads: int, head_dim: int, scaling: float, window: int | None,
+                   x_address: int = 0, out_address: int = 0) -> ctypes.Array:
+    """attention_decode.c's int64[19] argument array for one token's step (arguments as attention_decode's), after
+    checking the rotary tables and caches; x and out at those addresses (0: decode_layer.c fills them in).
+    ValueError where they do not fit."""
+    cap = keys.shape[2] if keys.dim() == 4 else -1
+    if not (cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
             and cos.numel() == head_dim and sin.numel() == head_dim
             and keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
             and values.is_contiguous() and keys.shape == (1, kv_heads, cap, head_dim) and values.shape == keys.shape
             and 0 <= n < cap and (window is None or window > 0)):
-        raise ValueError("attention_decode: fp32 contiguous x [H], cos/sin [D] and caches [1, g, capacity, D] with a "
-                         f"free slot at {n} are needed, got x {list(x.shape)} {x.dtype}, cache {list(keys.shape)}")
-    out = torch.empty(ops.hidden, dtype=torch.float32)
-    args = (ctypes.c_int64 * 19)(
-        x.data_ptr(), ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out.data_ptr(),
+        raise ValueError("attention_decode: fp32 contiguous cos/sin [D] and caches [1, g, capacity, D] with a free "
+                         f"slot at {n} are needed, got cos {list(cos.shape)} {cos.dtype}, cache {list(keys.shape)} "
+                         f"{keys.dtype}")
+    return (ctypes.c_int64 * 19)(
+        x_address, ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out_address,
         cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,
         float_bits(scaling), torch.get_num_threads(), ops.wide,
         0 if ops.qkv_bias is None else ops.qkv_bias.data_ptr(), 0 if ops.o_bias is None else ops.o_bias.data_ptr(),
         window or 0)
-    _check_rc(_kernel().attention_decode(ctypes.addressof(args)), "attention_decode")
-    return out

@@ -1,5 +1,5 @@
 """Compiles the C sources (int_linear.c, q8_linear.c, expert_block.c, rms_norm.c, attention_decode.c,
-router_topk.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
+router_topk.c, decode_layer.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
 install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
 alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
 needs AVX2/FMA/F16C only.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c",
-                                          "attention_decode.c", "router_topk.c"))  # one library
+                                          "attention_decode.c", "router_topk.c", "decode_layer.c"))  # one library
 HEADERS = (_HERE / "q8_linear.h",)  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -147,4 +147,6 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.rms_norm = _bind(lib, "prism_rms_norm")  # int64 args[9]: rms_norm.c
     fn.attention_decode = _bind(lib, "prism_attention_decode")  # int64 args[19]: attention_decode.c
     fn.router_topk = _bind(lib, "prism_router_topk")  # int64 args[9]: router_topk.c
+    fn.decode_layer = _bind(lib, "prism_decode_layer")  # int64 args[16]: decode_layer.c
+    fn.decode_layers = _bind(lib, "prism_decode_layers", 2)  # int64 hdr[5], int64 layers[4L]: decode_layer.c
     return fn, None, seconds

@@ -1,0 +1,119 @@
+/* A decode token through a decoder layer's first half in one call: the input RMSNorm, the attention step
+ * (attention_decode.c), the residual add, the post-attention RMSNorm and, where the layer's MLP has a softmax
+ * top-k router, the routing (router_topk.c). What is left for the caller is the MLP itself: a layer's experts
+ * come from the expert cache, which Python owns.
+ *
+ * Why: the same steps from Python are five native calls with their wrappers' checks, allocations and argument
+ * arrays, a torch add and a RouterOutput, about 90 microseconds a layer on a Zen 4 core: on a Mixtral-shaped
+ * model of hidden 1024 a sixth of a decode token (bench/results/decode_profile_zen4.md). Each step here is the
+ * same function with the same arguments as its single call, so the outputs are the same bits.
+ *
+ * Arguments: a = {x, y, h, norm1 weight, norm2 weight, eps1 bits, eps2 bits, attention args, router W, E, k,
+ * renormalise, logits, indices, weights, hidden}: x fp32 [H], the layer's input (read only); y fp32 [H] <- x +
+ * attention(norm1(x)); h fp32 [H] <- norm2(y); the norm weights fp32 [H]; the attention's int64[19] arguments as
+ * prism_attention_decode takes them, its x and out slots ignored (this call's scratch goes there); router W fp32
+ * [E][H], or 0 for no routing (then E, k, renormalise and the three outputs are not read); logits fp32 [E],
+ * indices int64 [k], weights fp32 [k] as prism_router_topk writes them.
+ * Returns 0, -1 when out of memory, -2 for arguments it does not take. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int prism_rms_norm(const int64_t *a);
+int prism_attention_decode(const int64_t *a);
+int prism_router_topk(const int64_t *a);
+
+#define DL_ATTENTION_ARGS 19
+
+int prism_decode_layer(const int64_t *a) {
+    const float *x = (const float *)(intptr_t)a[0];
+    float *y = (float *)(intptr_t)a[1];
+    const int64_t *attention = (const int64_t *)(intptr_t)a[7];
+    const int64_t H = a[15];
+    if (H < 1 || !x || !y || !a[2] || !a[3] || !a[4] || !attention) return -2;
+    float *scratch = malloc(2 * sizeof(float) * (size_t)H);
+    if (!scratch) return -1;
+    float *normed = scratch, *attended = scratch + H;
+    const int64_t norm1[9] = {a[0], H, 1, H, a[3], (int64_t)(intptr_t)normed, H, a[5], 0};
+    int rc = prism_rms_norm(norm1);
+    if (!rc) {
+        int64_t step[DL_ATTENTION_ARGS];
+        memcpy(step, attention, sizeof step);
+        step[0] = (int64_t)(intptr_t)normed;
+        step[3] = (int64_t)(intptr_t)attended;
+        rc = prism_attention_decode(step);
+    }
+    if (!rc) {
+        for (int64_t j = 0; j < H; j++) y[j] = x[j] + attended[j];
+        const int64_t norm2[9] = {a[1], H, 1, H, a[4], a[2], H, a[6], 0};
+        rc = prism_rms_norm(norm2);
+    }
+    if (!rc && a[8]) {
+        const int64_t route[9] = {a[2], a[8], a[9], H, a[10], a[11], a[12], a[13], a[14]};
+        rc = prism_router_topk(route);
+    }
+    free(scratch);
+    return rc;
+}
+
+int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const float *weights);
+
+#define DL_MAX_EXPERTS 4096 /* router_topk.c's RT_MAX_EXPERTS */
+#define DL_MAX_TOP_K 64     /* expert_block.c's EB_MAX_EXPERTS */
+
+/* Every decoder layer of one decode token in one call, for a model whose layers all take the step above with a
+ * router and whose experts are all resident expert_block.c operators: per layer, the step, then the routed
+ * experts through prism_expert_block and the residual add (y + experts, in fp32 as torch adds them). The same
+ * functions as the per-layer calls, in the same order: the same bits.
+ *
+ * Why: what is left between the per-layer calls (the expert lookup, the wrappers, the module calls) is still
+ * about 60 microseconds of Python a layer on a Zen 4 core; for a resident model none of it decides anything.
+ *
+ * Arguments: hdr = {x, out, layers L, hidden H, threads}: x fp32 [H] the embedded token (read only), out fp32
+ * [H] <- the last layer's output; layers = L records {step, table, experts E, wide}: step the layer's int64[16]
+ * arguments of prism_decode_layer with a router (its x, y, h and route output slots are this call's), table 3E
+ * pointers to the operators' int64 arguments (gate, up and down of expert e at 3e), wide the experts' rounding
+ * of x as prism_expert_block takes it. Returns 0, -1 when out of memory, -2 for arguments it does not take (a
+ * routed index outside 0..E-1 among them). */
+int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
+    const int64_t L = hdr[2], H = hdr[3];
+    float *out = (float *)(intptr_t)hdr[1];
+    if (L < 1 || H < 1 || !hdr[0] || !out) return -2;
+    float *scratch = malloc(sizeof(float) * (size_t)(3 * H + DL_MAX_EXPERTS + DL_MAX_TOP_K));
+    if (!scratch) return -1;
+    float *y = scratch, *h = y + H, *moe = h + H, *logits = moe + H, *weights = logits + DL_MAX_EXPERTS;
+    int64_t indices[DL_MAX_TOP_K];
+    const int64_t *ops[3 * DL_MAX_TOP_K];
+    const float *x = (const float *)(intptr_t)hdr[0];
+    int rc = 0;
+    for (int64_t l = 0; l < L && !rc; l++) {
+        const int64_t *rec = layers + 4 * l;
+        const int64_t *const *table = (const int64_t *const *)(intptr_t)rec[1];
+        const int64_t E = rec[2];
+        int64_t step[16];
+        memcpy(step, (const int64_t *)(intptr_t)rec[0], sizeof step);
+        const int64_t k = step[10];
+        if (!step[8] || step[9] != E || E < 1 || E > DL_MAX_EXPERTS || k < 1 || k > DL_MAX_TOP_K || k > E ||
+            step[15] != H || !table) {
+            rc = -2;
+            break;
+        }
+        step[0] = (int64_t)(intptr_t)x, step[1] = (int64_t)(intptr_t)y, step[2] = (int64_t)(intptr_t)h;
+        step[12] = (int64_t)(intptr_t)logits, step[13] = (int64_t)(intptr_t)indices;
+        step[14] = (int64_t)(intptr_t)weights;
+        rc = prism_decode_layer(step);
+        for (int64_t i = 0; i < k && !rc; i++) {
+            if (indices[i] < 0 || indices[i] >= E) rc = -2;
+            else
+                for (int j = 0; j < 3; j++) ops[3 * i + j] = table[3 * indices[i] + j];
+        }
+        if (rc) break;
+        const int64_t experts[5] = {(int64_t)(intptr_t)h, (int64_t)(intptr_t)moe, k, hdr[4], rec[3]};
+        rc = prism_expert_block(experts, ops, weights);
+        if (!rc)
+            for (int64_t j = 0; j < H; j++) out[j] = y[j] + moe[j];
+        x = out;
+    }
+    free(scratch);
+    return rc;
+}

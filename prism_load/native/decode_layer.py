@@ -1,0 +1,168 @@
+"""One native call for a decode token through a decoder layer's first half (decode_layer.c): input RMSNorm,
+the attention step of attention_decode.c, the residual add, the post-attention RMSNorm and the softmax top-k
+routing, leaving the MLP (the expert cache's business) to the caller.
+
+Why: called one by one these are five native calls, each with its wrapper's checks, output allocations and
+argument array, plus a torch add: about 90 microseconds a layer of Python on a Zen 4 core, a sixth of a decode
+token on a Mixtral-shaped model of hidden 1024 (bench/results/decode_profile_zen4.md). The steps are the same C
+functions with the same arguments, so the outputs are the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from . import _check_rc, _kernel, float_bits
+from .attention_decode import (
+    SLOT_CAPACITY,
+    SLOT_COS,
+    SLOT_KEYS,
+    SLOT_N,
+    SLOT_SIN,
+    SLOT_THREADS,
+    SLOT_VALUES,
+    AttentionOps,
+    attention_args,
+)
+from .expert_block import MAX_EXPERTS as MAX_TOP_K
+from .expert_block import BlockOps
+
+ROUTER_MAX_EXPERTS = 4096  # router_topk.c's RT_MAX_EXPERTS
+
+
+class LayerStep:
+    """What decode_layer.c reads of one decoder layer, gathered once: the attention's operators and shape, the
+    two norms' fp32 weights and epsilons, and the router's fp32 weight, top-k and renormalisation (router None:
+    the layer's MLP routes itself, or has no router)."""
+
+    __slots__ = ("attention", "heads", "kv_heads", "head_dim", "scaling", "window", "norm1", "eps1", "norm2", "eps2",
+                 "router", "top_k", "renormalise", "hidden")
+
+    def __init__(self, attention: AttentionOps, heads: int, kv_heads: int, head_dim: int, scaling: float,
+                 window: int | None, norm1: torch.Tensor, eps1: float, norm2: torch.Tensor, eps2: float,
+                 router: torch.Tensor | None = None, top_k: int = 0, renormalise: bool = False):
+        self.attention, self.heads, self.kv_heads, self.head_dim = attention, heads, kv_heads, head_dim
+        self.scaling, self.window = scaling, window
+        self.norm1, self.eps1, self.norm2, self.eps2 = norm1, eps1, norm2, eps2
+        self.router, self.top_k, self.renormalise = router, top_k, renormalise
+        self.hidden = attention.hidden
+
+
+def _fp32_weight(t, shape: tuple[int, ...]) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+            and tuple(t.shape) == shape)
+
+
+def layer_step(attention: AttentionOps, heads: int, kv_heads: int, head_dim: int, scaling: float,
+               window: int | None, norm1: torch.Tensor, eps1: float, norm2: torch.Tensor, eps2: float,
+               router: torch.Tensor | None = None, top_k: int = 0, renormalise: bool = False) -> LayerStep | None:
+    """A LayerStep where the norms' weights are fp32 vectors of the hidden size and the router (if any) an fp32
+    [E, H] weight with 0 < top_k <= E <= ROUTER_MAX_EXPERTS; else None (the caller steps through the layer)."""
+    h = attention.hidden
+    if not (_fp32_weight(norm1, (h,)) and _fp32_weight(norm2, (h,))):
+        return None
+    if router is not None and not (router.dim() == 2 and _fp32_weight(router, (router.shape[0], h))
+                                   and 0 < top_k <= router.shape[0] <= ROUTER_MAX_EXPERTS):
+        return None
+    return LayerStep(attention, heads, kv_heads, head_dim, scaling, window, norm1, eps1, norm2, eps2, router, top_k,
+                     renormalise)
+
+
+def decode_layer(x: torch.Tensor, step: LayerStep, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, n: int):
+    """One token of one sequence: x fp32 [H] (the layer's input); cos/sin fp32 [head_dim] for its position;
+    keys/values the layer's fp32 caches [1, kv_heads, capacity, head_dim], this token's k and v written at slot
+    n (the caller counts it). Returns (y, h, route): y = x + attention(norm1(x)) and h = norm2(y), fp32 [H];
+    route = (logits fp32 [1, E], indices int64 [1, k], weights fp32 [1, k]) of the router, or None without one."""
+    hidden = step.hidden
+    if not (x.dtype is torch.float32 and x.is_contiguous() and x.numel() == hidden and x.is_cpu):
+        raise ValueError(f"decode_layer: an fp32 contiguous x of {hidden} is needed, got {list(x.shape)} {x.dtype}")
+    attention = attention_args(step.attention, cos, sin, keys, values, n, step.heads, step.kv_heads, step.head_dim,
+                               step.scaling, step.window)
+    yh = torch.empty(2, hidden, dtype=torch.float32)
+    route = None
+    if step.router is not None:
+        route = (torch.empty(1, step.router.shape[0], dtype=torch.float32),
+                 torch.empty(1, step.top_k, dtype=torch.int64), torch.empty(1, step.top_k, dtype=torch.float32))
+    args = step_args(step, attention, x.data_ptr(), yh.data_ptr(), yh[1].data_ptr(),
+                     *((0, 0, 0) if route is None else (t.data_ptr() for t in route)))
+    _check_rc(_kernel().decode_layer(ctypes.addressof(args)), "decode_layer")
+    return yh[0], yh[1], route
+
+
+def step_args(step: LayerStep, attention: ctypes.Array, x: int = 0, y: int = 0, h: int = 0, logits: int = 0,
+              indices: int = 0, weights: int = 0) -> ctypes.Array:
+    """decode_layer.c's int64[16] arguments for a step with these attention arguments and addresses (0:
+    prism_decode_layers fills them in)."""
+    router = step.router
+    routing = (0, 0, 0, 0) if router is None else (router.data_ptr(), router.shape[0], step.top_k,
+                                                   int(step.renormalise))
+    return (ctypes.c_int64 * 16)(x, y, h, step.norm1.data_ptr(), step.norm2.data_ptr(), float_bits(step.eps1),
+                                 float_bits(step.eps2), ctypes.addressof(attention), *routing, logits, indices,
+                                 weights, step.hidden)
+
+
+class TokenLayers:
+    """Every decoder layer of a model in one native call a decode token (decode_layer.c's prism_decode_layers):
+    each layer a routed LayerStep and all its experts resident native blocks (expert_block.BlockOps) of one
+    rounding. Holds the argument arrays from one token to the next; a token changes only the rotary tables,
+    the caches and their fill in them. One token at a time per model (a lock)."""
+
+    def __init__(self, steps: list[LayerStep], experts: list[list[BlockOps]]):
+        if not steps or len(steps) != len(experts) or any(s.router is None or s.hidden != steps[0].hidden
+                                                          or s.router.shape[0] != len(b)
+                                                          or not 0 < s.top_k <= MAX_TOP_K
+                                                          or len({x.wide for x in b}) != 1
+                                                          or any(x.hidden != s.hidden for x in b)
+                                                          for s, b in zip(steps, experts)):
+            raise ValueError("TokenLayers: routed steps of one hidden size, each with every expert of its router as "
+                             "native blocks of one rounding, are needed")
+        self.steps, self.experts, self.hidden = steps, experts, steps[0].hidden
+        self.tables = [(ctypes.c_void_p * (3 * len(b)))(*(a for x in b for a in x.addresses)) for b in experts]
+        self.attention: list[ctypes.Array] | None = None  # attention_args per layer, made at the first token
+        self.args: list[ctypes.Array] = []
+        self.records: ctypes.Array | None = None
+        self._lock = threading.Lock()
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            slots: list[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+        """The last layer's output fp32 [H] for x fp32 [H] (the embedded token); cos/sin fp32 [head_dim] for its
+        position; slots: each layer's (keys, values, n) as decode_layer takes them (the caller counts the token)."""
+        hidden = self.hidden
+        if not (x.dtype is torch.float32 and x.is_contiguous() and x.numel() == hidden and x.is_cpu
+                and len(slots) == len(self.steps)):
+            raise ValueError(f"decode_layers: an fp32 contiguous x of {hidden} and {len(self.steps)} cache slots are "
+                             f"needed, got {list(x.shape)} {x.dtype} and {len(slots)}")
+        threads = torch.get_num_threads()
+        out = torch.empty(hidden, dtype=torch.float32)
+        with self._lock:
+            if self.attention is None:  # the first token: every argument checked and laid out once
+                self.attention = [attention_args(s.attention, cos, sin, k, v, n, s.heads, s.kv_heads, s.head_dim,
+                                                 s.scaling, s.window) for s, (k, v, n) in zip(self.steps, slots)]
+                self.args = [step_args(s, a) for s, a in zip(self.steps, self.attention)]
+                self.records = (ctypes.c_int64 * (4 * len(self.steps)))(*(
+                    v for a, t, b in zip(self.args, self.tables, self.experts)
+                    for v in (ctypes.addressof(a), ctypes.addressof(t), len(b), b[0].wide)))
+            else:
+                d = self.steps[0].head_dim
+                if not (cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous()
+                        and sin.is_contiguous() and cos.numel() == d and sin.numel() == d):
+                    raise ValueError(f"decode_layers: fp32 contiguous cos/sin of {d} are needed, got "
+                                     f"{list(cos.shape)} {cos.dtype}")
+                for a, s, (keys, values, n) in zip(self.attention, self.steps, slots):
+                    cap = keys.shape[2]
+                    if not (keys.dtype is torch.float32 and keys.is_contiguous() and values.is_contiguous()
+                            and keys.shape == (1, s.kv_heads, cap, s.head_dim) and values.shape == keys.shape
+                            and 0 <= n < cap):
+                        raise ValueError(f"decode_layers: fp32 contiguous caches with a free slot at {n} are "
+                                         f"needed, got {list(keys.shape)} {keys.dtype}")
+                    a[SLOT_COS], a[SLOT_SIN] = cos.data_ptr(), sin.data_ptr()
+                    a[SLOT_KEYS], a[SLOT_VALUES] = keys.data_ptr(), values.data_ptr()
+                    a[SLOT_CAPACITY], a[SLOT_N], a[SLOT_THREADS] = cap, n, threads
+            hdr = (ctypes.c_int64 * 5)(x.data_ptr(), out.data_ptr(), len(self.steps), hidden, threads)
+            _check_rc(_kernel().decode_layers(ctypes.addressof(hdr), ctypes.addressof(self.records)),
+                      "decode_layers")
+        return out

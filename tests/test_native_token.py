@@ -1,0 +1,130 @@
+"""models/native_token.py: a decode token of a plain resident model through every layer in one native call
+(decode_layer.c's prism_decode_layers). The same C functions run in the same order as the per-layer steps, so
+the logits and caches must be the same bits; anything that watches or steers a layer (an observer, a layer hook,
+an expert cache) must take the per-layer path instead, and a replaced expert source must be noticed."""
+
+from __future__ import annotations
+
+import torch
+from containers import TINY_CONFIG, encode, make_encoding, random_model
+
+import prism_load
+from prism_convert.packing.container_writer import ExpertInput, write_container
+from prism_load.models import layers, native_token
+from prism_load.native.decode_layer import TokenLayers
+
+CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=4, num_attention_heads=4,
+              num_key_value_heads=2, num_hidden_layers=3)
+
+
+def write_plain(folder, config=CONFIG):
+    """A container as the built-in recipes store one: attention int8, experts int4, routers and norms fp32,
+    embeddings and head bf16."""
+    model = random_model(config)
+    dense = {}
+    for name, t in model.state_dict().items():
+        if ".mlp.experts." in name:
+            continue
+        if t.dim() == 1 or name.endswith("mlp.router.weight"):
+            spec = dict(kind="fp32")
+        elif ".self_attn." in name:
+            spec = dict(kind="int", bits=8, group_size=64)
+        else:
+            spec = dict(kind="bf16")
+        enc = make_encoding(spec, tuple(t.shape))
+        dense[name] = (enc, encode(t, enc))
+    experts, inter = [], model.args.moe_intermediate_size
+    for layer, block in model.moe_blocks():
+        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        for e in range(model.args.num_experts):
+            tensors = {"gate_proj": gate_up[e, :inter], "up_proj": gate_up[e, inter:], "down_proj": down[e]}
+            encoded = {}
+            for name, w in tensors.items():
+                enc = make_encoding(dict(kind="int", bits=4, group_size=32), tuple(w.shape))
+                encoded[name] = (enc, encode(w, enc))
+            experts.append(ExpertInput(layer, e, "hot", 0.5, 0.25, "fast", encoded))
+    return write_container(folder / "plain.prism", config=config, source={"model_id": "test/plain", "revision": "r"},
+                           dense=dense, experts=experts, recipe={"name": "test"}, budget={"bits": 4.0},
+                           shard_size_bytes=1 << 20, tokenizer_files=[])
+
+
+def decode(model, steps: int = 70):
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(0))
+    nxt = torch.randint(0, CONFIG["vocab_size"], (1, steps), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        out = torch.cat([model(nxt[:, i:i + 1], cache=cache) for i in range(steps)], 1)
+    return out, cache
+
+
+def count(monkeypatch, module, name) -> list:
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real: calls.append(1) or real(*a))
+    return calls
+
+
+def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch):
+    model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
+    runs, steps = count(monkeypatch, TokenLayers, "run"), count(monkeypatch, layers, "decode_layer")
+    whole, whole_cache = decode(model)  # 5 + 70 positions: the caches grow past their first 64 slots
+    assert isinstance(model.__dict__["_token_layers"][0], TokenLayers)
+    assert len(runs) == 70 and steps == []
+    monkeypatch.setattr(native_token, "run", lambda *a: None)
+    per_layer, per_layer_cache = decode(model)
+    assert len(steps) == 70 * CONFIG["num_hidden_layers"]
+    monkeypatch.setattr(layers.DecoderLayer, "_native_decode", lambda self, x, ctx: None)
+    separate, _ = decode(model)  # the attention's own native step, the modules around it
+    assert torch.equal(whole, per_layer) and torch.equal(whole, separate)
+    assert whole_cache.lengths == per_layer_cache.lengths == [75] * CONFIG["num_hidden_layers"]
+    for a, b in zip(whole_cache.keys + whole_cache.values, per_layer_cache.keys + per_layer_cache.values):
+        assert torch.equal(a[:, :, :75], b[:, :, :75])
+
+
+def test_steps_aside_for_observers_hooks_and_caches(q8, tmp_path, monkeypatch):
+    path = write_plain(tmp_path)
+    model = prism_load.load(path, expert_kernel="native-int16")
+    runs = count(monkeypatch, TokenLayers, "run")
+    reference, _ = decode(model, 3)
+    assert len(runs) == 3
+
+    seen = []
+    model.layer_hook = lambda i, x: seen.append(i)  # prefetch's hook sees every layer's output
+    hooked, _ = decode(model, 3)
+    model.layer_hook = None
+    assert len(runs) == 3 and seen == list(range(CONFIG["num_hidden_layers"])) * 4 and torch.equal(hooked, reference)
+
+    class Routes:
+        def __init__(self):
+            self.layers = []
+
+        def on_route(self, layer_index, x, route):
+            self.layers.append(layer_index)
+
+        def on_expert(self, *args):
+            pass
+
+    routes = Routes()
+    model.layers[1].mlp.observer = routes
+    observed, _ = decode(model, 3)
+    model.layers[1].mlp.observer = None
+    assert len(runs) == 3 and routes.layers == [1] * 4 and torch.equal(observed, reference)
+
+    cached = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False)
+    from_cache, _ = decode(cached, 3)
+    assert len(runs) == 3 and cached.stats()["uses"] > 0  # the cache served (and counted) every expert
+    assert torch.equal(from_cache, reference)
+
+    decode(model, 1)
+    assert len(runs) == 4
+    model.layers[2].mlp.experts = cached.layers[2].mlp.experts  # a replaced expert source: worked out again
+    decode(model, 1)
+    assert len(runs) == 4 and model.__dict__["_token_layers"][0] is False
+
+
+def test_not_taken_where_a_layer_does_not_qualify(q8, tmp_path, monkeypatch):
+    model = prism_load.load(write_plain(tmp_path), expert_kernel="native")  # the exact kernel: no integer operators
+    runs = count(monkeypatch, TokenLayers, "run")
+    decode(model, 2)
+    assert runs == [] and model.__dict__["_token_layers"][0] is False
