@@ -13,8 +13,6 @@ keeps the per-layer path: `token_layers` says None, or `run` steps aside for tha
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..native.decode_layer import TokenLayers
@@ -42,14 +40,14 @@ def token_layers(model) -> TokenLayers | None:
 
 
 def module_refs(model) -> list:
-    """Weak references to what a TokenLayers was made from: each layer's MLP and its expert source."""
-    return [(weakref.ref(layer.mlp), weakref.ref(getattr(layer.mlp, "experts", layer.mlp))) for layer in model.layers]
+    """What a TokenLayers was made from: each layer's MLP and its expert source (held by the plan anyway, through
+    its operators, until the next decode token works it out again)."""
+    return [(layer.mlp, getattr(layer.mlp, "experts", None)) for layer in model.layers]
 
 
 def same_modules(model, refs: list) -> bool:
     return len(refs) == len(model.layers) and all(
-        mlp() is layer.mlp and source() is getattr(layer.mlp, "experts", layer.mlp)
-        for layer, (mlp, source) in zip(model.layers, refs))
+        layer.mlp is mlp and getattr(mlp, "experts", None) is source for layer, (mlp, source) in zip(model.layers, refs))
 
 
 def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
