@@ -104,6 +104,35 @@ def test_logits_to_keep_gives_the_last_positions_logits(tiny_checkpoint, dtype):
     assert rel_max_error(last[:, -1], full[:, -1]) < 1e-5
 
 
+def test_logits_to_keep_runs_the_last_layers_mlp_for_the_kept_positions_only(tiny_checkpoint):
+    """The last layer's MLP (its router, its experts) sees only the positions whose logits are asked for, as
+    llama.cpp does; every other layer, and the last layer's cached keys and values, see every position."""
+    folder, ref = tiny_checkpoint("mixtral")
+    model = prism_load.load(folder, dtype=torch.float32)
+    rows = {}
+
+    class Rows:
+        def on_route(self, layer_index, x, route):
+            rows.setdefault(layer_index, []).append(x.shape[0])
+
+        def on_expert(self, *args):
+            pass
+
+    for _, block in model.moe_blocks():
+        block.observer = Rows()
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache_all, cache_kept = model.new_cache(), model.new_cache()
+        full = model(ids, cache=cache_all)
+        kept = model(ids, cache=cache_kept, logits_to_keep=2)
+    last = len(model.layers) - 1
+    assert rows == {i: [14, 14 if i != last else 4] for i in range(len(model.layers))}
+    assert rel_max_error(kept, full[:, -2:]) < 1e-5
+    for layer in range(len(model.layers)):
+        assert torch.equal(cache_kept.keys[layer][:, :, :7], cache_all.keys[layer][:, :, :7])
+        assert torch.equal(cache_kept.values[layer][:, :, :7], cache_all.values[layer][:, :, :7])
+
+
 def test_a_padded_row_counts_positions_from_its_first_token(tiny_checkpoint):
     """Rotary attention only sees position differences, so a shifted row would still pass the tests above; the
     phases follow transformers' cumsum(attention_mask) - 1 all the same (long-context rope scaling is not

@@ -276,12 +276,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, keep: int = 0) -> torch.Tensor:
+        """keep: only the last `keep` positions' outputs are returned (and only their MLP runs); 0: all. Not with
+        padded rows (ctx.token_valid)."""
         if x.shape[0] == 1 and x.shape[1] == 1 and ctx.cache is not None and ctx.key_valid is None:
             out = self._native_decode(x, ctx)  # norms, attention and routing in one native call where it applies
             if out is not None:
                 return out
         x = x + self.self_attn(self.input_layernorm(x), ctx)
+        if keep:
+            if ctx.token_valid is not None:
+                raise ValueError("DecoderLayer: keep does not apply to padded rows")
+            x = x[:, -keep:].contiguous()
         h = self.post_attention_layernorm(x)
         if ctx.token_valid is None:
             return x + self.mlp(h)

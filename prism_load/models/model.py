@@ -99,8 +99,13 @@ class MoEForCausalLM(nn.Module):
         if out is not None:
             x = out
         else:
-            for layer in self.layers:
-                x = layer(x, ctx)
+            # only the kept positions leave the last layer, so its MLP runs for them alone (llama.cpp does the
+            # same): every earlier position's last-layer output feeds nothing, its keys and values are cached
+            # before the attention anyway
+            keep = logits_to_keep if logits_to_keep and ctx.token_valid is None and x.shape[1] > logits_to_keep else 0
+            last = len(self.layers) - 1
+            for i, layer in enumerate(self.layers):
+                x = layer(x, ctx, keep) if i == last and keep else layer(x, ctx)
                 if self.layer_hook is not None:
                     self.layer_hook(layer.index, x if ctx.token_valid is None else x[ctx.token_valid])
         if logits_to_keep:
