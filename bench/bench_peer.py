@@ -44,6 +44,7 @@ from peer_checkpoint import Shape, make_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 UNIFORM_RECIPE = HERE / "recipes" / "uniform_int4_g128.toml"
+DENSE4_RECIPE = HERE / "recipes" / "uniform_int4_g128_dense4.toml"
 BITS = 4.25
 GGUF_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 BASELINE = "llama.cpp Q4_K_M"
@@ -165,6 +166,8 @@ def prism_convert(ckpt: Path, recipe: str | None, price: str, samples: int, work
 
 RECIPES = {  # name: (label, recipe file or None for the family's, price, container tag)
     "uniform": ("uniform int4/g128", str(UNIFORM_RECIPE), "runtime", "uniform_int4_g128"),
+    "uniform-dense4": ("uniform int4/g128, attention int4, head int8", str(DENSE4_RECIPE), "runtime",
+                       "uniform_int4_g128_dense4"),
     "own": (f"own allocation, {BITS} bits", None, "runtime", f"prism_{BITS}"),
     "own-stored": (f"own allocation, {BITS} bits stored", None, "stored", f"prism_{BITS}_stored"),
 }
@@ -429,7 +432,8 @@ def main() -> None:
                          "rounds activations to int8 per group as llama.cpp does)")
     ap.add_argument("--recipes", default="uniform,own", help="prism conversions to make and measure: uniform "
                     "(int4/g128), own (prism's allocation at 4.25 bits held by the runtime, about 5x longer to "
-                    "convert) and/or own-stored (the same at 4.25 bits stored)")
+                    "convert), own-stored (the same at 4.25 bits stored) and/or uniform-dense4 (uniform with "
+                    "attention int4 and the LM head int8, about Q4_K_M's dense precision)")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")

@@ -15,6 +15,23 @@ def test_every_builtin_recipe_loads_and_offers_candidates():
         assert menu and all(recipe.limits.min_bits <= e.bits_per_weight <= recipe.limits.max_bits for e in menu)
 
 
+def test_bench_recipes_load_and_say_what_they_store():
+    """bench/recipes/*.toml (bench_peer's uniform conversions): each loads, offers int4/g128 alone, and stores
+    its dense classes as its comment says."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "bench" / "recipes"
+    stores = {"uniform_int4_g128": ("int8", "bf16"), "uniform_int4_g128_dense4": ("int4", "int8")}
+    assert {p.stem for p in folder.glob("*.toml")} == set(stores)
+    for stem, (attention, head) in stores.items():
+        recipe = load_recipe(folder / f"{stem}.toml")
+        menu = recipe.expert_candidates((512, 256), "layers.0.experts.0.gate_proj")
+        assert [(e.kind, e.bits, e.group_size) for e in menu] == [("int", 4, 128)]
+        assert (recipe.dense.attention, recipe.dense.lm_head, recipe.dense.embedding) == (attention, head, "bf16")
+        enc = recipe.dense_encoding("attention", (1024, 1024), "layers.0.self_attn.q_proj.weight")
+        assert (enc.kind, enc.bits, enc.group_size) == ("int", int(attention[3:]), 128)
+
+
 def test_family_recipe_chosen_by_model_type():
     assert load_recipe(None, "qwen3_moe").name == "qwen3_moe"
     assert load_recipe(None, "unknown_family").name == "default"
