@@ -15,6 +15,7 @@ from .. import native
 from ..native.attention_decode import attention_decode, attention_ops
 from ..native.decode_layer import decode_layer, layer_step
 from .linear import Linear
+from .moe import MoEBlock, RouterOutput, SoftmaxTopKRouter
 from .rope import apply_rotary
 
 
@@ -304,8 +305,6 @@ class DecoderLayer(nn.Module):
         softmax top-k router, routed in the same call. Worked out at the first decode step."""
         step = self.__dict__.get("_native_decode_step")
         if step is None:
-            from .moe import MoEBlock, SoftmaxTopKRouter
-
             attn, norms, step = self.self_attn, (self.input_layernorm, self.post_attention_layernorm), False
             ops = attn._native_ops() if type(attn) is Attention else False
             if ops and all(type(n) is RMSNorm for n in norms):
@@ -328,13 +327,11 @@ class DecoderLayer(nn.Module):
         if slot is None:
             return None
         keys, values, n = slot
-        y, h, route = decode_layer(x.reshape(-1), step, ctx.cos[0], ctx.sin[0], keys, values, n)
+        y, h, route = decode_layer(x.reshape(-1).contiguous(), step, ctx.cos[0], ctx.sin[0], keys, values, n)
         ctx.cache.lengths[self.index] = n + 1
         h = h.view(1, -1)
         if route is None:
             out = self.mlp(h.view(1, 1, -1)).view(1, -1)
         else:
-            from .moe import RouterOutput
-
             out = self.mlp.after_route(h, RouterOutput(*route))
         return (y.view(1, -1) + out).view(1, 1, -1)
