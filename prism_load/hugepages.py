@@ -1,4 +1,5 @@
-"""Memory for resident packed experts, asked of the kernel in transparent huge pages.
+"""Memory for packed experts (the resident loader's arenas, the expert cache's slabs), asked of the kernel in
+transparent huge pages.
 
 Why: decode streams every chosen expert's bytes once a token. On 4 KiB pages that is one TLB refill per 4 KiB
 (tens of thousands a token on a few-hundred-MB model), and the hardware prefetchers stop at each page edge;

@@ -77,3 +77,26 @@ def test_resident_experts_share_an_arena_and_keep_their_logits(tmp_path, monkeyp
         assert min(t.data_ptr() for t in weights_tensors(first)) % 4096 == 0
     with torch.no_grad():
         assert torch.equal(plain(ids), arena(ids))
+
+
+def test_cache_slabs_are_huge_page_buffers(monkeypatch):
+    """The expert cache's slabs (runtime/tiers.SlabPool) are huge_buffer()s, so a cached expert streams from 2 MiB
+    pages as a resident one does; the pool counts what it was asked for, not the alignment slack."""
+    from prism_load.runtime.tiers import SlabPool
+
+    monkeypatch.delenv("PRISM_HUGEPAGES", raising=False)
+    nbytes = 2 * hugepages.HUGE_PAGE + 4096
+    pool = SlabPool(budget_bytes=4 * nbytes)
+    slab = pool.take(nbytes)
+    assert slab.numel() == nbytes and pool.total_bytes == nbytes
+    if hugepages._madvise() is None:
+        pytest.skip("no madvise on this platform: ordinary pages")
+    assert slab.data_ptr() % hugepages.HUGE_PAGE == 0
+    pool.give(slab)
+    assert pool.take(nbytes) is slab  # reused as it is
+    if thp_offered():
+        slab.fill_(1)
+        assert "hg" in vma_flags(slab.data_ptr()).get("VmFlags", "").split()
+    monkeypatch.setenv("PRISM_HUGEPAGES", "0")
+    plain = SlabPool(budget_bytes=4 * nbytes).take(nbytes)
+    assert plain.untyped_storage().nbytes() == nbytes

@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..hugepages import huge_buffer
 from ..models.moe import ExpertWeights
 from .stores import TENSOR_ALIGNMENT, ExpertStore, Key
 
@@ -77,7 +78,8 @@ class SlabPool:
     """Buffers of the CPU fast tier, reused across evictions (under the cache lock). glibc keeps freed
     expert-sized blocks in its heaps (its mmap threshold rises with each such free), so without slabs the
     resident set grows to about twice the budget; with them the tier's memory is the budget. Free slabs of
-    other sizes are released when a new size would not fit."""
+    other sizes are released when a new size would not fit. Slabs are huge_buffer()s (prism_load/hugepages.py):
+    a cached expert streams from 2 MiB pages as a resident one does."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes, self.total_bytes = budget_bytes, 0
@@ -92,7 +94,7 @@ class SlabPool:
                 self.free[size].pop()
                 self.total_bytes -= size
         self.total_bytes += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return huge_buffer(nbytes)
 
     def give(self, slab: torch.Tensor) -> None:
         self.free.setdefault(slab.numel(), []).append(slab)
