@@ -100,3 +100,25 @@ def test_cache_slabs_are_huge_page_buffers(monkeypatch):
     monkeypatch.setenv("PRISM_HUGEPAGES", "0")
     plain = SlabPool(budget_bytes=4 * nbytes).take(nbytes)
     assert plain.untyped_storage().nbytes() == nbytes
+
+
+def test_cached_experts_in_offset_slabs_keep_their_logits(tmp_path, monkeypatch):
+    """A huge-page slab views its allocation from a 2 MiB boundary further in; a miss's operators must view the
+    slab's bytes, not its allocation's start (as_strided counts from the storage). Here on 4 KiB 'huge pages' so
+    the tiny experts take the aligned path: greedy decode through a 50% cache equals the resident model's."""
+    from runtime_fixtures import RUNTIME_CONFIG, write_runtime_container
+
+    config = dict(RUNTIME_CONFIG, hidden_size=128, intermediate_size=256)  # experts of 50 KB: above 4 KiB
+    path = write_runtime_container(tmp_path / "m.prism", config=config, mix=[dict(kind="int", bits=4, group_size=32)])
+    ids = torch.randint(0, config["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(1))
+    resident = prism_load.load(path)
+    monkeypatch.setattr(hugepages, "HUGE_PAGE", 4096)
+    cached = prism_load.load(path, expert_cache="50%", prefetch=False)
+    with torch.no_grad():
+        want = resident.generate(ids, max_new_tokens=12, eos_token_id=[])
+        got = cached.generate(ids, max_new_tokens=12, eos_token_id=[])
+        assert torch.equal(resident(want), cached(want))
+    assert torch.equal(got, want) and cached.stats()["misses"] > 0
+    slabs = [e.slab for e in cached.runtime.cache._entries.values() if e.slab is not None]
+    if hugepages._madvise() is not None:
+        assert slabs and any(s.storage_offset() > 0 for s in slabs)  # the case this test is about

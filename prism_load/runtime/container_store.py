@@ -121,7 +121,11 @@ class ContainerStore(StoreBase):
             return self.decode(layer, expert, buf)
         template, ranges, dtypes = plan
         typed = {dtype: buf if dtype == torch.uint8 else buf.view(dtype) for dtype in dtypes}  # one view per dtype
-        views = iter([typed[dtype].as_strided(shape, stride, offset) for dtype, shape, stride, offset in ranges])
+        # as_strided's offset counts from its storage's start, and a slab may view its storage from further in
+        # (a huge-page buffer starts on a 2 MiB boundary of a larger allocation)
+        base = {dtype: t.storage_offset() for dtype, t in typed.items()}
+        views = iter([typed[dtype].as_strided(shape, stride, base[dtype] + offset)
+                      for dtype, shape, stride, offset in ranges])
         return map_weights(template, lambda _: next(views))
 
     def _view_plan(self, layer, expert):
