@@ -102,14 +102,18 @@ def test_cache_slabs_are_huge_page_buffers(monkeypatch):
     assert plain.untyped_storage().nbytes() == nbytes
 
 
-def test_cached_experts_in_offset_slabs_keep_their_logits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mix", [[dict(kind="int", bits=4, group_size=32)],
+                                 [dict(kind="int", bits=3, group_size=32), dict(kind="bf16")]],
+                         ids=["views-of-the-read", "decoded-or-widened"])
+def test_cached_experts_in_offset_slabs_keep_their_logits(tmp_path, monkeypatch, mix):
     """A huge-page slab views its allocation from a 2 MiB boundary further in; a miss's operators must view the
     slab's bytes, not its allocation's start (as_strided counts from the storage). Here on 4 KiB 'huge pages' so
-    the tiny experts take the aligned path: greedy decode through a 50% cache equals the resident model's."""
+    the tiny experts take the aligned path: greedy decode through a 50% cache equals the resident model's, for
+    experts the cache views as read and for experts it widens or decodes into the slab."""
     from runtime_fixtures import RUNTIME_CONFIG, write_runtime_container
 
     config = dict(RUNTIME_CONFIG, hidden_size=128, intermediate_size=256)  # experts of 50 KB: above 4 KiB
-    path = write_runtime_container(tmp_path / "m.prism", config=config, mix=[dict(kind="int", bits=4, group_size=32)])
+    path = write_runtime_container(tmp_path / "m.prism", config=config, mix=mix)
     ids = torch.randint(0, config["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(1))
     resident = prism_load.load(path)
     monkeypatch.setattr(hugepages, "HUGE_PAGE", 4096)
