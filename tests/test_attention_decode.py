@@ -22,6 +22,15 @@ QWEN = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=128, intermediate
             tie_word_embeddings=False, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
 
 
+
+@pytest.fixture(autouse=True)
+def per_layer(monkeypatch):
+    """The whole-token call (models/native_token.py, tests/test_native_token.py) off: these tests are about
+    the attention's step, which it would otherwise run inside its one native loop."""
+    from prism_load.models import native_token
+
+    monkeypatch.setattr(native_token, "run", lambda *a: None)
+
 def packed_model(requested="native-int16", bits=8, config=CONFIG):
     """A random fp32 model whose attention projections are int-packed, q, k and v fused (as load() leaves them)."""
     from prism_load.packed import fuse_qkv, swap_dense

@@ -1,10 +1,13 @@
-"""models/native_token.py: a decode token of a plain resident model through every layer in one native call
-(decode_layer.c's prism_decode_layers). The same C functions run in the same order as the per-layer steps, so
-the logits and caches must be the same bits; anything that watches or steers a layer (an observer, a layer hook,
-an expert cache) must take the per-layer path instead, and a replaced expert source must be noticed."""
+"""models/native_token.py: a decode token of a plain model through every layer in one native call
+(decode_layer.c): experts from tables where all are resident native blocks, else served between layers by
+Python callbacks (an expert cache, resident experts in other forms). The same C functions and the same Python run
+in the same order as the per-layer steps, so the logits, caches and cache statistics must be the same; an
+observer must take the per-layer path instead, a replaced expert source must be noticed, and an exception in a
+callback must come out of the forward."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from containers import TINY_CONFIG, encode, make_encoding, random_model
 
@@ -17,9 +20,9 @@ CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_exp
               num_key_value_heads=2, num_hidden_layers=3)
 
 
-def write_plain(folder, config=CONFIG):
+def write_plain(folder, config=CONFIG, mixed=False):
     """A container as the built-in recipes store one: attention int8, experts int4, routers and norms fp32,
-    embeddings and head bf16."""
+    embeddings and head bf16; mixed: every odd expert's gate bf16 (no native block takes that expert)."""
     model = random_model(config)
     dense = {}
     for name, t in model.state_dict().items():
@@ -40,10 +43,12 @@ def write_plain(folder, config=CONFIG):
             tensors = {"gate_proj": gate_up[e, :inter], "up_proj": gate_up[e, inter:], "down_proj": down[e]}
             encoded = {}
             for name, w in tensors.items():
-                enc = make_encoding(dict(kind="int", bits=4, group_size=32), tuple(w.shape))
+                spec = dict(kind="bf16") if mixed and e % 2 and name == "gate_proj" else \
+                    dict(kind="int", bits=4, group_size=32)
+                enc = make_encoding(spec, tuple(w.shape))
                 encoded[name] = (enc, encode(w, enc))
             experts.append(ExpertInput(layer, e, "hot", 0.5, 0.25, "fast", encoded))
-    return write_container(folder / "plain.prism", config=config, source={"model_id": "test/plain", "revision": "r"},
+    return write_container(folder / ("mixed.prism" if mixed else "plain.prism"), config=config, source={"model_id": "test/plain", "revision": "r"},
                            dense=dense, experts=experts, recipe={"name": "test"}, budget={"bits": 4.0},
                            shard_size_bytes=1 << 20, tokenizer_files=[])
 
@@ -82,15 +87,14 @@ def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch):
         assert torch.equal(a[:, :, :75], b[:, :, :75])
 
 
-def test_steps_aside_for_observers_hooks_and_caches(q8, tmp_path, monkeypatch):
-    path = write_plain(tmp_path)
-    model = prism_load.load(path, expert_kernel="native-int16")
+def test_steps_aside_for_observers_and_hooks(q8, tmp_path, monkeypatch):
+    model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
     runs = count(monkeypatch, TokenLayers, "run")
     reference, _ = decode(model, 3)
     assert len(runs) == 3
 
     seen = []
-    model.layer_hook = lambda i, x: seen.append(i)  # prefetch's hook sees every layer's output
+    model.layer_hook = lambda i, x: seen.append(i)  # a hook on a table model: the per-layer path calls it
     hooked, _ = decode(model, 3)
     model.layer_hook = None
     assert len(runs) == 3 and seen == list(range(CONFIG["num_hidden_layers"])) * 4 and torch.equal(hooked, reference)
@@ -111,16 +115,62 @@ def test_steps_aside_for_observers_hooks_and_caches(q8, tmp_path, monkeypatch):
     model.layers[1].mlp.observer = None
     assert len(runs) == 3 and routes.layers == [1] * 4 and torch.equal(observed, reference)
 
-    cached = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False)
-    from_cache, _ = decode(cached, 3)
-    assert len(runs) == 3 and cached.stats()["uses"] > 0  # the cache served (and counted) every expert
-    assert torch.equal(from_cache, reference)
 
+@pytest.mark.parametrize("how", ["cache-50%", "cache-50%-prefetch", "resident-mixed-forms"])
+def test_served_experts_give_the_per_layer_paths_logits_and_statistics(q8, tmp_path, monkeypatch, how):
+    """Experts an expert cache serves (with and without prefetch's hook) and resident experts some of which no
+    native block takes: the loop calls back for them; the logits, caches and the cache's counts equal the
+    per-layer path's."""
+    path = write_plain(tmp_path, mixed=how == "resident-mixed-forms")
+    options = {"resident-mixed-forms": {}, "cache-50%": dict(expert_cache="50%", prefetch=False),
+               "cache-50%-prefetch": dict(expert_cache="50%", prefetch=True)}[how]
+    served = count(monkeypatch, TokenLayers, "run_served")
+
+    def run(model):
+        out, cache = decode(model, 40)
+        return out, cache, (model.stats() if hasattr(model, "stats") else None)
+
+    whole, whole_cache, whole_stats = run(prism_load.load(path, expert_kernel="native-int16", **options))
+    assert len(served) == 40
+    monkeypatch.setattr(native_token, "run", lambda *a: None)
+    per_layer, per_layer_cache, per_layer_stats = run(prism_load.load(path, expert_kernel="native-int16", **options))
+    assert len(served) == 40
+    assert torch.equal(whole, per_layer)
+    for a, b in zip(whole_cache.keys + whole_cache.values, per_layer_cache.keys + per_layer_cache.values):
+        assert torch.equal(a[:, :, :45], b[:, :, :45])
+    if how == "cache-50%":  # no prefetch thread: the counts are deterministic
+        keys = ("uses", "hits", "misses", "evictions", "bytes_fetched")
+        assert {k: whole_stats[k] for k in keys} == {k: per_layer_stats[k] for k in keys}
+        assert whole_stats["misses"] > 0
+    if how == "resident-mixed-forms":
+        resident = prism_load.load(path, expert_kernel="native-int16")
+        assert resident.layers[0].mlp.experts.native_blocks() is None  # the odd experts' bf16 gates
+
+
+def test_a_replaced_source_is_noticed_and_a_callbacks_error_comes_out(q8, tmp_path, monkeypatch):
+    path = write_plain(tmp_path)
+    model = prism_load.load(path, expert_kernel="native-int16")
     decode(model, 1)
-    assert len(runs) == 4
+    assert not model.__dict__["_token_layers"][0].served
+    cached = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False)
     model.layers[2].mlp.experts = cached.layers[2].mlp.experts  # a replaced expert source: worked out again
     decode(model, 1)
-    assert len(runs) == 4 and model.__dict__["_token_layers"][0] is False
+    assert model.__dict__["_token_layers"][0].served
+
+    class Broken(RuntimeError):
+        pass
+
+    def acquire(*args):
+        raise Broken("the cold tier is gone")
+
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids, cache=cache)
+        monkeypatch.setattr(model.layers[1].mlp.experts, "acquire", acquire)
+        with pytest.raises(Broken, match="cold tier"):
+            model(ids[:, :1], cache=cache)  # decode: raised in a callback, carried out of the native loop
+    assert cache.lengths == [3] * CONFIG["num_hidden_layers"]  # the failed token counted in no layer
 
 
 def test_not_taken_where_a_layer_does_not_qualify(q8, tmp_path, monkeypatch):

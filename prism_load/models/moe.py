@@ -194,24 +194,36 @@ class MoEBlock(nn.Module):
             out = out + shared
         return out
 
+    def native_blocks(self, ids: list[int], weights) -> list | None:
+        """The acquired experts `ids` as expert_block.c operators (ExpertWeights.block) where every one is, in one
+        rounding of x, and nothing watches them one by one (an observer) or changes their activation; else None."""
+        if self.observer is not None or self.activation is not silu_glu:
+            return None
+        blocks = [weights[e].block() for e in ids]
+        return blocks if all(blocks) and len({b.wide for b in blocks}) == 1 else None
+
+    def decode_sum(self, flat: torch.Tensor, ids: list[int], weights, route_weights: torch.Tensor) -> torch.Tensor:
+        """One token's sum of weight x expert(x) over its acquired experts `ids`, one expert at a time (the path
+        for experts expert_block.c does not take): flat [1, H], route_weights [1, K]."""
+        out = torch.zeros_like(flat)
+        for k, e in enumerate(ids):
+            y, h = expert_forward(flat, weights[e], self.activation)
+            w = route_weights[:, k : k + 1]
+            if self.observer is not None:
+                self.observer.on_expert(self.layer_index, e, flat, h, w[:, 0])
+            out += y * w
+        return out
+
     def routed(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """Sum of weight x expert(x) over each token's chosen experts; one matmul pair per used expert."""
         indices = route.indices
         if indices.shape[0] == 1:  # decode: no sort needed, just the K chosen experts
             ids = indices[0].tolist()
             weights = self.experts.acquire(self.layer_index, ids)
-            if self.observer is None and self.activation is silu_glu:  # one native call where each is a native block
-                blocks = [weights[e].block() for e in ids]
-                if all(blocks) and len({b.wide for b in blocks}) == 1:
-                    return expert_block(flat, blocks, route.weights).to(flat.dtype)
-            out = torch.zeros_like(flat)
-            for k, e in enumerate(ids):
-                y, h = expert_forward(flat, weights[e], self.activation)
-                w = route.weights[:, k : k + 1]
-                if self.observer is not None:
-                    self.observer.on_expert(self.layer_index, e, flat, h, w[:, 0])
-                out += y * w
-            return out
+            blocks = self.native_blocks(ids, weights)
+            if blocks is not None:  # one native call where each is a native block
+                return expert_block(flat, blocks, route.weights).to(flat.dtype)
+            return self.decode_sum(flat, ids, weights, route.weights)
         used = torch.unique(indices).tolist()
         weights = self.experts.acquire(self.layer_index, used)
         out = torch.zeros_like(flat)

@@ -1,29 +1,35 @@
 """A decode token through every decoder layer in one native call (native.decode_layer.TokenLayers), for a model
-that is resident and plain: every layer takes decode_layer.c's step with a softmax top-k router, every MoE block
-is routed experts only (SwiGLU, no shared expert), all resident as native expert_block.c operators.
+whose layers are plain: every layer takes decode_layer.c's step with a softmax top-k router, and every MoE block
+is routed experts only (SwiGLU, no shared expert).
 
-Why: with the per-layer native steps, what remains between them is Python that decides nothing for such a
-model (module calls, expert lookups, wrappers' checks, argument arrays): about 60 microseconds a layer on a
-Zen 4 core, a sixth of a decode token of a Mixtral-shaped model of hidden 1024 (bench/results/
-decode_profile_zen4.md). The calls are the same C functions in the same order, so the logits are the same bits.
+- All experts resident as native expert_block.c operators: the loop reads them from a table per layer.
+- Otherwise (an expert cache, or resident experts some of which no native block takes): the loop calls back
+  into Python between layers, where the experts are acquired as the per-layer path acquires them (the cache
+  counts, pins, loads and evicts as before) and, where they are native blocks, handed to the loop; prefetch's
+  layer hook is called back after each layer, where the per-layer path called it.
 
-Anything that watches or steers a layer (an expert cache and its statistics, prefetch's layer hook, an observer)
-keeps the per-layer path: `token_layers` says None, or `run` steps aside for that token.
+Why: with the per-layer native steps, what remains between them is Python that decides nothing (module calls,
+wrappers' checks, argument arrays): about 60 microseconds a layer on a Zen 4 core, a sixth of a decode token of
+a Mixtral-shaped model of hidden 1024 (bench/results/decode_profile_zen4.md). The calls are the same C functions
+in the same order, and the callbacks the same Python, so the logits are the same bits.
+
+An observer (prism profile's) keeps the per-layer path for that token; so do padding, another dtype, a graph
+recorded for gradients.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..native.decode_layer import TokenLayers
+from ..native.decode_layer import ExpertServer, TokenLayers
 from .layers import DecoderLayer, ForwardContext
 from .moe import MoEBlock, silu_glu
 
 
 def token_layers(model) -> TokenLayers | None:
-    """The model's TokenLayers where every layer qualifies (see the module's docstring), else None. Worked out
-    at a model's first decode step, and again if its MLPs or expert sources are replaced (an expert cache
-    attached)."""
+    """The model's TokenLayers where every layer qualifies (see the module's docstring), else None; experts in
+    tables where every one is a resident native block, else served. Worked out at a model's first decode step,
+    and again if its MLPs or expert sources are replaced (an expert cache attached)."""
     steps, experts = [], []
     for layer in model.layers:
         mlp = layer.mlp
@@ -31,12 +37,39 @@ def token_layers(model) -> TokenLayers | None:
                 or mlp.shared_expert is not None:
             return None
         step = layer._native_step()
-        blocks = getattr(mlp.experts, "native_blocks", lambda: None)()
-        if not step or step.router is None or blocks is None or len(blocks) != step.router.shape[0]:
+        if not step or step.router is None:
             return None
+        blocks = getattr(mlp.experts, "native_blocks", lambda: None)()
         steps.append(step)
-        experts.append(blocks)
-    return TokenLayers(steps, experts) if steps else None
+        experts.append(blocks if blocks is not None and len(blocks) == step.router.shape[0] else None)
+    if not steps:
+        return None
+    return TokenLayers(steps, None if any(b is None for b in experts) else experts)
+
+
+def expert_server(model, plan: TokenLayers) -> ExpertServer:
+    """The callbacks of a served TokenLayers: a layer's experts acquired from its MoE block's source, handed over
+    as native blocks where they are, else summed by the block's Python path into the loop's buffer."""
+    layers = list(model.layers)
+    acquired = [None]  # the last layer's experts (a cache lease pins them): held until the next layer's
+
+    def route(at: int, h: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, moe: torch.Tensor):
+        mlp = layers[at].mlp
+        k = mlp.router.top_k
+        ids = indices[:k].tolist()
+        acquired[0] = got = mlp.experts.acquire(mlp.layer_index, ids)
+        blocks = mlp.native_blocks(ids, got)
+        if blocks is None:
+            moe.copy_(mlp.decode_sum(h.view(1, -1), ids, got, weights[:k].view(1, -1)).view(-1))
+        return blocks
+
+    def hook(at: int, out: torch.Tensor) -> None:
+        model.layer_hook(layers[at].index, out.view(1, 1, -1))
+
+    server = ExpertServer(plan.hidden, max(s.router.shape[0] for s in plan.steps),
+                          max(s.top_k for s in plan.steps), route)
+    server.model_hook = hook
+    return server
 
 
 def module_refs(model) -> list:
@@ -52,16 +85,19 @@ def same_modules(model, refs: list) -> bool:
 
 def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
     """Every layer's output for one decode token x [1, 1, H] (fp32) in one native call, or None where this token
-    needs the per-layer path (no cache, padding, a layer hook, an observer, another dtype or rotary, a graph
-    being recorded for gradients)."""
+    needs the per-layer path (no cache, padding, an observer, another dtype or rotary, a graph being recorded
+    for gradients)."""
     layers = model.layers
     found = model.__dict__.get("_token_layers")
     if found is None or not same_modules(model, found[1]):  # worked out for other modules
-        found = model.__dict__["_token_layers"] = (token_layers(model) or False, module_refs(model))
-    plan = found[0]
-    if (not plan or model.layer_hook is not None or ctx.cache is None or ctx.key_valid is not None
+        plan = token_layers(model) or False
+        server = expert_server(model, plan) if plan and plan.served else None
+        found = model.__dict__["_token_layers"] = (plan, module_refs(model), server)
+    plan, _, server = found
+    if (not plan or ctx.cache is None or ctx.key_valid is not None
             or x.dtype is not torch.float32 or ctx.cos.dim() != 2 or (torch.is_grad_enabled() and x.requires_grad)
-            or any(layer.mlp.observer is not None for layer in layers)):
+            or any(layer.mlp.observer is not None for layer in layers)
+            or (model.layer_hook is not None and server is None)):
         return None
     slots = []
     for layer in layers:
@@ -69,7 +105,11 @@ def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         if slot is None:
             return None
         slots.append(slot)
-    out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots)
+    if server is None:
+        out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots)
+    else:
+        server.hook = server.model_hook if model.layer_hook is not None else None
+        out = plan.run_served(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server)
     lengths = ctx.cache.lengths
     for layer, (_, _, n) in zip(layers, slots):
         lengths[layer.index] = n + 1

@@ -117,3 +117,58 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
     free(scratch);
     return rc;
 }
+
+typedef int64_t (*dl_layer_fn)(int64_t layer);
+
+/* prism_decode_layers for experts the caller serves (an expert cache): after each layer's routing the loop calls
+ * route(l), which acquires the routed experts and returns the address of their 3k operator pointers for
+ * prism_expert_block (their rounding of x in ctl[0]), or 0 when it has written the experts' weighted sum into
+ * moe itself (experts in a form expert_block.c does not take), or a negative number when it failed (this call
+ * then returns -3 at once). After each layer's residual add, hook(l) (0: none) sees that layer's output in out.
+ * The callbacks run on this thread, outside every parallel region, between the layers: where the Python path
+ * called them.
+ *
+ * Why: with an expert cache, the per-layer calls leave a layer about 60 microseconds of Python besides the
+ * cache's own work; this keeps the cache's work (and prefetch's hook) and drops the rest.
+ *
+ * Arguments: hdr = {x, out, layers L, hidden H, threads, route, hook, y, h, moe, logits, weights, indices, ctl}:
+ * x and out as prism_decode_layers takes them; y, h, moe fp32 [H], logits fp32 [E], weights fp32 [k],
+ * indices int64 [k], ctl int64 [1]: the caller's buffers, which the callbacks read and write; layers = L
+ * records {step, 0, experts E, 0}. Returns 0, -2 for arguments it does not take, -3 when a callback failed. */
+int prism_decode_layers_served(const int64_t *hdr, const int64_t *layers) {
+    const int64_t L = hdr[2], H = hdr[3];
+    float *out = (float *)(intptr_t)hdr[1];
+    const dl_layer_fn route = (dl_layer_fn)(intptr_t)hdr[5], hook = (dl_layer_fn)(intptr_t)hdr[6];
+    float *y = (float *)(intptr_t)hdr[7], *h = (float *)(intptr_t)hdr[8], *moe = (float *)(intptr_t)hdr[9];
+    int64_t *indices = (int64_t *)(intptr_t)hdr[12], *ctl = (int64_t *)(intptr_t)hdr[13];
+    if (L < 1 || H < 1 || !hdr[0] || !out || !route || !y || !h || !moe || !hdr[10] || !hdr[11] || !indices ||
+        !ctl)
+        return -2;
+    const float *x = (const float *)(intptr_t)hdr[0];
+    int rc = 0;
+    for (int64_t l = 0; l < L && !rc; l++) {
+        const int64_t *rec = layers + 4 * l;
+        const int64_t E = rec[2];
+        int64_t step[16];
+        memcpy(step, (const int64_t *)(intptr_t)rec[0], sizeof step);
+        const int64_t k = step[10];
+        if (!step[8] || step[9] != E || E < 1 || E > DL_MAX_EXPERTS || k < 1 || k > DL_MAX_TOP_K || k > E ||
+            step[15] != H)
+            return -2;
+        step[0] = (int64_t)(intptr_t)x, step[1] = (int64_t)(intptr_t)y, step[2] = (int64_t)(intptr_t)h;
+        step[12] = hdr[10], step[13] = hdr[12], step[14] = hdr[11];
+        rc = prism_decode_layer(step);
+        if (rc) break;
+        const int64_t served = route(l);
+        if (served < 0) return -3;
+        if (served > 0) {
+            const int64_t experts[5] = {(int64_t)(intptr_t)h, (int64_t)(intptr_t)moe, k, hdr[4], ctl[0]};
+            rc = prism_expert_block(experts, (const int64_t *const *)(intptr_t)served, (const float *)(intptr_t)hdr[11]);
+            if (rc) break;
+        }
+        for (int64_t j = 0; j < H; j++) out[j] = y[j] + moe[j];
+        x = out;
+        if (hook && hook(l) < 0) return -3;
+    }
+    return rc;
+}
