@@ -51,13 +51,14 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
     """The callbacks of a served TokenLayers: a layer's experts acquired from its MoE block's source, handed over
     as native blocks where they are, else summed by the block's Python path into the loop's buffer."""
     layers = list(model.layers)
-    acquired = [None]  # the last layer's experts (a cache lease pins them): held until the next layer's
 
     def route(at: int, h: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, moe: torch.Tensor):
+        """The blocks (their operators hold the experts' tensors until the loop has run them; the cache's pins
+        hold the experts until this thread's next acquire, as on the per-layer path), or None once summed."""
         mlp = layers[at].mlp
         k = mlp.router.top_k
         ids = indices[:k].tolist()
-        acquired[0] = got = mlp.experts.acquire(mlp.layer_index, ids)
+        got = mlp.experts.acquire(mlp.layer_index, ids)
         blocks = mlp.native_blocks(ids, got)
         if blocks is None:
             moe.copy_(mlp.decode_sum(h.view(1, -1), ids, got, weights[:k].view(1, -1)).view(-1))
