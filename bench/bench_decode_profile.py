@@ -54,8 +54,7 @@ def wrap_native() -> None:
         fn.expert_block = _traced(fn.expert_block, BLOCK_RANGE)
         fn.attention_decode = _traced(fn.attention_decode, ATTENTION_RANGE)
         fn.decode_layer = _traced(fn.decode_layer, LAYER_RANGE)
-        fn.decode_layers = _traced(fn.decode_layers, TOKEN_RANGE)
-        fn.decode_layers_served = _traced(fn.decode_layers_served, TOKEN_RANGE)  # its callbacks' Python inside
+        fn.decode_layers = _traced(fn.decode_layers, TOKEN_RANGE)  # a served loop's callbacks' Python inside
 
 
 def decode(model, prompt: torch.Tensor, tokens: int) -> float:

@@ -70,9 +70,23 @@ def count(monkeypatch, module, name) -> list:
     return calls
 
 
+def count_runs(monkeypatch, served: bool) -> list:
+    """TokenLayers.run calls of plans whose experts are served (True) or in tables (False)."""
+    calls = []
+    real = TokenLayers.run
+
+    def run(self, *args, **kwargs):
+        if self.served == served:
+            calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenLayers, "run", run)
+    return calls
+
+
 def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch):
     model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
-    runs, steps = count(monkeypatch, TokenLayers, "run"), count(monkeypatch, layers, "decode_layer")
+    runs, steps = count_runs(monkeypatch, served=False), count(monkeypatch, layers, "decode_layer")
     whole, whole_cache = decode(model)  # 5 + 70 positions: the caches grow past their first 64 slots
     assert isinstance(model.__dict__["_token_layers"][0], TokenLayers)
     assert len(runs) == 70 and steps == []
@@ -89,7 +103,7 @@ def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch):
 
 def test_steps_aside_for_observers_and_hooks(q8, tmp_path, monkeypatch):
     model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
-    runs = count(monkeypatch, TokenLayers, "run")
+    runs = count_runs(monkeypatch, served=False)
     reference, _ = decode(model, 3)
     assert len(runs) == 3
 
@@ -124,7 +138,7 @@ def test_served_experts_give_the_per_layer_paths_logits_and_statistics(q8, tmp_p
     path = write_plain(tmp_path, mixed=how == "resident-mixed-forms")
     options = {"resident-mixed-forms": {}, "cache-50%": dict(expert_cache="50%", prefetch=False),
                "cache-50%-prefetch": dict(expert_cache="50%", prefetch=True)}[how]
-    served = count(monkeypatch, TokenLayers, "run_served")
+    served = count_runs(monkeypatch, served=True)
 
     def run(model):
         out, cache = decode(model, 40)
@@ -175,6 +189,6 @@ def test_a_replaced_source_is_noticed_and_a_callbacks_error_comes_out(q8, tmp_pa
 
 def test_not_taken_where_a_layer_does_not_qualify(q8, tmp_path, monkeypatch):
     model = prism_load.load(write_plain(tmp_path), expert_kernel="native")  # the exact kernel: no integer operators
-    runs = count(monkeypatch, TokenLayers, "run")
+    runs = count_runs(monkeypatch, served=False)
     decode(model, 2)
     assert runs == [] and model.__dict__["_token_layers"][0] is False

@@ -67,10 +67,7 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
     def hook(at: int, out: torch.Tensor) -> None:
         model.layer_hook(layers[at].index, out.view(1, 1, -1))
 
-    server = ExpertServer(plan.hidden, max(s.router.shape[0] for s in plan.steps),
-                          max(s.top_k for s in plan.steps), route)
-    server.model_hook = hook
-    return server
+    return ExpertServer(plan, route, hook)
 
 
 def module_refs(model) -> list:
@@ -106,11 +103,7 @@ def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         if slot is None:
             return None
         slots.append(slot)
-    if server is None:
-        out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots)
-    else:
-        server.hook = server.model_hook if model.layer_hook is not None else None
-        out = plan.run_served(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server)
+    out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server, hooked=model.layer_hook is not None)
     lengths = ctx.cache.lengths
     for layer, (_, _, n) in zip(layers, slots):
         lengths[layer.index] = n + 1

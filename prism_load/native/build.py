@@ -148,6 +148,5 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.attention_decode = _bind(lib, "prism_attention_decode")  # int64 args[19]: attention_decode.c
     fn.router_topk = _bind(lib, "prism_router_topk")  # int64 args[9]: router_topk.c
     fn.decode_layer = _bind(lib, "prism_decode_layer")  # int64 args[16]: decode_layer.c
-    fn.decode_layers = _bind(lib, "prism_decode_layers", 2)  # int64 hdr[5], int64 layers[4L]: decode_layer.c
-    fn.decode_layers_served = _bind(lib, "prism_decode_layers_served", 2)  # int64 hdr[14], layers[4L]: the same
+    fn.decode_layers = _bind(lib, "prism_decode_layers", 2)  # int64 hdr[14], int64 layers[4L]: decode_layer.c
     return fn, None, seconds

@@ -61,28 +61,41 @@ int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const floa
 #define DL_MAX_EXPERTS 4096 /* router_topk.c's RT_MAX_EXPERTS */
 #define DL_MAX_TOP_K 64     /* expert_block.c's EB_MAX_EXPERTS */
 
+typedef int64_t (*dl_layer_fn)(int64_t layer);
+
 /* Every decoder layer of one decode token in one call, for a model whose layers all take the step above with a
- * router and whose experts are all resident expert_block.c operators: per layer, the step, then the routed
- * experts through prism_expert_block and the residual add (y + experts, in fp32 as torch adds them). The same
- * functions as the per-layer calls, in the same order: the same bits.
+ * router: per layer, the step, then the routed experts through prism_expert_block and the residual add (y +
+ * experts, in fp32 as torch adds them). The same functions as the per-layer calls, in the same order: the same
+ * bits. The experts come from one of two places:
+ *   - route 0: each layer's table of every expert's operators (all resident expert_block.c operators);
+ *   - route given (experts the caller serves: an expert cache): after each layer's routing the loop calls
+ *     route(l), which acquires the routed experts and returns the address of their 3k operator pointers (their
+ *     rounding of x in ctl[0]), or 0 when it has written the experts' weighted sum into moe itself (a form
+ *     expert_block.c does not take), or a negative number when it failed (this call then returns -3 at once).
+ * After each layer's residual add, hook(l) (0: none) sees that layer's output in out; a negative return stops
+ * the loop (-3). The callbacks run on this thread, outside every parallel region, between the layers: where the
+ * Python path called them.
  *
  * Why: what is left between the per-layer calls (the expert lookup, the wrappers, the module calls) is still
- * about 60 microseconds of Python a layer on a Zen 4 core; for a resident model none of it decides anything.
+ * about 60 microseconds of Python a layer on a Zen 4 core; none of it decides anything but the cache's work.
  *
- * Arguments: hdr = {x, out, layers L, hidden H, threads}: x fp32 [H] the embedded token (read only), out fp32
- * [H] <- the last layer's output; layers = L records {step, table, experts E, wide}: step the layer's int64[16]
- * arguments of prism_decode_layer with a router (its x, y, h and route output slots are this call's), table 3E
- * pointers to the operators' int64 arguments (gate, up and down of expert e at 3e), wide the experts' rounding
- * of x as prism_expert_block takes it. Returns 0, -1 when out of memory, -2 for arguments it does not take (a
- * routed index outside 0..E-1 among them). */
+ * Arguments: hdr = {x, out, layers L, hidden H, threads, route, hook, y, h, moe, logits, weights, indices, ctl}:
+ * x fp32 [H] the embedded token (read only), out fp32 [H] <- each layer's output in turn; y, h, moe fp32 [H],
+ * logits fp32 [E], weights fp32 [k], indices int64 [k], ctl int64 [1]: the caller's scratch, which the callbacks
+ * read and write; layers = L records {step, table, experts E, wide}: step the layer's int64[16] arguments of
+ * prism_decode_layer with a router (its x, y, h and route output slots are this call's), table 3E pointers to
+ * the operators' int64 arguments (gate, up and down of expert e at 3e; 0 when served), wide the experts'
+ * rounding of x as prism_expert_block takes it. Returns 0, -1 when out of memory, -2 for arguments it does not
+ * take (a routed index outside 0..E-1 among them), -3 when a callback failed. */
 int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
     const int64_t L = hdr[2], H = hdr[3];
     float *out = (float *)(intptr_t)hdr[1];
-    if (L < 1 || H < 1 || !hdr[0] || !out) return -2;
-    float *scratch = malloc(sizeof(float) * (size_t)(3 * H + DL_MAX_EXPERTS + DL_MAX_TOP_K));
-    if (!scratch) return -1;
-    float *y = scratch, *h = y + H, *moe = h + H, *logits = moe + H, *weights = logits + DL_MAX_EXPERTS;
-    int64_t indices[DL_MAX_TOP_K];
+    const dl_layer_fn route = (dl_layer_fn)(intptr_t)hdr[5], hook = (dl_layer_fn)(intptr_t)hdr[6];
+    float *y = (float *)(intptr_t)hdr[7], *h = (float *)(intptr_t)hdr[8], *moe = (float *)(intptr_t)hdr[9];
+    const float *weights = (const float *)(intptr_t)hdr[11];
+    const int64_t *indices = (const int64_t *)(intptr_t)hdr[12], *ctl = (const int64_t *)(intptr_t)hdr[13];
+    if (L < 1 || H < 1 || !hdr[0] || !out || !y || !h || !moe || !hdr[10] || !weights || !indices || !ctl)
+        return -2;
     const int64_t *ops[3 * DL_MAX_TOP_K];
     const float *x = (const float *)(intptr_t)hdr[0];
     int rc = 0;
@@ -94,76 +107,28 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
         memcpy(step, (const int64_t *)(intptr_t)rec[0], sizeof step);
         const int64_t k = step[10];
         if (!step[8] || step[9] != E || E < 1 || E > DL_MAX_EXPERTS || k < 1 || k > DL_MAX_TOP_K || k > E ||
-            step[15] != H || !table) {
-            rc = -2;
-            break;
-        }
-        step[0] = (int64_t)(intptr_t)x, step[1] = (int64_t)(intptr_t)y, step[2] = (int64_t)(intptr_t)h;
-        step[12] = (int64_t)(intptr_t)logits, step[13] = (int64_t)(intptr_t)indices;
-        step[14] = (int64_t)(intptr_t)weights;
-        rc = prism_decode_layer(step);
-        for (int64_t i = 0; i < k && !rc; i++) {
-            if (indices[i] < 0 || indices[i] >= E) rc = -2;
-            else
-                for (int j = 0; j < 3; j++) ops[3 * i + j] = table[3 * indices[i] + j];
-        }
-        if (rc) break;
-        const int64_t experts[5] = {(int64_t)(intptr_t)h, (int64_t)(intptr_t)moe, k, hdr[4], rec[3]};
-        rc = prism_expert_block(experts, ops, weights);
-        if (!rc)
-            for (int64_t j = 0; j < H; j++) out[j] = y[j] + moe[j];
-        x = out;
-    }
-    free(scratch);
-    return rc;
-}
-
-typedef int64_t (*dl_layer_fn)(int64_t layer);
-
-/* prism_decode_layers for experts the caller serves (an expert cache): after each layer's routing the loop calls
- * route(l), which acquires the routed experts and returns the address of their 3k operator pointers for
- * prism_expert_block (their rounding of x in ctl[0]), or 0 when it has written the experts' weighted sum into
- * moe itself (experts in a form expert_block.c does not take), or a negative number when it failed (this call
- * then returns -3 at once). After each layer's residual add, hook(l) (0: none) sees that layer's output in out.
- * The callbacks run on this thread, outside every parallel region, between the layers: where the Python path
- * called them.
- *
- * Why: with an expert cache, the per-layer calls leave a layer about 60 microseconds of Python besides the
- * cache's own work; this keeps the cache's work (and prefetch's hook) and drops the rest.
- *
- * Arguments: hdr = {x, out, layers L, hidden H, threads, route, hook, y, h, moe, logits, weights, indices, ctl}:
- * x and out as prism_decode_layers takes them; y, h, moe fp32 [H], logits fp32 [E], weights fp32 [k],
- * indices int64 [k], ctl int64 [1]: the caller's buffers, which the callbacks read and write; layers = L
- * records {step, 0, experts E, 0}. Returns 0, -2 for arguments it does not take, -3 when a callback failed. */
-int prism_decode_layers_served(const int64_t *hdr, const int64_t *layers) {
-    const int64_t L = hdr[2], H = hdr[3];
-    float *out = (float *)(intptr_t)hdr[1];
-    const dl_layer_fn route = (dl_layer_fn)(intptr_t)hdr[5], hook = (dl_layer_fn)(intptr_t)hdr[6];
-    float *y = (float *)(intptr_t)hdr[7], *h = (float *)(intptr_t)hdr[8], *moe = (float *)(intptr_t)hdr[9];
-    int64_t *indices = (int64_t *)(intptr_t)hdr[12], *ctl = (int64_t *)(intptr_t)hdr[13];
-    if (L < 1 || H < 1 || !hdr[0] || !out || !route || !y || !h || !moe || !hdr[10] || !hdr[11] || !indices ||
-        !ctl)
-        return -2;
-    const float *x = (const float *)(intptr_t)hdr[0];
-    int rc = 0;
-    for (int64_t l = 0; l < L && !rc; l++) {
-        const int64_t *rec = layers + 4 * l;
-        const int64_t E = rec[2];
-        int64_t step[16];
-        memcpy(step, (const int64_t *)(intptr_t)rec[0], sizeof step);
-        const int64_t k = step[10];
-        if (!step[8] || step[9] != E || E < 1 || E > DL_MAX_EXPERTS || k < 1 || k > DL_MAX_TOP_K || k > E ||
-            step[15] != H)
+            step[15] != H || (!route && !table))
             return -2;
         step[0] = (int64_t)(intptr_t)x, step[1] = (int64_t)(intptr_t)y, step[2] = (int64_t)(intptr_t)h;
         step[12] = hdr[10], step[13] = hdr[12], step[14] = hdr[11];
         rc = prism_decode_layer(step);
         if (rc) break;
-        const int64_t served = route(l);
-        if (served < 0) return -3;
-        if (served > 0) {
-            const int64_t experts[5] = {(int64_t)(intptr_t)h, (int64_t)(intptr_t)moe, k, hdr[4], ctl[0]};
-            rc = prism_expert_block(experts, (const int64_t *const *)(intptr_t)served, (const float *)(intptr_t)hdr[11]);
+        const int64_t *const *chosen = ops;
+        int64_t wide = rec[3];
+        if (route) {
+            const int64_t served = route(l);
+            if (served < 0) return -3;
+            chosen = (const int64_t *const *)(intptr_t)served; /* 0: the caller summed them into moe */
+            wide = ctl[0];
+        } else {
+            for (int64_t i = 0; i < k; i++) {
+                if (indices[i] < 0 || indices[i] >= E) return -2;
+                for (int j = 0; j < 3; j++) ops[3 * i + j] = table[3 * indices[i] + j];
+            }
+        }
+        if (chosen) {
+            const int64_t experts[5] = {(int64_t)(intptr_t)h, (int64_t)(intptr_t)moe, k, hdr[4], wide};
+            rc = prism_expert_block(experts, chosen, weights);
             if (rc) break;
         }
         for (int64_t j = 0; j < H; j++) out[j] = y[j] + moe[j];

@@ -106,14 +106,15 @@ def step_args(step: LayerStep, attention: ctypes.Array, x: int = 0, y: int = 0, 
 
 
 LAYER_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)  # decode_layer.c's dl_layer_fn
+SCRATCH = ("y", "h", "moe", "logits", "weights", "indices", "ctl")  # prism_decode_layers' buffers, in hdr order
 
 
 class TokenLayers:
-    """Every decoder layer of a model in one native call a decode token (decode_layer.c): each layer a routed
-    LayerStep, and its experts either all resident native blocks (expert_block.BlockOps) of one rounding, read
-    from a table (`run`), or served a layer at a time by the caller (`run_served`: an expert cache). Holds the
-    argument arrays from one token to the next; a token changes only the rotary tables, the caches and their
-    fill in them. One token at a time per model (a lock)."""
+    """Every decoder layer of a model in one native call a decode token (decode_layer.c's prism_decode_layers):
+    each layer a routed LayerStep, and its experts either all resident native blocks (expert_block.BlockOps) of
+    one rounding, read from a table, or served a layer at a time by an ExpertServer (an expert cache). Holds the
+    argument arrays and the loop's scratch from one token to the next; a token changes only the rotary tables,
+    the caches and their fill in them. One token at a time per model (a lock)."""
 
     def __init__(self, steps: list[LayerStep], experts: list[list[BlockOps]] | None = None):
         if not steps or any(s.router is None or s.hidden != steps[0].hidden or not 0 < s.top_k <= MAX_TOP_K
@@ -127,6 +128,11 @@ class TokenLayers:
         self.steps, self.experts, self.hidden = steps, experts, steps[0].hidden
         self.tables = None if experts is None else [
             (ctypes.c_void_p * (3 * len(b)))(*(a for x in b for a in x.addresses)) for b in experts]
+        hidden, e, k = self.hidden, max(s.router.shape[0] for s in steps), max(s.top_k for s in steps)
+        self.scratch = {name: torch.zeros(n, dtype=torch.float32) for name, n in
+                        (("y", hidden), ("h", hidden), ("moe", hidden), ("logits", e), ("weights", k))}
+        self.scratch |= {"indices": torch.zeros(k, dtype=torch.int64), "ctl": torch.zeros(1, dtype=torch.int64)}
+        self.out = torch.zeros(hidden, dtype=torch.float32)
         self.attention: list[ctypes.Array] | None = None  # attention_args per layer, made at the first token
         self.args: list[ctypes.Array] = []
         self.records: ctypes.Array | None = None
@@ -137,43 +143,28 @@ class TokenLayers:
         return self.tables is None
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            slots: list[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+            slots: list[tuple[torch.Tensor, torch.Tensor, int]], server: ExpertServer | None = None,
+            hooked: bool = False) -> torch.Tensor:
         """The last layer's output fp32 [H] for x fp32 [H] (the embedded token); cos/sin fp32 [head_dim] for its
-        position; slots: each layer's (keys, values, n) as decode_layer takes them (the caller counts the token)."""
-        if self.served:
-            raise ValueError("decode_layers: these layers' experts are served: run_served")
-        out = torch.empty(self.hidden, dtype=torch.float32)
+        position; slots: each layer's (keys, values, n) as decode_layer takes them (the caller counts the token).
+        Served layers need the server (its route, and with `hooked` its hook, called back between the layers on
+        this thread; an exception raised in one is raised here); table layers take none."""
+        if (server is None) == self.served:
+            raise ValueError("decode_layers: served layers need an ExpertServer, table layers take none")
         with self._lock:
             threads = self._prepare(x, cos, sin, slots)
-            hdr = (ctypes.c_int64 * 5)(x.data_ptr(), out.data_ptr(), len(self.steps), self.hidden, threads)
-            _check_rc(_kernel().decode_layers(ctypes.addressof(hdr), ctypes.addressof(self.records)),
-                      "decode_layers")
-        return out
-
-    def run_served(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   slots: list[tuple[torch.Tensor, torch.Tensor, int]], server: ExpertServer) -> torch.Tensor:
-        """`run` with the experts served by `server` a layer at a time (its route and hook called back between
-        the layers, on this thread); an exception raised in a callback is raised here."""
-        if not self.served:
-            raise ValueError("decode_layers: these layers' experts are in tables: run")
-        if server.hidden != self.hidden or server.max_experts < max(s.router.shape[0] for s in self.steps) \
-                or server.max_top_k < max(s.top_k for s in self.steps):
-            raise ValueError("decode_layers: the server's buffers do not fit these layers")
-        b = server.buffers
-        with self._lock:
-            threads = self._prepare(x, cos, sin, slots)
-            server.error = None
-            hdr = (ctypes.c_int64 * 14)(
-                x.data_ptr(), server.out.data_ptr(), len(self.steps), self.hidden, threads,
+            callbacks = (0, 0) if server is None else (
                 ctypes.cast(server.route_fn, ctypes.c_void_p).value,
-                ctypes.cast(server.hook_fn, ctypes.c_void_p).value if server.hooked else 0,
-                *(b[name].data_ptr() for name in ("y", "h", "moe", "logits", "weights", "indices", "ctl")))
-            rc = _kernel().decode_layers_served(ctypes.addressof(hdr), ctypes.addressof(self.records))
-            error, server.error, server.held = server.error, None, None
-            if error is not None:
-                raise error
-            _check_rc(rc, "decode_layers_served")
-        return server.out.clone()
+                ctypes.cast(server.hook_fn, ctypes.c_void_p).value if hooked else 0)
+            hdr = (ctypes.c_int64 * 14)(x.data_ptr(), self.out.data_ptr(), len(self.steps), self.hidden, threads,
+                                        *callbacks, *(self.scratch[name].data_ptr() for name in SCRATCH))
+            rc = _kernel().decode_layers(ctypes.addressof(hdr), ctypes.addressof(self.records))
+            if server is not None:
+                error, server.error, server.held = server.error, None, None
+                if error is not None:
+                    raise error
+            _check_rc(rc, "decode_layers")
+            return self.out.clone()
 
     def _prepare(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slots: list[tuple[torch.Tensor, torch.Tensor, int]]) -> int:
@@ -190,10 +181,11 @@ class TokenLayers:
                                              s.scaling, s.window) for s, (k, v, n) in zip(self.steps, slots)]
             self.args = [step_args(s, a) for s, a in zip(self.steps, self.attention)]
             tables = self.tables or [None] * len(self.steps)
+            experts = self.experts or [None] * len(self.steps)
             self.records = (ctypes.c_int64 * (4 * len(self.steps)))(*(
-                v for a, t, s, i in zip(self.args, tables, self.steps, range(len(self.steps)))
+                v for a, t, s, b in zip(self.args, tables, self.steps, experts)
                 for v in (ctypes.addressof(a), 0 if t is None else ctypes.addressof(t), s.router.shape[0],
-                          0 if t is None else self.experts[i][0].wide)))
+                          0 if b is None else b[0].wide)))
             return threads
         d = self.steps[0].head_dim
         if not (cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous()
@@ -214,32 +206,22 @@ class TokenLayers:
 
 
 class ExpertServer:
-    """What prism_decode_layers_served calls back between layers: `route(l, h, ids, weights)` returns a layer's
-    routed experts as native blocks of one rounding (a list of BlockOps, kept alive until the next call), or
-    writes their weighted sum into the `moe` buffer itself and returns None; `hook(l, out)` (optional) sees
-    each layer's output. The buffers (y, h, moe, logits, weights, indices, ctl) are the native loop's scratch;
-    an exception in a callback stops the loop and is raised by TokenLayers.run_served."""
+    """What prism_decode_layers calls back between the layers of served TokenLayers: `route(l, h, indices,
+    weights, moe)` returns a layer's routed experts as native blocks of one rounding (a list of BlockOps, kept
+    alive until the native block has run), or writes their weighted sum into `moe` itself and returns None;
+    `hook(l, out)` sees each layer's output. The tensors are the plan's scratch (TokenLayers.scratch, .out); an
+    exception in a callback stops the loop and is raised by TokenLayers.run."""
 
-    def __init__(self, hidden: int, max_experts: int, max_top_k: int, route, hook=None):
-        self.hidden, self.max_experts, self.max_top_k = hidden, max_experts, max_top_k
-        self.buffers = {name: torch.zeros(n, dtype=torch.float32) for name, n in
-                        (("y", hidden), ("h", hidden), ("moe", hidden), ("logits", max_experts),
-                         ("weights", max_top_k))}
-        self.buffers["indices"] = torch.zeros(max_top_k, dtype=torch.int64)
-        self.buffers["ctl"] = torch.zeros(1, dtype=torch.int64)
-        self.out = torch.zeros(hidden, dtype=torch.float32)
+    def __init__(self, plan: TokenLayers, route, hook):
+        self.scratch, self.out = plan.scratch, plan.out
         self.route, self.hook = route, hook
         self.error: BaseException | None = None
         self.held = None  # the last route's blocks and operator array: alive until the native block has run
         self.route_fn, self.hook_fn = LAYER_CALLBACK(self._route), LAYER_CALLBACK(self._hook)
 
-    @property
-    def hooked(self) -> bool:
-        return self.hook is not None
-
     def _route(self, layer: int) -> int:
         try:
-            b = self.buffers
+            b = self.scratch
             blocks = self.route(layer, b["h"], b["indices"], b["weights"], b["moe"])
             if blocks is None:
                 self.held = None
@@ -248,7 +230,7 @@ class ExpertServer:
             self.held = (blocks, ops)
             b["ctl"][0] = blocks[0].wide
             return ctypes.addressof(ops)
-        except BaseException as e:  # noqa: BLE001 - carried back across the native loop, raised by run_served
+        except BaseException as e:  # noqa: BLE001 - carried back across the native loop, raised by TokenLayers.run
             self.error = e
             return -1
 
