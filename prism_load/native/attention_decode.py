@@ -73,21 +73,36 @@ def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin:
 SLOT_COS, SLOT_SIN, SLOT_KEYS, SLOT_VALUES, SLOT_CAPACITY, SLOT_N, SLOT_THREADS = 4, 5, 6, 7, 8, 9, 14
 
 
+def check_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, who: str = "attention_decode") -> None:
+    """ValueError unless cos and sin are fp32 contiguous [head_dim] (one token's rotary phases)."""
+    if not (cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.numel() == head_dim and sin.numel() == head_dim):
+        raise ValueError(f"{who}: fp32 contiguous cos/sin of {head_dim} are needed, got {list(cos.shape)} {cos.dtype}")
+
+
+def check_cache(keys: torch.Tensor, values: torch.Tensor, n: int, kv_heads: int, head_dim: int,
+                who: str = "attention_decode") -> int:
+    """The caches' capacity; ValueError unless keys and values are fp32 contiguous [1, kv_heads, capacity,
+    head_dim] with a free slot at n."""
+    cap = keys.shape[2] if keys.dim() == 4 else -1
+    if not (keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
+            and values.is_contiguous() and keys.shape == (1, kv_heads, cap, head_dim) and values.shape == keys.shape
+            and 0 <= n < cap):
+        raise ValueError(f"{who}: fp32 contiguous caches [1, g, capacity, D] with a free slot at {n} are needed, "
+                         f"got {list(keys.shape)} {keys.dtype}")
+    return cap
+
+
 def attention_args(ops: AttentionOps, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    n: int, heads: int, kv_heads: int, head_dim: int, scaling: float, window: int | None,
                    x_address: int = 0, out_address: int = 0) -> ctypes.Array:
     """attention_decode.c's int64[19] argument array for one token's step (arguments as attention_decode's), after
     checking the rotary tables and caches; x and out at those addresses (0: decode_layer.c fills them in).
     ValueError where they do not fit."""
-    cap = keys.shape[2] if keys.dim() == 4 else -1
-    if not (cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
-            and cos.numel() == head_dim and sin.numel() == head_dim
-            and keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
-            and values.is_contiguous() and keys.shape == (1, kv_heads, cap, head_dim) and values.shape == keys.shape
-            and 0 <= n < cap and (window is None or window > 0)):
-        raise ValueError("attention_decode: fp32 contiguous cos/sin [D] and caches [1, g, capacity, D] with a free "
-                         f"slot at {n} are needed, got cos {list(cos.shape)} {cos.dtype}, cache {list(keys.shape)} "
-                         f"{keys.dtype}")
+    check_rotary(cos, sin, head_dim)
+    cap = check_cache(keys, values, n, kv_heads, head_dim)
+    if window is not None and window <= 0:
+        raise ValueError(f"attention_decode: a sliding window of at least one position is needed, got {window}")
     return (ctypes.c_int64 * 19)(
         x_address, ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out_address,
         cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,

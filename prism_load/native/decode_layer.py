@@ -26,6 +26,8 @@ from .attention_decode import (
     SLOT_VALUES,
     AttentionOps,
     attention_args,
+    check_cache,
+    check_rotary,
 )
 from .expert_block import MAX_EXPERTS as MAX_TOP_K
 from .expert_block import BlockOps
@@ -187,18 +189,9 @@ class TokenLayers:
                 for v in (ctypes.addressof(a), 0 if t is None else ctypes.addressof(t), s.router.shape[0],
                           0 if b is None else b[0].wide)))
             return threads
-        d = self.steps[0].head_dim
-        if not (cos.dtype is torch.float32 and sin.dtype is torch.float32 and cos.is_contiguous()
-                and sin.is_contiguous() and cos.numel() == d and sin.numel() == d):
-            raise ValueError(f"decode_layers: fp32 contiguous cos/sin of {d} are needed, got "
-                             f"{list(cos.shape)} {cos.dtype}")
+        check_rotary(cos, sin, self.steps[0].head_dim, "decode_layers")
         for a, s, (keys, values, n) in zip(self.attention, self.steps, slots):
-            cap = keys.shape[2]
-            if not (keys.dtype is torch.float32 and keys.is_contiguous() and values.is_contiguous()
-                    and keys.shape == (1, s.kv_heads, cap, s.head_dim) and values.shape == keys.shape
-                    and 0 <= n < cap):
-                raise ValueError(f"decode_layers: fp32 contiguous caches with a free slot at {n} are "
-                                 f"needed, got {list(keys.shape)} {keys.dtype}")
+            cap = check_cache(keys, values, n, s.kv_heads, s.head_dim, "decode_layers")
             a[SLOT_COS], a[SLOT_SIN] = cos.data_ptr(), sin.data_ptr()
             a[SLOT_KEYS], a[SLOT_VALUES] = keys.data_ptr(), values.data_ptr()
             a[SLOT_CAPACITY], a[SLOT_N], a[SLOT_THREADS] = cap, n, threads
