@@ -23,6 +23,7 @@ from ..models.model import MoEForCausalLM
 from ..models.moe import ExpertWeights, MoEBlock
 from ..models.precision import held_dtype
 from ..models.rope import Rotary
+from ..native.expert_block import one_rounding
 from ..packed import NATIVE, ExpertPacker, fallback_warning, fuse_qkv, packable_dense, swap_dense
 from ..runtime.stores import map_weights, pack_into, packed_nbytes
 from .codecs import decode
@@ -43,8 +44,7 @@ class ResidentExperts(nn.Module):
     def native_blocks(self) -> list | None:
         """Every expert as native expert_block.c operators (ExpertWeights.block) where all are, in one rounding
         of x; else None. The whole-token decode step (models/native_token.py) reads them from a table."""
-        blocks = [w.block() for w in self.experts]
-        return blocks if blocks and all(blocks) and len({b.wide for b in blocks}) == 1 else None
+        return one_rounding([w.block() for w in self.experts])
 
 
 def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import router_topk
-from ..native.expert_block import block_ops, expert_block
+from ..native.expert_block import block_ops, expert_block, one_rounding
 from .linear import linear
 
 
@@ -199,8 +199,7 @@ class MoEBlock(nn.Module):
         rounding of x, and nothing watches them one by one (an observer) or changes their activation; else None."""
         if self.observer is not None or self.activation is not silu_glu:
             return None
-        blocks = [weights[e].block() for e in ids]
-        return blocks if all(blocks) and len({b.wide for b in blocks}) == 1 else None
+        return one_rounding([weights[e].block() for e in ids])
 
     def decode_sum(self, flat: torch.Tensor, ids: list[int], weights, route_weights: torch.Tensor) -> torch.Tensor:
         """One token's sum of weight x expert(x) over its acquired experts `ids`, one expert at a time (the path

@@ -30,7 +30,7 @@ from .attention_decode import (
     check_rotary,
 )
 from .expert_block import MAX_EXPERTS as MAX_TOP_K
-from .expert_block import BlockOps
+from .expert_block import BlockOps, op_table
 
 ROUTER_MAX_EXPERTS = 4096  # router_topk.c's RT_MAX_EXPERTS
 
@@ -128,8 +128,7 @@ class TokenLayers:
             raise ValueError("TokenLayers: every expert of each layer's router as native blocks of one rounding, "
                              "or none (served), is needed")
         self.steps, self.experts, self.hidden = steps, experts, steps[0].hidden
-        self.tables = None if experts is None else [
-            (ctypes.c_void_p * (3 * len(b)))(*(a for x in b for a in x.addresses)) for b in experts]
+        self.tables = None if experts is None else [op_table(b) for b in experts]
         hidden, e, k = self.hidden, max(s.router.shape[0] for s in steps), max(s.top_k for s in steps)
         self.scratch = {name: torch.zeros(n, dtype=torch.float32) for name, n in
                         (("y", hidden), ("h", hidden), ("moe", hidden), ("logits", e), ("weights", k))}
@@ -219,7 +218,7 @@ class ExpertServer:
             if blocks is None:
                 self.held = None
                 return 0
-            ops = (ctypes.c_void_p * (3 * len(blocks)))(*(a for x in blocks for a in x.addresses))
+            ops = op_table(blocks)
             self.held = (blocks, ops)
             b["ctl"][0] = blocks[0].wide
             return ctypes.addressof(ops)

@@ -43,6 +43,17 @@ def block_ops(gate, up, down) -> BlockOps | None:
     return BlockOps(g, u, d)
 
 
+def one_rounding(blocks: list) -> list[BlockOps] | None:
+    """blocks where there are some, none is None and all share one rounding of x (what one expert_block call
+    takes); else None."""
+    return blocks if blocks and all(blocks) and len({b.wide for b in blocks}) == 1 else None
+
+
+def op_table(blocks: list[BlockOps]) -> ctypes.Array:
+    """The 3E pointers expert_block.c reads: gate, up and down argument arrays of each block in turn."""
+    return (ctypes.c_void_p * (3 * len(blocks)))(*(a for b in blocks for a in b.addresses))
+
+
 def expert_block(x: torch.Tensor, experts: list[BlockOps], weights: torch.Tensor) -> torch.Tensor:
     """sum_e weights[e] * down_e(silu(gate_e(x)) * up_e(x)) for one token: x [1, H] (any float dtype),
     weights [1, E] or [E]; fp32 [1, H]. All experts must share the rounding of x (ValueError otherwise)."""
@@ -58,7 +69,7 @@ def expert_block(x: torch.Tensor, experts: list[BlockOps], weights: torch.Tensor
     if w.shape[0] != e:
         raise ValueError(f"expert_block: {e} experts but {w.shape[0]} weights")
     out = torch.empty(1, h, dtype=torch.float32)
-    ops = (ctypes.c_void_p * (3 * e))(*(a for b in experts for a in b.addresses))
+    ops = op_table(experts)
     hdr = (ctypes.c_int64 * 5)(xf.data_ptr(), out.data_ptr(), e, torch.get_num_threads(), experts[0].wide)
     _check_rc(_kernel().expert_block(ctypes.addressof(hdr), ctypes.addressof(ops), w.data_ptr()), "expert_block")
     return out
