@@ -61,3 +61,12 @@ def q8():
 
     if not native.q8_available():
         pytest.skip(f"the integer kernels do not run here: {native.unavailable_reason()}")
+
+
+@pytest.fixture
+def per_layer_decode(monkeypatch):
+    """The whole-token call (models/native_token.py, tests/test_native_token.py) off, for tests about the per-layer
+    native steps, which it would otherwise run inside its one native loop."""
+    from prism_load.models import native_token
+
+    monkeypatch.setattr(native_token, "run", lambda *a: None)

@@ -21,15 +21,8 @@ QWEN = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=128, intermediate
             num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
             tie_word_embeddings=False, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
 
+pytestmark = pytest.mark.usefixtures("per_layer_decode")  # the per-layer steps, not the whole-token call
 
-
-@pytest.fixture(autouse=True)
-def per_layer(monkeypatch):
-    """The whole-token call (models/native_token.py, tests/test_native_token.py) off: these tests are about
-    the attention's step, which it would otherwise run inside its one native loop."""
-    from prism_load.models import native_token
-
-    monkeypatch.setattr(native_token, "run", lambda *a: None)
 
 def packed_model(requested="native-int16", bits=8, config=CONFIG):
     """A random fp32 model whose attention projections are int-packed, q, k and v fused (as load() leaves them)."""

@@ -16,15 +16,8 @@ from prism_load.native import decode_layer as dl
 
 QWEN_DENSE_FIRST = dict(QWEN, mlp_only_layers=[0])  # layer 0's MLP is a dense SwiGLU: no router to run natively
 
+pytestmark = pytest.mark.usefixtures("per_layer_decode")  # the per-layer steps, not the whole-token call
 
-
-@pytest.fixture(autouse=True)
-def per_layer(monkeypatch):
-    """The whole-token call (models/native_token.py, tests/test_native_token.py) off: these tests are about
-    the layer's step, which it would otherwise run inside its one native loop."""
-    from prism_load.models import native_token
-
-    monkeypatch.setattr(native_token, "run", lambda *a: None)
 
 def count_layer_steps(monkeypatch) -> list:
     calls = []
