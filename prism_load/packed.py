@@ -125,17 +125,22 @@ class PackedLinear:
     native/dequant (qweight, scales, zeros) as stored (native: widened to 4 or 8 bits); int4pack
     (weight in the kernel's layout, scale_zero bf16 [in / group, out, 2])."""
 
-    __slots__ = ("backend", "shape", "bits", "group_size", "tensors", "_bound")
+    __slots__ = ("backend", "shape", "bits", "group_size", "tensors", "_bound", "like")
 
     def __init__(self, backend: str, shape: tuple[int, int], bits: int, group_size: int,
                  tensors: tuple[torch.Tensor, ...]):
         self.backend, self.shape, self.bits, self.group_size = backend, tuple(shape), bits, group_size
         self.tensors = tuple(tensors)
         self._bound = None  # native: the kernel call bound to these tensors, made at the first call
+        # [BoundIntLinear.spec() or None], shared by the operators of one stored layout (ContainerStore.read_into):
+        # the first bound call of the layout fills it, the others are rebound from it
+        self.like: list | None = None
 
     def with_tensors(self, tensors) -> PackedLinear:
         """The same operator over other tensors of the same layout (a slab copy, a device copy)."""
-        return PackedLinear(self.backend, self.shape, self.bits, self.group_size, tuple(tensors))
+        op = PackedLinear(self.backend, self.shape, self.bits, self.group_size, tuple(tensors))
+        op.like = self.like
+        return op
 
     @property
     def nbytes(self) -> int:
@@ -147,11 +152,19 @@ class PackedLinear:
         return self.backend in NATIVE
 
     def _native_call(self):
-        """The native kernel bound to these tensors (made at the first call)."""
+        """The native kernel bound to these tensors (made at the first call; rebound from the spec of another
+        operator of this stored layout where `like` holds one)."""
         bound = self._bound
         if bound is None:
-            bound = self._bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
-                                                        activations=NATIVE_ACTIVATIONS[self.backend])
+            like = self.like
+            if like is not None and like[0] is not None:
+                bound = like[0].rebound(*self.tensors)
+            else:
+                bound = native.BoundIntLinear(*self.tensors, self.bits, self.group_size, self.shape[1],
+                                              activations=NATIVE_ACTIVATIONS[self.backend])
+                if like is not None:
+                    like[0] = bound.spec()
+            self._bound = bound
         return bound
 
     def native_bound(self):

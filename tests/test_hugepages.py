@@ -87,18 +87,19 @@ def test_cache_slabs_are_huge_page_buffers(monkeypatch):
     monkeypatch.delenv("PRISM_HUGEPAGES", raising=False)
     nbytes = 2 * hugepages.HUGE_PAGE + 4096
     pool = SlabPool(budget_bytes=4 * nbytes)
-    slab = pool.take(nbytes)
+    held = pool.take(nbytes)
+    slab = held.buf
     assert slab.numel() == nbytes and pool.total_bytes == nbytes
     if hugepages._madvise() is None:
         pytest.skip("no madvise on this platform: ordinary pages")
     assert slab.data_ptr() % hugepages.HUGE_PAGE == 0
-    pool.give(slab)
-    assert pool.take(nbytes) is slab  # reused as it is
+    pool.give(held)
+    assert pool.take(nbytes) is held  # reused as it is
     if thp_offered():
         slab.fill_(1)
         assert "hg" in vma_flags(slab.data_ptr()).get("VmFlags", "").split()
     monkeypatch.setenv("PRISM_HUGEPAGES", "0")
-    plain = SlabPool(budget_bytes=4 * nbytes).take(nbytes)
+    plain = SlabPool(budget_bytes=4 * nbytes).take(nbytes).buf
     assert plain.untyped_storage().nbytes() == nbytes
 
 
@@ -123,6 +124,6 @@ def test_cached_experts_in_offset_slabs_keep_their_logits(tmp_path, monkeypatch,
         got = cached.generate(ids, max_new_tokens=12, eos_token_id=[])
         assert torch.equal(resident(want), cached(want))
     assert torch.equal(got, want) and cached.stats()["misses"] > 0
-    slabs = [e.slab for e in cached.runtime.cache._entries.values() if e.slab is not None]
+    slabs = [e.slab.buf for e in cached.runtime.cache._entries.values() if e.slab is not None]
     if hugepages._madvise() is not None:
         assert slabs and any(s.storage_offset() > 0 for s in slabs)  # the case this test is about

@@ -425,6 +425,30 @@ def test_bound_call_equals_int_linear(kernel, act):
 
 
 @pytest.mark.parametrize("act", ["fp32", "int16", "int8"])
+def test_rebound_call_is_a_fresh_call_over_the_new_tensors(kernel, act):
+    """A spec (a bound call without its tensors) rebound to another weight of the same layout multiplies that
+    weight with the bits of a call bound to it from scratch, alone and as a pair; the spec itself reaches no
+    kernel, and tensors of another layout are refused."""
+    a, b, c = (stored(40, 256, 4, 64, seed=s) for s in (1, 2, 3))
+    spec = native.BoundIntLinear(a["qweight"], a["scales"], a["zeros"], 4, 64, 256, activations=act).spec()
+    assert spec.tensors == () and list(spec._args)[4:7] == [0, 0, 0]
+    rebound = [spec.rebound(t["qweight"], t["scales"], t["zeros"]) for t in (b, c)]
+    fresh = [native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], 4, 64, 256, activations=act) for t in (b, c)]
+    for x in (torch.randn(1, 256), torch.randn(5, 256)):
+        assert torch.equal(rebound[0](x), fresh[0](x))
+        for got, want in zip(rebound[0].pair(rebound[1], x), fresh[0].pair(fresh[1], x), strict=True):
+            assert torch.equal(got, want)
+    assert rebound[0].activations == fresh[0].activations
+    with pytest.raises(TypeError):
+        spec(torch.randn(1, 256))  # goes to int_linear, which gets no tensors
+    d = stored(40, 128, 4, 64)
+    with pytest.raises(ValueError, match="rebound: tensors of another layout"):
+        spec.rebound(d["qweight"], d["scales"], d["zeros"])
+    with pytest.raises(ValueError, match="rebound: tensors of another layout"):
+        spec.rebound(b["qweight"], b["scales"].float(), b["zeros"])
+
+
+@pytest.mark.parametrize("act", ["fp32", "int16", "int8"])
 @pytest.mark.parametrize("m", [1, 3, 9])
 def test_pair_call_equals_two_calls(kernel, act, m):
     """BoundIntLinear.pair (gate and up in one call) gives the bits of two separate calls, for decode and

@@ -20,6 +20,7 @@ from prism_load.container.format import Encoding
 from prism_load.container.reader import Container
 from prism_load.runtime.cache import footprint
 from prism_load.runtime.stores import weights_nbytes, weights_tensors
+from prism_load.runtime.tiers import Slab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -187,7 +188,7 @@ def test_read_into_views_the_same_tensors_as_a_decode(tmp_path, kernel):
             continue
         for _ in range(2):  # the plan is made on the first read and reused on the second
             buf = torch.empty(r.length, dtype=torch.uint8)
-            got = store.read_into(r.layer, r.expert, lambda n, buf=buf: buf)
+            got = store.read_into(r.layer, r.expert, lambda n, buf=buf: Slab(buf))
             want = store.decode(r.layer, r.expert, buf.clone())
             for a, b in zip(weights_tensors(got), weights_tensors(want), strict=True):
                 assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride())
@@ -196,6 +197,42 @@ def test_read_into_views_the_same_tensors_as_a_decode(tmp_path, kernel):
             assert [op.backend for op in got.gate_up.ops + [got.down]] == [op.backend for op in want.gate_up.ops + [want.down]]
         served += 1
     assert served > 0
+
+
+def test_read_into_a_slab_reuses_the_operators_of_its_last_expert_of_that_layout(tmp_path):
+    """A slab that held an expert of the same layout gives the next one read into it the same operators (their
+    views and bound kernel arguments are the slab's): the same objects, now over the new expert's bytes, so they
+    multiply as a fresh decode of that expert does. In another slab the views are new and the kernel calls are
+    rebound from the layout's first bound call (native.BoundIntLinear.spec), and multiply as a fresh decode does."""
+    mix = [dict(kind="int", bits=b, group_size=32) for b in (4, 8)]
+    path = write_tiny(tmp_path / "m.prism", model=random_model(KERNEL_CONFIG), config=KERNEL_CONFIG, mix=mix)
+    store = load_cached(path, "50%", prefetch=False).runtime.cache.store
+    records = [r for r in expert_records(path) if store.reads_into(r.layer, r.expert)]
+    by_layout = {}
+    for r in records:
+        by_layout.setdefault(store._view_plan(r.layer, r.expert)[3], []).append(r)
+    first, second = next(rs for rs in by_layout.values() if len(rs) >= 2)[:2]
+    slab = Slab(torch.empty(first.length, dtype=torch.uint8))
+    a = store.read_into(first.layer, first.expert, lambda n: slab)
+    b = store.read_into(second.layer, second.expert, lambda n: slab)
+    assert b is a and len(slab.built) == 1
+    want = store.decode(second.layer, second.expert, slab.buf.clone())
+    gen = torch.Generator().manual_seed(0)
+    for got_op, want_op in zip(b.gate_up.ops + [b.down], want.gate_up.ops + [want.down], strict=True):
+        x = torch.randn(3, got_op.shape[1], generator=gen)
+        assert torch.equal(got_op(x), want_op(x))
+    assert not torch.equal(slab.buf, torch.frombuffer(bytearray(store.fetch(first.layer, first.expert).numpy()),
+                                                      dtype=torch.uint8))
+    # in a fresh slab: new views, and kernel calls rebound from the spec the first bound call of the layout left
+    other = Slab(torch.empty(first.length, dtype=torch.uint8))
+    c = store.read_into(first.layer, first.expert, lambda n: other)
+    assert c is not a
+    fresh = store.decode(first.layer, first.expert, other.buf.clone())
+    for got_op, want_op, old_op in zip(c.gate_up.ops + [c.down], fresh.gate_up.ops + [fresh.down],
+                                       a.gate_up.ops + [a.down], strict=True):
+        assert got_op.like is old_op.like and (got_op.backend not in packed.NATIVE or got_op.like[0] is not None)
+        x = torch.randn(2, got_op.shape[1], generator=gen)
+        assert torch.equal(got_op(x), want_op(x))
 
 
 def test_store_nbytes_is_exact_for_every_encoding(tmp_path):

@@ -249,6 +249,44 @@ class BoundIntLinear:
         self._addr = ctypes.addressof(self._args)
         self._thread = threading.get_ident()
 
+    def spec(self) -> BoundIntLinear:
+        """This call without its tensors (their pointers zeroed, callable by nobody: its thread matches none, so
+        a call goes to int_linear, which has no tensors): what `rebound` copies for another expert of the same
+        layout."""
+        s = self._copy(())
+        s._args[4] = s._args[5] = s._args[6] = 0
+        s._thread = None
+        return s
+
+    def rebound(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> BoundIntLinear:
+        """This call for other tensors of the same dtypes and shapes, contiguous (an expert of the same stored
+        layout in another slab, ContainerStore.read_into; the shapes are checked): its checks and kernel
+        choice reused, only the pointers new. Why: on small experts building the three calls of a cache miss
+        cost more than reading it."""
+        tensors = (qweight, scales, zeros)
+        if any(t.shape != (n, c) or t.dtype is not d or not t.is_contiguous() or not t.is_cpu
+               for t, (n, c, d) in zip(tensors, self._layout(), strict=True)):
+            raise ValueError("rebound: tensors of another layout than this call's")
+        b = self._copy(tensors)
+        b._args[4], b._args[5], b._args[6] = (t.data_ptr() for t in tensors)
+        return b
+
+    def _layout(self) -> tuple:
+        n, k, bits, g = self.n, self.k, self.bits, self.group_size
+        groups = -(-k // g)
+        return ((n, (k * bits + 7) // 8, torch.uint8), (n, groups, torch.float16), (n, groups, torch.float16))
+
+    def _copy(self, tensors: tuple) -> BoundIntLinear:
+        b = object.__new__(BoundIntLinear)
+        for name in ("bits", "group_size", "k", "n", "activations", "_call", "_pair", "_exact", "_exact_pair",
+                     "_upto"):
+            setattr(b, name, getattr(self, name))
+        b.tensors = tensors
+        b._args = (ctypes.c_int64 * _ARGS)(*self._args)
+        b._addr = ctypes.addressof(b._args)
+        b._thread = threading.get_ident()
+        return b
+
     def _takes(self, x: torch.Tensor) -> bool:
         """Whether the bound call takes x as it is bound (else int_linear checks it: another thread, another
         width, not a float cpu matrix)."""

@@ -42,7 +42,7 @@ from ..models.moe import ExpertWeights
 from .eviction import GreedyDualFrequency
 from .stats import RuntimeStats
 from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency, raw_nbytes, weights_nbytes
-from .tiers import Entry, HostTier, SlabPool, footprint, total_footprint  # noqa: F401 - re-exported
+from .tiers import Entry, HostTier, Slab, SlabPool, footprint, total_footprint  # noqa: F401 - re-exported
 
 ROOM_POLL_SECONDS = 0.05  # a thread waiting for room re-checks for dead threads' pins this often
 
@@ -252,7 +252,7 @@ class ExpertCache:
                         self.host.put(entry.key, raw, raw_nbytes(raw))
             weights, event = self.transfer.load(self.store, layer, expert, raw)
         elif self.slabs is not None and hasattr(self.store, "decode_into"):  # decoded straight into its slab
-            weights = self.store.decode_into(layer, expert, raw, lambda nbytes: self._take_slab(entry, nbytes))
+            weights = self.store.decode_into(layer, expert, raw, lambda nbytes: self._take_slab(entry, nbytes).buf)
             self._check_size(entry, weights)
             return weights, event, host_hit
         else:
@@ -262,10 +262,10 @@ class ExpertCache:
         if self.placement is not None and self.transfer is None:
             weights = self.placement.place(entry.key, weights)
         elif self.slabs is not None:
-            weights = pack_into(self._take_slab(entry, packed_nbytes(weights)), weights)
+            weights = pack_into(self._take_slab(entry, packed_nbytes(weights)).buf, weights)
         return weights, event, host_hit
 
-    def _take_slab(self, entry: Entry, nbytes: int) -> torch.Tensor:
+    def _take_slab(self, entry: Entry, nbytes: int) -> Slab:
         with self._lock:
             entry.slab = self.slabs.take(nbytes)
         return entry.slab

@@ -18,7 +18,16 @@ from ..container.format import Encoding, aligned
 from ..container.reader import codes_layout, decode_expert
 from ..models.moe import ExpertWeights
 from ..packed import ExpertPacker
-from .stores import TENSOR_ALIGNMENT, StoreBase, map_weights, pack_into, packed_nbytes, weights_tensors
+from .stores import (
+    TENSOR_ALIGNMENT,
+    StoreBase,
+    map_weights,
+    pack_into,
+    packed_nbytes,
+    packed_ops,
+    weights_tensors,
+)
+from .tiers import Slab
 
 
 def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
@@ -70,6 +79,7 @@ class ContainerStore(StoreBase):
         self._nbytes = {(r.layer, r.expert): sizes[tuple(sorted(r.encodings.items()))] for r in container.records}
         self._direct = {(r.layer, r.expert): direct[tuple(sorted(r.encodings.items()))] for r in container.records}
         self._view_plans: dict = {}  # (layer, expert) -> read_into's operators on meta and their byte ranges
+        self._layout_ids: dict = {}  # _view_plan's layouts, numbered
         plain = dtype == torch.float32 and form == "decoded"
         self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if plain else None
                            for key, layout in self._layouts.items()}
@@ -110,28 +120,36 @@ class ContainerStore(StoreBase):
         """Whether read_into can serve this expert: its packed form is its stored bytes."""
         return self._direct[(layer, expert)]
 
-    def read_into(self, layer, expert, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
-        """A fetch that is only a read: the stored bytes land in take_buffer(stored bytes) (a fast-tier slab)
-        with one positional read, and the packed operators view them there."""
+    def read_into(self, layer, expert, take_slab: Callable[[int], Slab]) -> ExpertWeights:
+        """A fetch that is only a read: the stored bytes land in take_slab(stored bytes).buf (a fast-tier slab)
+        with one positional read, and the packed operators view them there: the operators the slab last held
+        for an expert of this layout where it has them (the same views, the same bound kernel arguments),
+        else views made from the layout's plan, kept on the slab for the next expert read into it."""
         record = self.container.record(layer, expert)
-        buf = take_buffer(record.length)
+        slab = take_slab(record.length)
+        buf = slab.buf
         self.container.read_expert_bytes(record, self.verify_checksums, into=buf.numpy())
         plan = self._view_plan(layer, expert)
         if plan is None:
             return self.decode(layer, expert, buf)
-        template, ranges, dtypes = plan
+        template, ranges, dtypes, layout = plan
+        built = slab.built.get(layout)
+        if built is not None:
+            return built
         typed = {dtype: buf if dtype == torch.uint8 else buf.view(dtype) for dtype in dtypes}  # one view per dtype
         # as_strided's offset counts from its storage's start, and a slab may view its storage from further in
         # (a huge-page buffer starts on a 2 MiB boundary of a larger allocation)
         base = {dtype: t.storage_offset() for dtype, t in typed.items()}
         views = iter([typed[dtype].as_strided(shape, stride, base[dtype] + offset)
                       for dtype, shape, stride, offset in ranges])
-        return map_weights(template, lambda _: next(views))
+        built = slab.built[layout] = map_weights(template, lambda _: next(views))
+        return built
 
     def _view_plan(self, layer, expert):
         """(the expert's operators built once on the meta device; the dtype, shape, stride and element offset of
-        each of their tensors in the stored bytes, in weights_tensors order; the dtypes), or None where an
-        operator holds anything but a view of the stored bytes, or a tensor sits off its dtype's alignment.
+        each of their tensors in the stored bytes, in weights_tensors order; the dtypes; the layout, a key
+        experts with the same stored bytes, encodings and views share), or None where an operator holds
+        anything but a view of the stored bytes, or a tensor sits off its dtype's alignment.
         A miss then only views its buffer, one as_strided per tensor: no encoding walk and no kernel choice
         per miss (about half of a small expert's load time went to those)."""
         key = (layer, expert)
@@ -144,11 +162,16 @@ class ContainerStore(StoreBase):
                     where[id(t)] = (dtype, t.shape, t.stride(), start // dtype.itemsize)
                 return t
 
+            record = self.container.record(layer, expert)
             encoded = self._encoded(layer, expert, on_meta)
             template = self.packer.expert(encoded, count=False)
+            for op in (*packed_ops(template.gate_up), *packed_ops(template.down)):
+                op.like = [None]  # the views made from this plan share their bound calls' spec (packed.py)
             ranges = [where.get(id(t)) for t in weights_tensors(template)]
-            usable = None not in ranges and self.container.record(layer, expert).length % 8 == 0
-            self._view_plans[key] = (template, ranges, {r[0] for r in ranges}) if usable else None
+            usable = None not in ranges and record.length % 8 == 0
+            layout = (record.length, tuple(sorted(record.encodings.items())), tuple(ranges))
+            layout = self._layout_ids.setdefault(layout, len(self._layout_ids))  # a small int: hashed per miss
+            self._view_plans[key] = (template, ranges, {r[0] for r in ranges}, layout) if usable else None
         return self._view_plans[key]
 
     def decode_into(self, layer, expert, raw: torch.Tensor, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:

@@ -88,6 +88,19 @@ def op_tensors(op) -> list[torch.Tensor]:
     raise TypeError(f"unknown linear operator {type(op).__name__}")
 
 
+def packed_ops(op) -> list:
+    """The PackedLinear operators (prism_load/packed.py) inside a linear operator."""
+    if op is None or isinstance(op, (torch.Tensor, CodesLinear)):
+        return []
+    if isinstance(op, LowRankLinear):
+        return [p for o in (op.a, op.b, op.base) for p in packed_ops(o)]
+    if hasattr(op, "with_tensors"):
+        return [op]
+    if hasattr(op, "ops"):  # ConcatLinear
+        return [p for o in op.ops for p in packed_ops(o)]
+    raise TypeError(f"unknown linear operator {type(op).__name__}")
+
+
 def map_op(op, fn: Callable[[torch.Tensor], torch.Tensor]):
     """The same operator with every tensor replaced by fn(tensor)."""
     if op is None:

@@ -40,7 +40,7 @@ class Entry:
         self.key, self.decoded_nbytes, self.stored_nbytes = key, decoded_nbytes, stored_nbytes
         self.nbytes = footprint(decoded_nbytes)  # what it reserves against the budget
         self.weights: ExpertWeights | None = None
-        self.slab: torch.Tensor | None = None  # the SlabPool buffer its weights view (CPU fast tier)
+        self.slab: Slab | None = None  # the SlabPool buffer its weights view (CPU fast tier)
         self.event = None  # CUDA event: the copy and decode on the side stream are done
         self.ready, self.permanent = False, False
         self.prefetched, self.used, self.cold = prefetched, False, False  # cold: read from the cold tier
@@ -74,6 +74,19 @@ class HostTier:
         self.used_bytes += nbytes
 
 
+class Slab:
+    """One fast-tier buffer and the expert operators last built over it, by layout (ContainerStore.read_into).
+    Why: an expert read into a slab that held one of the same layout gets the same views and the same bound
+    kernel arguments (their pointers are the slab's), so a miss reuses them instead of building them again:
+    on small experts building them cost more than the read."""
+
+    __slots__ = ("buf", "built")
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+        self.built: dict = {}  # layout -> ExpertWeights viewing buf
+
+
 class SlabPool:
     """Buffers of the CPU fast tier, reused across evictions (under the cache lock). glibc keeps freed
     expert-sized blocks in its heaps (its mmap threshold rises with each such free), so without slabs the
@@ -83,9 +96,9 @@ class SlabPool:
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes, self.total_bytes = budget_bytes, 0
-        self.free: dict[int, list[torch.Tensor]] = {}
+        self.free: dict[int, list[Slab]] = {}
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int) -> Slab:
         spare = self.free.get(nbytes)
         if spare:
             return spare.pop()
@@ -94,7 +107,7 @@ class SlabPool:
                 self.free[size].pop()
                 self.total_bytes -= size
         self.total_bytes += nbytes
-        return huge_buffer(nbytes)
+        return Slab(huge_buffer(nbytes))
 
-    def give(self, slab: torch.Tensor) -> None:
-        self.free.setdefault(slab.numel(), []).append(slab)
+    def give(self, slab: Slab) -> None:
+        self.free.setdefault(slab.buf.numel(), []).append(slab)
