@@ -439,7 +439,7 @@ def test_predictor_file_travels_with_the_container(tmp_path, offline, fake_api):
                         predictor=predictor)
     dense = [f["name"] for f in manifest(folder)["dense_shards"]]
     populate_cache(tmp_path / "hub", "test/pred-prism", folder)
-    model = prism_load.load("test/pred-prism", cache_dir=tmp_path / "hub", expert_cache="50%")
+    model = prism_load.load("test/pred-prism", cache_dir=tmp_path / "hub", expert_cache="50%", prefetch=True)
     snapshots = [kw["allow_patterns"] for name, _, kw in offline if name == "snapshot_download"]
     assert snapshots[-1] == ["manifest.json", *dense, "predictor.safetensors"]
     assert model.stats()["predictor_layers"] == [[2, 1]]

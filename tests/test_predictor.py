@@ -154,7 +154,7 @@ def test_pack_stores_the_predictors_that_beat_the_shadow_router(profiled, tmp_pa
         assert torch.equal(stored[(j, i)][1], prof.tensor(f"layers.{j}.predictor.{i}.bias"))
     assert verify_container(tmp_path / "m.prism") == []
     for lookahead in (1, 2):
-        model = prism_load.load(tmp_path / "m.prism", expert_cache="50%", lookahead=lookahead)
+        model = prism_load.load(tmp_path / "m.prism", expert_cache="50%", lookahead=lookahead, prefetch=True)
         used = sorted([j, i] for j, i in winners if j - i <= lookahead)  # every layer of this model is MoE
         assert model.stats()["predictor_layers"] == used
         model.runtime.close()
@@ -228,7 +228,7 @@ def test_damaged_or_mismatched_predictor_file_is_named(with_predictor, tmp_path)
         c.predictor_tensors(verify_checksum=True)
     assert any("predictor.safetensors: checksum" in p for p in verify_container(copy))
     with pytest.raises(ContainerError, match="predictor.safetensors: checksum"):
-        prism_load.load(copy, expert_cache="50%")
+        prism_load.load(copy, expert_cache="50%", prefetch=True)
     path.write_bytes(b"\0" * 7)
     with pytest.raises(ContainerError, match="predictor.safetensors: 7 bytes on disk"):
         Container(copy)
@@ -283,7 +283,7 @@ def test_a_checkpoint_prefetches_with_its_profiles_predictors(profiled):
     folder, ref, tokens, prof = profiled
     winners = sorted([p["layer"], x["layer"]] for x in prof.layers for p in x["predictors"]
                      if p["recall"] > p["shadow_recall"] and p["distance"] == 1)
-    model = prism_load.load(folder, expert_cache="50%", profile=prof.folder, dtype=torch.float32)
+    model = prism_load.load(folder, expert_cache="50%", profile=prof.folder, dtype=torch.float32, prefetch=True)
     assert model.stats()["predictor_layers"] == winners and winners
     with torch.no_grad():
         torch.testing.assert_close(model(tokens[:2]), ref(tokens[:2]).logits, rtol=1e-4, atol=1e-4)
@@ -308,7 +308,7 @@ def test_prism_run_names_the_predictors_it_uses(tmp_path, flags, shown):
                       mix=INT_MIX, tokenizer_files=[tmp_path / "tokenizer.json"],
                       predictor={(2, 1): biased_predictor(RUNTIME_CONFIG, [5, 6]),
                                  (2, 0): biased_predictor(RUNTIME_CONFIG, [3, 4])})
-    result = CliRunner().invoke(app, ["run", str(path), "-p", "w1 w2", "-n", "4", "--cache", "30%", *flags],
+    result = CliRunner().invoke(app, ["run", str(path), "-p", "w1 w2", "-n", "4", "--cache", "30%", "--prefetch", *flags],
                                 terminal_width=200)
     assert result.exit_code == 0, result.output
     assert shown in result.output
@@ -321,13 +321,13 @@ def test_a_profile_of_another_model_or_a_damaged_one_is_refused_at_load(profiled
     _, _, _, prof = profiled
     other, _ = tiny_checkpoint("qwen3_moe")
     with pytest.raises(ProfileError, match="recorded on another model"):
-        prism_load.load(other, expert_cache="50%", profile=prof.folder)
+        prism_load.load(other, expert_cache="50%", profile=prof.folder, prefetch=True)
     folder, _, _, _ = profiled
     copy = tmp_path / "p"
     shutil.copytree(prof.folder, copy)
     (copy / "stats.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ProfileError, match="stats.safetensors: cannot read the predictors"):
-        prism_load.load(folder, expert_cache="50%", profile=copy)
+        prism_load.load(folder, expert_cache="50%", profile=copy, prefetch=True)
     from safetensors.torch import load_file, save_file
 
     stats = load_file(prof.folder / "stats.safetensors")
@@ -337,11 +337,11 @@ def test_a_profile_of_another_model_or_a_damaged_one_is_refused_at_load(profiled
     data["layers"][0]["predictors"][0]["recall"] = 1.0  # make sure it is offered
     (copy / "profile.json").write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=r"the predictor of layer 1 from layer 0 is \[5, 47\]"):
-        prism_load.load(folder, expert_cache="50%", profile=copy)
+        prism_load.load(folder, expert_cache="50%", profile=copy, prefetch=True)
     del stats["layers.1.predictor.0.weight"]
     save_file(stats, copy / "stats.safetensors")
     with pytest.raises(ProfileError, match="recorded in profile.json but"):
-        prism_load.load(folder, expert_cache="50%", profile=copy)
+        prism_load.load(folder, expert_cache="50%", profile=copy, prefetch=True)
 
 
 def test_a_null_predictor_key_is_refused(with_predictor, tmp_path):
@@ -367,7 +367,7 @@ def test_pairs_skip_dense_layers_between_moe_layers(tiny_checkpoint, tmp_path):
     prof = Profile.load(tmp_path / "p")
     assert [(x["layer"], p["layer"], p["distance"]) for x in prof.layers for p in x["predictors"]] == [
         (0, 2, 1), (0, 3, 2), (2, 3, 1)]
-    model = prism_load.load(folder, expert_cache="50%")
+    model = prism_load.load(folder, expert_cache="50%", prefetch=True)
     e, h = ref.config.num_experts, ref.config.hidden_size
     fitted = {key: FittedPredictor(key[1], torch.zeros(e, h), torch.zeros(e)) for key in ((2, 0), (3, 0), (3, 2))}
     for lookahead, kept in ((1, [(2, 0), (3, 2)]), (2, [(2, 0), (3, 0), (3, 2)])):

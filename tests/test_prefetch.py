@@ -353,8 +353,11 @@ def test_shadow_router_skips_layers_already_resident(tmp_path):
 
 
 # -- prism run ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prefetch, codes", [(True, False), (False, False), (True, True)])
-def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
+@pytest.mark.parametrize("flag, codes", [("--prefetch", False), ("--no-prefetch", False), ("--prefetch", True),
+                                         (None, False)])
+def test_prism_run_streams_then_prints_stats(tmp_path, flag, codes):
+    """prism run with a cache streams its text, then the cache's table, and prefetch's rows where it prefetched:
+    with --prefetch, and not by default on a CPU (prefetch "auto")."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from typer.testing import CliRunner
 
@@ -366,7 +369,8 @@ def test_prism_run_streams_then_prints_stats(tmp_path, prefetch, codes):
     path = write_tiny(tmp_path / "m.prism", model=random_model(RUNTIME_CONFIG, seed=1), config=RUNTIME_CONFIG,
                       mix=INT_MIX, tokenizer_files=[tmp_path / "tokenizer.json"])
     args = ["run", str(path), "--prompt", "w1 w2 w3", "-n", "6", "--cache", "30%"]
-    extra = ([] if prefetch else ["--no-prefetch"]) + (["--codes"] if codes else [])
+    extra = ([] if flag is None else [flag]) + (["--codes"] if codes else [])
+    prefetch = flag == "--prefetch"
     result = CliRunner().invoke(app, args + extra, terminal_width=200)
     assert result.exit_code == 0, result.output
     out = result.output

@@ -412,3 +412,26 @@ def test_runtime_config_names_what_does_not_apply(container):
         prism_load.load(container, config=RuntimeConfig(), expert_cache="50%")
     with pytest.raises(BudgetError, match="lookahead=3"):
         prism_load.load(container, config=RuntimeConfig(expert_cache="50%", lookahead=3))
+
+
+def test_prefetch_is_on_demand_by_default_on_a_cpu_and_on_for_cuda(container):
+    """prefetch="auto" (the default) prefetches on a CUDA device only: on a CPU every measured configuration
+    decoded faster on demand (bench/results/runtime_packed.md, runtime_peer.md). True turns it on anywhere; a
+    prefetch option where prefetch is off, or a value that is none of True, False, "auto", is refused."""
+    from prism_load.runtime.config import prefetch_on
+
+    default = prism_load.load(container, expert_cache="50%")
+    assert default.runtime.worker is None and default.runtime.shadow is None and default.stats()["prefetch"] is False
+    assert default.layer_hook is not None  # still unpins each layer's experts
+    on = prism_load.load(container, expert_cache="50%", prefetch=True)
+    assert on.runtime.worker is not None and on.stats()["prefetch"] is True
+    on.runtime.close()
+    assert prefetch_on("auto", torch.device("cuda", 0)) and not prefetch_on("auto", torch.device("cpu"))
+    assert prefetch_on(True, torch.device("cpu"), lookahead=2) and not prefetch_on(False, "cuda")
+    with pytest.raises(ValueError, match=r"lookahead=2 / prefetch_extra=0 need prefetch; prefetch='auto' on a CPU"):
+        prism_load.load(container, expert_cache="50%", lookahead=2)
+    with pytest.raises(ValueError, match=r"prefetch_extra=1 need prefetch; prefetch=False"):
+        prism_load.load(container, expert_cache="50%", prefetch=False, prefetch_extra=1)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=r"prefetch=.*: expected True, False or 'auto'"):
+            prism_load.load(container, expert_cache="50%", prefetch=bad)

@@ -254,7 +254,7 @@ def run(
     prompt: str = typer.Option("def fibonacci(n):", "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1),
     cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of every expert's bytes in the form held (packed: about the container's), or a size ('512MB'). Default: every expert resident."),
-    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache)."),
+    prefetch: bool | None = typer.Option(None, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache). Default: on for a CUDA device, off on a CPU, where on-demand loads measured faster."),
     lookahead: int = typer.Option(1, "--lookahead", min=1, max=2, help="MoE layers predicted ahead (with --prefetch)."),
     predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
@@ -272,7 +272,8 @@ def run(
     from prism_convert.tools.generate import read_prompts
 
     prompts = read_prompts(prompts_file) if prompts_file is not None else prompt
-    _generate(model, prompts, max_new_tokens, cache=cache, prefetch=prefetch, numa=numa or None,
+    _generate(model, prompts, max_new_tokens, cache=cache, prefetch="auto" if prefetch is None else prefetch,
+              numa=numa or None,
               expert_form="codes" if codes else form, lookahead=lookahead, predictor=predictor,
               tokenizer=tokenizer, expert_kernel=kernel, temperature=temperature, top_p=top_p, seed=seed)
 

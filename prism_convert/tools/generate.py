@@ -13,7 +13,7 @@ TextSink = Callable[[str, str], None]  # (text, role): role "prompt", "text" (ge
 
 
 def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, on_text: TextSink | None = None, *, cache=None,
-               prefetch: bool = True, numa=None, expert_form: str | None = None, lookahead: int = 1,
+               prefetch: bool | str = "auto", numa=None, expert_form: str | None = None, lookahead: int = 1,
                predictor: bool = True, tokenizer: str | None = None, expert_kernel: str = "auto",
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> dict:
     """Generate from `prompt`, streaming tokens; a list of prompts runs as one left-padded batch and prints each

@@ -22,9 +22,12 @@ class RuntimeConfig:
 
     expert_cache: the fast tier's budget (bytes, "50%" of every expert's bytes in the fast tier's form, or
       "2GB"); None keeps every expert resident, without the runtime.
-    prefetch: the shadow-router prefetch; prefetch_extra: experts fetched beyond the predicted top-k;
-      lookahead: MoE layers predicted ahead (1 or 2); predictor: use the container's (or `profile`'s)
-      fitted predictors where it has them (False: the shadow router everywhere).
+    prefetch: the shadow-router prefetch: True, False, or "auto" (the default: on for a CUDA device, where a
+      fetch is a copy on a side stream; off on a CPU, where every configuration measured decoded faster on
+      demand: bench/results/runtime_packed.md, runtime_peer.md); prefetch_extra: experts fetched beyond the
+      predicted top-k; lookahead: MoE layers predicted ahead (1 or 2); both need prefetch on.
+      predictor: use the container's (or `profile`'s) fitted predictors where it has them (False: the
+      shadow router everywhere).
     numa: True / "auto" places the hottest experts on the compute's NUMA node (or a NumaPlacement).
     host_cache (CUDA): the pinned host tier's budget of stored bytes; decode_on (CUDA): "device" or "host".
     pin_hot: keep the container's hot tier resident ("warm": once it has been used); frequency_weight:
@@ -36,7 +39,7 @@ class RuntimeConfig:
     """
 
     expert_cache: int | str | None = None
-    prefetch: bool = True
+    prefetch: bool | str = "auto"
     prefetch_extra: int = 0
     lookahead: int = 1
     predictor: bool = True
@@ -76,6 +79,19 @@ class RuntimeConfig:
         """The options attach_runtime takes (all but the cache budget, prefetch and how files are read)."""
         skip = {"expert_cache", "prefetch", "profile", "expert_form", "expert_kernel", "predictor", *READ_OPTIONS}
         return {name: getattr(self, name) for name in self.names() if name not in skip}
+
+
+def prefetch_on(prefetch, device, lookahead: int = 1, prefetch_extra: int = 0) -> bool:
+    """Whether the runtime prefetches on `device` (see RuntimeConfig.prefetch); ValueError for another value,
+    or for a prefetch option (lookahead, prefetch_extra) given where prefetch is off."""
+    if not (isinstance(prefetch, bool) or prefetch == "auto"):
+        raise ValueError(f"prefetch={prefetch!r}: expected True, False or 'auto'")
+    on = getattr(device, "type", str(device).split(":")[0]) == "cuda" if prefetch == "auto" else prefetch
+    if not on and (lookahead == 2 or prefetch_extra):  # another lookahead: attach_runtime names it
+        why = "prefetch=False" if prefetch is False else "prefetch='auto' on a CPU (pass prefetch=True, or --prefetch)"
+        raise ValueError(f"lookahead={lookahead} / prefetch_extra={prefetch_extra} need prefetch; {why} "
+                         "fetches on demand only")
+    return on
 
 
 def check_applies(names: set[str], folder: Path, container: bool, cached: bool) -> None:

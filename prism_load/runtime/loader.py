@@ -16,7 +16,7 @@ import torch
 from ..errors import BudgetError
 from ..profile_format import RoutingProfile
 from .attach import attach_runtime
-from .config import RuntimeConfig
+from .config import RuntimeConfig, prefetch_on
 from .container_store import ContainerStore
 from .predictor import as_runtime, check_predictors, container_predictors, profile_predictors
 from .stores import CheckpointStore
@@ -52,7 +52,8 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     config = config or RuntimeConfig()
     if config.expert_cache is None:
         config = replace(config, expert_cache="50%")
-    profile, prefetch, verify_checksums = config.profile, config.prefetch, config.verify_checksums
+    profile, verify_checksums = config.profile, config.verify_checksums
+    prefetch = prefetch_on(config.prefetch, torch.device(device), config.lookahead, config.prefetch_extra)
     folder = Path(path)
     container = (folder / "manifest.json").is_file()
     form = expert_form_for(config.expert_form, container, device)
