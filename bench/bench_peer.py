@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 UNIFORM_RECIPE = HERE / "recipes" / "uniform_int4_g128.toml"
 DENSE4_RECIPE = HERE / "recipes" / "uniform_int4_g128_dense4.toml"
 BITS = 4.25
-GGUF_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+GGUF_TYPES = {name: f"LLAMA_FTYPE_MOSTLY_{name}" for name in ("Q4_K_M", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0")}
+DEFAULT_GGUF_TYPES = "Q4_K_M,Q4_0"
 BASELINE = "llama.cpp Q4_K_M"
 INSTALL_HINT = ('llama-cpp-python is not installed, so there is nothing to compare against. Install the peer '
                 'extra (builds llama.cpp from source, 3-5 minutes on 2 cores; a GGML_NATIVE=ON build crashed '
@@ -142,7 +143,8 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[3].encode(), sys.argv[4].encode
 """
 
 
-def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conversions, skip: bool) -> dict:
+def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conversions, skip: bool,
+              types: tuple[str, ...] = ("Q4_K_M", "Q4_0")) -> dict:
     """bf16 GGUF by llama.cpp's converter, then each quantised type by llama_model_quantize (a subprocess each:
     both print to the C stdout; the logs go to WORK/logs)."""
     folder, logs = work / "gguf", work / "logs"
@@ -150,7 +152,8 @@ def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conve
     convert = [sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "bf16", "--outfile"]
     out = {"bf16": conv.make(bf16, "convert_hf_to_gguf.py --outtype bf16",
                              functools.partial(run_logged, convert, logs / f"{bf16.name}.log"), skip)}
-    for name, ftype in GGUF_TYPES.items():
+    for name in types:
+        ftype = GGUF_TYPES[name]
         path = folder / f"{ckpt.name}-{name}.gguf"
         quantize = [sys.executable, "-c", QUANTIZE, ftype, str(threads), str(bf16)]
         out[name] = conv.make(path, f"llama_model_quantize {name}",
@@ -253,7 +256,7 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     ckpt = work / "checkpoints" / shape.key
     times = {"checkpoint": conv.make(ckpt, "random checkpoint + tokenizer",
                                      lambda tmp: make_checkpoint(shape, tmp, log), args.skip_convert)}
-    ggufs = make_gguf(ckpt, llama_dir, work, args.threads, conv, args.skip_convert)
+    ggufs = make_gguf(ckpt, llama_dir, work, args.threads, conv, args.skip_convert, args.gguf_types)
     prisms = make_prism(ckpt, work, args.samples, conv, args.skip_convert, tuple(args.recipes.split(",")))
     params = shape.parameters()
     prompt = prompt_ids(ckpt, args.prompt_tokens)
@@ -261,7 +264,7 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     logits.mkdir(parents=True, exist_ok=True)
     log(f"{ckpt.name}: reference logits (fp32 checkpoint)")
     measure("reference", str(ckpt), prompt, args, logits / "reference.npy")
-    models = [("llama.cpp", name, ggufs[name], "auto") for name in GGUF_TYPES]
+    models = [("llama.cpp", name, ggufs[name], "auto") for name in args.gguf_types]
     models += [("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel)
                for n, p in prisms.items() for kernel in args.kernels.split(",")]
     rows = []
@@ -437,8 +440,14 @@ def main() -> None:
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")
+    ap.add_argument("--gguf-types", default=DEFAULT_GGUF_TYPES,
+                    help=f"llama.cpp's quantisations to make and measure, Q4_K_M first (the baseline of every ratio): "
+                         f"any of {', '.join(GGUF_TYPES)}")
     ap.add_argument("--name", default="peer", help="results file name (bench/results/NAME.json)")
     args = ap.parse_args()
+    args.gguf_types = tuple(args.gguf_types.split(","))
+    if args.gguf_types[0] != "Q4_K_M" or not set(args.gguf_types) <= set(GGUF_TYPES):
+        ap.error(f"--gguf-types {','.join(args.gguf_types)}: Q4_K_M first, then any of {', '.join(GGUF_TYPES)}")
     try:
         import llama_cpp
     except ImportError:
