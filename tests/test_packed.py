@@ -223,11 +223,12 @@ def test_read_into_a_slab_reuses_the_operators_of_its_last_expert_of_that_layout
         assert torch.equal(got_op(x), want_op(x))
     assert not torch.equal(slab.buf, torch.frombuffer(bytearray(store.fetch(first.layer, first.expert).numpy()),
                                                       dtype=torch.uint8))
-    # in a fresh slab: new views, and kernel calls rebound from the spec the first bound call of the layout left
+    # another expert of the layout in a fresh slab: new views, and kernel calls rebound from the spec the layout's
+    # first bound call left
     other = Slab(torch.empty(first.length, dtype=torch.uint8))
-    c = store.read_into(first.layer, first.expert, lambda n: other)
+    c = store.read_into(second.layer, second.expert, lambda n: other)
     assert c is not a
-    fresh = store.decode(first.layer, first.expert, other.buf.clone())
+    fresh = store.decode(second.layer, second.expert, other.buf.clone())
     for got_op, want_op, old_op in zip(c.gate_up.ops + [c.down], fresh.gate_up.ops + [fresh.down],
                                        a.gate_up.ops + [a.down], strict=True):
         assert got_op.like is old_op.like and (got_op.backend not in packed.NATIVE or got_op.like[0] is not None)

@@ -80,6 +80,7 @@ class ContainerStore(StoreBase):
         self._direct = {(r.layer, r.expert): direct[tuple(sorted(r.encodings.items()))] for r in container.records}
         self._view_plans: dict = {}  # (layer, expert) -> read_into's operators on meta and their byte ranges
         self._layout_ids: dict = {}  # _view_plan's layouts, numbered
+        self._likes: dict = {}  # layout -> one PackedLinear.like per operator of the layout, in packed_ops order
         plain = dtype == torch.float32 and form == "decoded"
         self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if plain else None
                            for key, layout in self._layouts.items()}
@@ -165,12 +166,14 @@ class ContainerStore(StoreBase):
             record = self.container.record(layer, expert)
             encoded = self._encoded(layer, expert, on_meta)
             template = self.packer.expert(encoded, count=False)
-            for op in (*packed_ops(template.gate_up), *packed_ops(template.down)):
-                op.like = [None]  # the views made from this plan share their bound calls' spec (packed.py)
             ranges = [where.get(id(t)) for t in weights_tensors(template)]
             usable = None not in ranges and record.length % 8 == 0
             layout = (record.length, tuple(sorted(record.encodings.items())), tuple(ranges))
             layout = self._layout_ids.setdefault(layout, len(self._layout_ids))  # a small int: hashed per miss
+            ops = [*packed_ops(template.gate_up), *packed_ops(template.down)]
+            likes = self._likes.setdefault(layout, [[None] for _ in ops])
+            for op, like in zip(ops, likes, strict=True):
+                op.like = like  # every view of this layout shares its bound calls' spec (packed.py)
             self._view_plans[key] = (template, ranges, {r[0] for r in ranges}, layout) if usable else None
         return self._view_plans[key]
 
