@@ -45,6 +45,7 @@ from peer_checkpoint import Shape, make_checkpoint  # noqa: E402
 HERE = Path(__file__).resolve().parent
 UNIFORM_RECIPE = HERE / "recipes" / "uniform_int4_g128.toml"
 DENSE4_RECIPE = HERE / "recipes" / "uniform_int4_g128_dense4.toml"
+HEAD8_RECIPE = HERE / "recipes" / "uniform_int4_g128_head8.toml"
 BITS = 4.25
 GGUF_TYPES = {name: f"LLAMA_FTYPE_MOSTLY_{name}" for name in ("Q4_K_M", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0")}
 DEFAULT_GGUF_TYPES = "Q4_K_M,Q4_0"
@@ -171,6 +172,7 @@ RECIPES = {  # name: (label, recipe file or None for the family's, price, contai
     "uniform": ("uniform int4/g128", str(UNIFORM_RECIPE), "runtime", "uniform_int4_g128"),
     "uniform-dense4": ("uniform int4/g128, attention int4, head int8", str(DENSE4_RECIPE), "runtime",
                        "uniform_int4_g128_dense4"),
+    "uniform-head8": ("uniform int4/g128, head int8", str(HEAD8_RECIPE), "runtime", "uniform_int4_g128_head8"),
     "own": (f"own allocation, {BITS} bits", None, "runtime", f"prism_{BITS}"),
     "own-stored": (f"own allocation, {BITS} bits stored", None, "stored", f"prism_{BITS}_stored"),
 }
@@ -436,7 +438,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="uniform,own", help="prism conversions to make and measure: uniform "
                     "(int4/g128), own (prism's allocation at 4.25 bits held by the runtime, about 5x longer to "
                     "convert), own-stored (the same at 4.25 bits stored) and/or uniform-dense4 (uniform with "
-                    "attention int4 and the LM head int8, about Q4_K_M's dense precision)")
+                    "attention int4 and the LM head int8, about Q4_K_M's dense precision) and/or uniform-head8 (uniform with "
+                    "the LM head int8)")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")

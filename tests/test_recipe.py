@@ -21,7 +21,8 @@ def test_bench_recipes_load_and_say_what_they_store():
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "bench" / "recipes"
-    stores = {"uniform_int4_g128": ("int8", "bf16"), "uniform_int4_g128_dense4": ("int4", "int8")}
+    stores = {"uniform_int4_g128": ("int8", "bf16"), "uniform_int4_g128_dense4": ("int4", "int8"),
+              "uniform_int4_g128_head8": ("int8", "int8")}
     assert {p.stem for p in folder.glob("*.toml")} == set(stores)
     for stem, (attention, head) in stores.items():
         recipe = load_recipe(folder / f"{stem}.toml")
