@@ -178,6 +178,22 @@ RECIPES = {  # name: (label, recipe file or None for the family's, price, contai
 }
 
 
+def stale_recipe(container: Path, recipe: str | None, ckpt: Path) -> str | None:
+    """The recipe sections (comma-separated) in which a made container's manifest differs from the recipe it
+    would be made with now (a file, or the checkpoint family's); None where it is not made or the same. Why:
+    made containers are reused across runs, and a changed family recipe would otherwise be measured stale."""
+    manifest = container / "manifest.json"
+    if not manifest.is_file():
+        return None
+    from prism_convert.recipe import load_recipe
+
+    model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
+    now = load_recipe(recipe, model_type).to_dict()
+    then = json.loads(manifest.read_text()).get("recipe", {})
+    changed = sorted(k for k in now.keys() | then.keys() if k != "description" and now.get(k) != then.get(k))
+    return ", ".join(changed) or None
+
+
 def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bool,
                recipes: tuple[str, ...] = ("uniform", "own")) -> dict:
     """prism convert at 4.25 bits per expert weight: uniform int4/g128, and prism's own allocation (the
@@ -189,6 +205,14 @@ def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bo
         what = (f"prism convert --bits {BITS} --price {price} "
                 f"--recipe {Path(recipe).name if recipe else 'mixtral (default)'}")
         shared = work / "prism" / f".{ckpt.name}-{tag.removesuffix('_stored')}.prism.work"  # own-stored: own's
+        changed = stale_recipe(path, recipe, ckpt)
+        if changed:
+            if skip:
+                raise SystemExit(f"--skip-convert: {path} was made with another recipe ({changed} differ); run "
+                                 "once without --skip-convert to make it again")
+            log(f"{path.name} was made with another recipe ({changed} differ): making it again")
+            shutil.rmtree(path)
+            shutil.rmtree(shared, ignore_errors=True)  # its compress work is of the old recipe too
         out[name] = conv.make(path, what, functools.partial(prism_convert, ckpt, recipe, price, samples, shared), skip)
     return out
 
