@@ -178,18 +178,19 @@ RECIPES = {  # name: (label, recipe file or None for the family's, price, contai
 }
 
 
-def stale_recipe(container: Path, recipe: str | None, ckpt: Path) -> str | None:
-    """The recipe sections (comma-separated) in which a made container's manifest differs from the recipe it
-    would be made with now (a file, or the checkpoint family's); None where it is not made or the same. Why:
-    made containers are reused across runs, and a changed family recipe would otherwise be measured stale."""
-    manifest = container / "manifest.json"
-    if not manifest.is_file():
+def stale_recipe(record: Path, recipe: str | None, ckpt: Path) -> str | None:
+    """The recipe sections (comma-separated) in which the recipe a made file records (a container's
+    manifest.json, a work folder's compress/job.json) differs from the recipe it would be made with now (a
+    file, or the checkpoint family's); None where the file is absent or the recipes agree. Why: made
+    containers and work folders are reused across runs, and a changed family recipe would otherwise be
+    measured stale (or refused by the work folder's resume check)."""
+    if not record.is_file():
         return None
     from prism_convert.recipe import load_recipe
 
     model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
     now = load_recipe(recipe, model_type).to_dict()
-    then = json.loads(manifest.read_text()).get("recipe", {})
+    then = json.loads(record.read_text()).get("recipe", {})
     changed = sorted(k for k in now.keys() | then.keys() if k != "description" and now.get(k) != then.get(k))
     return ", ".join(changed) or None
 
@@ -205,14 +206,15 @@ def make_prism(ckpt: Path, work: Path, samples: int, conv: Conversions, skip: bo
         what = (f"prism convert --bits {BITS} --price {price} "
                 f"--recipe {Path(recipe).name if recipe else 'mixtral (default)'}")
         shared = work / "prism" / f".{ckpt.name}-{tag.removesuffix('_stored')}.prism.work"  # own-stored: own's
-        changed = stale_recipe(path, recipe, ckpt)
+        changed = stale_recipe(path / "manifest.json", recipe, ckpt)
         if changed:
             if skip:
                 raise SystemExit(f"--skip-convert: {path} was made with another recipe ({changed} differ); run "
                                  "once without --skip-convert to make it again")
             log(f"{path.name} was made with another recipe ({changed} differ): making it again")
             shutil.rmtree(path)
-            shutil.rmtree(shared, ignore_errors=True)  # its compress work is of the old recipe too
+        if not skip and stale_recipe(shared / "compress" / "job.json", recipe, ckpt):
+            shutil.rmtree(shared)  # compress work of another recipe (own-stored shares own's: kept when it is new)
         out[name] = conv.make(path, what, functools.partial(prism_convert, ckpt, recipe, price, samples, shared), skip)
     return out
 

@@ -19,8 +19,9 @@ def test_skips_cleanly_without_llama_cpp(tmp_path, monkeypatch, capsys):
 
 
 def test_a_container_made_with_another_recipe_is_named(tmp_path):
-    """bench_peer reuses made containers; one whose manifest records another recipe than the one it would be
-    made with now (a family recipe changed since) is named by the sections that differ, so it is made again."""
+    """bench_peer reuses made containers and work folders; one whose recorded recipe (manifest.json,
+    compress/job.json) is not the one it would be made with now (a family recipe changed since) is named by the
+    sections that differ, so it is made again."""
     import json
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -31,13 +32,13 @@ def test_a_container_made_with_another_recipe_is_named(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
-    container = tmp_path / "m.prism"
-    assert stale_recipe(container, None, ckpt) is None  # not made yet
-    container.mkdir()
+    record = tmp_path / "m.prism" / "manifest.json"
+    assert stale_recipe(record, None, ckpt) is None  # not made yet
+    record.parent.mkdir()
     recipe = load_recipe(None, "mixtral").to_dict()
-    (container / "manifest.json").write_text(json.dumps({"recipe": recipe}))
-    assert stale_recipe(container, None, ckpt) is None
+    record.write_text(json.dumps({"recipe": recipe}))
+    assert stale_recipe(record, None, ckpt) is None
     older = dict(recipe, dense=dict(recipe["dense"], lm_head="bf16"), description="older words")
-    (container / "manifest.json").write_text(json.dumps({"recipe": older}))
-    assert stale_recipe(container, None, ckpt) == "dense"
-    assert stale_recipe(container, str(UNIFORM_RECIPE), ckpt) == "candidates, name"  # its head is bf16 too
+    record.write_text(json.dumps({"recipe": older}))
+    assert stale_recipe(record, None, ckpt) == "dense"
+    assert stale_recipe(record, str(UNIFORM_RECIPE), ckpt) == "candidates, name"  # its head is bf16 too
