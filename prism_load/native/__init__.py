@@ -171,6 +171,12 @@ def _diagnose(x, qweight, scales, zeros, bits, group_size, k) -> None:
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     n = qweight.shape[0] if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else -1
+    _check_weight(qweight, scales, zeros, n, bits, group_size, k)
+
+
+def _check_weight(qweight, scales, zeros, n: int, bits: int, group_size: int, k: int) -> None:
+    """ValueError naming the first of an `int` weight's tensors that is not what int_linear reads for an
+    [n, k] weight of `bits` bits in groups of `group_size`: contiguous cpu tensors of its dtype and shape."""
     _check("qweight", qweight, torch.uint8, (n, (k * bits + 7) // 8))
     _check("scales", scales, torch.float16, (n, -(-k // group_size)))
     _check("zeros", zeros, torch.float16, (n, -(-k // group_size)))
@@ -263,18 +269,13 @@ class BoundIntLinear:
         layout in another slab, ContainerStore.read_into; the shapes are checked): its checks and kernel
         choice reused, only the pointers new. Why: on small experts building the three calls of a cache miss
         cost more than reading it."""
-        tensors = (qweight, scales, zeros)
-        if any(t.shape != (n, c) or t.dtype is not d or not t.is_contiguous() or not t.is_cpu
-               for t, (n, c, d) in zip(tensors, self._layout(), strict=True)):
-            raise ValueError("rebound: tensors of another layout than this call's")
-        b = self._copy(tensors)
-        b._args[4], b._args[5], b._args[6] = (t.data_ptr() for t in tensors)
+        try:
+            _check_weight(qweight, scales, zeros, self.n, self.bits, self.group_size, self.k)
+        except ValueError as e:
+            raise ValueError(f"rebound: tensors of another layout than this call's ({e})") from None
+        b = self._copy((qweight, scales, zeros))
+        b._args[4], b._args[5], b._args[6] = qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr()
         return b
-
-    def _layout(self) -> tuple:
-        n, k, bits, g = self.n, self.k, self.bits, self.group_size
-        groups = -(-k // g)
-        return ((n, (k * bits + 7) // 8, torch.uint8), (n, groups, torch.float16), (n, groups, torch.float16))
 
     def _copy(self, tensors: tuple) -> BoundIntLinear:
         b = object.__new__(BoundIntLinear)
