@@ -71,34 +71,36 @@ class StoreBase:
 
 
 # -- tensors inside ExpertWeights ----------------------------------------------------------------------
-def op_tensors(op) -> list[torch.Tensor]:
-    """Every tensor of a linear operator (a tensor, LowRankLinear, PackedLinear, CodesLinear, ConcatLinear)."""
+def leaf_ops(op) -> list:
+    """The leaves of a linear operator, in order: tensors, PackedLinear (prism_load/packed.py) and CodesLinear
+    operators, through LowRankLinear (a, b, base) and ConcatLinear (its ops)."""
     if op is None:
         return []
-    if isinstance(op, torch.Tensor):
+    if isinstance(op, torch.Tensor | CodesLinear) or hasattr(op, "with_tensors"):
         return [op]
     if isinstance(op, LowRankLinear):
-        return [t for o in (op.a, op.b, op.base) for t in op_tensors(o)]
-    if hasattr(op, "with_tensors"):  # PackedLinear (prism_load/packed.py): its backend's tensors
-        return list(op.tensors)
-    if isinstance(op, CodesLinear):
-        return [t for q, sz, _ in op.parts for t in (q, sz)]
+        return [leaf for o in (op.a, op.b, op.base) for leaf in leaf_ops(o)]
     if hasattr(op, "ops"):  # ConcatLinear
-        return [t for o in op.ops for t in op_tensors(o)]
+        return [leaf for o in op.ops for leaf in leaf_ops(o)]
     raise TypeError(f"unknown linear operator {type(op).__name__}")
+
+
+def op_tensors(op) -> list[torch.Tensor]:
+    """Every tensor of a linear operator (a tensor, LowRankLinear, PackedLinear, CodesLinear, ConcatLinear)."""
+    out = []
+    for leaf in leaf_ops(op):
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+        elif isinstance(leaf, CodesLinear):
+            out += [t for q, sz, _ in leaf.parts for t in (q, sz)]
+        else:  # PackedLinear: its backend's tensors
+            out += leaf.tensors
+    return out
 
 
 def packed_ops(op) -> list:
     """The PackedLinear operators (prism_load/packed.py) inside a linear operator."""
-    if op is None or isinstance(op, (torch.Tensor, CodesLinear)):
-        return []
-    if isinstance(op, LowRankLinear):
-        return [p for o in (op.a, op.b, op.base) for p in packed_ops(o)]
-    if hasattr(op, "with_tensors"):
-        return [op]
-    if hasattr(op, "ops"):  # ConcatLinear
-        return [p for o in op.ops for p in packed_ops(o)]
-    raise TypeError(f"unknown linear operator {type(op).__name__}")
+    return [leaf for leaf in leaf_ops(op) if hasattr(leaf, "with_tensors")]
 
 
 def map_op(op, fn: Callable[[torch.Tensor], torch.Tensor]):
