@@ -64,9 +64,11 @@ class ContainerStore(StoreBase):
         # each stored tensor's (tensor, suffix, byte range, dtype, shape), split once: _encoded runs per miss
         self._views = {key: [(*t.key.split(".", 1), t.start, t.start + t.nbytes, t.dtype, tuple(t.shape)) for t in layout]
                        for key, layout in self._layouts.items()}
-        sizes, direct = {}, {}  # by encodings: experts of one encoding share their size and form
+        # each expert's encodings as one hashable key: experts of one encoding share their size and form
+        self._signatures = {(r.layer, r.expert): tuple(sorted(r.encodings.items())) for r in container.records}
+        sizes, direct = {}, {}
         for r in container.records:
-            sig = tuple(sorted((name, enc) for name, enc in r.encodings.items()))
+            sig = self._signatures[(r.layer, r.expert)]
             if sig not in sizes:
                 if self.packer is not None:
                     sizes[sig] = self.packer.nbytes(r.encodings)
@@ -76,8 +78,8 @@ class ContainerStore(StoreBase):
                     direct[sig] = False
             if self.packer is not None:
                 self.packer.count(r.encodings)
-        self._nbytes = {(r.layer, r.expert): sizes[tuple(sorted(r.encodings.items()))] for r in container.records}
-        self._direct = {(r.layer, r.expert): direct[tuple(sorted(r.encodings.items()))] for r in container.records}
+        self._nbytes = {key: sizes[sig] for key, sig in self._signatures.items()}
+        self._direct = {key: direct[sig] for key, sig in self._signatures.items()}
         self._view_plans: dict = {}  # (layer, expert) -> read_into's operators on meta and their byte ranges
         self._layout_ids: dict = {}  # _view_plan's layouts, numbered
         self._likes: dict = {}  # layout -> one PackedLinear.like per operator of the layout, in packed_ops order
@@ -168,7 +170,7 @@ class ContainerStore(StoreBase):
             template = self.packer.expert(encoded, count=False)
             ranges = [where.get(id(t)) for t in weights_tensors(template)]
             usable = None not in ranges and record.length % 8 == 0
-            layout = (record.length, tuple(sorted(record.encodings.items())), tuple(ranges))
+            layout = (record.length, self._signatures[key], tuple(ranges))
             layout = self._layout_ids.setdefault(layout, len(self._layout_ids))  # a small int: hashed per miss
             ops = [*packed_ops(template.gate_up), *packed_ops(template.down)]
             likes = self._likes.setdefault(layout, [[None] for _ in ops])
