@@ -48,7 +48,7 @@ DENSE4_RECIPE = HERE / "recipes" / "uniform_int4_g128_dense4.toml"
 HEAD8_RECIPE = HERE / "recipes" / "uniform_int4_g128_head8.toml"
 BITS = 4.25
 GGUF_TYPES = {name: f"LLAMA_FTYPE_MOSTLY_{name}" for name in ("Q4_K_M", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0")}
-DEFAULT_GGUF_TYPES = "Q4_K_M,Q4_0"
+DEFAULT_GGUF_TYPES = ("Q4_K_M", "Q4_0")
 BASELINE = "llama.cpp Q4_K_M"
 INSTALL_HINT = ('llama-cpp-python is not installed, so there is nothing to compare against. Install the peer '
                 'extra (builds llama.cpp from source, 3-5 minutes on 2 cores; a GGML_NATIVE=ON build crashed '
@@ -145,7 +145,7 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[3].encode(), sys.argv[4].encode
 
 
 def make_gguf(ckpt: Path, llama_dir: Path, work: Path, threads: int, conv: Conversions, skip: bool,
-              types: tuple[str, ...] = ("Q4_K_M", "Q4_0")) -> dict:
+              types: tuple[str, ...] = DEFAULT_GGUF_TYPES) -> dict:
     """bf16 GGUF by llama.cpp's converter, then each quantised type by llama_model_quantize (a subprocess each:
     both print to the C stdout; the logs go to WORK/logs)."""
     folder, logs = work / "gguf", work / "logs"
@@ -469,7 +469,7 @@ def main() -> None:
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")
-    ap.add_argument("--gguf-types", default=DEFAULT_GGUF_TYPES,
+    ap.add_argument("--gguf-types", default=",".join(DEFAULT_GGUF_TYPES),
                     help=f"llama.cpp's quantisations to make and measure, Q4_K_M first (the baseline of every ratio): "
                          f"any of {', '.join(GGUF_TYPES)}")
     ap.add_argument("--name", default="peer", help="results file name (bench/results/NAME.json)")
