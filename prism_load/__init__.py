@@ -43,7 +43,7 @@ def load(path, dtype=None, device="cpu", *, compute_dtype=None, config=None, rev
     pass `config=RuntimeConfig(...)`, or its fields as keywords. Container options: `verify_checksums`
     (default True), `resolve_file`, `expert_form` ("packed", the default: experts stay as stored and kernels
     multiply that form, so the model needs about the container's bytes; "decoded": dense weights, the
-    reference), `expert_kernel`. Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%", "2GB") the
+    reference), `expert_kernel`, `mmap` (experts view a memory map of the shards: see RuntimeConfig). Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%", "2GB") the
     experts stay in the cold tier (the container, or the checkpoint's safetensors) and are served by a cache
     of that budget on `device`; `prefetch`, `numa`, `prefetch_extra`, `lookahead`, `host_cache`, `decode_on`,
     `pin_hot`, `frequency_weight`, `profile`, `predictor`. Such a model has `model.runtime`, `model.stats()`
@@ -95,7 +95,7 @@ def _open(folder, dtype, device, config, options, compute_dtype):
 
         return load_container(folder, dtype=dtype, device=device, verify_checksums=config.verify_checksums,
                               resolve_file=config.resolve_file, expert_form=config.expert_form or "packed",
-                              expert_kernel=config.expert_kernel, compute_dtype=compute_dtype)
+                              expert_kernel=config.expert_kernel, compute_dtype=compute_dtype, mmap=config.mmap)
     from .hf_loader import load_hf
 
     return load_hf(folder, dtype=dtype, device=device, compute_dtype=compute_dtype)

@@ -15,12 +15,13 @@ TextSink = Callable[[str, str], None]  # (text, role): role "prompt", "text" (ge
 def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, on_text: TextSink | None = None, *, cache=None,
                prefetch: bool | str = "auto", numa=None, expert_form: str | None = None, lookahead: int = 1,
                predictor: bool = True, tokenizer: str | None = None, expert_kernel: str = "auto",
-               temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> dict:
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+               mmap: bool = False) -> dict:
     """Generate from `prompt`, streaming tokens; a list of prompts runs as one left-padded batch and prints each
     continuation at the end. cache: None (every expert resident) or the expert cache's
     budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead and predictor as in prism_load.load
     (None: the runtime's default, packed for containers; codes needs the cache: "100%" when no budget is
-    given). `tokenizer` (--tokenizer, a path or Hub id)
+    given); mmap as prism_load.load's (resident containers). `tokenizer` (--tokenizer, a path or Hub id)
     replaces the model's own, or stands in where it has none. temperature (0: greedy) and top_p sample;
     None leaves the checkpoint's generation_config.json defaults. `on_text(text, role)` receives the prompt and the
     text as it streams (a batch: each prompt and its continuation once all are done); the result holds the
@@ -34,6 +35,11 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
     form = {} if expert_form is None else {"expert_form": expert_form}
     if expert_kernel != "auto":
         form["expert_kernel"] = expert_kernel
+    if mmap:
+        if cache is not None:
+            raise PrismError(f"--mmap maps every expert resident; --cache {cache} serves them from a budgeted cache "
+                             "instead: pass one of the two")
+        form["mmap"] = True
     options = form if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
                                           "lookahead": lookahead, "predictor": predictor, **form}
     model = prism_load.load(model_path, **options)

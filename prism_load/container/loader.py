@@ -73,14 +73,18 @@ def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_c
 def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", *,
                    verify_checksums: bool = True, resolve_file: ResolveFile | None = None,
                    expert_form: str = "packed", expert_kernel: str = "auto",
-                   compute_dtype: torch.dtype | None = None) -> MoEForCausalLM:
+                   compute_dtype: torch.dtype | None = None, mmap: bool = False) -> MoEForCausalLM:
     """Open, validate and load a container; with verify_checksums every byte read is checked.
     expert_form "packed" (the default) keeps every expert as stored, multiplied by a kernel that reads that
     form (prism_load/packed.py): the model needs the container's bytes, not fp32's. "decoded" expands them to
     dense `dtype` weights (the reference the packed kernels are tested against). compute_dtype: the activations'
-    dtype where it differs from `dtype` (models/precision.py; None: `dtype`)."""
+    dtype where it differs from `dtype` (models/precision.py; None: `dtype`). mmap: packed experts used as
+    stored view a memory map of their shards (Container.map_expert_bytes) instead of the layer's arena: the load
+    reads no expert byte but what checksums need, and the kernel's page cache holds the experts."""
     if expert_form not in ("packed", "decoded"):
         raise ContainerError(f"expert_form={expert_form!r}: a resident container is 'packed' or 'decoded'")
+    if mmap and expert_form != "packed":
+        raise ContainerError(f"mmap=True maps the stored bytes, which expert_form={expert_form!r} does not keep")
     with Container(path, resolve_file) as c:
         family, args = model_args(c.config)
         model = build_skeleton(family, args)
@@ -93,8 +97,9 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
                 _attach_experts(block, experts, device)
             else:
                 _check_biases(block, c.record(i, 0).encodings)
-                arena = _ExpertArena(c, packer, i, args.num_experts, device)
-                block.experts = ResidentExperts([_packed_expert(c, packer, i, e, device, verify_checksums, arena)
+                arena = None if mmap else _ExpertArena(c, packer, i, args.num_experts, device)
+                block.experts = ResidentExperts([_packed_expert(c, packer, i, e, device, verify_checksums, arena,
+                                                                mapped=mmap)
                                                  for e in range(args.num_experts)])
         if packer is not None:
             fallback_warning(packer.backends, torch.device(device), expert_kernel)
@@ -171,14 +176,15 @@ class _ExpertArena:
 
 
 def _packed_expert(c: Container, packer: ExpertPacker, layer: int, expert: int, device,
-                   verify_checksums: bool, arena: _ExpertArena | None = None) -> ExpertWeights:
+                   verify_checksums: bool, arena: _ExpertArena | None = None, mapped: bool = False) -> ExpertWeights:
     """One expert in its packed form: operators viewing its read buffer where they use the stored bytes as
-    they are (the buffer is then the expert's memory: its slice of the layer's arena where there is one), else
-    copied into one buffer of their own (so no read buffer stays alive for a few views)."""
+    they are (the buffer is then the expert's memory: its slice of the layer's arena where there is one, or its
+    range of the shard's memory map when mapped), else copied into one buffer of their own (so no read buffer
+    stays alive for a few views)."""
     record = c.record(layer, expert)
     packer.count(record.encodings)
     into = arena.slot(expert) if arena is not None else None
-    weights = packer.expert(c.read_expert(layer, expert, verify_checksums, into=into), count=False)
+    weights = packer.expert(c.read_expert(layer, expert, verify_checksums, into=into, mapped=mapped), count=False)
     if not packer.reads_stored_form(record.encodings):
         weights = pack_into(torch.empty(packed_nbytes(weights), dtype=torch.uint8), weights)
     return map_weights(weights, lambda t: t.to(device))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -77,6 +78,7 @@ class Container:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._checked_shards: set[int] = set()
         self._pins: dict[int, int] = {}
+        self._maps: dict[int, torch.Tensor] = {}  # shard index -> its whole file, memory-mapped (map_expert)
         self._lock = threading.Lock()
         if check_files:
             for f in self._files():
@@ -94,10 +96,12 @@ class Container:
         self.close()
 
     def close(self) -> None:
+        """Close the cached descriptors. Mappings stay valid while tensors view them (each holds its mapping)."""
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
         if hasattr(self, "_fds"):
             self._fds.clear()
+            self._maps.clear()
 
     # -- files ---------------------------------------------------------------------------------------
     def _files(self) -> list[DataFile | ExpertShard]:
@@ -236,12 +240,38 @@ class Container:
                 f"(bytes [{record.offset}, {record.end}) are damaged)")
         return buf
 
+    def map_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False) -> torch.Tensor:
+        """The expert's byte range as a uint8 tensor viewing a memory map of its shard: nothing is read until
+        a page is touched, pages stay shared with the kernel's page cache (which may drop and re-read them
+        under memory pressure), and the tensor keeps the mapping alive after close(). The map is private
+        copy-on-write, so a write through the tensor never reaches the file. With verify_checksum every page is
+        read once, here."""
+        with self._lock:
+            whole = self._maps.get(record.shard)
+        if whole is None:
+            with self.shard_fd(record.shard) as fd:  # size and header checked at first open
+                size = os.fstat(fd).st_size
+                # ACCESS_COPY: MAP_PRIVATE, writable (torch.frombuffer wants a writable buffer), never written back
+                whole = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+            with self._lock:
+                whole = self._maps.setdefault(record.shard, whole)
+        raw = whole[record.offset : record.offset + record.length]
+        if verify_checksum and checksum(raw.numpy()) != record.checksum:
+            shard = self.manifest.expert_shards[record.shard]
+            raise ContainerError(
+                f"{shard.name}: {record.where()}: checksum {checksum(raw.numpy())} != {record.checksum} in "
+                f"{MANIFEST_NAME} (bytes [{record.offset}, {record.end}) are damaged)")
+        return raw
+
     def read_expert(self, layer: int, expert: int, verify_checksum: bool = False,
-                    into: torch.Tensor | None = None) -> dict[str, EncodedTensor]:
+                    into: torch.Tensor | None = None, mapped: bool = False) -> dict[str, EncodedTensor]:
         """{tensor name: (Encoding, {suffix: stored tensor})} of one expert; tensors view one read buffer (a fresh
-        one, or `into`: a contiguous uint8 CPU tensor of exactly the expert's stored bytes)."""
+        one, or `into`: a contiguous uint8 CPU tensor of exactly the expert's stored bytes), or with mapped=True
+        the shard's memory map (map_expert_bytes)."""
         record = self.record(layer, expert)
-        if into is None:
+        if mapped:
+            raw = self.map_expert_bytes(record, verify_checksum)
+        elif into is None:
             raw = torch.frombuffer(self.read_expert_bytes(record, verify_checksum), dtype=torch.uint8)
         else:
             raw = into

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 READ_OPTIONS = ("verify_checksums", "resolve_file")  # how a container's files are read: containers only
-CONTAINER_OPTIONS = (*READ_OPTIONS, "expert_form", "expert_kernel")  # what a resident container takes
+CONTAINER_OPTIONS = (*READ_OPTIONS, "expert_form", "expert_kernel", "mmap")  # what a resident container takes
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class RuntimeConfig:
     expert_form (containers): "packed" (default), "decoded" or "codes" (runtime only); expert_kernel:
       "auto", "native", "int4pack", "dequant", "native-int16" or "native-int8" (prism_load/packed.py).
     verify_checksums, resolve_file (containers): check every byte read; fetch a shard not in the folder.
+    mmap (resident containers): experts used as stored view a memory map of their shards instead of a copy in
+      the process's memory: the load reads nothing but the dense weights (and, with verify_checksums, each
+      expert page once for its checksum), the kernel's page cache holds the experts, shared between processes,
+      and a container larger than RAM runs with the kernel paging experts in and out (llama.cpp's default).
     """
 
     expert_cache: int | str | None = None
@@ -52,6 +56,7 @@ class RuntimeConfig:
     expert_form: str | None = None
     expert_kernel: str = "auto"
     verify_checksums: bool = True
+    mmap: bool = False
     resolve_file: Callable[[str], Any] | None = field(default=None, compare=False)
 
     @classmethod
@@ -77,7 +82,8 @@ class RuntimeConfig:
 
     def runtime_options(self) -> dict[str, Any]:
         """The options attach_runtime takes (all but the cache budget, prefetch and how files are read)."""
-        skip = {"expert_cache", "prefetch", "profile", "expert_form", "expert_kernel", "predictor", *READ_OPTIONS}
+        skip = {"expert_cache", "prefetch", "profile", "expert_form", "expert_kernel", "predictor", "mmap",
+                *READ_OPTIONS}
         return {name: getattr(self, name) for name in self.names() if name not in skip}
 
 
@@ -109,6 +115,9 @@ def check_applies(names: set[str], folder: Path, container: bool, cached: bool) 
         elif names:
             raise TypeError(f"options {sorted(names)} apply to .prism containers only")
         return
+    if "mmap" in names:
+        raise TypeError("mmap applies to resident containers: with an expert_cache the cache reads each expert into "
+                        "its own budgeted memory")
     allowed = set(RuntimeConfig.names()) - {"expert_cache", "prefetch"}
     if not container:
         allowed -= set(READ_OPTIONS)
