@@ -239,12 +239,15 @@ def prompt_ids(ckpt: Path, n: int) -> list[int]:
 ROUND_KEYS = ("decode_tokens_per_second", "prefill_tokens_per_second", "peak_rss_bytes")
 
 
-def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, expert_kernel: str = "auto") -> dict:
+def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, expert_kernel: str = "auto",
+            mmap: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, str(HERE / "peer_measure.py"), runtime, model, "--prompt", ",".join(map(str, prompt)),
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--logits", str(logits), "--expert-kernel", expert_kernel]
+    cmd += ["--mmap"] if mmap else []
+    cmd += ["--cold"] if getattr(args, "cold", False) and runtime != "reference" else []
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
@@ -292,22 +295,24 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     logits.mkdir(parents=True, exist_ok=True)
     log(f"{ckpt.name}: reference logits (fp32 checkpoint)")
     measure("reference", str(ckpt), prompt, args, logits / "reference.npy")
-    models = [("llama.cpp", name, ggufs[name], "auto") for name in args.gguf_types]
-    models += [("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel)
+    models = [("llama.cpp", name, ggufs[name], "auto", False) for name in args.gguf_types]
+    models += [("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel, False)
                for n, p in prisms.items() for kernel in args.kernels.split(",")]
+    if args.mmap:  # each runtime's memory-mapped load: llama.cpp's default, prism's load(mmap=True)
+        models += [("llama.cpp", f"{args.gguf_types[0]}, mmap", ggufs[args.gguf_types[0]], "auto", True)]
+        models += [("prism", f"{n}, mmap", p, "auto", True) for n, p in prisms.items()]
     rows = []
     rounds: dict[str, list[dict]] = {}  # every model measured once per round, in turn: drift falls on all alike
     for r in range(args.rounds):
-        for runtime, fmt, made, kernel in models:
+        for runtime, fmt, made, kernel, mmap in models:
             path = Path(made["path"])
             log(f"{ckpt.name}: {runtime} {fmt} (round {r + 1} of {args.rounds})")
-            tag = path.name if kernel == "auto" else f"{path.name}-{kernel}"
             rounds.setdefault(f"{runtime} {fmt}", []).append(
                 measure("llama" if runtime == "llama.cpp" else "prism", str(path), prompt, args,
-                        logits / f"{tag}.npy", kernel))
-    for runtime, fmt, made, kernel in models:
+                        logits / f"{logits_tag(path, kernel, mmap)}.npy", kernel, mmap))
+    for runtime, fmt, made, kernel, mmap in models:
         path = Path(made["path"])
-        tag = path.name if kernel == "auto" else f"{path.name}-{kernel}"
+        tag = logits_tag(path, kernel, mmap)
         runs = rounds[f"{runtime} {fmt}"]
         result = dict(runs[0], rounds=[{k: x[k] for k in ROUND_KEYS} for x in runs],
                       **{k: statistics.median(x[k] for x in runs) for k in ROUND_KEYS})
@@ -317,7 +322,7 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
         rows.append({"runtime": runtime, "format": fmt, "name": f"{runtime} {fmt}", "path": str(path), **sizes,
                      "bits_per_weight": 8 * sizes["file_bytes"] / params["total"],
                      "conversion_seconds": made.get("seconds"), "conversion": made.get("what"),
-                     "expert_kernel": kernel,
+                     "expert_kernel": kernel, "mmap": mmap,
                      "logits_cosine_vs_fp32": cosine(logits / f"{tag}.npy", logits / "reference.npy"),
                      **result})
         log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
@@ -330,6 +335,10 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     return {"shape": {**shape.__dict__, "intermediate": shape.intermediate, "parameters": params,
                       "checkpoint": str(ckpt)}, "prompt_tokens": len(prompt), "rows": rows,
             "conversion_seconds": times}
+
+
+def logits_tag(path: Path, kernel: str, mmap: bool) -> str:
+    return path.name + ("" if kernel == "auto" else f"-{kernel}") + ("-mmap" if mmap else "")
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -466,6 +475,10 @@ def main() -> None:
                     "convert), own-stored (the same at 4.25 bits stored) and/or uniform-dense4 (uniform with "
                     "attention int4 and the LM head int8, about Q4_K_M's dense precision) and/or uniform-head8 (uniform with "
                     "the LM head int8)")
+    ap.add_argument("--mmap", action="store_true", help="also measure each runtime loading through a memory map: "
+                    "llama.cpp Q4_K_M with use_mmap=True (its default), every prism recipe with load(mmap=True)")
+    ap.add_argument("--cold", action="store_true", help="drop each model's files from the page cache before its "
+                    "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")

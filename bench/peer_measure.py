@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -27,12 +29,13 @@ WARMUP_STEPS = 8
 
 
 def memory() -> dict[str, int]:
-    """VmRSS and VmHWM (peak resident set) of this process, bytes."""
+    """VmRSS, VmHWM (peak resident set), RssAnon and RssFile (of VmRSS: the process's own pages, and file pages
+    it maps, shared with the page cache) of this process, bytes."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0]) * 1024
     return out
 
@@ -40,7 +43,8 @@ def memory() -> dict[str, int]:
 class PrismRunner:
     """prism_load.load(path) with its defaults; the KV cache and forward of prism_load.models.model."""
 
-    def __init__(self, path: str, threads: int, dtype: str | None = None, expert_kernel: str = "auto"):
+    def __init__(self, path: str, threads: int, dtype: str | None = None, expert_kernel: str = "auto",
+                 mmap: bool = False):
         import torch
 
         torch.set_num_threads(threads)
@@ -48,6 +52,7 @@ class PrismRunner:
 
         self.torch = torch
         options = {} if expert_kernel == "auto" else {"expert_kernel": expert_kernel}
+        options |= {"mmap": True} if mmap else {}
         self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None, **options)
         self.cache = None
 
@@ -69,12 +74,12 @@ class PrismRunner:
 class LlamaRunner:
     """llama-cpp-python's Llama: eval() runs llama_decode; the last position's logits read back directly."""
 
-    def __init__(self, path: str, threads: int, n_ctx: int):
+    def __init__(self, path: str, threads: int, n_ctx: int, mmap: bool = False):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
         self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
-                                   n_ubatch=512, use_mmap=False, verbose=False)
+                                   n_ubatch=512, use_mmap=mmap, verbose=False)
         self.n_vocab = self.llm.n_vocab()
 
     def reset(self) -> None:
@@ -87,6 +92,17 @@ class LlamaRunner:
 
     def close(self) -> None:
         self.llm.close()  # before interpreter shutdown, which otherwise frees it out of order
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to drop a file's (or a folder's files') cached pages, so the next read is a disk read."""
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run(runner, prompt: list[int], tokens: int, repeats: int) -> dict:
@@ -125,19 +141,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--logits", help="write the prompt's last-position logits here (.npy)")
     ap.add_argument("--expert-kernel", default="auto", help="prism: load()'s expert_kernel")
+    ap.add_argument("--mmap", action="store_true", help="load through a memory map (llama.cpp use_mmap, prism mmap)")
+    ap.add_argument("--cold", action="store_true", help="drop the model's files from the page cache first")
     args = ap.parse_args()
     prompt = [int(x) for x in args.prompt.split(",")]
     if args.runtime == "llama":
         import llama_cpp  # noqa: F401 - imported before the baseline, as torch is for prism
     else:
         import torch  # noqa: F401
+    if args.cold:
+        drop_from_page_cache(Path(args.model))
     imported = memory()["VmRSS"]
     start = time.perf_counter()
     if args.runtime == "llama":
-        runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64)
+        runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64,
+                             mmap=args.mmap)
     else:
         runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
-                             expert_kernel=args.expert_kernel)
+                             expert_kernel=args.expert_kernel, mmap=args.mmap)
     load_seconds = time.perf_counter() - start
     loaded = memory()["VmRSS"]
     if args.runtime == "reference":
@@ -151,7 +172,8 @@ def main() -> None:
     runner.close()
     mem = memory()
     print(json.dumps({**result, "load_seconds": load_seconds, "rss_after_imports_bytes": imported,
-                      "rss_after_load_bytes": loaded, "peak_rss_bytes": mem["VmHWM"], "threads": args.threads,
+                      "rss_after_load_bytes": loaded, "peak_rss_bytes": mem["VmHWM"],
+                      "final_rss_anon_bytes": mem["RssAnon"], "final_rss_file_bytes": mem["RssFile"], "threads": args.threads,
                       "tokens": args.tokens, "prompt_tokens": len(prompt), "repeats": args.repeats}))
 
 
