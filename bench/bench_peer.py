@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,22 +241,34 @@ ROUND_KEYS = ("decode_tokens_per_second", "prefill_tokens_per_second", "peak_rss
 
 
 def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, expert_kernel: str = "auto",
-            mmap: bool = False) -> dict:
+            flags: tuple[str, ...] = ()) -> dict:
+    """One peer_measure.py process's JSON; under --memory-cap a process the kernel killed for memory gives
+    {"killed": "memory"} instead of failing the run."""
+    import memory_cap
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, str(HERE / "peer_measure.py"), runtime, model, "--prompt", ",".join(map(str, prompt)),
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--logits", str(logits), "--expert-kernel", expert_kernel]
-    cmd += ["--mmap"] if mmap else []
+    cmd += list(flags)
+    capped = getattr(args, "memory_cap", None) and runtime != "reference"
+    cmd += ["--memory-cap", str(args.memory_cap << 20)] if capped else []
     cmd += ["--cold"] if getattr(args, "cold", False) and runtime != "reference" else []
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
-               else f"exit status {done.returncode}")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        stdout, stderr = proc.communicate()
+    for folder in memory_cap.folder_for(proc.pid):  # a killed process leaves its cgroup behind
+        memory_cap.remove(folder)
+    if proc.returncode == -signal.SIGKILL and capped:
+        logits.unlink(missing_ok=True)
+        return {"killed": "memory"}
+    if proc.returncode:
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit status {proc.returncode}")
         hint = (" (an instruction this CPU lacks: rebuild llama-cpp-python with the CMAKE_ARGS its flags allow, "
-                "see the README)" if done.returncode == -signal.SIGILL else "")
-        raise SystemExit(f"measuring {model} failed, {how}{hint}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+                "see the README)" if proc.returncode == -signal.SIGILL else "")
+        raise SystemExit(f"measuring {model} failed, {how}{hint}:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def cosine(a: Path, b: Path) -> float:
@@ -295,50 +308,106 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
     logits.mkdir(parents=True, exist_ok=True)
     log(f"{ckpt.name}: reference logits (fp32 checkpoint)")
     measure("reference", str(ckpt), prompt, args, logits / "reference.npy")
-    models = [("llama.cpp", name, ggufs[name], "auto", False) for name in args.gguf_types]
-    models += [("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel, False)
-               for n, p in prisms.items() for kernel in args.kernels.split(",")]
-    if args.mmap:  # each runtime's memory-mapped load: llama.cpp's default, prism's load(mmap=True)
-        models += [("llama.cpp", f"{args.gguf_types[0]}, mmap", ggufs[args.gguf_types[0]], "auto", True)]
-        models += [("prism", f"{n}, mmap", p, "auto", True) for n, p in prisms.items()]
+    models = variants(args, ggufs, prisms)
     rows = []
     rounds: dict[str, list[dict]] = {}  # every model measured once per round, in turn: drift falls on all alike
     for r in range(args.rounds):
-        for runtime, fmt, made, kernel, mmap in models:
-            path = Path(made["path"])
-            log(f"{ckpt.name}: {runtime} {fmt} (round {r + 1} of {args.rounds})")
-            rounds.setdefault(f"{runtime} {fmt}", []).append(
-                measure("llama" if runtime == "llama.cpp" else "prism", str(path), prompt, args,
-                        logits / f"{logits_tag(path, kernel, mmap)}.npy", kernel, mmap))
-    for runtime, fmt, made, kernel, mmap in models:
-        path = Path(made["path"])
-        tag = logits_tag(path, kernel, mmap)
-        runs = rounds[f"{runtime} {fmt}"]
+        for v in models:
+            log(f"{ckpt.name}: {v.name} (round {r + 1} of {args.rounds})")
+            rounds.setdefault(v.name, []).append(
+                measure("llama" if v.runtime == "llama.cpp" else "prism", str(v.path), prompt, args,
+                        logits / f"{v.tag}.npy", v.kernel, v.flags))
+    for v in models:
+        runtime, fmt, made, kernel, path, tag = v.runtime, v.fmt, v.made, v.kernel, v.path, v.tag
+        runs = rounds[v.name]
+        sizes = gguf_sizes(path, llama_dir) if runtime == "llama.cpp" else prism_sizes(path)
+        if any("killed" in x for x in runs):  # over --memory-cap in some round: no figures
+            rows.append({"runtime": runtime, "format": fmt, "name": v.name, "path": str(path), **sizes,
+                         "killed": "memory", "rounds_killed": sum("killed" in x for x in runs), "flags": v.flags,
+                         "expert_kernel": kernel})
+            log("  killed: over the memory cap")
+            continue
         result = dict(runs[0], rounds=[{k: x[k] for k in ROUND_KEYS} for x in runs],
                       **{k: statistics.median(x[k] for x in runs) for k in ROUND_KEYS})
-        sizes = gguf_sizes(path, llama_dir) if runtime == "llama.cpp" else prism_sizes(path)
         if "expert_bytes" in sizes:
             sizes["bits_per_expert_weight"] = 8 * sizes["expert_bytes"] / params["experts"]
         rows.append({"runtime": runtime, "format": fmt, "name": f"{runtime} {fmt}", "path": str(path), **sizes,
                      "bits_per_weight": 8 * sizes["file_bytes"] / params["total"],
                      "conversion_seconds": made.get("seconds"), "conversion": made.get("what"),
-                     "expert_kernel": kernel, "mmap": mmap,
+                     "expert_kernel": kernel, "flags": v.flags,
                      "logits_cosine_vs_fp32": cosine(logits / f"{tag}.npy", logits / "reference.npy"),
                      **result})
         log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
             f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
-    base = next(r for r in rows if r["name"] == BASELINE)
+    baseline = baseline_name(args)
+    base = next(r for r in rows if r["name"] == baseline)
+    if "killed" in base:
+        raise SystemExit(f"{baseline} was killed for memory under --memory-cap {args.memory_cap}: nothing to compare "
+                         "with; raise the cap")
     for r in rows:  # the median over rounds of the ratio within each round (neighbours in time)
-        r["vs_q4_k_m"] = {k: statistics.median(a[k] / b[k] for a, b in zip(r["rounds"], base["rounds"]))
-                          for k in ROUND_KEYS}
+        if "killed" not in r:
+            r["vs_q4_k_m"] = {k: statistics.median(a[k] / b[k] for a, b in zip(r["rounds"], base["rounds"]))
+                              for k in ROUND_KEYS}
+
     times["gguf_bf16"] = ggufs["bf16"]
     return {"shape": {**shape.__dict__, "intermediate": shape.intermediate, "parameters": params,
                       "checkpoint": str(ckpt)}, "prompt_tokens": len(prompt), "rows": rows,
             "conversion_seconds": times}
 
 
-def logits_tag(path: Path, kernel: str, mmap: bool) -> str:
-    return path.name + ("" if kernel == "auto" else f"-{kernel}") + ("-mmap" if mmap else "")
+@dataclass(frozen=True)
+class Variant:
+    """One measured configuration: a made model, the runtime that runs it, and peer_measure.py's flags."""
+
+    runtime: str  # "llama.cpp" or "prism"
+    fmt: str  # the row's format column
+    made: dict  # Conversions.make's record: path, seconds, what
+    kernel: str = "auto"
+    flags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime} {self.fmt}"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.made["path"])
+
+    @property
+    def tag(self) -> str:
+        """The logits file's name."""
+        flags = "".join(f.strip("-").replace("%", "pct") for f in self.flags)
+        return self.path.name + ("" if self.kernel == "auto" else f"-{self.kernel}") + (f"-{flags}" if flags else "")
+
+
+LLAMA_MMAP_VARIANTS = {  # llama.cpp memory-mapped: its default; without repacked copies; and lazy expert rows
+    "mmap": ("--mmap",),
+    "mmap, no repack": ("--mmap", "--no-repack"),
+    "mmap, no repack, lazy experts": ("--mmap", "--no-repack", "--lazy"),
+}
+
+
+def variants(args, ggufs: dict, prisms: dict) -> list[Variant]:
+    """Every configuration to measure, in order: llama.cpp's types, prism's recipes x kernels, then with --mmap
+    each runtime memory-mapped, and with --cache each prism recipe behind an expert cache of each budget."""
+    out = [Variant("llama.cpp", name, ggufs[name]) for name in args.gguf_types]
+    out += [Variant("prism", n if kernel == "auto" else f"{n}, {kernel}", p, kernel)
+            for n, p in prisms.items() for kernel in args.kernels.split(",")]
+    if args.mmap:
+        first = args.gguf_types[0]
+        out += [Variant("llama.cpp", f"{first}, {what}", ggufs[first], flags=flags)
+                for what, flags in LLAMA_MMAP_VARIANTS.items()]
+        out += [Variant("prism", f"{n}, mmap", p, flags=("--mmap",)) for n, p in prisms.items()]
+    out += [Variant("prism", f"{n}, expert_cache {budget}", p, flags=("--expert-cache", budget))
+            for n, p in prisms.items() for budget in args.cache]
+    return out
+
+
+def baseline_name(args) -> str:
+    """Every ratio's denominator: llama.cpp Q4_K_M as loaded by default here (read into its memory); under a
+    memory cap the llama.cpp configuration made for that: memory-mapped, no repacked copies, expert rows read
+    on demand (read in, or repacked, the model does not fit)."""
+    return f"{BASELINE}, mmap, no repack, lazy experts" if getattr(args, "memory_cap", None) else BASELINE
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -353,7 +422,7 @@ def targets(shapes: list[dict]) -> list[dict]:
         if s["shape"]["width"] != 1:
             continue
         for r in s["rows"]:
-            if r["runtime"] != "prism":
+            if r["runtime"] != "prism" or "killed" in r:
                 continue
             for key, (bound, op) in TARGETS.items():
                 ratio = r["vs_q4_k_m"][key]
@@ -376,6 +445,9 @@ COLUMNS = ["runtime", "format", "MiB", "bits/weight (file; experts)", "decode to
 
 
 def cells(r: dict) -> list[str]:
+    if "killed" in r:
+        return [r["runtime"], r["format"], f"{r['file_bytes'] / 2**20:,.1f}", "-",
+                f"killed for memory ({r['rounds_killed']} of the rounds)", *["-"] * (len(COLUMNS) - 5)]
     v = r["vs_q4_k_m"]
     conv = "-" if r["conversion_seconds"] is None else f"{r['conversion_seconds']:,.0f}"
     return [r["runtime"], r["format"], f"{r['file_bytes'] / 2**20:,.1f}",
@@ -392,12 +464,23 @@ def markdown(result: dict) -> str:
              f"{result.get('rounds', 1)} round(s) in turn: medians, ratios the median of each round's)",
              "", f"llama-cpp-python {result['llama_cpp_version']}; prism at {result['prism_commit']}. Load average "
              f"before / after: {result['load_before']} / {result['load_after']}.", "", machine_line(result), ""]
+    if result.get("memory_cap_mib"):
+        lines += [f"Every measured process may charge {result['memory_cap_mib']:,} MiB past its imports, page cache "
+                  "included (a memory cgroup joined after the imports, bench/memory_cap.py), its model's files "
+                  f"dropped from the page cache before it starts; ratios are to {result['baseline']}.", ""]
+    elif result.get("cold"):
+        lines += ["Each model's files were dropped from the page cache before its process started: loads read the "
+                  "disk.", ""]
     for s in result["shapes"]:
         lines += [f"## {shape_title(s)}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(cells(r)) + " |" for r in s["rows"]]
+        capped = [r for r in s["rows"] if "cap_peak_bytes" in r]
+        if capped:
+            lines += ["", "Most memory charged at once under the cap (anonymous + page cache), MiB: "
+                      + "; ".join(f"{r['name']} {r['cap_peak_bytes'] / 2**20:,.0f}" for r in capped) + "."]
         lines += ["", conversion_note(s["conversion_seconds"]), ""]
     if result["targets"]:
-        lines += ["Targets (width 1, ratio to llama.cpp Q4_K_M):", "", "| prism | figure | ratio | target | met |",
+        lines += [f"Targets (width 1, ratio to {result.get('baseline', BASELINE)}):", "", "| prism | figure | ratio | target | met |",
                   "|---|---|---|---|---|"]
         lines += [f"| {t['name']} | {t['figure']} | {t['ratio']:.2f} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
                   for t in result["targets"]]
@@ -476,9 +559,15 @@ def main() -> None:
                     "attention int4 and the LM head int8, about Q4_K_M's dense precision) and/or uniform-head8 (uniform with "
                     "the LM head int8)")
     ap.add_argument("--mmap", action="store_true", help="also measure each runtime loading through a memory map: "
-                    "llama.cpp Q4_K_M with use_mmap=True (its default), every prism recipe with load(mmap=True)")
+                    "llama.cpp Q4_K_M with use_mmap=True (its default; then also without its repacked weight copies, "
+                    "and with lazy expert rows), every prism recipe with load(mmap=True)")
     ap.add_argument("--cold", action="store_true", help="drop each model's files from the page cache before its "
                     "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
+    ap.add_argument("--cache", default="", help="also measure every prism recipe with load(expert_cache=BUDGET), for "
+                    "each comma-separated budget (e.g. 40%%)")
+    ap.add_argument("--memory-cap", type=int, help="MiB each measured process may charge past its imports, page "
+                    "cache included (a memory cgroup, bench/memory_cap.py; implies --cold; needs --mmap: ratios are "
+                    "then to llama.cpp Q4_K_M memory-mapped): a machine with less RAM than the model")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")
@@ -488,6 +577,9 @@ def main() -> None:
     ap.add_argument("--name", default="peer", help="results file name (bench/results/NAME.json)")
     args = ap.parse_args()
     args.gguf_types = tuple(args.gguf_types.split(","))
+    args.cache = [b for b in args.cache.split(",") if b]
+    if args.memory_cap and not args.mmap:
+        ap.error("--memory-cap compares with llama.cpp memory-mapped (its default): add --mmap")
     if args.gguf_types[0] != "Q4_K_M" or not set(args.gguf_types) <= set(GGUF_TYPES):
         ap.error(f"--gguf-types {','.join(args.gguf_types)}: Q4_K_M first, then any of {', '.join(GGUF_TYPES)}")
     try:
@@ -514,7 +606,8 @@ def main() -> None:
               "repeats": args.repeats, "samples": args.samples, "llama_cpp_version": llama_cpp.__version__,
               "llama_src": str(llama_dir), "prism_commit": commit, "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()], "shapes": shapes, "targets": targets(shapes),
-              "machine": machine(), "q8_instructions": q8_instructions()}
+              "machine": machine(), "q8_instructions": q8_instructions(), "baseline": baseline_name(args),
+              "memory_cap_mib": args.memory_cap, "cold": args.cold or bool(args.memory_cap)}
     path = write_report(args.name, result, markdown(result))
     print_tables(result)
     log(f"wrote {path} and {RESULTS / (args.name + '.md')}")

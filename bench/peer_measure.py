@@ -44,7 +44,7 @@ class PrismRunner:
     """prism_load.load(path) with its defaults; the KV cache and forward of prism_load.models.model."""
 
     def __init__(self, path: str, threads: int, dtype: str | None = None, expert_kernel: str = "auto",
-                 mmap: bool = False):
+                 mmap: bool = False, expert_cache: str | None = None):
         import torch
 
         torch.set_num_threads(threads)
@@ -53,6 +53,7 @@ class PrismRunner:
         self.torch = torch
         options = {} if expert_kernel == "auto" else {"expert_kernel": expert_kernel}
         options |= {"mmap": True} if mmap else {}
+        options |= {"expert_cache": expert_cache} if expert_cache else {}
         self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None, **options)
         self.cache = None
 
@@ -74,12 +75,26 @@ class PrismRunner:
 class LlamaRunner:
     """llama-cpp-python's Llama: eval() runs llama_decode; the last position's logits read back directly."""
 
-    def __init__(self, path: str, threads: int, n_ctx: int, mmap: bool = False):
+    def __init__(self, path: str, threads: int, n_ctx: int, mmap: bool = False, repack: bool = True,
+                 lazy: bool = False):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
-                                   n_ubatch=512, use_mmap=mmap, verbose=False)
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def model_params():  # what Llama() has no argument for: llama_model_params fields it then fills in
+            params = defaults()
+            params.use_extra_bufts = repack  # repacked copies of the weights (CPU_REPACK), even under mmap
+            if lazy:
+                params.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_ON  # expert rows read on demand (needs mmap)
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = model_params
+        try:
+            self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                                       n_ubatch=512, use_mmap=mmap, verbose=False)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
         self.n_vocab = self.llm.n_vocab()
 
     def reset(self) -> None:
@@ -143,34 +158,55 @@ def main() -> None:
     ap.add_argument("--expert-kernel", default="auto", help="prism: load()'s expert_kernel")
     ap.add_argument("--mmap", action="store_true", help="load through a memory map (llama.cpp use_mmap, prism mmap)")
     ap.add_argument("--cold", action="store_true", help="drop the model's files from the page cache first")
+    ap.add_argument("--no-repack", action="store_true", help="llama.cpp: no repacked weight copies (use_extra_bufts "
+                    "off), so a memory-mapped model's weights stay in the mapping")
+    ap.add_argument("--lazy", action="store_true", help="llama.cpp: lazy_mode ON, expert rows read on demand (mmap)")
+    ap.add_argument("--expert-cache", help="prism: load()'s expert_cache (a budget: '40%%', '128MB')")
+    ap.add_argument("--memory-cap", type=int, help="bytes this process may charge past its imports (a memory cgroup "
+                    "joined after them, bench/memory_cap.py; implies --cold, so the model's pages are charged to it)")
     args = ap.parse_args()
     prompt = [int(x) for x in args.prompt.split(",")]
     if args.runtime == "llama":
         import llama_cpp  # noqa: F401 - imported before the baseline, as torch is for prism
     else:
         import torch  # noqa: F401
-    if args.cold:
+    if args.cold or args.memory_cap:
         drop_from_page_cache(Path(args.model))
-    imported = memory()["VmRSS"]
-    start = time.perf_counter()
-    if args.runtime == "llama":
-        runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64,
-                             mmap=args.mmap)
-    else:
-        runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
-                             expert_kernel=args.expert_kernel, mmap=args.mmap)
-    load_seconds = time.perf_counter() - start
-    loaded = memory()["VmRSS"]
-    if args.runtime == "reference":
-        runner.reset()
-        result = {"prompt_logits": runner.forward(prompt)}
-    else:
-        result = run(runner, prompt, args.tokens, args.repeats)
-    if args.logits:
-        np.save(args.logits, result["prompt_logits"].astype(np.float32))
-    del result["prompt_logits"]
-    runner.close()
-    mem = memory()
+    cap = None
+    if args.memory_cap:
+        from memory_cap import CapUnavailable, MemoryCap
+
+        try:
+            cap = MemoryCap.join(args.memory_cap)
+        except CapUnavailable as e:
+            raise SystemExit(f"--memory-cap: {e}") from None
+    try:
+        imported = memory()["VmRSS"]
+        start = time.perf_counter()
+        if args.runtime == "llama":
+            runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64,
+                                 mmap=args.mmap, repack=not args.no_repack, lazy=args.lazy)
+        else:
+            runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
+                                 expert_kernel=args.expert_kernel, mmap=args.mmap, expert_cache=args.expert_cache)
+        load_seconds = time.perf_counter() - start
+        loaded = memory()["VmRSS"]
+        if args.runtime == "reference":
+            runner.reset()
+            result = {"prompt_logits": runner.forward(prompt)}
+        else:
+            result = run(runner, prompt, args.tokens, args.repeats)
+        if args.logits:
+            np.save(args.logits, result["prompt_logits"].astype(np.float32))
+        del result["prompt_logits"]
+        runner.close()
+        mem = memory()
+        if cap is not None:
+            result |= {"memory_cap_bytes": args.memory_cap, "cap_peak_bytes": cap.peak_bytes(),
+                       "cap_reclaim_failures": cap.reclaim_failures()}
+    finally:
+        if cap is not None:
+            cap.leave()
     print(json.dumps({**result, "load_seconds": load_seconds, "rss_after_imports_bytes": imported,
                       "rss_after_load_bytes": loaded, "peak_rss_bytes": mem["VmHWM"],
                       "final_rss_anon_bytes": mem["RssAnon"], "final_rss_file_bytes": mem["RssFile"], "threads": args.threads,

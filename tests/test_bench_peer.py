@@ -42,3 +42,28 @@ def test_a_container_made_with_another_recipe_is_named(tmp_path):
     record.write_text(json.dumps({"recipe": older}))
     assert stale_recipe(record, None, ckpt) == "dense"
     assert stale_recipe(record, str(UNIFORM_RECIPE), ckpt) == "candidates, name"  # its head is bf16 too
+
+
+def test_variants_name_each_configuration_once_with_its_flags(monkeypatch):
+    """--mmap adds llama.cpp's three memory-mapped configurations and prism's load(mmap=True); --cache a prism
+    row per budget; every row's name and logits file differ, and each carries the flags peer_measure.py takes."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_peer import Variant, baseline_name, variants
+
+    made = lambda name: {"path": f"/m/{name}"}  # noqa: E731
+    args = SimpleNamespace(gguf_types=("Q4_K_M", "Q4_0"), kernels="auto,native-int8", mmap=True, cache=["40%"],
+                           memory_cap=200)
+    out = variants(args, {"Q4_K_M": made("q4km.gguf"), "Q4_0": made("q40.gguf")}, {"uniform": made("u.prism")})
+    assert [v.name for v in out] == [
+        "llama.cpp Q4_K_M", "llama.cpp Q4_0", "prism uniform", "prism uniform, native-int8",
+        "llama.cpp Q4_K_M, mmap", "llama.cpp Q4_K_M, mmap, no repack", "llama.cpp Q4_K_M, mmap, no repack, lazy experts",
+        "prism uniform, mmap", "prism uniform, expert_cache 40%"]
+    assert out[6].flags == ("--mmap", "--no-repack", "--lazy") and out[8].flags == ("--expert-cache", "40%")
+    assert len({v.tag for v in out}) == len(out)
+    assert baseline_name(args) in {v.name for v in out}
+    assert baseline_name(SimpleNamespace(memory_cap=None)) == "llama.cpp Q4_K_M"
+    assert variants(SimpleNamespace(gguf_types=("Q4_K_M",), kernels="auto", mmap=False, cache=[]),
+                    {"Q4_K_M": made("a")}, {"own": made("b")}) == [Variant("llama.cpp", "Q4_K_M", made("a")),
+                                                                 Variant("prism", "own", made("b"))]
