@@ -45,7 +45,7 @@ def test_a_container_made_with_another_recipe_is_named(tmp_path):
 
 
 def test_variants_name_each_configuration_once_with_its_flags(monkeypatch):
-    """--mmap adds llama.cpp's three memory-mapped configurations and prism's load(mmap=True); --cache a prism
+    """--mmap adds llama.cpp's two memory-mapped configurations and prism's load(mmap=True); --cache a prism
     row per budget; every row's name and logits file differ, and each carries the flags peer_measure.py takes."""
     from types import SimpleNamespace
 
@@ -58,12 +58,30 @@ def test_variants_name_each_configuration_once_with_its_flags(monkeypatch):
     out = variants(args, {"Q4_K_M": made("q4km.gguf"), "Q4_0": made("q40.gguf")}, {"uniform": made("u.prism")})
     assert [v.name for v in out] == [
         "llama.cpp Q4_K_M", "llama.cpp Q4_0", "prism uniform", "prism uniform, native-int8",
-        "llama.cpp Q4_K_M, mmap", "llama.cpp Q4_K_M, mmap, no repack", "llama.cpp Q4_K_M, mmap, no repack, lazy experts",
-        "prism uniform, mmap", "prism uniform, expert_cache 40%"]
-    assert out[6].flags == ("--mmap", "--no-repack", "--lazy") and out[8].flags == ("--expert-cache", "40%")
+        "llama.cpp Q4_K_M, mmap", "llama.cpp Q4_K_M, mmap, no repack", "prism uniform, mmap",
+        "prism uniform, expert_cache 40%"]
+    assert out[5].flags == ("--mmap", "--no-repack") and out[7].flags == ("--expert-cache", "40%")
     assert len({v.tag for v in out}) == len(out)
     assert baseline_name(args) in {v.name for v in out}
     assert baseline_name(SimpleNamespace(memory_cap=None)) == "llama.cpp Q4_K_M"
     assert variants(SimpleNamespace(gguf_types=("Q4_K_M",), kernels="auto", mmap=False, cache=[]),
                     {"Q4_K_M": made("a")}, {"own": made("b")}) == [Variant("llama.cpp", "Q4_K_M", made("a")),
                                                                  Variant("prism", "own", made("b"))]
+
+
+def test_memory_cap_series_merge_each_caps_cache_row_and_mark_kills(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_memory_caps import markdown, series
+
+    def result(cache: str, rows: dict) -> dict:
+        return {"shapes": [{"rows": [{"name": n, "decode_tokens_per_second": v} if v is not None
+                                     else {"name": n, "killed": "memory"} for n, v in rows.items()]}]}
+
+    results = {150: result("70MiB", {"llama.cpp Q4_K_M, mmap": None, "prism u, expert_cache 70MiB": 20.0}),
+               200: result("120MiB", {"llama.cpp Q4_K_M, mmap": 3.1, "prism u, expert_cache 120MiB": 37.9})}
+    got = series(results)
+    assert got == {"llama.cpp Q4_K_M, mmap": {150: None, 200: 3.1},
+                   "prism u, expert_cache (cap - overhead)": {150: 20.0, 200: 37.9}}
+    table = markdown({"caps": [150, 200], "overhead": 80, "tokens": 32, "repeats": 2, "rounds": 1, "series": got})
+    assert "| llama.cpp Q4_K_M, mmap | killed | 3.1 |" in table
+    assert "| prism u, expert_cache (cap - overhead) | 20.0 | 37.9 |" in table
