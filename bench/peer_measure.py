@@ -44,7 +44,7 @@ class PrismRunner:
     """prism_load.load(path) with its defaults; the KV cache and forward of prism_load.models.model."""
 
     def __init__(self, path: str, threads: int, dtype: str | None = None, expert_kernel: str = "auto",
-                 mmap: bool = False, expert_cache: str | None = None):
+                 mmap: bool = False, expert_cache: str | None = None, prefetch: bool = False):
         import torch
 
         torch.set_num_threads(threads)
@@ -54,6 +54,7 @@ class PrismRunner:
         options = {} if expert_kernel == "auto" else {"expert_kernel": expert_kernel}
         options |= {"mmap": True} if mmap else {}
         options |= {"expert_cache": expert_cache} if expert_cache else {}
+        options |= {"prefetch": True} if prefetch else {}
         self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None, **options)
         self.cache = None
 
@@ -162,6 +163,7 @@ def main() -> None:
                     "off), so a memory-mapped model's weights stay in the mapping")
     ap.add_argument("--lazy", action="store_true", help="llama.cpp: lazy_mode ON, expert rows read on demand (mmap)")
     ap.add_argument("--expert-cache", help="prism: load()'s expert_cache (a budget: '40%%', '128MB')")
+    ap.add_argument("--prefetch", action="store_true", help="prism: prefetch=True (with --expert-cache)")
     ap.add_argument("--memory-cap", type=int, help="bytes this process may charge past its imports (a memory cgroup "
                     "joined after them, bench/memory_cap.py; implies --cold, so the model's pages are charged to it)")
     args = ap.parse_args()
@@ -188,7 +190,8 @@ def main() -> None:
                                  mmap=args.mmap, repack=not args.no_repack, lazy=args.lazy)
         else:
             runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
-                                 expert_kernel=args.expert_kernel, mmap=args.mmap, expert_cache=args.expert_cache)
+                                 expert_kernel=args.expert_kernel, mmap=args.mmap, expert_cache=args.expert_cache,
+                                 prefetch=args.prefetch)
         load_seconds = time.perf_counter() - start
         loaded = memory()["VmRSS"]
         if args.runtime == "reference":
