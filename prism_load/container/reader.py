@@ -234,18 +234,25 @@ class Container:
             n = os.preadv(fd, [buf], record.offset)
         if n != record.length:
             raise ContainerError(f"{shard.name}: {record.where()}: read {n} of {record.length} bytes (file truncated?)")
-        if verify_checksum and checksum(buf) != record.checksum:
-            raise ContainerError(
-                f"{shard.name}: {record.where()}: checksum {checksum(buf)} != {record.checksum} in {MANIFEST_NAME} "
-                f"(bytes [{record.offset}, {record.end}) are damaged)")
+        if verify_checksum:
+            self._check_expert(record, buf)
         return buf
+
+    def _check_expert(self, record: ExpertRecord, data) -> None:
+        """ContainerError naming the shard, the expert and its byte range where data's checksum differs."""
+        got = checksum(data)
+        if got != record.checksum:
+            shard = self.manifest.expert_shards[record.shard]
+            raise ContainerError(f"{shard.name}: {record.where()}: checksum {got} != {record.checksum} in "
+                                 f"{MANIFEST_NAME} (bytes [{record.offset}, {record.end}) are damaged)")
 
     def map_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False) -> torch.Tensor:
         """The expert's byte range as a uint8 tensor viewing a memory map of its shard: nothing is read until
         a page is touched, pages stay shared with the kernel's page cache (which may drop and re-read them
         under memory pressure), and the tensor keeps the mapping alive after close(). The map is private
         copy-on-write, so a write through the tensor never reaches the file. With verify_checksum every page is
-        read once, here."""
+        read once, here. As with any memory map, a shard truncated while mapped ends the process (SIGBUS) at the
+        next touch of a page past its new end: sizes are checked when a shard is first opened, not after."""
         with self._lock:
             whole = self._maps.get(record.shard)
         if whole is None:
@@ -256,11 +263,8 @@ class Container:
             with self._lock:
                 whole = self._maps.setdefault(record.shard, whole)
         raw = whole[record.offset : record.offset + record.length]
-        if verify_checksum and checksum(raw.numpy()) != record.checksum:
-            shard = self.manifest.expert_shards[record.shard]
-            raise ContainerError(
-                f"{shard.name}: {record.where()}: checksum {checksum(raw.numpy())} != {record.checksum} in "
-                f"{MANIFEST_NAME} (bytes [{record.offset}, {record.end}) are damaged)")
+        if verify_checksum:
+            self._check_expert(record, raw.numpy())
         return raw
 
     def read_expert(self, layer: int, expert: int, verify_checksum: bool = False,
