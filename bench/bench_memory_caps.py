@@ -4,7 +4,8 @@ For each cap, one bench_peer.py run (`--memory-cap CAP --mmap --cache BUDGET`, t
 made already: run bench_peer.py once first): every measured process may charge CAP MiB past its imports, page
 cache included (bench/memory_cap.py), its model's files dropped from the page cache first. prism's expert cache
 gets CAP minus --overhead MiB (what a resident prism model holds besides its experts: dense weights, KV cache,
-buffers; a budget that leaves less would be killed at the cap). Writes bench/results/memory_caps.{json,md,png}
+buffers; a budget that leaves less would be killed at the cap), and a second row lets it choose
+(`expert_cache="auto"`: the room under the cgroup's limit less a reserve, prism_load/runtime/memory.py). Writes bench/results/memory_caps.{json,md,png}
 (decode tokens/s against the cap, one line per runtime configuration) beside each cap's peer file
 (memory_cap<CAP>.md).
 
@@ -28,7 +29,7 @@ from common import RESULTS, machine, write_report  # noqa: E402
 def run_cap(cap: int, args) -> dict:
     name = f"memory_cap{cap}"
     cmd = [sys.executable, str(HERE / "bench_peer.py"), "--widths", "1", "--layers", "8", "--recipes", args.recipes,
-           "--kernels", "auto", "--gguf-types", "Q4_K_M", "--mmap", "--cache", f"{cap - args.overhead}MiB",
+           "--kernels", "auto", "--gguf-types", "Q4_K_M", "--mmap", "--cache", f"{cap - args.overhead}MiB,auto",
            "--memory-cap", str(cap), "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--rounds",
            str(args.rounds), "--skip-convert", "--name", name]
     print(f"cap {cap} MiB: {' '.join(cmd[1:])}", flush=True)
@@ -37,13 +38,14 @@ def run_cap(cap: int, args) -> dict:
 
 
 def series(results: dict[int, dict]) -> dict[str, dict[int, float | None]]:
-    """{row name: {cap: decode tokens/s, None where killed for memory}}; the expert cache's rows, whose budget
-    differs by cap, under one name."""
+    """{row name: {cap: decode tokens/s, None where killed for memory}}; the expert cache's sized rows, whose
+    budget differs by cap, under one name ("auto" rows keep theirs)."""
     out: dict[str, dict[int, float | None]] = {}
     for cap, result in results.items():
         for row in result["shapes"][0]["rows"]:
-            name = row["name"].split(", expert_cache")[0] + (", expert_cache (cap - overhead)"
-                                                             if "expert_cache" in row["name"] else "")
+            name = row["name"]
+            if "expert_cache" in name and not name.endswith("expert_cache auto"):
+                name = name.split(", expert_cache")[0] + ", expert_cache (cap - overhead)"
             out.setdefault(name, {})[cap] = None if "killed" in row else row["decode_tokens_per_second"]
     return out
 

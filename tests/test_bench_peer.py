@@ -83,11 +83,14 @@ def test_memory_cap_series_merge_each_caps_cache_row_and_mark_kills(monkeypatch)
         return {"shapes": [{"rows": [{"name": n, "decode_tokens_per_second": v} if v is not None
                                      else {"name": n, "killed": "memory"} for n, v in rows.items()]}]}
 
-    results = {150: result("70MiB", {"llama.cpp Q4_K_M, mmap": None, "prism u, expert_cache 70MiB": 20.0}),
-               200: result("120MiB", {"llama.cpp Q4_K_M, mmap": 3.1, "prism u, expert_cache 120MiB": 37.9})}
+    results = {150: result("70MiB", {"llama.cpp Q4_K_M, mmap": None, "prism u, expert_cache 70MiB": 20.0,
+                                     "prism u, expert_cache auto": 7.5}),
+               200: result("120MiB", {"llama.cpp Q4_K_M, mmap": 3.1, "prism u, expert_cache 120MiB": 37.9,
+                                      "prism u, expert_cache auto": 30.5})}
     got = series(results)
     assert got == {"llama.cpp Q4_K_M, mmap": {150: None, 200: 3.1},
-                   "prism u, expert_cache (cap - overhead)": {150: 20.0, 200: 37.9}}
+                   "prism u, expert_cache (cap - overhead)": {150: 20.0, 200: 37.9},
+                   "prism u, expert_cache auto": {150: 7.5, 200: 30.5}}
     table = markdown({"caps": [150, 200], "overhead": 80, "tokens": 32, "repeats": 2, "rounds": 1, "series": got})
     assert "| llama.cpp Q4_K_M, mmap | killed | 3.1 |" in table
     assert "| prism u, expert_cache (cap - overhead) | 20.0 | 37.9 |" in table

@@ -253,7 +253,7 @@ def run(
     model: Path = typer.Argument(..., help="Checkpoint folder or .prism container."),
     prompt: str = typer.Option("def fibonacci(n):", "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1),
-    cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of every expert's bytes in the form held (packed: about the container's), or a size ('512MB'). Default: every expert resident."),
+    cache: str | None = typer.Option(None, "--cache", help="Expert cache budget: '50%' of every expert's bytes in the form held (packed: about the container's), a size ('512MB'), or 'auto' (the memory this process may still take, container limits included, less a reserve). Default: every expert resident."),
     prefetch: bool | None = typer.Option(None, "--prefetch/--no-prefetch", help="Shadow-router prefetch (with --cache). Default: on for a CUDA device, off on a CPU, where on-demand loads measured faster."),
     lookahead: int = typer.Option(1, "--lookahead", min=1, max=2, help="MoE layers predicted ahead (with --prefetch)."),
     predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import BudgetError
 from .cache import CachedExperts, ExpertCache, total_footprint
+from .memory import auto_budget
 from .numa import NumaPlacement, auto_placement
 from .prefetch import FetchWorker, ShadowRouter
 from .stores import ExpertStore
@@ -109,7 +110,8 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
                    frequency_weight: float = 1.0, pin_hot: bool | str = "warm", decode_on: str = "device",
                    predictors: dict | None = None) -> Runtime:
     """Put every MoE block's experts behind one ExpertCache over `store`; returns model.runtime.
-    expert_cache: the fast tier's budget (bytes, "50%" of all decoded expert bytes, "2GB"); host_cache (CUDA):
+    expert_cache: the fast tier's budget (bytes, "50%" of all decoded expert bytes, "2GB", or "auto": what this
+    process may still take on the device, less a reserve, runtime/memory.py); host_cache (CUDA):
     the pinned tier's budget of stored bytes ("100%" of the container's expert bytes by default, at most
     half the free RAM); lookahead: MoE layers predicted ahead (1 or 2); predictors: fitted predictors by (MoE
     layer, source MoE layer) (runtime/predictor.py), used instead of the shadow router right after the source."""
@@ -118,9 +120,18 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
     if lookahead not in (1, 2):
         raise BudgetError(f"lookahead={lookahead!r}: expected 1 or 2 layers")
     placement = _placement(numa, store, device)
-    cache = ExpertCache(store, parse_budget(expert_cache, total), device, frequency_weight=frequency_weight,
-                        pin_hot=pin_hot, host_budget_bytes=_host_budget(host_cache, store, device),
-                        placement=placement, decode_on=decode_on)
+    if expert_cache == "auto":  # what this process may still take (runtime/memory.py), less a reserve
+        budget, how = auto_budget(device, total)
+    else:
+        budget, how = parse_budget(expert_cache, total), None
+    try:
+        cache = ExpertCache(store, budget, device, frequency_weight=frequency_weight, pin_hot=pin_hot,
+                            host_budget_bytes=_host_budget(host_cache, store, device), placement=placement,
+                            decode_on=decode_on)
+    except BudgetError as e:
+        if how is None:
+            raise
+        raise BudgetError(f"{how}: {e}") from None
     for _, block in model.moe_blocks():
         block.experts = CachedExperts(cache, store.num_experts)
     worker = shadow = None

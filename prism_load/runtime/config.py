@@ -20,8 +20,10 @@ CONTAINER_OPTIONS = (*READ_OPTIONS, "expert_form", "expert_kernel", "mmap")  # w
 class RuntimeConfig:
     """How a model's experts are held and served (prism_load/runtime; defaults: every expert resident).
 
-    expert_cache: the fast tier's budget (bytes, "50%" of every expert's bytes in the fast tier's form, or
-      "2GB"); None keeps every expert resident, without the runtime.
+    expert_cache: the fast tier's budget (bytes, "50%" of every expert's bytes in the fast tier's form, "2GB",
+      or "auto": what this process may still take once the dense weights are loaded, the smaller of
+      MemAvailable and the room under its memory cgroup's limit (free GPU memory on CUDA), less a reserve of
+      10%, at least 64 MiB: runtime/memory.py); None keeps every expert resident, without the runtime.
     prefetch: the shadow-router prefetch: True, False, or "auto" (the default: on for a CUDA device, where a
       fetch is a copy on a side stream; off on a CPU, where every configuration measured decoded faster on
       demand: bench/results/runtime_packed.md, runtime_peer.md); prefetch_extra: experts fetched beyond the
