@@ -12,6 +12,11 @@ each (decode tokens/s: the steps after the prefill, argmax included). Figures ar
 llama.cpp loads with use_mmap=False, so its weights are read into its own memory and counted in its RSS as
 prism's are (a memory-mapped GGUF's pages count only once touched, and stay shared with the page cache).
 This module imports torch only for prism, so the llama.cpp process carries no torch.
+
+Options for bench_peer's other rows: --mmap (llama.cpp use_mmap=True, prism load(mmap=True)), --no-repack
+(llama.cpp without its repacked weight copies), --expert-cache / --prefetch (prism behind its cache), --cold
+(the model's files dropped from the page cache first) and --memory-cap BYTES (the process joins a memory cgroup
+after its imports: bench/memory_cap.py).
 """
 
 from __future__ import annotations
