@@ -23,7 +23,8 @@ class RuntimeConfig:
     expert_cache: the fast tier's budget (bytes, "50%" of every expert's bytes in the fast tier's form, "2GB",
       or "auto": what this process may still take once the dense weights are loaded, the smaller of
       MemAvailable and the room under its memory cgroup's limit (free GPU memory on CUDA), less a reserve of
-      10%, at least 64 MiB: runtime/memory.py); None keeps every expert resident, without the runtime.
+      10%, at least 64 MiB: runtime/memory.py; a long context whose KV cache outgrows that reserve needs an
+      explicit budget); None keeps every expert resident, without the runtime.
     prefetch: the shadow-router prefetch: True, False, or "auto" (the default: on for a CUDA device, where a
       fetch is a copy on a side stream; off on a CPU, where every configuration measured decoded faster on
       demand: bench/results/runtime_packed.md, runtime_peer.md); prefetch_extra: experts fetched beyond the
