@@ -94,3 +94,45 @@ def test_memory_cap_series_merge_each_caps_cache_row_and_mark_kills(monkeypatch)
     table = markdown({"caps": [150, 200], "overhead": 80, "tokens": 32, "repeats": 2, "rounds": 1, "series": got})
     assert "| llama.cpp Q4_K_M, mmap | killed | 3.1 |" in table
     assert "| prism u, expert_cache (cap - overhead) | 20.0 | 37.9 |" in table
+
+
+def _capped(code: str, cap_bytes: int) -> tuple[int, str]:
+    """(exit status, stdout) of `code` run in a fresh process that first joins a memory cap of cap_bytes; its
+    cgroup is removed after, killed or not."""
+    import subprocess
+
+    sys.path.insert(0, str(BENCH))
+    import memory_cap
+
+    script = (f"import sys; sys.path.insert(0, {str(BENCH)!r})\n"
+              "from memory_cap import MemoryCap, CapUnavailable\n"
+              f"try:\n    cap = MemoryCap.join({cap_bytes})\n"
+              "except CapUnavailable as e:\n    print('UNAVAILABLE', e); sys.exit(0)\n" + code)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        out, _ = proc.communicate()
+    for folder in memory_cap.folder_for(proc.pid):
+        memory_cap.remove(folder)
+    return proc.returncode, out
+
+
+def test_memory_cap_kills_over_it_and_lets_page_cache_be_reclaimed(tmp_path):
+    """bench/memory_cap.py, which the memory-cap figures rest on: anonymous memory past the cap kills the process;
+    reading a file larger than the cap does not (its pages are reclaimed), and the peak stays at the cap."""
+    import os
+    import signal
+
+
+    status, out = _capped("x = bytearray(96 << 20)\nprint('survived')\n", 32 << 20)
+    if out.startswith("UNAVAILABLE"):
+        pytest.skip(out.strip())
+    assert status == -signal.SIGKILL and "survived" not in out
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 80)  # 80 MiB
+    fd = os.open(big, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    status, out = _capped(f"data = open({str(big)!r}, 'rb')\nwhile data.read(1 << 20):\n    pass\n"
+                          "print(cap.peak_bytes())\ncap.leave()\n", 32 << 20)
+    assert status == 0
+    assert int(out.split()[-1]) <= 32 << 20
