@@ -397,12 +397,12 @@ def variants(args, ggufs: dict, prisms: dict) -> list[Variant]:
         out += [Variant("llama.cpp", f"{first}, {what}", ggufs[first], flags=flags)
                 for what, flags in LLAMA_MMAP_VARIANTS.items()]
         out += [Variant("prism", f"{n}, mmap", p, flags=("--mmap",)) for n, p in prisms.items()]
-    for budget in args.cache:  # "120MiB" on demand (the CPU default), "120MiB+prefetch" with prefetch=True
-        size, _, extra = budget.partition("+")
-        if extra not in ("", "prefetch"):
-            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch")
-        flags = ("--expert-cache", size) + (("--prefetch",) if extra else ())
-        out += [Variant("prism", f"{n}, expert_cache {size}{', prefetch' if extra else ''}", p, flags=flags)
+    for budget in args.cache:  # "120MiB" on demand (the CPU default), "+prefetch": prefetch=True, "+lru": plain LRU
+        size, *extras = budget.split("+")
+        if not set(extras) <= {"prefetch", "lru"}:
+            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch and/or +lru")
+        flags = ("--expert-cache", size) + tuple(f"--{e}" for e in extras)
+        out += [Variant("prism", ", ".join([f"{n}, expert_cache {size}", *extras]), p, flags=flags)
                 for n, p in prisms.items()]
     return out
 
@@ -568,7 +568,7 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop each model's files from the page cache before its "
                     "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
     ap.add_argument("--cache", default="", help="also measure every prism recipe with load(expert_cache=BUDGET), for "
-                    "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True)")
+                    "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True; +lru: eviction by recency alone)")
     ap.add_argument("--memory-cap", type=int, help="MiB each measured process may charge past its imports, page "
                     "cache included (a memory cgroup, bench/memory_cap.py; implies --cold; needs --mmap: ratios are "
                     "then to llama.cpp Q4_K_M memory-mapped): a machine with less RAM than the model")
