@@ -252,9 +252,9 @@ def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, exp
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--logits", str(logits), "--expert-kernel", expert_kernel]
     cmd += list(flags)
-    capped = getattr(args, "memory_cap", None) and runtime != "reference"
+    capped = bool(args.memory_cap) and runtime != "reference"
     cmd += ["--memory-cap", str(args.memory_cap << 20)] if capped else []
-    cmd += ["--cold"] if getattr(args, "cold", False) and runtime != "reference" else []
+    cmd += ["--cold"] if args.cold and runtime != "reference" else []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         stdout, stderr = proc.communicate()
     for folder in memory_cap.folder_for(proc.pid):  # a killed process leaves its cgroup behind
@@ -563,15 +563,15 @@ def main() -> None:
                     "attention int4 and the LM head int8, about Q4_K_M's dense precision) and/or uniform-head8 (uniform with "
                     "the LM head int8)")
     ap.add_argument("--mmap", action="store_true", help="also measure each runtime loading through a memory map: "
-                    "llama.cpp Q4_K_M with use_mmap=True (its default; then also without its repacked weight copies, "
-                    "and with lazy expert rows), every prism recipe with load(mmap=True)")
+                    "llama.cpp Q4_K_M with use_mmap=True (its default; then also without its repacked weight copies), "
+                    "every prism recipe with load(mmap=True)")
     ap.add_argument("--cold", action="store_true", help="drop each model's files from the page cache before its "
                     "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
     ap.add_argument("--cache", default="", help="also measure every prism recipe with load(expert_cache=BUDGET), for "
                     "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True; +lru: eviction by recency alone)")
     ap.add_argument("--memory-cap", type=int, help="MiB each measured process may charge past its imports, page "
                     "cache included (a memory cgroup, bench/memory_cap.py; implies --cold; needs --mmap: ratios are "
-                    "then to llama.cpp Q4_K_M memory-mapped): a machine with less RAM than the model")
+                    "then to llama.cpp Q4_K_M memory-mapped without repacked copies): a machine with less RAM than the model")
     ap.add_argument("--skip-convert", action="store_true", help="measure only; every model must be made already")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"made files, by shape (default {DEFAULT_WORK})")
     ap.add_argument("--llama-src", help="llama-cpp-python's sdist (.tar.gz or unpacked folder): its converter")
@@ -583,7 +583,7 @@ def main() -> None:
     args.gguf_types = tuple(args.gguf_types.split(","))
     args.cache = [b for b in args.cache.split(",") if b]
     if args.memory_cap and not args.mmap:
-        ap.error("--memory-cap compares with llama.cpp memory-mapped (its default): add --mmap")
+        ap.error("--memory-cap compares with llama.cpp memory-mapped (without its repacked copies): add --mmap")
     if args.gguf_types[0] != "Q4_K_M" or not set(args.gguf_types) <= set(GGUF_TYPES):
         ap.error(f"--gguf-types {','.join(args.gguf_types)}: Q4_K_M first, then any of {', '.join(GGUF_TYPES)}")
     try:
