@@ -42,7 +42,8 @@ class RuntimeConfig:
     mmap (resident containers): experts used as stored view a memory map of their shards instead of a copy in
       the process's memory: the load reads nothing but the dense weights (and, with verify_checksums, each
       expert page once for its checksum), the kernel's page cache holds the experts, shared between processes,
-      and a container larger than RAM runs with the kernel paging experts in and out (llama.cpp's default).
+      and a container larger than RAM runs with the kernel paging experts in and out (llama.cpp's default), far
+      slower there than an expert_cache of the same memory (README, "Less RAM than the model").
     """
 
     expert_cache: int | str | None = None
