@@ -37,17 +37,24 @@ def run_cap(cap: int, args) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-def series(results: dict[int, dict]) -> dict[str, dict[int, float | None]]:
-    """{row name: {cap: decode tokens/s, None where killed for memory}}; the expert cache's sized rows, whose
-    budget differs by cap, under one name ("auto" rows keep theirs)."""
-    out: dict[str, dict[int, float | None]] = {}
+def series(results: dict[int, dict]) -> dict[str, dict[int, float | str]]:
+    """{row name: {cap: decode tokens/s, or "killed" (for memory) / "refused" (prism refused the load as larger
+    than the memory left)}}; the expert cache's sized rows, whose budget differs by cap, under one name ("auto"
+    rows keep theirs)."""
+    from bench_peer import stopped
+
+    out: dict[str, dict[int, float | str]] = {}
     for cap, result in results.items():
         for row in result["shapes"][0]["rows"]:
             name = row["name"]
             if "expert_cache" in name and not name.endswith("expert_cache auto"):
                 name = name.split(", expert_cache")[0] + ", expert_cache (cap - overhead)"
-            out.setdefault(name, {})[cap] = None if "killed" in row else row["decode_tokens_per_second"]
+            out.setdefault(name, {})[cap] = stopped(row) or row["decode_tokens_per_second"]
     return out
+
+
+def cell(value: float | str | None) -> str:
+    return "-" if value is None else value if isinstance(value, str) else f"{value:.1f}"
 
 
 def markdown(data: dict) -> str:
@@ -55,11 +62,11 @@ def markdown(data: dict) -> str:
     lines = [f"# Decode tokens/s under a memory cap (2 threads, the peer benchmark's 583 M model; {data['rounds']} "
              f"round(s), median of {data['repeats']} repeats of {data['tokens']} tokens)", "",
              f"Each process may charge the cap past its imports, page cache included; prism's expert cache gets the "
-             f"cap minus {data['overhead']} MiB. Killed: over the cap. Per-cap files: memory_cap<CAP>.md.", "",
+             f"cap minus {data['overhead']} MiB. Killed: over the cap; refused: prism refused the load, which would not "
+             "fit the memory left. Per-cap files: memory_cap<CAP>.md.", "",
              "| runtime | " + " | ".join(f"{c} MiB" for c in caps) + " |", "|---|" + "---|" * len(caps)]
     for name, by_cap in data["series"].items():
-        lines.append(f"| {name} | " + " | ".join("killed" if by_cap.get(c) is None else f"{by_cap[c]:.1f}"
-                                                   for c in caps) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(by_cap.get(c)) for c in caps) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -71,7 +78,7 @@ def plot(data: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, by_cap in data["series"].items():
-        points = [(c, v) for c, v in sorted(by_cap.items()) if v is not None]
+        points = [(c, v) for c, v in sorted(by_cap.items()) if isinstance(v, float | int)]
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
     ax.set_xlabel("memory past the runtime's imports, MiB (page cache included)")

@@ -240,10 +240,19 @@ def prompt_ids(ckpt: Path, n: int) -> list[int]:
 ROUND_KEYS = ("decode_tokens_per_second", "prefill_tokens_per_second", "peak_rss_bytes")
 
 
+NO_FIGURES = ("killed", "refused")  # a measurement's outcomes that carry no figures (measure)
+
+
+def stopped(result: dict) -> str | None:
+    """"killed" (for memory, under --memory-cap), "refused" (prism refused a load that would not fit), or None."""
+    return next((k for k in NO_FIGURES if k in result), None)
+
+
 def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, expert_kernel: str = "auto",
             flags: tuple[str, ...] = ()) -> dict:
     """One peer_measure.py process's JSON; under --memory-cap a process the kernel killed for memory gives
-    {"killed": "memory"} instead of failing the run."""
+    {"killed": "memory"} instead of failing the run (and a prism load refused as too large for the memory left
+    gives {"refused": its message}, from peer_measure itself)."""
     import memory_cap
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -321,11 +330,12 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
         runtime, fmt, made, kernel, path, tag = v.runtime, v.fmt, v.made, v.kernel, v.path, v.tag
         runs = rounds[v.name]
         sizes = gguf_sizes(path, llama_dir) if runtime == "llama.cpp" else prism_sizes(path)
-        if any("killed" in x for x in runs):  # over --memory-cap in some round: no figures
+        stops = [x for x in runs if stopped(x)]
+        if stops:  # killed over --memory-cap, or refused by prism at load, in some round: no figures
             rows.append({"runtime": runtime, "format": fmt, "name": v.name, "path": str(path), **sizes,
-                         "killed": "memory", "rounds_killed": sum("killed" in x for x in runs), "flags": v.flags,
-                         "expert_kernel": kernel})
-            log("  killed: over the memory cap")
+                         **{k: stops[0][k] for k in NO_FIGURES if k in stops[0]}, "rounds_stopped": len(stops),
+                         "flags": v.flags, "expert_kernel": kernel})
+            log(f"  {stopped(stops[0])}: " + stops[0].get("refused", "over the memory cap"))
             continue
         result = dict(runs[0], rounds=[{k: x[k] for k in ROUND_KEYS} for x in runs],
                       **{k: statistics.median(x[k] for x in runs) for k in ROUND_KEYS})
@@ -341,11 +351,11 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
             f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
     baseline = baseline_name(args)
     base = next(r for r in rows if r["name"] == baseline)
-    if "killed" in base:
-        raise SystemExit(f"{baseline} was killed for memory under --memory-cap {args.memory_cap}: nothing to compare "
+    if stopped(base):
+        raise SystemExit(f"{baseline} was {stopped(base)} under --memory-cap {args.memory_cap}: nothing to compare "
                          "with; raise the cap")
     for r in rows:  # the median over rounds of the ratio within each round (neighbours in time)
-        if "killed" not in r:
+        if not stopped(r):
             r["vs_q4_k_m"] = {k: statistics.median(a[k] / b[k] for a, b in zip(r["rounds"], base["rounds"]))
                               for k in ROUND_KEYS}
 
@@ -426,7 +436,7 @@ def targets(shapes: list[dict]) -> list[dict]:
         if s["shape"]["width"] != 1:
             continue
         for r in s["rows"]:
-            if r["runtime"] != "prism" or "killed" in r:
+            if r["runtime"] != "prism" or stopped(r):
                 continue
             for key, (bound, op) in TARGETS.items():
                 ratio = r["vs_q4_k_m"][key]
@@ -449,9 +459,10 @@ COLUMNS = ["runtime", "format", "MiB", "bits/weight (file; experts)", "decode to
 
 
 def cells(r: dict) -> list[str]:
-    if "killed" in r:
+    if stopped(r):
+        what = "killed for memory" if "killed" in r else "refused at load: would not fit"
         return [r["runtime"], r["format"], f"{r['file_bytes'] / 2**20:,.1f}", "-",
-                f"killed for memory ({r['rounds_killed']} of the rounds)", *["-"] * (len(COLUMNS) - 5)]
+                f"{what} ({r['rounds_stopped']} of the rounds)", *["-"] * (len(COLUMNS) - 5)]
     v = r["vs_q4_k_m"]
     conv = "-" if r["conversion_seconds"] is None else f"{r['conversion_seconds']:,.0f}"
     return [r["runtime"], r["format"], f"{r['file_bytes'] / 2**20:,.1f}",

@@ -16,7 +16,8 @@ This module imports torch only for prism, so the llama.cpp process carries no to
 Options for bench_peer's other rows: --mmap (llama.cpp use_mmap=True, prism load(mmap=True)), --no-repack
 (llama.cpp without its repacked weight copies), --expert-cache / --prefetch / --lru (prism behind its cache), --cold
 (the model's files dropped from the page cache first) and --memory-cap BYTES (the process joins a memory cgroup
-after its imports: bench/memory_cap.py).
+after its imports: bench/memory_cap.py). A prism load that would not fit the memory left is refused by prism_load
+before it reads the experts: the line is then {"refused": the message}.
 """
 
 from __future__ import annotations
@@ -196,9 +197,15 @@ def main() -> None:
             runner = LlamaRunner(args.model, args.threads, n_ctx=len(prompt) + args.tokens + WARMUP_STEPS + 64,
                                  mmap=args.mmap, repack=not args.no_repack, lazy=args.lazy)
         else:
-            runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
-                                 expert_kernel=args.expert_kernel, mmap=args.mmap, expert_cache=args.expert_cache,
-                                 prefetch=args.prefetch, lru=args.lru)
+            from prism_load.errors import BudgetError
+
+            try:
+                runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
+                                     expert_kernel=args.expert_kernel, mmap=args.mmap, expert_cache=args.expert_cache,
+                                     prefetch=args.prefetch, lru=args.lru)
+            except BudgetError as e:  # a load that would not fit, refused before it read the experts: a row too
+                print(json.dumps({"refused": str(e)}))
+                return
         load_seconds = time.perf_counter() - start
         loaded = memory()["VmRSS"]
         if args.runtime == "reference":

@@ -81,20 +81,35 @@ def test_memory_cap_series_merge_each_caps_cache_row_and_mark_kills(monkeypatch)
     from bench_memory_caps import markdown, series
 
     def result(cache: str, rows: dict) -> dict:
-        return {"shapes": [{"rows": [{"name": n, "decode_tokens_per_second": v} if v is not None
-                                     else {"name": n, "killed": "memory"} for n, v in rows.items()]}]}
+        return {"shapes": [{"rows": [{"name": n, "decode_tokens_per_second": v} if isinstance(v, float)
+                                     else {"name": n, "killed": "memory"} if v == "killed"
+                                     else {"name": n, "refused": "would hold"} for n, v in rows.items()]}]}
 
-    results = {150: result("70MiB", {"llama.cpp Q4_K_M, mmap": None, "prism u, expert_cache 70MiB": 20.0,
-                                     "prism u, expert_cache auto": 7.5}),
+    results = {150: result("70MiB", {"llama.cpp Q4_K_M, mmap": "killed", "prism u, expert_cache 70MiB": 20.0,
+                                     "prism u, expert_cache auto": 7.5, "prism u": "refused"}),
                200: result("120MiB", {"llama.cpp Q4_K_M, mmap": 3.1, "prism u, expert_cache 120MiB": 37.9,
-                                      "prism u, expert_cache auto": 30.5})}
+                                      "prism u, expert_cache auto": 30.5, "prism u": "refused"})}
     got = series(results)
-    assert got == {"llama.cpp Q4_K_M, mmap": {150: None, 200: 3.1},
+    assert got == {"llama.cpp Q4_K_M, mmap": {150: "killed", 200: 3.1},
                    "prism u, expert_cache (cap - overhead)": {150: 20.0, 200: 37.9},
-                   "prism u, expert_cache auto": {150: 7.5, 200: 30.5}}
+                   "prism u, expert_cache auto": {150: 7.5, 200: 30.5}, "prism u": {150: "refused", 200: "refused"}}
     table = markdown({"caps": [150, 200], "overhead": 80, "tokens": 32, "repeats": 2, "rounds": 1, "series": got})
     assert "| llama.cpp Q4_K_M, mmap | killed | 3.1 |" in table
+    assert "| prism u | refused | refused |" in table
     assert "| prism u, expert_cache (cap - overhead) | 20.0 | 37.9 |" in table
+
+
+def test_a_killed_or_refused_row_has_no_figures_and_says_which(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_peer import COLUMNS, cells, stopped
+
+    base = {"runtime": "prism", "format": "u", "file_bytes": 3 << 20, "rounds_stopped": 2}
+    assert stopped({"decode_tokens_per_second": 1.0}) is None
+    killed, refused = dict(base, killed="memory"), dict(base, refused="m.prism: ... would hold 9 bytes")
+    assert (stopped(killed), stopped(refused)) == ("killed", "refused")
+    assert cells(killed)[4] == "killed for memory (2 of the rounds)"
+    assert cells(refused)[4] == "refused at load: would not fit (2 of the rounds)"
+    assert len(cells(refused)) == len(COLUMNS) and cells(refused)[5:] == ["-"] * (len(COLUMNS) - 5)
 
 
 def _capped(code: str, cap_bytes: int) -> tuple[int, str]:

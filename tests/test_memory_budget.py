@@ -97,3 +97,152 @@ def test_auto_budget_too_small_names_the_figures(container, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "MemAvailable"))
     with pytest.raises(BudgetError, match="leave nothing for experts"):
         prism_load.load(container, expert_cache="auto")
+
+
+def available(monkeypatch, figure: int, swap: int = 0) -> None:
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (figure, "MemAvailable"))
+    monkeypatch.setattr(memory, "swap_free", lambda: swap)
+
+
+def test_swap_free_reads_meminfo(tmp_path):
+    write(tmp_path / "meminfo", "SwapTotal:       2097148 kB\nSwapFree:        1048576 kB\n")
+    assert memory.swap_free(tmp_path / "meminfo") == 1 << 30
+    assert memory.swap_free(tmp_path / "absent") == 0
+
+
+def test_check_fits_counts_free_swap_as_room_on_the_cpu(monkeypatch):
+    available(monkeypatch, 1000, swap=500)
+    memory.check_fits(1500, "cpu", "a load", "Do less.")  # fits only with the swap
+    with pytest.raises(BudgetError, match=r"^a load would hold 1,501 bytes \(0 MiB\), more than this process may "
+                                          r"still take: 1,000 bytes \(MemAvailable\) plus 500 bytes of free swap\. "
+                                          r"Do less\.$"):
+        memory.check_fits(1501, "cpu", "a load", "Do less.")
+    available(monkeypatch, 1000)
+    with pytest.raises(BudgetError, match=r"still take: 1,000 bytes \(MemAvailable\)\. Do less\.$"):
+        memory.check_fits(1001, "cpu", "a load", "Do less.")
+
+
+def test_check_fits_refuses_nothing_where_no_figure_is_known(monkeypatch):
+    def unknown(device):
+        raise BudgetError("no /proc/meminfo")
+
+    monkeypatch.setattr(memory, "available_bytes", unknown)
+    memory.check_fits(1 << 60, "cpu", "a load", "Do less.")
+
+
+@pytest.mark.parametrize("form", ["packed", "decoded"])
+def test_resident_expert_bytes_are_what_the_loaded_model_holds(container, form):
+    from prism_load.container.loader import resident_expert_nbytes
+    from prism_load.container.reader import Container
+    from prism_load.packed import ExpertPacker
+    from prism_load.runtime.stores import weights_nbytes
+
+    model = prism_load.load(container, expert_form=form)
+    held = 0
+    for _, block in model.moe_blocks():
+        if hasattr(block.experts, "experts"):  # ResidentExperts
+            held += sum(weights_nbytes(w) for w in block.experts.experts)
+        else:  # decoded experts stacked into one tensor per projection
+            held += sum(p.numel() * p.element_size() for p in block.experts.parameters())
+    with Container(container) as c:
+        packer = ExpertPacker(torch.bfloat16, "cpu", "auto") if form == "packed" else None
+        assert resident_expert_nbytes(c, packer, torch.bfloat16) == held
+
+
+def test_a_resident_load_larger_than_the_memory_left_is_refused_before_it_reads_experts(container, monkeypatch):
+    from prism_load.container import reader
+
+    reads = []
+    read = reader.Container.read_expert_bytes
+    monkeypatch.setattr(reader.Container, "read_expert_bytes", lambda self, *a, **k: reads.append(1) or read(self, *a, **k))
+    available(monkeypatch, 1000)
+    with pytest.raises(BudgetError, match=r"m\.prism: every expert resident, as stored \(packed\), would hold "
+                                          r"[0-9,]+ bytes \(\d+ MiB\), more than this process may still take: "
+                                          r"1,000 bytes \(MemAvailable\)\. Load it with expert_cache='auto' .* or "
+                                          r"mmap=True"):
+        prism_load.load(container)
+    with pytest.raises(BudgetError, match=r"decoded to bfloat16, would hold .* expert_form='packed' \(the default\)"):
+        prism_load.load(container, expert_form="decoded")
+    assert reads == []
+    mapped = prism_load.load(container, mmap=True)  # the way out the message names: the page cache holds them
+    assert sum(1 for _ in mapped.moe_blocks()) > 0
+
+
+def test_an_expert_cache_budget_larger_than_the_memory_left_is_refused(container, monkeypatch):
+    model = prism_load.load(container, expert_cache="100%")
+    total = total_footprint(model.runtime.cache.store)
+    available(monkeypatch, total - 1)
+    with pytest.raises(BudgetError, match=r"^expert_cache='100%': the cache would hold .* Give a smaller budget, or "
+                                          r"expert_cache='auto'"):
+        prism_load.load(container, expert_cache="100%")
+    half = prism_load.load(container, expert_cache="50%")  # what fits loads
+    assert half.runtime.cache.budget_bytes == total // 2
+    available(monkeypatch, total)
+    assert prism_load.load(container, expert_cache="1TB").runtime.cache.budget_bytes == 10**12  # counted at most total
+
+
+def test_prism_run_refuses_a_load_that_does_not_fit_in_one_line(container, monkeypatch, capsys):
+    import sys
+
+    from prism_convert.cli.app import main
+
+    available(monkeypatch, 1000)
+    monkeypatch.setattr(sys, "argv", ["prism", "run", str(container), "-p", "hi", "--max-new-tokens", "2"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "more than this process may still take: 1,000 bytes (MemAvailable)" in err
+    assert "Traceback" not in err
+
+
+def test_under_a_real_memory_cgroup_a_resident_load_is_refused_where_it_would_be_killed(tmp_path):
+    """The whole chain on a real cgroup (bench/memory_cap.py; skips where none can be made): a process capped at
+    8 MiB past its imports, loading a container with 16 MiB of packed experts, is refused with the cgroup's room
+    named, instead of being killed by the kernel midway; mmap=True, the way out the message names, loads and runs
+    under the same cap."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = dict(KERNEL_CONFIG, hidden_size=512, intermediate_size=1024, num_local_experts=8)
+    path = write_tiny(tmp_path / "big.prism", random_model(config), config=config, mix=INT4_G32,
+                      shard_size_bytes=4 << 20)
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    script = f"""
+import sys
+sys.path.insert(0, {str(bench)!r})
+import torch
+import prism_load
+import prism_load.container.loader
+from prism_load.errors import BudgetError
+from memory_cap import CapUnavailable, MemoryCap
+try:
+    cap = MemoryCap.join(8 << 20)
+except CapUnavailable as e:
+    print("UNAVAILABLE", e)
+    sys.exit(0)
+try:
+    prism_load.load({str(path)!r})
+    print("LOADED")
+except BudgetError as e:
+    print("REFUSED", e)
+model = prism_load.load({str(path)!r}, mmap=True)
+with torch.inference_mode():
+    print("MAPPED", tuple(model(torch.arange(8).view(1, 8)).shape))
+cap.leave()
+"""
+    sys.path.insert(0, str(bench))
+    import memory_cap
+
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        out, err = proc.communicate()
+    for folder in memory_cap.folder_for(proc.pid):
+        memory_cap.remove(folder)
+    if out.startswith("UNAVAILABLE"):
+        pytest.skip(out.strip())
+    assert proc.returncode == 0, err[-2000:]
+    assert "REFUSED" in out and "LOADED" not in out
+    assert "(room under this process's memory cgroup limit)" in out
+    assert "MAPPED (1, 8, 64)" in out

@@ -9,6 +9,7 @@ StackedExperts, and a layer with a factored (low-rank) expert gets a ResidentExp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from ..models.precision import held_dtype
 from ..models.rope import Rotary
 from ..native.expert_block import one_rounding
 from ..packed import NATIVE, ExpertPacker, fallback_warning, fuse_qkv, packable_dense, swap_dense
+from ..runtime.memory import check_fits
 from ..runtime.stores import map_weights, pack_into, packed_nbytes
 from .codecs import decode
 from .reader import Container, ResolveFile, model_args, owned
@@ -90,6 +92,8 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
         model = build_skeleton(family, args)
         packer = ExpertPacker(dtype, device, expert_kernel) if expert_form == "packed" else None
         load_dense(c, model, dtype, verify_checksums, expert_form, expert_kernel, device, compute_dtype)
+        if not mmap:  # the dense weights are in, so what is left to take is what the experts may use
+            check_experts_fit(c, packer, dtype, device, path)
         for i, block in model.moe_blocks():
             if packer is None:
                 experts = [c.expert_weights(i, e, dtype, verify_checksum=verify_checksums)
@@ -108,6 +112,35 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
         model.tokenizer = read_tokenizer(c, verify_checksums)
         model.generation_config = read_generation_config(c, verify_checksums)
     return model.to(device).eval()
+
+
+def resident_expert_nbytes(c: Container, packer: ExpertPacker | None, dtype: torch.dtype) -> int:
+    """Bytes every expert of the container holds resident: its packed form (packer.nbytes) or, decoded, its dense
+    weights in `dtype`; from the manifest's encodings alone (one measurement per distinct encoding)."""
+    sizes: dict = {}
+    total = 0
+    for r in c.records:
+        key = tuple(sorted(r.encodings.items()))
+        if key not in sizes:
+            sizes[key] = (packer.nbytes(r.encodings) if packer is not None
+                          else sum(math.prod(enc.shape) for enc in r.encodings.values()) * dtype.itemsize)
+        total += sizes[key]
+    return total
+
+
+def check_experts_fit(c: Container, packer: ExpertPacker | None, dtype: torch.dtype, device, path) -> None:
+    """Refuse a resident load whose experts would not fit the memory this process may still take, before any
+    is read (runtime/memory.check_fits), naming the loads that do fit."""
+    form = "as stored (packed)" if packer is not None else f"decoded to {str(dtype).removeprefix('torch.')}"
+    instead = ("Load it with expert_cache='auto' (experts served from the container by a cache sized to the memory "
+               "left)")
+    if torch.device(device).type == "cpu":
+        instead += (" or mmap=True (experts paged in from the container by the kernel, so the page cache, not this "
+                    "process, holds them)")
+    if packer is None:
+        instead += "; expert_form='packed' (the default) holds them as stored"
+    check_fits(resident_expert_nbytes(c, packer, dtype), device, f"{path}: every expert resident, {form},",
+               instead + ".")
 
 
 def build_skeleton(family, args) -> MoEForCausalLM:

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import BudgetError
 from .cache import CachedExperts, ExpertCache, total_footprint
-from .memory import auto_budget
+from .memory import auto_budget, check_fits
 from .numa import NumaPlacement, auto_placement
 from .prefetch import FetchWorker, ShadowRouter
 from .stores import ExpertStore
@@ -124,6 +124,8 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
         budget, how = auto_budget(device, total)
     else:
         budget, how = parse_budget(expert_cache, total), None
+        check_fits(min(budget, total), device, f"expert_cache={expert_cache!r}: the cache",
+                   "Give a smaller budget, or expert_cache='auto' (what is left, less a reserve).")
     try:
         cache = ExpertCache(store, budget, device, frequency_weight=frequency_weight, pin_hot=pin_hot,
                             host_budget_bytes=_host_budget(host_cache, store, device), placement=placement,

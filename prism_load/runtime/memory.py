@@ -1,4 +1,5 @@
-"""How much memory this process may still take, for `expert_cache="auto"`.
+"""How much memory this process may still take: `expert_cache="auto"`'s budget, and the check that refuses a load
+whose weights alone would not fit (`check_fits`).
 
 Why: the case prism exists for is a model larger than the RAM it may use, and the right expert-cache budget is
 that RAM less what the rest of the model and its working memory need. A process in a container (a memory
@@ -72,6 +73,14 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
+def swap_free(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The machine's free swap, bytes (0 where none or off Linux)."""
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("SwapFree:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def available_bytes(device) -> tuple[int, str]:
     """(bytes this process may still take on `device`, where that figure comes from)."""
     device = torch.device(device)
@@ -98,3 +107,21 @@ def auto_budget(device, total_bytes: int) -> tuple[int, str]:
     if budget <= 0:
         raise BudgetError(f"{how} leave nothing for experts")
     return budget, how
+
+
+def check_fits(need_bytes: int, device, what: str, instead: str) -> None:
+    """Refuse, before it starts, a load that would hold need_bytes more than this process may still take on
+    `device`: past that the kernel kills the process midway (bench/results/memory_caps.md: the "killed" rows),
+    or on CUDA the allocator fails, after the minutes the load took. Lenient where a refusal could be wrong:
+    on the CPU free swap counts as room (slow, but the load completes), and where no figure can be read
+    nothing is refused. `what` names the load and `instead` says what fits, for the message."""
+    try:
+        available, source = available_bytes(device)
+    except BudgetError:
+        return
+    swap = swap_free() if torch.device(device).type == "cpu" else 0
+    if need_bytes <= available + swap:
+        return
+    room = f"{available:,} bytes ({source})" + (f" plus {swap:,} bytes of free swap" if swap else "")
+    raise BudgetError(f"{what} would hold {need_bytes:,} bytes ({need_bytes / 2**20:,.0f} MiB), more than this "
+                      f"process may still take: {room}. {instead}")
