@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's prism, in this process and (PYTHONPATH) in the measured ones
 
-from common import RESULTS, machine, write_report  # noqa: E402
+from common import RESULTS, cpu_features, machine, write_report  # noqa: E402
 from peer_checkpoint import Shape, make_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -274,8 +274,14 @@ def measure(runtime: str, model: str, prompt: list[int], args, logits: Path, exp
     if proc.returncode:
         how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                else f"exit status {proc.returncode}")
-        hint = (" (an instruction this CPU lacks: rebuild llama-cpp-python with the CMAKE_ARGS its flags allow, "
-                "see the README)" if proc.returncode == -signal.SIGILL else "")
+        hint = ""
+        if proc.returncode == -signal.SIGILL:
+            hint = (" (an instruction this CPU lacks: rebuild llama-cpp-python with the CMAKE_ARGS its flags allow, "
+                    "see the README)")
+        elif proc.returncode == -signal.SIGSEGV and runtime == "llama" and "amx_int8" in cpu_features():
+            hint = (" (on a CPU with AMX, llama-cpp-python 0.3.36's ggml AMX backend crashes in "
+                    "ggml_backend_amx_mul_mat on this model: rebuild it with -DGGML_NATIVE=OFF and the AVX-512 flags, "
+                    "AMX off, as the README says)")
         raise SystemExit(f"measuring {model} failed, {how}{hint}:\n{stderr[-3000:]}")
     return json.loads(stdout.strip().splitlines()[-1])
 

@@ -37,7 +37,7 @@ def cpu_name() -> str:
 
 def cpu_features() -> list[str]:
     """The extensions among those prism's and torch's CPU kernels choose by (AVX2 up to AMX)."""
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
     try:
         with open("/proc/cpuinfo") as f:
             flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
