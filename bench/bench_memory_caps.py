@@ -9,7 +9,9 @@ buffers; a budget that leaves less would be killed at the cap), and a second row
 (decode tokens/s against the cap, one line per runtime configuration) beside each cap's peer file
 (memory_cap<CAP>.md).
 
-    python bench/bench_memory_caps.py [--caps 150,200,250,300] [--overhead 80] [--rounds 1]
+    python bench/bench_memory_caps.py [--caps 150,200,250,300] [--overhead 80] [--rounds 1] [--suffix _xeon]
+
+--suffix names another machine's files (memory_caps_xeon.md, memory_cap150_xeon.md) beside the default ones.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from common import RESULTS, machine, write_report  # noqa: E402
 
 
 def run_cap(cap: int, args) -> dict:
-    name = f"memory_cap{cap}"
+    name = f"memory_cap{cap}{args.suffix}"
     cmd = [sys.executable, str(HERE / "bench_peer.py"), "--widths", "1", "--layers", "8", "--recipes", args.recipes,
            "--kernels", "auto", "--gguf-types", "Q4_K_M", "--mmap", "--cache", f"{cap - args.overhead}MiB,auto",
            "--memory-cap", str(cap), "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--rounds",
@@ -63,7 +65,7 @@ def markdown(data: dict) -> str:
              f"round(s), median of {data['repeats']} repeats of {data['tokens']} tokens)", "",
              f"Each process may charge the cap past its imports, page cache included; prism's expert cache gets the "
              f"cap minus {data['overhead']} MiB. Killed: over the cap; refused: prism refused the load, which would not "
-             "fit the memory left. Per-cap files: memory_cap<CAP>.md.", "",
+             f"fit the memory left. Per-cap files: memory_cap<CAP>{data.get('suffix', '')}.md.", "",
              "| runtime | " + " | ".join(f"{c} MiB" for c in caps) + " |", "|---|" + "---|" * len(caps)]
     for name, by_cap in data["series"].items():
         lines.append(f"| {name} | " + " | ".join(cell(by_cap.get(c)) for c in caps) + " |")
@@ -99,18 +101,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--suffix", default="", help="appended to every results file's name (e.g. _xeon)")
     args = ap.parse_args()
     caps = [int(c) for c in args.caps.split(",")]
     if min(caps) <= args.overhead:
         ap.error(f"every cap must exceed --overhead {args.overhead} MiB (the expert cache's budget is the rest)")
     results = {cap: run_cap(cap, args) for cap in caps}
     data = {"caps": caps, "overhead": args.overhead, "tokens": args.tokens, "repeats": args.repeats,
-            "rounds": args.rounds, "series": series(results), "machine": machine(),
+            "rounds": args.rounds, "suffix": args.suffix, "series": series(results), "machine": machine(),
             "prism_commit": results[caps[0]]["prism_commit"]}
-    path = write_report("memory_caps", data, markdown(data))
-    plot(data, RESULTS / "memory_caps.png")
+    name = f"memory_caps{args.suffix}"
+    path = write_report(name, data, markdown(data))
+    plot(data, RESULTS / f"{name}.png")
     print(markdown(data))
-    print(f"wrote {path}, {RESULTS / 'memory_caps.md'} and {RESULTS / 'memory_caps.png'}")
+    print(f"wrote {path}, {RESULTS / f'{name}.md'} and {RESULTS / f'{name}.png'}")
 
 
 if __name__ == "__main__":
