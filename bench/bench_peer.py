@@ -343,8 +343,12 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
                          "flags": v.flags, "expert_kernel": kernel})
             log(f"  {stopped(stops[0])}: " + stops[0].get("refused", "over the memory cap"))
             continue
-        result = dict(runs[0], rounds=[{k: x[k] for k in ROUND_KEYS} for x in runs],
+        result = dict(runs[0], rounds=[{k: x[k] for k in ROUND_KEYS} | ({"cache": x["cache"]} if x.get("cache") else {})
+                                       for x in runs],
                       **{k: statistics.median(x[k] for x in runs) for k in ROUND_KEYS})
+        result.pop("cache", None)
+        if any(x.get("cache") for x in runs):  # the expert cache's hit rate over the measured forwards
+            result["cache_hit_rate"] = statistics.median(x["cache"]["hit_rate"] for x in runs)
         if "expert_bytes" in sizes:
             sizes["bits_per_expert_weight"] = 8 * sizes["expert_bytes"] / params["experts"]
         rows.append({"runtime": runtime, "format": fmt, "name": f"{runtime} {fmt}", "path": str(path), **sizes,
@@ -353,8 +357,10 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
                      "expert_kernel": kernel, "flags": v.flags,
                      "logits_cosine_vs_fp32": cosine(logits / f"{tag}.npy", logits / "reference.npy"),
                      **result})
+        hits = [x["cache"]["hit_rate"] for x in runs if x.get("cache")]
         log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
-            f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+            f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB"
+            + (f", cache hit rate {min(hits):.0%}-{max(hits):.0%} across rounds" if hits else ""))
     baseline = baseline_name(args)
     base = next(r for r in rows if r["name"] == baseline)
     if stopped(base):
@@ -471,7 +477,8 @@ def cells(r: dict) -> list[str]:
                 f"{what} ({r['rounds_stopped']} of the rounds)", *["-"] * (len(COLUMNS) - 5)]
     v = r["vs_q4_k_m"]
     conv = "-" if r["conversion_seconds"] is None else f"{r['conversion_seconds']:,.0f}"
-    return [r["runtime"], r["format"], f"{r['file_bytes'] / 2**20:,.1f}",
+    fmt = r["format"] + (f" (hit rate {r['cache_hit_rate']:.0%})" if "cache_hit_rate" in r else "")
+    return [r["runtime"], fmt, f"{r['file_bytes'] / 2**20:,.1f}",
             f"{r['bits_per_weight']:.2f}; {r['bits_per_expert_weight']:.2f}", f"{r['decode_tokens_per_second']:.1f}",
             f"{r['prefill_tokens_per_second']:.1f}",
             f"{r['peak_rss_bytes'] / 2**20:,.0f} ({(r['peak_rss_bytes'] - r['rss_after_imports_bytes']) / 2**20:,.0f})",

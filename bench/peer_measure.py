@@ -74,6 +74,18 @@ class PrismRunner:
             logits = self.model(self.torch.tensor([ids]), cache=self.cache, logits_to_keep=1)[0, -1]  # [V]
         return logits.float().numpy()
 
+    def reset_cache_stats(self) -> None:
+        if getattr(self.model, "runtime", None) is not None:
+            self.model.reset_stats()
+
+    def cache_stats(self) -> dict | None:
+        """The expert cache's counts since reset_cache_stats (None without a cache): what a ratio to the
+        resident model rests on, since a random model's greedy continuations may repeat experts."""
+        if getattr(self.model, "runtime", None) is None:
+            return None
+        stats = self.model.stats()
+        return {k: stats[k] for k in ("hit_rate", "uses", "misses", "stall_seconds", "bytes_fetched")}
+
     def close(self) -> None:
         runtime = getattr(self.model, "runtime", None)
         if runtime is not None:
@@ -133,6 +145,8 @@ def run(runner, prompt: list[int], tokens: int, repeats: int) -> dict:
     logits = runner.forward(prompt)
     for _ in range(WARMUP_STEPS):
         logits = runner.forward([int(logits.argmax())])
+    if hasattr(runner, "reset_cache_stats"):  # the expert cache's counts cover the measured forwards only
+        runner.reset_cache_stats()
     prefill, decode, generated, prompt_logits = [], [], None, None
     for _ in range(repeats):
         runner.reset()
@@ -151,7 +165,8 @@ def run(runner, prompt: list[int], tokens: int, repeats: int) -> dict:
         decode.append(tokens / (t2 - t1))
     return {"prefill_tokens_per_second": statistics.median(prefill), "prefill_repeats": prefill,
             "decode_tokens_per_second": statistics.median(decode), "decode_repeats": decode,
-            "generated": generated, "prompt_logits": prompt_logits}
+            "generated": generated, "prompt_logits": prompt_logits,
+            **({"cache": runner.cache_stats()} if hasattr(runner, "cache_stats") else {})}
 
 
 def main() -> None:

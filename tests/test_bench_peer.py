@@ -110,6 +110,13 @@ def test_a_killed_or_refused_row_has_no_figures_and_says_which(monkeypatch):
     assert cells(killed)[4] == "killed for memory (2 of the rounds)"
     assert cells(refused)[4] == "refused at load: would not fit (2 of the rounds)"
     assert len(cells(refused)) == len(COLUMNS) and cells(refused)[5:] == ["-"] * (len(COLUMNS) - 5)
+    ratios = {"decode_tokens_per_second": 0.6, "prefill_tokens_per_second": 0.9, "peak_rss_bytes": 1.1}
+    measured = dict(base, bits_per_weight=4.5, bits_per_expert_weight=4.25, decode_tokens_per_second=90.0,
+                    prefill_tokens_per_second=400.0, peak_rss_bytes=400 << 20, rss_after_imports_bytes=200 << 20,
+                    vs_q4_k_m=ratios, load_seconds=0.3, logits_cosine_vs_fp32=0.95, conversion_seconds=None)
+    assert cells(measured)[1] == "u"
+    assert cells(dict(measured, cache_hit_rate=0.554))[1] == "u (hit rate 55%)"
+    assert cells(measured)[4:7] == ["90.0", "400.0", "400 (200)"]
 
 
 def _capped(code: str, cap_bytes: int) -> tuple[int, str]:
