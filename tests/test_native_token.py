@@ -192,3 +192,104 @@ def test_not_taken_where_a_layer_does_not_qualify(q8, tmp_path, monkeypatch):
     runs = count_runs(monkeypatch, served=False)
     decode(model, 2)
     assert runs == [] and model.__dict__["_token_layers"][0] is False
+
+
+def served_routes(model) -> list:
+    """Route callbacks of the model's served plan from now on (the plan is made at its first decode token)."""
+    server = model.__dict__["_token_layers"][2]
+    calls, real = [], server.route
+    server.route = lambda *a: calls.append(a[0]) or real(*a)
+    return calls
+
+
+@pytest.mark.parametrize("budget", ["100%", "50%"])
+def test_cached_hits_run_from_resident_tables_without_callbacks(q8, tmp_path, monkeypatch, budget):
+    """A layer whose routed experts are all ready in the cache runs from its resident table: no callback into
+    Python; the hits are logged and counted as acquire counts them. The tables hold exactly the ready native
+    experts through every eviction (check()), pins go at the end of each token, and the logits equal the
+    resident model's."""
+    path = write_plain(tmp_path)
+    cached = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
+    cache = cached.runtime.cache
+    decode(cached, 1)
+    routes = served_routes(cached)
+    hooks = []
+    real_hook = cached.layer_hook
+    cached.layer_hook = lambda *a: hooks.append(a[0]) or real_hook(*a)  # not the runtime's: called between layers
+    decode(cached, 2)
+    assert len(hooks) == 2 * CONFIG["num_hidden_layers"] + CONFIG["num_hidden_layers"]  # + the prefill's layers
+    cached.layer_hook = real_hook
+    cached.reset_stats()
+    routes.clear()
+    out, _ = decode(cached, 30)
+    cache.check()
+    stats = cached.stats()
+    assert stats["uses"] == stats["hits"] + stats["misses"]
+    assert sum(s["hits"] for s in stats["layers"].values()) == stats["hits"]
+    layers_run = 30 * CONFIG["num_hidden_layers"]
+    if budget == "100%":  # every expert ready after the first tokens: no decode layer calls back
+        assert routes == [] and stats["misses"] == 0
+    else:
+        assert 0 < len(routes) < layers_run and stats["misses"] > 0 and stats["evictions"] > 0
+    assert not any(cache._pins.values())  # the token's pins released once after it (nothing predicts)
+    resident, _ = decode(prism_load.load(path, expert_kernel="native-int16"), 30)
+    assert torch.equal(out, resident)
+    tables = [cache.resident_table(i) for i in cache.store.moe_layers]
+    assert all(t is not None and t.blocks for t in tables)
+
+
+def test_resident_tables_keep_counts_and_eviction_order_of_the_callbacks(q8, tmp_path, monkeypatch):
+    """The same decode with and without resident tables: the same hits, misses, evictions and per-layer counts
+    (hits are counted before any later acquire decides an eviction)."""
+    path = write_plain(tmp_path)
+
+    def run(tables: bool):
+        model = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False)
+        if not tables:
+            monkeypatch.setattr(model.runtime.cache, "resident_table", lambda layer: None)
+        out, _ = decode(model, 40)
+        return out, model.stats()
+
+    with_tables, stats = run(True)
+    without, reference = run(False)
+    assert torch.equal(with_tables, without)
+    keys = ("uses", "hits", "misses", "evictions", "bytes_fetched")
+    assert {k: stats[k] for k in keys} == {k: reference[k] for k in keys}
+    def counts(layers: dict) -> dict:
+        return {i: {k: v for k, v in s.items() if k != "stall_seconds"} for i, s in layers.items()}
+
+    assert counts(stats["layers"]) == counts(reference["layers"])
+
+
+def test_prefetch_keeps_every_layer_called_back(q8, tmp_path):
+    """With a fetch worker, predictions are settled at each acquire: no resident tables, the hook between layers."""
+    model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16", expert_cache="50%", prefetch=True)
+    assert model.runtime.cache.resident_table(0) is None and model.runtime.predicts
+    assert native_token.layer_hook_between_layers(model)
+    model.runtime.close()
+
+
+def test_taking_an_expert_out_waits_for_a_loop_running_its_layer(q8):
+    """decode_layer.c's handshake, driven by hand: while the loop's busy flag is up, drop() clears the expert's
+    pointers at once but does not return; it returns when the flag goes down. put() refuses another rounding."""
+    import threading
+    from types import SimpleNamespace
+
+    from prism_load.native.decode_layer import ResidentTable
+
+    table = ResidentTable(4)
+    a = SimpleNamespace(addresses=(11, 12, 13), wide=1)
+    assert table.put(2, a) and table.pointers(2) == (11, 12, 13) and int(table.table[0]) == 1
+    assert not table.put(3, SimpleNamespace(addresses=(1, 2, 3), wide=0))  # another rounding: stays served
+    assert table.pointers(3) == (0, 0, 0)
+    table.table[1] = 1  # a loop is running this layer's experts
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (table.drop(2), done.set()))
+    worker.start()
+    assert not done.wait(0.2)
+    assert table.pointers(2) == (0, 0, 0)  # cleared first: a loop starting now sees it gone
+    table.table[1] = 0
+    assert done.wait(5)
+    worker.join()
+    assert 2 not in table.blocks
+    table.drop(2)  # not in: nothing to wait for

@@ -6,7 +6,11 @@ is routed experts only (SwiGLU, no shared expert).
 - Otherwise (an expert cache, or resident experts some of which no native block takes): the loop calls back
   into Python between layers, where the experts are acquired as the per-layer path acquires them (the cache
   counts, pins, loads and evicts as before) and, where they are native blocks, handed to the loop; prefetch's
-  layer hook is called back after each layer, where the per-layer path called it.
+  layer hook is called back after each layer, where the per-layer path called it. An expert cache without
+  prefetch also gives the loop a resident table per layer (its ready native experts): a layer whose routed
+  experts are all in it runs without a callback, and its hits are counted at the next callback or after the
+  token, in order (ExpertCache.record_hits); without prefetch the hook only unpinned, so it runs once after the
+  token instead of after every layer.
 
 Why: with the per-layer native steps, what remains between them is Python that decides nothing (module calls,
 wrappers' checks, argument arrays): about 60 microseconds a layer on a Zen 4 core, a sixth of a decode token of
@@ -44,7 +48,11 @@ def token_layers(model) -> TokenLayers | None:
         experts.append(blocks if blocks is not None and len(blocks) == step.router.shape[0] else None)
     if not steps:
         return None
-    return TokenLayers(steps, None if any(b is None for b in experts) else experts)
+    if all(b is not None for b in experts):
+        return TokenLayers(steps, experts)
+    resident = [getattr(layer.mlp.experts, "resident_table", lambda _: None)(layer.mlp.layer_index)
+                for layer in model.layers]
+    return TokenLayers(steps, resident=resident)
 
 
 def expert_server(model, plan: TokenLayers) -> ExpertServer:
@@ -67,7 +75,30 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
     def hook(at: int, out: torch.Tensor) -> None:
         model.layer_hook(layers[at].index, out.view(1, 1, -1))
 
-    return ExpertServer(plan, route, hook)
+    def hits(records: list[tuple[int, list[int]]]) -> None:
+        """The layers the loop ran from resident tables: counted by their sources, in order."""
+        run: list = []
+        source = None
+        for at, ids in records:
+            experts = layers[at].mlp.experts
+            if experts is not source and run:
+                source.record_hits(run)
+                run = []
+            source = experts
+            run.append((layers[at].mlp.layer_index, ids))
+        if run:
+            source.record_hits(run)
+
+    return ExpertServer(plan, route, hook, hits)
+
+
+def layer_hook_between_layers(model) -> bool:
+    """Whether the model's layer hook must run after every layer of a native token: not where it is only an
+    expert cache's unpinning (no prefetch predicts the next layer), which once after the token does
+    (Runtime.after_token): a callback into Python per layer saved."""
+    hook = model.layer_hook
+    runtime = getattr(model, "runtime", None)
+    return hook is not None and (runtime is None or hook != runtime.on_layer or runtime.predicts)
 
 
 def module_refs(model) -> list:
@@ -103,7 +134,10 @@ def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         if slot is None:
             return None
         slots.append(slot)
-    out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server, hooked=model.layer_hook is not None)
+    hooked = layer_hook_between_layers(model)
+    out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server, hooked=hooked)
+    if model.layer_hook is not None and not hooked:
+        model.runtime.after_token()
     lengths = ctx.cache.lengths
     for layer, (_, _, n) in zip(layers, slots):
         lengths[layer.index] = n + 1

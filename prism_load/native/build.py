@@ -148,5 +148,11 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.attention_decode = _bind(lib, "prism_attention_decode")  # int64 args[19]: attention_decode.c
     fn.router_topk = _bind(lib, "prism_router_topk")  # int64 args[9]: router_topk.c
     fn.decode_layer = _bind(lib, "prism_decode_layer")  # int64 args[16]: decode_layer.c
-    fn.decode_layers = _bind(lib, "prism_decode_layers", 2)  # int64 hdr[14], int64 layers[4L]: decode_layer.c
+    fn.decode_layers = _bind(lib, "prism_decode_layers", 2)  # int64 hdr[15], int64 layers[4L]: decode_layer.c
+    fn.resident_set = lib.prism_resident_set  # int64 table[2 + 3E], E, e, wide, int64 ptrs[3]: decode_layer.c
+    fn.resident_set.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.resident_set.restype = ctypes.c_int
+    fn.resident_clear = lib.prism_resident_clear  # int64 table[2 + 3E], E, e
+    fn.resident_clear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    fn.resident_clear.restype = ctypes.c_int
     return fn, None, seconds

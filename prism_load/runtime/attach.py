@@ -59,6 +59,15 @@ class Runtime:
         if self.shadow is None or not self.shadow.on_layer(index, hidden):  # a prediction also unpins
             self.cache.release_thread()
 
+    @property
+    def predicts(self) -> bool:
+        """Whether on_layer predicts (prefetch): else it only unpins, which the next acquire does anyway."""
+        return self.shadow is not None
+
+    def after_token(self) -> None:
+        """A native decode token that skipped on_layer between its layers (nothing predicts): unpin once."""
+        self.cache.release_thread()
+
     def stats(self) -> dict:
         out = self.cache.snapshot()
         out["prefetch"] = self.shadow is not None

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..models.moe import ExpertWeights
+from ..native.decode_layer import ResidentTable
 from .eviction import GreedyDualFrequency
 from .stats import RuntimeStats
 from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency, raw_nbytes, weights_nbytes
@@ -84,6 +85,7 @@ class ExpertCache:
         self.host = HostTier(host_budget_bytes) if self.transfer is not None and host_budget_bytes > 0 else None
         self.slabs = SlabPool(self.budget_bytes) if self.transfer is None and placement is None else None
         self.stats = RuntimeStats()
+        self._tables: dict[int, ResidentTable] = {}  # layer -> its ready native experts (resident_table)
         if pin_hot not in (True, False, "pin", "warm", "off"):
             raise BudgetError(f"pin_hot={pin_hot!r}: expected 'warm', True / 'pin', or False / 'off'")
         permanent = pin_hot in (True, "pin")
@@ -127,6 +129,53 @@ class ExpertCache:
                 if entry.event is not None:
                     self.transfer.ready_for_compute(entry.weights, entry.event)
         return out
+
+    def resident_table(self, layer: int) -> ResidentTable | None:
+        """The layer's ready experts as a resident table the native decode loop reads (decode_layer.c: a layer whose
+        routed experts are all in it runs without a callback into Python; its hits are logged and counted by
+        record_hits). None where the loop must call back for every layer: a fetch worker (prefetch, whose
+        predictions are settled at each acquire), a CUDA tier, or no native kernels."""
+        if self.worker is not None or self.transfer is not None or self.device.type != "cpu":
+            return None
+        from ..native import available
+
+        if not available():
+            return None
+        with self._lock:
+            table = self._tables.get(layer)
+            if table is None:
+                table = self._tables[layer] = ResidentTable(self.store.num_experts)
+                for (i, _), entry in self._entries.items():
+                    if i == layer and entry.ready:
+                        self._publish(entry)
+            return table
+
+    def record_hits(self, records: list[tuple[int, list[int]]]) -> None:
+        """Count layer steps the native loop ran from resident tables, as acquire counts hits: the routing arrived,
+        every expert used and touched (eviction order), but no pins (the loop is done with them)."""
+        with self._lock:
+            for layer, ids in records:
+                self._route_arrived(layer, ids)
+                n = len(ids)
+                ls = self.stats.layer(layer)
+                self.stats.uses += n
+                self.stats.hits += n
+                ls.uses += n
+                ls.hits += n
+                for e in ids:
+                    entry = self._entries.get((layer, e))
+                    if entry is not None:  # evicted since by another thread: nothing to touch
+                        self._mark_used(entry)
+                        self.policy.touch(entry)
+
+    def _publish(self, entry: Entry) -> None:
+        """Under the lock: a ready expert into its layer's resident table, where there is one and the expert is a
+        native block of the table's rounding of x."""
+        table = self._tables.get(entry.key[0])
+        if table is not None and entry.weights is not None:
+            block = entry.weights.block()
+            if block is not None:
+                table.put(entry.key[1], block)
 
     def use(self, layer: int, expert: int) -> ExpertWeights:
         """The weights of one expert, pinned to this thread until its next acquire/use or release_thread()."""
@@ -279,6 +328,7 @@ class ExpertCache:
     def _finish(self, entry: Entry, weights, event, host_hit: bool) -> None:
         """Under the lock: a load is done; make the entry ready and wake every waiter."""
         entry.weights, entry.event, entry.ready = weights, event, True
+        self._publish(entry)
         self.stats.bytes_decoded += entry.decoded_nbytes
         self.stats.host_hits += host_hit
         if entry.unwanted:  # the real routing disagreed while it loaded: first in line for eviction
@@ -392,6 +442,9 @@ class ExpertCache:
             del self._entries[entry.key]
             self.layer_entries[entry.key[0]] -= 1
             self.used_bytes -= entry.nbytes
+            table = self._tables.get(entry.key[0])
+            if table is not None:  # out of the decode loop's reach before its memory can be reused
+                table.drop(entry.key[1])
         entry.weights = None
         if entry.slab is not None:
             self.slabs.give(entry.slab)
@@ -456,6 +509,7 @@ class ExpertCache:
             entry = self._add_entry(key, nbytes, prefetched=False)
             weights, event, _ = self._load(entry)
             entry.weights, entry.event, entry.ready, entry.permanent = weights, event, True, permanent
+            self._publish(entry)
             self.policy.touch(entry)
             pinned.append(key)
         return pinned
@@ -510,6 +564,19 @@ class ExpertCache:
                                      f"budget {self.budget_bytes}")
             if Counter(k[0] for k in self._entries) != +self.layer_entries:
                 raise AssertionError(f"cache per-layer counts {dict(self.layer_entries)} do not match its entries")
+            for layer, table in self._tables.items():  # the native loop's view: exactly the ready native experts
+                for e in range(table.num_experts):
+                    entry, block = self._entries.get((layer, e)), table.blocks.get(e)
+                    ready = entry is not None and entry.ready and entry.weights is not None
+                    should = ready and entry.weights.block() is not None and \
+                        entry.weights.block().wide == int(table.table[0])
+                    held = table.pointers(e)
+                    if (block is not None) != should or (block is not None and (
+                            block is not entry.weights.block() or held != block.addresses)) or \
+                            (block is None and any(held)):
+                        raise AssertionError(f"resident table of layer {layer}: expert {e} is "
+                                             f"{'in' if block is not None else 'out'} (pointers {held}), "
+                                             f"its entry {'ready' if ready else 'not ready'}")
 
 
 class ExpertLease(Mapping):
@@ -541,3 +608,9 @@ class CachedExperts(nn.Module):
 
     def acquire(self, layer_index: int, expert_ids: list[int]) -> Mapping[int, ExpertWeights]:
         return self.cache.acquire(layer_index, expert_ids)
+
+    def resident_table(self, layer_index: int):
+        return self.cache.resident_table(layer_index)
+
+    def record_hits(self, records: list[tuple[int, list[int]]]) -> None:
+        self.cache.record_hits(records)
