@@ -76,18 +76,20 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
         model.layer_hook(layers[at].index, out.view(1, 1, -1))
 
     def hits(records: list[tuple[int, list[int]]]) -> None:
-        """The layers the loop ran from resident tables: counted by their sources, in order."""
+        """The layers the loop ran from resident tables: counted by whoever keeps their tables (one expert cache
+        behind every layer's source: one call, one lock round trip, a token), in order."""
         run: list = []
-        source = None
+        keeper = None
         for at, ids in records:
             experts = layers[at].mlp.experts
-            if experts is not source and run:
-                source.record_hits(run)
+            owner = getattr(experts, "cache", experts)
+            if owner is not keeper and run:
+                keeper.record_hits(run)
                 run = []
-            source = experts
+            keeper = owner
             run.append((layers[at].mlp.layer_index, ids))
         if run:
-            source.record_hits(run)
+            keeper.record_hits(run)
 
     return ExpertServer(plan, route, hook, hits)
 
