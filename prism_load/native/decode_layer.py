@@ -114,7 +114,8 @@ SCRATCH = ("y", "h", "moe", "logits", "weights", "indices", "ctl")  # prism_deco
 class ResidentTable:
     """A served layer's experts that are ready in an expert cache, as decode_layer.c's resident table: the loop
     runs a layer whose routed experts are all in it without calling back into Python (a hit costs no
-    interpreter time: about 70 microseconds a layer of Python on a cached 583 M model, 10-15% of its token).
+    interpreter time: with a callback a layer, a cache holding every expert of the 583 M peer model decoded at
+    0.84x the resident model, without 0.94x; bench/results/peer_cache_xeon_037f597.md and _d3e60db.md).
     The cache puts an expert in when it becomes ready and takes it out before its memory is reused, under its
     lock; take-out waits until no loop is running the layer's experts (decode_layer.c's handshake)."""
 
