@@ -149,6 +149,26 @@ def test_resident_expert_bytes_are_what_the_loaded_model_holds(container, form):
         assert resident_expert_nbytes(c, packer, torch.bfloat16) == held
 
 
+def test_resident_expert_bytes_of_mixed_encodings_decoded(tmp_path):
+    """Every kind of encoding (low-rank ones stay factored where that is smaller), decoded resident."""
+    from containers import TINY_CONFIG
+
+    from prism_load.container.loader import resident_expert_nbytes
+    from prism_load.container.reader import Container
+    from prism_load.runtime.stores import weights_nbytes
+
+    path = write_tiny(tmp_path / "mixed.prism", random_model(TINY_CONFIG), config=TINY_CONFIG)  # EXACT_MIX
+    model = prism_load.load(path, expert_form="decoded")
+    held = 0
+    for _, block in model.moe_blocks():
+        if hasattr(block.experts, "experts"):
+            held += sum(weights_nbytes(w) for w in block.experts.experts)
+        else:
+            held += sum(p.numel() * p.element_size() for p in block.experts.parameters())
+    with Container(path) as c:
+        assert resident_expert_nbytes(c, None, torch.bfloat16) == held
+
+
 def test_a_resident_load_larger_than_the_memory_left_is_refused_before_it_reads_experts(container, monkeypatch):
     from prism_load.container import reader
 

@@ -9,7 +9,6 @@ StackedExperts, and a layer with a factored (low-rank) expert gets a ResidentExp
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from ..models.precision import held_dtype
 from ..models.rope import Rotary
 from ..native.expert_block import one_rounding
 from ..packed import NATIVE, ExpertPacker, fallback_warning, fuse_qkv, packable_dense, swap_dense
+from ..runtime.container_store import decoded_nbytes
 from ..runtime.memory import check_fits
 from ..runtime.stores import map_weights, pack_into, packed_nbytes
 from .codecs import decode
@@ -115,15 +115,15 @@ def load_container(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
 
 
 def resident_expert_nbytes(c: Container, packer: ExpertPacker | None, dtype: torch.dtype) -> int:
-    """Bytes every expert of the container holds resident: its packed form (packer.nbytes) or, decoded, its dense
-    weights in `dtype`; from the manifest's encodings alone (one measurement per distinct encoding)."""
+    """Bytes every expert of the container holds resident: its packed form (packer.nbytes) or, decoded, its weights
+    in `dtype` (a low-rank tensor factored where that is smaller: at most what the load holds, so the check
+    built on it never refuses a load that fits); from the manifest's encodings alone, once per encoding."""
     sizes: dict = {}
     total = 0
     for r in c.records:
         key = tuple(sorted(r.encodings.items()))
         if key not in sizes:
-            sizes[key] = (packer.nbytes(r.encodings) if packer is not None
-                          else sum(math.prod(enc.shape) for enc in r.encodings.values()) * dtype.itemsize)
+            sizes[key] = packer.nbytes(r.encodings) if packer is not None else decoded_nbytes(r.encodings, dtype)
         total += sizes[key]
     return total
 
