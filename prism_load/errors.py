@@ -33,6 +33,15 @@ class BudgetError(PrismError):
     """A size or bits budget cannot be met by any allocation."""
 
 
+class DoesNotFit(BudgetError):
+    """A load would hold more bytes than this process may still take (runtime/memory.check_fits): need_bytes,
+    available_bytes and where that figure comes from (source), for a caller that picks another way to load."""
+
+    def __init__(self, message: str, need_bytes: int, available_bytes: int, source: str):
+        super().__init__(message)
+        self.need_bytes, self.available_bytes, self.source = need_bytes, available_bytes, source
+
+
 class EncodingError(PrismError):
     """A tensor cannot be encoded as asked (bad shape, non-finite values, mismatched statistics)."""
 

@@ -201,19 +201,51 @@ def test_an_expert_cache_budget_larger_than_the_memory_left_is_refused(container
     assert prism_load.load(container, expert_cache="1TB").runtime.cache.budget_bytes == 10**12  # counted at most total
 
 
-def test_prism_run_refuses_a_load_that_does_not_fit_in_one_line(container, monkeypatch, capsys):
+def test_prism_run_serves_experts_that_do_not_fit_from_an_expert_cache(container, monkeypatch, capsys, tmp_path):
+    """Without --cache or --mmap, prism run loads every expert resident; where that would not fit (the load
+    refuses it) it says so and runs behind expert_cache="auto". Asked for explicitly, a cache budget larger than
+    what is left is an error in one line."""
     import sys
 
     from prism_convert.cli.app import main
 
-    available(monkeypatch, 1000)
-    monkeypatch.setattr(sys, "argv", ["prism", "run", str(container), "-p", "hi", "--max-new-tokens", "2"])
+    with prism_load.container.Container(container) as c:
+        from prism_load.container.loader import resident_expert_nbytes
+        from prism_load.packed import ExpertPacker
+
+        resident = resident_expert_nbytes(c, ExpertPacker(torch.bfloat16, "cpu", "auto"), torch.bfloat16)
+    monkeypatch.setattr(memory, "MIN_RESERVE", 0)  # a tiny model: "auto" keeps a tenth of the room
+    room = resident - 1
+    available(monkeypatch, room)
+    from tiny import save_char_tokenizer
+
+    tokenizer = str(save_char_tokenizer(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(sys, "argv", ["prism", "run", str(container), "-p", "hi", "--max-new-tokens", "2",
+                                      "--tokenizer", tokenizer])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    out = capsys.readouterr().out.replace("\n", " ")  # rich wraps long lines
+    assert (f"every expert resident would hold {resident:,} bytes, more than the {room:,} this process may still "
+            "take (MemAvailable): serving them from an expert cache") in out
+    assert "hits" in out  # the cache's statistics table follows the text
+    monkeypatch.setattr(sys, "argv", ["prism", "run", str(container), "-p", "hi", "--cache", "100%",
+                                      "--tokenizer", tokenizer])
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 2
     err = capsys.readouterr().err
-    assert "more than this process may still take: 1,000 bytes (MemAvailable)" in err
-    assert "Traceback" not in err
+    assert "expert_cache='100%': the cache would hold" in err and "Traceback" not in err
+
+
+def test_a_refusal_carries_its_figures(monkeypatch):
+    from prism_load.errors import DoesNotFit
+
+    available(monkeypatch, 1000, swap=24)
+    with pytest.raises(DoesNotFit) as refused:
+        memory.check_fits(2000, "cpu", "a load", "Do less.")
+    assert (refused.value.need_bytes, refused.value.available_bytes, refused.value.source) == (2000, 1024,
+                                                                                              "MemAvailable")
 
 
 def test_under_a_real_memory_cgroup_a_resident_load_is_refused_where_it_would_be_killed(tmp_path):

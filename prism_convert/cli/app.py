@@ -295,6 +295,8 @@ def _generate(model: Path, prompts: str | list[str], max_new_tokens: int, **opti
             console.print(text, end="", style="bold", highlight=False, markup=False)
         elif role == "text":
             console.print(text, end="", highlight=False, markup=False)
+        elif role == "note":  # what run_prompt chose for the user (an expert cache for a model that does not fit)
+            console.print(f"[dim]{text}[/]", highlight=False)
         else:
             console.print()
 

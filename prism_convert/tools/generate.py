@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prism_load.errors import PrismError
+from prism_load.errors import DoesNotFit, PrismError
 
 TextSink = Callable[[str, str], None]  # (text, role): role "prompt", "text" (generated) or "end" (of one continuation)
 
@@ -24,8 +24,11 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
     given); mmap as prism_load.load's (resident containers). `tokenizer` (--tokenizer, a path or Hub id)
     replaces the model's own, or stands in where it has none. temperature (0: greedy) and top_p sample;
     None leaves the checkpoint's generation_config.json defaults. `on_text(text, role)` receives the prompt and the
-    text as it streams (a batch: each prompt and its continuation once all are done); the result holds the
-    speeds and, behind the expert cache, `stats` (model.stats())."""
+    text as it streams (a batch: each prompt and its continuation once all are done), and a "note" where the run
+    chose something for the user: a container whose experts do not fit resident in the memory this process may
+    take (the load refuses it, prism_load/runtime/memory.py), loaded without --cache or --mmap, runs behind
+    expert_cache="auto" instead; the result holds the speeds and, behind the expert cache, `stats`
+    (model.stats())."""
     import prism_load
     from prism_convert.tokenizer import check_vocabulary, resolve_tokenizer
 
@@ -42,7 +45,18 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
         form["mmap"] = True
     options = form if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
                                           "lookahead": lookahead, "predictor": predictor, **form}
-    model = prism_load.load(model_path, **options)
+    on_text = on_text or (lambda text, role: None)
+    try:
+        model = prism_load.load(model_path, **options)
+    except DoesNotFit as e:  # every expert resident was the default, not a request: serve them from a cache
+        if cache is not None or mmap or expert_form == "codes":
+            raise
+        on_text(f"every expert resident would hold {e.need_bytes:,} bytes, more than the {e.available_bytes:,} "
+                f"this process may still take ({e.source}): serving them from an expert cache sized to what is "
+                "left (--cache auto; --mmap maps them instead)", "note")
+        options = {"expert_cache": "auto", "prefetch": prefetch, "numa": numa, "lookahead": lookahead,
+                   "predictor": predictor, **form}
+        model = prism_load.load(model_path, **options)
     if named is None and model.tokenizer is None and Path(model_path).is_dir():
         named = resolve_tokenizer(None, Path(model_path))  # a checkpoint's tokenizer.model, or a clear error
     if named is not None:
@@ -51,7 +65,6 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
     if model.tokenizer is None:
         raise PrismError(f"{model_path}: no tokenizer, cannot encode a text prompt; name one with --tokenizer")
     sampling = sampling_options(temperature, top_p)
-    on_text = on_text or (lambda text, role: None)
     if isinstance(prompt, str):
         result = _stream_one(model, prompt, max_new_tokens, on_text, sampling, seed)
     else:

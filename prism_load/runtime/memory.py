@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BudgetError
+from ..errors import BudgetError, DoesNotFit
 
 MIN_RESERVE = 64 << 20  # KV caches, activations, allocator slack and the page cache that reads pass through
 RESERVE_SHARE = 0.10
@@ -123,5 +123,5 @@ def check_fits(need_bytes: int, device, what: str, instead: str) -> None:
     if need_bytes <= available + swap:
         return
     room = f"{available:,} bytes ({source})" + (f" plus {swap:,} bytes of free swap" if swap else "")
-    raise BudgetError(f"{what} would hold {need_bytes:,} bytes ({need_bytes / 2**20:,.0f} MiB), more than this "
-                      f"process may still take: {room}. {instead}")
+    raise DoesNotFit(f"{what} would hold {need_bytes:,} bytes ({need_bytes / 2**20:,.0f} MiB), more than this "
+                     f"process may still take: {room}. {instead}", need_bytes, available + swap, source)
