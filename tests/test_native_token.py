@@ -293,3 +293,22 @@ def test_taking_an_expert_out_waits_for_a_loop_running_its_layer(q8):
     worker.join()
     assert 2 not in table.blocks
     table.drop(2)  # not in: nothing to wait for
+
+
+@pytest.mark.parametrize("budget", ["30%", "25%"])
+@pytest.mark.parametrize("path", ["one call", "per layer"])
+def test_tight_budgets_keep_a_steps_experts_valid_together(q8, tmp_path, monkeypatch, budget, path):
+    """A budget of a few experts: a layer step's missing experts are handed out by a lease that keeps them all
+    pinned while the budget holds them together, so the native expert block that runs them at once never reads
+    an expert whose memory a later one of the same step reused (before, these budgets gave other logits)."""
+    model_path = write_plain(tmp_path)
+    if path == "per layer":
+        monkeypatch.setattr(native_token, "run", lambda *a: None)
+    resident, _ = decode(prism_load.load(model_path, expert_kernel="native-int16"), 30)
+    cached = prism_load.load(model_path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
+    out, _ = decode(cached, 30)
+    assert torch.equal(out, resident)
+    stats = cached.stats()
+    assert stats["evictions"] > 0 and stats["uses"] == stats["hits"] + stats["misses"]
+    cached.runtime.cache.check()
+

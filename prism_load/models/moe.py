@@ -197,9 +197,12 @@ class MoEBlock(nn.Module):
     def native_blocks(self, ids: list[int], weights) -> list | None:
         """The acquired experts `ids` as expert_block.c operators (ExpertWeights.block) where every one is, in one
         rounding of x, and nothing watches them one by one (an observer) or changes their activation; else None."""
-        if self.observer is not None or self.activation is not silu_glu:
+        if self.observer is not None or self.activation is not silu_glu or not getattr(weights, "holds", True):
             return None
-        return one_rounding([weights[e].block() for e in ids])
+        blocks = one_rounding([weights[e].block() for e in ids])
+        # a lease that could not keep them all pinned (a budget below the step's experts) may have reused an
+        # earlier one's memory for a later one: the caller then runs them one at a time (decode_sum)
+        return blocks if getattr(weights, "holds", True) else None
 
     def decode_sum(self, flat: torch.Tensor, ids: list[int], weights, route_weights: torch.Tensor) -> torch.Tensor:
         """One token's sum of weight x expert(x) over its acquired experts `ids`, one expert at a time (the path

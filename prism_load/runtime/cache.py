@@ -20,9 +20,12 @@ job queue); two conditions share it: `_changed` (an entry became ready or went a
 what demand loads wait for; notified only while someone waits) and the worker's `_work`. Reads, decodes
 and copies run outside the lock. An expert in use is pinned by the thread using it: `acquire` pins a
 step's experts when all are resident (the hit path: one lock round trip per layer); otherwise the lease
-loads and pins them one at a time, so a budget smaller than one step's experts still works. A thread's
-pins are released by its next `acquire`/`use` or by `release_thread` (the model's layer hook, after every
-layer), so a thread waiting for room holds no pin and a pinned expert is never evicted under a matmul.
+loads them on access and, where the budget holds the whole step, keeps each pinned until the thread's next
+acquire (a native expert block runs them together); where it does not (or a wait for room makes it let go),
+it pins one at a time and the block runs them one by one, so a budget smaller than one step's experts still
+works. A thread's pins are released by its next `acquire` (or `use` outside a holding lease) or by
+`release_thread` (the model's layer hook, after every layer), so a thread waiting for room holds no pin and a
+pinned expert is never evicted under a matmul.
 Waiting for room re-checks pins of threads that have died, so a thread that ends without releasing cannot
 block the others. The worker never waits for room: a prefetch without room is dropped.
 """
@@ -123,7 +126,9 @@ class ExpertCache:
                     if len(missing) > 1:
                         self.worker.submit(layer, missing[1:], predicted=False)
         if out is None:
-            return ExpertLease(self, layer, expert_ids)
+            # the lease keeps every expert it hands out pinned until this thread's next acquire where the budget
+            # holds them all at once (a native expert block runs them together); else one at a time
+            return ExpertLease(self, layer, expert_ids, len(expert_ids) * self.largest_bytes <= self.budget_bytes)
         if self.transfer is not None:
             for entry in found:
                 if entry.event is not None:
@@ -177,11 +182,14 @@ class ExpertCache:
             if block is not None:
                 table.put(entry.key[1], block)
 
-    def use(self, layer: int, expert: int) -> ExpertWeights:
-        """The weights of one expert, pinned to this thread until its next acquire/use or release_thread()."""
+    def use(self, layer: int, expert: int, lease: ExpertLease | None = None) -> ExpertWeights:
+        """The weights of one expert, pinned to this thread until its next acquire/use or release_thread(); for
+        a lease that holds its experts (ExpertLease.holds), until its next acquire or release_thread(), so the
+        experts it handed out before stay valid beside this one."""
         key = (layer, expert)
         with self._lock:
-            self._release_locked()
+            if lease is None or not lease.holds:
+                self._release_locked()
             st, ls = self.stats, self.stats.layer(layer)
             st.uses += 1
             ls.uses += 1
@@ -194,7 +202,7 @@ class ExpertCache:
                 st.misses += 1
                 ls.misses += 1
                 start = time.perf_counter()
-                entry = self._wait_or_reserve(key)
+                entry = self._wait_or_reserve(key, lease)
                 if entry.ready:
                     self._stalled(ls, start)
         if not entry.ready:  # this thread reserved it: load it now
@@ -211,8 +219,10 @@ class ExpertCache:
             self._release_locked()
 
     # -- demand path -----------------------------------------------------------------------------------
-    def _wait_or_reserve(self, key: Key) -> Entry:
-        """Under the lock: wait for a load under way, or reserve room and return a loading entry we own."""
+    def _wait_or_reserve(self, key: Key, lease: ExpertLease | None = None) -> Entry:
+        """Under the lock: wait for a load under way, or reserve room and return a loading entry we own. A
+        holding lease that must wait for room lets go of its experts first (it stops holding: the caller then
+        takes them one at a time), so threads waiting for room never wait on each other's pins."""
         late_counted = False
         while True:
             entry = self._entries.get(key)
@@ -234,6 +244,10 @@ class ExpertCache:
                 self._pin(entry)
                 self.stats.demand_loads += 1
                 return entry
+            if lease is not None and lease.holds:
+                lease.holds = False
+                self._release_locked()
+                continue
             self._wait(ROOM_POLL_SECONDS)  # every byte is pinned or loading: wait for an unpin
             self._drop_dead_pins()
 
@@ -580,17 +594,21 @@ class ExpertCache:
 
 
 class ExpertLease(Mapping):
-    """What acquire returns when an expert is missing: {expert: weights}, each loaded (and pinned) on access."""
+    """What acquire returns when an expert is missing: {expert: weights}, each loaded (and pinned) on access.
+    holds: every expert handed out stays pinned until the thread's next acquire (the budget holds them all
+    at once), so they may be used together; False (a budget below the step's experts, or given up to make
+    room): only the last one handed out is pinned, so each must be used before the next is asked for
+    (MoEBlock.native_blocks checks, and takes the one-at-a-time path)."""
 
-    __slots__ = ("_cache", "_layer", "_ids")
+    __slots__ = ("_cache", "_layer", "_ids", "holds")
 
-    def __init__(self, cache: ExpertCache, layer: int, ids: list[int]):
-        self._cache, self._layer, self._ids = cache, layer, ids
+    def __init__(self, cache: ExpertCache, layer: int, ids: list[int], holds: bool = False):
+        self._cache, self._layer, self._ids, self.holds = cache, layer, ids, holds
 
     def __getitem__(self, expert: int) -> ExpertWeights:
         if expert not in self._ids:
             raise KeyError(expert)
-        return self._cache.use(self._layer, expert)
+        return self._cache.use(self._layer, expert, self)
 
     def __iter__(self):
         return iter(self._ids)
