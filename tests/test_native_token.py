@@ -312,3 +312,39 @@ def test_tight_budgets_keep_a_steps_experts_valid_together(q8, tmp_path, monkeyp
     assert stats["evictions"] > 0 and stats["uses"] == stats["hits"] + stats["misses"]
     cached.runtime.cache.check()
 
+
+
+def test_threads_sharing_a_tight_cache_read_the_right_experts(q8, tmp_path):
+    """Four threads decoding at once through one 30% cache (each its own KV cache): no thread reads another
+    expert's memory (before the lease fix these logits were off by whole units). Where the threads contend for
+    room a lease lets go of its pins and its step runs one expert at a time (decode_sum), whose fp32 sums round
+    differently from the fused native block: equal to the resident logits within that rounding, not bit for
+    bit (README, limits)."""
+    import threading
+
+    model_path = write_plain(tmp_path)
+    resident = prism_load.load(model_path, expert_kernel="native-int16")
+    cached = prism_load.load(model_path, expert_kernel="native-int16", expert_cache="30%", prefetch=False)
+
+    def run(model, seed: int, out: dict) -> None:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, CONFIG["vocab_size"], (1, 4), generator=g)
+        nxt = torch.randint(0, CONFIG["vocab_size"], (1, 40), generator=g)
+        with torch.inference_mode():
+            cache = model.new_cache()
+            model(ids, cache=cache)
+            out[seed] = torch.cat([model(nxt[:, i : i + 1], cache=cache) for i in range(40)], 1)
+
+    expected, got = {}, {}
+    for seed in range(4):
+        run(resident, seed, expected)
+    threads = [threading.Thread(target=run, args=(cached, seed, got)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for seed in range(4):
+        scale = float(expected[seed].abs().max())
+        assert float((got[seed] - expected[seed]).abs().max()) <= 1e-3 * scale
+    cached.runtime.cache.check()
