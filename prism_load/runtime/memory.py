@@ -65,20 +65,22 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
     return None
 
 
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """The kernel's MemAvailable (free memory plus what it can reclaim), bytes; None off Linux."""
+def _meminfo(key: str, meminfo: Path) -> int | None:
+    """One /proc/meminfo figure in bytes (its kB times 1024), or None where the file or the line is missing."""
     for line in (_read(meminfo) or "").splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
     return None
 
 
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's MemAvailable (free memory plus what it can reclaim), bytes; None off Linux."""
+    return _meminfo("MemAvailable", meminfo)
+
+
 def swap_free(meminfo: Path = Path("/proc/meminfo")) -> int:
     """The machine's free swap, bytes (0 where none or off Linux)."""
-    for line in (_read(meminfo) or "").splitlines():
-        if line.startswith("SwapFree:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _meminfo("SwapFree", meminfo) or 0
 
 
 def available_bytes(device) -> tuple[int, str]:
