@@ -43,20 +43,20 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
             raise PrismError(f"--mmap maps every expert resident; --cache {cache} serves them from a budgeted cache "
                              "instead: pass one of the two")
         form["mmap"] = True
-    options = form if cache is None else {"expert_cache": cache, "prefetch": prefetch, "numa": numa,
-                                          "lookahead": lookahead, "predictor": predictor, **form}
+    def behind_cache(budget) -> dict:
+        return {"expert_cache": budget, "prefetch": prefetch, "numa": numa, "lookahead": lookahead,
+                "predictor": predictor, **form}
+
     on_text = on_text or (lambda text, role: None)
     try:
-        model = prism_load.load(model_path, **options)
+        model = prism_load.load(model_path, **(form if cache is None else behind_cache(cache)))
     except DoesNotFit as e:  # every expert resident was the default, not a request: serve them from a cache
         if cache is not None or mmap or expert_form == "codes":
             raise
         on_text(f"every expert resident would hold {e.need_bytes:,} bytes, more than the {e.available_bytes:,} "
                 f"this process may still take ({e.source}): serving them from an expert cache sized to what is "
                 "left (--cache auto; --mmap maps them instead)", "note")
-        options = {"expert_cache": "auto", "prefetch": prefetch, "numa": numa, "lookahead": lookahead,
-                   "predictor": predictor, **form}
-        model = prism_load.load(model_path, **options)
+        model = prism_load.load(model_path, **behind_cache("auto"))
     if named is None and model.tokenizer is None and Path(model_path).is_dir():
         named = resolve_tokenizer(None, Path(model_path))  # a checkpoint's tokenizer.model, or a clear error
     if named is not None:
