@@ -107,12 +107,7 @@ class ExpertCache:
             found = [self._entries.get((layer, e)) for e in expert_ids]
             if all(entry is not None and entry.ready for entry in found):
                 pins = self._pins.setdefault(threading.get_ident(), [])
-                n = len(found)
-                self.stats.uses += n
-                self.stats.hits += n
-                ls = self.stats.layer(layer)
-                ls.uses += n
-                ls.hits += n
+                self._count_hits(layer, len(found))
                 for entry in found:
                     entry.pins += 1
                     pins.append(entry)
@@ -161,17 +156,20 @@ class ExpertCache:
         with self._lock:
             for layer, ids in records:
                 self._route_arrived(layer, ids)
-                n = len(ids)
-                ls = self.stats.layer(layer)
-                self.stats.uses += n
-                self.stats.hits += n
-                ls.uses += n
-                ls.hits += n
+                self._count_hits(layer, len(ids))
                 for e in ids:
                     entry = self._entries.get((layer, e))
                     if entry is not None:  # evicted since by another thread: nothing to touch
                         self._mark_used(entry)
                         self.policy.touch(entry)
+
+    def _count_hits(self, layer: int, n: int) -> None:
+        """Under the lock: n uses of the layer's experts, every one a hit (a step whose experts were all ready)."""
+        ls = self.stats.layer(layer)
+        self.stats.uses += n
+        self.stats.hits += n
+        ls.uses += n
+        ls.hits += n
 
     def _publish(self, entry: Entry) -> None:
         """Under the lock: a ready expert into its layer's resident table, where there is one and the expert is a
