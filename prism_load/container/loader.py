@@ -25,7 +25,7 @@ from ..models.precision import held_dtype
 from ..models.rope import Rotary
 from ..native.expert_block import one_rounding
 from ..packed import NATIVE, ExpertPacker, fallback_warning, fuse_qkv, packable_dense, swap_dense
-from ..runtime.container_store import decoded_nbytes
+from ..runtime.container_store import expert_nbytes
 from ..runtime.memory import check_fits
 from ..runtime.stores import map_weights, pack_into, packed_nbytes
 from .codecs import decode
@@ -118,14 +118,7 @@ def resident_expert_nbytes(c: Container, packer: ExpertPacker | None, dtype: tor
     """Bytes every expert of the container holds resident: its packed form (packer.nbytes) or, decoded, its weights
     in `dtype` (a low-rank tensor factored where that is smaller: at most what the load holds, so the check
     built on it never refuses a load that fits); from the manifest's encodings alone, once per encoding."""
-    sizes: dict = {}
-    total = 0
-    for r in c.records:
-        key = tuple(sorted(r.encodings.items()))
-        if key not in sizes:
-            sizes[key] = packer.nbytes(r.encodings) if packer is not None else decoded_nbytes(r.encodings, dtype)
-        total += sizes[key]
-    return total
+    return sum(expert_nbytes(c.records, packer, dtype).values())
 
 
 def check_experts_fit(c: Container, packer: ExpertPacker | None, dtype: torch.dtype, device, path) -> None:

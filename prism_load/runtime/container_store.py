@@ -45,6 +45,20 @@ def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bo
     return total
 
 
+def expert_nbytes(records, packer: ExpertPacker | None, dtype: torch.dtype, codes: bool = False) -> dict:
+    """{(layer, expert): bytes of its fast-tier form}: packed (packer.nbytes, exact) or else decoded
+    (decoded_nbytes), worked out once per distinct set of encodings (experts of one encoding share their size).
+    What the cache budgets and what a resident load holds (container/loader.resident_expert_nbytes)."""
+    by_encodings, out = {}, {}
+    for r in records:
+        sig = tuple(sorted(r.encodings.items()))
+        if sig not in by_encodings:
+            by_encodings[sig] = (packer.nbytes(r.encodings) if packer is not None
+                                 else decoded_nbytes(r.encodings, dtype, codes))
+        out[(r.layer, r.expert)] = by_encodings[sig]
+    return out
+
+
 class ContainerStore(StoreBase):
     """Experts of a .prism container: one positional read per expert (checksum checked) into one uint8 tensor
     (the form the CUDA host tier pins as it is), then the fast tier's form on the tensor's device.
@@ -66,19 +80,14 @@ class ContainerStore(StoreBase):
                        for key, layout in self._layouts.items()}
         # each expert's encodings as one hashable key: experts of one encoding share their size and form
         self._signatures = {(r.layer, r.expert): tuple(sorted(r.encodings.items())) for r in container.records}
-        sizes, direct = {}, {}
+        self._nbytes = expert_nbytes(container.records, self.packer, dtype, self.codes)
+        direct = {}
         for r in container.records:
             sig = self._signatures[(r.layer, r.expert)]
-            if sig not in sizes:
-                if self.packer is not None:
-                    sizes[sig] = self.packer.nbytes(r.encodings)
-                    direct[sig] = self.packer.reads_stored_form(r.encodings)
-                else:
-                    sizes[sig] = decoded_nbytes(r.encodings, dtype, self.codes)
-                    direct[sig] = False
+            if sig not in direct:
+                direct[sig] = self.packer is not None and self.packer.reads_stored_form(r.encodings)
             if self.packer is not None:
                 self.packer.count(r.encodings)
-        self._nbytes = {key: sizes[sig] for key, sig in self._signatures.items()}
         self._direct = {key: direct[sig] for key, sig in self._signatures.items()}
         self._view_plans: dict = {}  # (layer, expert) -> read_into's operators on meta and their byte ranges
         self._layout_ids: dict = {}  # _view_plan's layouts, numbered
