@@ -347,8 +347,9 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
                                        for x in runs],
                       **{k: statistics.median(x[k] for x in runs) for k in ROUND_KEYS})
         result.pop("cache", None)
-        if any(x.get("cache") for x in runs):  # the expert cache's hit rate over the measured forwards
-            result["cache_hit_rate"] = statistics.median(x["cache"]["hit_rate"] for x in runs)
+        hits = [x["cache"]["hit_rate"] for x in runs if x.get("cache")]  # the expert cache's, measured forwards only
+        if hits:
+            result["cache_hit_rate"] = statistics.median(hits)
         if "expert_bytes" in sizes:
             sizes["bits_per_expert_weight"] = 8 * sizes["expert_bytes"] / params["experts"]
         rows.append({"runtime": runtime, "format": fmt, "name": f"{runtime} {fmt}", "path": str(path), **sizes,
@@ -357,7 +358,6 @@ def bench_shape(shape: Shape, args, llama_dir: Path, conv: Conversions) -> dict:
                      "expert_kernel": kernel, "flags": v.flags,
                      "logits_cosine_vs_fp32": cosine(logits / f"{tag}.npy", logits / "reference.npy"),
                      **result})
-        hits = [x["cache"]["hit_rate"] for x in runs if x.get("cache")]
         log(f"  decode {result['decode_tokens_per_second']:.1f} tok/s, prefill "
             f"{result['prefill_tokens_per_second']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB"
             + (f", cache hit rate {min(hits):.0%}-{max(hits):.0%} across rounds" if hits else ""))
