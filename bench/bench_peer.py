@@ -419,11 +419,14 @@ def variants(args, ggufs: dict, prisms: dict) -> list[Variant]:
         out += [Variant("llama.cpp", f"{first}, {what}", ggufs[first], flags=flags)
                 for what, flags in LLAMA_MMAP_VARIANTS.items()]
         out += [Variant("prism", f"{n}, mmap", p, flags=("--mmap",)) for n, p in prisms.items()]
-    for budget in args.cache:  # "120MiB" on demand (the CPU default), "+prefetch": prefetch=True, "+lru": plain LRU
-        size, *extras = budget.split("+")
-        if not set(extras) <= {"prefetch", "lru"}:
-            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch and/or +lru")
-        flags = ("--expert-cache", size) + tuple(f"--{e}" for e in extras)
+    for budget in args.cache:  # "120MiB" on demand (the CPU default), "+prefetch": prefetch=True, "+lru" or
+        size, *extras = budget.split("+")  # "+frequency": another eviction order
+        evictions = [e for e in extras if e in ("lru", "frequency")]
+        if not set(extras) <= {"prefetch", "lru", "frequency"} or len(evictions) > 1:
+            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch and/or one of +lru, "
+                             "+frequency")
+        flags = ("--expert-cache", size) + (("--prefetch",) if "prefetch" in extras else ()) + \
+            tuple(f for e in evictions for f in ("--eviction", e))
         out += [Variant("prism", ", ".join([f"{n}, expert_cache {size}", *extras]), p, flags=flags)
                 for n, p in prisms.items()]
     return out
@@ -592,7 +595,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop each model's files from the page cache before its "
                     "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
     ap.add_argument("--cache", default="", help="also measure every prism recipe with load(expert_cache=BUDGET), for "
-                    "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True; +lru: eviction by recency alone)")
+                    "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True; +lru: eviction by recency "
+                    "alone; +frequency: GreedyDual with frequencies)")
     ap.add_argument("--memory-cap", type=int, help="MiB each measured process may charge past its imports, page "
                     "cache included (a memory cgroup, bench/memory_cap.py; implies --cold; needs --mmap: ratios are "
                     "then to llama.cpp Q4_K_M memory-mapped without repacked copies): a machine with less RAM than the model")

@@ -48,7 +48,9 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 25%, prefetch", "25%", True, {}),
     ("cache 25%, on demand", "25%", False, {}),
     ("cache 50%, on demand, hot tier pinned", "50%", False, {"pin_hot": "pin"}),
-    ("cache 50%, on demand, plain LRU", "50%", False, {"pin_hot": False, "frequency_weight": 0.0}),
+    ("cache 50%, on demand, plain LRU", "50%", False, {"pin_hot": False, "eviction": "lru"}),
+    ("cache 50%, on demand, GreedyDual", "50%", False, {"eviction": "frequency"}),
+    ("cache 25%, on demand, GreedyDual", "25%", False, {"eviction": "frequency"}),
     # the case the product exists for: a miss is a read from the disk (each read's pages are dropped from the
     # page cache right after it, and every shard's before the run)
     ("cache 50%, on demand, reads from disk", "50%", False, {"cold_reads": True}),

@@ -46,7 +46,7 @@ def load(path, dtype=None, device="cpu", *, compute_dtype=None, config=None, rev
     reference), `expert_kernel`, `mmap` (experts view a memory map of the shards: see RuntimeConfig). Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%", "2GB") the
     experts stay in the cold tier (the container, or the checkpoint's safetensors) and are served by a cache
     of that budget on `device`; `prefetch`, `numa`, `prefetch_extra`, `lookahead`, `host_cache`, `decode_on`,
-    `pin_hot`, `frequency_weight`, `profile`, `predictor`. Such a model has `model.runtime`, `model.stats()`
+    `pin_hot`, `eviction`, `frequency_weight`, `profile`, `predictor`. Such a model has `model.runtime`, `model.stats()`
     and `model.reset_stats()`.
     """
     from pathlib import Path

@@ -64,10 +64,11 @@ def test_variants_name_each_configuration_once_with_its_flags(monkeypatch):
         "prism uniform, expert_cache 40%", "prism uniform, expert_cache 40%, prefetch",
         "prism uniform, expert_cache 40%, lru"]
     assert out[5].flags == ("--mmap", "--no-repack") and out[7].flags == ("--expert-cache", "40%")
-    assert out[8].flags == ("--expert-cache", "40%", "--prefetch") and out[9].flags[-1] == "--lru"
+    assert out[8].flags == ("--expert-cache", "40%", "--prefetch") and out[9].flags[-2:] == ("--eviction", "lru")
     assert len({v.tag for v in out}) == len(out)
     assert baseline_name(args) in {v.name for v in out}
-    with pytest.raises(SystemExit, match=r"--cache 40%\+later: a budget, optionally followed by \+prefetch and/or \+lru"):
+    with pytest.raises(SystemExit, match=r"--cache 40%\+later: a budget, optionally followed by \+prefetch "
+                                         r"and/or one of \+lru, \+frequency"):
         variants(SimpleNamespace(gguf_types=("Q4_K_M",), kernels="auto", mmap=False, cache=["40%+later"]),
                  {"Q4_K_M": made("a")}, {"own": made("b")})
     assert baseline_name(SimpleNamespace(memory_cap=None)) == "llama.cpp Q4_K_M"

@@ -133,7 +133,7 @@ def test_unused_prefetch_is_evicted_first():
     """Room for 2. Expert 2 is used, then 1 is prefetched (more recent), then the step routes to 3: plain LRU
     would evict 2; the prefetch the routing did not confirm goes instead, and its bytes count as wasted."""
     store = constant_store()
-    cache = ExpertCache(store, slots(store, 2), pin_hot=False, frequency_weight=0.0)
+    cache = ExpertCache(store, slots(store, 2), pin_hot=False, eviction="lru")
     worker = FetchWorker(cache)
     try:
         step(cache, 0, [2])

@@ -172,12 +172,12 @@ def _touch(cache, layer, e):
     return w
 
 
-@pytest.mark.parametrize("weight, survivor", [(0.0, False), (4.0, True)])
-def test_frequency_weight_keeps_frequent_experts(weight, survivor):
-    """Room for 2 of 4 experts. Expert 0 (frequency 0.9) used, then 1 and 2: LRU (weight 0) evicts 0,
-    the frequency-weighted policy keeps it and evicts 1."""
+@pytest.mark.parametrize("eviction, survivor", [("lru", False), ("frequency", True), ("next-use", True)])
+def test_frequent_experts_stay_unless_lru(eviction, survivor):
+    """Room for 2 of 4 experts. Expert 0 (frequency 0.9) used, then 1 and 2: LRU evicts 0, the policies that
+    weigh routing frequency keep it and evict 1."""
     store = _memory_store(frequencies={(0, 0): 0.9, (0, 1): 0.03, (0, 2): 0.03, (0, 3): 0.04})
-    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), frequency_weight=weight)
+    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), eviction=eviction)
     for e in (0, 1, 2):
         _touch(cache, 0, e)
     assert ((0, 0) in cache.resident_keys()) is survivor
@@ -185,11 +185,12 @@ def test_frequency_weight_keeps_frequent_experts(weight, survivor):
     assert cache.stats.evictions == 1
 
 
-def test_frequency_weighted_entries_still_age_out():
-    """Not LFU: the frequent expert 0, no longer used while 1, 2, 3 take turns, is evicted eventually (the
-    clock L rises with every eviction, and its observed frequency falls)."""
+@pytest.mark.parametrize("eviction", ["frequency", "next-use"])
+def test_frequent_entries_still_age_out(eviction):
+    """Not LFU: the frequent expert 0, no longer used while 1, 2, 3 take turns, is evicted eventually
+    (GreedyDual's clock L rises with every eviction; both policies' estimate of its routing falls)."""
     store = _memory_store(frequencies={(0, 0): 0.9, (0, 1): 0.03, (0, 2): 0.03, (0, 3): 0.04})
-    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), frequency_weight=4.0, pin_hot=False)
+    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), eviction=eviction, pin_hot=False)
     _touch(cache, 0, 0)
     for step in range(300):
         _touch(cache, 0, 1 + step % 3)

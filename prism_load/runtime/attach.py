@@ -116,7 +116,8 @@ def _host_budget(host_cache, store: ExpertStore, device: torch.device) -> int:
 
 def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", *, prefetch: bool = True,
                    prefetch_extra: int = 0, lookahead: int = 1, numa=None, host_cache=None,
-                   frequency_weight: float = 1.0, pin_hot: bool | str = "warm", decode_on: str = "device",
+                   eviction: str = "next-use", frequency_weight: float = 1.0, pin_hot: bool | str = "warm",
+                   decode_on: str = "device",
                    predictors: dict | None = None) -> Runtime:
     """Put every MoE block's experts behind one ExpertCache over `store`; returns model.runtime.
     expert_cache: the fast tier's budget (bytes, "50%" of all decoded expert bytes, "2GB", or "auto": what this
@@ -136,7 +137,8 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
         check_fits(min(budget, total), device, f"expert_cache={expert_cache!r}: the cache",
                    "Give a smaller budget, or expert_cache='auto' (what is left, less a reserve).")
     try:
-        cache = ExpertCache(store, budget, device, frequency_weight=frequency_weight, pin_hot=pin_hot,
+        cache = ExpertCache(store, budget, device, eviction=eviction, frequency_weight=frequency_weight,
+                            pin_hot=pin_hot,
                             host_budget_bytes=_host_budget(host_cache, store, device), placement=placement,
                             decode_on=decode_on)
     except BudgetError as e:

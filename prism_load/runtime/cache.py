@@ -4,7 +4,8 @@ Tiers: fast (decoded weights in RAM on a CPU-only machine, GPU memory on CUDA) <
 the stored, encoded bytes; CUDA only) <- cold (the store: the container read with one pread per expert, or
 a checkpoint). A miss stalls the layer until the expert is loaded; the stall is counted.
 
-Eviction: GreedyDual with frequencies (eviction.py): LRU aged by the profile's routing frequencies.
+Eviction (eviction.py): by default the expert expected to be needed last (the MoE layers' cycle and a decaying
+estimate of routing, bytes weighted); GreedyDual with frequencies or plain LRU on request.
 
 Memory (tiers.py): every entry reserves its footprint before its load starts, so the decoded bytes held
 never exceed the budget; on the CPU the decoded experts live in slabs reused across evictions. The
@@ -43,7 +44,7 @@ from torch import nn
 from ..errors import BudgetError
 from ..models.moe import ExpertWeights
 from ..native.decode_layer import ResidentTable
-from .eviction import GreedyDualFrequency
+from .eviction import eviction_policy
 from .stats import RuntimeStats
 from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency, raw_nbytes, weights_nbytes
 from .tiers import Entry, HostTier, Slab, SlabPool, footprint, total_footprint  # noqa: F401 - re-exported
@@ -58,8 +59,9 @@ def _never(layer: int, expert: int) -> bool:
 class ExpertCache:
     """Decoded experts of every MoE layer within `budget_bytes` of the fast tier."""
 
-    def __init__(self, store: ExpertStore, budget_bytes: int, device="cpu", *, frequency_weight: float = 1.0,
-                 pin_hot: bool | str = "warm", host_budget_bytes: int = 0, placement=None, decode_on: str = "device"):
+    def __init__(self, store: ExpertStore, budget_bytes: int, device="cpu", *, eviction: str = "next-use",
+                 frequency_weight: float = 1.0, pin_hot: bool | str = "warm", host_budget_bytes: int = 0,
+                 placement=None, decode_on: str = "device"):
         self.store, self.device = store, torch.device(device)
         self.budget_bytes, self.frequency_weight = int(budget_bytes), float(frequency_weight)
         self.placement = placement  # NumaPlacement (CPU fast tier) or None
@@ -76,7 +78,8 @@ class ExpertCache:
         self.used_bytes = 0
         self._pins: dict[int, list[Entry]] = {}  # thread ident -> the entries that thread is using
         self._prior = {k: prior_frequency(store, *k) for k in self.keys}
-        self.policy = GreedyDualFrequency(self._entries, self._prior, frequency_weight)
+        self.policy = eviction_policy(eviction, self._entries, self._prior, tuple(store.moe_layers), store.num_experts,
+                                      frequency_weight)
         self._predictions: dict[int, set[int]] = {}  # layer -> experts predicted for its next step
         self._expected: dict[int, set[int]] = {}  # layer -> experts flagged expected
         self.worker = None  # FetchWorker (prefetch.py), when prefetching

@@ -33,8 +33,9 @@ class RuntimeConfig:
       shadow router everywhere).
     numa: True / "auto" places the hottest experts on the compute's NUMA node (or a NumaPlacement).
     host_cache (CUDA): the pinned host tier's budget of stored bytes; decode_on (CUDA): "device" or "host".
-    pin_hot: keep the container's hot tier resident ("warm": once it has been used); frequency_weight:
-      eviction's weight on routing frequency.
+    pin_hot: keep the container's hot tier resident ("warm": once it has been used).
+    eviction: "next-use" (the default: the expert expected to be needed last, runtime/eviction.py),
+      "frequency" (GreedyDual with routing frequencies; frequency_weight its weight) or "lru".
     profile (checkpoints): a prism profile folder for routing frequencies and fitted predictors.
     expert_form (containers): "packed" (default), "decoded" or "codes" (runtime only); expert_kernel:
       "auto", "native", "int4pack", "dequant", "native-int16" or "native-int8" (prism_load/packed.py).
@@ -55,6 +56,7 @@ class RuntimeConfig:
     host_cache: int | str | None = None
     decode_on: str = "device"
     pin_hot: bool | str = "warm"
+    eviction: str = "next-use"
     frequency_weight: float = 1.0
     profile: str | Path | None = None
     expert_form: str | None = None

@@ -1,17 +1,26 @@
-"""Eviction order of the expert cache: GreedyDual with frequencies (GDSF, Cherkasova 1998).
+"""Eviction orders of the expert cache: the next use (the default), or GreedyDual with frequencies.
 
-Each entry has a priority H = L + w * F, set when it is used; the victim is the unpinned entry with the
-smallest H, and L (the "clock") rises to the victim's H, so entries not used for a while age out. F is the
-expert's expected uses per layer step: the profile's routing frequency, updated by the uses seen so far (a
-prior worth PRIOR_STEPS steps). With w = 0 this is LRU; a larger w keeps often-routed experts longer than
-rarely routed ones used as recently. It needs one heap, no per-step decay over all experts, and the profile
-only enters as F. A prefetched expert that the real routing did not pick is demoted to H = -inf (below
-every L + w * F, ties included), so it goes first. w > 0 is the default because it beat plain LRU on the
-reference model's hit rate (bench/results/runtime.md and runtime_packed.md: the "plain LRU" rows against
-the default cache rows).
+NextUse evicts the expert expected to be needed last, bytes weighted. A decode token visits the MoE layers in
+a fixed cycle, so an expert's next use is at least its layer's distance ahead in that cycle, plus a whole cycle
+for every visit on which it is not routed to; recency alone (LRU and its variants) gets the cycle backwards:
+right after a layer runs, the least recently used experts are those of the layer that runs next. Belady's rule
+(evict the block used furthest in the future) on an estimate of that future; the estimate of how often an
+expert is routed is a decaying average of its layer's steps (recent tokens route alike), started from the
+profile's frequency. Measured on the reference model's decode at a 50% budget (bench/results/runtime*.md), it
+missed about a fifth less often than GreedyDual; the oracle (Belady with the real future) about half as often.
 
-Used under the cache's lock; it reads the cache's entries (pins, expected, ready, permanent) but never
-changes them.
+GreedyDualFrequency (GDSF, Cherkasova 1998; eviction="frequency", and "lru" with weight 0): each entry has a
+priority H = L + w * F, set when it is used; the victim is the unpinned entry with the smallest H, and L (the
+"clock") rises to the victim's H, so entries not used for a while age out. F is the expert's expected uses per
+layer step: the profile's routing frequency, updated by the uses seen so far (a prior worth PRIOR_STEPS steps).
+With w = 0 this is LRU; a larger w keeps often-routed experts longer than rarely routed ones used as recently
+(every H is a multiple of w, so any w > 0 orders entries alike: the weight is a switch between LRU and GDSF). It
+needs one heap, no per-step decay over all experts, and the profile only enters as F. A prefetched expert that the
+real routing did not pick is demoted to H = -inf (below every L + w * F, ties included), so it goes first.
+
+Both policies are used under the cache's lock; they read the cache's entries (pins, expected, ready, permanent)
+but never change them. The interface: observe (a layer step's real routing), touch (an entry used or loaded),
+demote (a prefetch the routing did not confirm: evicted first), victim, evicted.
 """
 
 from __future__ import annotations
@@ -20,10 +29,115 @@ import heapq
 import itertools
 from collections import Counter
 
+import numpy as np
+
+from ..errors import BudgetError
 from .stores import Key
 from .tiers import Entry
 
 PRIOR_STEPS = 32  # layer steps the profile's frequency is worth against observed uses
+POLICIES = ("next-use", "frequency", "lru")
+ROUTING_DECAY = 0.9  # NextUse: the routing estimate's weight on the past per layer step (about ten tokens)
+MIN_ROUTING = 1e-3  # NextUse: an expert never routed to is still expected back, after 1 / MIN_ROUTING cycles
+PENDING_STEPS = 256  # NextUse: observed steps kept before they are folded into the estimate
+
+
+def eviction_policy(name: str, entries: dict[Key, Entry], prior: dict[Key, float], layers: tuple[int, ...],
+                    num_experts: int, frequency_weight: float = 1.0):
+    """The cache's eviction order by name (POLICIES); BudgetError naming the choices for another, or for a
+    frequency_weight given to a policy that has none (only 'frequency' weighs frequencies)."""
+    if frequency_weight != 1.0 and name != "frequency":
+        raise BudgetError(f"frequency_weight={frequency_weight!r} applies to eviction='frequency' (GreedyDual with "
+                          f"frequencies), not eviction={name!r}; eviction='lru' is plain LRU")
+    if name == "next-use":
+        return NextUse(entries, prior, layers, num_experts)
+    if name in ("frequency", "lru"):
+        return GreedyDualFrequency(entries, prior, frequency_weight if name == "frequency" else 0.0)
+    raise BudgetError(f"eviction={name!r}: expected one of {', '.join(repr(p) for p in POLICIES)}")
+
+
+class NextUse:
+    """Belady's rule on an estimate (see the module's docstring): the victim maximises
+    bytes * (d + n * (1 - p) / p), the expected layer steps until the expert's next use times what evicting it
+    frees, where n is the number of MoE layers, d the steps until its layer runs again (n for the layer running
+    now) and p the estimated share of its layer's steps that route to it."""
+
+    def __init__(self, entries: dict[Key, Entry], prior: dict[Key, float], layers: tuple[int, ...], num_experts: int):
+        self.entries = entries
+        self.position = {layer: i for i, layer in enumerate(layers)}
+        self.layers, n = tuple(layers), len(layers)
+        self.routing = np.array([[prior[(layer, e)] for e in range(num_experts)] for layer in layers], dtype=np.float64)
+        self.routing = self.routing.clip(MIN_ROUTING, 1.0)
+        self.nbytes = np.zeros((n, num_experts))
+        self.tracked = np.zeros((n, num_experts), dtype=bool)  # touched, not evicted since: victim candidates
+        self.demoted = np.zeros((n, num_experts), dtype=bool)
+        # distance[i][j]: layer steps from the step of layer position i until layer position j runs again
+        ahead = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n
+        self.distance = np.where(ahead == 0, n, ahead).astype(np.float64)
+        self.current = n - 1  # position of the layer stepped last: before the first step, the first is next
+        self._pending: list[tuple[int, tuple[int, ...]]] = []  # observed steps not folded into routing yet
+
+    def observe(self, layer: int, expert_ids) -> None:
+        """One layer step's real routing: folded into the estimate when a victim is chosen (a hit costs an append)."""
+        i = self.position[layer]
+        self.current = i
+        self._pending.append((i, tuple(expert_ids)))
+        if len(self._pending) >= PENDING_STEPS:
+            self._fold()
+
+    def _fold(self) -> None:
+        for i, ids in self._pending:
+            row = self.routing[i]
+            row *= ROUTING_DECAY
+            row[list(ids)] += 1.0 - ROUTING_DECAY
+        self._pending.clear()
+        np.clip(self.routing, MIN_ROUTING, 1.0, out=self.routing)
+
+    def touch(self, entry: Entry) -> None:
+        if entry.permanent:
+            return
+        i, e = self.position[entry.key[0]], entry.key[1]
+        self.tracked[i, e], self.demoted[i, e] = True, False
+        self.nbytes[i, e] = entry.nbytes
+
+    def demote(self, entry: Entry) -> None:
+        if not entry.permanent:
+            i, e = self.position[entry.key[0]], entry.key[1]
+            self.tracked[i, e] = self.demoted[i, e] = True
+
+    def expected_steps(self) -> np.ndarray:
+        """[layer position, expert]: the expected layer steps until each expert's next use, from now."""
+        if self._pending:
+            self._fold()
+        n = len(self.layers)
+        p = self.routing
+        return self.distance[self.current][:, None] + n * (1.0 - p) / p
+
+    def victim(self, demand: bool) -> Entry | None:
+        """The candidate with the largest bytes-weighted expected steps to its next use (demoted ones first)
+        that is ready, unpinned and not expected; a demand load takes an expected one only when nothing else is
+        free (as GreedyDualFrequency.victim)."""
+        score = np.where(self.demoted, np.inf, self.expected_steps() * self.nbytes)
+        where = np.flatnonzero(self.tracked)
+        expected = None
+        for flat in where[np.argsort(-score.ravel()[where], kind="stable")]:
+            i, e = divmod(int(flat), self.tracked.shape[1])
+            entry = self.entries.get((self.layers[i], e))
+            if entry is None or not entry.ready or entry.permanent:
+                self.tracked[i, e] = False  # gone, or not a candidate: touch puts it back
+                continue
+            if entry.pins:
+                continue
+            if entry.expected:
+                if expected is None:
+                    expected = entry
+                continue
+            return entry
+        return expected if demand else None
+
+    def evicted(self, entry: Entry) -> None:
+        i, e = self.position[entry.key[0]], entry.key[1]
+        self.tracked[i, e] = self.demoted[i, e] = False
 
 
 class GreedyDualFrequency:

@@ -1,0 +1,121 @@
+"""Eviction orders (prism_load/runtime/eviction.py): NextUse's choice of victim by the layer cycle, the routing
+estimate and the bytes, the candidates it may not take, the cycle where LRU never hits, the option's errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_load.errors import BudgetError
+from prism_load.models.moe import ExpertWeights
+from prism_load.runtime import ExpertCache, MemoryStore
+from prism_load.runtime.eviction import NextUse, eviction_policy
+from prism_load.runtime.tiers import Entry, footprint
+
+LAYERS = (0, 1, 2)
+
+
+def _policy(prior=None, experts: int = 4, nbytes=None):
+    """A NextUse over ready entries of every (layer, expert), all touched; prior {key: frequency} (0.25 else)."""
+    prior = {(i, e): 0.25 for i in LAYERS for e in range(experts)} | (prior or {})
+    entries = {}
+    for key in prior:
+        entries[key] = Entry(key, (nbytes or {}).get(key, 1000), 1000)
+        entries[key].ready = True
+    policy = NextUse(entries, prior, LAYERS, experts)
+    for entry in entries.values():
+        policy.touch(entry)
+    return policy, entries
+
+
+def test_the_layer_that_ran_is_needed_last():
+    """Equal estimates and bytes: right after layer 1's step the victim is one of layer 1's experts (its layer
+    comes back after the whole cycle), then layer 0's, and layer 2's (running next) go last."""
+    policy, entries = _policy()
+    policy.observe(1, [0])
+    entries[(1, 0)].pins = 1  # the step's expert is in use
+    order = []
+    while (v := policy.victim(demand=True)) is not None:
+        order.append(v.key[0])
+        policy.evicted(v)
+        del entries[v.key]
+    assert order == [1] * 3 + [0] * 4 + [2] * 4
+
+
+def test_often_routed_experts_stay_and_bytes_weigh():
+    """Within a layer the expert routed least often goes first; at equal estimates, the one of more bytes."""
+    policy, entries = _policy(prior={(0, 0): 0.9, (0, 1): 0.05}, nbytes={(0, 2): 5000})
+    policy.observe(2, [0])  # layer 0 runs next: its experts are compared on estimate and bytes alone
+    for key in entries:
+        entries[key].pins = int(key[0] != 0)
+    order = []
+    while (v := policy.victim(demand=True)) is not None:
+        order.append(v.key)
+        policy.evicted(v)
+        del entries[v.key]
+    # (0, 1): 0.05 -> (1 - p) / p = 19 cycles; (0, 2) at 0.25 with 5x the bytes beats (0, 3) at 0.25
+    assert order == [(0, 1), (0, 2), (0, 3), (0, 0)]
+
+
+def test_observed_routing_overrides_the_prior():
+    """The profile's favourite, no longer routed to while another expert of its layer is, loses its place."""
+    policy, entries = _policy(prior={(0, 0): 0.9, (0, 1): 0.05})
+    for _ in range(40):
+        for layer in LAYERS:
+            policy.observe(layer, [1])
+    for key in entries:
+        entries[key].pins = int(key not in ((0, 0), (0, 1)))
+    assert policy.victim(demand=True).key == (0, 0)
+
+
+def test_demoted_first_pinned_never_expected_only_on_demand():
+    policy, entries = _policy()
+    policy.observe(0, [0])
+    for entry in entries.values():
+        entry.pins = 1
+    entries[(2, 3)].pins = 0
+    entries[(2, 3)].expected = True
+    assert policy.victim(demand=False) is None  # a prefetch may not take an expected expert
+    assert policy.victim(demand=True) is entries[(2, 3)]
+    entries[(1, 1)].pins = 0
+    policy.demote(entries[(1, 1)])  # a prefetch the routing did not confirm: first, whatever its estimate
+    assert policy.victim(demand=False) is entries[(1, 1)]
+    entries[(1, 1)].ready = False  # gone from the candidates until touched again
+    assert policy.victim(demand=False) is None
+    entries[(1, 1)].ready = True
+    assert policy.victim(demand=False) is None
+    policy.touch(entries[(1, 1)])
+    assert policy.victim(demand=False) is entries[(1, 1)]
+
+
+def _cycle_hits(eviction: str) -> tuple[int, int]:
+    """Three layers, room for two experts, every token routes every layer to its expert 0: a cycle of three
+    experts through a cache of two. Returns (hits, uses) after the first two tokens."""
+    experts = {(i, e): ExpertWeights(torch.full((2, 4), float(e)), torch.full((4, 1), 1.0))
+               for i in LAYERS for e in range(4)}
+    store = MemoryStore(experts, num_experts=4, top_k=1)
+    cache = ExpertCache(store, 2 * footprint(store.nbytes(0, 0)), eviction=eviction, pin_hot=False)
+    for t in range(40):
+        if t == 2:
+            cache.reset_stats()
+        for layer in LAYERS:
+            cache.acquire(layer, [0])[0]
+            cache.release_thread()
+        cache.check()
+    return cache.stats.hits, cache.stats.uses
+
+
+def test_next_use_hits_where_lru_never_does():
+    lru_hits, uses = _cycle_hits("lru")
+    next_hits, next_uses = _cycle_hits("next-use")
+    assert uses == next_uses == 38 * 3
+    assert lru_hits == 0  # LRU evicts exactly the expert the next layer needs
+    assert next_hits == uses // 2  # as Belady's rule: one of the two held is always the one needed next
+
+
+def test_eviction_option_errors():
+    with pytest.raises(BudgetError, match=r"eviction='mru': expected one of 'next-use', 'frequency', 'lru'"):
+        eviction_policy("mru", {}, {}, LAYERS, 4)
+    with pytest.raises(BudgetError, match=r"frequency_weight=0\.0 applies to eviction='frequency'.*eviction='lru' "
+                                          r"is plain LRU"):
+        eviction_policy("next-use", {}, {}, LAYERS, 4, frequency_weight=0.0)
