@@ -119,3 +119,22 @@ def test_eviction_option_errors():
     with pytest.raises(BudgetError, match=r"frequency_weight=0\.0 applies to eviction='frequency'.*eviction='lru' "
                                           r"is plain LRU"):
         eviction_policy("next-use", {}, {}, LAYERS, 4, frequency_weight=0.0)
+
+
+def test_estimate_is_the_decaying_average_of_routing(monkeypatch):
+    """The scaled levels give p <- decay * p + (1 - decay) * routed a step (ROUTING_DECAY), through a rescale."""
+    from prism_load.runtime import eviction
+    from prism_load.runtime.eviction import ROUTING_DECAY
+
+    monkeypatch.setattr(eviction, "RESCALE_BELOW", ROUTING_DECAY ** 2.5)  # layer 0's third step rescales
+
+    policy, _ = _policy(prior={(1, 3): 0.6})
+    steps = [(0, [1, 2]), (1, [3, 0]), (0, [1, 3]), (2, [2, 1]), (0, [0, 1]), (1, [3, 2])]
+    expected = policy.routing.copy()
+    for layer, ids in steps:
+        policy.observe(layer, ids)
+        row = expected[LAYERS.index(layer)]
+        row *= ROUTING_DECAY
+        row[ids] += 1 - ROUTING_DECAY
+    assert torch.allclose(torch.from_numpy(policy.routing), torch.from_numpy(expected), rtol=1e-12, atol=0)
+    assert policy.current == LAYERS.index(1)

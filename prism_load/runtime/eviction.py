@@ -37,9 +37,9 @@ from .tiers import Entry
 
 PRIOR_STEPS = 32  # layer steps the profile's frequency is worth against observed uses
 POLICIES = ("next-use", "frequency", "lru")
-ROUTING_DECAY = 0.9  # NextUse: the routing estimate's weight on the past per layer step (about ten tokens)
+ROUTING_DECAY = 0.85  # NextUse: the routing estimate's weight on the past per layer step (about seven tokens)
 MIN_ROUTING = 1e-3  # NextUse: an expert never routed to is still expected back, after 1 / MIN_ROUTING cycles
-PENDING_STEPS = 256  # NextUse: observed steps kept before they are folded into the estimate
+RESCALE_BELOW = 1e-200  # NextUse: a layer's scale is folded into its levels before it underflows
 
 
 def eviction_policy(name: str, entries: dict[Key, Entry], prior: dict[Key, float], layers: tuple[int, ...],
@@ -66,65 +66,72 @@ class NextUse:
         self.entries = entries
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.layers, n = tuple(layers), len(layers)
-        self.routing = np.array([[prior[(layer, e)] for e in range(num_experts)] for layer in layers], dtype=np.float64)
-        self.routing = self.routing.clip(MIN_ROUTING, 1.0)
-        self.nbytes = np.zeros((n, num_experts))
-        self.tracked = np.zeros((n, num_experts), dtype=bool)  # touched, not evicted since: victim candidates
-        self.demoted = np.zeros((n, num_experts), dtype=bool)
-        # distance[i][j]: layer steps from the step of layer position i until layer position j runs again
+        # the routing estimate p of each expert is level * scale of its layer: a step decays its layer's row by
+        # multiplying one scale, and adds to its routed experts' levels (a few scalar writes, no array operation)
+        prior_rows = [[prior[(layer, e)] for e in range(num_experts)] for layer in layers]
+        self.level = np.clip(np.array(prior_rows, dtype=np.float64), MIN_ROUTING, 1.0)
+        self.scale = np.ones((n, 1))
+        # per expert: its bytes while it is a candidate (touched, not evicted since), -1 while it is not (a score
+        # below every candidate's), inf while demoted (first whatever its estimate)
+        self.weight = np.full((n, num_experts), -1.0)
+        # offset[i]: d - n for every layer position after a step of layer position i, [n, 1] (d + n (1 - p) / p is
+        # d - n + n / p)
         ahead = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n
-        self.distance = np.where(ahead == 0, n, ahead).astype(np.float64)
+        self.offset = (np.where(ahead == 0, n, ahead) - n).astype(np.float64)[:, :, None]
         self.current = n - 1  # position of the layer stepped last: before the first step, the first is next
-        self._pending: list[tuple[int, tuple[int, ...]]] = []  # observed steps not folded into routing yet
+
+    @property
+    def routing(self) -> np.ndarray:
+        """[layer position, expert]: the estimated share of its layer's steps that route to each expert."""
+        return self.level * self.scale
 
     def observe(self, layer: int, expert_ids) -> None:
-        """One layer step's real routing: folded into the estimate when a victim is chosen (a hit costs an append)."""
+        """One layer step's real routing: p <- decay * p + (1 - decay) * routed, for the layer's experts."""
         i = self.position[layer]
         self.current = i
-        self._pending.append((i, tuple(expert_ids)))
-        if len(self._pending) >= PENDING_STEPS:
-            self._fold()
-
-    def _fold(self) -> None:
-        for i, ids in self._pending:
-            row = self.routing[i]
-            row *= ROUTING_DECAY
-            row[list(ids)] += 1.0 - ROUTING_DECAY
-        self._pending.clear()
-        np.clip(self.routing, MIN_ROUTING, 1.0, out=self.routing)
+        scale = float(self.scale[i, 0]) * ROUTING_DECAY
+        if scale < RESCALE_BELOW:  # fold the scale into the levels before it underflows
+            self.level[i] *= scale
+            scale = 1.0
+        self.scale[i, 0] = scale
+        add = (1.0 - ROUTING_DECAY) / scale
+        level = self.level[i]
+        for e in expert_ids:
+            level[e] += add
 
     def touch(self, entry: Entry) -> None:
-        if entry.permanent:
-            return
-        i, e = self.position[entry.key[0]], entry.key[1]
-        self.tracked[i, e], self.demoted[i, e] = True, False
-        self.nbytes[i, e] = entry.nbytes
+        if not entry.permanent:
+            self.weight[self.position[entry.key[0]], entry.key[1]] = entry.nbytes
 
     def demote(self, entry: Entry) -> None:
         if not entry.permanent:
-            i, e = self.position[entry.key[0]], entry.key[1]
-            self.tracked[i, e] = self.demoted[i, e] = True
+            self.weight[self.position[entry.key[0]], entry.key[1]] = np.inf
 
     def expected_steps(self) -> np.ndarray:
         """[layer position, expert]: the expected layer steps until each expert's next use, from now."""
-        if self._pending:
-            self._fold()
-        n = len(self.layers)
-        p = self.routing
-        return self.distance[self.current][:, None] + n * (1.0 - p) / p
+        steps = self.level * self.scale  # p: at most 1 (a decaying average of 0s and 1s from a prior clipped to 1)
+        np.maximum(steps, MIN_ROUTING, out=steps)
+        np.divide(len(self.layers), steps, out=steps)
+        steps += self.offset[self.current]
+        return steps
 
     def victim(self, demand: bool) -> Entry | None:
         """The candidate with the largest bytes-weighted expected steps to its next use (demoted ones first)
         that is ready, unpinned and not expected; a demand load takes an expected one only when nothing else is
         free (as GreedyDualFrequency.victim)."""
-        score = np.where(self.demoted, np.inf, self.expected_steps() * self.nbytes)
-        where = np.flatnonzero(self.tracked)
-        expected = None
-        for flat in where[np.argsort(-score.ravel()[where], kind="stable")]:
-            i, e = divmod(int(flat), self.tracked.shape[1])
+        score = self.expected_steps()
+        score *= self.weight
+        flat = score.ravel()  # taken largest first (argmax: the first of equals), each struck off when looked at:
+        expected = None  # usually the first is free, so this is one pass over the experts, not a sort
+        while True:
+            best = int(flat.argmax())
+            if flat[best] < 0:  # no candidate left
+                break
+            flat[best] = -1.0
+            i, e = divmod(best, self.weight.shape[1])
             entry = self.entries.get((self.layers[i], e))
             if entry is None or not entry.ready or entry.permanent:
-                self.tracked[i, e] = False  # gone, or not a candidate: touch puts it back
+                self.weight[i, e] = -1.0  # gone, or not a candidate: touch puts it back
                 continue
             if entry.pins:
                 continue
@@ -136,8 +143,7 @@ class NextUse:
         return expected if demand else None
 
     def evicted(self, entry: Entry) -> None:
-        i, e = self.position[entry.key[0]], entry.key[1]
-        self.tracked[i, e] = self.demoted[i, e] = False
+        self.weight[self.position[entry.key[0]], entry.key[1]] = -1.0
 
 
 class GreedyDualFrequency:
