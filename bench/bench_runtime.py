@@ -54,6 +54,7 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     # the case the product exists for: a miss is a read from the disk (each read's pages are dropped from the
     # page cache right after it, and every shard's before the run)
     ("cache 50%, on demand, reads from disk", "50%", False, {"cold_reads": True}),
+    ("cache 50%, on demand, reads from disk, GreedyDual", "50%", False, {"cold_reads": True, "eviction": "frequency"}),
     ("cache 50%, prefetch, reads from disk", "50%", True, {"cold_reads": True}),
     # the earlier default: every expert expanded to dense fp32 weights at load
     ("resident, decoded fp32 (the earlier default)", None, False, {"expert_form": "decoded", "dtype": torch.float32}),

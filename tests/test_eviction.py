@@ -138,3 +138,47 @@ def test_estimate_is_the_decaying_average_of_routing(monkeypatch):
         row[ids] += 1 - ROUTING_DECAY
     assert torch.allclose(torch.from_numpy(policy.routing), torch.from_numpy(expected), rtol=1e-12, atol=0)
     assert policy.current == LAYERS.index(1)
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory):
+    from containers import random_model, write_tiny
+    from test_packed import INT4_G32, KERNEL_CONFIG
+
+    return write_tiny(tmp_path_factory.mktemp("eviction") / "m.prism", random_model(KERNEL_CONFIG), config=KERNEL_CONFIG,
+                      mix=INT4_G32)
+
+
+def _prism_run(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "prism_convert.cli", "run", *args, "-n", "4"], capture_output=True,
+                          text=True)
+
+
+def test_every_eviction_order_gives_the_resident_logits(container):
+    """Eviction decides what is resident, never what is computed: a tight cache's logits equal the resident ones."""
+    import prism_load
+
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2, 11, 4, 8, 21]])
+    reference = prism_load.load(container)(ids)
+    for eviction in ("next-use", "frequency", "lru"):
+        model = prism_load.load(container, expert_cache="30%", eviction=eviction)
+        assert torch.equal(model(ids), reference), eviction
+        assert model.stats()["evictions"] > 0 and model.stats()["eviction"] == eviction
+        model.runtime.cache.check()
+
+
+def test_prism_run_takes_the_eviction_order(container, tmp_path):
+    from tiny import save_char_tokenizer
+
+    tokenizer = str(save_char_tokenizer(tmp_path / "tokenizer.json"))
+    done = _prism_run(str(container), "--cache", "40%", "--eviction", "lru", "-p", "hi", "--tokenizer", tokenizer)
+    assert done.returncode == 0, done.stderr
+    assert "(order: lru)" in done.stdout  # the statistics table's evictions row
+    done = _prism_run(str(container), "--eviction", "lru")
+    assert done.returncode == 2 and "--eviction lru orders the expert cache's evictions: pass --cache too" in done.stderr
+    done = _prism_run(str(container), "--cache", "40%", "--eviction", "mru")
+    assert done.returncode == 2 and "eviction='mru': expected one of 'next-use', 'frequency', 'lru'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -258,6 +258,7 @@ def run(
     lookahead: int = typer.Option(1, "--lookahead", min=1, max=2, help="MoE layers predicted ahead (with --prefetch)."),
     predictor: bool = typer.Option(True, "--predictor/--no-predictor", help="Prefetch with the container's fitted predictors where it has them (else the shadow router everywhere)."),
     numa: bool = typer.Option(False, "--numa", help="Place the hottest experts on the compute's NUMA node (with --cache)."),
+    eviction: str = typer.Option("next-use", "--eviction", help="The expert cache's eviction order (with --cache): next-use (the expert expected to be needed last: its layer's place in the token's cycle, how often it is routed to lately, its bytes), frequency (GreedyDual with routing frequencies) or lru."),
     form: str | None = typer.Option(None, "--form", help="The experts' form in memory (containers): packed (the default: as stored, multiplied by a kernel that reads that form), decoded (dense weights), codes (a byte per weight; CPU; default cache 100%). --cache percentages are of that form."),
     kernel: str = typer.Option("auto", "--kernel", help="Kernel for packed int tensors: auto, native, int4pack, dequant, native-int16 (int16 activations), or native-int8 (int8 activations, as llama.cpp; not exact)."),
     codes: bool = typer.Option(False, "--codes", help="The same as --form codes."),
@@ -277,7 +278,7 @@ def run(
               numa=numa or None,
               expert_form="codes" if codes else form, lookahead=lookahead, predictor=predictor,
               tokenizer=tokenizer, expert_kernel=kernel, temperature=temperature, top_p=top_p, seed=seed,
-              mmap=mmap)
+              mmap=mmap, eviction=eviction)
 
 
 def _generate(model: Path, prompts: str | list[str], max_new_tokens: int, **options) -> None:

@@ -16,10 +16,10 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
                prefetch: bool | str = "auto", numa=None, expert_form: str | None = None, lookahead: int = 1,
                predictor: bool = True, tokenizer: str | None = None, expert_kernel: str = "auto",
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-               mmap: bool = False) -> dict:
+               mmap: bool = False, eviction: str = "next-use") -> dict:
     """Generate from `prompt`, streaming tokens; a list of prompts runs as one left-padded batch and prints each
     continuation at the end. cache: None (every expert resident) or the expert cache's
-    budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead and predictor as in prism_load.load
+    budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead, predictor and eviction as in prism_load.load
     (None: the runtime's default, packed for containers; codes needs the cache: "100%" when no budget is
     given); mmap as prism_load.load's (resident containers). `tokenizer` (--tokenizer, a path or Hub id)
     replaces the model's own, or stands in where it has none. temperature (0: greedy) and top_p sample;
@@ -43,9 +43,12 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
             raise PrismError(f"--mmap maps every expert resident; --cache {cache} serves them from a budgeted cache "
                              "instead: pass one of the two")
         form["mmap"] = True
+    if eviction != "next-use" and cache is None:
+        raise PrismError(f"--eviction {eviction} orders the expert cache's evictions: pass --cache too")
+
     def behind_cache(budget) -> dict:
         return {"expert_cache": budget, "prefetch": prefetch, "numa": numa, "lookahead": lookahead,
-                "predictor": predictor, **form}
+                "predictor": predictor, "eviction": eviction, **form}
 
     on_text = on_text or (lambda text, role: None)
     try:

@@ -78,6 +78,7 @@ class ExpertCache:
         self.used_bytes = 0
         self._pins: dict[int, list[Entry]] = {}  # thread ident -> the entries that thread is using
         self._prior = {k: prior_frequency(store, *k) for k in self.keys}
+        self.eviction = eviction
         self.policy = eviction_policy(eviction, self._entries, self._prior, tuple(store.moe_layers), store.num_experts,
                                       frequency_weight)
         self._predictions: dict[int, set[int]] = {}  # layer -> experts predicted for its next step
@@ -562,7 +563,7 @@ class ExpertCache:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return self.stats.to_dict() | {"residency": self._residency()}
+            return self.stats.to_dict() | {"residency": self._residency(), "eviction": self.eviction}
 
     def reset_stats(self) -> None:
         with self._lock:
