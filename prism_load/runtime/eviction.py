@@ -6,8 +6,11 @@ for every visit on which it is not routed to; recency alone (LRU and its variant
 right after a layer runs, the least recently used experts are those of the layer that runs next. Belady's rule
 (evict the block used furthest in the future) on an estimate of that future; the estimate of how often an
 expert is routed is a decaying average of its layer's steps (recent tokens route alike), started from the
-profile's frequency. Measured on the reference model's decode at a 50% budget (bench/results/runtime*.md), it
-missed about a fifth less often than GreedyDual; the oracle (Belady with the real future) about half as often.
+profile's frequency. On the reference model's decode it missed a quarter less often than GreedyDual at a 50%
+budget and a sixth at 25%, and on the 583 M model under a 200 MiB memory cap (misses read from disk) decoded 8%
+faster (bench/results/runtime_eviction_xeon.md, peer_cap200_eviction_xeon.md; README, "Eviction by next use").
+The estimate has no memory of loops (a random model's greedy continuation routes in a cycle of tokens), where
+GreedyDual's long memory does as well.
 
 GreedyDualFrequency (GDSF, Cherkasova 1998; eviction="frequency", and "lru" with weight 0): each entry has a
 priority H = L + w * F, set when it is used; the victim is the unpinned entry with the smallest H, and L (the
