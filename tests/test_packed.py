@@ -236,6 +236,38 @@ def test_read_into_a_slab_reuses_the_operators_of_its_last_expert_of_that_layout
         assert torch.equal(got_op(x), want_op(x))
 
 
+def test_an_expert_in_another_slab_gets_its_layouts_block_moved(tmp_path):
+    """The layout's first expert binds its native block the usual way; a later expert of the layout in another
+    slab gets that block moved to its slab (BlockTemplate): the same kernel arguments as binding its own operators
+    would give, pointers into its own slab, and the same expert_block output."""
+    from prism_load.native.expert_block import BlockOps, BlockTemplate, expert_block
+
+    mix = [dict(kind="int", bits=b, group_size=32) for b in (4, 8)]
+    path = write_tiny(tmp_path / "m.prism", model=random_model(KERNEL_CONFIG), config=KERNEL_CONFIG, mix=mix)
+    store = load_cached(path, "50%", prefetch=False).runtime.cache.store
+    records = [r for r in expert_records(path) if store.reads_into(r.layer, r.expert)]
+    by_layout = {}
+    for r in records:
+        by_layout.setdefault(store._view_plan(r.layer, r.expert)[3], []).append(r)
+    layout, (first, second) = next((k, rs[:2]) for k, rs in by_layout.items() if len(rs) >= 2)
+    a = store.read_into(first.layer, first.expert, lambda n: Slab(torch.empty(n, dtype=torch.uint8)))
+    if a.block() is None:
+        pytest.skip("no native expert block on this machine (the template is for native blocks only)")
+    assert isinstance(store._block_templates[layout], BlockTemplate)
+    slab = Slab(torch.empty(second.length, dtype=torch.uint8))
+    b = store.read_into(second.layer, second.expert, lambda n: slab)
+    moved = b.block()
+    bound = BlockOps(*(op.native_bound() for op in (*b.gate_up.ops, b.down)))  # its own operators, bound anew
+    assert moved is not bound and moved.wide == bound.wide and moved.hidden == bound.hidden
+    got, want = moved.arguments(), bound.arguments()
+    assert (got[:, 3:10] == want[:, 3:10]).all()  # K, the three weight pointers, N, bits, group size
+    base, end = slab.buf.data_ptr(), slab.buf.data_ptr() + slab.buf.numel()
+    assert ((got[:, 4:7] >= base) & (got[:, 4:7] < end)).all()
+    x = torch.randn(1, moved.hidden, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([0.7])
+    assert torch.equal(expert_block(x, [moved], w), expert_block(x, [bound], w))
+
+
 def test_store_nbytes_is_exact_for_every_encoding(tmp_path):
     """The packed size the cache budgets before loading equals the built operators', for every kind."""
     path = write_tiny(tmp_path / "m.prism", mix=EXACT_MIX)

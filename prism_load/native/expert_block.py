@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
-from . import INTEGER_WIDE, BoundIntLinear, _check_rc, _kernel, bound_integer_ops
+from . import _ARGS, INTEGER_WIDE, BoundIntLinear, _check_rc, _kernel, bound_integer_ops
 
 MAX_EXPERTS = 64  # EB_MAX_EXPERTS
+WEIGHT_POINTERS = slice(4, 7)  # qweight, scales, zeros in an int_linear argument array
+POINTER_SLOTS = tuple(op * _ARGS + i for op in range(3) for i in range(4, 7))  # theirs in a block's three arrays
 
 
 class BlockOps:
@@ -28,6 +31,37 @@ class BlockOps:
         self.addresses = tuple(ctypes.addressof(op._args) for op in self.keep)
         self.wide = INTEGER_WIDE[gate.activations]
         self.hidden = down.n  # H: the width of x and of the output
+
+    def arguments(self) -> np.ndarray:
+        """The three argument arrays, int64 [3, _ARGS] (a copy)."""
+        return np.array([list((ctypes.c_int64 * _ARGS).from_address(a)) for a in self.addresses], dtype=np.int64)
+
+
+class BlockTemplate:
+    """An expert's BlockOps with its weight pointers relative to the buffer holding its tensors: `at(base)` is the
+    same block for an expert of the same stored layout in another buffer: a copy of three argument arrays and
+    nine additions. Why: an expert read into a cache slab that last held another layout needed its three bound
+    calls rebound (checked, copied), which on the reference model's small experts cost as much as the read."""
+
+    __slots__ = ("arguments", "wide", "hidden")
+
+    def __init__(self, block: BlockOps, base: int):
+        args = block.arguments()
+        args[:, WEIGHT_POINTERS] -= base
+        args[:, (0, 2, 10, 12)] = 0  # x, its rows, out, threads: a call's own slots (expert_block.c never reads them)
+        self.arguments = (ctypes.c_int64 * (3 * _ARGS))(*args.ravel().tolist())
+        self.wide, self.hidden = block.wide, block.hidden
+
+    def at(self, base: int, keep) -> BlockOps:
+        """The block for tensors at `base` (keep: what holds them, kept alive by the block)."""
+        args = type(self.arguments).from_buffer_copy(self.arguments)
+        for i in POINTER_SLOTS:
+            args[i] += base
+        b = object.__new__(BlockOps)
+        b.keep, b.wide, b.hidden = (args, keep), self.wide, self.hidden
+        start = ctypes.addressof(args)
+        b.addresses = (start, start + 8 * _ARGS, start + 16 * _ARGS)
+        return b
 
 
 def block_ops(gate, up, down) -> BlockOps | None:

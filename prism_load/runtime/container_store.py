@@ -17,6 +17,7 @@ from ..container.codecs import codes_nbytes
 from ..container.format import Encoding, aligned
 from ..container.reader import codes_layout, decode_expert
 from ..models.moe import ExpertWeights
+from ..native.expert_block import BlockTemplate
 from ..packed import ExpertPacker
 from .stores import (
     TENSOR_ALIGNMENT,
@@ -92,6 +93,7 @@ class ContainerStore(StoreBase):
         self._view_plans: dict = {}  # (layer, expert) -> read_into's operators on meta and their byte ranges
         self._layout_ids: dict = {}  # _view_plan's layouts, numbered
         self._likes: dict = {}  # layout -> one PackedLinear.like per operator of the layout, in packed_ops order
+        self._block_templates: dict = {}  # layout -> its BlockTemplate, or False where it is no native block
         plain = dtype == torch.float32 and form == "decoded"
         self._int_plans = {key: int_plan(self.container.record(*key).encodings, layout) if plain else None
                            for key, layout in self._layouts.items()}
@@ -155,6 +157,14 @@ class ContainerStore(StoreBase):
         views = iter([typed[dtype].as_strided(shape, stride, base[dtype] + offset)
                       for dtype, shape, stride, offset in ranges])
         built = slab.built[layout] = map_weights(template, lambda _: next(views))
+        # its native block: the layout's first is bound the usual way (checked, its kernel chosen), later ones are
+        # that block moved to this buffer (BlockTemplate), not three rebound calls
+        block_template = self._block_templates.get(layout)
+        if block_template is None:
+            block = built.block()
+            self._block_templates[layout] = False if block is None else BlockTemplate(block, buf.data_ptr())
+        elif block_template:
+            built._block = block_template.at(buf.data_ptr(), buf)
         return built
 
     def _view_plan(self, layer, expert):
