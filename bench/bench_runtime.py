@@ -6,8 +6,9 @@ to fp32 as the runtime did before) vs an expert cache of 25% and 50% of the expe
 (packed: about the container's expert bytes), each with the shadow-router prefetch and on demand only, 50%
 also with every expert read from the disk (pages dropped from the page cache); plus 100% with prefetch: the cache's own overhead; 50% with the shadow router only, without the container's fitted
 predictors; and 50% with lookahead 2, with and without them); hit rate, misses per token, prefetch
-recall and precision per layer, share of decode time stalled; and, in a fresh process per configuration,
-the resident set against dense weights + cache budget + a stated overhead.
+recall and precision per layer, share of decode time stalled; the misses of the eviction orders against an
+oracle replaying the same routing (Belady's rule with the future known); and, in a fresh process per
+configuration, the resident set against dense weights + cache budget + a stated overhead.
 
 Configurations are measured round-robin (each repeat in a rotated order) so that a shared machine's load
 falls on all of them alike; the figure is the median over repeats. Statistics cover decode steps only (they
@@ -32,8 +33,10 @@ from pathlib import Path
 
 import torch
 from common import run_measured, write_report
+from eviction_oracle import belady_misses
 
 import prism_load
+from prism_load.runtime.tiers import footprint
 
 CACHE = Path(os.environ.get("PRISM_CACHE", Path.home() / ".cache" / "prism")) / "bench-runtime"
 BITS = 4.25
@@ -382,6 +385,32 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     return out
 
 
+HEADROOM = [("50%", "next-use"), ("50%", "frequency"), ("25%", "next-use"), ("25%", "frequency")]
+
+
+def eviction_headroom(container: Path, prompts: list[torch.Tensor], tokens: int) -> list[dict]:
+    """Each (budget, eviction order) of HEADROOM decodes the prompts once more (as measure does, prefill
+    included) with the cache's routing recorded; Belady's rule replays that routing from the same resident set
+    (bench/eviction_oracle.py): the misses any order could have saved. On the CPU, on demand."""
+    out = []
+    for budget, eviction in HEADROOM:
+        model = prism_load.load(container, expert_cache=budget, prefetch=False, eviction=eviction)
+        measure(model, prompts[0], 8)  # warm up as run_speed does
+        cache = model.runtime.cache
+        start, cache.route_log = cache.resident_keys(), []
+        model.reset_stats()
+        for p in prompts:
+            model.generate(p, max_new_tokens=tokens, do_sample=True, temperature=0.8, top_k=50, seed=0,
+                           eos_token_id=[])
+        s = model.stats()
+        nbytes = {k: footprint(cache.store.nbytes(*k)) for k in cache.keys}
+        oracle = belady_misses(cache.route_log, nbytes, cache.budget_bytes, start)
+        out.append({"budget": budget, "eviction": eviction, "uses": s["uses"], "misses": s["misses"],
+                    "oracle_misses": oracle, "steps": len(cache.route_log)})
+        model.runtime.close()
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------------------
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.0%}"
@@ -437,6 +466,15 @@ def markdown(result: dict) -> str:
                      f"compute — and {o['with_decoder_process_tokens_per_second']:.1f} while another process does "
                      f"({o['decoder_process_experts_per_second']:.0f} experts/s): the gap between the two is the "
                      "interpreter lock.")
+    if result.get("headroom"):
+        lines += ["", "Eviction against the oracle: each order decodes the prompts once more (prefill included) with "
+                  "its routing recorded, and Belady's rule (evict the expert used furthest ahead) replays that "
+                  "routing with the future known, from the same resident set (bench/eviction_oracle.py)", "",
+                  "| cache | eviction | expert uses | misses | oracle's misses on the same routing | "
+                  "misses an order could still save |", "|---|---|---|---|---|---|"]
+        for h in result["headroom"]:
+            lines.append(f"| {h['budget']} | {h['eviction']} | {h['uses']:,} | {h['misses']:,} | "
+                         f"{h['oracle_misses']:,} | {1 - h['oracle_misses'] / max(h['misses'], 1):.0%} |")
     if result.get("memory"):
         lines += ["", "Resident set, a fresh process per configuration: growth = peak RSS (sampled every 2 ms) - RSS "
                   "after imports and a first model build; experts = the cache budget (all packed experts when "
@@ -470,6 +508,7 @@ def main() -> None:
     memory = None if args.no_memory or args.device != "cpu" else run_memory(container, prompts[0], args.tokens,
                                                                              args.threads, expert_bytes)
     overlap = overlap_probe(container, prompts[0].to(args.device), args.tokens) if args.device == "cpu" else None
+    headroom = eviction_headroom(container, prompts, args.tokens) if args.device == "cpu" else None
     by = {r["name"]: r["decode_tokens_per_second"] for r in speed}
     targets = {"prefetch_vs_resident": by["cache 50%, prefetch"] / by["resident"],
                "prefetch_vs_on_demand": by["cache 50%, prefetch"] / by["cache 50%, on demand"]}
@@ -478,7 +517,7 @@ def main() -> None:
               "prompts": len(prompts), "repeats": args.repeats, "expert_bytes": expert_bytes,
               "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()], "speed": speed, "memory": memory,
-              "overlap": overlap,
+              "overlap": overlap, "headroom": headroom,
               "targets": targets}
     path = write_report(args.name, result, markdown(result))
     print(markdown(result))

@@ -3,6 +3,8 @@ estimate and the bytes, the candidates it may not take, the cycle where LRU neve
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -182,3 +184,46 @@ def test_prism_run_takes_the_eviction_order(container, tmp_path):
     done = _prism_run(str(container), "--cache", "40%", "--eviction", "mru")
     assert done.returncode == 2 and "eviction='mru': expected one of 'next-use', 'frequency', 'lru'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _fewest_misses(trace, capacity: int, resident: frozenset) -> int:
+    """The fewest misses any demand eviction order achieves on `trace` with room for `capacity` equal experts
+    (every choice of victim tried)."""
+    states = {resident: 0}
+    for layer, ids in trace:
+        step = {(layer, e) for e in ids}
+        for e in ids:
+            key, following = (layer, e), {}
+            for held, misses in states.items():
+                if key in held:
+                    options = [held]
+                elif len(held) < capacity:
+                    options, misses = [held | {key}], misses + 1
+                else:
+                    options, misses = [held - {v} | {key} for v in held if v not in step], misses + 1
+                for option in options:
+                    following[option] = min(following.get(option, math.inf), misses)
+            states = following
+    return min(states.values())
+
+
+def test_the_oracle_is_belady_optimal_for_equal_experts():
+    """bench/eviction_oracle.belady_misses against an exhaustive search over every eviction choice."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    from eviction_oracle import belady_misses
+
+    rng = random.Random(0)
+    for _ in range(30):
+        trace = [(rng.randrange(2), tuple(rng.sample(range(3), rng.choice((1, 2))))) for _ in range(12)]
+        capacity = rng.choice((2, 3))
+        keys = {(i, e) for i in range(2) for e in range(3)}
+        start = frozenset(rng.sample(sorted(keys), 1))
+        got = belady_misses(trace, dict.fromkeys(keys, 10), 10 * capacity, set(start))
+        assert got == _fewest_misses(trace, capacity, start), (trace, capacity, start)
+    # bytes count: room for 30 bytes holds the two small experts or the large one
+    sizes = {(0, 0): 10, (0, 1): 10, (0, 2): 30}
+    assert belady_misses([(0, (0,)), (0, (1,)), (0, (2,)), (0, (0,)), (0, (1,))], sizes, 30, set()) == 5

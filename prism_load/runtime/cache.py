@@ -93,6 +93,9 @@ class ExpertCache:
         self.slabs = SlabPool(self.budget_bytes) if self.transfer is None and placement is None else None
         self.stats = RuntimeStats()
         self._tables: dict[int, ResidentTable] = {}  # layer -> its ready native experts (resident_table)
+        # a list to have every layer step's real routing appended, (layer, experts), in the order the cache saw
+        # them (bench/bench_runtime.py replays it against an oracle); None: not recorded
+        self.route_log: list[tuple[int, tuple[int, ...]]] | None = None
         if pin_hot not in (True, False, "pin", "warm", "off"):
             raise BudgetError(f"pin_hot={pin_hot!r}: expected 'warm', True / 'pin', or False / 'off'")
         permanent = pin_hot in (True, "pin")
@@ -406,6 +409,8 @@ class ExpertCache:
 
     # -- routing bookkeeping ---------------------------------------------------------------------------
     def _route_arrived(self, layer: int, expert_ids: list[int]) -> None:
+        if self.route_log is not None:
+            self.route_log.append((layer, tuple(expert_ids)))
         ids = set(expert_ids)
         ls = self.stats.layer(layer)
         predicted = self._predictions.pop(layer, None)
