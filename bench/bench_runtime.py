@@ -456,8 +456,10 @@ def markdown(result: dict) -> str:
     lines += ["", f"A miss costs {miss_ms:.2f} ms on demand (stall per miss, 50% cache): "
               f"{miss_ms / (1e3 / base):.0%} of a resident decode token ({1e3 / base:.2f} ms, "
               f"{1e3 / base / len(pre['layers']):.2f} ms per MoE layer). "
-              f"With prefetch, {pre['late_prefetches']:,} of {pre['prefetch_loads']:,} prefetched experts were "
-              "still loading when their layer asked for them (late)."]
+              f"With prefetch, {pre['late_prefetches']:,} of the fetch worker's "
+              f"{pre['prefetch_loads'] + pre['ahead_loads']:,} loads ({pre['prefetch_loads']:,} predicted, "
+              f"{pre['ahead_loads']:,} of a step's other missing experts) were still loading when their layer asked "
+              "for them (late)."]
     if result.get("overlap"):
         o = result["overlap"]
         lines.append(f"Overlap probe: resident decode {o['alone_tokens_per_second']:.1f} tokens/s alone, "
