@@ -436,3 +436,26 @@ def test_prefetch_is_on_demand_by_default_on_a_cpu_and_on_for_cuda(container):
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match=r"prefetch=.*: expected True, False or 'auto'"):
             prism_load.load(container, expert_cache="50%", prefetch=bad)
+
+
+@pytest.mark.parametrize("budget", ["50%", "30%"])
+def test_a_step_run_one_expert_at_a_time_counts_each_expert_once(tmp_path, budget):
+    """Experts that are no native blocks of one rounding (a 3-bit expert beside 4- and 8-bit ones) make the block
+    path fall back to one at a time, asking the lease for each expert again: still one use each (the recorded
+    routing's), hits and misses adding up, and the resident model's tokens."""
+    from containers import random_model, write_tiny
+    from test_packed import KERNEL_CONFIG
+
+    mix = [dict(kind="int", bits=b, group_size=g) for b, g in ((4, 32), (2, 16), (8, 32), (3, 32))]
+    path = write_tiny(tmp_path / "m.prism", model=random_model(KERNEL_CONFIG), config=KERNEL_CONFIG, mix=mix)
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2, 11, 4]])
+    model = prism_load.load(path, expert_cache=budget, prefetch=False)
+    cache = model.runtime.cache
+    cache.route_log = []
+    model.reset_stats()
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=[])
+    s = model.stats()
+    assert s["uses"] == sum(len(experts) for _, experts in cache.route_log) > 0
+    assert s["hits"] + s["misses"] == s["uses"] and s["misses"] > 0
+    assert torch.equal(out, prism_load.load(path).generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=[]))
+    cache.check()

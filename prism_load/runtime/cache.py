@@ -187,25 +187,26 @@ class ExpertCache:
             if block is not None:
                 table.put(entry.key[1], block)
 
-    def use(self, layer: int, expert: int, lease: ExpertLease | None = None) -> ExpertWeights:
+    def use(self, layer: int, expert: int, lease: ExpertLease | None = None, count: bool = True) -> ExpertWeights:
         """The weights of one expert, pinned to this thread until its next acquire/use or release_thread(); for
         a lease that holds its experts (ExpertLease.holds), until its next acquire or release_thread(), so the
-        experts it handed out before stay valid beside this one."""
+        experts it handed out before stay valid beside this one. count=False: the step's use of it is counted
+        already (a lease asked again after letting go of it): it is loaded again if it has gone, uncounted."""
         key = (layer, expert)
         with self._lock:
             if lease is None or not lease.holds:
                 self._release_locked()
             st, ls = self.stats, self.stats.layer(layer)
-            st.uses += 1
-            ls.uses += 1
+            st.uses += count
+            ls.uses += count
             entry = self._entries.get(key)
             if entry is not None and entry.ready:
-                st.hits += 1
-                ls.hits += 1
+                st.hits += count
+                ls.hits += count
                 self._pin_and_touch(entry)
             else:
-                st.misses += 1
-                ls.misses += 1
+                st.misses += count
+                ls.misses += count
                 start = time.perf_counter()
                 entry = self._wait_or_reserve(key, lease)
                 if entry.ready:
@@ -607,15 +608,25 @@ class ExpertLease(Mapping):
     room): only the last one handed out is pinned, so each must be used before the next is asked for
     (MoEBlock.native_blocks checks, and takes the one-at-a-time path)."""
 
-    __slots__ = ("_cache", "_layer", "_ids", "holds")
+    __slots__ = ("_cache", "_layer", "_ids", "holds", "_served")
 
     def __init__(self, cache: ExpertCache, layer: int, ids: list[int], holds: bool = False):
         self._cache, self._layer, self._ids, self.holds = cache, layer, ids, holds
+        # expert -> its weights while this lease holds them pinned, None once let go: asked for again (a block
+        # path that falls back to running them one at a time), an expert is one use of the step, not two
+        self._served: dict[int, ExpertWeights | None] = {}
 
     def __getitem__(self, expert: int) -> ExpertWeights:
         if expert not in self._ids:
             raise KeyError(expert)
-        return self._cache.use(self._layer, expert, self)
+        served = self._served.get(expert)
+        if served is not None and self.holds:
+            return served
+        weights = self._cache.use(self._layer, expert, self, count=expert not in self._served)
+        if not self.holds:  # let go (now or before): what it handed out is no longer pinned
+            self._served = dict.fromkeys(self._served)
+        self._served[expert] = weights if self.holds else None
+        return weights
 
     def __iter__(self):
         return iter(self._ids)
