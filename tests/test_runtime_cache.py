@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 import torch
@@ -61,7 +62,12 @@ def test_tiny_budget_matches_resident(container, resident, resident_fp32, prefet
     options = {} if form == "packed" else {"dtype": torch.float32}
     reference = resident if form == "packed" else resident_fp32
     budget = expert_bytes(resident_store(container, form, **options))[-1] * experts_in_budget
-    model = load_cached(container, budget, prefetch, expert_form=form, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_cached(container, budget, prefetch, expert_form=form, **options)
+    # the cache warns where the budget holds fewer than one layer step's experts (top-2 here), and only there
+    said = [str(w.message) for w in caught if "fewer than one layer step's experts" in str(w.message)]
+    assert len(said) == (experts_in_budget < 2), said
     for ids in prompts(3, RUNTIME_CONFIG["vocab_size"], seed=1):
         assert torch.equal(model(ids), reference(ids))
         assert torch.equal(greedy(model, ids), greedy(reference, ids))

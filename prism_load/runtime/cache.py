@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 
@@ -70,6 +71,13 @@ class ExpertCache:
         if self.budget_bytes < self.largest_bytes:
             raise BudgetError(f"expert cache budget {self.budget_bytes:,} bytes is smaller than the largest expert "
                               f"({self.largest_bytes:,} bytes); it must hold at least one")
+        step_bytes = store.top_k * self.largest_bytes
+        if self.budget_bytes < step_bytes:
+            warnings.warn(f"expert cache budget {self.budget_bytes:,} bytes holds fewer than one layer step's experts "
+                          f"(top_k {store.top_k} x the largest expert, {step_bytes:,} bytes): where a step's experts do "
+                          f"not fit together they run one at a time, and most steps load some of them again: "
+                          f"exact, but slow",
+                          RuntimeWarning, stacklevel=3)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads waiting on _changed
