@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from common import run_measured, write_report
-from eviction_oracle import belady_misses
+from eviction_oracle import belady_misses_by_layer
 
 import prism_load
 from prism_load.runtime.tiers import footprint
@@ -404,14 +404,28 @@ def eviction_headroom(container: Path, prompts: list[torch.Tensor], tokens: int)
                            eos_token_id=[])
         s = model.stats()
         nbytes = {k: footprint(cache.store.nbytes(*k)) for k in cache.keys}
-        oracle = belady_misses(cache.route_log, nbytes, cache.budget_bytes, start)
+        oracle = belady_misses_by_layer(cache.route_log, nbytes, cache.budget_bytes, start)
         out.append({"budget": budget, "eviction": eviction, "uses": s["uses"], "misses": s["misses"],
-                    "oracle_misses": oracle, "steps": len(cache.route_log)})
+                    "oracle_misses": sum(oracle.values()), "steps": len(cache.route_log),
+                    # layer -> [the order's misses, the oracle's]: where the misses an order could save are
+                    "layers": {i: [s["layers"][i]["misses"], oracle[i]] for i in cache.store.moe_layers}})
         model.runtime.close()
     return out
 
 
 # -- report --------------------------------------------------------------------------------------------------
+def headroom_where(h: dict) -> str:
+    """Which MoE layer holds most of the misses an order could save (its share of the gap to the oracle)."""
+    gaps = {int(i): m - o for i, (m, o) in h["layers"].items()}
+    total = sum(gaps.values())
+    if total <= 0:
+        return f"At {h['budget']} ({h['eviction']}) the order missed no more often than the oracle."
+    worst = max(gaps, key=gaps.get)
+    m, o = h["layers"][worst]
+    return (f"Where the misses an order could save are, at {h['budget']} ({h['eviction']}): {gaps[worst] / total:.0%} "
+            f"of them in MoE layer {worst} ({m:,} misses against the oracle's {o:,}).")
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.0%}"
 
@@ -473,10 +487,13 @@ def markdown(result: dict) -> str:
                   "its routing recorded, and Belady's rule (evict the expert used furthest ahead) replays that "
                   "routing with the future known, from the same resident set (bench/eviction_oracle.py)", "",
                   "| cache | eviction | expert uses | misses | oracle's misses on the same routing | "
-                  "misses an order could still save |", "|---|---|---|---|---|---|"]
+                  "misses an order could still save | by MoE layer: misses / oracle's |", "|---|---|---|---|---|---|---|"]
         for h in result["headroom"]:
+            by_layer = ", ".join(f"{i}: {m:,} / {o:,}" for i, (m, o) in h.get("layers", {}).items())
             lines.append(f"| {h['budget']} | {h['eviction']} | {h['uses']:,} | {h['misses']:,} | "
-                         f"{h['oracle_misses']:,} | {1 - h['oracle_misses'] / max(h['misses'], 1):.0%} |")
+                         f"{h['oracle_misses']:,} | {1 - h['oracle_misses'] / max(h['misses'], 1):.0%} | {by_layer} |")
+        if result["headroom"][0].get("layers"):
+            lines += ["", headroom_where(result["headroom"][0])]
     if result.get("memory"):
         lines += ["", "Resident set, a fresh process per configuration: growth = peak RSS (sampled every 2 ms) - RSS "
                   "after imports and a first model build; experts = the cache budget (all packed experts when "

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 Key = tuple[int, int]
 
 
 def belady_misses(trace: list[tuple[int, tuple[int, ...]]], nbytes: dict[Key, int], budget: int,
                   resident: set[Key]) -> int:
+    """Misses over `trace` of Belady's rule (belady_misses_by_layer, summed)."""
+    return sum(belady_misses_by_layer(trace, nbytes, budget, resident).values())
+
+
+def belady_misses_by_layer(trace: list[tuple[int, tuple[int, ...]]], nbytes: dict[Key, int], budget: int,
+                           resident: set[Key]) -> Counter:
     """Misses over `trace` (layer steps: (layer, routed experts)) of a cache of `budget` bytes that starts holding
     `resident` and, on a miss, evicts the expert whose next use is furthest ahead (the larger first among equals):
     Belady's rule, optimal where every expert has the same size. A step's experts stay until the step is over,
@@ -32,14 +38,14 @@ def belady_misses(trace: list[tuple[int, tuple[int, ...]]], nbytes: dict[Key, in
 
     held = set(resident)
     used = sum(nbytes[k] for k in held)
-    misses = 0
+    misses: Counter = Counter()  # layer -> misses
     for i, (layer, ids) in enumerate(trace):
         step = {(layer, e) for e in ids}
         for e in ids:
             key = (layer, e)
             if key in held:
                 continue
-            misses += 1
+            misses[layer] += 1
             while used + nbytes[key] > budget:
                 others = [k for k in held if k not in step] or [k for k in held if k != key]
                 victim = max(others, key=lambda k: (next_use(k, i), nbytes[k]))

@@ -214,7 +214,7 @@ def test_the_oracle_is_belady_optimal_for_equal_experts():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-    from eviction_oracle import belady_misses
+    from eviction_oracle import belady_misses, belady_misses_by_layer
 
     rng = random.Random(0)
     for _ in range(30):
@@ -227,3 +227,9 @@ def test_the_oracle_is_belady_optimal_for_equal_experts():
     # bytes count: room for 30 bytes holds the two small experts or the large one
     sizes = {(0, 0): 10, (0, 1): 10, (0, 2): 30}
     assert belady_misses([(0, (0,)), (0, (1,)), (0, (2,)), (0, (0,)), (0, (1,))], sizes, 30, set()) == 5
+    # by layer: a cache of two starting with layer 1's expert, used again at steps 2 and 5, which stays; layer 0's
+    # three experts share the other place: four misses, all layer 0's
+    trace = [(0, (0,)), (0, (1,)), (1, (0,)), (0, (2,)), (0, (0,)), (1, (0,))]
+    by_layer = belady_misses_by_layer(trace, dict.fromkeys({(0, 0), (0, 1), (0, 2), (1, 0)}, 10), 20, {(1, 0)})
+    assert dict(by_layer) == {0: 4} and sum(by_layer.values()) == belady_misses(
+        trace, dict.fromkeys({(0, 0), (0, 1), (0, 2), (1, 0)}, 10), 20, {(1, 0)})
