@@ -59,6 +59,10 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 50%, on demand, reads from disk", "50%", False, {"cold_reads": True}),
     ("cache 50%, on demand, reads from disk, GreedyDual", "50%", False, {"cold_reads": True, "eviction": "frequency"}),
     ("cache 50%, prefetch, reads from disk", "50%", True, {"cold_reads": True}),
+    # the cache over the container's memory map: a miss maps the expert's pages instead of copying them
+    ("cache 50%, on demand, mmap", "50%", False, {"mmap": True}),
+    ("cache 25%, on demand, mmap", "25%", False, {"mmap": True}),
+    ("cache 50%, on demand, mmap, reads from disk", "50%", False, {"mmap": True, "cold_reads": True}),
     # the earlier default: every expert expanded to dense fp32 weights at load
     ("resident, decoded fp32 (the earlier default)", None, False, {"expert_form": "decoded", "dtype": torch.float32}),
 ]
@@ -220,7 +224,8 @@ def load_options(budget, prefetch: bool, options: dict) -> dict:
 
 def cold_reads(model) -> None:
     """Every expert read of this model comes from the disk: the container's shards leave the page cache now,
-    and each read's pages right after it (posix_fadvise DONTNEED), so a miss costs a real read."""
+    and each read's pages right after it (posix_fadvise DONTNEED), so a miss costs a real read; a cache over the
+    memory map drops an expert's pages when it unmaps them (mapped pages stay in the page cache)."""
     store = model.runtime.cache.store
     c = store.container
     for i, shard in enumerate(c.manifest.expert_shards):
@@ -237,6 +242,8 @@ def cold_reads(model) -> None:
         return wrapped
 
     store.read_into, store.fetch = dropping(store.read_into), dropping(store.fetch)
+    if getattr(store, "mapped", False):  # mapped pages cannot leave the page cache: drop them once unmapped
+        store.map_out = dropping(store.map_out)
 
 
 def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens: int, repeats: int,

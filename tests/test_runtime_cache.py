@@ -465,3 +465,46 @@ def test_a_step_run_one_expert_at_a_time_counts_each_expert_once(tmp_path, budge
     assert s["hits"] + s["misses"] == s["uses"] and s["misses"] > 0
     assert torch.equal(out, prism_load.load(path).generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=[]))
     cache.check()
+
+
+@pytest.mark.parametrize("verify", [True, "always", False])
+def test_checksums_are_checked_on_an_experts_first_read_or_on_every_read(tmp_path, verify):
+    """verify_checksums=True checks an expert's bytes on its first read (as a resident load does), not on a cache's
+    reloads of the same range; "always" checks every read; False none. Shown with a byte damaged between reads."""
+    from prism_load.container.reader import Container, model_args
+    from prism_load.errors import ContainerError
+    from prism_load.runtime.tiers import Slab
+
+    path = write_runtime_container(tmp_path / "m.prism", mix=[dict(kind="int", bits=4, group_size=32)])
+    c = Container(path)
+    store = ContainerStore(c, model_args(c.config)[1], torch.bfloat16, verify, form="packed")
+    layer, expert = next((i, e) for i in store.moe_layers for e in range(store.num_experts) if store.reads_into(i, e))
+    record = c.record(layer, expert)
+    store.read_into(layer, expert, lambda n: Slab(torch.empty(n, dtype=torch.uint8)))  # the first read: fine
+    shard = path / c.manifest.expert_shards[record.shard].name
+    data = bytearray(shard.read_bytes())
+    data[record.offset + 7] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for read in (lambda: store.read_into(layer, expert, lambda n: Slab(torch.empty(n, dtype=torch.uint8))),
+                 lambda: store.fetch(layer, expert)):
+        if verify == "always":
+            with pytest.raises(ContainerError, match=rf"layer {layer} expert {expert}: checksum [0-9a-f]{{16}} != "):
+                read()
+        else:
+            read()  # the damaged range is read unchecked: the first read checked it (True), or nothing is (False)
+    # an expert not read before is checked on its first read, except with False
+    other = c.record(layer, (expert + 1) % store.num_experts)
+    data = bytearray((path / c.manifest.expert_shards[other.shard].name).read_bytes())
+    data[other.offset] ^= 0xFF
+    (path / c.manifest.expert_shards[other.shard].name).write_bytes(bytes(data))
+    if verify is False:
+        store.fetch(other.layer, other.expert)
+    else:
+        with pytest.raises(ContainerError, match=rf"layer {other.layer} expert {other.expert}: checksum"):
+            store.fetch(other.layer, other.expert)
+    c.close()
+
+
+def test_verify_checksums_takes_true_always_or_false(container):
+    with pytest.raises(ValueError, match=r"verify_checksums='first': expected True .*'always' \(every read\) or False"):
+        prism_load.load(container, expert_cache="50%", verify_checksums="first")

@@ -298,6 +298,14 @@ class ExpertCache:
         """Host tier or cold read, then decode (+ NUMA placement on the CPU; + pinning, side-stream copy and
         decode on CUDA). A prefetch marked unwanted by then returns (None, None, False) instead of decoding."""
         layer, expert = entry.key
+        if self.slabs is not None and getattr(self.store, "maps_in", _never)(layer, expert):  # mapped: no copy at all
+            weights = self.store.map_in(layer, expert)
+            with self._lock:
+                entry.cold = entry.mapped = True
+                self.stats.loads += 1
+                self.stats.bytes_fetched += entry.stored_nbytes
+            self._check_size(entry, weights)
+            return weights, None, False
         if self.slabs is not None and getattr(self.store, "reads_into", _never)(layer, expert):  # a read is the load
             weights = self.store.read_into(layer, expert, lambda nbytes: self._take_slab(entry, nbytes))
             with self._lock:
@@ -479,6 +487,9 @@ class ExpertCache:
         if entry.slab is not None:
             self.slabs.give(entry.slab)
             entry.slab = None
+        if entry.mapped:  # its pages leave the process: the budget, not the kernel, decides what stays mapped
+            self.store.map_out(*entry.key)
+            entry.mapped = False
 
     def _pin(self, entry: Entry) -> None:
         self._pins.setdefault(threading.get_ident(), []).append(entry)
@@ -577,7 +588,8 @@ class ExpertCache:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return self.stats.to_dict() | {"residency": self._residency(), "eviction": self.eviction}
+            return self.stats.to_dict() | {"residency": self._residency(), "eviction": self.eviction,
+                                           "mapped": bool(getattr(self.store, "mapped", False))}
 
     def reset_stats(self) -> None:
         with self._lock:
