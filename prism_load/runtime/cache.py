@@ -101,6 +101,7 @@ class ExpertCache:
         self.slabs = SlabPool(self.budget_bytes) if self.transfer is None and placement is None else None
         self.stats = RuntimeStats()
         self._tables: dict[int, ResidentTable] = {}  # layer -> its ready native experts (resident_table)
+        self._sized: set[Key] = set()  # mapped experts whose size was checked (their operators are kept)
         # a list to have every layer step's real routing appended, (layer, experts), in the order the cache saw
         # them (bench/bench_runtime.py replays it against an oracle); None: not recorded
         self.route_log: list[tuple[int, tuple[int, ...]]] | None = None
@@ -304,7 +305,9 @@ class ExpertCache:
                 entry.cold = entry.mapped = True
                 self.stats.loads += 1
                 self.stats.bytes_fetched += entry.stored_nbytes
-            self._check_size(entry, weights)
+            if entry.key not in self._sized:  # the store maps the same operators in every time: checked once
+                self._check_size(entry, weights)
+                self._sized.add(entry.key)
             return weights, None, False
         if self.slabs is not None and getattr(self.store, "reads_into", _never)(layer, expert):  # a read is the load
             weights = self.store.read_into(layer, expert, lambda nbytes: self._take_slab(entry, nbytes))

@@ -31,7 +31,7 @@ from .stores import (
 )
 from .tiers import Slab
 
-FAULT_AROUND_BYTES = 2 * 2**20  # map_in unmaps what a fault may have mapped this far around an expert (see below)
+FAULT_AROUND_BYTES = 64 * 1024  # map_in unmaps what a fault may have mapped this far around an expert (see below)
 
 
 def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
@@ -168,13 +168,13 @@ class ContainerStore(StoreBase):
         self.container.page_expert(record, resident=True)
         self._mapped_in.add(key)
         self._unmap_around(key)
-        verify = self._verify(key)
-        raw = self.container.map_expert_bytes(record, verify)
-        if verify:
-            self._verified.add(key)
-        weights = self._mapped_weights.get(key)
-        if weights is None:
-            weights = self._mapped_weights[key] = self.decode(layer, expert, raw)
+        verify, weights = self._verify(key), self._mapped_weights.get(key)
+        if verify or weights is None:
+            raw = self.container.map_expert_bytes(record, verify)
+            if verify:
+                self._verified.add(key)
+            if weights is None:
+                weights = self._mapped_weights[key] = self.decode(layer, expert, raw)
         return weights
 
     def map_out(self, layer, expert) -> None:
