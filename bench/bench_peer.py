@@ -420,13 +420,13 @@ def variants(args, ggufs: dict, prisms: dict) -> list[Variant]:
                 for what, flags in LLAMA_MMAP_VARIANTS.items()]
         out += [Variant("prism", f"{n}, mmap", p, flags=("--mmap",)) for n, p in prisms.items()]
     for budget in args.cache:  # "120MiB" on demand (the CPU default), "+prefetch": prefetch=True, "+lru" or
-        size, *extras = budget.split("+")  # "+frequency": another eviction order; "+mmap": the cache over the map
+        size, *extras = budget.split("+")  # "+frequency": another eviction order; "+always": every read checked
         evictions = [e for e in extras if e in ("lru", "frequency")]
-        if not set(extras) <= {"prefetch", "lru", "frequency", "mmap"} or len(evictions) > 1:
-            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch, +mmap and/or one of +lru, "
-                             "+frequency")
+        if not set(extras) <= {"prefetch", "lru", "frequency", "always"} or len(evictions) > 1:
+            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch, +always and/or one of "
+                             "+lru, +frequency")
         flags = ("--expert-cache", size) + (("--prefetch",) if "prefetch" in extras else ()) + \
-            (("--mmap",) if "mmap" in extras else ()) + tuple(f for e in evictions for f in ("--eviction", e))
+            (("--verify-always",) if "always" in extras else ()) + tuple(f for e in evictions for f in ("--eviction", e))
         out += [Variant("prism", ", ".join([f"{n}, expert_cache {size}", *extras]), p, flags=flags)
                 for n, p in prisms.items()]
     return out
@@ -596,7 +596,8 @@ def main() -> None:
                     "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
     ap.add_argument("--cache", default="", help="also measure every prism recipe with load(expert_cache=BUDGET), for "
                     "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True; +lru: eviction by recency "
-                    "alone; +frequency: GreedyDual with frequencies; +mmap: load(mmap=True), the cache over the memory map)")
+                    "alone; +frequency: GreedyDual with frequencies; +always: verify_checksums='always', every read "
+                    "checked, reloads too)")
     ap.add_argument("--memory-cap", type=int, help="MiB each measured process may charge past its imports, page "
                     "cache included (a memory cgroup, bench/memory_cap.py; implies --cold; needs --mmap: ratios are "
                     "then to llama.cpp Q4_K_M memory-mapped without repacked copies): a machine with less RAM than the model")

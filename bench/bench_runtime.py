@@ -54,15 +54,14 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 50%, on demand, plain LRU", "50%", False, {"pin_hot": False, "eviction": "lru"}),
     ("cache 50%, on demand, GreedyDual", "50%", False, {"eviction": "frequency"}),
     ("cache 25%, on demand, GreedyDual", "25%", False, {"eviction": "frequency"}),
+    # the checksum of every reload too (the default checks an expert's first read only)
+    ("cache 50%, on demand, every read checked", "50%", False, {"verify_checksums": "always"}),
+    ("cache 25%, on demand, every read checked", "25%", False, {"verify_checksums": "always"}),
     # the case the product exists for: a miss is a read from the disk (each read's pages are dropped from the
     # page cache right after it, and every shard's before the run)
     ("cache 50%, on demand, reads from disk", "50%", False, {"cold_reads": True}),
     ("cache 50%, on demand, reads from disk, GreedyDual", "50%", False, {"cold_reads": True, "eviction": "frequency"}),
     ("cache 50%, prefetch, reads from disk", "50%", True, {"cold_reads": True}),
-    # the cache over the container's memory map: a miss maps the expert's pages instead of copying them
-    ("cache 50%, on demand, mmap", "50%", False, {"mmap": True}),
-    ("cache 25%, on demand, mmap", "25%", False, {"mmap": True}),
-    ("cache 50%, on demand, mmap, reads from disk", "50%", False, {"mmap": True, "cold_reads": True}),
     # the earlier default: every expert expanded to dense fp32 weights at load
     ("resident, decoded fp32 (the earlier default)", None, False, {"expert_form": "decoded", "dtype": torch.float32}),
 ]
@@ -224,8 +223,7 @@ def load_options(budget, prefetch: bool, options: dict) -> dict:
 
 def cold_reads(model) -> None:
     """Every expert read of this model comes from the disk: the container's shards leave the page cache now,
-    and each read's pages right after it (posix_fadvise DONTNEED), so a miss costs a real read; a cache over the
-    memory map drops an expert's pages when it unmaps them (mapped pages stay in the page cache)."""
+    and each read's pages right after it (posix_fadvise DONTNEED), so a miss costs a real read."""
     store = model.runtime.cache.store
     c = store.container
     for i, shard in enumerate(c.manifest.expert_shards):
@@ -242,8 +240,6 @@ def cold_reads(model) -> None:
         return wrapped
 
     store.read_into, store.fetch = dropping(store.read_into), dropping(store.fetch)
-    if getattr(store, "mapped", False):  # mapped pages cannot leave the page cache: drop them once unmapped
-        store.map_out = dropping(store.map_out)
 
 
 def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens: int, repeats: int,

@@ -102,68 +102,19 @@ def test_mmap_checks_checksums_and_names_the_damaged_expert(container, tmp_path)
     prism_load.load(copy, mmap=True, verify_checksums=False)  # asked not to read every page: loads
 
 
-def test_mmap_applies_to_packed_containers_on_a_cpu(container, tmp_path):
-    from prism_load.errors import BudgetError
-
+def test_mmap_applies_to_resident_packed_containers_only(container):
+    with pytest.raises(TypeError, match="mmap applies to resident containers"):
+        prism_load.load(container, mmap=True, expert_cache="50%")
     with pytest.raises(ContainerError, match="expert_form='decoded' does not keep"):
         prism_load.load(container, mmap=True, expert_form="decoded")
-    with pytest.raises(BudgetError, match="expert_form='codes' does not keep"):
-        prism_load.load(container, mmap=True, expert_cache="50%", expert_form="codes")
-    with pytest.raises(BudgetError, match="numa places copies of experts on a node; mmap=True views the page cache"):
-        prism_load.load(container, mmap=True, expert_cache="50%", numa=True)
 
 
-def shard_rss(folder: Path) -> int:
-    """Bytes of `folder`'s expert shards this process holds in memory through its maps now (/proc/self/smaps)."""
-    total, counting, shards = 0, False, {str(folder.resolve() / name) for name in expert_shard_names(folder)}
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        parts = line.split()
-        if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
-            counting = len(parts) == 6 and parts[5] in shards
-        elif counting and parts[0] == "Rss:":
-            total += int(parts[1]) * 1024
-    return total
-
-
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("experts_in_budget", [2, 5])
-def test_a_cache_over_the_map_gives_the_resident_logits_and_maps_no_more_than_its_budget(
-        container, prefetch, experts_in_budget):
-    """expert_cache with mmap=True: a miss maps the expert's pages instead of copying them, an eviction unmaps
-    them: the resident model's logits and greedy tokens, statistics that add up, and the shards' pages held by
-    this process within the budget (each expert's range rounded to whole pages)."""
-    resident = prism_load.load(container)
-    with Container(container) as c:
-        largest = max(r.length for r in c.records)
-    gc.collect()  # the maps of models of other tests are gone
-    assert shard_rss(container) == 0
-    model = prism_load.load(container, expert_cache=experts_in_budget * (largest + 4096), mmap=True,
-                            prefetch=prefetch)
-    cache = model.runtime.cache
-    gen = torch.Generator().manual_seed(3)
-    with torch.inference_mode():
-        for _ in range(3):
-            prompt = torch.randint(0, KERNEL_CONFIG["vocab_size"], (1, 6), generator=gen)
-            assert torch.equal(model(prompt), resident(prompt))
-            assert torch.equal(model.generate(prompt, max_new_tokens=6), resident.generate(prompt, max_new_tokens=6))
-    model.runtime.close()
-    s = model.stats()
-    assert s["mapped"] and s["misses"] > 0 and s["hits"] + s["misses"] == s["uses"] and s["evictions"] > 0
-    assert s["loads"] == s["demand_loads"] + s["prefetch_loads"] + s["ahead_loads"]
-    assert all(e.mapped and e.slab is None for e in cache._entries.values() if e.ready)  # int4/g32: all as stored
-    cache.check()
-    pages = -(-largest // 4096) * 4096
-    assert 0 < shard_rss(container) <= len(cache._entries) * pages <= experts_in_budget * pages
-
-
-def test_prism_run_serves_a_cache_over_the_map(container, tmp_path):
+def test_prism_run_refuses_mmap_beside_a_cache_by_name(container):
     import subprocess
     import sys
 
-    from tiny import save_char_tokenizer
-
-    tokenizer = str(save_char_tokenizer(tmp_path / "tokenizer.json"))
-    done = subprocess.run([sys.executable, "-m", "prism_convert.cli", "run", str(container), "--mmap", "--cache", "50%",
-                           "-p", "hi", "-n", "4", "--tokenizer", tokenizer], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "maps (memory-mapped: no copies)" in done.stdout and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "prism_convert.cli", "run", str(container), "--mmap", "--cache", "50%"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "--mmap maps every expert resident; --cache 50% serves them" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr

@@ -262,7 +262,7 @@ def run(
     form: str | None = typer.Option(None, "--form", help="The experts' form in memory (containers): packed (the default: as stored, multiplied by a kernel that reads that form), decoded (dense weights), codes (a byte per weight; CPU; default cache 100%). --cache percentages are of that form."),
     kernel: str = typer.Option("auto", "--kernel", help="Kernel for packed int tensors: auto, native, int4pack, dequant, native-int16 (int16 activations), or native-int8 (int8 activations, as llama.cpp; not exact)."),
     codes: bool = typer.Option(False, "--codes", help="The same as --form codes."),
-    mmap: bool = typer.Option(False, "--mmap", help="Experts view a memory map of the container's shards instead of a copy: without --cache every expert, held by the page cache (the load reads only the dense weights and checksums); with --cache the cache's experts, a miss mapping its pages and an eviction unmapping them."),
+    mmap: bool = typer.Option(False, "--mmap", help="Experts view a memory map of the container's shards (no --cache): the page cache holds them, the load reads only the dense weights and checksums."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature (0: greedy). Default: the checkpoint's generation_config.json, else greedy."),
     top_p: float | None = typer.Option(None, "--top-p", help="Sample from the smallest set of tokens holding this probability."),

@@ -250,8 +250,7 @@ def stats_table(s: dict, seconds: float | None = None) -> Table:
         stall += f" ({s['stall_seconds'] / seconds:.0%} of the generation time)"
     t.add_row("stalled", stall)
     t.add_row("evictions", f"{s['evictions']:,} (order: {s['eviction']})")
-    t.add_row("bytes fetched (cold tier)", f"{_mib(s['bytes_fetched'])} in {s['loads']:,} "
-              + ("maps (memory-mapped: no copies)" if s.get("mapped") else "reads"))
+    t.add_row("bytes fetched (cold tier)", f"{_mib(s['bytes_fetched'])} in {s['loads']:,} reads")
     if s.get("prefetch"):
         pairs = s.get("predictor_layers", [])
         t.add_row("predicted by", "the shadow router" if not pairs else

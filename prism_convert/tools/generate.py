@@ -21,8 +21,7 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
     continuation at the end. cache: None (every expert resident) or the expert cache's
     budget (bytes, "50%", "2GB"); prefetch, numa, expert_form, lookahead, predictor and eviction as in prism_load.load
     (None: the runtime's default, packed for containers; codes needs the cache: "100%" when no budget is
-    given); mmap as prism_load.load's (every expert resident through the container's memory map, or with a
-    cache the cache's experts mapped instead of copied). `tokenizer` (--tokenizer, a path or Hub id)
+    given); mmap as prism_load.load's (resident containers). `tokenizer` (--tokenizer, a path or Hub id)
     replaces the model's own, or stands in where it has none. temperature (0: greedy) and top_p sample;
     None leaves the checkpoint's generation_config.json defaults. `on_text(text, role)` receives the prompt and the
     text as it streams (a batch: each prompt and its continuation once all are done), and a "note" where the run
@@ -39,7 +38,10 @@ def run_prompt(model_path: Path, prompt: str | list[str], max_new_tokens: int, o
     form = {} if expert_form is None else {"expert_form": expert_form}
     if expert_kernel != "auto":
         form["expert_kernel"] = expert_kernel
-    if mmap:  # resident: every expert viewed in the map; with --cache: the cache's experts are
+    if mmap:
+        if cache is not None:
+            raise PrismError(f"--mmap maps every expert resident; --cache {cache} serves them from a budgeted cache "
+                             "instead: pass one of the two")
         form["mmap"] = True
     if eviction != "next-use" and cache is None:
         raise PrismError(f"--eviction {eviction} orders the expert cache's evictions: pass --cache too")

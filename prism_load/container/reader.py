@@ -59,7 +59,6 @@ EncodedTensor = tuple[Encoding, dict[str, torch.Tensor]]
 ResolveFile = Callable[[str], "str | Path"]
 Progress = Callable[..., None]  # progress(bytes just checked[, total bytes])
 MAX_OPEN_SHARDS = 64
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14's value; Python names it from 3.12 on
 CHUNK_BYTES = 64 << 20
 
 
@@ -79,7 +78,7 @@ class Container:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._checked_shards: set[int] = set()
         self._pins: dict[int, int] = {}
-        self._maps: dict[int, tuple] = {}  # shard index -> (its whole file memory-mapped as a tensor, the mmap)
+        self._maps: dict[int, torch.Tensor] = {}  # shard index -> its whole file, memory-mapped (map_expert)
         self._lock = threading.Lock()
         if check_files:
             for f in self._files():
@@ -254,49 +253,19 @@ class Container:
         copy-on-write, so a write through the tensor never reaches the file. With verify_checksum every page is
         read once, here. As with any memory map, a shard truncated while mapped ends the process (SIGBUS) at the
         next touch of a page past its new end: sizes are checked when a shard is first opened, not after."""
-        raw = self._shard_map(record.shard)[0][record.offset : record.offset + record.length]
+        with self._lock:
+            whole = self._maps.get(record.shard)
+        if whole is None:
+            with self.shard_fd(record.shard) as fd:  # size and header checked at first open
+                size = os.fstat(fd).st_size
+                # ACCESS_COPY: MAP_PRIVATE, writable (torch.frombuffer wants a writable buffer), never written back
+                whole = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+            with self._lock:
+                whole = self._maps.setdefault(record.shard, whole)
+        raw = whole[record.offset : record.offset + record.length]
         if verify_checksum:
             self._check_expert(record, raw.numpy())
         return raw
-
-    def _shard_map(self, shard: int) -> tuple[torch.Tensor, mmap.mmap]:
-        """(the shard's whole file as a uint8 tensor viewing its memory map, the mmap), mapped at first use."""
-        with self._lock:
-            found = self._maps.get(shard)
-        if found is None:
-            with self.shard_fd(shard) as fd:  # size and header checked at first open
-                size = os.fstat(fd).st_size
-                # ACCESS_COPY: MAP_PRIVATE, writable (torch.frombuffer wants a writable buffer), never written back
-                mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-                found = (torch.frombuffer(mapped, dtype=torch.uint8), mapped)
-            with self._lock:
-                found = self._maps.setdefault(shard, found)
-        return found
-
-    def page_expert(self, record: ExpertRecord, resident: bool) -> None:
-        """Bring the expert's pages of its shard's memory map into this process now (resident=True: one
-        madvise(MADV_POPULATE_READ), Linux 5.14+; MADV_WILLNEED, a readahead, where the kernel lacks it) or let
-        go of them (resident=False: MADV_DONTNEED; the page cache may keep them, and a later touch maps them
-        again, so a view still held reads the same bytes). Why: an expert cache over the map pays for the page
-        table and not for a copy, and its budget, not the kernel's reclaim, decides which experts stay mapped."""
-        self.page_range(record.shard, record.offset, record.end, resident)
-
-    def page_range(self, shard: int, start: int, end: int, resident: bool) -> None:
-        """page_expert for the bytes [start, end) of an expert shard, widened to whole pages (within the file)."""
-        mapped = self._shard_map(shard)[1]
-        if not hasattr(mapped, "madvise"):  # not a POSIX system: the kernel pages on first touch alone
-            return
-        start -= start % mmap.PAGESIZE
-        length = min(aligned(end - start, mmap.PAGESIZE), len(mapped) - start)
-        if length <= 0:
-            return
-        if not resident:
-            mapped.madvise(mmap.MADV_DONTNEED, start, length)
-            return
-        try:
-            mapped.madvise(MADV_POPULATE_READ, start, length)
-        except OSError:  # EINVAL: a kernel before 5.14
-            mapped.madvise(mmap.MADV_WILLNEED, start, length)
 
     def read_expert(self, layer: int, expert: int, verify_checksum: bool = False,
                     into: torch.Tensor | None = None, mapped: bool = False) -> dict[str, EncodedTensor]:

@@ -101,7 +101,6 @@ class ExpertCache:
         self.slabs = SlabPool(self.budget_bytes) if self.transfer is None and placement is None else None
         self.stats = RuntimeStats()
         self._tables: dict[int, ResidentTable] = {}  # layer -> its ready native experts (resident_table)
-        self._sized: set[Key] = set()  # mapped experts whose size was checked (their operators are kept)
         # a list to have every layer step's real routing appended, (layer, experts), in the order the cache saw
         # them (bench/bench_runtime.py replays it against an oracle); None: not recorded
         self.route_log: list[tuple[int, tuple[int, ...]]] | None = None
@@ -299,16 +298,6 @@ class ExpertCache:
         """Host tier or cold read, then decode (+ NUMA placement on the CPU; + pinning, side-stream copy and
         decode on CUDA). A prefetch marked unwanted by then returns (None, None, False) instead of decoding."""
         layer, expert = entry.key
-        if self.slabs is not None and getattr(self.store, "maps_in", _never)(layer, expert):  # mapped: no copy at all
-            weights = self.store.map_in(layer, expert)
-            with self._lock:
-                entry.cold = entry.mapped = True
-                self.stats.loads += 1
-                self.stats.bytes_fetched += entry.stored_nbytes
-            if entry.key not in self._sized:  # the store maps the same operators in every time: checked once
-                self._check_size(entry, weights)
-                self._sized.add(entry.key)
-            return weights, None, False
         if self.slabs is not None and getattr(self.store, "reads_into", _never)(layer, expert):  # a read is the load
             weights = self.store.read_into(layer, expert, lambda nbytes: self._take_slab(entry, nbytes))
             with self._lock:
@@ -490,9 +479,6 @@ class ExpertCache:
         if entry.slab is not None:
             self.slabs.give(entry.slab)
             entry.slab = None
-        if entry.mapped:  # its pages leave the process: the budget, not the kernel, decides what stays mapped
-            self.store.map_out(*entry.key)
-            entry.mapped = False
 
     def _pin(self, entry: Entry) -> None:
         self._pins.setdefault(threading.get_ident(), []).append(entry)
@@ -591,8 +577,7 @@ class ExpertCache:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return self.stats.to_dict() | {"residency": self._residency(), "eviction": self.eviction,
-                                           "mapped": bool(getattr(self.store, "mapped", False))}
+            return self.stats.to_dict() | {"residency": self._residency(), "eviction": self.eviction}
 
     def reset_stats(self) -> None:
         with self._lock:

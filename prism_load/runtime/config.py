@@ -42,17 +42,14 @@ class RuntimeConfig:
       "auto", "native", "int4pack", "dequant", "native-int16" or "native-int8" (prism_load/packed.py).
     verify_checksums (containers): True (the default) checks every byte range the first time this process
       reads it: the dense weights and files at load, each expert at its first load (a resident load's once; a
-      cache's first miss, not its reloads of the same range: on 4.6 MB experts the checksum cost about a quarter
-      of a 25% cache's decode time, README "Expert cache over the memory map"); "always": every read, a cache's
+      cache's first miss, not its reloads of the same range, whose checksum cost a 25% cache on 4.6 MB experts
+      about a fifth of its decode speed: README, "Checksums once per expert"); "always": every read, a cache's
       reloads included; False: none. resolve_file (containers): fetch a shard not in the folder.
-    mmap (containers): experts used as stored view a memory map of their shards instead of a copy in the
-      process's memory. Resident (no expert_cache): the load reads nothing but the dense weights (and, with
-      verify_checksums, each expert page once for its checksum), the kernel's page cache holds the experts,
-      shared between processes, and a container larger than RAM runs with the kernel paging experts in and out
-      (llama.cpp's default), far slower there than an expert_cache of the same memory (README, "Less RAM than
-      the model"). With an expert_cache (CPU, packed): a miss maps the expert's pages (madvise; the page cache
-      or the disk fills them) instead of copying them into the cache's own memory, an eviction unmaps them, and
-      the budget still bounds what is mapped (README, "Expert cache over the memory map").
+    mmap (resident containers): experts used as stored view a memory map of their shards instead of a copy in
+      the process's memory: the load reads nothing but the dense weights (and, with verify_checksums, each
+      expert page once for its checksum), the kernel's page cache holds the experts, shared between processes,
+      and a container larger than RAM runs with the kernel paging experts in and out (llama.cpp's default), far
+      slower there than an expert_cache of the same memory (README, "Less RAM than the model").
     """
 
     expert_cache: int | str | None = None
@@ -134,8 +131,11 @@ def check_applies(names: set[str], folder: Path, container: bool, cached: bool) 
         elif names:
             raise TypeError(f"options {sorted(names)} apply to .prism containers only")
         return
+    if "mmap" in names:
+        raise TypeError("mmap applies to resident containers: with an expert_cache the cache reads each expert into "
+                        "its own budgeted memory")
     allowed = set(RuntimeConfig.names()) - {"expert_cache", "prefetch"}
     if not container:
-        allowed -= {*READ_OPTIONS, "mmap"}
+        allowed -= set(READ_OPTIONS)
     if names - allowed:
         raise TypeError(f"unknown options {sorted(names - allowed)} for {folder}")

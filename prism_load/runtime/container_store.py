@@ -8,7 +8,6 @@ so stores.py must not import packed.py.
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Callable
 
 import torch
@@ -30,8 +29,6 @@ from .stores import (
     weights_tensors,
 )
 from .tiers import Slab
-
-FAULT_AROUND_BYTES = 64 * 1024  # map_in unmaps what a fault may have mapped this far around an expert (see below)
 
 
 def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bool = False) -> int:
@@ -72,17 +69,9 @@ class ContainerStore(StoreBase):
     weights) or "codes" (`int` projections as unpacked uint8 codes)."""
 
     def __init__(self, container, args, dtype: torch.dtype = torch.float32, verify_checksums: bool | str = True,
-                 form: str = "decoded", kernel: str = "auto", device="cpu", mapped: bool = False):
+                 form: str = "decoded", kernel: str = "auto", device="cpu"):
         self.container, self.dtype, self.verify_checksums = container, dtype, verify_checksums
         self._verified: set = set()  # experts whose bytes were checked once (verify_checksums=True checks no more)
-        self.mapped = mapped and form == "packed"  # maps_in: experts used as stored view the shards' memory map
-        self._mapped_weights: dict = {}  # (layer, expert) -> its operators over the map, built at its first map_in
-        self._mapped_in: set = set()  # experts map_in mapped and map_out has not unmapped since
-        by_shard: dict = {}
-        for r in sorted(container.records, key=lambda r: (r.shard, r.offset)):
-            by_shard.setdefault(r.shard, []).append(r)
-        # (layer, expert) -> (the records of its shard in file order, its index there): map_in's neighbours
-        self._shard_order = {(r.layer, r.expert): (rs, i) for rs in by_shard.values() for i, r in enumerate(rs)}
         self.form, self.codes = form, form == "codes"
         self.packer = ExpertPacker(dtype, device, kernel) if form == "packed" else None
         self.num_experts, self.top_k = args.num_experts, args.num_experts_per_tok
@@ -153,59 +142,6 @@ class ContainerStore(StoreBase):
         if self.packer is not None:
             return self.packer.expert(encoded, count=False)
         return decode_expert(encoded, self.dtype, self.codes)
-
-    def maps_in(self, layer, expert) -> bool:
-        """Whether map_in serves this expert: a mapped store, and the expert's packed form is its stored bytes."""
-        return self.mapped and self._direct[(layer, expert)]
-
-    def map_in(self, layer, expert) -> ExpertWeights:
-        """A fetch that copies nothing: the expert's pages of its shard's memory map are mapped into this process
-        (Container.page_expert: from the page cache, or read from disk), its checksum checked as a read's is, and
-        its operators view the map: built at its first map_in and kept, so a later one is a madvise and a lookup
-        (the map lives as long as the store, and the operators' pointers with it)."""
-        key = (layer, expert)
-        record = self.container.record(layer, expert)
-        self.container.page_expert(record, resident=True)
-        self._mapped_in.add(key)
-        self._unmap_around(key)
-        verify, weights = self._verify(key), self._mapped_weights.get(key)
-        if verify or weights is None:
-            raw = self.container.map_expert_bytes(record, verify)
-            if verify:
-                self._verified.add(key)
-            if weights is None:
-                weights = self._mapped_weights[key] = self.decode(layer, expert, raw)
-        return weights
-
-    def map_out(self, layer, expert) -> None:
-        """The expert's pages leave this process (an evicted mapped expert); its operators stay, valid."""
-        self._mapped_in.discard((layer, expert))
-        self.container.page_expert(self.container.record(layer, expert), resident=False)
-
-    def _unmap_around(self, key) -> None:
-        """Unmap the pages within FAULT_AROUND_BYTES of the expert's range that no mapped-in expert holds: a fault
-        maps the page cache's pages around the one asked for (the kernel's fault-around, 64 KiB by default; a
-        large folio whole), so without this the pages of experts never loaded (and the shard's header) would
-        stay mapped and, on small experts, the mapped bytes outgrow the budget. (An unmapped page a thread then
-        touches is mapped again from the page cache: never a wrong byte.)"""
-        records, i = self._shard_order[key]
-        record, page = records[i], mmap.PAGESIZE
-        low = max(0, record.offset - FAULT_AROUND_BYTES) // page * page
-        high = -(-(record.end + FAULT_AROUND_BYTES) // page) * page
-        kept = []  # page ranges of the mapped-in experts in the window, in file order
-        j = i
-        while j > 0 and records[j - 1].end > low:
-            j -= 1
-        while j < len(records) and records[j].offset < high:
-            r = records[j]
-            if j == i or (r.layer, r.expert) in self._mapped_in:
-                kept.append((r.offset // page * page, -(-r.end // page) * page))
-            j += 1
-        at = low
-        for first, last in kept + [(high, high)]:
-            if at < first:
-                self.container.page_range(record.shard, at, first, resident=False)
-            at = max(at, last)
 
     def reads_into(self, layer, expert) -> bool:
         """Whether read_into can serve this expert: its packed form is its stored bytes."""

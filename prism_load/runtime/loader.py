@@ -58,11 +58,9 @@ def load_cached(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="c
     container = (folder / "manifest.json").is_file()
     form = expert_form_for(config.expert_form, container, device)
     profiled = RoutingProfile.read(profile) if profile is not None and not container else None  # read once
-    if config.mmap:
-        mapped_cache_problem(form, device, config.numa)
     if container:
         model, store = _container_model(folder, dtype, verify_checksums, config.resolve_file, form,
-                                        config.expert_kernel, device, compute_dtype, config.mmap)
+                                        config.expert_kernel, device, compute_dtype)
     else:
         model, store = _checkpoint_model(folder, dtype, profiled, compute_dtype)
     model = model.to(device).eval()
@@ -89,21 +87,8 @@ def _detach_experts(model) -> None:
         block.experts = CachedExperts(None, block.experts.num_experts)
 
 
-def mapped_cache_problem(form: str, device, numa) -> None:
-    """BudgetError where mmap=True cannot serve an expert cache: the map holds the stored (packed) form, in the
-    CPU's page cache, wherever the kernel put it."""
-    if form != "packed":
-        raise BudgetError(f"mmap=True maps the stored bytes, which expert_form={form!r} does not keep")
-    if torch.device(device).type != "cpu":
-        raise BudgetError(f"mmap=True with an expert_cache serves a CPU fast tier; on {device} the cache copies each "
-                          "expert to the device")
-    if numa is not None:
-        raise BudgetError("numa places copies of experts on a node; mmap=True views the page cache's pages, wherever "
-                          "they are: pass one of the two")
-
-
 def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, form: str, kernel: str, device,
-                     compute_dtype=None, mapped: bool = False):
+                     compute_dtype=None):
     from ..container.loader import (
         build_rotary,
         build_skeleton,
@@ -122,7 +107,7 @@ def _container_model(folder: Path, dtype, verify_checksums: bool, resolve_file, 
     model.rotary = build_rotary(family, args)
     model.tokenizer = read_tokenizer(c, verify_checksums)
     model.generation_config = read_generation_config(c, verify_checksums)
-    store = ContainerStore(c, args, dtype, verify_checksums, form, kernel, device, mapped)
+    store = ContainerStore(c, args, dtype, verify_checksums, form, kernel, device)
     if store.packer is not None:
         from ..packed import fallback_warning
 

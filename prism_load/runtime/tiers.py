@@ -32,7 +32,7 @@ def total_footprint(store: ExpertStore) -> int:
 class Entry:
     """One expert in the fast tier (ready) or on its way there (loading); its bytes are reserved either way."""
 
-    __slots__ = ("key", "nbytes", "decoded_nbytes", "stored_nbytes", "weights", "slab", "mapped", "event", "ready",
+    __slots__ = ("key", "nbytes", "decoded_nbytes", "stored_nbytes", "weights", "slab", "event", "ready",
                  "permanent", "prefetched", "by_worker", "cold", "used", "expected", "unwanted", "pins", "priority",
                  "version")
 
@@ -41,7 +41,6 @@ class Entry:
         self.nbytes = footprint(decoded_nbytes)  # what it reserves against the budget
         self.weights: ExpertWeights | None = None
         self.slab: Slab | None = None  # the SlabPool buffer its weights view (CPU fast tier)
-        self.mapped = False  # its weights view the container's memory map (a mapped store's map_in)
         self.event = None  # CUDA event: the copy and decode on the side stream are done
         self.ready, self.permanent = False, False
         self.prefetched, self.used, self.cold = prefetched, False, False  # cold: read from the cold tier
