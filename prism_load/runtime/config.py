@@ -42,8 +42,8 @@ class RuntimeConfig:
       "auto", "native", "int4pack", "dequant", "native-int16" or "native-int8" (prism_load/packed.py).
     verify_checksums (containers): True (the default) checks every byte range the first time this process
       reads it: the dense weights and files at load, each expert at its first load (a resident load's once; a
-      cache's first miss, not its reloads of the same range, whose checksum cost a 25% cache on 4.6 MB experts
-      about a fifth of its decode speed: README, "Checksums once per expert"); "always": every read, a cache's
+      cache's first miss, not its reloads of the same range, whose checksums cost a cache of 4.6 MB experts 7-8%
+      of its decode speed: README, "Checksums once per expert"); "always": every read, a cache's
       reloads included; False: none. resolve_file (containers): fetch a shard not in the folder.
     mmap (resident containers): experts used as stored view a memory map of their shards instead of a copy in
       the process's memory: the load reads nothing but the dense weights (and, with verify_checksums, each
