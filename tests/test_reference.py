@@ -193,8 +193,8 @@ def test_bad_preset_and_foreign_output_folder(tmp_path):
 def test_demo_runs_end_to_end_and_a_new_reference_model_never_collides_with_old_work(tiny_pair, tmp_path,
                                                                                       monkeypatch):
     """`prism demo` (the README's main job) on the tiny preset: it converts, loads and generates; its work
-    folder is per reference model, so work left by another model (here, a stale job in the old shared
-    layout and a second model's run) never makes it fail."""
+    folder is per reference model and the folder that model lives in, so work left by another model (here, a
+    stale job in the old shared layout) or by the same model under another PRISM_CACHE never makes it fail."""
     import shutil
 
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
@@ -204,11 +204,16 @@ def test_demo_runs_end_to_end_and_a_new_reference_model_never_collides_with_old_
     stale.mkdir(parents=True)
     (stale / "job.json").write_text(json.dumps({"model": "another model"}))
     runner = CliRunner()
-    for _ in range(2):  # the second run resumes its own finished work
+    for cache in ("cache", "cache", "another cache"):  # the second run resumes its own finished work; the third's
+        # reference model is the same one in another PRISM_CACHE (its path differs: another job's work)
+        monkeypatch.setenv("PRISM_CACHE", str(tmp_path / cache))
+        if not (tmp_path / cache / "reference").is_dir():
+            shutil.copytree(tmp_path / "cache" / "reference", tmp_path / cache / "reference")
         result = runner.invoke(app, ["demo", "--preset", "tiny", "-o", str(tmp_path / "demo.prism")],
                                terminal_width=200)
         assert result.exit_code == 0, result.output
         out = result.output
         assert "bits per expert weight" in out and "KL(original || packed)" in out and "decode" in out
-    assert (tmp_path / ".demo.prism.work" / folder.name / "compress" / "job.json").is_file()
+    works = sorted(p.name for p in (tmp_path / ".demo.prism.work").iterdir() if p.name.startswith(folder.name))
+    assert len(works) == 2 and all((tmp_path / ".demo.prism.work" / w / "compress" / "job.json").is_file() for w in works)
     assert json.loads((stale / "job.json").read_text()) == {"model": "another model"}  # left alone

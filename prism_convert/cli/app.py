@@ -5,6 +5,7 @@ Heavy modules (torch, transformers-free model code) are imported inside commands
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -238,7 +239,10 @@ def demo(
 
     with _progress() as progress:
         model = _model_path(f"reference:{preset}", progress)
-        work = out.parent / f".{out.name}.work" / model.name  # one per reference model: a new one never collides
+        # one per reference model and the folder it lives in (its path is part of a work folder's identity): a new
+        # model, or the same one trained again under another PRISM_CACHE, never collides with old work
+        where = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
+        work = out.parent / f".{out.name}.work" / f"{model.name}-{where}"
         result = prism_convert.convert(model, out=out, bits=bits, samples=64, eval_samples=16, work=work,
                                        progress=progress)
     original = sum(f.stat().st_size for f in model.glob("*.safetensors"))
