@@ -95,7 +95,8 @@ def test_checkpoint_store_matches_resident(tiny_checkpoint):
 
 
 def test_budget_errors(container):
-    with pytest.raises(BudgetError, match="smaller than the largest expert"):
+    with pytest.raises(BudgetError, match=r"smaller than the largest expert \([\d,]+ bytes, \d+\.\d% of every "
+                                          r"expert's\); it must hold at least one, and a layer step's 2 to run them"):
         load_cached(container, 100)
     for bad in ("0%", "150%", "lots", "-3MB", True, 0):
         with pytest.raises(BudgetError):

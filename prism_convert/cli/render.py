@@ -237,8 +237,8 @@ def stats_table(s: dict, seconds: float | None = None) -> Table:
     t.add_column(style="bold")
     t.add_column(justify="right")
     res = s["residency"]
-    t.add_row("budget (fast tier)", f"{_mib(res['budget_bytes'])} of {_mib(s['expert_bytes_total'])} decoded "
-              f"({res['budget_bytes'] / s['expert_bytes_total']:.0%})")
+    t.add_row("budget (fast tier)", f"{_mib(res['budget_bytes'])} of {_mib(s['expert_bytes_total'])}, every expert "
+              f"as the tier holds it ({res['budget_bytes'] / s['expert_bytes_total']:.0%})")
     t.add_row("resident", f"{res['fast_experts']} experts, {_mib(res['fast_bytes'])} "
               f"({res['pinned_experts']} pinned hot)")
     if "host_bytes" in res:

@@ -69,8 +69,10 @@ class ExpertCache:
         self.keys = [(i, e) for i in store.moe_layers for e in range(store.num_experts)]
         self.largest_bytes = footprint(max(store.nbytes(*k) for k in self.keys))
         if self.budget_bytes < self.largest_bytes:
+            share = self.largest_bytes / total_footprint(store)
             raise BudgetError(f"expert cache budget {self.budget_bytes:,} bytes is smaller than the largest expert "
-                              f"({self.largest_bytes:,} bytes); it must hold at least one")
+                              f"({self.largest_bytes:,} bytes, {share:.1%} of every expert's); it must hold at least "
+                              f"one, and a layer step's {store.top_k} to run them together")
         step_bytes = store.top_k * self.largest_bytes
         if self.budget_bytes < step_bytes:
             warnings.warn(f"expert cache budget {self.budget_bytes:,} bytes holds fewer than one layer step's experts "
