@@ -41,13 +41,14 @@ def load(path, dtype=None, device="cpu", *, compute_dtype=None, config=None, rev
 
     Everything else is a `RuntimeConfig` (prism_load/runtime/config.py, where each option is described):
     pass `config=RuntimeConfig(...)`, or its fields as keywords. Container options: `verify_checksums`
-    (True, the default: each byte range checked the first time it is read; "always"; False), `resolve_file`, `expert_form` ("packed", the default: experts stay as stored and kernels
-    multiply that form, so the model needs about the container's bytes; "decoded": dense weights, the
-    reference), `expert_kernel`, `mmap` (experts view a memory map of the shards: see RuntimeConfig). Runtime (prism_load/runtime): with `expert_cache` (bytes, "50%", "2GB") the
-    experts stay in the cold tier (the container, or the checkpoint's safetensors) and are served by a cache
-    of that budget on `device`; `prefetch`, `numa`, `prefetch_extra`, `lookahead`, `host_cache`, `decode_on`,
-    `pin_hot`, `eviction`, `frequency_weight`, `profile`, `predictor`. Such a model has `model.runtime`, `model.stats()`
-    and `model.reset_stats()`.
+    (True, the default: each byte range checked the first time it is read; "always"; False), `resolve_file`,
+    `expert_form` ("packed", the default: experts stay as stored and kernels multiply that form, so the model
+    needs about the container's bytes; "decoded": dense weights, the reference), `expert_kernel`, `mmap`
+    (experts view a memory map of the shards: see RuntimeConfig). Runtime (prism_load/runtime): with
+    `expert_cache` (bytes, "50%", "2GB") the experts stay in the cold tier (the container, or the checkpoint's
+    safetensors) and are served by a cache of that budget on `device`; `prefetch`, `numa`, `prefetch_extra`,
+    `lookahead`, `host_cache`, `decode_on`, `pin_hot`, `eviction`, `frequency_weight`, `profile`, `predictor`.
+    Such a model has `model.runtime`, `model.stats()` and `model.reset_stats()`.
     """
     from pathlib import Path
 
