@@ -233,3 +233,14 @@ def test_the_oracle_is_belady_optimal_for_equal_experts():
     by_layer = belady_misses_by_layer(trace, dict.fromkeys({(0, 0), (0, 1), (0, 2), (1, 0)}, 10), 20, {(1, 0)})
     assert dict(by_layer) == {0: 4} and sum(by_layer.values()) == belady_misses(
         trace, dict.fromkeys({(0, 0), (0, 1), (0, 2), (1, 0)}, 10), 20, {(1, 0)})
+
+
+def test_prism_run_prints_the_library_warnings_as_one_line(container, tmp_path):
+    """A budget below one layer step's experts warns (ExpertCache); the CLI shows the message, not the source."""
+    from tiny import save_char_tokenizer
+
+    tokenizer = str(save_char_tokenizer(tmp_path / "tokenizer.json"))
+    done = _prism_run(str(container), "--cache", "15%", "-p", "hi", "--tokenizer", tokenizer)
+    assert done.returncode == 0, done.stderr
+    assert "warning: expert cache budget" in done.stderr and "holds fewer than one layer step's experts" in done.stderr
+    assert "RuntimeWarning" not in done.stderr and "attach_runtime(" not in done.stderr

@@ -485,8 +485,18 @@ def _print_training(folder: Path) -> None:
         console.print(f"{split} loss (nats/token): {parts}", highlight=False)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's warnings (a slower kernel path, a cache too small for a layer step) as one line on stderr,
+    as errors are: the message is written for the user; the source line it came from is not."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2, no traceback."""
+    """Console entry point: user errors become one line on stderr and exit code 2, no traceback; warnings one
+    line each."""
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         app()
     except PrismError as e:
