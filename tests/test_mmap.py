@@ -105,6 +105,9 @@ def test_mmap_checks_checksums_and_names_the_damaged_expert(container, tmp_path)
 def test_mmap_applies_to_resident_packed_containers_only(container):
     with pytest.raises(TypeError, match="mmap applies to resident containers"):
         prism_load.load(container, mmap=True, expert_cache="50%")
+    # options at their defaults apply everywhere (a wrapper that forwards every keyword)
+    assert prism_load.load(container, mmap=False, expert_cache="50%").stats()["uses"] == 0
+    assert not hasattr(prism_load.load(container, numa=None, prefetch_extra=0), "runtime")
     with pytest.raises(ContainerError, match="expert_form='decoded' does not keep"):
         prism_load.load(container, mmap=True, expert_form="decoded")
 

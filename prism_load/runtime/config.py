@@ -83,8 +83,12 @@ class RuntimeConfig:
     def from_options(cls, options: dict[str, Any], folder: Path, container: bool) -> RuntimeConfig:
         """The config of load()'s keyword options for a local `folder`; TypeError naming the options that do
         not apply to it (an unknown name, a container's option for a checkpoint, a runtime option without an
-        expert_cache)."""
-        check_applies(set(options), folder, container, options.get("expert_cache") is not None)
+        expert_cache). An option passed at its default value applies everywhere (mmap=False beside a cache, a
+        wrapper forwarding every keyword), as RuntimeConfig.check counts only what differs from the defaults."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        given = {name for name, value in options.items()
+                 if name not in defaults or (value is not defaults[name] and value != defaults[name])}
+        check_applies(given, folder, container, options.get("expert_cache") is not None)
         return cls(**options)
 
     def given(self) -> set[str]:
