@@ -244,3 +244,22 @@ def test_prism_run_prints_the_library_warnings_as_one_line(container, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "warning: expert cache budget" in done.stderr and "holds fewer than one layer step's experts" in done.stderr
     assert "RuntimeWarning" not in done.stderr and "attach_runtime(" not in done.stderr
+
+
+def test_the_oracle_table_names_the_layer_with_most_savable_misses_also_from_its_json():
+    """bench_runtime.headroom_where: the same sentence from the result in memory (int layer keys) and read
+    back from its JSON file (string keys)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    from bench_runtime import headroom_where
+
+    h = {"budget": "50%", "eviction": "next-use", "layers": {0: [286, 97], 1: [87, 82], 2: [94, 83]}}
+    said = headroom_where(h)
+    assert said == ("Where the misses an order could save are, at 50% (next-use): 92% of them in MoE layer 0 "
+                    "(286 misses against the oracle's 97).")
+    assert headroom_where(json.loads(json.dumps(h))) == said
+    even = dict(h, layers={0: [5, 5]})
+    assert headroom_where(even) == "At 50% (next-use) the order missed no more often than the oracle."
