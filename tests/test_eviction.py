@@ -263,3 +263,26 @@ def test_the_oracle_table_names_the_layer_with_most_savable_misses_also_from_its
     assert headroom_where(json.loads(json.dumps(h))) == said
     even = dict(h, layers={0: [5, 5]})
     assert headroom_where(even) == "At 50% (next-use) the order missed no more often than the oracle."
+
+
+@pytest.mark.parametrize("budget", ["40%", "30%"])
+def test_the_replay_reproduces_the_live_caches_misses(container, budget):
+    """bench/eviction_replay.replay of a recorded decode with the default order gives exactly the live cache's
+    misses (what lets it compare orders on the same routing); where the budget leaves a choice, the oracle misses
+    no more than any order."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    from eviction_replay import compare, record, replay
+    from test_packed import KERNEL_CONFIG
+
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, KERNEL_CONFIG["vocab_size"], (1, 6), generator=gen) for _ in range(3)]
+    rec = record(container, budget, prompts, tokens=12)
+    assert rec.live_misses > 0 and len(rec.trace) > 0
+    assert sum(replay(rec).values()) == rec.live_misses
+    rows = compare(rec)
+    assert rows[2]["order"] == "next-use, decay 0.85 (the default)" and rows[2]["misses"] == rec.live_misses
+    if budget == "40%":  # room for a choice beyond one step's two experts: the oracle's choices are the best
+        assert all(rows[-1]["misses"] <= r["misses"] for r in rows)

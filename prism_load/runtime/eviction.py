@@ -82,6 +82,7 @@ class NextUse:
         ahead = (np.arange(n)[None, :] - np.arange(n)[:, None]) % n
         self.offset = (np.where(ahead == 0, n, ahead) - n).astype(np.float64)[:, :, None]
         self.current = n - 1  # position of the layer stepped last: before the first step, the first is next
+        self.decay = ROUTING_DECAY  # the estimate's weight on the past per layer step (bench/eviction_replay.py varies it)
 
     @property
     def routing(self) -> np.ndarray:
@@ -92,12 +93,12 @@ class NextUse:
         """One layer step's real routing: p <- decay * p + (1 - decay) * routed, for the layer's experts."""
         i = self.position[layer]
         self.current = i
-        scale = float(self.scale[i, 0]) * ROUTING_DECAY
+        scale = float(self.scale[i, 0]) * self.decay
         if scale < RESCALE_BELOW:  # fold the scale into the levels before it underflows
             self.level[i] *= scale
             scale = 1.0
         self.scale[i, 0] = scale
-        add = (1.0 - ROUTING_DECAY) / scale
+        add = (1.0 - self.decay) / scale
         level = self.level[i]
         for e in expert_ids:
             level[e] += add
