@@ -3,13 +3,11 @@
 bench_runtime.py decodes again for every order it compares, and its tokens/s carry the host's noise. The cache
 loading on demand on one thread is deterministic given the routing it sees: which experts each layer step asks
 for, in order. `record` decodes once and keeps that routing (ExpertCache.route_log), the resident set and
-the eviction estimate the cache started from. `replay` then runs ExpertCache's bookkeeping over any policy
-of prism_load/runtime/eviction.py:
-- a step's experts stay pinned until the next step where the budget holds them all, else one at a time;
-- routed experts are flagged expected until used;
-- a miss evicts the policy's victims until the expert fits.
-It reproduces the live cache's misses exactly (tests/test_eviction.py). It counts misses, not time. What it
-answers: how much an order, or NextUse's decay, moves the misses on the same routing.
+the eviction estimate the cache started from. `replay` hands that routing to a fresh ExpertCache with any
+eviction order, over a store of placeholder experts of the recorded sizes: the cache's own pins, expected
+flags and evictions, with no model to run. It reproduces the live cache's misses exactly
+(tests/test_eviction.py). It counts misses, not time. What it answers: how much an order, or NextUse's decay,
+moves the misses on the same routing.
 
     python bench/eviction_replay.py [--container PATH] [--budgets 50%,25%] [--tokens 48]
 """
@@ -26,8 +24,10 @@ from common import write_report
 from eviction_oracle import belady_misses_by_layer
 
 import prism_load
-from prism_load.runtime.eviction import ROUTING_DECAY, eviction_policy
-from prism_load.runtime.tiers import Entry, footprint
+from prism_load.models.moe import ExpertWeights
+from prism_load.runtime import ExpertCache, MemoryStore
+from prism_load.runtime.eviction import ROUTING_DECAY
+from prism_load.runtime.tiers import footprint
 
 DECAYS = (0.5, 0.7, ROUTING_DECAY, 0.95)  # NextUse's weight on the past per layer step: the default and around it
 
@@ -39,10 +39,10 @@ class Recording:
     trace: list[tuple[int, tuple[int, ...]]]
     start: set  # the experts resident when the recording began
     state: dict  # NextUse's estimate then (level, scale, current)
-    nbytes: dict  # (layer, expert) -> the bytes it reserves (footprint)
+    nbytes: dict  # (layer, expert) -> its bytes in the fast tier (store.nbytes)
     prior: dict  # (layer, expert) -> the profile's routing frequency
-    layers: tuple[int, ...]
     num_experts: int
+    top_k: int
     budget_bytes: int
     live_misses: int
 
@@ -58,71 +58,34 @@ def record(container, budget: str, prompts: list[torch.Tensor], tokens: int) -> 
     model.reset_stats()
     for p in prompts:
         model.generate(p, max_new_tokens=tokens, do_sample=True, temperature=0.8, top_k=50, seed=0, eos_token_id=[])
-    out = Recording(list(cache.route_log), start, state, {k: footprint(cache.store.nbytes(*k)) for k in cache.keys},
-                    dict(cache._prior), tuple(cache.store.moe_layers), cache.store.num_experts, cache.budget_bytes,
-                    model.stats()["misses"])
+    store = cache.store
+    out = Recording(list(cache.route_log), start, state, {k: store.nbytes(*k) for k in cache.keys}, dict(cache._prior),
+                    store.num_experts, store.top_k, cache.budget_bytes, model.stats()["misses"])
     model.runtime.close()
     return out
 
 
-def replay(rec: Recording, eviction: str = "next-use", decay: float | None = None,
-           live_state: bool = True) -> dict[int, int]:
-    """Misses per layer of the cache's on-demand bookkeeping over `rec`'s routing with another order (or NextUse
-    with another decay). live_state: NextUse starts from the estimate the live cache had (else from the prior, as
-    the other orders do)."""
-    entries: dict = {}
-    policy = eviction_policy(eviction, entries, rec.prior, rec.layers, rec.num_experts)
-    if eviction == "next-use":
-        if live_state:
-            for name, value in copy.deepcopy(rec.state).items():
-                setattr(policy, name, value)
-        if decay is not None:
-            policy.decay = decay
-    used = 0
+def replay(rec: Recording, eviction: str = "next-use", decay: float | None = None) -> dict[int, int]:
+    """Misses per layer of a fresh ExpertCache with `eviction` (NextUse: from the estimate the live cache had,
+    at `decay` if given; the other orders from the prior) given `rec`'s routing, from the same resident set."""
+    placeholders = {k: ExpertWeights(torch.zeros(n, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8))
+                    for k, n in rec.nbytes.items()}
+    store = MemoryStore(placeholders, rec.num_experts, rec.top_k, frequencies=rec.prior)
+    cache = ExpertCache(store, rec.budget_bytes, eviction=eviction, pin_hot=False)
     for key in rec.start:
-        used += _add(entries, key, rec.nbytes[key])
-        policy.touch(entries[key])
-    largest = max(rec.nbytes.values())
-    misses = dict.fromkeys(rec.layers, 0)
-    for layer, ids in rec.trace:
-        _unpin(entries)  # the next acquire releases the last step's pins
-        policy.observe(layer, ids)
+        cache.use(*key)
+    cache.release_thread()
+    if eviction == "next-use":
+        for name, value in copy.deepcopy(rec.state).items():
+            setattr(cache.policy, name, value)
+        if decay is not None:
+            cache.policy.decay = decay
+    cache.reset_stats()
+    for layer, ids in rec.trace:  # as a MoE block asks: the step's routing, then each expert in order
+        got = cache.acquire(layer, list(ids))
         for e in ids:
-            if (layer, e) in entries:
-                entries[(layer, e)].expected = True
-        holds = len(ids) * largest <= rec.budget_bytes  # ExpertLease.holds: else one expert pinned at a time
-        for e in ids:
-            if not holds:
-                _unpin(entries)
-            key = (layer, e)
-            entry = entries.get(key)
-            if entry is None:
-                misses[layer] += 1
-                while used + rec.nbytes[key] > rec.budget_bytes:
-                    victim = policy.victim(True)
-                    if victim is None:
-                        raise RuntimeError(f"replay: no room for {key} (every expert pinned)")
-                    del entries[victim.key]
-                    used -= victim.nbytes
-                    policy.evicted(victim)
-                used += _add(entries, key, rec.nbytes[key])
-                entry = entries[key]
-            entry.pins += 1
-            entry.expected, entry.used = False, True
-            policy.touch(entry)
-    return misses
-
-
-def _add(entries: dict, key, nbytes: int) -> int:
-    entry = Entry(key, 0, 0)
-    entry.nbytes, entry.ready = nbytes, True  # the footprint as recorded
-    entries[key] = entry
-    return nbytes
-
-
-def _unpin(entries: dict) -> None:
-    for entry in entries.values():
-        entry.pins = 0
+            got[e]
+    return {i: cache.stats.layer(i).misses for i in store.moe_layers}
 
 
 def compare(rec: Recording) -> list[dict]:
@@ -131,8 +94,9 @@ def compare(rec: Recording) -> list[dict]:
     rows = [{"order": f"next-use, decay {d}" + (" (the default)" if d == ROUTING_DECAY else ""),
              "layers": replay(rec, "next-use", d)} for d in DECAYS]
     rows += [{"order": name, "layers": replay(rec, name)} for name in ("frequency", "lru")]
-    oracle = belady_misses_by_layer(rec.trace, rec.nbytes, rec.budget_bytes, set(rec.start))
-    rows.append({"order": "oracle (Belady, the future known)", "layers": {i: oracle[i] for i in rec.layers}})
+    nbytes = {k: footprint(n) for k, n in rec.nbytes.items()}  # what each reserves against the budget
+    oracle = belady_misses_by_layer(rec.trace, nbytes, rec.budget_bytes, set(rec.start))
+    rows.append({"order": "oracle (Belady, the future known)", "layers": {i: oracle[i] for i in rows[0]["layers"]}})
     for r in rows:
         r["misses"] = sum(r["layers"].values())
     return rows
