@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 READ_OPTIONS = ("verify_checksums", "resolve_file")  # how a container's files are read: containers only
-VERIFY_CHOICES = (True, False, "always")  # verify_checksums' values
 CONTAINER_OPTIONS = (*READ_OPTIONS, "expert_form", "expert_kernel", "mmap")  # what a resident container takes
 
 
@@ -71,7 +70,8 @@ class RuntimeConfig:
     resolve_file: Callable[[str], Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not any(self.verify_checksums is v or self.verify_checksums == v == "always" for v in VERIFY_CHOICES):
+        verify = self.verify_checksums
+        if not (verify is True or verify is False or verify == "always"):
             raise ValueError(f"verify_checksums={self.verify_checksums!r}: expected True (each range checked the first "
                              "time it is read), 'always' (every read) or False")
 
@@ -85,16 +85,14 @@ class RuntimeConfig:
         not apply to it (an unknown name, a container's option for a checkpoint, a runtime option without an
         expert_cache). An option passed at its default value applies everywhere (mmap=False beside a cache, a
         wrapper forwarding every keyword), as RuntimeConfig.check counts only what differs from the defaults."""
-        defaults = {f.name: f.default for f in fields(cls)}
-        given = {name for name, value in options.items()
-                 if name not in defaults or (value is not defaults[name] and value != defaults[name])}
+        known = {f.name: f for f in fields(cls)}
+        given = {name for name, value in options.items() if name not in known or _differs(known[name], value)}
         check_applies(given, folder, container, options.get("expert_cache") is not None)
         return cls(**options)
 
     def given(self) -> set[str]:
         """Options set to something other than their default."""
-        return {f.name for f in fields(self) if getattr(self, f.name) is not f.default
-                and getattr(self, f.name) != f.default}
+        return {f.name for f in fields(self) if _differs(f, getattr(self, f.name))}
 
     def check(self, folder: Path, container: bool) -> None:
         """As from_options checks keywords: the options set here must apply to `folder`."""
@@ -105,6 +103,11 @@ class RuntimeConfig:
         skip = {"expert_cache", "prefetch", "profile", "expert_form", "expert_kernel", "predictor", "mmap",
                 *READ_OPTIONS}
         return {name: getattr(self, name) for name in self.names() if name not in skip}
+
+
+def _differs(option, value) -> bool:
+    """Whether `value` is other than the option's (a dataclass field's) default."""
+    return value is not option.default and value != option.default
 
 
 def prefetch_on(prefetch, device, lookahead: int = 1, prefetch_extra: int = 0) -> bool:
