@@ -239,8 +239,10 @@ def test_read_into_a_slab_reuses_the_operators_of_its_last_expert_of_that_layout
 def test_an_expert_in_another_slab_gets_its_layouts_block_moved(tmp_path):
     """The layout's first expert binds its native block the usual way; a later expert of the layout in another
     slab gets that block moved to its slab (BlockTemplate): the same kernel arguments as binding its own operators
-    would give, pointers into its own slab, and the same expert_block output."""
+    would give, pointers into its own slab, and the same expert_block output. Its Python operators wait until
+    something asks for them (DeferredViews)."""
     from prism_load.native.expert_block import BlockOps, BlockTemplate, expert_block
+    from prism_load.runtime.stores import DeferredViews
 
     mix = [dict(kind="int", bits=b, group_size=32) for b in (4, 8)]
     path = write_tiny(tmp_path / "m.prism", model=random_model(KERNEL_CONFIG), config=KERNEL_CONFIG, mix=mix)
@@ -257,6 +259,12 @@ def test_an_expert_in_another_slab_gets_its_layouts_block_moved(tmp_path):
     slab = Slab(torch.empty(second.length, dtype=torch.uint8))
     b = store.read_into(second.layer, second.expert, lambda n: slab)
     moved = b.block()
+    # its Python operators are not built until asked for (the decode loop needs only the block); its size is known
+    assert isinstance(b, DeferredViews) and b._views is None
+    assert weights_nbytes(b) == store.nbytes(second.layer, second.expert) and b._views is None
+    assert b.gate_up.ops[0].tensors[0].untyped_storage().data_ptr() == slab.buf.untyped_storage().data_ptr()
+    assert b._views is not None and b.block() is moved and store.read_into(second.layer, second.expert,
+                                                                           lambda n: slab) is b
     bound = BlockOps(*(op.native_bound() for op in (*b.gate_up.ops, b.down)))  # its own operators, bound anew
     assert moved is not bound and moved.wide == bound.wide and moved.hidden == bound.hidden
     got, want = moved.arguments(), bound.arguments()

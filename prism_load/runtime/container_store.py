@@ -7,6 +7,7 @@ so stores.py must not import packed.py.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -21,11 +22,13 @@ from ..native.expert_block import BlockTemplate
 from ..packed import ExpertPacker
 from .stores import (
     TENSOR_ALIGNMENT,
+    DeferredViews,
     StoreBase,
     map_weights,
     pack_into,
     packed_nbytes,
     packed_ops,
+    weights_nbytes,
     weights_tensors,
 )
 from .tiers import Slab
@@ -159,32 +162,30 @@ class ContainerStore(StoreBase):
         plan = self._view_plan(layer, expert)
         if plan is None:
             return self.decode(layer, expert, buf)
-        template, ranges, dtypes, layout = plan
+        layout = plan[3]
         built = slab.built.get(layout)
         if built is not None:
             return built
-        typed = {dtype: buf if dtype == torch.uint8 else buf.view(dtype) for dtype in dtypes}  # one view per dtype
-        # as_strided's offset counts from its storage's start, and a slab may view its storage from further in
-        # (a huge-page buffer starts on a 2 MiB boundary of a larger allocation)
-        base = {dtype: t.storage_offset() for dtype, t in typed.items()}
-        views = iter([typed[dtype].as_strided(shape, stride, base[dtype] + offset)
-                      for dtype, shape, stride, offset in ranges])
-        built = slab.built[layout] = map_weights(template, lambda _: next(views))
-        # its native block: the layout's first is bound the usual way (checked, its kernel chosen), later ones are
-        # that block moved to this buffer (BlockTemplate), not three rebound calls
+        # the native block: the layout's first is bound the usual way (checked, its kernel chosen), later ones are
+        # that block moved to this buffer (BlockTemplate), not three rebound calls, with the views built on demand
         block_template = self._block_templates.get(layout)
-        if block_template is None:
-            block = built.block()
-            self._block_templates[layout] = False if block is None else BlockTemplate(block, buf.data_ptr())
-        elif block_template:
-            built._block = block_template.at(buf.data_ptr(), buf)
+        if block_template:
+            built = DeferredViews(functools.partial(slab_views, buf, plan), block_template.at(buf.data_ptr(), buf),
+                                  plan[4])
+        else:
+            built = slab_views(buf, plan)
+            if block_template is None:
+                block = built.block()
+                self._block_templates[layout] = False if block is None else BlockTemplate(block, buf.data_ptr())
+        slab.built[layout] = built
         return built
 
     def _view_plan(self, layer, expert):
         """(the expert's operators built once on the meta device; the dtype, shape, stride and element offset of
         each of their tensors in the stored bytes, in weights_tensors order; the dtypes; the layout, a key
-        experts with the same stored bytes, encodings and views share), or None where an operator holds
-        anything but a view of the stored bytes, or a tensor sits off its dtype's alignment.
+        experts with the same stored bytes, encodings and views share; the bytes of its tensors, checked
+        against nbytes()), or None where an operator holds anything but a view of the stored bytes, or a tensor
+        sits off its dtype's alignment.
         A miss then only views its buffer, one as_strided per tensor: no encoding walk and no kernel choice
         per miss (about half of a small expert's load time went to those)."""
         key = (layer, expert)
@@ -208,7 +209,11 @@ class ContainerStore(StoreBase):
             likes = self._likes.setdefault(layout, [[None] for _ in ops])
             for op, like in zip(ops, likes, strict=True):
                 op.like = like  # every view of this layout shares its bound calls' spec (packed.py)
-            self._view_plans[key] = (template, ranges, {r[0] for r in ranges}, layout) if usable else None
+            tensor_nbytes = weights_nbytes(template)
+            if usable and tensor_nbytes != self._nbytes[key]:
+                raise RuntimeError(f"store {type(self).__name__}: layer {layer} expert {expert} decodes to "
+                                   f"{tensor_nbytes} bytes, its nbytes() said {self._nbytes[key]}")
+            self._view_plans[key] = (template, ranges, {r[0] for r in ranges}, layout, tensor_nbytes) if usable else None
         return self._view_plans[key]
 
     def decode_into(self, layer, expert, raw: torch.Tensor, take_buffer: Callable[[int], torch.Tensor]) -> ExpertWeights:
@@ -227,6 +232,17 @@ class ContainerStore(StoreBase):
         gate_up = buf[: 2 * inter * hidden * 4].view(torch.float32).view(2 * inter, hidden)
         down = buf[down_start : down_start + hidden * inter * 4].view(torch.float32).view(hidden, inter)
         return ExpertWeights(gate_up, down)
+
+
+def slab_views(buf: torch.Tensor, plan: tuple) -> ExpertWeights:
+    """The operators of a read_into plan over the stored bytes in buf: one as_strided view per tensor."""
+    template, ranges, dtypes = plan[:3]
+    typed = {dtype: buf if dtype == torch.uint8 else buf.view(dtype) for dtype in dtypes}  # one view per dtype
+    # as_strided's offset counts from its storage's start, and a slab may view its storage from further in
+    # (a huge-page buffer starts on a 2 MiB boundary of a larger allocation)
+    base = {dtype: t.storage_offset() for dtype, t in typed.items()}
+    views = iter([typed[dtype].as_strided(shape, stride, base[dtype] + offset) for dtype, shape, stride, offset in ranges])
+    return map_weights(template, lambda _: next(views))
 
 
 def int_plan(encodings: dict[str, Encoding], layout) -> tuple | None:
