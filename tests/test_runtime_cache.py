@@ -339,6 +339,31 @@ def test_resident_set_stays_within_budget(tmp_path):
     assert quarter["peak"] <= resident["peak"] - (all_experts - all_experts // 4) + 32 * 2**20
 
 
+@pytest.mark.parametrize("eviction", ["next-use", "frequency", "lru"])
+def test_a_step_served_at_acquire_counts_and_evicts_as_its_accesses_would(eviction):
+    """Without a fetch worker, acquire serves a holding lease's misses at once (ExpertCache._serve_now): the
+    lease it returns already holds every expert, and the uses, loads, evictions and what stays resident are those
+    of the same steps served by accessing the lease expert by expert."""
+    steps = [[0, 1], [2, 3], [1, 2], [0, 3], [3, 1], [2, 0], [1, 3]] * 3
+    states = []
+    for at_acquire in (True, False):
+        store = _memory_store(frequencies={(0, e): f for e, f in enumerate((0.4, 0.3, 0.2, 0.1))})
+        store.top_k = 2
+        cache = ExpertCache(store, 3 * footprint(store.nbytes(0, 0)), eviction=eviction, pin_hot=False)
+        if not at_acquire:
+            cache._serve_now = lambda lease: None  # the lease serves each expert on access, as before
+        for ids in steps:
+            got = cache.acquire(0, ids)
+            if at_acquire:  # every expert resident (a dict), or served by acquire already (a lease holding them)
+                assert isinstance(got, dict) or set(got._served) == set(ids), ids
+            for e in ids:
+                assert torch.equal(got[e].gate_up, store.experts[(0, e)].gate_up)
+            cache.check()
+        s = cache.stats
+        states.append((s.uses, s.hits, s.misses, s.loads, s.evictions, s.demand_loads, cache.resident_keys()))
+    assert states[0] == states[1] and states[0][2] > 0
+
+
 def test_two_threads_missing_one_expert_load_it_once():
     """B misses while A is loading the same expert: B waits for A's load (one cold read, two misses), and
     that wait is not counted as a late prefetch."""

@@ -20,11 +20,12 @@ Locking: one lock (`_lock`) guards all state here and in the fetch worker (entri
 job queue); two conditions share it: `_changed` (an entry became ready or went away, a pin was released:
 what demand loads wait for; notified only while someone waits) and the worker's `_work`. Reads, decodes
 and copies run outside the lock. An expert in use is pinned by the thread using it: `acquire` pins a
-step's experts when all are resident (the hit path: one lock round trip per layer); otherwise the lease
-loads them on access and, where the budget holds the whole step, keeps each pinned until the thread's next
-acquire (a native expert block runs them together); where it does not (or a wait for room makes it let go),
-it pins one at a time and the block runs them one by one, so a budget smaller than one step's experts still
-works. A thread's pins are released by its next `acquire` (or `use` outside a holding lease) or by
+step's experts when all are resident (the hit path: one lock round trip per layer); otherwise it returns a
+lease that, where the budget holds the whole step, keeps each pinned until the thread's next acquire (a native
+expert block runs them together): without a fetch worker acquire has served them all already (_serve_now),
+with one it loads them on access while the worker loads the others; where the budget does not hold the step
+(or a wait for room makes the lease let go), it pins one at a time and the block runs them one by one, so a
+budget smaller than one step's experts still works. A thread's pins are released by its next `acquire` (or `use` outside a holding lease) or by
 `release_thread` (the model's layer hook, after every layer), so a thread waiting for room holds no pin and a
 pinned expert is never evicted under a matmul.
 Waiting for room re-checks pins of threads that have died, so a thread that ends without releasing cannot
@@ -117,7 +118,8 @@ class ExpertCache:
     # -- the ExpertSource side -------------------------------------------------------------------------
     def acquire(self, layer: int, expert_ids: list[int]) -> Mapping[int, ExpertWeights]:
         """The real routing of one layer step: settles predictions, then returns {expert: weights}: a plain
-        dict with every expert pinned when all are resident, else a lease that loads each on access."""
+        dict with every expert pinned when all are resident, else a lease that loads each on access (without a
+        fetch worker, a lease that holds the step has loaded them by then)."""
         with self._lock:
             self._release_locked()
             self._route_arrived(layer, expert_ids)
@@ -140,7 +142,10 @@ class ExpertCache:
         if out is None:
             # the lease keeps every expert it hands out pinned until this thread's next acquire where the budget
             # holds them all at once (a native expert block runs them together); else one at a time
-            return ExpertLease(self, layer, expert_ids, len(expert_ids) * self.largest_bytes <= self.budget_bytes)
+            lease = ExpertLease(self, layer, expert_ids, len(expert_ids) * self.largest_bytes <= self.budget_bytes)
+            if lease.holds and self.worker is None:
+                self._serve_now(lease)
+            return lease
         if self.transfer is not None:
             for entry in found:
                 if entry.event is not None:
@@ -228,6 +233,39 @@ class ExpertCache:
         if entry.event is not None:
             self.transfer.ready_for_compute(entry.weights, entry.event)
         return entry.weights
+
+    def _serve_now(self, lease: ExpertLease) -> None:
+        """Serve a holding lease's experts now, in routing order, as its accesses would (the same uses, loads and
+        eviction choices, each pinned until this thread's next acquire), in fewer steps: a miss is one lock round
+        trip, its load, and one more. Stops at an expert that would wait (loading elsewhere, or no room until
+        someone unpins): the lease's accesses serve the rest. Without a fetch worker (it loads a step's other
+        misses while this thread loads the first: the lease's accesses wait for them)."""
+        layer, served = lease._layer, lease._served
+        st, ls = self.stats, self.stats.layer(layer)
+        for e in lease._ids:
+            key = (layer, e)
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None:
+                    nbytes = self.store.nbytes(layer, e)
+                    if not self._make_room(footprint(nbytes), demand=True):
+                        return
+                    entry = self._add_entry(key, nbytes, prefetched=False)
+                    self._pin(entry)
+                    st.uses, ls.uses, st.misses, ls.misses = st.uses + 1, ls.uses + 1, st.misses + 1, ls.misses + 1
+                    st.demand_loads += 1
+                elif entry.ready:
+                    st.uses, ls.uses, st.hits, ls.hits = st.uses + 1, ls.uses + 1, st.hits + 1, ls.hits + 1
+                    self._pin_and_touch(entry)
+                    served[e] = entry.weights
+                    continue
+                else:
+                    return
+            start = time.perf_counter()
+            self._load_demand(entry)
+            with self._lock:
+                self._stalled(ls, start)
+            served[e] = entry.weights
 
     def release_thread(self) -> None:
         """Unpin the experts this thread used last (the model calls it after every layer)."""
