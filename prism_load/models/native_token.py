@@ -23,6 +23,7 @@ recorded for gradients.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..native.decode_layer import ExpertServer, TokenLayers
@@ -60,7 +61,7 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
     as native blocks where they are, else summed by the block's Python path into the loop's buffer."""
     layers = list(model.layers)
 
-    def route(at: int, h: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, moe: torch.Tensor):
+    def route(at: int, h: torch.Tensor, indices: np.ndarray, weights: torch.Tensor, moe: torch.Tensor):
         """The blocks (their operators hold the experts' tensors until the loop has run them; the cache's pins
         hold the experts until this thread's next acquire, as on the per-layer path), or None once summed."""
         mlp = layers[at].mlp

@@ -173,6 +173,10 @@ class TokenLayers:
         # the hit log: {count, stride, then per hit layer: its index, k, its k experts}; room for every layer
         self.hits = torch.zeros(2 + len(steps) * (2 + k), dtype=torch.int64)
         self.hits[1] = 2 + k
+        # numpy views of the hit log and the loop's small buffers, for the Python between layers: an element read
+        # or written through numpy costs a fraction of a torch index, and this runs for every callback
+        self.hits_np = self.hits.numpy()
+        self.scratch_np = {name: self.scratch[name].numpy() for name in ("indices", "ctl")}
         self.out = torch.zeros(hidden, dtype=torch.float32)
         self.attention: list[ctypes.Array] | None = None  # attention_args per layer, made at the first token
         self.args: list[ctypes.Array] = []
@@ -211,12 +215,13 @@ class TokenLayers:
 
     def take_hits(self) -> list[tuple[int, list[int]]]:
         """The hit log's records, (loop layer, routed experts) in loop order; empties it."""
-        count = int(self.hits[0])
+        hits = self.hits_np
+        count = int(hits[0])
         if not count:
             return []
-        stride = int(self.hits[1])
-        records = self.hits[2 : 2 + count * stride].view(count, stride).tolist()
-        self.hits[0] = 0
+        stride = int(hits[1])
+        records = hits[2 : 2 + count * stride].reshape(count, stride).tolist()
+        hits[0] = 0
         return [(r[0], r[2 : 2 + r[1]]) for r in records]
 
     def _prepare(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -254,8 +259,9 @@ class ExpertServer:
     """What prism_decode_layers calls back between the layers of served TokenLayers: `route(l, h, indices,
     weights, moe)` returns a layer's routed experts as native blocks of one rounding (a list of BlockOps, kept
     alive until the native block has run), or writes their weighted sum into `moe` itself and returns None;
-    `hook(l, out)` sees each layer's output. The tensors are the plan's scratch (TokenLayers.scratch, .out); an
-    exception in a callback stops the loop and is raised by TokenLayers.run."""
+    `hook(l, out)` sees each layer's output. The tensors are the plan's scratch (TokenLayers.scratch, .out; the
+    indices as a numpy view of theirs, TokenLayers.scratch_np); an exception in a callback stops the loop and is
+    raised by TokenLayers.run."""
 
     def __init__(self, plan: TokenLayers, route, hook, hits=None):
         self.plan, self.scratch, self.out = plan, plan.scratch, plan.out
@@ -275,14 +281,14 @@ class ExpertServer:
     def _route(self, layer: int) -> int:
         try:
             self.flush_hits()
-            b = self.scratch
-            blocks = self.route(layer, b["h"], b["indices"], b["weights"], b["moe"])
+            b, n = self.scratch, self.plan.scratch_np
+            blocks = self.route(layer, b["h"], n["indices"], b["weights"], b["moe"])
             if blocks is None:
                 self.held = None
                 return 0
             ops = op_table(blocks)
             self.held = (blocks, ops)
-            b["ctl"][0] = blocks[0].wide
+            n["ctl"][0] = blocks[0].wide
             return ctypes.addressof(ops)
         except BaseException as e:  # noqa: BLE001 - carried back across the native loop, raised by TokenLayers.run
             self.error = e

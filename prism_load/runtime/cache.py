@@ -240,20 +240,23 @@ class ExpertCache:
         trip, its load, and one more. Stops at an expert that would wait (loading elsewhere, or no room until
         someone unpins): the lease's accesses serve the rest. Without a fetch worker (it loads a step's other
         misses while this thread loads the first: the lease's accesses wait for them)."""
-        layer, served = lease._layer, lease._served
+        layer, served, store = lease._layer, lease._served, self.store
         st, ls = self.stats, self.stats.layer(layer)
+        reads_into = self.slabs is not None and getattr(store, "reads_into", _never)
         for e in lease._ids:
             key = (layer, e)
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None:
-                    nbytes = self.store.nbytes(layer, e)
+                    nbytes = store.nbytes(layer, e)
                     if not self._make_room(footprint(nbytes), demand=True):
                         return
                     entry = self._add_entry(key, nbytes, prefetched=False)
                     self._pin(entry)
                     st.uses, ls.uses, st.misses, ls.misses = st.uses + 1, ls.uses + 1, st.misses + 1, ls.misses + 1
                     st.demand_loads += 1
+                    slab = self.slabs.take(entry.stored_nbytes) if reads_into and reads_into(layer, e) else None
+                    entry.slab = slab
                 elif entry.ready:
                     st.uses, ls.uses, st.hits, ls.hits = st.uses + 1, ls.uses + 1, st.hits + 1, ls.hits + 1
                     self._pin_and_touch(entry)
@@ -262,9 +265,26 @@ class ExpertCache:
                 else:
                     return
             start = time.perf_counter()
-            self._load_demand(entry)
-            with self._lock:
-                self._stalled(ls, start)
+            if slab is None:
+                self._load_demand(entry)
+                with self._lock:
+                    self._stalled(ls, start)
+            else:  # a read is the load (ContainerStore.read_into), into the slab reserved with the entry
+                try:
+                    weights = store.read_into(layer, e, lambda _, slab=slab: slab)
+                    self._check_size(entry, weights)
+                except BaseException:
+                    with self._lock:
+                        self._remove(entry)
+                        self._notify()
+                    raise
+                with self._lock:
+                    entry.cold = True
+                    st.loads += 1
+                    st.bytes_fetched += entry.stored_nbytes
+                    self._finish(entry, weights, None, False)
+                    self._mark_used(entry)
+                    self._stalled(ls, start)
             served[e] = entry.weights
 
     def release_thread(self) -> None:
