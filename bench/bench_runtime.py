@@ -231,8 +231,8 @@ def cold_reads(model) -> None:
             os.posix_fadvise(fd, 0, shard.bytes, os.POSIX_FADV_DONTNEED)
 
     def dropping(read):
-        def wrapped(layer, expert, *args):
-            out = read(layer, expert, *args)
+        def wrapped(layer, expert, *args, **kwargs):
+            out = read(layer, expert, *args, **kwargs)
             r = c.record(layer, expert)
             with c.shard_fd(r.shard) as fd:
                 os.posix_fadvise(fd, r.offset, r.length, os.POSIX_FADV_DONTNEED)

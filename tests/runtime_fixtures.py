@@ -65,9 +65,9 @@ class CountingFetches:
         self.calls.append((layer, expert))
         return self._fetch(layer, expert)
 
-    def read_into(self, layer, expert, take_buffer):
+    def read_into(self, layer, expert, take_buffer, threads=1):
         self.calls.append((layer, expert))
-        return self._read_into(layer, expert, take_buffer)
+        return self._read_into(layer, expert, take_buffer, threads=threads)
 
     def bytes(self) -> int:
         return sum(self.store.stored_nbytes(*k) for k in self.calls)

@@ -24,6 +24,7 @@ import torch
 from ..errors import ContainerError
 from ..models.family import family_for
 from ..models.moe import ExpertWeights
+from ..native.read_range import pread_into
 from .codecs import (
     CodesLinear,
     LowRankLinear,
@@ -222,16 +223,17 @@ class Container:
         except KeyError:
             raise ContainerError(f"{self.folder}: no expert {expert} in layer {layer}") from None
 
-    def read_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False, into=None):
+    def read_expert_bytes(self, record: ExpertRecord, verify_checksum: bool = False, into=None, threads: int = 1):
         """The expert's byte range, fetched with one positional read (into a fresh bytearray, or into `into`:
-        any writable buffer of exactly record.length bytes, returned)."""
+        any writable buffer of exactly record.length bytes, returned), split across `threads` OpenMP threads
+        where it is large (native.read_range: only from a thread outside any parallel region)."""
         shard = self.manifest.expert_shards[record.shard]
         buf = bytearray(record.length) if into is None else into
         if len(memoryview(buf).cast("B")) != record.length:
             raise ValueError(f"{record.where()}: read buffer holds {len(memoryview(buf).cast('B'))} bytes, "
                              f"the expert {record.length}")
         with self.shard_fd(record.shard) as fd:
-            n = os.preadv(fd, [buf], record.offset)
+            n = pread_into(fd, buf, record.offset, threads)
         if n != record.length:
             raise ContainerError(f"{shard.name}: {record.where()}: read {n} of {record.length} bytes (file truncated?)")
         if verify_checksum:
@@ -268,18 +270,19 @@ class Container:
         return raw
 
     def read_expert(self, layer: int, expert: int, verify_checksum: bool = False,
-                    into: torch.Tensor | None = None, mapped: bool = False) -> dict[str, EncodedTensor]:
+                    into: torch.Tensor | None = None, mapped: bool = False,
+                    threads: int = 1) -> dict[str, EncodedTensor]:
         """{tensor name: (Encoding, {suffix: stored tensor})} of one expert; tensors view one read buffer (a fresh
-        one, or `into`: a contiguous uint8 CPU tensor of exactly the expert's stored bytes), or with mapped=True
-        the shard's memory map (map_expert_bytes)."""
+        one, or `into`: a contiguous uint8 CPU tensor of exactly the expert's stored bytes; read by `threads`
+        threads where large, read_expert_bytes), or with mapped=True the shard's memory map (map_expert_bytes)."""
         record = self.record(layer, expert)
         if mapped:
             raw = self.map_expert_bytes(record, verify_checksum)
         elif into is None:
-            raw = torch.frombuffer(self.read_expert_bytes(record, verify_checksum), dtype=torch.uint8)
+            raw = torch.frombuffer(self.read_expert_bytes(record, verify_checksum, threads=threads), dtype=torch.uint8)
         else:
             raw = into
-            self.read_expert_bytes(record, verify_checksum, into=into.numpy())
+            self.read_expert_bytes(record, verify_checksum, into=into.numpy(), threads=threads)
         out: dict[str, EncodedTensor] = {name: (enc, {}) for name, enc in record.encodings.items()}
         for t in record.layout():
             tensor, suffix = t.key.split(".", 1)

@@ -1,5 +1,5 @@
 """Compiles the C sources (int_linear.c, q8_linear.c, expert_block.c, rms_norm.c, attention_decode.c,
-router_topk.c, decode_layer.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
+router_topk.c, decode_layer.c, read_range.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
 install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
 alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
 needs AVX2/FMA/F16C only.
@@ -25,7 +25,8 @@ from pathlib import Path
 
 _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c",
-                                          "attention_decode.c", "router_topk.c", "decode_layer.c"))  # one library
+                                          "attention_decode.c", "router_topk.c", "decode_layer.c",
+                                          "read_range.c"))  # one library
 HEADERS = (_HERE / "q8_linear.h",)  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -155,4 +156,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.resident_clear = lib.prism_resident_clear  # int64 table[2 + 3E], E, e
     fn.resident_clear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     fn.resident_clear.restype = ctypes.c_int
+    fn.pread = lib.prism_pread  # fd, offset, length, dst, threads -> bytes read or -errno: read_range.c
+    fn.pread.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    fn.pread.restype = ctypes.c_int64
     return fn, None, seconds

@@ -271,7 +271,7 @@ class ExpertCache:
                     self._stalled(ls, start)
             else:  # a read is the load (ContainerStore.read_into), into the slab reserved with the entry
                 try:
-                    weights = store.read_into(layer, e, lambda _, slab=slab: slab)
+                    weights = store.read_into(layer, e, lambda _, slab=slab: slab, threads=torch.get_num_threads())
                     self._check_size(entry, weights)
                 except BaseException:
                     with self._lock:
@@ -359,7 +359,10 @@ class ExpertCache:
         decode on CUDA). A prefetch marked unwanted by then returns (None, None, False) instead of decoding."""
         layer, expert = entry.key
         if self.slabs is not None and getattr(self.store, "reads_into", _never)(layer, expert):  # a read is the load
-            weights = self.store.read_into(layer, expert, lambda nbytes: self._take_slab(entry, nbytes))
+            # a demand load reads with the compute's threads (it runs on the thread that waits for it, between
+            # parallel regions); the fetch worker's reads stay on its own thread, beside the compute
+            weights = self.store.read_into(layer, expert, lambda nbytes: self._take_slab(entry, nbytes),
+                                           threads=1 if prefetch else torch.get_num_threads())
             with self._lock:
                 entry.cold = True
                 self.stats.loads += 1

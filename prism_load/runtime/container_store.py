@@ -119,10 +119,10 @@ class ContainerStore(StoreBase):
         (a reload reads the range that first read checked), none with False."""
         return self.verify_checksums == "always" or (self.verify_checksums is True and key not in self._verified)
 
-    def _read(self, record, into=None):
+    def _read(self, record, into=None, threads: int = 1):
         key = (record.layer, record.expert)
         verify = self._verify(key)
-        out = self.container.read_expert_bytes(record, verify, into=into)
+        out = self.container.read_expert_bytes(record, verify, into=into, threads=threads)
         if verify:
             self._verified.add(key)
         return out
@@ -150,15 +150,16 @@ class ContainerStore(StoreBase):
         """Whether read_into can serve this expert: its packed form is its stored bytes."""
         return self._direct[(layer, expert)]
 
-    def read_into(self, layer, expert, take_slab: Callable[[int], Slab]) -> ExpertWeights:
+    def read_into(self, layer, expert, take_slab: Callable[[int], Slab], threads: int = 1) -> ExpertWeights:
         """A fetch that is only a read: the stored bytes land in take_slab(stored bytes).buf (a fast-tier slab)
-        with one positional read, and the packed operators view them there: the operators the slab last held
-        for an expert of this layout where it has them (the same views, the same bound kernel arguments),
-        else views made from the layout's plan, kept on the slab for the next expert read into it."""
+        with one positional read (split across `threads` OpenMP threads where large: a demand load on the
+        decoding thread), and the packed operators view them there: the operators the slab last held for an
+        expert of this layout where it has them (the same views, the same bound kernel arguments), else views
+        made from the layout's plan, kept on the slab for the next expert read into it."""
         record = self.container.record(layer, expert)
         slab = take_slab(record.length)
         buf = slab.buf
-        self._read(record, into=buf.numpy())
+        self._read(record, into=buf.numpy(), threads=threads)
         plan = self._view_plan(layer, expert)
         if plan is None:
             return self.decode(layer, expert, buf)

@@ -51,8 +51,8 @@ class ExpertStore(Protocol):
         """Both phases: the cold read, then the decode."""
 
     def reads_into(self, layer: int, expert: int) -> bool:
-        """Whether read_into(layer, expert, take_buffer) serves the expert: its fast-tier form is its stored
-        bytes, read straight into the buffer the cache gives."""
+        """Whether read_into(layer, expert, take_buffer, threads=1) serves the expert: its fast-tier form is its
+        stored bytes, read straight into the buffer the cache gives (by `threads` OpenMP threads where large)."""
 
 
 def load(store: ExpertStore, layer: int, expert: int) -> ExpertWeights:
