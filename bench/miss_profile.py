@@ -44,7 +44,7 @@ STEPS = [
     (3, "prism_load.runtime.cache", "ExpertCache", "_add_entry"),
     (3, "prism_load.runtime.container_store", "ContainerStore", "read_into"),
     (4, "prism_load.runtime.container_store", "ContainerStore", "_read"),
-    (5, "os", None, "preadv"),
+    (5, "prism_load.container.reader", None, "pread_into"),
     (4, "prism_load.runtime.container_store", "ContainerStore", "_view_plan"),
     (3, "prism_load.runtime.cache", "ExpertCache", "_finish"),
     (4, "prism_load.native.decode_layer", "ResidentTable", "put"),
@@ -54,7 +54,7 @@ STEPS = [
 
 
 def label(module: str, owner: str | None, name: str) -> str:
-    return f"{owner or module}.{name}"
+    return f"{owner or module.rsplit('.', 1)[-1]}.{name}"
 
 
 def wrap(totals: dict) -> Callable[[], None]:
