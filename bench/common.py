@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -10,6 +11,11 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+# this checkout's packages before any installed ones: a benchmark run in another checkout (a git worktree at an
+# older commit) measures that checkout's code, not the one pip installed in editable mode; every bench imports
+# this module before prism_load, and run_measured passes it on (PYTHONPATH)
+sys.path.insert(0, str(ROOT))
 
 
 def reference(preset: str = "full") -> Path:
@@ -63,5 +69,7 @@ def write_report(name: str, data: dict, markdown: str) -> Path:
 def run_measured(code: str) -> tuple[dict, int]:
     """Runs `code` (which prints one JSON line last) in a fresh interpreter; returns (its JSON, peak RSS bytes)."""
     wrapper = code + "\nimport resource, json as _j\nprint(_j.dumps({'__rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
-    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True,
+                         env=env).stdout.strip().splitlines()
     return json.loads(out[-2]), json.loads(out[-1])["__rss"]
