@@ -25,9 +25,9 @@ lease that, where the budget holds the whole step, keeps each pinned until the t
 expert block runs them together): without a fetch worker acquire has served them all already (_serve_now),
 with one it loads them on access while the worker loads the others; where the budget does not hold the step
 (or a wait for room makes the lease let go), it pins one at a time and the block runs them one by one, so a
-budget smaller than one step's experts still works. A thread's pins are released by its next `acquire` (or `use` outside a holding lease) or by
-`release_thread` (the model's layer hook, after every layer), so a thread waiting for room holds no pin and a
-pinned expert is never evicted under a matmul.
+budget smaller than one step's experts still works. A thread's pins are released by its next `acquire` (or
+`use` outside a holding lease) or by `release_thread` (the model's layer hook, after every layer), so a thread
+waiting for room holds no pin and a pinned expert is never evicted under a matmul.
 Waiting for room re-checks pins of threads that have died, so a thread that ends without releasing cannot
 block the others. The worker never waits for room: a prefetch without room is dropped.
 """
@@ -238,8 +238,8 @@ class ExpertCache:
         """Serve a holding lease's experts now, in routing order, as its accesses would (the same uses, loads and
         eviction choices, each pinned until this thread's next acquire), in fewer steps: a miss is one lock round
         trip, its load, and one more. Stops at an expert that would wait (loading elsewhere, or no room until
-        someone unpins): the lease's accesses serve the rest. Without a fetch worker (it loads a step's other
-        misses while this thread loads the first: the lease's accesses wait for them)."""
+        someone unpins): the lease's accesses serve the rest. Only without a fetch worker: with one, the lease
+        loads on access while the worker loads the step's other misses."""
         layer, served, store = lease._layer, lease._served, self.store
         st, ls = self.stats, self.stats.layer(layer)
         reads_into = self.slabs is not None and getattr(store, "reads_into", _never)
