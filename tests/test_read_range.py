@@ -20,14 +20,15 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels:
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("read") / "blob"
-    data = np.random.default_rng(0).integers(0, 256, 5 * PARALLEL_READ_BYTES + 12345, dtype=np.uint8)
+    data = np.random.default_rng(0).integers(0, 256, (5 << 20) + 12345, dtype=np.uint8)
     path.write_bytes(data.tobytes())
     return path, data
 
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("offset, length", [(0, PARALLEL_READ_BYTES), (7, PARALLEL_READ_BYTES + 1),
-                                            (65536 * 3 + 1, 3 * PARALLEL_READ_BYTES + 99), (12345, 131073 * 9)])
+                                            (65536 * 3 + 1, 3 * PARALLEL_READ_BYTES + 99), (12345, 131073 * 9),
+                                            (5, (1 << 20) * 4 + 3)])
 def test_a_split_read_is_the_same_bytes(data_file, threads, offset, length):
     path, data = data_file
     fd = os.open(path, os.O_RDONLY)

@@ -1,10 +1,10 @@
 /* One positional read of a file range into memory, split across OpenMP threads.
  *
  * Why: a cache miss is a read of the expert's stored bytes, from the page cache or the disk, into its slab: a
- * copy the kernel makes on the calling core. One core copies about half of what two do (on the Xeon a 4.6 MB
- * expert from the page cache: 8.8 GB/s on one thread, 18.8 on two, torch's copy), and the decode's other
- * OpenMP threads sit idle at that moment: a layer stalls on its miss. The read runs in the same OpenMP runtime
- * as the kernels (torch's libgomp), so its threads are the ones that just ran the layer, not a second pool.
+ * copy the kernel makes on the calling core, while the decode's other OpenMP threads wait (a layer stalls on its
+ * miss). Two cores copy about twice what one does: on the Xeon 4 MiB from the page cache took 177 us on two
+ * threads against 364 on one (bench/bench_read.py, bench/results/read_split_xeon.md). The read runs in the same
+ * OpenMP runtime as the kernels (torch's libgomp), so its threads are the ones that just ran the layer.
  *
  * prism_pread(fd, offset, length, dst, threads): reads [offset, offset + length) of fd into dst, each of
  * `threads` threads a pread loop over its share (64 KiB aligned; retried after EINTR and short reads).
