@@ -1,5 +1,6 @@
 """A positional read from the page cache on one thread against the same read split across the compute's OpenMP
-threads (native/read_range.c), by size: where native.read_range.PARALLEL_READ_BYTES should sit.
+threads (native/read_range.c), by size, in isolation: the lower bound for native.read_range.PARALLEL_READ_BYTES
+(inside a decode the split costs more: the threshold's comment says where it sits and why).
 
 Each read follows a small torch matmul, so the OpenMP pool is as warm as after a decode layer. The file is a
 scratch file in the page cache (written here, so nothing needs to be downloaded or converted). Writes

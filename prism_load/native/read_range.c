@@ -2,8 +2,8 @@
  *
  * Why: a cache miss is a read of the expert's stored bytes, from the page cache or the disk, into its slab: a
  * copy the kernel makes on the calling core, while the decode's other OpenMP threads wait (a layer stalls on its
- * miss). Two cores copy about twice what one does: on the Xeon 4 MiB from the page cache took 177 us on two
- * threads against 364 on one (bench/bench_read.py, bench/results/read_split_xeon.md). The read runs in the same
+ * miss). Two cores copy about twice what one does: on the Xeon 4 MiB from the page cache took 228 us on two
+ * threads against 440 on one (bench/bench_read.py, bench/results/read_split_xeon.md). The read runs in the same
  * OpenMP runtime as the kernels (torch's libgomp), so its threads are the ones that just ran the layer.
  *
  * prism_pread(fd, offset, length, dst, threads): reads [offset, offset + length) of fd into dst, each of

@@ -10,9 +10,12 @@ import os
 
 from .build import load
 
-# below this one thread reads: on the Xeon two threads read 128 KiB from the page cache in 10.4 us against 13.2
-# on one, 96 KiB in about the same time, 64 KiB slower (python bench/bench_read.py --name read_split_xeon)
-PARALLEL_READ_BYTES = 128 << 10
+# below this one thread reads. Alone, two threads read from the page cache faster than one from about 96 KiB on
+# the Xeon (python bench/bench_read.py --name read_split_xeon), but inside the decode the reference model's 60-230
+# KB misses split from 128 KiB decoded 3-4% slower on 2 threads, twice each way (bench_runtime.py --threads 2
+# --no-memory: runtime_2t_split*_xeon against runtime_2t_before_split*_xeon), while the 583 M model's 4.6 MB
+# ones gained (peer_split_read_xeon)
+PARALLEL_READ_BYTES = 1 << 20
 
 
 def pread_into(fd: int, buf, offset: int, threads: int = 1) -> int:
