@@ -210,7 +210,8 @@ def _packed_expert(c: Container, packer: ExpertPacker, layer: int, expert: int, 
     record = c.record(layer, expert)
     packer.count(record.encodings)
     into = arena.slot(expert) if arena is not None else None
-    # a large expert is read by the compute's threads together (native.read_range): a load is outside any parallel region
+    # a large expert is read by the compute's threads together (native.read_range; a load runs outside any
+    # parallel region)
     read = c.read_expert(layer, expert, verify_checksums, into=into, mapped=mapped, threads=torch.get_num_threads())
     weights = packer.expert(read, count=False)
     if not packer.reads_stored_form(record.encodings):
