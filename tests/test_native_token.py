@@ -238,13 +238,16 @@ def test_cached_hits_run_from_resident_tables_without_callbacks(q8, tmp_path, mo
     assert all(t is not None and t.blocks for t in tables)
 
 
-def test_resident_tables_keep_counts_and_eviction_order_of_the_callbacks(q8, tmp_path, monkeypatch):
+@pytest.mark.parametrize("eviction", ["next-use", "frequency"])
+def test_resident_tables_keep_counts_and_eviction_order_of_the_callbacks(q8, tmp_path, monkeypatch, eviction):
     """The same decode with and without resident tables: the same hits, misses, evictions and per-layer counts
-    (hits are counted before any later acquire decides an eviction)."""
+    (hits are counted, and touched in the eviction order, before any later acquire decides an eviction: GreedyDual
+    sets a touched expert's priority from its clock, so a hit touched late or not at all changes its victims)."""
     path = write_plain(tmp_path)
 
     def run(tables: bool):
-        model = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False)
+        model = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False,
+                                eviction=eviction)
         if not tables:
             monkeypatch.setattr(model.runtime.cache, "resident_table", lambda layer: None)
         out, _ = decode(model, 40)

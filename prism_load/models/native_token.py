@@ -76,19 +76,22 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
     def hook(at: int, out: torch.Tensor) -> None:
         model.layer_hook(layers[at].index, out.view(1, 1, -1))
 
+    # per loop layer: who keeps its resident table (the expert cache behind its source) and its MoE layer index,
+    # looked up once (the plan is made again when the modules change: same_modules)
+    keepers = [(getattr(layer.mlp.experts, "cache", layer.mlp.experts), layer.mlp.layer_index) for layer in layers]
+
     def hits(records: list[tuple[int, list[int]]]) -> None:
         """The layers the loop ran from resident tables: counted by whoever keeps their tables (one expert cache
         behind every layer's source: one call, one lock round trip, a token), in order."""
         run: list = []
         keeper = None
         for at, ids in records:
-            experts = layers[at].mlp.experts
-            owner = getattr(experts, "cache", experts)
+            owner, index = keepers[at]
             if owner is not keeper and run:
                 keeper.record_hits(run)
                 run = []
             keeper = owner
-            run.append((layers[at].mlp.layer_index, ids))
+            run.append((index, ids))
         if run:
             keeper.record_hits(run)
 

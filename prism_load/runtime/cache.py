@@ -176,7 +176,11 @@ class ExpertCache:
         """Count layer steps the native loop ran from resident tables, as acquire counts hits: the routing arrived,
         every expert used and touched (eviction order), but no pins (the loop is done with them)."""
         with self._lock:
+            plain = self.route_log is None and self.worker is None
             for layer, ids in records:
+                if plain and layer not in self._predictions and not self._expected.get(layer):
+                    self._plain_hits(layer, ids)
+                    continue
                 self._route_arrived(layer, ids)
                 self._count_hits(layer, len(ids))
                 for e in ids:
@@ -184,6 +188,24 @@ class ExpertCache:
                     if entry is not None:  # evicted since by another thread: nothing to touch
                         self._mark_used(entry)
                         self.policy.touch(entry)
+
+    def _plain_hits(self, layer: int, ids: list[int]) -> None:
+        """Under the lock: record_hits for a step with no prediction or expectation to settle, nothing recording
+        routes and no fetch worker (what it does every token without prefetch): the same counts, estimate and
+        eviction order as the general path, in fewer steps (it runs for most layers of every token). An expert
+        marked expected and used in the same step, as _route_arrived then _mark_used do, ends unexpected."""
+        st, ls, entries, policy = self.stats, self.stats.layer(layer), self._entries, self.policy
+        n = len(ids)
+        st.uses, st.hits, ls.uses, ls.hits = st.uses + n, st.hits + n, ls.uses + n, ls.hits + n
+        ls.unpredicted_steps += 1
+        policy.observe(layer, ids)
+        for e in ids:
+            entry = entries.get((layer, e))
+            if entry is not None:  # evicted since by another thread: nothing to touch
+                if entry.prefetched and not entry.used:
+                    st.prefetch_used += 1
+                entry.used, entry.expected, entry.unwanted = True, False, False
+                policy.touch(entry)
 
     def _count_hits(self, layer: int, n: int) -> None:
         """Under the lock: n uses of the layer's experts, every one a hit (a step whose experts were all ready)."""
