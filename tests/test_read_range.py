@@ -40,6 +40,17 @@ def test_a_split_read_is_the_same_bytes(data_file, threads, offset, length):
         os.close(fd)
 
 
+def test_a_split_read_into_a_bytearray(data_file):
+    """read_expert_bytes reads into a fresh bytearray where it has no slab (the resident load's other experts)."""
+    path, data = data_file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = bytearray(2 * PARALLEL_READ_BYTES + 3)
+        assert pread_into(fd, out, 11, 2) == len(out) and bytes(out) == data[11 : 11 + len(out)].tobytes()
+    finally:
+        os.close(fd)
+
+
 def test_a_split_read_past_the_end_returns_what_the_file_has(data_file):
     path, data = data_file
     fd = os.open(path, os.O_RDONLY)
