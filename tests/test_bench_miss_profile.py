@@ -33,7 +33,7 @@ def test_the_miss_profile_times_every_step_of_a_miss_and_restores_them(tmp_path,
     assert rate > 0 and tokens == 2 * 5 and misses > 0
     calls = {key: slot[2] for key, slot in totals.items()}  # the decode tokens' calls
     assert set(calls) == {miss_profile.label(m, o, n) for _, m, o, n in miss_profile.STEPS}
-    # each decode miss is one reservation, one victim looked for where the cache is full, one read
+    # each decode miss is one reservation and one read
     assert calls["ExpertCache._add_entry"] == misses == calls["reader.pread_into"]
     assert calls["ExpertServer._route"] >= calls["ExpertCache._serve_now"] > 0  # served through the native loop
     assert calls["ContainerStore.read_into"] == misses  # packed int4: every miss is a read into a slab
