@@ -194,18 +194,15 @@ class ExpertCache:
         routes and no fetch worker (what it does every token without prefetch): the same counts, estimate and
         eviction order as the general path, in fewer steps (it runs for most layers of every token). An expert
         marked expected and used in the same step, as _route_arrived then _mark_used do, ends unexpected."""
-        st, ls, entries, policy = self.stats, self.stats.layer(layer), self._entries, self.policy
-        n = len(ids)
-        st.uses, st.hits, ls.uses, ls.hits = st.uses + n, st.hits + n, ls.uses + n, ls.hits + n
-        ls.unpredicted_steps += 1
-        policy.observe(layer, ids)
+        self._count_hits(layer, len(ids))
+        self.stats.layer(layer).unpredicted_steps += 1
+        self.policy.observe(layer, ids)
         for e in ids:
-            entry = entries.get((layer, e))
+            entry = self._entries.get((layer, e))
             if entry is not None:  # evicted since by another thread: nothing to touch
-                if entry.prefetched and not entry.used:
-                    st.prefetch_used += 1
-                entry.used, entry.expected, entry.unwanted = True, False, False
-                policy.touch(entry)
+                entry.unwanted = False
+                self._mark_used(entry)
+                self.policy.touch(entry)
 
     def _count_hits(self, layer: int, n: int) -> None:
         """Under the lock: n uses of the layer's experts, every one a hit (a step whose experts were all ready)."""
@@ -249,64 +246,39 @@ class ExpertCache:
                 if entry.ready:
                     self._stalled(ls, start)
         if not entry.ready:  # this thread reserved it: load it now
-            self._load_demand(entry)
-            with self._lock:
-                self._stalled(ls, start)
+            self._load_demand(entry, ls, start)
         if entry.event is not None:
             self.transfer.ready_for_compute(entry.weights, entry.event)
         return entry.weights
 
     def _serve_now(self, lease: ExpertLease) -> None:
         """Serve a holding lease's experts now, in routing order, as its accesses would (the same uses, loads and
-        eviction choices, each pinned until this thread's next acquire), in fewer steps: a miss is one lock round
-        trip, its load, and one more. Stops at an expert that would wait (loading elsewhere, or no room until
-        someone unpins): the lease's accesses serve the rest. Only without a fetch worker: with one, the lease
-        loads on access while the worker loads the step's other misses."""
-        layer, served, store = lease._layer, lease._served, self.store
+        eviction choices, each pinned until this thread's next acquire), in fewer steps: a miss is its reservation
+        under one lock, then the demand load every miss takes (_load_demand). Stops at an expert that would wait
+        (loading elsewhere, or no room until someone unpins): the lease's accesses serve the rest. Only without
+        a fetch worker: with one, the lease loads on access while the worker loads the step's other misses."""
+        layer, served = lease._layer, lease._served
         st, ls = self.stats, self.stats.layer(layer)
-        reads_into = self.slabs is not None and getattr(store, "reads_into", _never)
         for e in lease._ids:
             key = (layer, e)
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None:
-                    nbytes = store.nbytes(layer, e)
+                    nbytes = self.store.nbytes(layer, e)
                     if not self._make_room(footprint(nbytes), demand=True):
                         return
                     entry = self._add_entry(key, nbytes, prefetched=False)
                     self._pin(entry)
                     st.uses, ls.uses, st.misses, ls.misses = st.uses + 1, ls.uses + 1, st.misses + 1, ls.misses + 1
                     st.demand_loads += 1
-                    slab = self.slabs.take(entry.stored_nbytes) if reads_into and reads_into(layer, e) else None
-                    entry.slab = slab
                 elif entry.ready:
-                    st.uses, ls.uses, st.hits, ls.hits = st.uses + 1, ls.uses + 1, st.hits + 1, ls.hits + 1
+                    self._count_hits(layer, 1)
                     self._pin_and_touch(entry)
                     served[e] = entry.weights
                     continue
                 else:
                     return
-            start = time.perf_counter()
-            if slab is None:
-                self._load_demand(entry)
-                with self._lock:
-                    self._stalled(ls, start)
-            else:  # a read is the load (ContainerStore.read_into), into the slab reserved with the entry
-                try:
-                    weights = store.read_into(layer, e, lambda _, slab=slab: slab, threads=torch.get_num_threads())
-                    self._check_size(entry, weights)
-                except BaseException:
-                    with self._lock:
-                        self._remove(entry)
-                        self._notify()
-                    raise
-                with self._lock:
-                    entry.cold = True
-                    st.loads += 1
-                    st.bytes_fetched += entry.stored_nbytes
-                    self._finish(entry, weights, None, False)
-                    self._mark_used(entry)
-                    self._stalled(ls, start)
+            self._load_demand(entry, ls, time.perf_counter())
             served[e] = entry.weights
 
     def release_thread(self) -> None:
@@ -358,7 +330,9 @@ class ExpertCache:
         if self._waiting:
             self._changed.notify_all()
 
-    def _load_demand(self, entry: Entry) -> None:
+    def _load_demand(self, entry: Entry, ls, start: float) -> None:
+        """Load an entry this thread reserved, then make it ready, used, and the time since `start` a stall of
+        its layer (`ls`, the layer's statistics), under one lock; a failed load frees its room and raises."""
         try:
             weights, event, host_hit = self._load(entry)
         except BaseException:
@@ -369,6 +343,7 @@ class ExpertCache:
         with self._lock:
             self._finish(entry, weights, event, host_hit)
             self._mark_used(entry)
+            self._stalled(ls, start)
 
     def _stalled(self, ls, start: float) -> None:
         seconds = time.perf_counter() - start
