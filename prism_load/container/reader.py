@@ -229,11 +229,11 @@ class Container:
         where it is large (native.read_range: only from a thread outside any parallel region)."""
         shard = self.manifest.expert_shards[record.shard]
         buf = bytearray(record.length) if into is None else into
-        if len(memoryview(buf).cast("B")) != record.length:
-            raise ValueError(f"{record.where()}: read buffer holds {len(memoryview(buf).cast('B'))} bytes, "
-                             f"the expert {record.length}")
+        view = memoryview(buf).cast("B")
+        if len(view) != record.length:
+            raise ValueError(f"{record.where()}: read buffer holds {len(view)} bytes, the expert {record.length}")
         with self.shard_fd(record.shard) as fd:
-            n = pread_into(fd, buf, record.offset, threads)
+            n = pread_into(fd, view, record.offset, threads)
         if n != record.length:
             raise ContainerError(f"{shard.name}: {record.where()}: read {n} of {record.length} bytes (file truncated?)")
         if verify_checksum:
