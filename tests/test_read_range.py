@@ -25,45 +25,42 @@ def data_file(tmp_path_factory):
     return path, data
 
 
+@pytest.fixture
+def data_fd(data_file):
+    """(an open descriptor of the data file, its bytes), closed after the test."""
+    path, data = data_file
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data
+    os.close(fd)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("offset, length", [(0, PARALLEL_READ_BYTES), (7, PARALLEL_READ_BYTES + 1),
                                             (65536 * 3 + 1, 3 * PARALLEL_READ_BYTES + 99), (12345, 131073 * 9),
                                             (5, (1 << 20) * 4 + 3)])
-def test_a_split_read_is_the_same_bytes(data_file, threads, offset, length):
-    path, data = data_file
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = np.zeros(length, np.uint8)
-        assert pread_into(fd, out, offset, threads) == length
-        assert np.array_equal(out, data[offset : offset + length])
-    finally:
-        os.close(fd)
+def test_a_split_read_is_the_same_bytes(data_fd, threads, offset, length):
+    fd, data = data_fd
+    out = np.zeros(length, np.uint8)
+    assert pread_into(fd, out, offset, threads) == length
+    assert np.array_equal(out, data[offset : offset + length])
 
 
-def test_a_split_read_into_a_bytearray(data_file):
+def test_a_split_read_into_a_bytearray(data_fd):
     """read_expert_bytes reads into a fresh bytearray where it has no slab (the resident load's other experts)."""
-    path, data = data_file
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = bytearray(2 * PARALLEL_READ_BYTES + 3)
-        assert pread_into(fd, out, 11, 2) == len(out) and bytes(out) == data[11 : 11 + len(out)].tobytes()
-    finally:
-        os.close(fd)
+    fd, data = data_fd
+    out = bytearray(2 * PARALLEL_READ_BYTES + 3)
+    assert pread_into(fd, out, 11, 2) == len(out) and bytes(out) == data[11 : 11 + len(out)].tobytes()
 
 
-def test_a_split_read_past_the_end_returns_what_the_file_has(data_file):
-    path, data = data_file
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset = len(data) - PARALLEL_READ_BYTES - 100
-        out = np.zeros(2 * PARALLEL_READ_BYTES, np.uint8)
-        assert pread_into(fd, out, offset, 2) == PARALLEL_READ_BYTES + 100
-        assert np.array_equal(out[: PARALLEL_READ_BYTES + 100], data[offset:]) and not out[PARALLEL_READ_BYTES + 100 :].any()
-    finally:
-        os.close(fd)
+def test_a_split_read_past_the_end_returns_what_the_file_has(data_fd):
+    fd, data = data_fd
+    offset = len(data) - PARALLEL_READ_BYTES - 100
+    out = np.zeros(2 * PARALLEL_READ_BYTES, np.uint8)
+    assert pread_into(fd, out, offset, 2) == PARALLEL_READ_BYTES + 100
+    assert np.array_equal(out[: PARALLEL_READ_BYTES + 100], data[offset:]) and not out[PARALLEL_READ_BYTES + 100 :].any()
 
 
-def test_a_failed_split_read_raises_its_errno(data_file, tmp_path):
+def test_a_failed_split_read_raises_its_errno(tmp_path):
     out = np.zeros(PARALLEL_READ_BYTES, np.uint8)
     fd = os.open(tmp_path, os.O_RDONLY)  # a directory: pread fails with EISDIR
     try:
@@ -77,18 +74,14 @@ def test_a_failed_split_read_raises_its_errno(data_file, tmp_path):
     assert caught.value.errno == errno.EBADF
 
 
-def test_small_or_one_thread_reads_stay_one_preadv(data_file, monkeypatch):
+def test_small_or_one_thread_reads_stay_one_preadv(data_fd, monkeypatch):
     """Below PARALLEL_READ_BYTES, or with one thread, the native call is not made (a parallel region costs more)."""
-    path, data = data_file
+    fd, data = data_fd
     monkeypatch.setattr(read_range, "load", lambda: pytest.fail("the native read was called"))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        small = np.zeros(PARALLEL_READ_BYTES - 1, np.uint8)
-        assert pread_into(fd, small, 5, 2) == len(small) and np.array_equal(small, data[5 : 5 + len(small)])
-        big = np.zeros(PARALLEL_READ_BYTES, np.uint8)
-        assert pread_into(fd, big, 5, 1) == len(big) and np.array_equal(big, data[5 : 5 + len(big)])
-    finally:
-        os.close(fd)
+    small = np.zeros(PARALLEL_READ_BYTES - 1, np.uint8)
+    assert pread_into(fd, small, 5, 2) == len(small) and np.array_equal(small, data[5 : 5 + len(small)])
+    big = np.zeros(PARALLEL_READ_BYTES, np.uint8)
+    assert pread_into(fd, big, 5, 1) == len(big) and np.array_equal(big, data[5 : 5 + len(big)])
 
 
 def test_a_cache_and_a_resident_load_reading_every_expert_split_give_the_same_logits(tmp_path, monkeypatch):
