@@ -420,13 +420,14 @@ def variants(args, ggufs: dict, prisms: dict) -> list[Variant]:
                 for what, flags in LLAMA_MMAP_VARIANTS.items()]
         out += [Variant("prism", f"{n}, mmap", p, flags=("--mmap",)) for n, p in prisms.items()]
     for budget in args.cache:  # "120MiB" on demand (the CPU default), "+prefetch": prefetch=True, "+lru" or
-        size, *extras = budget.split("+")  # "+frequency": another eviction order; "+always": every read checked
-        evictions = [e for e in extras if e in ("lru", "frequency")]
-        if not set(extras) <= {"prefetch", "lru", "frequency", "always"} or len(evictions) > 1:
-            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch, +always and/or one of "
-                             "+lru, +frequency")
+        size, *extras = budget.split("+")  # "+frequency": another eviction order; "+always": every read checked;
+        evictions = [e for e in extras if e in ("lru", "frequency")]  # "+python": misses by callbacks into Python
+        if not set(extras) <= {"prefetch", "lru", "frequency", "always", "python"} or len(evictions) > 1:
+            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch, +always, +python and/or "
+                             "one of +lru, +frequency")
         flags = ("--expert-cache", size) + (("--prefetch",) if "prefetch" in extras else ()) + \
-            (("--verify-always",) if "always" in extras else ()) + tuple(f for e in evictions for f in ("--eviction", e))
+            (("--verify-always",) if "always" in extras else ()) + (("--python-misses",) if "python" in extras else ()) + \
+            tuple(f for e in evictions for f in ("--eviction", e))
         out += [Variant("prism", ", ".join([f"{n}, expert_cache {size}", *extras]), p, flags=flags)
                 for n, p in prisms.items()]
     return out
@@ -596,7 +597,8 @@ def main() -> None:
                     "process loads it (posix_fadvise DONTNEED), so the load reads the disk")
     ap.add_argument("--cache", default="", help="also measure every prism recipe with load(expert_cache=BUDGET), for "
                     "each comma-separated budget (e.g. 40%%; 40%%+prefetch: with prefetch=True; +lru: eviction by recency "
-                    "alone; +frequency: GreedyDual with frequencies; +always: verify_checksums='always', every read "
+                    "alone; +frequency: GreedyDual with frequencies; +python: every miss by a callback into Python, "
+                    "not served in the decode loop; +always: verify_checksums='always', every read "
                     "checked, reloads too)")
     ap.add_argument("--memory-cap", type=int, help="MiB each measured process may charge past its imports, page "
                     "cache included (a memory cgroup, bench/memory_cap.py; implies --cold; needs --mmap: ratios are "

@@ -48,6 +48,8 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 50%, prefetch, lookahead 2", "50%", True, {"lookahead": 2}),
     ("cache 50%, prefetch, lookahead 2, shadow router only", "50%", True, {"lookahead": 2, "predictor": False}),
     ("cache 50%, on demand", "50%", False, {}),
+    # the same with every miss served by a callback into Python (the path before native/expert_miss.c)
+    ("cache 50%, on demand, Python misses", "50%", False, {"python_misses": True}),
     ("cache 25%, prefetch", "25%", True, {}),
     ("cache 25%, on demand", "25%", False, {}),
     ("cache 50%, on demand, hot tier pinned", "50%", False, {"pin_hot": "pin"}),
@@ -66,6 +68,7 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("resident, decoded fp32 (the earlier default)", None, False, {"expert_form": "decoded", "dtype": torch.float32}),
 ]
 CPU_ONLY = {"cold_reads"}  # options the CUDA runs skip
+BENCH_OPTIONS = ("cold_reads", "python_misses")  # the bench's own, not load()'s
 # Stated allowance past dense weights + expert bytes: what a resident model carries besides its weights on
 # this machine (~27 MiB measured: first-forward kernel set-up, KV cache, tokenizer, allocator slack) plus
 # the runtime's temporaries (a decode's int64 unpack buffers and read buffer, on two threads).
@@ -216,8 +219,9 @@ def expert_tier_bytes(container: Path) -> int:
 
 
 def load_options(budget, prefetch: bool, options: dict) -> dict:
-    """prism_load.load's keywords for one configuration (cold_reads is the bench's own: see cold_reads)."""
-    kw = {k: v for k, v in options.items() if k != "cold_reads"}
+    """prism_load.load's keywords for one configuration (BENCH_OPTIONS are the bench's own: cold_reads, and
+    python_misses, which turns the native miss path off for that model)."""
+    kw = {k: v for k, v in options.items() if k not in BENCH_OPTIONS}
     return kw if budget is None else {"expert_cache": budget, "prefetch": prefetch, **kw}
 
 
@@ -240,6 +244,7 @@ def cold_reads(model) -> None:
         return wrapped
 
     store.read_into, store.fetch = dropping(store.read_into), dropping(store.fetch)
+    model.runtime.cache.drop_read_pages = True  # the native miss path's reads (runtime/native_misses.py)
 
 
 def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens: int, repeats: int,
@@ -251,6 +256,8 @@ def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens:
         models[name] = prism_load.load(container, device=device, **load_options(budget, prefetch, options))
         if options.get("cold_reads"):
             cold_reads(models[name])
+        if options.get("python_misses"):
+            models[name].runtime.cache.native_allowed = False
     prompts = [p.to(device) for p in prompts]
     for model in models.values():
         measure(model, prompts[0], 8)  # warm up: first-call costs, a cache in its steady state
@@ -373,7 +380,7 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     """Each configuration in a fresh process: peak RSS growth past the imports vs dense + budget + overhead."""
     out = []
     for name, budget, prefetch, options in CONFIGS:
-        if {"lookahead", "predictor", "cold_reads"} & set(options):  # the same memory as "cache 50%, prefetch"
+        if {"lookahead", "predictor", "cold_reads", "python_misses"} & set(options):  # memory as another row's
             continue
         kw = load_options(budget, prefetch, options)
         result, _ = run_measured(RSS_CODE.format(threads=threads, ids=prompt.tolist(), kw=kw,

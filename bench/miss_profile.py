@@ -1,8 +1,11 @@
 """Where a cache miss's time goes: the steps of the expert cache's miss path timed inside the decode loop.
 
-The torch profiler (bench_decode_profile.py) sees aten ops and the native kernels; a miss is neither: it is a
-callback from the native decode loop into Python that chooses a victim, reads the expert into a slab and
-publishes it to the loop's table. This script wraps each of those steps (functions of the runtime, by name)
+The torch profiler (bench_decode_profile.py) sees aten ops and the native kernels; a miss on the Python path is
+neither: it is a callback from the native decode loop into Python that chooses a victim, reads the expert into a
+slab and publishes it to the loop's table. By default a miss is served inside the loop instead
+(runtime/native_misses.py), where no timer here sees it: the script measures that path's token time first, then
+times the Python path's steps with PRISM_NATIVE_MISSES=0 (what the native path replaces, and what still serves
+an expert's first read and the steps the loop cannot serve). This script wraps each of those steps (functions of the runtime, by name)
 with a timer, decodes sampled continuations of the bench prompts with the cache on demand, and reports each
 step's calls and time per decode token. The times are inclusive (a step's row contains the steps it calls;
 the indentation shows which) and include the timer's own cost, about a microsecond a call. The same prompts
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -130,6 +134,12 @@ def main() -> None:
     resident = prism_load.load(container)
     measure(resident, prompts[0], 8)
     resident_rate, _, _ = decode_rate(resident, prompts, args.tokens)
+    # the native miss path (the default) serves a miss inside the loop, where no timer sees it: with it on, the
+    # token time alone; the steps are timed on the Python path it replaces (PRISM_NATIVE_MISSES=0)
+    native = prism_load.load(container, expert_cache=args.cache, prefetch=False)
+    measure(native, prompts[0], 8)
+    native_rate, native_tokens, native_misses = decode_rate(native, prompts, args.tokens)
+    os.environ["PRISM_NATIVE_MISSES"] = "0"
     totals: dict = {}
     wrap(totals)
     cached = prism_load.load(container, expert_cache=args.cache, prefetch=False)
@@ -145,13 +155,16 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     data = {"prism_commit": commit, "container": str(container), "cache": args.cache, "threads": args.threads, "decode_tokens": tokens,
             "resident_tokens_per_s": resident_rate, "cached_tokens_per_s": rate, "misses_per_token": misses / tokens,
-            "steps": rows}
+            "native_tokens_per_s": native_rate, "native_misses_per_token": native_misses / native_tokens, "steps": rows}
+    native_us = (1e6 / native_rate - 1e6 / resident_rate) / max(native_misses / native_tokens, 1e-9)
     lines = [f"# Where a miss's time goes (cache {args.cache} on demand, {args.threads} thread(s), "
              f"{tokens} decode tokens, timers on)", "",
              f"prism at {commit}. Container: `{container}`. Resident {resident_rate:.1f} tokens/s ({1e6 / resident_rate:.0f} us a token); "
              f"cached with the timers on {rate:.1f} tokens/s ({token_us:.0f} us a token), "
              f"{misses / tokens:.2f} misses a token: {(token_us - 1e6 / resident_rate) / max(misses / tokens, 1e-9):.0f} "
-             f"us of the token per miss.", "",
+             f"us of the token per miss. With the native miss path (the default, no timers: the steps below are the "
+             f"Python path it replaces, PRISM_NATIVE_MISSES=0): {native_rate:.1f} tokens/s, "
+             f"{native_misses / native_tokens:.2f} misses a token: {native_us:.0f} us of the token per miss.", "",
              "Decode tokens only (each prompt's prefill and first token left out). Inclusive times: a row contains the rows "
              "below it with one more dot; each includes its timer (about 1 us a call).",
              "", "| step | calls/token | us/call | us/token | share of a token |", "|---|---|---|---|---|"]

@@ -19,6 +19,7 @@ def test_the_miss_profile_times_every_step_of_a_miss_and_restores_them(tmp_path,
     # stored as the built-in recipes store a model (int8 attention, int4 experts): a decode token runs in the native
     # loop, which calls back into the cache for a layer with a miss
     path = write_plain(tmp_path)
+    monkeypatch.setenv("PRISM_NATIVE_MISSES", "0")  # the Python path it times (misses served natively skip it)
     serve_now, pread_into = ExpertCache._serve_now, reader.pread_into
     totals: dict = {}
     restore = miss_profile.wrap(totals)

@@ -207,7 +207,8 @@ def test_cached_hits_run_from_resident_tables_without_callbacks(q8, tmp_path, mo
     """A layer whose routed experts are all ready in the cache runs from its resident table: no callback into
     Python; the hits are logged and counted as acquire counts them. The tables hold exactly the ready native
     experts through every eviction (check()), pins go at the end of each token, and the logits equal the
-    resident model's."""
+    resident model's. Misses call back here (tests/test_native_misses.py serves them in the loop)."""
+    monkeypatch.setenv("PRISM_NATIVE_MISSES", "0")
     path = write_plain(tmp_path)
     cached = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
     cache = cached.runtime.cache

@@ -23,6 +23,8 @@ recorded for gradients.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -95,7 +97,13 @@ def expert_server(model, plan: TokenLayers) -> ExpertServer:
         if run:
             keeper.record_hits(run)
 
-    return ExpertServer(plan, route, hook, hits)
+    owners = {id(owner) for owner, _ in keepers}
+    native = getattr(keepers[0][0], "native_misses", lambda: None)() if len(owners) == 1 else None
+    positions = None
+    if native is not None:
+        where = native.cache.policy.position
+        positions = np.array([where.get(index, -1) for _, index in keepers], dtype=np.int64)
+    return ExpertServer(plan, route, hook, hits, native, positions)
 
 
 def layer_hook_between_layers(model) -> bool:
@@ -141,7 +149,10 @@ def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
             return None
         slots.append(slot)
     hooked = layer_hook_between_layers(model)
-    out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server, hooked=hooked)
+    native = None
+    if server is not None and server.native is not None and not hooked:  # the cache's lock, held for the token
+        native = functools.partial(server.native.token, server.positions)
+    out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server, hooked=hooked, native=native)
     if model.layer_hook is not None and not hooked:
         model.runtime.after_token()
     lengths = ctx.cache.lengths

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "expert_miss.h"
+
 int prism_rms_norm(const int64_t *a);
 int prism_attention_decode(const int64_t *a);
 int prism_router_topk(const int64_t *a);
@@ -137,8 +139,13 @@ int prism_resident_clear(int64_t *table, int64_t E, int64_t e) {
  * Why: what is left between the per-layer calls (the expert lookup, the wrappers, the module calls) is still
  * about 60 microseconds of Python a layer on a Zen 4 core; none of it decides anything but the cache's work.
  *
+ * With expert_miss.c's state (nm), a layer whose experts are not all in its resident table is served in the loop
+ * where it can be (misses read, victims evicted, all logged for the caller to replay); a resident layer's hit is
+ * logged there too, with its observation done. Where a layer cannot be served there, the loop turns nm off for
+ * the rest of the token and calls route as above.
+ *
  * Arguments: hdr = {x, out, layers L, hidden H, threads, route, hook, y, h, moe, logits, weights, indices, ctl,
- * hits}:
+ * hits, nm}:
  * x fp32 [H] the embedded token (read only), out fp32 [H] <- each layer's output in turn; y, h, moe fp32 [H],
  * logits fp32 [E], weights fp32 [k], indices int64 [k], ctl int64 [1]: the caller's scratch, which the callbacks
  * read and write; layers = L records {step, table, experts E, wide}: step the layer's int64[16] arguments of
@@ -148,7 +155,8 @@ int prism_resident_clear(int64_t *table, int64_t E, int64_t e) {
  * not resident}), wide the experts' rounding of x as prism_expert_block takes it; hits 0 or the hit log, int64
  * {count, stride, then count records of stride: layer, k, the k experts}, which the caller empties. Returns 0,
  * -1 when out of memory, -2 for arguments it does not take (a routed index outside 0..E-1 among them, a full hit
- * log), -3 when a callback failed. */
+ * log), -3 when a callback failed, -6 when a miss served in the loop found no victim, -7 when its read failed
+ * (nm's NM_ERROR says why). nm: 0, or expert_miss.h's state. */
 int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
     const int64_t L = hdr[2], H = hdr[3];
     float *out = (float *)(intptr_t)hdr[1];
@@ -157,6 +165,7 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
     const float *weights = (const float *)(intptr_t)hdr[11];
     const int64_t *indices = (const int64_t *)(intptr_t)hdr[12], *ctl = (const int64_t *)(intptr_t)hdr[13];
     int64_t *hits = (int64_t *)(intptr_t)hdr[14];
+    int64_t *nm = (int64_t *)(intptr_t)hdr[15]; /* expert_miss.c's state, or 0 */
     const int64_t hits_capacity = hits ? 2 + L * hits[1] : 0;
     if (L < 1 || H < 1 || !hdr[0] || !out || !y || !h || !moe || !hdr[10] || !weights || !indices || !ctl)
         return -2;
@@ -181,7 +190,9 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
         int64_t wide = rec[3];
         int64_t *resident = route && hits ? (int64_t *)(intptr_t)rec[1] : NULL;
         if (resident && !resident_take(resident, indices, k, E, ops, &wide)) resident = NULL;
-        if (resident) {
+        if (resident && nm && prism_expert_miss_hit(nm, l, indices, k)) {
+            /* logged with the misses served here: replayed in order after the token */
+        } else if (resident) {
             const int64_t at = 2 + hits[0] * hits[1];
             if (hits[1] < 2 + k || at + hits[1] > hits_capacity) {
                 __atomic_store_n(&resident[1], 0, __ATOMIC_RELEASE);
@@ -190,7 +201,13 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
             hits[at] = l, hits[at + 1] = k;
             for (int64_t i = 0; i < k; i++) hits[at + 2 + i] = indices[i];
             hits[0]++;
+        } else if (route && nm && (rc = prism_expert_miss_step(nm, l, indices, k, (const int64_t **)ops, &wide))) {
+            if (rc == -4) return -6;
+            if (rc == -5) return -7;
+            if (rc < 0) return rc;
+            rc = 0;
         } else if (route) {
+            if (nm) nm[NM_ON] = 0; /* the callback may change the cache: the rest of the token calls back */
             const int64_t served = route(l);
             if (served < 0) return -3;
             chosen = (const int64_t *const *)(intptr_t)served; /* 0: the caller summed them into moe */

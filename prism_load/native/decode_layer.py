@@ -10,6 +10,7 @@ functions with the same arguments, so the outputs are the same bits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 
@@ -189,27 +190,32 @@ class TokenLayers:
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             slots: list[tuple[torch.Tensor, torch.Tensor, int]], server: ExpertServer | None = None,
-            hooked: bool = False) -> torch.Tensor:
+            hooked: bool = False, native=None) -> torch.Tensor:
         """The last layer's output fp32 [H] for x fp32 [H] (the embedded token); cos/sin fp32 [head_dim] for its
         position; slots: each layer's (keys, values, n) as decode_layer takes them (the caller counts the token).
         Served layers need the server (its route, and with `hooked` its hook, called back between the layers on
-        this thread; an exception raised in one is raised here); table layers take none."""
+        this thread; an exception raised in one is raised here); table layers take none. native: None, or what
+        makes the context of a token served by the expert cache's native miss path (NativeMisses.token: the
+        cache's lock, the address of its state), entered under this plan's lock: always this lock first, then
+        the cache's (a callback waiting for room lets the cache's go, never this one)."""
         if (server is None) == self.served:
             raise ValueError("decode_layers: served layers need an ExpertServer, table layers take none")
-        with self._lock:
+        with self._lock, (native() if native is not None and server is not None else contextlib.nullcontext(0)) as nm:
             threads = self._prepare(x, cos, sin, slots)
             callbacks = (0, 0) if server is None else (
                 ctypes.cast(server.route_fn, ctypes.c_void_p).value,
                 ctypes.cast(server.hook_fn, ctypes.c_void_p).value if hooked else 0)
             hits = 0 if self.resident is None else self.hits.data_ptr()
-            hdr = (ctypes.c_int64 * 15)(x.data_ptr(), self.out.data_ptr(), len(self.steps), self.hidden, threads,
-                                        *callbacks, *(self.scratch[name].data_ptr() for name in SCRATCH), hits)
+            hdr = (ctypes.c_int64 * 16)(x.data_ptr(), self.out.data_ptr(), len(self.steps), self.hidden, threads,
+                                        *callbacks, *(self.scratch[name].data_ptr() for name in SCRATCH), hits, nm)
             rc = _kernel().decode_layers(ctypes.addressof(hdr), ctypes.addressof(self.records))
             if server is not None:
                 error, server.error, server.held = server.error, None, None
                 server.flush_hits()  # the resident tables' hits of this token: counted before anything else runs
                 if error is not None:
                     raise error
+                if rc in (-6, -7) and server.native is not None:
+                    raise server.native.error(rc)
             _check_rc(rc, "decode_layers")
             return self.out.clone()
 
@@ -263,9 +269,12 @@ class ExpertServer:
     indices as a numpy view of theirs, TokenLayers.scratch_np); an exception in a callback stops the loop and is
     raised by TokenLayers.run."""
 
-    def __init__(self, plan: TokenLayers, route, hook, hits=None):
+    def __init__(self, plan: TokenLayers, route, hook, hits=None, native=None, positions=None):
         self.plan, self.scratch, self.out = plan, plan.scratch, plan.out
         self.route, self.hook, self.hits = route, hook, hits
+        # the expert cache's native miss path (runtime/native_misses.NativeMisses) and each loop layer's position
+        # in it (int64 [L], -1: not its), or None
+        self.native, self.positions = native, positions
         self.error: BaseException | None = None
         self.held = None  # the last route's blocks and operator array: alive until the native block has run
         self.route_fn, self.hook_fn = LAYER_CALLBACK(self._route), LAYER_CALLBACK(self._hook)
@@ -273,6 +282,8 @@ class ExpertServer:
     def flush_hits(self) -> None:
         """Hand the resident tables' logged hits to `hits` (the cache counts them as acquire would have), before
         a route acquires anything and after the loop: the cache sees every use in order."""
+        if self.native is not None:  # logged before anything in the hit log: replayed first
+            self.native.replay()
         if self.plan.resident is not None and self.hits is not None:
             records = self.plan.take_hits()
             if records:
@@ -285,10 +296,14 @@ class ExpertServer:
             blocks = self.route(layer, b["h"], n["indices"], b["weights"], b["moe"])
             if blocks is None:
                 self.held = None
+                if self.native is not None:
+                    self.native.resume(self.positions)
                 return 0
             ops = op_table(blocks)
             self.held = (blocks, ops)
             n["ctl"][0] = blocks[0].wide
+            if self.native is not None:  # the loop turned it off for this callback
+                self.native.resume(self.positions)
             return ctypes.addressof(ops)
         except BaseException as e:  # noqa: BLE001 - carried back across the native loop, raised by TokenLayers.run
             self.error = e

@@ -30,6 +30,12 @@ budget smaller than one step's experts still works. A thread's pins are released
 waiting for room holds no pin and a pinned expert is never evicted under a matmul.
 Waiting for room re-checks pins of threads that have died, so a thread that ends without releasing cannot
 block the others. The worker never waits for room: a prefetch without room is dropped.
+
+Misses in the native decode loop (native_misses.py, default where the cache qualifies: native_misses()): a
+decode token holds the lock (reentrant) from start to end and the loop serves a step's misses itself, as
+_serve_now would, logging what it did; the log is replayed here before anything else reads the cache. The
+Python side keeps the loop's view of each expert (state, slab) up to date where it loads or evicts (_add_entry,
+_finish, _remove).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from torch import nn
 from ..errors import BudgetError
 from ..models.moe import ExpertWeights
 from ..native.decode_layer import ResidentTable
-from .eviction import eviction_policy
+from .eviction import NextUse, eviction_policy
 from .stats import RuntimeStats
 from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency, raw_nbytes, weights_nbytes
 from .tiers import Entry, HostTier, Slab, SlabPool, footprint, total_footprint  # noqa: F401 - re-exported
@@ -81,7 +87,9 @@ class ExpertCache:
                           f"not fit together they run one at a time, and most steps load some of them again: "
                           f"exact, but slow",
                           RuntimeWarning, stacklevel=3)
-        self._lock = threading.Lock()
+        # reentrant: a decode token served by the native miss path holds it throughout (native_misses.py), and its
+        # callbacks take it again
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads waiting on _changed
         self._entries: dict[Key, Entry] = {}
@@ -104,6 +112,10 @@ class ExpertCache:
         self.slabs = SlabPool(self.budget_bytes) if self.transfer is None and placement is None else None
         self.stats = RuntimeStats()
         self._tables: dict[int, ResidentTable] = {}  # layer -> its ready native experts (resident_table)
+        self._native = None  # NativeMisses, once native_misses() has made it
+        self._native_checked = False
+        self.native_allowed = True  # False: every miss on the Python path (A/B runs; PRISM_NATIVE_MISSES=0 too)
+        self.drop_read_pages = False  # benchmarks of disk reads: the native path's reads leave the page cache
         # a list to have every layer step's real routing appended, (layer, experts), in the order the cache saw
         # them (bench/bench_runtime.py replays it against an oracle); None: not recorded
         self.route_log: list[tuple[int, tuple[int, ...]]] | None = None
@@ -170,7 +182,30 @@ class ExpertCache:
                 for (i, _), entry in self._entries.items():
                     if i == layer and entry.ready:
                         self._publish(entry)
+                if self._native is not None:
+                    self._native.set_table(layer, table)
             return table
+
+    def native_misses(self):
+        """The native miss path's state (runtime/native_misses.py) where this cache qualifies, else None: resident
+        tables (resident_table), CPU slabs, eviction by next use, a store that reads experts straight into slabs
+        (ContainerStore.native_read), checksums not checked on every read, a budget that holds a layer step's
+        experts beside the permanent ones, and PRISM_NATIVE_MISSES not 0. Made once."""
+        from .native_misses import NativeMisses, enabled
+
+        with self._lock:
+            if not self._native_checked:
+                self._native_checked = True
+                permanent = sum(e.nbytes for e in self._entries.values() if e.permanent)
+                if (self.worker is None and self.transfer is None and self.device.type == "cpu" and self.slabs is not None
+                        and type(self.policy) is NextUse and hasattr(self.store, "native_read")
+                        and getattr(self.store, "verify_checksums", True) != "always"
+                        and self.store.top_k * self.largest_bytes <= self.budget_bytes - permanent and enabled()):
+                    from ..native import available
+
+                    if available():
+                        self._native = NativeMisses(self)
+            return self._native
 
     def record_hits(self, records: list[tuple[int, list[int]]]) -> None:
         """Count layer steps the native loop ran from resident tables, as acquire counts hits: the routing arrived,
@@ -417,6 +452,8 @@ class ExpertCache:
         """Under the lock: a load is done; make the entry ready and wake every waiter."""
         entry.weights, entry.event, entry.ready = weights, event, True
         self._publish(entry)
+        if self._native is not None:
+            self._native.mark(entry)
         self.stats.bytes_decoded += entry.decoded_nbytes
         self.stats.host_hits += host_hit
         if entry.unwanted:  # the real routing disagreed while it loaded: first in line for eviction
@@ -523,6 +560,8 @@ class ExpertCache:
         self._entries[key] = entry
         self.layer_entries[key[0]] += 1
         self.used_bytes += entry.nbytes
+        if self._native is not None:
+            self._native.mark(entry)
         return entry
 
     def _remove(self, entry: Entry) -> None:
@@ -535,6 +574,8 @@ class ExpertCache:
             table = self._tables.get(entry.key[0])
             if table is not None:  # out of the decode loop's reach before its memory can be reused
                 table.drop(entry.key[1])
+            if self._native is not None:
+                self._native.gone(entry.key)
         entry.weights = None
         if entry.slab is not None:
             self.slabs.give(entry.slab)
@@ -667,6 +708,14 @@ class ExpertCache:
                         raise AssertionError(f"resident table of layer {layer}: expert {e} is "
                                              f"{'in' if block is not None else 'out'} (pointers {held}), "
                                              f"its entry {'ready' if ready else 'not ready'}")
+            if self.slabs is not None:  # every slab is an entry's or free
+                held = sum(e.slab.buf.numel() for e in self._entries.values() if e.slab is not None)
+                free = sum(size * len(spare) for size, spare in self.slabs.free.items())
+                if held + free != self.slabs.total_bytes:
+                    raise AssertionError(f"slab pool: {self.slabs.total_bytes:,} bytes, entries hold {held:,} and "
+                                         f"{free:,} are free")
+            if self._native is not None:
+                self._native.check()
 
 
 class ExpertLease(Mapping):

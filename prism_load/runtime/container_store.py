@@ -181,6 +181,28 @@ class ContainerStore(StoreBase):
         slab.built[layout] = built
         return built
 
+    def native_read(self, layer, expert) -> tuple | None:
+        """What the native miss path (runtime/native_misses.py, native/expert_miss.c) needs to read this expert
+        into a slab and give it its native block without Python: (shard index, file offset, stored bytes, its
+        layout's BlockTemplate); None where its reads must come through read_into: the next one checks its
+        checksum, its view plan or its layout's template is not made yet (read_into makes them), or its
+        operators are no native block."""
+        key = (layer, expert)
+        plan = self._view_plans.get(key)
+        if not self._direct[key] or self._verify(key) or plan is None:
+            return None
+        template = self._block_templates.get(plan[3])
+        if not template:
+            return None
+        record = self.container.record(layer, expert)
+        return record.shard, record.offset, record.length, template
+
+    def native_weights(self, layer, expert, buf: torch.Tensor, block) -> ExpertWeights:
+        """The weights of an expert the native miss path read into buf, with the block it made there: views built
+        on first use, as read_into's."""
+        plan = self._view_plans[(layer, expert)]
+        return DeferredViews(functools.partial(slab_views, buf, plan), block, plan[4])
+
     def _view_plan(self, layer, expert):
         """(the expert's operators built once on the meta device; the dtype, shape, stride and element offset of
         each of their tensors in the stored bytes, in weights_tensors order; the dtypes; the layout, a key

@@ -92,13 +92,18 @@ class SlabPool:
     expert-sized blocks in its heaps (its mmap threshold rises with each such free), so without slabs the
     resident set grows to about twice the budget; with them the tier's memory is the budget. Free slabs of
     other sizes are released when a new size would not fit. Slabs are huge_buffer()s (prism_load/hugepages.py):
-    a cached expert streams from 2 MiB pages as a resident one does."""
+    a cached expert streams from 2 MiB pages as a resident one does; those made by the native miss path
+    (runtime/native_misses.py) are its memory, advised the same way. `version` counts take and give, so the
+    native path knows when its copy of the free list is out of date; its own changes, replayed here through
+    adopt_free, drop_free and total_bytes, leave it."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes, self.total_bytes = budget_bytes, 0
         self.free: dict[int, list[Slab]] = {}
+        self.version = 0
 
     def take(self, nbytes: int) -> Slab:
+        self.version += 1
         spare = self.free.get(nbytes)
         if spare:
             return spare.pop()
@@ -110,4 +115,20 @@ class SlabPool:
         return Slab(huge_buffer(nbytes))
 
     def give(self, slab: Slab) -> None:
+        self.version += 1
+        self.adopt_free(slab)
+
+    def adopt_free(self, slab: Slab) -> None:
         self.free.setdefault(slab.buf.numel(), []).append(slab)
+
+    def drop_free(self, address: int, nbytes: int) -> Slab:
+        """The free slab at `address` (of nbytes), taken off the free list (KeyError where it is not on it)."""
+        spare = self.free.get(nbytes, [])
+        for i, slab in enumerate(spare):
+            if slab.buf.data_ptr() == address:
+                return spare.pop(i)
+        raise KeyError(f"no free slab of {nbytes} bytes at {address:#x}")
+
+    def free_slabs(self) -> list[tuple[int, int]]:
+        """(address, bytes) of every free slab."""
+        return [(slab.buf.data_ptr(), size) for size, spare in self.free.items() for slab in spare]

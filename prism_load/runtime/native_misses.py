@@ -1,0 +1,356 @@
+"""An expert cache's misses served inside the native decode loop (native/expert_miss.c), replayed here.
+
+Why: with the decode loop native, a miss was the one thing left that called back into Python, and on small experts
+the Python around the read cost about five times the read itself (bench/results/miss_profile_xeon.md: a miss
+added 141 us to a token, its read 24). The loop now serves a step with misses itself: it observes the routing,
+chooses victims by the default eviction order (NextUse, whose arrays it shares), evicts them from the resident
+table, takes a slab (a free one of the size, or new memory), reads the expert into it, moves its layout's native
+block there and runs it. It logs what it did; `replay` applies the log to the cache's Python side (entries,
+statistics, slabs), in order, before anything else looks at the cache: after the token, or before a callback.
+
+The decoding thread holds the cache's lock for the whole token (`token`), so nothing else changes the cache
+under the loop; another thread's loop may still run hits from the resident tables, and an eviction waits for it
+as the Python path's does (decode_layer.c's handshake). The loop serves a step only where it can serve it whole
+and exactly as ExpertCache._serve_now would: every routed expert ready, or absent with its read known
+(ContainerStore.native_read: the expert was read through Python once, its checksum checked); nothing pinned by
+another thread, nothing predicted or expected, no route log, no fetch worker, eviction by next use. Elsewhere it
+calls back as before, and from then until the token ends every step does. The first read of every expert takes
+the Python path, so a cache serves natively only once it has seen an expert.
+
+Exactness: the same victims, the same floating-point scores, the same counts; tests/test_native_misses.py
+decodes with and without this and compares the caches after every token. PRISM_NATIVE_MISSES=0 turns it off
+(bench A/B runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import struct
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+from ..native import _ARGS, _kernel
+from ..native.expert_block import BlockOps
+from .eviction import MIN_ROUTING, RESCALE_BELOW, NextUse
+from .tiers import Entry, Slab, footprint
+
+# expert_miss.h's fields, in order
+FIELDS = ("on", "positions", "experts", "room", "pool_total", "pool_budget", "free_count", "free_cap", "free_addr",
+          "free_size", "log", "log_count", "log_cap", "level", "scale", "weight", "offset", "current", "decay",
+          "min_routing", "rescale_below", "state", "slab", "slab_size", "footprint", "length", "file_offset", "fd",
+          "template", "wide", "blocks", "tables", "position_layer", "loop_position", "scratch", "huge", "threads",
+          "split_bytes", "error", "error_key", "drop")
+F = {name: i for i, name in enumerate(FIELDS)}
+ABSENT, READY, LOADING, PERMANENT = 0, 1, 2, 4
+EV_HIT, EV_STEP, EV_SERVED, EV_EVICT, EV_RELEASE, EV_ALLOC, EV_LOAD = range(1, 8)
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def enabled() -> bool:
+    return os.environ.get("PRISM_NATIVE_MISSES", "1") != "0"
+
+
+@functools.cache
+def _owned(nbytes: int) -> type:
+    """A ctypes byte array type whose instance frees its memory (prism_slab_free) when the last tensor viewing it
+    goes: torch.frombuffer keeps the array alive for as long as any view of it lives."""
+    return type(f"NativeSlab{nbytes}", (ctypes.c_uint8 * nbytes,), {"__del__": _free})
+
+
+def _free(mem) -> None:
+    with contextlib.suppress(Exception):  # at interpreter exit the library may be gone already
+        _kernel().slab_free(ctypes.addressof(mem))
+
+
+def native_buffer(address: int, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over memory prism_slab_alloc made, which it frees once nothing views it."""
+    return torch.frombuffer(_owned(nbytes).from_address(address), dtype=torch.uint8)
+
+
+def _close_all(fds: dict) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class NativeMisses:
+    """expert_miss.c's state for one ExpertCache, and the replay of its log. Made by ExpertCache.native_misses()
+    where the cache qualifies; the cache keeps `state` and the slab arrays up to date as its Python path loads and
+    evicts (mark, ready, gone)."""
+
+    def __init__(self, cache):
+        fn = _kernel()
+        if fn.expert_miss_fields() != len(FIELDS):
+            raise RuntimeError(f"expert_miss.h has {fn.expert_miss_fields()} fields, native_misses.py {len(FIELDS)}")
+        self.cache = cache
+        policy, store = cache.policy, cache.store
+        n, E = len(policy.layers), store.num_experts
+        self.n, self.E = n, E
+        self.index = {(layer, e): i * E + e for i, layer in enumerate(policy.layers) for e in range(E)}
+        keys = n * E
+        self.state = np.zeros(keys, np.int8)
+        self.slab = np.zeros(keys, np.int64)
+        self.slab_size = np.zeros(keys, np.int64)
+        self.footprint = np.array([footprint(store.nbytes(layer, e)) for layer in policy.layers for e in range(E)],
+                                  np.int64)
+        self.length = np.zeros(keys, np.int64)
+        self.file_offset = np.zeros(keys, np.int64)
+        self.fd = np.full(keys, -1, np.int64)
+        self.template = np.zeros(keys, np.int64)
+        self.wide = np.zeros(keys, np.int64)
+        self.blocks = np.zeros(keys * 3 * _ARGS, np.int64)
+        self.tables = np.zeros(n, np.int64)
+        self.position_layer = np.array(policy.layers, np.int64)
+        self.scratch = np.zeros(keys, np.float64)
+        self.free_cap = 2 * keys + 64
+        self.free_addr = np.zeros(self.free_cap, np.int64)
+        self.free_size = np.zeros(self.free_cap, np.int64)
+        k = store.top_k
+        worst_step = 3 + k + 9 * k + 3 * keys + 3 * (self.free_cap + keys)  # expert_miss.c's bound
+        self.log = np.zeros(4 * worst_step + 1024, np.int64)
+        self._templates: dict[int, object] = {}  # key index -> its BlockTemplate (alive while the block is used)
+        self._fds: dict[int, int] = {}  # shard -> our duplicate of its descriptor
+        self._fresh: dict[int, Slab] = {}  # slabs the loop made, between their ALLOC and LOAD records
+        weakref.finalize(self, _close_all, self._fds)
+        self._exported = None  # the slab pool's version the loop's free list copies
+        self._holder = None  # the thread whose token holds the cache's lock (token)
+        self.h = np.zeros(len(FIELDS), np.int64)
+        h = self.h
+        h[F["positions"]], h[F["experts"]] = n, E
+        for name in ("free_addr", "free_size", "log", "state", "slab", "slab_size", "footprint", "length",
+                     "file_offset", "fd", "template", "wide", "blocks", "tables", "position_layer", "scratch"):
+            h[F[name]] = getattr(self, name).ctypes.data
+        h[F["free_cap"]], h[F["log_cap"]] = self.free_cap, len(self.log)
+        h[F["level"]], h[F["scale"]] = policy.level.ctypes.data, policy.scale.ctypes.data
+        h[F["weight"]], h[F["offset"]] = policy.weight.ctypes.data, policy.offset.ctypes.data
+        h[F["min_routing"]], h[F["rescale_below"]] = _bits(MIN_ROUTING), _bits(RESCALE_BELOW)
+        h[F["huge"]] = int(os.environ.get("PRISM_HUGEPAGES", "1") != "0")
+        from ..native.read_range import PARALLEL_READ_BYTES
+
+        h[F["split_bytes"]] = PARALLEL_READ_BYTES
+        for table_layer, table in cache._tables.items():
+            self.set_table(table_layer, table)
+        for entry in cache._entries.values():  # what the cache holds already
+            self.mark(entry)
+
+    # -- the cache's Python path keeps these up to date ----------------------------------------------------
+    def set_table(self, layer: int, table) -> None:
+        self.tables[self.cache.policy.position[layer]] = table.table.data_ptr()
+
+    def mark(self, entry: Entry) -> None:
+        """An entry as it is now (reserved and loading, or ready), where the Python path changed it."""
+        i = self.index[entry.key]
+        if not entry.ready:
+            self.state[i] = LOADING
+            return
+        self.state[i] = READY | (PERMANENT if entry.permanent else 0)
+        slab = entry.slab
+        self.slab[i], self.slab_size[i] = (slab.buf.data_ptr(), slab.buf.numel()) if slab is not None else (0, 0)
+        if not self.length[i]:
+            self._learn(entry.key, i)
+
+    def gone(self, key) -> None:
+        i = self.index[key]
+        self.state[i] = ABSENT
+        self.slab[i] = self.slab_size[i] = 0
+
+    def _learn(self, key, i: int) -> None:
+        """The expert's read, where the store can say it now (after its first read through Python)."""
+        read = getattr(self.cache.store, "native_read", None)
+        found = read(*key) if read is not None else None
+        if found is None:
+            return
+        shard, offset, length, template = found
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self.cache.store.container.shard_fd(shard) as shared:
+                fd = self._fds[shard] = os.dup(shared)  # ours: open while this is, whatever the container closes
+        self._templates[i] = template
+        self.template[i] = ctypes.addressof(template.arguments)
+        self.wide[i], self.file_offset[i], self.fd[i] = template.wide, offset, fd
+        self.length[i] = length
+
+    def check(self) -> None:
+        """Under the cache's lock (ExpertCache.check): the loop's view of every expert is the cache's."""
+        for key, i in self.index.items():
+            entry = self.cache._entries.get(key)
+            state = ABSENT if entry is None else LOADING if not entry.ready else \
+                READY | (PERMANENT if entry.permanent else 0)
+            slab = entry.slab.buf.data_ptr() if entry is not None and entry.ready and entry.slab is not None else 0
+            if self.state[i] != state or self.slab[i] != slab:
+                raise AssertionError(f"native miss state of layer {key[0]} expert {key[1]}: {self.state[i]} at "
+                                     f"{self.slab[i]:#x}, the cache's {state} at {slab:#x}")
+
+    # -- a token -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def token(self, loop_positions: np.ndarray):
+        """Hold the cache's lock for a decode token; yields the state's address for decode_layers, on where the
+        cache can be served natively now (open). The log is replayed by the loop's server (ExpertServer.flush_hits)."""
+        cache = self.cache
+        with cache._lock:
+            self._holder = threading.get_ident()
+            try:
+                self.open(loop_positions)
+                yield self.h.ctypes.data
+            finally:
+                self._holder = None
+                self.h[F["on"]] = 0
+                self.replay()
+
+    def resume(self, loop_positions: np.ndarray) -> None:
+        """After a callback served a step: open again, where this thread's token holds the lock (a token not
+        served natively, with a hook between its layers, keeps its pins: nothing holds the lock for it)."""
+        if self._holder == threading.get_ident():
+            self.open(loop_positions)
+
+    def open(self, loop_positions: np.ndarray) -> bool:
+        """Under the cache's lock: hand the loop what may have changed since it last served (the room, the free
+        slabs, the eviction order's position), and turn it on where it can serve exactly as the Python path: at a
+        token's start, and after a callback served a step (ExpertServer._route), whose experts this unpins: the
+        loop runs them before anything else can evict, as the Python path's next acquire unpins them first."""
+        cache, h = self.cache, self.h
+        h[F["on"]] = 0
+        h[F["loop_position"]] = loop_positions.ctypes.data
+        cache._release_locked()
+        policy, pool = cache.policy, cache.slabs
+        if (any(cache._pins.values()) or cache._predictions or any(cache._expected.values()) or cache.route_log is not None
+                or cache.worker is not None or type(policy) is not NextUse or not cache.native_allowed or not enabled()):
+            return False
+        if pool.version != self._exported:
+            free = pool.free_slabs()
+            if len(free) > self.free_cap - self.n * self.E:
+                return False
+            h[F["free_count"]] = len(free)
+            for j, (address, size) in enumerate(free):
+                self.free_addr[j], self.free_size[j] = address, size
+            self._exported = pool.version
+        h[F["room"]] = cache.budget_bytes - cache.used_bytes
+        h[F["pool_total"]], h[F["pool_budget"]] = pool.total_bytes, pool.budget_bytes
+        h[F["current"]], h[F["decay"]] = policy.current, _bits(policy.decay)
+        h[F["threads"]] = torch.get_num_threads()
+        h[F["drop"]] = int(cache.drop_read_pages)
+        h[F["on"]] = 1
+        return True
+
+    def error(self, rc: int) -> BaseException:
+        """The exception for decode_layers' -6 (no victim) or -7 (a failed read)."""
+        if rc == -7:
+            key = next(k for k, i in self.index.items() if i == int(self.h[F["error_key"]]))
+            code = int(self.h[F["error"]])
+            return OSError(code, f"reading layer {key[0]} expert {key[1]} into the expert cache: {os.strerror(code)}")
+        return RuntimeError("expert cache: a miss served in the decode loop found every expert pinned")
+
+    # -- the log -----------------------------------------------------------------------------------------
+    def replay(self) -> None:
+        """Apply the loop's log to the cache (under its lock, which the token holds), in order, and empty it."""
+        h = self.h
+        count = int(h[F["log_count"]])
+        if not count:
+            return
+        words = self.log[:count].tolist()
+        h[F["log_count"]] = 0
+        cache = self.cache
+        with cache._lock:
+            cache.policy.current = int(h[F["current"]])  # the loop observed last: nothing has since
+            self._apply(words)
+            # what the loop left: its copy of the free list is the pool's again, whatever the order
+            cache.slabs.total_bytes = int(h[F["pool_total"]])
+
+    def _apply(self, words: list[int]) -> None:
+        cache = self.cache
+        st, entries, pool = cache.stats, cache._entries, cache.slabs
+        layer, at, end = None, 0, len(words)
+        while at < end:
+            kind = words[at]
+            if kind in (EV_HIT, EV_STEP):
+                layer, k = words[at + 1], words[at + 2]
+                ids = words[at + 3 : at + 3 + k]
+                at += 3 + k
+                st.layer(layer).unpredicted_steps += 1
+                if kind == EV_HIT:
+                    cache._count_hits(layer, k)
+                    for e in ids:
+                        self._used(entries.get((layer, e)))
+            elif kind == EV_SERVED:
+                cache._count_hits(layer, 1)
+                self._used(entries.get((layer, words[at + 1])))
+                at += 2
+            elif kind == EV_EVICT:
+                self._evicted(words[at + 1], words[at + 2])
+                at += 3
+            elif kind == EV_RELEASE:
+                address, size = words[at + 1], words[at + 2]
+                if self._fresh.pop(address, None) is None:
+                    pool.drop_free(address, size)
+                at += 3
+            elif kind == EV_ALLOC:
+                address, size = words[at + 1], words[at + 2]
+                self._fresh[address] = Slab(native_buffer(address, size))
+                at += 3
+            elif kind == EV_LOAD:
+                self._loaded(layer, words[at + 1], words[at + 2], words[at + 3])
+                at += 4
+            else:
+                raise RuntimeError(f"expert_miss.c's log: unknown record {kind} at {at}")
+
+    def _used(self, entry: Entry | None) -> None:
+        if entry is not None:  # as _plain_hits and _serve_now: used, no longer unwanted or expected
+            entry.unwanted = False
+            self.cache._mark_used(entry)
+
+    def _evicted(self, layer: int, e: int) -> None:
+        """ExpertCache._evict's Python side: the loop took the expert out of its table, gave its room back and
+        put its slab on the free list."""
+        cache = self.cache
+        entry = cache._entries.pop((layer, e))
+        cache.layer_entries[layer] -= 1
+        cache.used_bytes -= entry.nbytes
+        table = cache._tables.get(layer)
+        if table is not None:
+            table.blocks.pop(e, None)
+        entry.weights = None
+        if entry.slab is not None:
+            cache.slabs.adopt_free(entry.slab)
+            entry.slab = None
+        st = cache.stats
+        st.evictions += 1
+        if entry.prefetched and not entry.used and entry.cold:
+            st.wasted_bytes += entry.stored_nbytes
+
+    def _loaded(self, layer: int, e: int, address: int, nanoseconds: int) -> None:
+        """_serve_now's reservation, _load_demand and _finish for an expert the loop read into the slab at address."""
+        cache, store = self.cache, self.cache.store
+        key, i = (layer, e), self.index[(layer, e)]
+        slab = self._fresh.pop(address, None)
+        if slab is None:
+            slab = cache.slabs.drop_free(address, int(self.length[i]))
+        entry = Entry(key, store.nbytes(layer, e), store.stored_nbytes(layer, e))
+        cache._entries[key] = entry
+        cache.layer_entries[layer] += 1
+        cache.used_bytes += entry.nbytes
+        template, start = self._templates[i], self.blocks.ctypes.data + 8 * 3 * _ARGS * i
+        block = object.__new__(BlockOps)
+        block.keep, block.wide, block.hidden = (self.blocks, slab.buf), template.wide, template.hidden
+        block.addresses = (start, start + 8 * _ARGS, start + 16 * _ARGS)
+        entry.slab, entry.cold, entry.ready = slab, True, True
+        entry.weights = store.native_weights(layer, e, slab.buf, block)
+        cache._tables[layer].blocks[e] = block
+        st, ls = cache.stats, cache.stats.layer(layer)
+        seconds = nanoseconds * 1e-9
+        st.uses, ls.uses, st.misses, ls.misses = st.uses + 1, ls.uses + 1, st.misses + 1, ls.misses + 1
+        st.demand_loads += 1
+        st.loads += 1
+        st.bytes_fetched += entry.stored_nbytes
+        st.bytes_decoded += entry.decoded_nbytes
+        st.stall_seconds += seconds
+        ls.stall_seconds += seconds
+        cache._mark_used(entry)

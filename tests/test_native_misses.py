@@ -1,0 +1,181 @@
+"""runtime/native_misses.py and native/expert_miss.c: an expert cache's misses served inside the native decode loop
+and replayed into the cache afterwards. They must do exactly what the Python path (ExpertCache._serve_now) does:
+the same victims (the same floating-point scores of the eviction order), the same counts, the same experts held,
+the same logits; fall back to the Python path where they cannot; and leave the cache consistent when a read
+fails."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from containers import TINY_CONFIG, encode, make_encoding, random_model
+
+import prism_load
+from prism_convert.packing.container_writer import ExpertInput, write_container
+from prism_load.runtime import native_misses
+
+CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=6, num_attention_heads=4,
+              num_key_value_heads=2, num_hidden_layers=3)
+FORMS = ((4, 32), (8, 32), (4, 64), (8, 64))  # (bits, group size): four slab sizes, all native blocks here
+
+
+def write_mixed(folder, bf16_gates: bool = False):
+    """Experts in the four FORMS in turn (slabs of four sizes, each read as stored, each a native block of one
+    rounding of x); bf16_gates: expert 5 of each layer stores its gate bf16, which no native block takes, so its
+    steps call back into Python."""
+    model = random_model(CONFIG)
+    dense = {}
+    for name, t in model.state_dict().items():
+        if ".mlp.experts." in name:
+            continue
+        spec = dict(kind="fp32") if t.dim() == 1 or name.endswith("mlp.router.weight") else \
+            dict(kind="int", bits=8, group_size=64) if ".self_attn." in name else dict(kind="bf16")
+        enc = make_encoding(spec, tuple(t.shape))
+        dense[name] = (enc, encode(t, enc))
+    experts, inter = [], model.args.moe_intermediate_size
+    for layer, block in model.moe_blocks():
+        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        for e in range(model.args.num_experts):
+            tensors = {"gate_proj": gate_up[e, :inter], "up_proj": gate_up[e, inter:], "down_proj": down[e]}
+            encoded = {}
+            for name, w in tensors.items():
+                bits, group = FORMS[(layer + e) % len(FORMS)]
+                spec = dict(kind="bf16") if bf16_gates and e == 5 and name == "gate_proj" else \
+                    dict(kind="int", bits=bits, group_size=group)
+                enc = make_encoding(spec, tuple(w.shape))
+                encoded[name] = (enc, encode(w, enc))
+            experts.append(ExpertInput(layer, e, "hot" if e < 2 else "cold", 0.5 if e < 2 else 0.2, 0.25, "fast",
+                                       encoded))
+    return write_container(folder / "mixed.prism", config=CONFIG, source={"model_id": "test/mixed", "revision": "r"},
+                           dense=dense, experts=experts, recipe={"name": "test"}, budget={"bits": 4.0},
+                           shard_size_bytes=1 << 20, tokenizer_files=[])
+
+
+def tokens(steps: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, CONFIG["vocab_size"], (1, steps), generator=torch.Generator().manual_seed(seed))
+
+
+def cache_view(model) -> dict:
+    """Everything about a cache the two paths must agree on."""
+    cache = model.runtime.cache
+    stats = cache.snapshot()
+    layers = {i: {k: v for k, v in s.items() if k != "stall_seconds"} for i, s in stats.pop("layers").items()}
+    stats = {k: v for k, v in stats.items() if k not in ("stall_seconds", "residency")}
+    policy = cache.policy
+    return {"stats": stats, "layers": layers, "keys": sorted(cache.resident_keys()), "used": cache.used_bytes,
+            "level": policy.level.copy(), "scale": policy.scale.copy(), "weight": policy.weight.copy(),
+            "current": policy.current}
+
+
+def assert_same(a: dict, b: dict, where: str) -> None:
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert np.array_equal(a[k], b[k]), f"{where}: {k} differs"
+        else:
+            assert a[k] == b[k], f"{where}: {k}: {a[k]} != {b[k]}"
+
+
+def count_native_loads(monkeypatch) -> list:
+    loads = []
+    real = native_misses.NativeMisses._loaded
+    monkeypatch.setattr(native_misses.NativeMisses, "_loaded", lambda self, *a: loads.append(a[:2]) or real(self, *a))
+    return loads
+
+
+@pytest.mark.parametrize("budget", ["50%", "35%"])
+@pytest.mark.parametrize("bf16_gates", [False, True])
+def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeypatch, budget, bf16_gates):
+    """The same tokens through two caches, one served in the loop, one by Python callbacks: after every token the
+    same statistics, experts held, bytes reserved and eviction-order state (the doubles themselves), and the same
+    logits; most misses served in the loop (each expert's first read goes through Python)."""
+    path = write_mixed(tmp_path, bf16_gates)
+    native = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
+    python = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
+    python.runtime.cache._native_checked = True  # never made: every miss calls back
+    loads = count_native_loads(monkeypatch)
+    prompt, nxt = tokens(5, seed=0), tokens(60)
+    with torch.inference_mode():
+        caches = [m.new_cache() for m in (native, python)]
+        outs = [m(prompt, cache=c) for m, c in zip((native, python), caches)]
+        assert torch.equal(outs[0], outs[1])
+        for i in range(nxt.shape[1]):
+            a, b = (m(nxt[:, i : i + 1], cache=c) for m, c in zip((native, python), caches))
+            assert torch.equal(a, b), f"token {i}: logits differ"
+            native.runtime.cache.check()
+            python.runtime.cache.check()
+            assert_same(cache_view(native), cache_view(python), f"token {i}")
+            if i == 29:
+                half = (native.stats()["misses"], len(loads))
+    assert native.runtime.cache._native is not None and python.runtime.cache._native is None
+    stats = native.stats()
+    assert stats["evictions"] > 0 and stats["misses"] > 0
+    misses, served = stats["misses"] - half[0], len(loads) - half[1]  # the last 30 tokens: every expert read once
+    assert served >= (0.5 if bf16_gates else 0.9) * misses, f"{served} of {misses} misses served in the loop"
+    if bf16_gates:  # the bf16-gated experts are no native blocks: always read through Python
+        assert all(e != 5 for _, e in loads)
+
+
+def test_the_loop_serves_only_what_python_has_read_once(q8, tmp_path, monkeypatch):
+    """An expert's first read goes through Python (its checksum checked, its view plan and block template made);
+    with verify_checksums='always' (every read checked) no miss is served in the loop."""
+    path = write_mixed(tmp_path)
+    loads = count_native_loads(monkeypatch)
+    model = prism_load.load(path, expert_kernel="native-int16", expert_cache="35%", prefetch=False)
+    store = model.runtime.cache.store
+    verified_before = []
+    real = native_misses.NativeMisses._loaded
+
+    def loaded(self, layer, e, *rest):
+        verified_before.append((layer, e) in store._verified)
+        return real(self, layer, e, *rest)
+
+    monkeypatch.setattr(native_misses.NativeMisses, "_loaded", loaded)
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(tokens(5, seed=0), cache=cache)
+        for i in range(40):
+            model(tokens(40)[:, i : i + 1], cache=cache)
+    assert verified_before and all(verified_before)
+    always = prism_load.load(path, expert_kernel="native-int16", expert_cache="35%", prefetch=False,
+                             verify_checksums="always")
+    with torch.inference_mode():
+        always(tokens(5, seed=0), cache=always.new_cache())
+        c = always.new_cache()
+        for i in range(10):
+            always(tokens(10)[:, i : i + 1], cache=c)
+    assert always.runtime.cache._native is None
+    del loads
+
+
+def test_off_by_environment(q8, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRISM_NATIVE_MISSES", "0")
+    model = prism_load.load(write_mixed(tmp_path), expert_kernel="native-int16", expert_cache="35%", prefetch=False)
+    with torch.inference_mode():
+        c = model.new_cache()
+        model(tokens(3), cache=c)
+        model(tokens(1), cache=c)
+    assert model.runtime.cache.native_misses() is None
+
+
+def test_a_failed_read_in_the_loop_is_an_oserror_and_leaves_the_cache_whole(q8, tmp_path):
+    """A shard cut short after the experts were first read: the loop's read comes up short, the forward raises
+    OSError naming the expert, and what the loop did before it (evictions, other loads) is in the cache, whose
+    accounting still adds up."""
+    path = write_mixed(tmp_path)
+    model = prism_load.load(path, expert_kernel="native-int16", expert_cache="35%", prefetch=False)
+    cache = model.runtime.cache
+    with torch.inference_mode():
+        c = model.new_cache()
+        model(tokens(5, seed=0), cache=c)
+        for i in range(30):  # every expert read once through Python, most since in the loop
+            model(tokens(30)[:, i : i + 1], cache=c)
+        assert cache._native is not None and cache._native.length.all()
+        for shard in path.glob("experts-*.safetensors"):
+            os.truncate(shard, 4096)
+        with pytest.raises(OSError, match="reading layer .* expert .* into the expert cache"):
+            for i in range(30):
+                model(tokens(30, seed=2)[:, i : i + 1], cache=c)
+    cache.check()
