@@ -151,7 +151,7 @@ def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
     hooked = layer_hook_between_layers(model)
     native = None
     if server is not None and server.native is not None and not hooked:  # the cache's lock, held for the token
-        native = functools.partial(server.native.token, server.positions)
+        native = functools.partial(server.native.token, server.positions_address)
     out = plan.run(x.reshape(-1), ctx.cos[0], ctx.sin[0], slots, server, hooked=hooked, native=native)
     if model.layer_hook is not None and not hooked:
         model.runtime.after_token()

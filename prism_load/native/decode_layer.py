@@ -273,8 +273,9 @@ class ExpertServer:
         self.plan, self.scratch, self.out = plan, plan.scratch, plan.out
         self.route, self.hook, self.hits = route, hook, hits
         # the expert cache's native miss path (runtime/native_misses.NativeMisses) and each loop layer's position
-        # in it (int64 [L], -1: not its), or None
+        # in it (int64 [L], -1: not its; handed over by address), or None
         self.native, self.positions = native, positions
+        self.positions_address = positions.ctypes.data if positions is not None else 0
         self.error: BaseException | None = None
         self.held = None  # the last route's blocks and operator array: alive until the native block has run
         self.route_fn, self.hook_fn = LAYER_CALLBACK(self._route), LAYER_CALLBACK(self._hook)
@@ -297,13 +298,13 @@ class ExpertServer:
             if blocks is None:
                 self.held = None
                 if self.native is not None:
-                    self.native.resume(self.positions)
+                    self.native.resume(self.positions_address)
                 return 0
             ops = op_table(blocks)
             self.held = (blocks, ops)
             n["ctl"][0] = blocks[0].wide
             if self.native is not None:  # the loop turned it off for this callback
-                self.native.resume(self.positions)
+                self.native.resume(self.positions_address)
             return ctypes.addressof(ops)
         except BaseException as e:  # noqa: BLE001 - carried back across the native loop, raised by TokenLayers.run
             self.error = e

@@ -129,6 +129,7 @@ class NativeMisses:
         for name in ("free_addr", "free_size", "log", "state", "slab", "slab_size", "footprint", "length",
                      "file_offset", "fd", "template", "wide", "blocks", "tables", "position_layer", "scratch"):
             h[F[name]] = getattr(self, name).ctypes.data
+        self._blocks_address, self.address = int(h[F["blocks"]]), h.ctypes.data  # (.ctypes costs microseconds)
         h[F["free_cap"]], h[F["log_cap"]] = self.free_cap, len(self.log)
         h[F["level"]], h[F["scale"]] = policy.level.ctypes.data, policy.scale.ctypes.data
         h[F["weight"]], h[F["offset"]] = policy.weight.ctypes.data, policy.offset.ctypes.data
@@ -192,7 +193,7 @@ class NativeMisses:
 
     # -- a token -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def token(self, loop_positions: np.ndarray):
+    def token(self, loop_positions: int):
         """Hold the cache's lock for a decode token; yields the state's address for decode_layers, on where the
         cache can be served natively now (open). The log is replayed by the loop's server (ExpertServer.flush_hits)."""
         cache = self.cache
@@ -200,26 +201,26 @@ class NativeMisses:
             self._holder = threading.get_ident()
             try:
                 self.open(loop_positions)
-                yield self.h.ctypes.data
+                yield self.address
             finally:
                 self._holder = None
                 self.h[F["on"]] = 0
                 self.replay()
 
-    def resume(self, loop_positions: np.ndarray) -> None:
+    def resume(self, loop_positions: int) -> None:
         """After a callback served a step: open again, where this thread's token holds the lock (a token not
         served natively, with a hook between its layers, keeps its pins: nothing holds the lock for it)."""
         if self._holder == threading.get_ident():
             self.open(loop_positions)
 
-    def open(self, loop_positions: np.ndarray) -> bool:
+    def open(self, loop_positions: int) -> bool:
         """Under the cache's lock: hand the loop what may have changed since it last served (the room, the free
         slabs, the eviction order's position), and turn it on where it can serve exactly as the Python path: at a
         token's start, and after a callback served a step (ExpertServer._route), whose experts this unpins: the
         loop runs them before anything else can evict, as the Python path's next acquire unpins them first."""
         cache, h = self.cache, self.h
         h[F["on"]] = 0
-        h[F["loop_position"]] = loop_positions.ctypes.data
+        h[F["loop_position"]] = loop_positions  # the address of the loop's int64 [L]
         cache._release_locked()
         policy, pool = cache.policy, cache.slabs
         if (any(cache._pins.values()) or cache._predictions or any(cache._expected.values()) or cache.route_log is not None
@@ -337,7 +338,7 @@ class NativeMisses:
         cache._entries[key] = entry
         cache.layer_entries[layer] += 1
         cache.used_bytes += entry.nbytes
-        template, start = self._templates[i], self.blocks.ctypes.data + 8 * 3 * _ARGS * i
+        template, start = self._templates[i], self._blocks_address + 8 * 3 * _ARGS * i
         block = object.__new__(BlockOps)
         block.keep, block.wide, block.hidden = (self.blocks, slab.buf), template.wide, template.hidden
         block.addresses = (start, start + 8 * _ARGS, start + 16 * _ARGS)
