@@ -179,3 +179,27 @@ def test_a_failed_read_in_the_loop_is_an_oserror_and_leaves_the_cache_whole(q8, 
             for i in range(30):
                 model(tokens(30, seed=2)[:, i : i + 1], cache=c)
     cache.check()
+
+
+def test_a_hook_between_layers_keeps_every_miss_on_the_python_path(q8, tmp_path, monkeypatch):
+    """A layer hook that must see every layer (not the runtime's unpinning) runs the token without the cache's
+    lock held: nothing is served in the loop then (a callback's experts stay pinned until the loop has run
+    them), and the logits are still the resident model's."""
+    path = write_mixed(tmp_path)
+    model = prism_load.load(path, expert_kernel="native-int16", expert_cache="35%", prefetch=False)
+    resident = prism_load.load(path, expert_kernel="native-int16")
+    loads = count_native_loads(monkeypatch)
+    seen = []
+    runtime_hook = model.layer_hook
+    model.layer_hook = lambda index, h: seen.append(index) or runtime_hook(index, h)
+    nxt = tokens(20)
+    with torch.inference_mode():
+        outs = []
+        for m in (model, resident):
+            c = m.new_cache()
+            m(tokens(5, seed=0), cache=c)
+            outs.append(torch.cat([m(nxt[:, i : i + 1], cache=c) for i in range(20)], 1))
+    assert torch.equal(outs[0], outs[1])
+    assert loads == [] and len(seen) >= 20 * CONFIG["num_hidden_layers"]
+    assert model.stats()["misses"] > 0
+    model.runtime.cache.check()
