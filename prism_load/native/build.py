@@ -167,4 +167,6 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.slab_free.restype = None
     fn.expert_miss_fields = lib.prism_expert_miss_fields  # the count of expert_miss.h's fields
     fn.expert_miss_fields.restype = ctypes.c_int64
+    fn.expert_miss_args = lib.prism_expert_miss_args  # its operators' argument count (native._ARGS)
+    fn.expert_miss_args.restype = ctypes.c_int64
     return fn, None, seconds

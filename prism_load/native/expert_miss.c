@@ -1,11 +1,11 @@
 /* An expert cache's miss served inside the native decode loop (decode_layer.c), without a callback into Python.
  *
- * Why: on the reference model a miss's read is about 24 us of the 120 it adds to a token; the rest was a dozen
- * Python steps run from a callback (choosing the victim, evicting it, reserving the slab, building the block,
- * publishing it, counting), each cheap, together five times the read (bench/results/miss_profile_xeon.md). Here
+ * Why: on the reference model a miss's read was 24 us of the 141 it added to a token; the rest was a dozen Python
+ * steps run from a callback (choosing the victim, evicting it, reserving the slab, building the block, publishing
+ * it, counting), each cheap, together five times the read (bench/results/miss_profile_xeon.md, timers on). Here
  * the loop does the same steps itself and logs them; Python replays the log after the token (or before its next
  * callback), under the cache's lock, which the decoding thread holds for the whole token
- * (runtime/native_misses.py). What is done here is what ExpertCache._serve_now does with the default eviction
+ * (runtime/native_misses.py). A miss then adds 68 us (miss_profile_native_xeon.md). What is done here is what ExpertCache._serve_now does with the default eviction
  * (NextUse, runtime/eviction.py), step for step and in the same floating-point operations, so the cache makes the
  * same choices either way: tests/test_native_misses.py compares the two after every token.
  *
@@ -16,11 +16,12 @@
  *   NM_EV_SERVED e               a ready expert of that step (a hit, touched)
  *   NM_EV_EVICT layer e          a victim: out of the table, its room and slab freed (the slab to the free list)
  *   NM_EV_RELEASE addr size      a free slab of another size given up to make room for a new one
- *   NM_EV_ALLOC addr size        a new slab (nm_slab_alloc; Python takes it over: prism_slab_free frees it)
+ *   NM_EV_ALLOC addr size        a new slab (prism_slab_alloc; Python takes it over: prism_slab_free frees it)
  *   NM_EV_LOAD  e addr ns        an expert read into the slab at addr and put in the table; ns: the stall
  * Layers in the log are the cache's layer indices. A step this cannot serve (an expert loading elsewhere, one
  * never loaded by Python yet, one that is no native block, a full log) is left untouched: the loop turns this off
- * for the rest of the token and calls back into Python, which serves it as before. */
+ * and calls back into Python, which serves it as before and turns it on again where it can
+ * (NativeMisses.resume). */
 #define _XOPEN_SOURCE 700
 #define _DEFAULT_SOURCE
 #include <errno.h>
@@ -64,6 +65,8 @@ void *prism_slab_alloc(int64_t nbytes, int64_t huge) {
 void prism_slab_free(void *p) { free(p); }
 
 int64_t prism_expert_miss_fields(void) { return NM_FIELDS; }
+
+int64_t prism_expert_miss_args(void) { return NM_ARGS; }
 
 /* NextUse.observe: p <- decay * p + (1 - decay) * routed, for position pos's experts. */
 static void nm_observe(int64_t *nm, int64_t pos, const int64_t *ids, int64_t k) {

@@ -85,12 +85,13 @@ def _close_all(fds: dict) -> None:
 class NativeMisses:
     """expert_miss.c's state for one ExpertCache, and the replay of its log. Made by ExpertCache.native_misses()
     where the cache qualifies; the cache keeps `state` and the slab arrays up to date as its Python path loads and
-    evicts (mark, ready, gone)."""
+    evicts (mark, gone)."""
 
     def __init__(self, cache):
         fn = _kernel()
-        if fn.expert_miss_fields() != len(FIELDS):
-            raise RuntimeError(f"expert_miss.h has {fn.expert_miss_fields()} fields, native_misses.py {len(FIELDS)}")
+        if fn.expert_miss_fields() != len(FIELDS) or fn.expert_miss_args() != _ARGS:
+            raise RuntimeError(f"expert_miss.c has {fn.expert_miss_fields()} fields of {fn.expert_miss_args()}-word "
+                               f"operators, native_misses.py {len(FIELDS)} of {_ARGS}")
         self.cache = cache
         policy, store = cache.policy, cache.store
         n, E = len(policy.layers), store.num_experts
