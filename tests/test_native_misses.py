@@ -122,7 +122,6 @@ def test_the_loop_serves_only_what_python_has_read_once(q8, tmp_path, monkeypatc
     """An expert's first read goes through Python (its checksum checked, its view plan and block template made);
     with verify_checksums='always' (every read checked) no miss is served in the loop."""
     path = write_mixed(tmp_path)
-    loads = count_native_loads(monkeypatch)
     model = prism_load.load(path, expert_kernel="native-int16", expert_cache="35%", prefetch=False)
     store = model.runtime.cache.store
     verified_before = []
@@ -147,7 +146,6 @@ def test_the_loop_serves_only_what_python_has_read_once(q8, tmp_path, monkeypatc
         for i in range(10):
             always(tokens(10)[:, i : i + 1], cache=c)
     assert always.runtime.cache._native is None
-    del loads
 
 
 def test_off_by_environment(q8, tmp_path, monkeypatch):

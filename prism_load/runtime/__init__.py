@@ -4,6 +4,7 @@ NUMA placement. `prism_load.load(path, expert_cache="50%")` builds it; see attac
 - config.py: RuntimeConfig, every option of prism_load.load (loader.py loads with one);
 - stores.py: the cold tier (checkpoint, memory; container_store.py: a container) behind one small protocol;
 - cache.py: the fast (and, on CUDA, host) tier within a byte budget, eviction by next use (eviction.py);
+- native_misses.py: a cache's misses served inside the native decode loop (native/expert_miss.c), replayed;
 - prefetch.py: the background fetch worker and the shadow router;
 - numa.py: topology from sysfs, libnuma allocations, placement of hot experts on the compute node;
 - cuda.py: pinned copies, side-stream transfers, events; stats.py: the counters behind model.stats().
