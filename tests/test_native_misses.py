@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from containers import TINY_CONFIG, encode, make_encoding, random_model
+from rich.console import Console
 
 import prism_load
+from prism_convert.cli.render import stats_table
 from prism_convert.packing.container_writer import ExpertInput, write_container
 from prism_load.runtime import native_misses
 
@@ -63,7 +65,7 @@ def cache_view(model) -> dict:
     cache = model.runtime.cache
     stats = cache.snapshot()
     layers = {i: {k: v for k, v in s.items() if k != "stall_seconds"} for i, s in stats.pop("layers").items()}
-    stats = {k: v for k, v in stats.items() if k not in ("stall_seconds", "residency")}
+    stats = {k: v for k, v in stats.items() if k not in ("stall_seconds", "residency", "native_loads")}
     policy = cache.policy
     return {"stats": stats, "layers": layers, "keys": sorted(cache.resident_keys()), "used": cache.used_bytes,
             "level": policy.level.copy(), "scale": policy.scale.copy(), "weight": policy.weight.copy(),
@@ -112,6 +114,10 @@ def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeyp
     assert native.runtime.cache._native is not None and python.runtime.cache._native is None
     stats = native.stats()
     assert stats["evictions"] > 0 and stats["misses"] > 0
+    assert stats["native_loads"] == len(loads) and python.stats()["native_loads"] == 0
+    console = Console(width=200, record=True)
+    console.print(stats_table(stats))
+    assert f"{stats['native_loads']:,} of {stats['demand_loads']:,} demand loads" in console.export_text()
     misses, served = stats["misses"] - half[0], len(loads) - half[1]  # the last 30 tokens: every expert read once
     assert served >= (0.5 if bf16_gates else 0.9) * misses, f"{served} of {misses} misses served in the loop"
     if bf16_gates:  # the bf16-gated experts are no native blocks: always read through Python

@@ -251,6 +251,8 @@ def stats_table(s: dict, seconds: float | None = None) -> Table:
     t.add_row("stalled", stall)
     t.add_row("evictions", f"{s['evictions']:,} (order: {s['eviction']})")
     t.add_row("bytes fetched (cold tier)", f"{_mib(s['bytes_fetched'])} in {s['loads']:,} reads")
+    if s.get("native_loads"):
+        t.add_row("misses served in the decode loop", f"{s['native_loads']:,} of {s['demand_loads']:,} demand loads")
     if s.get("prefetch"):
         pairs = s.get("predictor_layers", [])
         t.add_row("predicted by", "the shadow router" if not pairs else

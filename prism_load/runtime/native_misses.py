@@ -350,6 +350,7 @@ class NativeMisses:
         seconds = nanoseconds * 1e-9
         st.uses, ls.uses, st.misses, ls.misses = st.uses + 1, ls.uses + 1, st.misses + 1, ls.misses + 1
         st.demand_loads += 1
+        st.native_loads += 1
         st.loads += 1
         st.bytes_fetched += entry.stored_nbytes
         st.bytes_decoded += entry.decoded_nbytes

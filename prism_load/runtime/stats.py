@@ -43,6 +43,7 @@ class RuntimeStats:
     stall_seconds: float = 0.0  # time the compute waited for experts (misses)
     loads: int = 0  # reads of the cold tier
     demand_loads: int = 0  # loads started by a miss, on the compute thread
+    native_loads: int = 0  # of those, served inside the native decode loop (runtime/native_misses.py)
     prefetch_loads: int = 0  # loads of predicted experts, on the fetch worker
     ahead_loads: int = 0  # a step's other missing experts, loaded by the worker while the compute loads one
     bytes_fetched: int = 0  # stored bytes read from the cold tier
