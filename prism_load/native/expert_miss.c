@@ -231,7 +231,7 @@ int prism_expert_miss_step(int64_t *nm, int64_t l, const int64_t *ids, int64_t k
     const int8_t *state = NM_PTR(nm, NM_STATE, int8_t);
     const int64_t *length = NM_PTR(nm, NM_LENGTH, int64_t), *wides = NM_PTR(nm, NM_WIDE, int64_t);
     if (!table) return 0;
-    const int64_t rounding = __atomic_load_n(&table[0], __ATOMIC_SEQ_CST);
+    int64_t rounding = __atomic_load_n(&table[0], __ATOMIC_SEQ_CST); /* -1: the table's first expert sets it */
     int64_t keys[NM_MAX_TOP_K];
     /* everything checked before anything changes: a step served here is served whole */
     for (int64_t i = 0; i < k; i++) {
@@ -240,8 +240,11 @@ int prism_expert_miss_step(int64_t *nm, int64_t l, const int64_t *ids, int64_t k
         const int8_t st = state[key] & NM_STATE_MASK;
         if (st == NM_READY) {
             if (!table[2 + 3 * ids[i]]) return 0; /* ready but no native block of the table's rounding */
-        } else if (st != NM_ABSENT || !length[key] || (rounding >= 0 && wides[key] != rounding))
+        } else if (st != NM_ABSENT || !length[key] || (rounding >= 0 && wides[key] != rounding)) {
             return 0;
+        } else {
+            rounding = wides[key]; /* the step's experts run in one block: one rounding of x */
+        }
     }
     /* the most this step can log: its record, per expert a load (with its slab made) or a hit, and at most every
      * expert evicted and every free slab (those evictions' too) released */
