@@ -87,15 +87,17 @@ def count_native_loads(monkeypatch) -> list:
     return loads
 
 
-@pytest.mark.parametrize("budget", ["50%", "35%"])
-@pytest.mark.parametrize("bf16_gates", [False, True])
-def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeypatch, budget, bf16_gates):
+@pytest.mark.parametrize("budget,bf16_gates,pin_hot", [("50%", False, "warm"), ("35%", False, "warm"),
+                                                       ("50%", True, "warm"), ("35%", True, "warm"),
+                                                       ("50%", False, "pin")])
+def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeypatch, budget, bf16_gates, pin_hot):
     """The same tokens through two caches, one served in the loop, one by Python callbacks: after every token the
     same statistics, experts held, bytes reserved and eviction-order state (the doubles themselves), and the same
-    logits; most misses served in the loop (each expert's first read goes through Python)."""
+    logits; most misses served in the loop (each expert's first read goes through Python). pin_hot="pin": the hot
+    tier stays for good, never a victim (the loop skips permanent experts as NextUse does)."""
     path = write_mixed(tmp_path, bf16_gates)
-    native = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
-    python = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False)
+    native = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False, pin_hot=pin_hot)
+    python = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False, pin_hot=pin_hot)
     python.runtime.cache._native_checked = True  # never made: every miss calls back
     loads = count_native_loads(monkeypatch)
     prompt, nxt = tokens(5, seed=0), tokens(60)
@@ -122,6 +124,8 @@ def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeyp
     assert served >= (0.5 if bf16_gates else 0.9) * misses, f"{served} of {misses} misses served in the loop"
     if bf16_gates:  # the bf16-gated experts are no native blocks: always read through Python
         assert all(e != 5 for _, e in loads)
+    pinned = native.runtime.cache.pinned_keys
+    assert (len(pinned) > 0) == (pin_hot == "pin") and set(pinned) <= native.runtime.cache.resident_keys()
 
 
 def test_the_loop_serves_only_what_python_has_read_once(q8, tmp_path, monkeypatch):
