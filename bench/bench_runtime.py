@@ -50,6 +50,8 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("cache 50%, on demand", "50%", False, {}),
     # the same with every miss served by a callback into Python (the path before native/expert_miss.c)
     ("cache 50%, on demand, Python misses", "50%", False, {"python_misses": True}),
+    # the same served in the loop with its reads split across the threads from 1 MiB only (the default: 64 KiB)
+    ("cache 50%, on demand, reads split from 1 MiB", "50%", False, {"split_bytes": 1 << 20}),
     ("cache 25%, prefetch", "25%", True, {}),
     ("cache 25%, on demand", "25%", False, {}),
     ("cache 50%, on demand, hot tier pinned", "50%", False, {"pin_hot": "pin"}),
@@ -68,7 +70,7 @@ CONFIGS = [  # name, expert_cache, prefetch, extra load options
     ("resident, decoded fp32 (the earlier default)", None, False, {"expert_form": "decoded", "dtype": torch.float32}),
 ]
 CPU_ONLY = {"cold_reads"}  # options the CUDA runs skip
-BENCH_OPTIONS = ("cold_reads", "python_misses")  # the bench's own, not load()'s
+BENCH_OPTIONS = ("cold_reads", "python_misses", "split_bytes")  # the bench's own, not load()'s
 # Stated allowance past dense weights + expert bytes: what a resident model carries besides its weights on
 # this machine (~27 MiB measured: first-forward kernel set-up, KV cache, tokenizer, allocator slack) plus
 # the runtime's temporaries (a decode's int64 unpack buffers and read buffer, on two threads).
@@ -219,8 +221,9 @@ def expert_tier_bytes(container: Path) -> int:
 
 
 def load_options(budget, prefetch: bool, options: dict) -> dict:
-    """prism_load.load's keywords for one configuration (BENCH_OPTIONS are the bench's own: cold_reads, and
-    python_misses, which turns the native miss path off for that model)."""
+    """prism_load.load's keywords for one configuration (BENCH_OPTIONS are the bench's own: cold_reads;
+    python_misses, which turns the native miss path off for that model; split_bytes, that path's split read
+    threshold)."""
     kw = {k: v for k, v in options.items() if k not in BENCH_OPTIONS}
     return kw if budget is None else {"expert_cache": budget, "prefetch": prefetch, **kw}
 
@@ -258,6 +261,8 @@ def run_speed(container: Path, device: str, prompts: list[torch.Tensor], tokens:
             cold_reads(models[name])
         if options.get("python_misses"):
             models[name].runtime.cache.native_allowed = False
+        if "split_bytes" in options:
+            models[name].runtime.cache.native_split_bytes = options["split_bytes"]
     prompts = [p.to(device) for p in prompts]
     for model in models.values():
         measure(model, prompts[0], 8)  # warm up: first-call costs, a cache in its steady state
@@ -380,7 +385,7 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     """Each configuration in a fresh process: peak RSS growth past the imports vs dense + budget + overhead."""
     out = []
     for name, budget, prefetch, options in CONFIGS:
-        if {"lookahead", "predictor", "cold_reads", "python_misses"} & set(options):  # memory as another row's
+        if {"lookahead", "predictor", "cold_reads", "python_misses", "split_bytes"} & set(options):  # as another's
             continue
         kw = load_options(budget, prefetch, options)
         result, _ = run_measured(RSS_CODE.format(threads=threads, ids=prompt.tolist(), kw=kw,

@@ -53,6 +53,7 @@ from ..errors import BudgetError
 from ..models.moe import ExpertWeights
 from ..native.decode_layer import ResidentTable
 from .eviction import NextUse, eviction_policy
+from .native_misses import NATIVE_SPLIT_BYTES
 from .stats import RuntimeStats
 from .stores import ExpertStore, Key, pack_into, packed_nbytes, prior_frequency, raw_nbytes, weights_nbytes
 from .tiers import Entry, HostTier, Slab, SlabPool, footprint, total_footprint  # noqa: F401 - re-exported
@@ -116,6 +117,7 @@ class ExpertCache:
         self._native_checked = False
         self.native_allowed = True  # False: every miss on the Python path (A/B runs; PRISM_NATIVE_MISSES=0 too)
         self.drop_read_pages = False  # benchmarks of disk reads: the native path's reads leave the page cache
+        self.native_split_bytes = NATIVE_SPLIT_BYTES  # the native path's reads from this size up: every thread
         # a list to have every layer step's real routing appended, (layer, experts), in the order the cache saw
         # them (bench/bench_runtime.py replays it against an oracle); None: not recorded
         self.route_log: list[tuple[int, tuple[int, ...]]] | None = None

@@ -48,6 +48,11 @@ FIELDS = ("on", "positions", "experts", "room", "pool_total", "pool_budget", "fr
           "split_bytes", "error", "error_key", "drop")
 F = {name: i for i, name in enumerate(FIELDS)}
 ABSENT, READY, LOADING, PERMANENT = 0, 1, 2, 4
+# a miss's read from this size up is split across the compute's OpenMP threads (read_range.c). Lower than the
+# Python path's 1 MiB (read_range.PARALLEL_READ_BYTES): served in the loop, the reference model's 60-230 KB misses
+# decoded faster split on 2 threads (bench_runtime.py --threads 2: the "reads split from 1 MiB" row against the
+# default), where through the Python callbacks splitting from 128 KiB had been slower
+NATIVE_SPLIT_BYTES = 64 << 10
 EV_HIT, EV_STEP, EV_SERVED, EV_EVICT, EV_RELEASE, EV_ALLOC, EV_LOAD = range(1, 8)
 
 
@@ -136,9 +141,6 @@ class NativeMisses:
         h[F["weight"]], h[F["offset"]] = policy.weight.ctypes.data, policy.offset.ctypes.data
         h[F["min_routing"]], h[F["rescale_below"]] = _bits(MIN_ROUTING), _bits(RESCALE_BELOW)
         h[F["huge"]] = int(os.environ.get("PRISM_HUGEPAGES", "1") != "0")
-        from ..native.read_range import PARALLEL_READ_BYTES
-
-        h[F["split_bytes"]] = PARALLEL_READ_BYTES
         for table_layer, table in cache._tables.items():
             self.set_table(table_layer, table)
         for entry in cache._entries.values():  # what the cache holds already
@@ -240,6 +242,7 @@ class NativeMisses:
         h[F["current"]], h[F["decay"]] = policy.current, _bits(policy.decay)
         h[F["threads"]] = torch.get_num_threads()
         h[F["drop"]] = int(cache.drop_read_pages)
+        h[F["split_bytes"]] = cache.native_split_bytes
         h[F["on"]] = 1
         return True
 
