@@ -385,7 +385,7 @@ def run_memory(container: Path, prompt: torch.Tensor, tokens: int, threads: int,
     """Each configuration in a fresh process: peak RSS growth past the imports vs dense + budget + overhead."""
     out = []
     for name, budget, prefetch, options in CONFIGS:
-        if {"lookahead", "predictor", "cold_reads", "python_misses", "split_bytes"} & set(options):  # as another's
+        if {"lookahead", "predictor", *BENCH_OPTIONS} & set(options):  # the same memory as another row's
             continue
         kw = load_options(budget, prefetch, options)
         result, _ = run_measured(RSS_CODE.format(threads=threads, ids=prompt.tolist(), kw=kw,

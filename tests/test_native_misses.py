@@ -11,12 +11,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from containers import TINY_CONFIG, encode, make_encoding, random_model
+from containers import TINY_CONFIG
 from rich.console import Console
+from test_native_token import write_plain
 
 import prism_load
 from prism_convert.cli.render import stats_table
-from prism_convert.packing.container_writer import ExpertInput, write_container
 from prism_load.runtime import native_misses
 
 CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=6, num_attention_heads=4,
@@ -26,34 +26,15 @@ FORMS = ((4, 32), (8, 32), (4, 64), (8, 64))  # (bits, group size): four slab si
 
 def write_mixed(folder, bf16_gates: bool = False):
     """Experts in the four FORMS in turn (slabs of four sizes, each read as stored, each a native block of one
-    rounding of x); bf16_gates: expert 5 of each layer stores its gate bf16, which no native block takes, so its
-    steps call back into Python."""
-    model = random_model(CONFIG)
-    dense = {}
-    for name, t in model.state_dict().items():
-        if ".mlp.experts." in name:
-            continue
-        spec = dict(kind="fp32") if t.dim() == 1 or name.endswith("mlp.router.weight") else \
-            dict(kind="int", bits=8, group_size=64) if ".self_attn." in name else dict(kind="bf16")
-        enc = make_encoding(spec, tuple(t.shape))
-        dense[name] = (enc, encode(t, enc))
-    experts, inter = [], model.args.moe_intermediate_size
-    for layer, block in model.moe_blocks():
-        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-        for e in range(model.args.num_experts):
-            tensors = {"gate_proj": gate_up[e, :inter], "up_proj": gate_up[e, inter:], "down_proj": down[e]}
-            encoded = {}
-            for name, w in tensors.items():
-                bits, group = FORMS[(layer + e) % len(FORMS)]
-                spec = dict(kind="bf16") if bf16_gates and e == 5 and name == "gate_proj" else \
-                    dict(kind="int", bits=bits, group_size=group)
-                enc = make_encoding(spec, tuple(w.shape))
-                encoded[name] = (enc, encode(w, enc))
-            experts.append(ExpertInput(layer, e, "hot" if e < 2 else "cold", 0.5 if e < 2 else 0.2, 0.25, "fast",
-                                       encoded))
-    return write_container(folder / "mixed.prism", config=CONFIG, source={"model_id": "test/mixed", "revision": "r"},
-                           dense=dense, experts=experts, recipe={"name": "test"}, budget={"bits": 4.0},
-                           shard_size_bytes=1 << 20, tokenizer_files=[])
+    rounding of x), two a layer hot; bf16_gates: expert 5 of each layer stores its gate bf16, which no native
+    block takes, so its steps call back into Python."""
+
+    def spec(layer, e, tensor):
+        bits, group = FORMS[(layer + e) % len(FORMS)]
+        return dict(kind="bf16") if bf16_gates and e == 5 and tensor == "gate_proj" else \
+            dict(kind="int", bits=bits, group_size=group)
+
+    return write_plain(folder, CONFIG, expert_spec=spec, hot=lambda e: e < 2, name="mixed.prism")
 
 
 def tokens(steps: int, seed: int = 1) -> torch.Tensor:

@@ -20,9 +20,15 @@ CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_exp
               num_key_value_heads=2, num_hidden_layers=3)
 
 
-def write_plain(folder, config=CONFIG, mixed=False):
+def write_plain(folder, config=CONFIG, mixed=False, expert_spec=None, hot=lambda e: True, name=None):
     """A container as the built-in recipes store one: attention int8, experts int4, routers and norms fp32,
-    embeddings and head bf16; mixed: every odd expert's gate bf16 (no native block takes that expert)."""
+    embeddings and head bf16; mixed: every odd expert's gate bf16 (no native block takes that expert).
+    expert_spec(layer, expert, tensor name): each expert tensor's encoding spec instead; hot(expert): its tier
+    (a cold expert's profile frequency 0.2, a hot one's 0.5); name: the container's file name."""
+    if expert_spec is None:
+        def expert_spec(layer, e, tensor):
+            return dict(kind="bf16") if mixed and e % 2 and tensor == "gate_proj" else \
+                dict(kind="int", bits=4, group_size=32)
     model = random_model(config)
     dense = {}
     for name, t in model.state_dict().items():
@@ -42,13 +48,13 @@ def write_plain(folder, config=CONFIG, mixed=False):
         for e in range(model.args.num_experts):
             tensors = {"gate_proj": gate_up[e, :inter], "up_proj": gate_up[e, inter:], "down_proj": down[e]}
             encoded = {}
-            for name, w in tensors.items():
-                spec = dict(kind="bf16") if mixed and e % 2 and name == "gate_proj" else \
-                    dict(kind="int", bits=4, group_size=32)
-                enc = make_encoding(spec, tuple(w.shape))
-                encoded[name] = (enc, encode(w, enc))
-            experts.append(ExpertInput(layer, e, "hot", 0.5, 0.25, "fast", encoded))
-    return write_container(folder / ("mixed.prism" if mixed else "plain.prism"), config=config, source={"model_id": "test/plain", "revision": "r"},
+            for tensor, w in tensors.items():
+                enc = make_encoding(expert_spec(layer, e, tensor), tuple(w.shape))
+                encoded[tensor] = (enc, encode(w, enc))
+            experts.append(ExpertInput(layer, e, "hot" if hot(e) else "cold", 0.5 if hot(e) else 0.2, 0.25, "fast",
+                                       encoded))
+    name = name or ("mixed.prism" if mixed else "plain.prism")
+    return write_container(folder / name, config=config, source={"model_id": "test/plain", "revision": "r"},
                            dense=dense, experts=experts, recipe={"name": "test"}, budget={"bits": 4.0},
                            shard_size_bytes=1 << 20, tokenizer_files=[])
 

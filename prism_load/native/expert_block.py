@@ -57,9 +57,14 @@ class BlockTemplate:
         args = type(self.arguments).from_buffer_copy(self.arguments)
         for i in POINTER_SLOTS:
             args[i] += base
+        return self.placed(ctypes.addressof(args), (args, keep))
+
+    def placed(self, start: int, keep) -> BlockOps:
+        """The block whose three argument arrays, this template moved already, lie at `start` one after another
+        (keep: what holds them and the tensors they point at, kept alive by the block). The native miss path
+        moves them itself (expert_miss.c)."""
         b = object.__new__(BlockOps)
-        b.keep, b.wide, b.hidden = (args, keep), self.wide, self.hidden
-        start = ctypes.addressof(args)
+        b.keep, b.wide, b.hidden = keep, self.wide, self.hidden
         b.addresses = (start, start + 8 * _ARGS, start + 16 * _ARGS)
         return b
 

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from ..native import _ARGS, _kernel
-from ..native.expert_block import BlockOps
 from .eviction import MIN_ROUTING, RESCALE_BELOW, NextUse
 from .tiers import Entry, Slab, footprint
 
@@ -208,7 +207,6 @@ class NativeMisses:
             finally:
                 self._holder = None
                 self.h[F["on"]] = 0
-                self.replay()
 
     def resume(self, loop_positions: int) -> None:
         """After a callback served a step: open again, where this thread's token holds the lock (a token not
@@ -342,10 +340,7 @@ class NativeMisses:
         cache._entries[key] = entry
         cache.layer_entries[layer] += 1
         cache.used_bytes += entry.nbytes
-        template, start = self._templates[i], self._blocks_address + 8 * 3 * _ARGS * i
-        block = object.__new__(BlockOps)
-        block.keep, block.wide, block.hidden = (self.blocks, slab.buf), template.wide, template.hidden
-        block.addresses = (start, start + 8 * _ARGS, start + 16 * _ARGS)
+        block = self._templates[i].placed(self._blocks_address + 8 * 3 * _ARGS * i, (self.blocks, slab.buf))
         entry.slab, entry.cold, entry.ready = slab, True, True
         entry.weights = store.native_weights(layer, e, slab.buf, block)
         cache._tables[layer].blocks[e] = block
