@@ -245,6 +245,34 @@ def test_cached_hits_run_from_resident_tables_without_callbacks(q8, tmp_path, mo
     assert all(t is not None and t.blocks for t in tables)
 
 
+def test_a_loop_leaves_other_loops_busy_marks_up(q8, tmp_path):
+    """busy counts the loops running a table's experts: a token run while another loop is in every layer (its mark
+    set by hand) raises and lowers its own mark only, so a remover still waits for the other loop (a flag that the
+    first loop to finish cleared would let an expert's slab be reused under the second)."""
+    path = write_plain(tmp_path)
+    cached = prism_load.load(path, expert_kernel="native-int16", expert_cache="100%", prefetch=False)
+    cache = cached.runtime.cache
+    decode(cached, 4)  # every expert ready: a token's layers all run from the tables, with no eviction
+    tables = [cache.resident_table(i) for i in cache.store.moe_layers]
+    assert all(t is not None and t.blocks for t in tables)
+    routes = served_routes(cached)
+
+    def mark(value: int) -> None:
+        with torch.inference_mode():  # the tables were made there
+            for t in tables:
+                t.table[1] = value
+
+    mark(1)
+    try:
+        out, _ = decode(cached, 3)
+        assert routes == []  # the layers ran from the tables: each loop raised and lowered busy
+        assert [int(t.table[1]) for t in tables] == [1] * len(tables)
+    finally:
+        mark(0)
+    resident, _ = decode(prism_load.load(path, expert_kernel="native-int16"), 3)
+    assert torch.equal(out, resident)
+
+
 @pytest.mark.parametrize("eviction", ["next-use", "frequency"])
 def test_resident_tables_keep_counts_and_eviction_order_of_the_callbacks(q8, tmp_path, monkeypatch, eviction):
     """The same decode with and without resident tables: the same hits, misses, evictions and per-layer counts

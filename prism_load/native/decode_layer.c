@@ -68,14 +68,15 @@ typedef int64_t (*dl_layer_fn)(int64_t layer);
 
 /* A resident table's handshake with whoever removes an expert from it (Dekker's, sequentially consistent): the
  * loop raises busy, then reads the routed experts' pointers; a remover clears an expert's pointers, then waits
- * while busy is up. Either the loop sees the cleared pointer (and calls route instead) or the remover waits until
+ * while busy is up. busy counts the loops in (threads decoding with one model share its tables): a loop that
+ * finishes leaves the others' marks up. Either the loop sees the cleared pointer (and calls route instead) or the remover waits until
  * the loop has run the layer's experts: an expert's memory is never reused under the loop. */
 
 /* Whether every routed expert of the layer is in `table` (its rounding known): then ops holds their pointers, wide
  * their rounding, and busy stays up until the caller has run them; else busy is down again. */
 static int resident_take(int64_t *table, const int64_t *indices, int64_t k, int64_t E, const int64_t **ops,
                          int64_t *wide) {
-    __atomic_store_n(&table[1], 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&table[1], 1, __ATOMIC_SEQ_CST);
     const int64_t rounding = __atomic_load_n(&table[0], __ATOMIC_SEQ_CST);
     int ok = rounding >= 0;
     for (int64_t i = 0; i < k && ok; i++) {
@@ -90,7 +91,7 @@ static int resident_take(int64_t *table, const int64_t *indices, int64_t k, int6
         }
     }
     if (!ok) {
-        __atomic_store_n(&table[1], 0, __ATOMIC_RELEASE);
+        __atomic_sub_fetch(&table[1], 1, __ATOMIC_RELEASE);
         return 0;
     }
     *wide = rounding;
@@ -195,7 +196,7 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
         } else if (resident) {
             const int64_t at = 2 + hits[0] * hits[1];
             if (hits[1] < 2 + k || at + hits[1] > hits_capacity) {
-                __atomic_store_n(&resident[1], 0, __ATOMIC_RELEASE);
+                __atomic_sub_fetch(&resident[1], 1, __ATOMIC_RELEASE);
                 return -2;
             }
             hits[at] = l, hits[at + 1] = k;
@@ -221,7 +222,7 @@ int prism_decode_layers(const int64_t *hdr, const int64_t *layers) {
         if (chosen) {
             const int64_t experts[5] = {(int64_t)(intptr_t)h, (int64_t)(intptr_t)moe, k, hdr[4], wide};
             rc = prism_expert_block(experts, chosen, weights);
-            if (resident) __atomic_store_n(&resident[1], 0, __ATOMIC_RELEASE); /* done with its experts */
+            if (resident) __atomic_sub_fetch(&resident[1], 1, __ATOMIC_RELEASE); /* done with its experts */
             if (rc) break;
         }
         for (int64_t j = 0; j < H; j++) out[j] = y[j] + moe[j];
