@@ -192,3 +192,30 @@ def test_a_hook_between_layers_keeps_every_miss_on_the_python_path(q8, tmp_path,
     assert loads == [] and len(seen) >= 20 * CONFIG["num_hidden_layers"]
     assert model.stats()["misses"] > 0
     model.runtime.cache.check()
+
+
+def test_out_of_descriptors_keeps_misses_on_the_python_path(q8, tmp_path, monkeypatch):
+    """Where the loop cannot hold a descriptor of its own for a shard (os.dup fails: EMFILE), that shard's experts
+    stay on the Python path: nothing raises, no miss is served in the loop, the cache adds up and the logits are
+    those of a cache that serves every miss in Python."""
+    path = write_mixed(tmp_path)
+
+    def run(native: bool):
+        model = prism_load.load(path, expert_kernel="native-int16", expert_cache="35%", prefetch=False)
+        model.runtime.cache.native_allowed = native
+        with torch.inference_mode():
+            c = model.new_cache()
+            out = [model(tokens(5, seed=0), cache=c)]
+            out += [model(tokens(30)[:, i : i + 1], cache=c) for i in range(30)]
+        model.runtime.cache.check()
+        return torch.cat([o[:, -1] for o in out]), model
+
+    def no_descriptors(fd):
+        raise OSError(24, os.strerror(24))
+
+    monkeypatch.setattr(native_misses.os, "dup", no_descriptors)
+    loads = count_native_loads(monkeypatch)
+    out, model = run(True)
+    assert model.stats()["misses"] > 0 and loads == [] and model.stats()["native_loads"] == 0
+    reference, _ = run(False)
+    assert torch.equal(out, reference)

@@ -7,7 +7,9 @@
  * callback), under the cache's lock, which the decoding thread holds for the whole token
  * (runtime/native_misses.py). A miss then adds 68 us (miss_profile_native_xeon.md). What is done here is what ExpertCache._serve_now does with the default eviction
  * (NextUse, runtime/eviction.py), step for step and in the same floating-point operations, so the cache makes the
- * same choices either way: tests/test_native_misses.py compares the two after every token.
+ * same choices either way: tests/test_native_misses.py compares the two after every token. One thing may differ:
+ * which free slab of another size goes first when a new size needs room (here the last exported, in
+ * SlabPool.take the first size it lists): memory only, the pool within its budget either way.
  *
  * The state is an int64 array of NM_FIELDS (below), most of them addresses of arrays the Python side owns; the
  * log is NM_LOG, a sequence of records, each a kind and its fields:

@@ -175,8 +175,11 @@ class NativeMisses:
         shard, offset, length, template = found
         fd = self._fds.get(shard)
         if fd is None:
-            with self.cache.store.container.shard_fd(shard) as shared:
-                fd = self._fds[shard] = os.dup(shared)  # ours: open while this is, whatever the container closes
+            try:
+                with self.cache.store.container.shard_fd(shard) as shared:
+                    fd = self._fds[shard] = os.dup(shared)  # ours: open while this is, whatever the container closes
+            except OSError:  # out of descriptors (EMFILE): the expert stays on the Python path, which reads it
+                return
         self._templates[i] = template
         self.template[i] = ctypes.addressof(template.arguments)
         self.wide[i], self.file_offset[i], self.fd[i] = template.wide, offset, fd
@@ -255,14 +258,13 @@ class NativeMisses:
     # -- the log -----------------------------------------------------------------------------------------
     def replay(self) -> None:
         """Apply the loop's log to the cache (under its lock, which the token holds), in order, and empty it."""
-        h = self.h
-        count = int(h[F["log_count"]])
-        if not count:
-            return
-        words = self.log[:count].tolist()
-        h[F["log_count"]] = 0
-        cache = self.cache
-        with cache._lock:
+        h, cache = self.h, self.cache
+        with cache._lock:  # the count read and emptied under it too: a token of another plan may flush hits
+            count = int(h[F["log_count"]])
+            if not count:
+                return
+            words = self.log[:count].tolist()
+            h[F["log_count"]] = 0
             cache.policy.current = int(h[F["current"]])  # the loop observed last: nothing has since
             self._apply(words)
             # what the loop left: its copy of the free list is the pool's again, whatever the order
