@@ -64,10 +64,16 @@ def cpu_problem() -> str | None:
         return None if capability.startswith(("AVX2", "AVX512")) else f"the CPU's capability is {capability}"
 
 
+def extra_flags() -> list[str]:
+    """Compiler flags added from $PRISM_NATIVE_CFLAGS (part of the cache key). Why: the tests' sanitizer run
+    (tests/test_sanitizers.py: `-fsanitize=address,undefined`) builds the same sources without editing FLAGS."""
+    return os.environ.get("PRISM_NATIVE_CFLAGS", "").split()
+
+
 def compile_command(compiler: str, output: Path) -> list[str]:
     gomp = torch_gomp()
     link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else []  # else -fopenmp's own libgomp
-    return [compiler, *FLAGS, "-o", str(output), *map(str, SOURCES), *link]
+    return [compiler, *FLAGS, *extra_flags(), "-o", str(output), *map(str, SOURCES), *link]
 
 
 def library_path(compiler: str) -> Path:
@@ -76,7 +82,7 @@ def library_path(compiler: str) -> Path:
         raise NativeUnavailable(f"the C compiler {compiler} does not run ({compiler} --version: exit {done.returncode})")
     version = done.stdout
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode(), version.encode(),
+    for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)), " ".join(FLAGS + extra_flags()).encode(), version.encode(),
                  str(torch_gomp()).encode()):
         key.update(part)
         key.update(b"\0")
