@@ -204,6 +204,14 @@ static int64_t nm_take_slab(int64_t *nm, int64_t nbytes) {
     return (int64_t)(intptr_t)p;
 }
 
+/* A miss that failed after its slab was taken: its room back, the slab given up (released, as Python replays it). */
+static void nm_give_up(int64_t *nm, int64_t room, int64_t slab, int64_t bytes) {
+    nm[NM_ROOM] += room;
+    nm[NM_POOL_TOTAL] -= bytes;
+    const int64_t words[3] = {NM_EV_RELEASE, slab, bytes};
+    nm_log(nm, 3, words);
+}
+
 static int64_t nm_now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -280,13 +288,10 @@ int prism_expert_miss_step(int64_t *nm, int64_t l, const int64_t *ids, int64_t k
         const int64_t threads = bytes >= nm[NM_SPLIT_BYTES] ? nm[NM_THREADS] : 1;
         const int64_t got = prism_pread(NM_PTR(nm, NM_FD, int64_t)[key], NM_PTR(nm, NM_FILE_OFFSET, int64_t)[key],
                                         bytes, (void *)(intptr_t)slab, threads);
-        if (got != bytes) { /* the room back, the slab given up; the log says what else happened */
+        if (got != bytes) { /* the log says what else happened */
             nm[NM_ERROR] = got < 0 ? -got : EIO;
             nm[NM_ERROR_KEY] = key;
-            nm[NM_ROOM] += footprint[key];
-            nm[NM_POOL_TOTAL] -= bytes;
-            const int64_t words[3] = {NM_EV_RELEASE, slab, bytes};
-            nm_log(nm, 3, words);
+            nm_give_up(nm, footprint[key], slab, bytes);
             return -5;
         }
         if (nm[NM_DROP])
@@ -299,7 +304,10 @@ int prism_expert_miss_step(int64_t *nm, int64_t l, const int64_t *ids, int64_t k
             for (int s = 4; s < 7; s++) args[j * NM_ARGS + s] += slab;
         const int64_t ptrs[3] = {(int64_t)(intptr_t)args, (int64_t)(intptr_t)(args + NM_ARGS),
                                  (int64_t)(intptr_t)(args + 2 * NM_ARGS)};
-        if (prism_resident_set(table, E, e, wides[key], ptrs)) return -2;
+        if (prism_resident_set(table, E, e, wides[key], ptrs)) { /* the checks above exclude it */
+            nm_give_up(nm, footprint[key], slab, bytes);
+            return -2;
+        }
         NM_PTR(nm, NM_STATE, int8_t)[key] = (int8_t)((state[key] & ~NM_STATE_MASK) | NM_READY);
         slabs[key] = slab, sizes[key] = bytes;
         nm_touch(nm, key);
