@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from prism_load import native
 from prism_load.container.reader import ConcatLinear
-from prism_load.native.expert_block import BlockOps, block_ops, expert_block
+from prism_load.native.expert_block import BlockOps, block_ops, expert_block, expert_rows
 from tests.test_native_kernels import stored
 
 H, INTER = 256, 384
@@ -111,6 +111,44 @@ def test_refusals_say_what_is_wrong(q8):
                      Op(bound(H, INTER, 4, 64, 2, "int16"))) is None
 
 
+@pytest.mark.parametrize("act", ["int16", "int8"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_rows_of_a_batch_get_each_rows_bits(q8, act, batch):
+    """expert_rows on a batch whose rows share experts (top-2 of 4, and one row's order reversed): every row equals
+    expert_block on that row alone, bit for bit, on one and two threads; an expert used by several rows is one
+    product of those rows."""
+    experts = [expert(10 * e, act, bits=(4, 4, 8) if e == 2 else (4, 4, 4)) for e in range(4)]
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, H, generator=gen)
+    rows = [[(b + j) % 4 for j in range(2)] for b in range(batch)]
+    rows[0].reverse()
+    weights = torch.rand(batch, 2, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = expert_rows(x, [[experts[e] for e in r] for r in rows], weights)
+            for b, r in enumerate(rows):
+                alone = expert_block(x[b : b + 1], [experts[e] for e in r], weights[b])
+                assert torch.equal(out[b : b + 1], alone), f"row {b}, {threads} threads"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rows_refusals_say_what_is_wrong(q8):
+    a, b, c = expert(0, "int16"), expert(3, "int16"), expert(6, "int8")
+    with pytest.raises(ValueError, match="one rounding"):
+        expert_rows(torch.randn(2, H), [[a, b], [a, c]], torch.rand(2, 2))
+    with pytest.raises(ValueError, match="twice in one row"):
+        expert_rows(torch.randn(1, H), [[a, a]], torch.rand(1, 2))
+    with pytest.raises(ValueError, match="rows of 1 to"):
+        expert_rows(torch.randn(2, H), [[a, b], [a]], torch.rand(2, 2))
+    with pytest.raises(ValueError, match=r"x must be \[2, 256\]"):
+        expert_rows(torch.randn(3, H), [[a], [b]], torch.rand(2, 1))
+    with pytest.raises(ValueError, match=r"weights must be \[2, 1\]"):
+        expert_rows(torch.randn(2, H), [[a], [b]], torch.rand(2, 2))
+
+
 def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
     """MoEBlock's decode step calls expert_block when every chosen expert is a native block, and gives what
     the one-by-one path gives (within the SwiGLU's and the sum's fp32-vs-bf16 rounding); with an observer, or
@@ -146,3 +184,45 @@ def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
     block.activation = lambda gate, up: torch.clamp(gate, max=7.0) * up  # not SwiGLU (GPT-OSS clamps): no block
     block(x)
     assert calls == [1]
+
+
+def test_moe_block_runs_a_batchs_experts_in_one_call(q8, monkeypatch):
+    """MoEBlock on a few routed rows (a decode batch) calls expert_rows once, and each row gets what the block gives
+    that row routed alone (expert_block's bits; the router's own bits differ with the row count, so both take one
+    routing); more rows than the limit, or an observer, take the torch-op path, which agrees within the SwiGLU's and
+    the sum's rounding."""
+    from prism_load.models import moe
+
+    torch.manual_seed(0)
+    experts = [expert(10 * e, "int16") for e in range(4)]
+
+    class Source:
+        num_experts = 4
+
+        def acquire(self, layer, ids):
+            return {e: moe.ExpertWeights(ConcatLinear([Op(experts[e].keep[0]), Op(experts[e].keep[1])]),
+                                         Op(experts[e].keep[2])) for e in ids}
+
+    router = moe.SoftmaxTopKRouter(H, 4, 2, norm_topk_prob=True)
+    torch.nn.init.normal_(router.weight)
+    block = moe.MoEBlock(0, router, Source())
+    calls = []
+    real = moe.expert_rows
+    monkeypatch.setattr(moe, "expert_rows", lambda *a: calls.append(len(a[1])) or real(*a))
+    x = torch.randn(5, H)
+    route = router(x)
+    assert len(set(route.indices.reshape(-1).tolist())) > 2  # the rows share some experts, not all
+    batch = block.after_route(x, route)
+    assert calls == [5]
+    for t in range(5):
+        alone = moe.RouterOutput(route.logits[t : t + 1], route.indices[t : t + 1], route.weights[t : t + 1])
+        assert torch.equal(batch[t : t + 1], block.after_route(x[t : t + 1], alone)), f"row {t}"
+    assert calls == [5]  # single rows: expert_block
+    monkeypatch.setattr(moe, "BATCH_ROWS", 4)
+    by_ops = block.after_route(x, route)
+    assert calls == [5]
+    close(by_ops, batch, tol=1e-5)
+    monkeypatch.setattr(moe, "BATCH_ROWS", 16)
+    block.observer = type("Watch", (), {"on_route": lambda *a: None, "on_expert": lambda *a: None})()
+    assert torch.equal(block.after_route(x, route), by_ops)
+    assert calls == [5]

@@ -17,9 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..native import router_topk
-from ..native.expert_block import block_ops, expert_block, one_rounding
+from ..native.expert_block import block_ops, expert_block, expert_rows, one_rounding
 from .linear import linear
+
+# Rows of x up to which a batch's routed experts run in one native call (expert_rows: decode batches, short prompts).
+# int16 x on 256-bit tiles only up to native.Q16_UPTO_M rows an expert, beyond which the exact kernel (the per-op
+# path's choice) is faster.
+BATCH_ROWS = 16
+
+
+def batch_row_limit(wide: int) -> int:
+    """The most rows expert_rows takes for experts of this rounding of x (1: int16, 0: int8) on this CPU."""
+    return BATCH_ROWS if not wide or native.q16_vector_bits() == 512 else min(BATCH_ROWS, native.Q16_UPTO_M)
 
 
 @dataclass
@@ -228,6 +239,12 @@ class MoEBlock(nn.Module):
             return self.decode_sum(flat, ids, weights, route.weights)
         used = torch.unique(indices).tolist()
         weights = self.experts.acquire(self.layer_index, used)
+        if indices.shape[0] <= BATCH_ROWS:  # a decode batch (or a short prompt): one native call where it can
+            blocks = self.native_blocks(used, weights)
+            if blocks is not None and indices.shape[0] <= batch_row_limit(blocks[0].wide):
+                by_id = dict(zip(used, blocks))
+                rows = [[by_id[e] for e in row] for row in indices.tolist()]
+                return expert_rows(flat, rows, route.weights).to(flat.dtype)
         out = torch.zeros_like(flat)
         for e in used:
             token_idx, slot = torch.where(indices == e)

@@ -151,6 +151,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.widen.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     fn.expert_block = _bind(lib, "prism_expert_block", 3)  # int64 hdr[5], int64 *ops[3E], float weights[E]
+    fn.expert_rows = _bind(lib, "prism_expert_rows", 3)  # int64 hdr[6], int64 *ops[3BE], float weights[BE]
     fn.rms_norm = _bind(lib, "prism_rms_norm")  # int64 args[9]: rms_norm.c
     fn.attention_decode = _bind(lib, "prism_attention_decode")  # int64 args[19]: attention_decode.c
     fn.router_topk = _bind(lib, "prism_router_topk")  # int64 args[9]: router_topk.c

@@ -17,84 +17,153 @@
  * Arguments: hdr = {x, y, experts E, threads, wide (1: int16 x, 0: int8 x)}; x and y fp32 [H];
  * ops = 3E pointers to int64 args[13] as prism_int_linear_packed takes them (gate, up, down of each expert;
  * only the weight fields are read: K, qweight, scales, zeros, N, bits, group size); weights = E fp32.
- * Returns 0, -1 when out of memory, -2 for arguments the kernel does not take. */
+ * Returns 0, -1 when out of memory, -2 for arguments the kernel does not take.
+ *
+ * prism_expert_rows is the same for B rows of a decode batch, E experts each: hdr = {x, y, B, E, threads, wide},
+ * x and y fp32 [B, H], ops 3BE pointers (row after row, each row's experts in its route order), weights B*E.
+ * An expert several rows route to is one product of those rows (its rows of x gathered), so its weights are read
+ * once for the batch where one call a row would read them once a row, and the batch's experts cost one native
+ * call instead of a dozen torch ops each. Every output of a row is computed as for that row alone (the tiles
+ * compute each row of x as a single-row call does), so a batch row gets prism_expert_block's bits. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "q8_linear.h"
 
-#define EB_MAX_EXPERTS 64
+#define EB_MAX_EXPERTS 64 /* routed experts of one row */
+#define EB_MAX_ROWS 64    /* rows of one call (a decode batch) */
+
+#define EB_ALIGN 64
+
+static uint8_t *eb_align(uint8_t *p) { return (uint8_t *)(((uintptr_t)p + EB_ALIGN - 1) & ~(uintptr_t)(EB_ALIGN - 1)); }
 
 static int same_rounding(const q8_problem *a, const q8_problem *b) { return a->bits == b->bits && a->g == b->g; }
 
-int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const float *weights) {
+/* P <- the product of args a (as q8_make_bound reads them) for M rows of x; -2 where the kernel does not take it. */
+static int eb_make(const int64_t *a, int64_t k, int64_t n, int64_t M, int wide, q8_problem *P) {
+    if (a[3] != k || a[7] != n) return -2;
+    return q8_make(k, M, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
+                   (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], NULL, n, wide, P);
+}
+
+int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float *weights) {
     const float *x = (const float *)(intptr_t)hdr[0];
     float *y = (float *)(intptr_t)hdr[1];
-    const int E = (int)hdr[2], wide = (int)hdr[4];
-    int threads = (int)hdr[3];
-    if (E < 1 || E > EB_MAX_EXPERTS || (wide != 0 && wide != 1)) return -2;
+    const int B = (int)hdr[2], E = (int)hdr[3], wide = (int)hdr[5];
+    int threads = (int)hdr[4];
+    if (B < 1 || B > EB_MAX_ROWS || E < 1 || E > EB_MAX_EXPERTS || (wide != 0 && wide != 1)) return -2;
+    const int S = B * E;
     const int64_t H = ops[0][3];
-    int64_t hidden[EB_MAX_EXPERTS]; /* each expert's intermediate width */
-    q8_problem gu[2 * EB_MAX_EXPERTS], dn[EB_MAX_EXPERTS];
-    size_t bytes = 0;
-    for (int e = 0; e < E; e++) {
-        const int64_t *g = ops[3 * e], *u = ops[3 * e + 1], *d = ops[3 * e + 2];
-        hidden[e] = g[7];
-        /* y fields are set below, once the scratch exists */
-        if (q8_make_bound(g, H, hidden[e], NULL, wide, &gu[2 * e]) ||
-            q8_make_bound(u, H, hidden[e], NULL, wide, &gu[2 * e + 1]) ||
-            q8_make_bound(d, hidden[e], H, NULL, wide, &dn[e]))
+    /* the distinct experts (by their gate's argument array), each with the rows that route to it, in row order */
+    int slot_u[EB_MAX_ROWS * EB_MAX_EXPERTS], slot_at[EB_MAX_ROWS * EB_MAX_EXPERTS];
+    int first[EB_MAX_ROWS * EB_MAX_EXPERTS], rows[EB_MAX_ROWS * EB_MAX_EXPERTS], U = 0;
+    for (int s = 0; s < S; s++) {
+        int u = 0;
+        while (u < U && ops[3 * first[u]] != ops[3 * s]) u++;
+        if (u == U) {
+            if (ops[3 * s + 1] == NULL || ops[3 * s + 2] == NULL || ops[3 * s] == NULL) return -2;
+            first[U] = s, rows[U] = 0, U++;
+        } else if (ops[3 * first[u] + 1] != ops[3 * s + 1] || ops[3 * first[u] + 2] != ops[3 * s + 2]) {
+            return -2; /* one gate, two experts */
+        }
+        slot_u[s] = u, slot_at[s] = rows[u]++;
+    }
+    for (int s = 0; s < S; s++)
+        for (int t = s - s % E; t < s; t++)
+            if (slot_u[t] == slot_u[s]) return -2; /* an expert twice in one row */
+    /* the problems and their scratch in one allocation */
+    size_t bytes = sizeof(q8_problem) * 3 * (size_t)U + sizeof(int64_t) * (3 * (size_t)U + 2) * 2 +
+                   sizeof(int) * (size_t)S + sizeof(uint8_t *) * 4 * (size_t)U + 128;
+    q8_problem probe[3];
+    for (int u = 0; u < U; u++) {
+        const int64_t *g = ops[3 * first[u]], *up = ops[3 * first[u] + 1], *d = ops[3 * first[u] + 2];
+        const int64_t I = g[7], M = rows[u];
+        if (eb_make(g, H, I, M, wide, &probe[0]) || eb_make(up, H, I, M, wide, &probe[1]) ||
+            eb_make(d, I, H, M, wide, &probe[2]))
             return -2;
-        bytes += 2 * sizeof(float) * (size_t)hidden[e] + sizeof(float) * (size_t)H;
-        bytes += q8_x_bytes(&gu[2 * e], wide) + q8_x_bytes(&gu[2 * e + 1], wide) + q8_x_bytes(&dn[e], wide);
+        bytes += sizeof(float) * (size_t)(M * (2 * I + H + (M > 1 ? H : 0))) + 8 * EB_ALIGN; /* each region aligned */
+        bytes += q8_x_bytes(&probe[0], wide) + q8_x_bytes(&probe[1], wide) + q8_x_bytes(&probe[2], wide);
     }
     uint8_t *scratch = malloc(bytes), *at = scratch;
     if (!scratch) return -1;
-    uint8_t *xs[2 * EB_MAX_EXPERTS], *hs[EB_MAX_EXPERTS];
-    float *outs[EB_MAX_EXPERTS];
-    for (int e = 0; e < E; e++) {
-        gu[2 * e].y = (float *)at, at += sizeof(float) * (size_t)hidden[e];
-        gu[2 * e + 1].y = (float *)at, at += sizeof(float) * (size_t)hidden[e];
-        dn[e].y = outs[e] = (float *)at, at += sizeof(float) * (size_t)H;
-        xs[2 * e] = at, at += q8_x_bytes(&gu[2 * e], wide);
-        xs[2 * e + 1] = at, at += q8_x_bytes(&gu[2 * e + 1], wide);
-        hs[e] = at, at += q8_x_bytes(&dn[e], wide);
+    q8_problem *gu = (q8_problem *)at, *dn = gu + 2 * U;
+    at += sizeof(q8_problem) * 3 * (size_t)U;
+    int64_t *first_gu = (int64_t *)at, *step_gu = first_gu + 2 * U + 1, *first_dn = step_gu + 2 * U,
+            *step_dn = first_dn + U + 1;
+    at += sizeof(int64_t) * (3 * (size_t)U + 2) * 2;
+    int *member = (int *)at; /* the rows of each expert, expert after expert */
+    at += sizeof(int) * (size_t)S;
+    uint8_t **xs = (uint8_t **)(((uintptr_t)at + 7) & ~(uintptr_t)7), **hs = xs + 2 * U;
+    const float **xin = (const float **)(hs + U);
+    at = eb_align((uint8_t *)(xin + U));
+    int64_t hidden[EB_MAX_ROWS * EB_MAX_EXPERTS], offset[EB_MAX_ROWS * EB_MAX_EXPERTS + 1];
+    offset[0] = 0;
+    for (int u = 0; u < U; u++) offset[u + 1] = offset[u] + rows[u];
+    for (int s = 0; s < S; s++) member[offset[slot_u[s]] + slot_at[s]] = s / E;
+    for (int u = 0; u < U; u++) {
+        const int64_t *g = ops[3 * first[u]], *up = ops[3 * first[u] + 1], *d = ops[3 * first[u] + 2];
+        const int64_t I = hidden[u] = g[7], M = rows[u];
+        eb_make(g, H, I, M, wide, &gu[2 * u]), eb_make(up, H, I, M, wide, &gu[2 * u + 1]), eb_make(d, I, H, M, wide, &dn[u]);
+        gu[2 * u].y = (float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * I));
+        gu[2 * u + 1].y = (float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * I));
+        dn[u].y = (float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * H));
+        if (M > 1) { /* its rows of x gathered (below); one row is read where it is */
+            xin[u] = (const float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * H));
+        } else {
+            xin[u] = x + (int64_t)member[offset[u]] * H;
+        }
+        xs[2 * u] = at, at = eb_align(at + q8_x_bytes(&gu[2 * u], wide));
+        xs[2 * u + 1] = at, at = eb_align(at + q8_x_bytes(&gu[2 * u + 1], wide));
+        hs[u] = at, at = eb_align(at + q8_x_bytes(&dn[u], wide));
     }
-    int64_t first_gu[2 * EB_MAX_EXPERTS + 1], step_gu[2 * EB_MAX_EXPERTS], first_dn[EB_MAX_EXPERTS + 1],
-        step_dn[EB_MAX_EXPERTS];
-    const int64_t chunks_gu = q8_chunks(gu, 2 * E, first_gu, step_gu);
-    const int64_t chunks_dn = q8_chunks(dn, E, first_dn, step_dn);
+    const int64_t chunks_gu = q8_chunks(gu, 2 * U, first_gu, step_gu);
+    const int64_t chunks_dn = q8_chunks(dn, U, first_dn, step_dn);
     const int instructions = prism_q8_instructions();
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
-        for (int i = 0; i < 2 * E; i++) /* an up projection rounded as its gate shares the gate's x */
-            if (!(i & 1) || !same_rounding(&gu[i - 1], &gu[i])) q8_prepare_x(&gu[i], x, H, wide, xs[i]);
-#pragma omp single
-        for (int e = 0; e < E; e++)
-            if (same_rounding(&gu[2 * e], &gu[2 * e + 1]))
-                gu[2 * e + 1].xq = gu[2 * e].xq, gu[2 * e + 1].d = gu[2 * e].d, gu[2 * e + 1].sxq = gu[2 * e].sxq;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks_gu; c++) q8_chunk_run(gu, 2 * E, first_gu, step_gu, c, wide, instructions);
+        for (int u = 0; u < U; u++)
+            if (rows[u] > 1)
+                for (int64_t m = 0; m < rows[u]; m++)
+                    memcpy((float *)xin[u] + m * H, x + (int64_t)member[offset[u] + m] * H, sizeof(float) * (size_t)H);
 #pragma omp for schedule(static)
-        for (int e = 0; e < E; e++) {
-            float *gate = gu[2 * e].y;
-            const float *up = gu[2 * e + 1].y;
-            for (int64_t j = 0; j < hidden[e]; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
-            q8_prepare_x(&dn[e], gate, hidden[e], wide, hs[e]);
+        for (int i = 0; i < 2 * U; i++) /* an up projection rounded as its gate shares the gate's x */
+            if (!(i & 1) || !same_rounding(&gu[i - 1], &gu[i])) q8_prepare_x(&gu[i], xin[i / 2], H, wide, xs[i]);
+#pragma omp single
+        for (int u = 0; u < U; u++)
+            if (same_rounding(&gu[2 * u], &gu[2 * u + 1]))
+                gu[2 * u + 1].xq = gu[2 * u].xq, gu[2 * u + 1].d = gu[2 * u].d, gu[2 * u + 1].sxq = gu[2 * u].sxq;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks_gu; c++) q8_chunk_run(gu, 2 * U, first_gu, step_gu, c, wide, instructions);
+#pragma omp for schedule(static)
+        for (int u = 0; u < U; u++) {
+            float *gate = gu[2 * u].y;
+            const float *up = gu[2 * u + 1].y;
+            for (int64_t j = 0; j < rows[u] * hidden[u]; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+            q8_prepare_x(&dn[u], gate, hidden[u], wide, hs[u]);
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks_dn; c++) q8_chunk_run(dn, E, first_dn, step_dn, c, wide, instructions);
+        for (int64_t c = 0; c < chunks_dn; c++) q8_chunk_run(dn, U, first_dn, step_dn, c, wide, instructions);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < H; r++) {
+        for (int64_t br = 0; br < B * H; br++) {
+            const int64_t b = br / H, r = br % H;
             float acc = 0.0f;
-            for (int e = 0; e < E; e++) acc += weights[e] * outs[e][r];
-            y[r] = acc;
+            for (int e = 0; e < E; e++) {
+                const int s = (int)b * E + e;
+                acc += weights[s] * dn[slot_u[s]].y[slot_at[s] * H + r];
+            }
+            y[br] = acc;
         }
     }
     free(scratch);
     return 0;
+}
+
+int prism_expert_block(const int64_t *hdr, const int64_t *const *ops, const float *weights) {
+    const int64_t rows[6] = {hdr[0], hdr[1], 1, hdr[2], hdr[3], hdr[4]};
+    return prism_expert_rows(rows, ops, weights);
 }

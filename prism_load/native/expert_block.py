@@ -112,3 +112,35 @@ def expert_block(x: torch.Tensor, experts: list[BlockOps], weights: torch.Tensor
     hdr = (ctypes.c_int64 * 5)(xf.data_ptr(), out.data_ptr(), e, torch.get_num_threads(), experts[0].wide)
     _check_rc(_kernel().expert_block(ctypes.addressof(hdr), ctypes.addressof(ops), w.data_ptr()), "expert_block")
     return out
+
+
+MAX_ROWS = 64  # EB_MAX_ROWS
+
+
+def expert_rows(x: torch.Tensor, rows: list[list[BlockOps]], weights: torch.Tensor) -> torch.Tensor:
+    """expert_block for each row of a decode batch in one call: x [B, H] (any float dtype), rows[b] the experts of
+    row b in its route order (E each, one rounding of x across the batch), weights [B, E]; fp32 [B, H]. An expert
+    several rows use is one product of those rows (its weights read once); each row's output has expert_block's
+    bits for that row alone."""
+    b = len(rows)
+    e = len(rows[0]) if rows else 0
+    if not 0 < b <= MAX_ROWS or not 0 < e <= MAX_EXPERTS or any(len(r) != e for r in rows):
+        raise ValueError(f"expert_rows: 1 to {MAX_ROWS} rows of 1 to {MAX_EXPERTS} experts each, got "
+                         f"{[len(r) for r in rows]}")
+    if len({blk.wide for r in rows for blk in r}) != 1:
+        raise ValueError("expert_rows: the experts must share one rounding of x")
+    h = rows[0][0].hidden
+    if tuple(x.shape) != (b, h) or any(blk.hidden != h for r in rows for blk in r):
+        raise ValueError(f"expert_rows: x must be [{b}, {h}], got {list(x.shape)}")
+    for r in rows:
+        if len({blk.addresses[0] for blk in r}) != e:
+            raise ValueError("expert_rows: an expert twice in one row")
+    xf = x.to(torch.float32).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    if tuple(w.shape) != (b, e):
+        raise ValueError(f"expert_rows: weights must be [{b}, {e}], got {list(w.shape)}")
+    out = torch.empty(b, h, dtype=torch.float32)
+    ops = op_table([blk for r in rows for blk in r])
+    hdr = (ctypes.c_int64 * 6)(xf.data_ptr(), out.data_ptr(), b, e, torch.get_num_threads(), rows[0][0].wide)
+    _check_rc(_kernel().expert_rows(ctypes.addressof(hdr), ctypes.addressof(ops), w.data_ptr()), "expert_rows")
+    return out
