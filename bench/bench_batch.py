@@ -1,5 +1,6 @@
 """Batched decode benchmark on the reference model (issue 16): tokens/s at batch 1, 4 and 16, fully resident
-and behind an expert cache of 50%.
+and behind an expert cache of 50%, and resident with a batch's experts run by torch ops one expert at a time
+(the path before native.expert_block.expert_rows, measured in the same run).
 
 A batch routes each row's token on its own, so a decode step touches the union of the rows' experts: more
 distinct experts per layer as the batch grows, hence more bytes moved per step and, behind a cache, a hit
@@ -28,8 +29,11 @@ from bench_runtime import add_container_options, chosen_container
 from common import write_report
 
 import prism_load
+from prism_load.models import moe
 
-CONFIGS = [("resident", None), ("cache 50%, prefetch", "50%")]
+# (name, expert cache budget, a batch's experts one native call a layer): the last row is the A/B of expert_rows
+CONFIGS = [("resident", None, True), ("cache 50%, prefetch", "50%", True),
+           ("resident, batch experts by torch ops", None, False)]
 
 
 class ExpertsTouched:
@@ -38,8 +42,13 @@ class ExpertsTouched:
     def __init__(self, model):
         self.active = False
         self.per_step: list[int] = []
-        for _, block in model.moe_blocks():
+        self.blocks = [block for _, block in model.moe_blocks()]
+        for block in self.blocks:
             block.observer = self
+
+    def detach(self) -> None:
+        for block in self.blocks:
+            block.observer = None
 
     def on_route(self, layer_index, x, route):
         if self.active:
@@ -69,42 +78,55 @@ def bench_prompts(container: Path, count: int, synthetic: bool, vocab: int) -> t
     return ids, mask
 
 
+def generate(model, ids: torch.Tensor, mask: torch.Tensor, tokens: int, on_token) -> None:
+    model.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=True, temperature=0.8, top_k=50,
+                   seed=0, eos_token_id=[], on_token=on_token)
+
+
 def measure(model, ids: torch.Tensor, mask: torch.Tensor, tokens: int) -> dict:
-    """One sampled batch generation; decode = first token to last; cache stats and experts of decode steps only."""
-    touched = ExpertsTouched(model)
+    """One sampled batch generation, timed unobserved (an observer takes the MoE blocks off their native paths);
+    decode = first token to last; cache stats of decode steps only. Then the same generation again with an
+    observer counting the experts each decode step touches (the same tokens: the sampling is seeded)."""
     times = []
     cached = hasattr(model, "stats")
 
     def on_token(_):
-        if not times:
-            touched.active = True
-            if cached:
-                model.reset_stats()
+        if not times and cached:
+            model.reset_stats()
         times.append(time.perf_counter())
 
     start = time.perf_counter()
-    model.generate(ids, attention_mask=mask, max_new_tokens=tokens, do_sample=True, temperature=0.8, top_k=50,
-                   seed=0, eos_token_id=[], on_token=on_token)
+    generate(model, ids, mask, tokens, on_token)
     steps = len(times) - 1
     out = {"batch": ids.shape[0], "prompt_tokens": int(mask.sum()), "prefill_seconds": times[0] - start,
-           "decode_steps": steps, "decode_tokens": steps * ids.shape[0], "decode_seconds": times[-1] - times[0],
-           "experts_per_layer_step": statistics.fmean(touched.per_step) if touched.per_step else None}
+           "decode_steps": steps, "decode_tokens": steps * ids.shape[0], "decode_seconds": times[-1] - times[0]}
     if cached:
         s = model.stats()
         out |= {"hit_rate": s["hit_rate"], "uses": s["uses"], "misses": s["misses"],
                 "stall_seconds": s["stall_seconds"], "bytes_fetched": s["bytes_fetched"]}
+    touched = ExpertsTouched(model)
+    try:
+        generate(model, ids, mask, tokens, lambda _: setattr(touched, "active", True))
+    finally:
+        touched.detach()
+    out["experts_per_layer_step"] = statistics.fmean(touched.per_step) if touched.per_step else None
     return out
 
 
 def run(container: Path, batches: list[int], tokens: int, repeats: int, synthetic: bool) -> list[dict]:
     rows = []
-    for name, budget in CONFIGS:
+    for name, budget, batch_native in CONFIGS:
         options = {} if budget is None else {"expert_cache": budget, "prefetch": True}
         model = prism_load.load(container, **options)
         experts = model.args.num_experts
         for b in batches:
             ids, mask = bench_prompts(container, b, synthetic, model.args.vocab_size)
-            runs = [measure(model, ids, mask, tokens) for _ in range(repeats)]
+            saved = moe.BATCH_ROWS
+            moe.BATCH_ROWS = saved if batch_native else 1  # 1: only single rows (expert_block) take a native call
+            try:
+                runs = [measure(model, ids, mask, tokens) for _ in range(repeats)]
+            finally:
+                moe.BATCH_ROWS = saved
             best = sorted(runs, key=lambda m: m["decode_seconds"])[len(runs) // 2]  # the median run
             rate = best["decode_tokens"] / best["decode_seconds"] if best["decode_seconds"] > 0 else float("nan")
             rows.append({"name": name, "num_experts": experts, "decode_tokens_per_second": rate,
