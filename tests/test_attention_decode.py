@@ -126,3 +126,64 @@ def test_refuses_shapes_and_caches_it_cannot_take(q8):
     with pytest.raises(ValueError, match="fp32 contiguous x"):
         ad.attention_decode(torch.zeros(CONFIG["hidden_size"]).bfloat16(), ops, cos, cos, keys, keys.clone(), 0,
                             spec.num_heads, spec.num_kv_heads, spec.head_dim, attn.scaling)
+
+
+def test_rows_of_a_batch_get_each_rows_bits(q8):
+    """attention_rows on three rows (two of them left-padded: they attend from their first real slot) gives each
+    row what attention_decode gives that row alone over its real slots (the same bits), and writes each row's k
+    and v at the new slot as that call does."""
+    model = packed_model()
+    attn = model.layers[0].self_attn
+    ops, spec = attn._native_ops(), attn.spec
+    g, d, hidden, n, cap = spec.num_kv_heads, spec.head_dim, CONFIG["hidden_size"], 9, 16
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, hidden, generator=gen)
+    cos, sin = torch.rand(3, d, generator=gen), torch.rand(3, d, generator=gen)
+    keys, values = torch.randn(3, g, cap, d, generator=gen), torch.randn(3, g, cap, d, generator=gen)
+    first = torch.tensor([0, 4, 1])
+    k_rows, v_rows = keys.clone(), values.clone()
+    out = ad.attention_rows(x, ops, cos, sin, k_rows, v_rows, n, spec.num_heads, g, d, attn.scaling, first=first)
+    for b in range(3):
+        f = int(first[b])
+        k1 = keys[b : b + 1, :, f:].clone().contiguous()  # the row's real slots, from slot 0
+        v1 = values[b : b + 1, :, f:].clone().contiguous()
+        alone = ad.attention_decode(x[b].contiguous(), ops, cos[b].contiguous(), sin[b].contiguous(), k1, v1, n - f,
+                                    spec.num_heads, g, d, attn.scaling)
+        assert torch.equal(out[b], alone), f"row {b}"
+        assert torch.equal(k_rows[b, :, n], k1[0, :, n - f]) and torch.equal(v_rows[b, :, n], v1[0, :, n - f])
+    with pytest.raises(ValueError, match="first must be int64"):
+        ad.attention_rows(x, ops, cos, sin, keys, values, n, spec.num_heads, g, d, attn.scaling,
+                          first=torch.tensor([0, n + 1, 0]))
+    with pytest.raises(ValueError, match=r"cos \[3, 32\]"):
+        ad.attention_rows(x, ops, cos[:2], sin, keys, values, n, spec.num_heads, g, d, attn.scaling)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_batchs_native_step_gives_the_torch_paths_logits(q8, monkeypatch, padded):
+    """Two rows decoding (left-padded or not) through attention_rows: the torch path's logits to fp32 rounding
+    (as the single-row step), the same greedy tokens, and each row's real cache slots of layer 0 the same bits."""
+    model = packed_model()
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]) if padded else None
+    nxt = torch.randint(0, CONFIG["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = layers.attention_rows
+    monkeypatch.setattr(layers, "attention_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run():
+        with torch.no_grad():
+            cache = model.new_cache()
+            model(ids, cache=cache, attention_mask=mask)
+            out = [model(nxt[:, i : i + 1], cache=cache) for i in range(40)]
+        return torch.cat(out, 1), cache
+
+    fast, fast_cache = run()
+    assert len(calls) == 40 * CONFIG["num_hidden_layers"]
+    monkeypatch.setattr(layers.Attention, "_native_rows", lambda self, x, ctx: None)
+    slow, slow_cache = run()
+    assert len(calls) == 40 * CONFIG["num_hidden_layers"]
+    assert (fast - slow).abs().max() <= 2e-4 * slow.abs().max().item()
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.97
+    real_from = 2 if padded else 0
+    assert torch.equal(fast_cache.keys[0][0, :, real_from:46], slow_cache.keys[0][0, :, real_from:46])
+    assert torch.equal(fast_cache.values[0][1, :, :46], slow_cache.values[0][1, :, :46])

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from ..native.attention_decode import attention_decode, attention_ops
+from ..native.attention_decode import attention_decode, attention_ops, attention_rows
 from ..native.decode_layer import decode_layer, layer_step
 from .linear import Linear
 from .moe import MoEBlock, RouterOutput, SoftmaxTopKRouter
 from .rope import apply_rotary
+
+MAX_NATIVE_ROWS = 16  # rows of a decode batch whose attention runs in one native call (attention_rows)
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +89,9 @@ class ForwardContext:
     cache: KVCache | None = None
     key_valid: torch.Tensor | None = None  # [B, S] False at padding key slots; None: no padding
     token_valid: torch.Tensor | None = None  # [B, T] False at padding new tokens; None: no padding
+    # [B] int64: each row's first real slot, where every row's padding is a prefix of its slots (a decode step of a
+    # left-padded batch: the native batch step attends from there); None otherwise
+    key_first: torch.Tensor | None = None
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None,
@@ -179,6 +184,10 @@ class Attention(nn.Module):
             out = self._native_decode(x, ctx)  # one native call for the whole step where it applies
             if out is not None:
                 return out
+        elif t == 1 and ctx.cache is not None and (ctx.key_valid is None or ctx.key_first is not None):
+            out = self._native_rows(x, ctx)  # a decode batch's step: one native call for all its rows
+            if out is not None:
+                return out
         if hasattr(self, "qkv_proj") and spec.qk_norm is None and spec.clip_qkv is None:
             # q, k and v fused into one packed operator at load (packed.fuse_qkv): q and k, adjacent in its
             # output, take the rotary phases in one pass (elementwise, so the same bits as two passes)
@@ -231,6 +240,31 @@ class Attention(nn.Module):
                                spec.num_heads, spec.num_kv_heads, spec.head_dim, self.scaling, spec.sliding_window)
         ctx.cache.lengths[self.layer_index] = n + 1
         return out.view(1, 1, -1)
+
+    def _native_rows(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """A decode step of B rows (left-padded ones too: each attends from its first real slot) through
+        attention_rows, or None where it does not apply (as _native_decode, for fp32 caches of the batch's rows)."""
+        ops = self._native_ops()
+        spec, b = self.spec, x.shape[0]
+        if not ops or x.dtype is not torch.float32 or b > MAX_NATIVE_ROWS:
+            return None
+        d = spec.head_dim
+        if ctx.cos.dim() == 2 and ctx.cos.shape == (1, d):  # one position for every row
+            cos, sin = ctx.cos.expand(b, d).contiguous(), ctx.sin.expand(b, d).contiguous()
+        elif ctx.cos.shape == (b, 1, 1, d):  # each row's own (padded rows)
+            cos, sin = ctx.cos.reshape(b, d).contiguous(), ctx.sin.reshape(b, d).contiguous()
+        else:
+            return None
+        cache, layer = ctx.cache, self.layer_index
+        keys, values = cache.reserve(layer, 1, b, spec.num_kv_heads, d, d, x.dtype, x.device)
+        if (keys.dtype is not torch.float32 or keys.shape[0] != b or not (keys.is_contiguous()
+                                                                           and values.is_contiguous())):
+            return None
+        n = cache.lengths[layer]
+        out = attention_rows(x.reshape(b, -1).contiguous(), ops, cos, sin, keys, values, n, spec.num_heads,
+                             spec.num_kv_heads, d, self.scaling, spec.sliding_window, ctx.key_first)
+        cache.lengths[layer] = n + 1
+        return out.view(b, 1, -1)
 
     def native_slot(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(keys, values, n): the layer's fp32 caches with room for this decode token at slot n, where the native

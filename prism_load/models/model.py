@@ -82,7 +82,8 @@ class MoEForCausalLM(nn.Module):
         # a row's position counts its real tokens only (transformers: cumsum(attention_mask) - 1)
         positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # [B, T]
         cos, sin = self.rotary(positions, dtype)
-        return ForwardContext(slots, cos[:, None], sin[:, None], cache, key_valid, key_valid[:, start:])
+        return ForwardContext(slots, cos[:, None], sin[:, None], cache, key_valid, key_valid[:, start:],
+                              padding_prefix(key_valid) if length == 1 else None)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -125,6 +126,16 @@ class MoEForCausalLM(nn.Module):
         from .moe import MoEBlock
 
         return [(layer.index, layer.mlp) for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+
+
+def padding_prefix(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """Each row's first real slot, int64 [B], where every row's padding slots are a prefix of its slots and its
+    last slot is real (a decode step of a left-padded batch); else None."""
+    lead = (~key_valid).long().cumprod(1).sum(1)
+    real = key_valid.long().sum(1)
+    if bool(((real + lead) == key_valid.shape[1]).all()) and bool((lead < key_valid.shape[1]).all()):
+        return lead.contiguous()
+    return None
 
 
 def padding(attention_mask: torch.Tensor | None, batch: int, start: int, length: int, cache: KVCache | None,

@@ -47,7 +47,11 @@ static void ad_rotary(const float *x, const float *cos, const float *sin, int64_
     }
 }
 
-int prism_attention_decode(const int64_t *a) {
+/* The step for B rows (B = 1: prism_attention_decode): x and out [B][hidden], cos and sin [B][head dim], the caches
+ * [B][kv heads][capacity][head dim], every row's token at slot n; first[b] (or none): row b's first real slot (its
+ * left padding before it is not attended). The projections multiply all rows at once (weights read once); every
+ * row's outputs are computed as a call for that row alone computes them. */
+static int attention(const int64_t *a, int64_t B, const int64_t *firsts) {
     const float *x = (const float *)(intptr_t)a[0];
     const int64_t *qkv_args = (const int64_t *)(intptr_t)a[1], *o_args = (const int64_t *)(intptr_t)a[2];
     float *out = (float *)(intptr_t)a[3];
@@ -62,16 +66,22 @@ int prism_attention_decode(const int64_t *a) {
     const float *qkv_bias = (const float *)(intptr_t)a[16], *o_bias = (const float *)(intptr_t)a[17];
     const int64_t window = a[18], first = window > 0 && n + 1 > window ? n + 1 - window : 0;
     if (h < 1 || g < 1 || h % g || d < 8 || d % 8 || d > 1024 || n < 0 || cap <= n || window < 0 ||
-        (wide != 0 && wide != 1))
+        (wide != 0 && wide != 1) || B < 1)
         return -2;
-    const int64_t hidden = qkv_args[3], width = (h + 2 * g) * d, keys = n + 1;
+    if (firsts)
+        for (int64_t b = 0; b < B; b++)
+            if (firsts[b] < 0 || firsts[b] > n) return -2;
+    const int64_t hidden = qkv_args[3], width = (h + 2 * g) * d, keys = n + 1, row_cache = g * cap * d;
     q8_problem pq, po;
     /* scratch: the projection's output, the attention's output, scores per head (x's roundings: xs, below) */
-    float *buf = malloc(sizeof(float) * (size_t)(width + h * d + h * keys));
+    float *buf = malloc(sizeof(float) * (size_t)(B * (width + h * d + h * keys)));
     if (!buf) return -1;
-    float *qkv = buf, *att = qkv + width, *scores = att + h * d;
-    if (q8_make_bound(qkv_args, hidden, width, qkv, wide, &pq) ||
-        q8_make_bound(o_args, h * d, hidden, out, wide, &po)) {
+    float *qkv = buf, *att = qkv + B * width, *scores = att + B * h * d;
+    if (qkv_args[7] != width || o_args[3] != h * d || o_args[7] != hidden ||
+        q8_make(hidden, B, hidden, (const uint8_t *)(intptr_t)qkv_args[4], (const uint16_t *)(intptr_t)qkv_args[5],
+                (const uint16_t *)(intptr_t)qkv_args[6], width, (int)qkv_args[8], qkv_args[9], qkv, width, wide, &pq) ||
+        q8_make(h * d, B, h * d, (const uint8_t *)(intptr_t)o_args[4], (const uint16_t *)(intptr_t)o_args[5],
+                (const uint16_t *)(intptr_t)o_args[6], hidden, (int)o_args[8], o_args[9], out, hidden, wide, &po)) {
         free(buf);
         return -2;
     }
@@ -92,34 +102,38 @@ int prism_attention_decode(const int64_t *a) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_q; c++) q8_chunk_run(&pq, 1, first_q, step_q, c, wide, instructions);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < h + 2 * g; i++) { /* q heads roped in place; k heads roped into the cache; v copied */
-            float *src = qkv + i * d;
+        for (int64_t bi = 0; bi < B * (h + 2 * g); bi++) { /* q heads roped in place; k roped into the cache; v copied */
+            const int64_t b = bi / (h + 2 * g), i = bi % (h + 2 * g);
+            float *src = qkv + b * width + i * d;
+            const float *cb = cos + b * d, *sb = sin + b * d;
             if (qkv_bias)
                 for (int64_t j = 0; j < d; j++) src[j] += qkv_bias[i * d + j];
             if (i < h) {
                 float tmp[1024];
-                ad_rotary(src, cos, sin, d, tmp);
-                memcpy(qkv + i * d, tmp, sizeof(float) * (size_t)d);
+                ad_rotary(src, cb, sb, d, tmp);
+                memcpy(src, tmp, sizeof(float) * (size_t)d);
             } else if (i < h + g) {
-                ad_rotary(src, cos, sin, d, kc + ((i - h) * cap + n) * d);
+                ad_rotary(src, cb, sb, d, kc + b * row_cache + ((i - h) * cap + n) * d);
             } else {
-                memcpy(vc + ((i - h - g) * cap + n) * d, src, sizeof(float) * (size_t)d);
+                memcpy(vc + b * row_cache + ((i - h - g) * cap + n) * d, src, sizeof(float) * (size_t)d);
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < h; i++) {
-            const float *q = qkv + i * d, *kh = kc + (i / group) * cap * d, *vh = vc + (i / group) * cap * d;
-            float *s = scores + i * keys, *o = att + i * d;
+        for (int64_t bi = 0; bi < B * h; bi++) {
+            const int64_t b = bi / h, i = bi % h, from = firsts && firsts[b] > first ? firsts[b] : first;
+            const float *q = qkv + b * width + i * d, *kh = kc + b * row_cache + (i / group) * cap * d,
+                        *vh = vc + b * row_cache + (i / group) * cap * d;
+            float *s = scores + bi * keys, *o = att + bi * d;
             float top = -INFINITY;
-            for (int64_t j = first; j < keys; j++) {
+            for (int64_t j = from; j < keys; j++) {
                 s[j] = ad_dot(q, kh + j * d, d) * scaling;
                 top = s[j] > top ? s[j] : top;
             }
             float total = 0.0f;
-            for (int64_t j = first; j < keys; j++) total += (s[j] = expf(s[j] - top));
+            for (int64_t j = from; j < keys; j++) total += (s[j] = expf(s[j] - top));
             const float inv = 1.0f / total;
             for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(o + e, _mm256_setzero_ps());
-            for (int64_t j = first; j < keys; j++) {
+            for (int64_t j = from; j < keys; j++) {
                 const __m256 p = _mm256_set1_ps(s[j] * inv);
                 const float *v = vh + j * d;
                 for (int64_t e = 0; e < d; e += 8)
@@ -132,10 +146,17 @@ int prism_attention_decode(const int64_t *a) {
         for (int64_t c = 0; c < chunks_o; c++) q8_chunk_run(&po, 1, first_o, step_o, c, wide, instructions);
         if (o_bias) {
 #pragma omp for schedule(static)
-            for (int64_t j = 0; j < hidden; j++) out[j] += o_bias[j];
+            for (int64_t j = 0; j < B * hidden; j++) out[j] += o_bias[j % hidden];
         }
     }
     free(xs);
     free(buf);
     return 0;
+}
+
+int prism_attention_decode(const int64_t *a) { return attention(a, 1, NULL); }
+
+/* a: prism_attention_decode's 19 arguments, then rows B and the address of int64 first[B] (0: none). */
+int prism_attention_rows(const int64_t *a) {
+    return attention(a, a[19], (const int64_t *)(intptr_t)a[20]);
 }

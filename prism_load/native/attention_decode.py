@@ -69,6 +69,44 @@ def attention_decode(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin:
     return out
 
 
+def attention_rows(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor, n: int, heads: int, kv_heads: int, head_dim: int, scaling: float,
+                   window: int | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
+    """attention_decode for each of a decode batch's B rows in one call: x fp32 [B, H]; cos/sin fp32 [B, head_dim]
+    (each row's position); keys/values fp32 [B, kv_heads, capacity, head_dim] contiguous, every row's k and v
+    written at slot n; first: int64 [B], row b's first real slot (its left padding before it is not attended), or
+    None. The projections multiply all rows at once (their weights read once); each row's output has the bits of
+    attention_decode on that row alone. Returns fp32 [B, H]."""
+    b = x.shape[0] if x.dim() == 2 else -1
+    if not (x.dtype is torch.float32 and x.is_contiguous() and b >= 1 and x.shape[1] == ops.hidden):
+        raise ValueError(f"attention_rows: an fp32 contiguous x [B, {ops.hidden}] is needed, got x {list(x.shape)} "
+                         f"{x.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not (t.dtype is torch.float32 and t.is_contiguous() and tuple(t.shape) == (b, head_dim)):
+            raise ValueError(f"attention_rows: fp32 contiguous {name} [{b}, {head_dim}] is needed, got "
+                             f"{list(t.shape)} {t.dtype}")
+    cap = keys.shape[2] if keys.dim() == 4 else -1
+    if not (keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
+            and values.is_contiguous() and keys.shape == (b, kv_heads, cap, head_dim) and values.shape == keys.shape
+            and 0 <= n < cap):
+        raise ValueError(f"attention_rows: fp32 contiguous caches [{b}, g, capacity, D] with a free slot at {n} are "
+                         f"needed, got {list(keys.shape)} {keys.dtype}")
+    if first is not None and not (first.dtype is torch.int64 and first.is_contiguous() and tuple(first.shape) == (b,)
+                                  and int(first.min()) >= 0 and int(first.max()) <= n):
+        raise ValueError(f"attention_rows: first must be int64 [{b}] of slots 0..{n}")
+    if window is not None and window <= 0:
+        raise ValueError(f"attention_rows: a sliding window of at least one position is needed, got {window}")
+    out = torch.empty(b, ops.hidden, dtype=torch.float32)
+    args = (ctypes.c_int64 * 21)(
+        x.data_ptr(), ctypes.addressof(ops.qkv._args), ctypes.addressof(ops.o._args), out.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cap, n, heads, kv_heads, head_dim,
+        float_bits(scaling), torch.get_num_threads(), ops.wide,
+        0 if ops.qkv_bias is None else ops.qkv_bias.data_ptr(), 0 if ops.o_bias is None else ops.o_bias.data_ptr(),
+        window or 0, b, 0 if first is None else first.data_ptr())
+    _check_rc(_kernel().attention_rows(ctypes.addressof(args)), "attention_rows")
+    return out
+
+
 # attention_args' slots that change from one token to the next (the others depend on the layer alone)
 SLOT_COS, SLOT_SIN, SLOT_KEYS, SLOT_VALUES, SLOT_CAPACITY, SLOT_N, SLOT_THREADS = 4, 5, 6, 7, 8, 9, 14
 

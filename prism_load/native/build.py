@@ -154,6 +154,7 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.expert_rows = _bind(lib, "prism_expert_rows", 3)  # int64 hdr[6], int64 *ops[3BE], float weights[BE]
     fn.rms_norm = _bind(lib, "prism_rms_norm")  # int64 args[9]: rms_norm.c
     fn.attention_decode = _bind(lib, "prism_attention_decode")  # int64 args[19]: attention_decode.c
+    fn.attention_rows = _bind(lib, "prism_attention_rows")  # int64 args[21]: the same for a batch's rows
     fn.router_topk = _bind(lib, "prism_router_topk")  # int64 args[9]: router_topk.c
     fn.decode_layer = _bind(lib, "prism_decode_layer")  # int64 args[16]: decode_layer.c
     fn.decode_layers = _bind(lib, "prism_decode_layers", 2)  # int64 hdr[15], int64 layers[4L]: decode_layer.c
