@@ -1,6 +1,6 @@
 """Batched decode benchmark on the reference model (issue 16): tokens/s at batch 1, 4 and 16, fully resident
-and behind an expert cache of 50%, and resident with a batch's experts run by torch ops one expert at a time
-(the path before native.expert_block.expert_rows, measured in the same run).
+and behind an expert cache of 50%, and resident with a batch's attention and experts run by torch ops (the path
+before native attention_rows and expert_rows, measured in the same run).
 
 A batch routes each row's token on its own, so a decode step touches the union of the rows' experts: more
 distinct experts per layer as the batch grows, hence more bytes moved per step and, behind a cache, a hit
@@ -29,11 +29,12 @@ from bench_runtime import add_container_options, chosen_container
 from common import write_report
 
 import prism_load
-from prism_load.models import moe
+from prism_load.models import layers, moe
 
-# (name, expert cache budget, a batch's experts one native call a layer): the last row is the A/B of expert_rows
+# (name, expert cache budget, a batch's attention and experts one native call each a layer): the last row is the A/B
+# of attention_rows and expert_rows (the torch-op path they replaced)
 CONFIGS = [("resident", None, True), ("cache 50%, prefetch", "50%", True),
-           ("resident, batch experts by torch ops", None, False)]
+           ("resident, batch by torch ops", None, False)]
 
 
 class ExpertsTouched:
@@ -121,12 +122,13 @@ def run(container: Path, batches: list[int], tokens: int, repeats: int, syntheti
         experts = model.args.num_experts
         for b in batches:
             ids, mask = bench_prompts(container, b, synthetic, model.args.vocab_size)
-            saved = moe.BATCH_ROWS
-            moe.BATCH_ROWS = saved if batch_native else 1  # 1: only single rows (expert_block) take a native call
+            saved = moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS
+            if not batch_native:  # only unpadded single rows take the native calls
+                moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = 1, 0
             try:
                 runs = [measure(model, ids, mask, tokens) for _ in range(repeats)]
             finally:
-                moe.BATCH_ROWS = saved
+                moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = saved
             best = sorted(runs, key=lambda m: m["decode_seconds"])[len(runs) // 2]  # the median run
             rate = best["decode_tokens"] / best["decode_seconds"] if best["decode_seconds"] > 0 else float("nan")
             rows.append({"name": name, "num_experts": experts, "decode_tokens_per_second": rate,

@@ -23,7 +23,7 @@ def test_batch_bench_runs_on_a_tiny_container(tmp_path, monkeypatch):
     cached = [r for r in rows if r["name"].startswith("cache")]
     assert cached and all(0 <= r["hit_rate"] <= 1 for r in cached)
     # the A/B row decodes the same tokens and touches the same experts as the resident row
-    torch_ops = [r for r in rows if r["name"] == "resident, batch experts by torch ops"]
+    torch_ops = [r for r in rows if r["name"] == "resident, batch by torch ops"]
     assert [r["experts_per_layer_step"] for r in torch_ops] == [r["experts_per_layer_step"] for r in rows[:2]]
     table = bench_batch.markdown({"device": "cpu", "threads": 1, "tokens": 3, "container": str(path), "rows": rows})
     assert table.count("\n| ") == 1 + len(rows)  # the header and a line per row
