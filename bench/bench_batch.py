@@ -6,7 +6,7 @@ A batch routes each row's token on its own, so a decode step touches the union o
 distinct experts per layer as the batch grows, hence more bytes moved per step and, behind a cache, a hit
 rate that falls as the working set of a step grows. The table reports, per configuration: decode tokens/s
 (all rows), tokens/s per row, distinct experts touched per MoE layer per decode step (of the layer's E), and
-the cache's hit rate (the shadow-router prefetch predicts single rows only: a batch fetches on demand).
+the cache's hit rate. The cache loads on demand, load()'s default on a CPU (prefetch predicts single rows only).
 Prompts are held-out prose and code windows of 16 to 32 tokens (so the batch is left-padded), sampled with a
 fixed seed and no eos, so both configurations decode exactly the same tokens.
 
@@ -33,7 +33,7 @@ from prism_load.models import layers, moe
 
 # (name, expert cache budget, a batch's attention and experts one native call each a layer): the last row is the A/B
 # of attention_rows and expert_rows (the torch-op path they replaced)
-CONFIGS = [("resident", None, True), ("cache 50%, prefetch", "50%", True),
+CONFIGS = [("resident", None, True), ("cache 50%", "50%", True),
            ("resident, batch by torch ops", None, False)]
 
 
@@ -115,29 +115,38 @@ def measure(model, ids: torch.Tensor, mask: torch.Tensor, tokens: int) -> dict:
 
 
 def run(container: Path, batches: list[int], tokens: int, repeats: int, synthetic: bool) -> list[dict]:
+    """Every configuration's model loaded at once and measured in turn, batch by batch and repeat by repeat, so a
+    drift of the host's speed falls on all of them alike (their ratios are what the bench is for)."""
+    models = [prism_load.load(container, **({} if budget is None else {"expert_cache": budget}))
+              for _, budget, _ in CONFIGS]
     rows = []
-    for name, budget, batch_native in CONFIGS:
-        options = {} if budget is None else {"expert_cache": budget, "prefetch": True}
-        model = prism_load.load(container, **options)
-        experts = model.args.num_experts
+    try:
         for b in batches:
-            ids, mask = bench_prompts(container, b, synthetic, model.args.vocab_size)
-            saved = moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS
-            if not batch_native:  # only unpadded single rows take the native calls
-                moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = 1, 0
-            try:
-                runs = [measure(model, ids, mask, tokens) for _ in range(repeats)]
-            finally:
-                moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = saved
-            best = sorted(runs, key=lambda m: m["decode_seconds"])[len(runs) // 2]  # the median run
-            rate = best["decode_tokens"] / best["decode_seconds"] if best["decode_seconds"] > 0 else float("nan")
-            rows.append({"name": name, "num_experts": experts, "decode_tokens_per_second": rate,
-                         "tokens_per_second_per_row": rate / b, **best})
-            print(f"{name:>22} batch {b:>3}: {rate:8.1f} tokens/s, {best['experts_per_layer_step'] or 0:.1f}/{experts} "
-                  f"experts per layer step, hit rate {_pct(best.get('hit_rate'))}", file=sys.stderr)
-        if hasattr(model, "runtime"):
-            model.runtime.close()
-    return rows
+            ids, mask = bench_prompts(container, b, synthetic, models[0].args.vocab_size)
+            runs: list[list[dict]] = [[] for _ in CONFIGS]
+            for _ in range(repeats):
+                for (_, _, batch_native), model, done in zip(CONFIGS, models, runs):
+                    saved = moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS
+                    if not batch_native:  # only unpadded single rows take the native calls
+                        moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = 1, 0
+                    try:
+                        done.append(measure(model, ids, mask, tokens))
+                    finally:
+                        moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = saved
+            for (name, _, _), model, done in zip(CONFIGS, models, runs):
+                best = sorted(done, key=lambda m: m["decode_seconds"])[len(done) // 2]  # the median run
+                rate = best["decode_tokens"] / best["decode_seconds"] if best["decode_seconds"] > 0 else float("nan")
+                experts = model.args.num_experts
+                rows.append({"name": name, "num_experts": experts, "decode_tokens_per_second": rate,
+                             "tokens_per_second_per_row": rate / b, **best})
+                print(f"{name:>28} batch {b:>3}: {rate:8.1f} tokens/s, {best['experts_per_layer_step'] or 0:.1f}/"
+                      f"{experts} experts per layer step, hit rate {_pct(best.get('hit_rate'))}", file=sys.stderr)
+    finally:
+        for model in models:
+            if hasattr(model, "runtime"):
+                model.runtime.close()
+    # one table row per configuration and batch, configuration by configuration
+    return sorted(rows, key=lambda r: [c[0] for c in CONFIGS].index(r["name"]))
 
 
 def _pct(x) -> str:
