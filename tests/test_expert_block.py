@@ -149,10 +149,8 @@ def test_rows_refusals_say_what_is_wrong(q8):
         expert_rows(torch.randn(2, H), [[a], [b]], torch.rand(2, 2))
 
 
-def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
-    """MoEBlock's decode step calls expert_block when every chosen expert is a native block, and gives what
-    the one-by-one path gives (within the SwiGLU's and the sum's fp32-vs-bf16 rounding); with an observer, or
-    experts that are tensors, it takes the one-by-one path."""
+def native_moe_block():
+    """(MoEBlock, its router, its experts): four native int16 experts top-2, served as ExpertWeights over Ops."""
     from prism_load.models import moe
 
     torch.manual_seed(0)
@@ -167,7 +165,16 @@ def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
 
     router = moe.SoftmaxTopKRouter(H, 4, 2, norm_topk_prob=True)
     torch.nn.init.normal_(router.weight)
-    block = moe.MoEBlock(0, router, Source())
+    return moe.MoEBlock(0, router, Source()), router, experts
+
+
+def test_moe_block_uses_it_only_for_native_blocks(q8, monkeypatch):
+    """MoEBlock's decode step calls expert_block when every chosen expert is a native block, and gives what
+    the one-by-one path gives (within the SwiGLU's and the sum's fp32-vs-bf16 rounding); with an observer, or
+    experts that are tensors, it takes the one-by-one path."""
+    from prism_load.models import moe
+
+    block, router, experts = native_moe_block()
     calls = []
     real = moe.expert_block
     monkeypatch.setattr(moe, "expert_block", lambda *a: calls.append(1) or real(*a))
@@ -193,19 +200,7 @@ def test_moe_block_runs_a_batchs_experts_in_one_call(q8, monkeypatch):
     the sum's rounding."""
     from prism_load.models import moe
 
-    torch.manual_seed(0)
-    experts = [expert(10 * e, "int16") for e in range(4)]
-
-    class Source:
-        num_experts = 4
-
-        def acquire(self, layer, ids):
-            return {e: moe.ExpertWeights(ConcatLinear([Op(experts[e].keep[0]), Op(experts[e].keep[1])]),
-                                         Op(experts[e].keep[2])) for e in ids}
-
-    router = moe.SoftmaxTopKRouter(H, 4, 2, norm_topk_prob=True)
-    torch.nn.init.normal_(router.weight)
-    block = moe.MoEBlock(0, router, Source())
+    block, router, experts = native_moe_block()
     calls = []
     real = moe.expert_rows
     monkeypatch.setattr(moe, "expert_rows", lambda *a: calls.append(len(a[1])) or real(*a))
