@@ -77,11 +77,8 @@ static int attention(const int64_t *a, int64_t B, const int64_t *firsts) {
     float *buf = malloc(sizeof(float) * (size_t)(B * (width + h * d + h * keys)));
     if (!buf) return -1;
     float *qkv = buf, *att = qkv + B * width, *scores = att + B * h * d;
-    if (qkv_args[7] != width || o_args[3] != h * d || o_args[7] != hidden ||
-        q8_make(hidden, B, hidden, (const uint8_t *)(intptr_t)qkv_args[4], (const uint16_t *)(intptr_t)qkv_args[5],
-                (const uint16_t *)(intptr_t)qkv_args[6], width, (int)qkv_args[8], qkv_args[9], qkv, width, wide, &pq) ||
-        q8_make(h * d, B, h * d, (const uint8_t *)(intptr_t)o_args[4], (const uint16_t *)(intptr_t)o_args[5],
-                (const uint16_t *)(intptr_t)o_args[6], hidden, (int)o_args[8], o_args[9], out, hidden, wide, &po)) {
+    if (q8_make_bound(qkv_args, hidden, width, B, qkv, wide, &pq) ||
+        q8_make_bound(o_args, h * d, hidden, B, out, wide, &po)) {
         free(buf);
         return -2;
     }

@@ -42,13 +42,6 @@ static uint8_t *eb_align(uint8_t *p) { return (uint8_t *)(((uintptr_t)p + EB_ALI
 
 static int same_rounding(const q8_problem *a, const q8_problem *b) { return a->bits == b->bits && a->g == b->g; }
 
-/* P <- the product of args a (as q8_make_bound reads them) for M rows of x; -2 where the kernel does not take it. */
-static int eb_make(const int64_t *a, int64_t k, int64_t n, int64_t M, int wide, q8_problem *P) {
-    if (a[3] != k || a[7] != n) return -2;
-    return q8_make(k, M, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
-                   (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], NULL, n, wide, P);
-}
-
 int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float *weights) {
     const float *x = (const float *)(intptr_t)hdr[0];
     float *y = (float *)(intptr_t)hdr[1];
@@ -74,39 +67,41 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
     for (int s = 0; s < S; s++)
         for (int t = s - s % E; t < s; t++)
             if (slot_u[t] == slot_u[s]) return -2; /* an expert twice in one row */
-    /* the problems and their scratch in one allocation */
-    size_t bytes = sizeof(q8_problem) * 3 * (size_t)U + sizeof(int64_t) * (3 * (size_t)U + 2) * 2 +
-                   sizeof(int) * (size_t)S + sizeof(uint8_t *) * 4 * (size_t)U + 128;
-    q8_problem probe[3];
-    for (int u = 0; u < U; u++) {
-        const int64_t *g = ops[3 * first[u]], *up = ops[3 * first[u] + 1], *d = ops[3 * first[u] + 2];
-        const int64_t I = g[7], M = rows[u];
-        if (eb_make(g, H, I, M, wide, &probe[0]) || eb_make(up, H, I, M, wide, &probe[1]) ||
-            eb_make(d, I, H, M, wide, &probe[2]))
-            return -2;
-        bytes += sizeof(float) * (size_t)(M * (2 * I + H + (M > 1 ? H : 0))) + 8 * EB_ALIGN; /* each region aligned */
-        bytes += q8_x_bytes(&probe[0], wide) + q8_x_bytes(&probe[1], wide) + q8_x_bytes(&probe[2], wide);
-    }
-    uint8_t *scratch = malloc(bytes), *at = scratch;
-    if (!scratch) return -1;
-    q8_problem *gu = (q8_problem *)at, *dn = gu + 2 * U;
-    at += sizeof(q8_problem) * 3 * (size_t)U;
-    int64_t *first_gu = (int64_t *)at, *step_gu = first_gu + 2 * U + 1, *first_dn = step_gu + 2 * U,
+    /* the problems and their bookkeeping, then (sized by them) the products' buffers */
+    uint8_t *meta = malloc(sizeof(q8_problem) * 3 * (size_t)U + sizeof(int64_t) * (3 * (size_t)U + 2) * 2 +
+                           sizeof(int) * (size_t)S + sizeof(uint8_t *) * 4 * (size_t)U + 8);
+    if (!meta) return -1;
+    q8_problem *gu = (q8_problem *)meta, *dn = gu + 2 * U;
+    int64_t *first_gu = (int64_t *)(dn + U), *step_gu = first_gu + 2 * U + 1, *first_dn = step_gu + 2 * U,
             *step_dn = first_dn + U + 1;
-    at += sizeof(int64_t) * (3 * (size_t)U + 2) * 2;
-    int *member = (int *)at; /* the rows of each expert, expert after expert */
-    at += sizeof(int) * (size_t)S;
-    uint8_t **xs = (uint8_t **)(((uintptr_t)at + 7) & ~(uintptr_t)7), **hs = xs + 2 * U;
+    int *member = (int *)(step_dn + U); /* the rows of each expert, expert after expert */
+    uint8_t **xs = (uint8_t **)(((uintptr_t)(member + S) + 7) & ~(uintptr_t)7), **hs = xs + 2 * U;
     const float **xin = (const float **)(hs + U);
-    at = eb_align((uint8_t *)(xin + U));
     int64_t hidden[EB_MAX_ROWS * EB_MAX_EXPERTS], offset[EB_MAX_ROWS * EB_MAX_EXPERTS + 1];
+    size_t bytes = EB_ALIGN;
     offset[0] = 0;
-    for (int u = 0; u < U; u++) offset[u + 1] = offset[u] + rows[u];
-    for (int s = 0; s < S; s++) member[offset[slot_u[s]] + slot_at[s]] = s / E;
     for (int u = 0; u < U; u++) {
         const int64_t *g = ops[3 * first[u]], *up = ops[3 * first[u] + 1], *d = ops[3 * first[u] + 2];
         const int64_t I = hidden[u] = g[7], M = rows[u];
-        eb_make(g, H, I, M, wide, &gu[2 * u]), eb_make(up, H, I, M, wide, &gu[2 * u + 1]), eb_make(d, I, H, M, wide, &dn[u]);
+        offset[u + 1] = offset[u] + M;
+        /* y fields are set below, once the buffers exist */
+        if (q8_make_bound(g, H, I, M, NULL, wide, &gu[2 * u]) || q8_make_bound(up, H, I, M, NULL, wide, &gu[2 * u + 1]) ||
+            q8_make_bound(d, I, H, M, NULL, wide, &dn[u])) {
+            free(meta);
+            return -2;
+        }
+        bytes += sizeof(float) * (size_t)(M * (2 * I + H + (M > 1 ? H : 0))) + 7 * EB_ALIGN; /* each region aligned */
+        bytes += q8_x_bytes(&gu[2 * u], wide) + q8_x_bytes(&gu[2 * u + 1], wide) + q8_x_bytes(&dn[u], wide);
+    }
+    uint8_t *scratch = malloc(bytes);
+    if (!scratch) {
+        free(meta);
+        return -1;
+    }
+    uint8_t *at = eb_align(scratch);
+    for (int s = 0; s < S; s++) member[offset[slot_u[s]] + slot_at[s]] = s / E;
+    for (int u = 0; u < U; u++) {
+        const int64_t I = hidden[u], M = rows[u];
         gu[2 * u].y = (float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * I));
         gu[2 * u + 1].y = (float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * I));
         dn[u].y = (float *)at, at = eb_align(at + sizeof(float) * (size_t)(M * H));
@@ -160,6 +155,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
         }
     }
     free(scratch);
+    free(meta);
     return 0;
 }
 

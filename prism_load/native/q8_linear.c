@@ -417,9 +417,9 @@ int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uin
     return 0;
 }
 
-int q8_make_bound(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8_problem *P) {
+int q8_make_bound(const int64_t *a, int64_t k, int64_t n, int64_t M, float *y, int wide, q8_problem *P) {
     if (a[3] != k || a[7] != n) return -2;
-    return q8_make(k, 1, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
+    return q8_make(k, M, k, (const uint8_t *)(intptr_t)a[4], (const uint16_t *)(intptr_t)a[5],
                    (const uint16_t *)(intptr_t)a[6], n, (int)a[8], a[9], y, n, wide, P);
 }
 

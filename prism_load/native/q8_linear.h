@@ -27,9 +27,10 @@ static inline int64_t q8_min(int64_t a, int64_t b) { return a < b ? a : b; }
 Q8_HIDDEN int q8_make(int64_t ldx, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
                       const uint16_t *zeros, int64_t N, int bits, int64_t g, float *y, int64_t ldy, int wide,
                       q8_problem *P);
-/* q8_make for one row of x from an int64 args[13] array as prism_int_linear_packed takes it (only the weight
- * fields: K, qweight, scales, zeros, N, bits, group size), which must have K = k and N = n; y is set by the caller. */
-Q8_HIDDEN int q8_make_bound(const int64_t *a, int64_t k, int64_t n, float *y, int wide, q8_problem *P);
+/* q8_make for M rows of x (contiguous, k apart; y [M][n]) from an int64 args[13] array as prism_int_linear_packed
+ * takes it (only the weight fields: K, qweight, scales, zeros, N, bits, group size), which must have K = k and
+ * N = n. */
+Q8_HIDDEN int q8_make_bound(const int64_t *a, int64_t k, int64_t n, int64_t M, float *y, int wide, q8_problem *P);
 /* Bytes of scratch that q8_prepare_x needs for P's x (its rounded codes, steps and sums), a multiple of 8. */
 Q8_HIDDEN size_t q8_x_bytes(const q8_problem *P, int wide);
 /* x rounded for P into `scratch` (q8_x_bytes of it, 8-byte aligned), and P's x fields pointed at it. */
