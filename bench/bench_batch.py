@@ -29,7 +29,7 @@ from bench_runtime import add_container_options, chosen_container
 from common import write_report
 
 import prism_load
-from prism_load.models import layers, moe
+from prism_load.models import moe
 
 # (name, expert cache budget, a batch's attention and experts one native call each a layer): the last row is the A/B
 # of attention_rows and expert_rows (the torch-op path they replaced)
@@ -126,13 +126,13 @@ def run(container: Path, batches: list[int], tokens: int, repeats: int, syntheti
             runs: list[list[dict]] = [[] for _ in CONFIGS]
             for _ in range(repeats):
                 for (_, _, batch_native), model, done in zip(CONFIGS, models, runs):
-                    saved = moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS
+                    saved = moe.BATCH_ROWS
                     if not batch_native:  # only unpadded single rows take the native calls
-                        moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = 1, 0
+                        moe.BATCH_ROWS = 0
                     try:
                         done.append(measure(model, ids, mask, tokens))
                     finally:
-                        moe.BATCH_ROWS, layers.MAX_NATIVE_ROWS = saved
+                        moe.BATCH_ROWS = saved
             for (name, _, _), model, done in zip(CONFIGS, models, runs):
                 best = sorted(done, key=lambda m: m["decode_seconds"])[len(done) // 2]  # the median run
                 rate = best["decode_tokens"] / best["decode_seconds"] if best["decode_seconds"] > 0 else float("nan")

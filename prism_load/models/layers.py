@@ -14,11 +14,10 @@ from torch import nn
 from .. import native
 from ..native.attention_decode import attention_decode, attention_ops, attention_rows
 from ..native.decode_layer import decode_layer, layer_step
+from . import moe
 from .linear import Linear
 from .moe import MoEBlock, RouterOutput, SoftmaxTopKRouter
 from .rope import apply_rotary
-
-MAX_NATIVE_ROWS = 16  # rows of a decode batch whose attention runs in one native call (attention_rows)
 
 
 class RMSNorm(nn.Module):
@@ -246,7 +245,7 @@ class Attention(nn.Module):
         attention_rows, or None where it does not apply (as _native_decode, for fp32 caches of the batch's rows)."""
         ops = self._native_ops()
         spec, b = self.spec, x.shape[0]
-        if not ops or x.dtype is not torch.float32 or b > MAX_NATIVE_ROWS:
+        if not ops or x.dtype is not torch.float32 or b > moe.BATCH_ROWS:
             return None
         d = spec.head_dim
         if ctx.cos.dim() == 2 and ctx.cos.shape == (1, d):  # one position for every row

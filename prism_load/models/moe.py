@@ -22,9 +22,9 @@ from ..native import router_topk
 from ..native.expert_block import block_ops, expert_block, expert_rows, one_rounding
 from .linear import linear
 
-# Rows of x up to which a batch's routed experts run in one native call (expert_rows: decode batches, short prompts).
-# int16 x on 256-bit tiles only up to native.Q16_UPTO_M rows an expert, beyond which the exact kernel (the per-op
-# path's choice) is faster.
+# Rows of x up to which a batch's routed experts run in one native call (expert_rows: decode batches, short prompts),
+# and a decode batch's attention (layers.Attention: attention_rows). int16 x on 256-bit tiles only up to
+# native.Q16_UPTO_M rows an expert, beyond which the exact kernel (the per-op path's choice) is faster.
 BATCH_ROWS = 16
 
 

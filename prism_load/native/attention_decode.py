@@ -85,12 +85,7 @@ def attention_rows(x: torch.Tensor, ops: AttentionOps, cos: torch.Tensor, sin: t
         if not (t.dtype is torch.float32 and t.is_contiguous() and tuple(t.shape) == (b, head_dim)):
             raise ValueError(f"attention_rows: fp32 contiguous {name} [{b}, {head_dim}] is needed, got "
                              f"{list(t.shape)} {t.dtype}")
-    cap = keys.shape[2] if keys.dim() == 4 else -1
-    if not (keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
-            and values.is_contiguous() and keys.shape == (b, kv_heads, cap, head_dim) and values.shape == keys.shape
-            and 0 <= n < cap):
-        raise ValueError(f"attention_rows: fp32 contiguous caches [{b}, g, capacity, D] with a free slot at {n} are "
-                         f"needed, got {list(keys.shape)} {keys.dtype}")
+    cap = check_cache(keys, values, n, kv_heads, head_dim, "attention_rows", rows=b)
     if first is not None and not (first.dtype is torch.int64 and first.is_contiguous() and tuple(first.shape) == (b,)
                                   and int(first.min()) >= 0 and int(first.max()) <= n):
         raise ValueError(f"attention_rows: first must be int64 [{b}] of slots 0..{n}")
@@ -119,14 +114,14 @@ def check_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, who: str =
 
 
 def check_cache(keys: torch.Tensor, values: torch.Tensor, n: int, kv_heads: int, head_dim: int,
-                who: str = "attention_decode") -> int:
-    """The caches' capacity; ValueError unless keys and values are fp32 contiguous [1, kv_heads, capacity,
+                who: str = "attention_decode", rows: int = 1) -> int:
+    """The caches' capacity; ValueError unless keys and values are fp32 contiguous [rows, kv_heads, capacity,
     head_dim] with a free slot at n."""
     cap = keys.shape[2] if keys.dim() == 4 else -1
     if not (keys.dtype is torch.float32 and values.dtype is torch.float32 and keys.is_contiguous()
-            and values.is_contiguous() and keys.shape == (1, kv_heads, cap, head_dim) and values.shape == keys.shape
+            and values.is_contiguous() and keys.shape == (rows, kv_heads, cap, head_dim) and values.shape == keys.shape
             and 0 <= n < cap):
-        raise ValueError(f"{who}: fp32 contiguous caches [1, g, capacity, D] with a free slot at {n} are needed, "
+        raise ValueError(f"{who}: fp32 contiguous caches [{rows}, g, capacity, D] with a free slot at {n} are needed, "
                          f"got {list(keys.shape)} {keys.dtype}")
     return cap
 
