@@ -295,16 +295,14 @@ class ExpertServer:
             self.flush_hits()
             b, n = self.scratch, self.plan.scratch_np
             blocks = self.route(layer, b["h"], n["indices"], b["weights"], b["moe"])
+            if self.native is not None:  # the loop turned it off for this callback
+                self.native.resume(self.positions_address)
             if blocks is None:
                 self.held = None
-                if self.native is not None:
-                    self.native.resume(self.positions_address)
                 return 0
             ops = op_table(blocks)
             self.held = (blocks, ops)
             n["ctl"][0] = blocks[0].wide
-            if self.native is not None:  # the loop turned it off for this callback
-                self.native.resume(self.positions_address)
             return ctypes.addressof(ops)
         except BaseException as e:  # noqa: BLE001 - carried back across the native loop, raised by TokenLayers.run
             self.error = e
