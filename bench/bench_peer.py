@@ -421,12 +421,15 @@ def variants(args, ggufs: dict, prisms: dict) -> list[Variant]:
         out += [Variant("prism", f"{n}, mmap", p, flags=("--mmap",)) for n, p in prisms.items()]
     for budget in args.cache:  # "120MiB" on demand (the CPU default), "+prefetch": prefetch=True, "+lru" or
         size, *extras = budget.split("+")  # "+frequency": another eviction order; "+always": every read checked;
-        evictions = [e for e in extras if e in ("lru", "frequency")]  # "+python": misses by callbacks into Python
-        if not set(extras) <= {"prefetch", "lru", "frequency", "always", "python"} or len(evictions) > 1:
-            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch, +always, +python and/or "
-                             "one of +lru, +frequency")
+        evictions = [e for e in extras if e in ("lru", "frequency")]  # "+python": misses by callbacks into Python;
+        # "+kernel-readahead": the kernel's readahead left on the shards (each miss reads past its expert)
+        if not set(extras) <= {"prefetch", "lru", "frequency", "always", "python", "kernel-readahead"} \
+                or len(evictions) > 1:
+            raise SystemExit(f"--cache {budget}: a budget, optionally followed by +prefetch, +always, +python, "
+                             "+kernel-readahead and/or one of +lru, +frequency")
         flags = ("--expert-cache", size) + (("--prefetch",) if "prefetch" in extras else ()) + \
             (("--verify-always",) if "always" in extras else ()) + (("--python-misses",) if "python" in extras else ()) + \
+            (("--kernel-readahead",) if "kernel-readahead" in extras else ()) + \
             tuple(f for e in evictions for f in ("--eviction", e))
         out += [Variant("prism", ", ".join([f"{n}, expert_cache {size}", *extras]), p, flags=flags)
                 for n, p in prisms.items()]

@@ -14,7 +14,7 @@ prism's are (a memory-mapped GGUF's pages count only once touched, and stay shar
 This module imports torch only for prism, so the llama.cpp process carries no torch.
 
 Options for bench_peer's other rows: --mmap (llama.cpp use_mmap=True, prism load(mmap=True)), --no-repack
-(llama.cpp without its repacked weight copies), --expert-cache / --prefetch / --eviction / --verify-always / --python-misses (prism behind its cache), --cold
+(llama.cpp without its repacked weight copies), --expert-cache / --prefetch / --eviction / --verify-always / --python-misses / --kernel-readahead (prism behind its cache), --cold
 (the model's files dropped from the page cache first) and --memory-cap BYTES (the process joins a memory cgroup
 after its imports: bench/memory_cap.py). A prism load that would not fit the memory left is refused by prism_load
 before it reads the experts: the line is then {"refused": the message}.
@@ -51,7 +51,8 @@ class PrismRunner:
 
     def __init__(self, path: str, threads: int, dtype: str | None = None, expert_kernel: str = "auto",
                  mmap: bool = False, expert_cache: str | None = None, prefetch: bool = False,
-                 eviction: str | None = None, verify_always: bool = False, python_misses: bool = False):
+                 eviction: str | None = None, verify_always: bool = False, python_misses: bool = False,
+                 kernel_readahead: bool = False):
         import torch
 
         torch.set_num_threads(threads)
@@ -67,6 +68,8 @@ class PrismRunner:
         self.model = prism_load.load(path, dtype=getattr(torch, dtype) if dtype else None, **options)
         if python_misses and getattr(self.model, "runtime", None) is not None:
             self.model.runtime.cache.native_allowed = False  # every miss by a callback (runtime/native_misses.py)
+        if kernel_readahead and getattr(self.model, "runtime", None) is not None:
+            self.model.runtime.cache.store.container.read_randomly(False)  # the kernel's readahead on the shards
         self.cache = None
 
     def reset(self) -> None:
@@ -196,6 +199,8 @@ def main() -> None:
                     help="prism: verify_checksums='always' (every read checked, a cache's reloads too)")
     ap.add_argument("--python-misses", action="store_true",
                     help="prism: every cache miss by a callback into Python (runtime/native_misses.py off)")
+    ap.add_argument("--kernel-readahead", action="store_true", help="prism: the kernel's readahead left on the expert "
+                    "shards (Container.read_randomly(False): each miss reads past its expert, as before it)")
     ap.add_argument("--memory-cap", type=int, help="bytes this process may charge past its imports (a memory cgroup "
                     "joined after them, bench/memory_cap.py; implies --cold, so the model's pages are charged to it)")
     args = ap.parse_args()
@@ -227,7 +232,8 @@ def main() -> None:
                 runner = PrismRunner(args.model, args.threads, dtype="float32" if args.runtime == "reference" else None,
                                      expert_kernel=args.expert_kernel, mmap=args.mmap, expert_cache=args.expert_cache,
                                      prefetch=args.prefetch, eviction=args.eviction,
-                                     verify_always=args.verify_always, python_misses=args.python_misses)
+                                     verify_always=args.verify_always, python_misses=args.python_misses,
+                                     kernel_readahead=args.kernel_readahead)
             except BudgetError as e:  # a load that would not fit, refused before it read the experts: a row too
                 print(json.dumps({"refused": str(e)}))
                 return

@@ -56,22 +56,24 @@ def test_variants_name_each_configuration_once_with_its_flags(monkeypatch):
 
     made = lambda name: {"path": f"/m/{name}"}  # noqa: E731
     args = SimpleNamespace(gguf_types=("Q4_K_M", "Q4_0"), kernels="auto,native-int8", mmap=True,
-                           cache=["40%", "40%+prefetch", "40%+lru", "40%+always", "40%+python"], memory_cap=200)
+                           cache=["40%", "40%+prefetch", "40%+lru", "40%+always", "40%+python", "40%+kernel-readahead"],
+                           memory_cap=200)
     out = variants(args, {"Q4_K_M": made("q4km.gguf"), "Q4_0": made("q40.gguf")}, {"uniform": made("u.prism")})
     assert [v.name for v in out] == [
         "llama.cpp Q4_K_M", "llama.cpp Q4_0", "prism uniform", "prism uniform, native-int8",
         "llama.cpp Q4_K_M, mmap", "llama.cpp Q4_K_M, mmap, no repack", "prism uniform, mmap",
         "prism uniform, expert_cache 40%", "prism uniform, expert_cache 40%, prefetch",
         "prism uniform, expert_cache 40%, lru", "prism uniform, expert_cache 40%, always",
-        "prism uniform, expert_cache 40%, python"]
+        "prism uniform, expert_cache 40%, python", "prism uniform, expert_cache 40%, kernel-readahead"]
     assert out[5].flags == ("--mmap", "--no-repack") and out[7].flags == ("--expert-cache", "40%")
     assert out[8].flags == ("--expert-cache", "40%", "--prefetch") and out[9].flags[-2:] == ("--eviction", "lru")
     assert out[10].flags == ("--expert-cache", "40%", "--verify-always")
     assert out[11].flags == ("--expert-cache", "40%", "--python-misses")
+    assert out[12].flags == ("--expert-cache", "40%", "--kernel-readahead")
     assert len({v.tag for v in out}) == len(out)
     assert baseline_name(args) in {v.name for v in out}
     with pytest.raises(SystemExit, match=r"--cache 40%\+later: a budget, optionally followed by \+prefetch, "
-                                         r"\+always, \+python and/or one of \+lru, \+frequency"):
+                                         r"\+always, \+python, \+kernel-readahead and/or one of \+lru, \+frequency"):
         variants(SimpleNamespace(gguf_types=("Q4_K_M",), kernels="auto", mmap=False, cache=["40%+later"]),
                  {"Q4_K_M": made("a")}, {"own": made("b")})
     assert baseline_name(SimpleNamespace(memory_cap=None)) == "llama.cpp Q4_K_M"

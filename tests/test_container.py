@@ -214,6 +214,35 @@ def test_concurrent_reads_with_descriptor_eviction(tiny, monkeypatch):
     assert len(set(zip(ids, blobs))) == len(c.records)
 
 
+def test_a_cache_reads_its_shards_randomly_and_a_resident_load_does_not(tiny, monkeypatch):
+    """An expert cache's misses are random reads: every expert shard is advised POSIX_FADV_RANDOM (the kernel's
+    readahead would read past each expert), those open when the cache is attached and those opened later; a
+    resident load reads shards as before; read_randomly(False) gives the open ones the kernel's default back."""
+    import prism_load
+
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((fd, off, n, advice)) or
+                        real(fd, off, n, advice))
+    resident = prism_load.load(tiny[1])
+    assert not [c for c in calls if c[3] == os.POSIX_FADV_RANDOM]
+    del resident
+    cached = prism_load.load(tiny[1], expert_cache="50%", prefetch=False)
+    container = cached.runtime.cache.store.container
+    with torch.inference_mode():
+        cached(torch.tensor([[1, 2, 3, 4]]))  # misses: the shards open
+    advised = {c[0] for c in calls if c[1:] == (0, 0, os.POSIX_FADV_RANDOM)}
+    assert container._fds and set(container._fds.values()) <= advised
+    with Container(tiny[1]) as c:
+        c.read_randomly()
+        r = c.records[0]
+        c.read_expert_bytes(r)  # its shard opens now: advised as it opens
+        fd = c._fds[r.shard]
+        assert (fd, 0, 0, os.POSIX_FADV_RANDOM) in calls
+        c.read_randomly(False)
+        assert calls[-1] == (fd, 0, 0, os.POSIX_FADV_NORMAL)
+
+
 def test_resolve_file_is_lazy(tiny, damaged, tmp_path):
     """A shard absent from the folder is fetched through resolve_file, only when first needed."""
     elsewhere = tmp_path / "remote"

@@ -31,17 +31,17 @@ def write_plain(folder, config=CONFIG, mixed=False, expert_spec=None, hot=lambda
                 dict(kind="int", bits=4, group_size=32)
     model = random_model(config)
     dense = {}
-    for name, t in model.state_dict().items():
-        if ".mlp.experts." in name:
+    for key, t in model.state_dict().items():  # not `name`: the container's file name below
+        if ".mlp.experts." in key:
             continue
-        if t.dim() == 1 or name.endswith("mlp.router.weight"):
+        if t.dim() == 1 or key.endswith("mlp.router.weight"):
             spec = dict(kind="fp32")
-        elif ".self_attn." in name:
+        elif ".self_attn." in key:
             spec = dict(kind="int", bits=8, group_size=64)
         else:
             spec = dict(kind="bf16")
         enc = make_encoding(spec, tuple(t.shape))
-        dense[name] = (enc, encode(t, enc))
+        dense[key] = (enc, encode(t, enc))
     experts, inter = [], model.args.moe_intermediate_size
     for layer, block in model.moe_blocks():
         gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()

@@ -63,6 +63,13 @@ MAX_OPEN_SHARDS = 64
 CHUNK_BYTES = 64 << 20
 
 
+def _access_advice(fd: int, random: bool) -> None:
+    """POSIX_FADV_RANDOM or _NORMAL for the whole file behind fd (advice: a platform without it reads as before)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        advise(fd, 0, 0, os.POSIX_FADV_RANDOM if random else os.POSIX_FADV_NORMAL)
+
+
 class Container:
     """A .prism folder. `read_expert` fetches one expert with one read; `verify` checks every byte."""
 
@@ -80,6 +87,7 @@ class Container:
         self._checked_shards: set[int] = set()
         self._pins: dict[int, int] = {}
         self._maps: dict[int, torch.Tensor] = {}  # shard index -> its whole file, memory-mapped (map_expert)
+        self._random = False  # expert reads are random accesses: no kernel readahead on the shards (read_randomly)
         self._lock = threading.Lock()
         if check_files:
             for f in self._files():
@@ -176,10 +184,24 @@ class Container:
                 os.close(fd)
             else:
                 self._fds[shard_index] = fd
+                if self._random:  # under the lock: read_randomly advises the open ones under it
+                    _access_advice(fd, True)
             self._fds.move_to_end(shard_index)
             self._pins[shard_index] = self._pins.get(shard_index, 0) + 1
             self._evict()
             return self._fds[shard_index]
+
+    def read_randomly(self, random: bool = True) -> None:
+        """Tell the kernel that expert reads from now on are random accesses (POSIX_FADV_RANDOM on every shard,
+        open or opened later): an expert cache's misses read one expert here and another there, and the kernel's
+        readahead, which takes a read for the start of a sequential scan, otherwise reads past each expert (up to
+        the device's read_ahead_kb, 8 MiB on the machine the README's figures come from): bytes the disk moves and
+        the page cache holds for nothing, and time the miss waits for (bench/results: the "kernel readahead" rows
+        of bench_runtime.py). False restores the kernel's default (POSIX_FADV_NORMAL)."""
+        with self._lock:
+            self._random = random
+            for fd in self._fds.values():
+                _access_advice(fd, random)
 
     def _evict(self) -> None:
         for index in list(self._fds):

@@ -136,6 +136,9 @@ def attach_runtime(model, store: ExpertStore, expert_cache="50%", device="cpu", 
         budget, how = parse_budget(expert_cache, total), None
         check_fits(min(budget, total), device, f"expert_cache={expert_cache!r}: the cache",
                    "Give a smaller budget, or expert_cache='auto' (what is left, less a reserve).")
+    container = getattr(store, "container", None)
+    if container is not None:  # a cache's loads read experts in routing order: random accesses of the shards
+        container.read_randomly()
     try:
         cache = ExpertCache(store, budget, device, eviction=eviction, frequency_weight=frequency_weight,
                             pin_hot=pin_hot,
