@@ -14,26 +14,9 @@ import torch
 
 from .errors import GenerationError
 from .generation_config import GenerationConfig
+from .sampling import sample_next
 
 DEFAULT_MAX_NEW_TOKENS = 32
-
-
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> next token ids [B]. Greedy unless do_sample."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def settings(model, **overrides) -> GenerationConfig:

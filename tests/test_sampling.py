@@ -1,0 +1,107 @@
+"""prism_load/sampling.py: greedy picks torch's argmax; sampling draws from the distribution transformers'
+warpers define (temperature, then top-k with ties kept, then top-p), counted over many draws against the
+warpers' own probabilities; a seed repeats its tokens; logits with nothing to sample say so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from prism_load.errors import GenerationError
+from prism_load.sampling import NUCLEUS_CANDIDATES, _inverse_cdf, _torch_sample, sample_next
+
+
+def warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """transformers' probabilities for one row of logits [V]: its warpers in generate's order."""
+    x = logits[None].float()
+    x = TemperatureLogitsWarper(temperature)(None, x)
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p is not None:
+        x = TopPLogitsWarper(top_p)(None, x)
+    return x.softmax(-1)[0].double()
+
+
+def draws(logits: torch.Tensor, n: int, temperature: float, top_k, top_p, seed: int = 0) -> np.ndarray:
+    """Counts per token of n draws (n rows of the same logits in one call)."""
+    got = sample_next(logits[None].expand(n, -1), True, temperature, top_k, top_p,
+                      torch.Generator().manual_seed(seed))
+    return np.bincount(got.numpy(), minlength=logits.shape[0])
+
+
+def assert_drawn_from(counts: np.ndarray, p: torch.Tensor) -> None:
+    """Every token of probability 0 never drawn; every other within 5 standard deviations of its expectation."""
+    p = p.numpy()
+    n = counts.sum()
+    assert counts[p == 0].sum() == 0, f"drawn outside the support: {np.flatnonzero((p == 0) & (counts > 0))}"
+    expected, sd = n * p, np.sqrt(n * p * (1 - p))
+    far = np.flatnonzero(np.abs(counts - expected) > 5 * sd + 1)
+    assert len(far) == 0, f"tokens {far}: drawn {counts[far]}, expected {expected[far]}"
+
+
+CASES = [(0.7, 5, None), (1.3, None, 0.8), (1.0, 20, 0.9), (0.9, None, None), (2.0, 1, None), (0.5, None, 0.3)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", CASES)
+def test_draws_follow_transformers_warpers(temperature, top_k, top_p):
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(1)) * 2
+    assert_drawn_from(draws(logits, 20_000, temperature, top_k, top_p), warped(logits, temperature, top_k, top_p))
+
+
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    """transformers keeps every logit equal to the k-th largest: three tied logits with top_k=2 keep all three."""
+    logits = torch.tensor([0.0, 3.0, 3.0, 3.0, 1.0, -2.0])
+    counts = draws(logits, 30_000, 1.0, 2, None)
+    p = warped(logits, 1.0, 2, None)
+    assert (p > 0).sum() == 3
+    assert_drawn_from(counts, p)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.01])
+def test_nucleus_of_a_large_vocabulary(scale):
+    """top_p without top_k over 5,000 tokens: peaked logits put the nucleus within the largest 1,024 (found
+    without a full sort), nearly flat ones beyond them (the full sort): the same distribution either way."""
+    vocab = 5_000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(2)) * scale
+    p = warped(logits, 1.0, None, 0.9)
+    assert ((p > 0).sum() < NUCLEUS_CANDIDATES) == (scale > 1)
+    assert_drawn_from(draws(logits, 20_000, 1.0, None, 0.9), p)
+
+
+def test_greedy_is_torchs_argmax_for_ties_nan_and_bf16():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, [10, 700]] = 50.0  # a tie: the first
+    x[2, 400] = float("nan")  # NaN counts as the largest, as in torch
+    for logits in (x, x.bfloat16(), x[:, ::2]):
+        want = logits.float().argmax(-1)
+        assert torch.equal(sample_next(logits, False, 1.0, None, None, None), want)
+        assert torch.equal(want, _torch_sample(logits, False, 1.0, None, None, None).to(want.dtype))
+
+
+def test_a_seed_repeats_its_tokens():
+    logits = torch.randn(4, 2000, generator=torch.Generator().manual_seed(4))
+    one, two, other = (sample_next(logits, True, 1.0, 50, 0.95, torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert torch.equal(one, two) and one.dtype is torch.int64 and one.shape == (4,)
+    many = [sample_next(logits, True, 1.0, None, None, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert len({tuple(m.tolist()) for m in many}) > 1
+
+
+def test_inverse_cdf_picks_by_cumulative_mass_and_never_a_zero():
+    p = np.array([0.0, 1.0, 0.0, 2.0, 0.0])
+    assert [_inverse_cdf(p, u) for u in (0.0, 0.3, 0.34, 0.99, 1 - 2**-53)] == [1, 1, 3, 3, 3]
+    spread = np.zeros(3000)
+    spread[2500] = 1e-30  # one token, in the third block of 1,024
+    assert {_inverse_cdf(spread, u) for u in (0.0, 0.5, 1 - 2**-53)} == {2500}
+
+
+def test_nothing_to_sample_from_is_an_error():
+    for bad in (torch.full((1, 10), float("-inf")), torch.full((1, 10), float("nan"))):
+        with pytest.raises(GenerationError, match="no finite value to sample from"):
+            sample_next(bad, True, 1.0, None, None, None)
