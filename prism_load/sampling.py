@@ -47,7 +47,7 @@ def _sample_row(a: np.ndarray, temperature: float, top_k: int | None, top_p: flo
     """One row: a float32 [V] logits, u a uniform draw in [0, 1)."""
     vocab = a.shape[0]
     if top_k and top_k < vocab:
-        kth = a[np.argpartition(a, vocab - top_k)[vocab - top_k]]
+        kth = a[a.argpartition(vocab - top_k)[vocab - top_k]]
         ids = np.flatnonzero(a >= kth)  # the k largest and every logit equal to the k-th (transformers' rule)
         return int(ids[_draw(_candidate_probabilities(a[ids], temperature), top_p, u)])
     p = _probabilities(a, temperature)
@@ -55,7 +55,7 @@ def _sample_row(a: np.ndarray, temperature: float, top_k: int | None, top_p: flo
         return _inverse_cdf(p, u)
     count = NUCLEUS_CANDIDATES
     while count < vocab:
-        ids = np.argpartition(a, vocab - count)[vocab - count:]
+        ids = a.argpartition(vocab - count)[vocab - count:]
         q = p[ids].astype(np.float64)
         # every token outside has at least the candidates' mass before it: where that exceeds top_p, the nucleus
         # lies within the candidates (ties with the smallest candidate included: they come after all of them)
@@ -77,12 +77,11 @@ def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
 def _candidate_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(logits / temperature) over a few candidates, float64 (-inf logits: probability 0)."""
     scaled = logits.astype(np.float64) / temperature
-    with np.errstate(invalid="ignore"):  # NaN or all -inf: the check below names it
-        p = np.exp(scaled - scaled.max())
-    total = p.sum()
-    if not (total > 0 and np.isfinite(total)):
+    top = scaled.max()
+    if not np.isfinite(top):  # NaN, all -inf, or +inf: no distribution
         raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
-    return p / total
+    p = np.exp(scaled - top)
+    return p / p.sum()
 
 
 def _draw(p: np.ndarray, top_p: float | None, u: float) -> int:
@@ -99,16 +98,19 @@ def _draw(p: np.ndarray, top_p: float | None, u: float) -> int:
 
 def _inverse_cdf(p: np.ndarray, u: float) -> int:
     """The index i with sum(p[:i]) <= u * sum(p) < sum(p[:i + 1]), p >= 0 (not normalised), in float64 sums:
-    block totals first, then the running sum inside the one block the draw falls in."""
+    over a long p, block totals first, then the running sum inside the one block the draw falls in."""
     n = p.shape[0]
-    starts = np.arange(0, n, BLOCK)
-    totals = np.cumsum(np.add.reduceat(p, starts, dtype=np.float64))
-    target = u * totals[-1]
-    b = min(int(np.searchsorted(totals, target, side="right")), len(starts) - 1)
-    base = totals[b - 1] if b else 0.0
-    inner = np.cumsum(p[starts[b] : starts[b] + BLOCK], dtype=np.float64)
-    i = min(int(np.searchsorted(inner, target - base, side="right")), len(inner) - 1)
-    index = starts[b] + i
+    if n <= BLOCK:
+        running = np.cumsum(p, dtype=np.float64)
+        index = min(int(running.searchsorted(u * running[-1], side="right")), n - 1)
+    else:
+        starts = np.arange(0, n, BLOCK)
+        totals = np.cumsum(np.add.reduceat(p, starts, dtype=np.float64))
+        target = u * totals[-1]
+        b = min(int(totals.searchsorted(target, side="right")), len(starts) - 1)
+        base = totals[b - 1] if b else 0.0
+        inner = np.cumsum(p[starts[b] : starts[b] + BLOCK], dtype=np.float64)
+        index = starts[b] + min(int(inner.searchsorted(target - base, side="right")), len(inner) - 1)
     if p[index] > 0:
         return int(index)
     # rounding put the draw on a token of probability 0 (past the last one with any): the nearest before it
