@@ -45,14 +45,27 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 def _sample_row(a: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, u: float) -> int:
     """One row: a float32 [V] logits, u a uniform draw in [0, 1)."""
+    ids, p = distribution(a, temperature, top_k, top_p)
+    i = _inverse_cdf(p, u)
+    return int(ids[i]) if ids is not None else i
+
+
+def distribution(a: np.ndarray, temperature: float, top_k: int | None = None,
+                 top_p: float | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """The tokens a row may draw and their probabilities (up to a common factor): (ids, p), or (None, p) for p
+    over the whole vocabulary. a: float32 [V] logits; temperature > 0; top_p None or below 1."""
     vocab = a.shape[0]
     if top_k and top_k < vocab:
         kth = a[a.argpartition(vocab - top_k)[vocab - top_k]]
         ids = np.flatnonzero(a >= kth)  # the k largest and every logit equal to the k-th (transformers' rule)
-        return int(ids[_draw(_candidate_probabilities(a[ids], temperature), top_p, u)])
+        p = _candidate_probabilities(a[ids], temperature)
+        if top_p is None:
+            return ids, p
+        kept = _nucleus(p, top_p)
+        return ids[kept], p[kept]
     p = _probabilities(a, temperature)
     if top_p is None:
-        return _inverse_cdf(p, u)
+        return None, p
     count = NUCLEUS_CANDIDATES
     while count < vocab:
         ids = a.argpartition(vocab - count)[vocab - count:]
@@ -60,9 +73,20 @@ def _sample_row(a: np.ndarray, temperature: float, top_k: int | None, top_p: flo
         # every token outside has at least the candidates' mass before it: where that exceeds top_p, the nucleus
         # lies within the candidates (ties with the smallest candidate included: they come after all of them)
         if q.sum() > top_p:
-            return int(ids[_draw(q, top_p, u)])
+            kept = _nucleus(q, top_p)
+            return ids[kept], q[kept]
         count *= 8
-    return _draw(p.astype(np.float64), top_p, u)
+    p = p.astype(np.float64)
+    kept = _nucleus(p, top_p)
+    return kept, p[kept]
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The indices of p (probabilities of some tokens, any order, of the whole vocabulary's mass) that the nucleus
+    keeps: most likely first (equals in index order), a token kept while the mass before it is at most top_p."""
+    order = torch.sort(torch.from_numpy(p), descending=True, stable=True).indices.numpy()  # faster than numpy's
+    q = p[order]
+    return order[np.cumsum(q) - q <= top_p]
 
 
 def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -82,18 +106,6 @@ def _candidate_probabilities(logits: np.ndarray, temperature: float) -> np.ndarr
         raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
     p = np.exp(scaled - top)
     return p / p.sum()
-
-
-def _draw(p: np.ndarray, top_p: float | None, u: float) -> int:
-    """An index of p (probabilities of some candidates, any order), after the nucleus cut where top_p is given."""
-    if top_p is not None:
-        # most likely first, equals in index order (torch's stable sort: faster than numpy's on long arrays)
-        order = torch.sort(torch.from_numpy(p), descending=True, stable=True).indices.numpy()
-        q = p[order]
-        before = np.cumsum(q) - q
-        kept = order[before <= top_p]  # a token is kept while the mass before it is at most top_p
-        return int(kept[_inverse_cdf(p[kept], u)])
-    return _inverse_cdf(p, u)
 
 
 def _inverse_cdf(p: np.ndarray, u: float) -> int:

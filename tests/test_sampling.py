@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from prism_load.errors import GenerationError
-from prism_load.sampling import NUCLEUS_CANDIDATES, _inverse_cdf, _torch_sample, sample_next
+from prism_load.sampling import NUCLEUS_CANDIDATES, _inverse_cdf, _torch_sample, distribution, sample_next
 
 
 def warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -45,13 +45,36 @@ def assert_drawn_from(counts: np.ndarray, p: torch.Tensor) -> None:
     assert len(far) == 0, f"tokens {far}: drawn {counts[far]}, expected {expected[far]}"
 
 
-CASES = [(0.7, 5, None), (1.3, None, 0.8), (1.0, 20, 0.9), (0.9, None, None), (2.0, 1, None), (0.5, None, 0.3)]
+CASES = [(0.7, 5, None), (1.3, None, 0.8), (1.0, 20, 0.9), (0.9, None, None)]  # the draws; the distribution: below
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", CASES)
 def test_draws_follow_transformers_warpers(temperature, top_k, top_p):
     logits = torch.randn(300, generator=torch.Generator().manual_seed(1)) * 2
     assert_drawn_from(draws(logits, 20_000, temperature, top_k, top_p), warped(logits, temperature, top_k, top_p))
+
+
+def dense(vocab: int, ids, p) -> np.ndarray:
+    out = np.zeros(vocab)
+    out[np.arange(vocab) if ids is None else ids] = p
+    return out / out.sum()
+
+
+def test_the_distribution_is_the_warpers_exactly():
+    """The distribution a row draws from, token by token, against transformers' warpers on 300 random cases:
+    vocabularies of 7 to 6,000 (past the nucleus's first candidates), spreads from flat to peaked, every
+    combination of top_k and top_p."""
+    g = torch.Generator().manual_seed(6)
+    rng = np.random.default_rng(6)
+    for case in range(300):
+        vocab = int(rng.choice([7, 300, 1500, 6000]))
+        logits = torch.randn(vocab, generator=g) * float(rng.choice([0.05, 1.0, 4.0, 12.0]))
+        temperature = float(rng.uniform(0.3, 2.0))
+        top_k = [None, 1, 5, 50, vocab + 3][case % 5]
+        top_p = [None, 0.5, 0.9, 0.99][(case // 5) % 4]
+        got = dense(vocab, *distribution(logits.numpy(), temperature, top_k, top_p))
+        want = warped(logits, temperature, top_k if top_k and top_k < vocab else None, top_p).numpy()
+        assert np.allclose(got, want, atol=1e-6, rtol=1e-4), f"case {case}: V {vocab} T {temperature} k {top_k} p {top_p}"
 
 
 def test_top_k_keeps_every_logit_tied_with_the_kth():
