@@ -10,9 +10,10 @@ float64 partial sums.
 
 The distribution is the one transformers' warpers define, in their order: logits / temperature, keep the
 top_k largest (and every logit equal to the k-th), then the smallest set of most likely tokens whose
-probability reaches top_p (a token is kept while the mass before it is at most top_p), renormalised. The random
+probability reaches top_p (a token is kept while the mass before it is below top_p), renormalised. The random
 stream differs from torch.multinomial's, so a seed gives other (equally distributed) tokens than before this
-module; a seed still gives the same tokens every time. Tensors off the CPU take torch's ops as before.
+module; a seed still gives the same tokens every time. Tensors off the CPU, and a vocabulary under 2,048 entries
+(where torch's batched ops draw a batch faster than a loop over its rows), take torch's ops as transformers does.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from .errors import GenerationError
 
 NUCLEUS_CANDIDATES = 1024  # top_p without top_k: the nucleus is looked for among this many first (then 8x more)
 BLOCK = 1024  # inverse CDF over the whole vocabulary: float64 sums of blocks of this many, then within one
+# below this many entries torch's batched ops draw a batch's rows faster than a loop over them (a test model's)
+SMALL_VOCABULARY = 2048
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B] (int64, on the logits' device). Greedy unless do_sample."""
-    if logits.device.type != "cpu":
+    if logits.device.type != "cpu" or (do_sample and logits.shape[-1] < SMALL_VOCABULARY):
         return _torch_sample(logits, do_sample, temperature, top_k, top_p, generator)
     x = logits.detach()
     if x.dtype is not torch.float32:
@@ -56,6 +59,8 @@ def distribution(a: np.ndarray, temperature: float, top_k: int | None = None,
     over the whole vocabulary. a: float32 [V] logits; temperature > 0; top_p None or below 1."""
     vocab = a.shape[0]
     if top_k and top_k < vocab:
+        if np.isnan(a.max()):  # argpartition would put NaN last and drop it: say so, as the other paths do
+            raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
         kth = a[a.argpartition(vocab - top_k)[vocab - top_k]]
         ids = np.flatnonzero(a >= kth)  # the k largest and every logit equal to the k-th (transformers' rule)
         p = _candidate_probabilities(a[ids], temperature)
@@ -68,11 +73,12 @@ def distribution(a: np.ndarray, temperature: float, top_k: int | None = None,
         return None, p
     count = NUCLEUS_CANDIDATES
     while count < vocab:
-        ids = a.argpartition(vocab - count)[vocab - count:]
+        ids = np.sort(a.argpartition(vocab - count)[vocab - count:])  # in token order: ties ranked as in the sort
         q = p[ids].astype(np.float64)
-        # every token outside has at least the candidates' mass before it: where that exceeds top_p, the nucleus
-        # lies within the candidates (ties with the smallest candidate included: they come after all of them)
-        if q.sum() > top_p:
+        # a token outside, and a candidate tied with the smallest, has every larger candidate's mass before it:
+        # where that reaches top_p, the nucleus is among the larger candidates, whatever order ties take
+        smallest = q.min()
+        if q[q > smallest].sum() >= top_p:
             kept = _nucleus(q, top_p)
             return ids[kept], q[kept]
         count *= 8
@@ -82,11 +88,16 @@ def distribution(a: np.ndarray, temperature: float, top_k: int | None = None,
 
 
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
-    """The indices of p (probabilities of some tokens, any order, of the whole vocabulary's mass) that the nucleus
-    keeps: most likely first (equals in index order), a token kept while the mass before it is at most top_p."""
-    order = torch.sort(torch.from_numpy(p), descending=True, stable=True).indices.numpy()  # faster than numpy's
+    """The indices of p (probabilities of some tokens in token order, of the whole vocabulary's mass) that the
+    nucleus keeps, as transformers' TopPLogitsWarper does: in ascending order of probability (equals in token
+    order: a stable sort), a token is dropped while the mass up to it is at most 1 - top_p, the most likely kept
+    always; so, most likely first, a token is kept while the mass before it is below top_p."""
+    n = p.shape[0]
+    # descending, equals in reverse token order: the ascending stable sort read backwards
+    order = n - 1 - torch.sort(torch.from_numpy(p[::-1].copy()), descending=True, stable=True).indices.numpy()
     q = p[order]
-    return order[np.cumsum(q) - q <= top_p]
+    kept = order[np.cumsum(q) - q < top_p]
+    return kept if len(kept) else order[:1]
 
 
 def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -132,17 +143,26 @@ def _inverse_cdf(p: np.ndarray, u: float) -> int:
 
 def _torch_sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                   top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """transformers' way, in torch ops on the logits' device (a GPU's)."""
+    """transformers' way, in torch ops on the logits' device (a GPU's, or a small vocabulary's batch)."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / max(temperature, 1e-5)
+    probs = torch_probabilities(logits, temperature, top_k, top_p)
+    if not bool(torch.isfinite(probs).all()):
+        raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def torch_probabilities(logits: torch.Tensor, temperature: float, top_k: int | None,
+                        top_p: float | None) -> torch.Tensor:
+    """[B, V] probabilities as transformers' Temperature, TopK and TopP warpers leave them (their code's steps)."""
+    x = logits.float() / max(temperature, 1e-5)
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = torch.topk(x, min(top_k, x.shape[-1])).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        ascending, order = torch.sort(x, descending=False, stable=True)
+        cumulative = ascending.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # the most likely token stays
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x.softmax(-1)

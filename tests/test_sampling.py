@@ -14,7 +14,15 @@ from transformers.generation.logits_process import (
 )
 
 from prism_load.errors import GenerationError
-from prism_load.sampling import NUCLEUS_CANDIDATES, _inverse_cdf, _torch_sample, distribution, sample_next
+from prism_load.sampling import (
+    NUCLEUS_CANDIDATES,
+    SMALL_VOCABULARY,
+    _inverse_cdf,
+    _torch_sample,
+    distribution,
+    sample_next,
+    torch_probabilities,
+)
 
 
 def warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -48,9 +56,10 @@ def assert_drawn_from(counts: np.ndarray, p: torch.Tensor) -> None:
 CASES = [(0.7, 5, None), (1.3, None, 0.8), (1.0, 20, 0.9), (0.9, None, None)]  # the draws; the distribution: below
 
 
+@pytest.mark.parametrize("vocab", [300, 2500])  # torch's batched ops below SMALL_VOCABULARY, numpy's loop above
 @pytest.mark.parametrize("temperature,top_k,top_p", CASES)
-def test_draws_follow_transformers_warpers(temperature, top_k, top_p):
-    logits = torch.randn(300, generator=torch.Generator().manual_seed(1)) * 2
+def test_draws_follow_transformers_warpers(temperature, top_k, top_p, vocab):
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 4
     assert_drawn_from(draws(logits, 20_000, temperature, top_k, top_p), warped(logits, temperature, top_k, top_p))
 
 
@@ -69,17 +78,48 @@ def test_the_distribution_is_the_warpers_exactly():
     for case in range(300):
         vocab = int(rng.choice([7, 300, 1500, 6000]))
         logits = torch.randn(vocab, generator=g) * float(rng.choice([0.05, 1.0, 4.0, 12.0]))
+        if case % 3 == 0:  # bf16 logits: many ties, at the k-th and at the nucleus's edge
+            logits = logits.bfloat16().float()
         temperature = float(rng.uniform(0.3, 2.0))
         top_k = [None, 1, 5, 50, vocab + 3][case % 5]
         top_p = [None, 0.5, 0.9, 0.99][(case // 5) % 4]
-        got = dense(vocab, *distribution(logits.numpy(), temperature, top_k, top_p))
         want = warped(logits, temperature, top_k if top_k and top_k < vocab else None, top_p).numpy()
-        assert np.allclose(got, want, atol=1e-6, rtol=1e-4), f"case {case}: V {vocab} T {temperature} k {top_k} p {top_p}"
+        where = f"case {case}: V {vocab} T {temperature} k {top_k} p {top_p}"
+        got = dense(vocab, *distribution(logits.numpy(), temperature, top_k, top_p))
+        torch_way = torch_probabilities(logits[None], temperature, top_k, top_p)[0].double().numpy()
+        assert np.array_equal(got > 0, torch_way > 0) and np.allclose(got, torch_way, atol=1e-6, rtol=1e-4), where
+        assert_same_up_to_ties(got, want, logits.numpy(), where)
 
 
-def test_top_k_keeps_every_logit_tied_with_the_kth():
+def assert_same_up_to_ties(got: np.ndarray, want: np.ndarray, logits: np.ndarray, where: str) -> None:
+    """got equals want, except that where the nucleus's edge falls between equal logits, transformers keeps
+    whichever its unstable sort put first (the order of equals is not defined there), prism the later token: the
+    same probabilities, on tokens of one logit."""
+    assert np.allclose(np.sort(got), np.sort(want), atol=1e-6, rtol=1e-4), where
+    differ = np.flatnonzero((got > 0) != (want > 0))
+    assert len(np.unique(logits[differ])) <= 1, f"{where}: tokens {differ} differ, of logits {logits[differ]}"
+    same = (got > 0) & (want > 0)
+    assert np.allclose(got[same], want[same], atol=1e-6, rtol=1e-4), where
+
+
+def test_the_nucleus_boundary_is_transformers():
+    """A token is kept while the mass before it is below top_p, not at it (0.5 before the second token of
+    [0.5, 0.25, 0.25] with top_p 0.5: only the first); of equal probabilities the later tokens are kept (an
+    ascending stable sort read backwards)."""
+    for logits, top_p in ((torch.log(torch.tensor([0.5, 0.25, 0.25])), 0.5), (torch.zeros(4), 0.5),
+                          (torch.zeros(5), 0.5), (torch.zeros(3000), 0.30017)):
+        want = warped(logits, 1.0, None, top_p).numpy()
+        got = dense(len(logits), *distribution(logits.numpy(), 1.0, None, top_p))
+        assert_same_up_to_ties(got, want, logits.numpy(), f"{len(logits)} tokens")
+        kept = np.flatnonzero(got)
+        assert len(kept) == (want > 0).sum() and (len(logits) > 3) == (kept[0] > 0)  # equals: the later ones
+
+
+@pytest.mark.parametrize("vocab", [6, SMALL_VOCABULARY])
+def test_top_k_keeps_every_logit_tied_with_the_kth(vocab):
     """transformers keeps every logit equal to the k-th largest: three tied logits with top_k=2 keep all three."""
-    logits = torch.tensor([0.0, 3.0, 3.0, 3.0, 1.0, -2.0])
+    logits = torch.full((vocab,), -5.0)
+    logits[:6] = torch.tensor([0.0, 3.0, 3.0, 3.0, 1.0, -2.0])
     counts = draws(logits, 30_000, 1.0, 2, None)
     p = warped(logits, 1.0, 2, None)
     assert (p > 0).sum() == 3
@@ -124,7 +164,12 @@ def test_inverse_cdf_picks_by_cumulative_mass_and_never_a_zero():
     assert {_inverse_cdf(spread, u) for u in (0.0, 0.5, 1 - 2**-53)} == {2500}
 
 
-def test_nothing_to_sample_from_is_an_error():
-    for bad in (torch.full((1, 10), float("-inf")), torch.full((1, 10), float("nan"))):
-        with pytest.raises(GenerationError, match="no finite value to sample from"):
-            sample_next(bad, True, 1.0, None, None, None)
+@pytest.mark.parametrize("vocab", [10, SMALL_VOCABULARY])
+def test_nothing_to_sample_from_is_an_error(vocab):
+    """All -inf, all NaN, or one NaN among finite logits: an error naming it, with or without top_k / top_p."""
+    one_nan = torch.randn(1, vocab)
+    one_nan[0, 3] = float("nan")
+    for bad in (torch.full((1, vocab), float("-inf")), torch.full((1, vocab), float("nan")), one_nan):
+        for top_k, top_p in ((None, None), (5, None), (None, 0.9), (2, 0.5)):
+            with pytest.raises(GenerationError, match="no finite value to sample from"):
+                sample_next(bad, True, 1.0, top_k, top_p, None)
