@@ -29,6 +29,11 @@ BLOCK = 1024  # inverse CDF over the whole vocabulary: float64 sums of blocks of
 SMALL_VOCABULARY = 2048
 
 
+def _nothing_to_sample() -> GenerationError:
+    """The one error of every path for a row with no distribution (NaN, or all -inf)."""
+    return GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
+
+
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B] (int64, on the logits' device). Greedy unless do_sample."""
@@ -60,7 +65,7 @@ def distribution(a: np.ndarray, temperature: float, top_k: int | None = None,
     vocab = a.shape[0]
     if top_k and top_k < vocab:
         if np.isnan(a.max()):  # argpartition would put NaN last and drop it: say so, as the other paths do
-            raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
+            raise _nothing_to_sample()
         kth = a[a.argpartition(vocab - top_k)[vocab - top_k]]
         ids = np.flatnonzero(a >= kth)  # the k largest and every logit equal to the k-th (transformers' rule)
         p = _candidate_probabilities(a[ids], temperature)
@@ -105,7 +110,7 @@ def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
     p = torch.from_numpy(logits).div(temperature).softmax(-1).numpy()
     total = p.sum(dtype=np.float64)
     if not (total > 0 and np.isfinite(total)):
-        raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
+        raise _nothing_to_sample()
     return p
 
 
@@ -114,7 +119,7 @@ def _candidate_probabilities(logits: np.ndarray, temperature: float) -> np.ndarr
     scaled = logits.astype(np.float64) / temperature
     top = scaled.max()
     if not np.isfinite(top):  # NaN, all -inf, or +inf: no distribution
-        raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
+        raise _nothing_to_sample()
     p = np.exp(scaled - top)
     return p / p.sum()
 
@@ -148,7 +153,7 @@ def _torch_sample(logits: torch.Tensor, do_sample: bool, temperature: float, top
         return logits.argmax(dim=-1)
     probs = torch_probabilities(logits, temperature, top_k, top_p)
     if not bool(torch.isfinite(probs).all()):
-        raise GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
+        raise _nothing_to_sample()
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 

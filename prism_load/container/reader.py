@@ -196,8 +196,9 @@ class Container:
         open or opened later): an expert cache's misses read one expert here and another there, and the kernel's
         readahead, which takes a read for the start of a sequential scan, otherwise reads past each expert (up to
         the device's read_ahead_kb, 8 MiB on the machine the README's figures come from): bytes the disk moves and
-        the page cache holds for nothing, and time the miss waits for (bench/results: the "kernel readahead" rows
-        of bench_runtime.py). False restores the kernel's default (POSIX_FADV_NORMAL)."""
+        the page cache holds for nothing. Decode speed measured the same either way there (bench_runtime.py's
+        "kernel readahead" row, bench_peer.py's +kernel-readahead). False restores the kernel's default
+        (POSIX_FADV_NORMAL)."""
         with self._lock:
             self._random = random
             for fd in self._fds.values():
