@@ -14,6 +14,14 @@ probability reaches top_p (a token is kept while the mass before it is below top
 stream differs from torch.multinomial's, so a seed gives other (equally distributed) tokens than before this
 module; a seed still gives the same tokens every time. Tensors off the CPU, and a vocabulary under 2,048 entries
 (where torch's batched ops draw a batch faster than a loop over its rows), take torch's ops as transformers does.
+
+With the native kernels (prism_load/native/sample.c), greedy rows and top-k rows (with or without top-p) take one
+C call each instead: the same distribution (its probabilities differ from this module's by rounding, so a draw can
+differ only where it falls within that rounding of a boundary between two tokens; tested). Why: between two
+decode steps every numpy and torch call runs cold, the layers having just streamed their weights through the
+caches, and the dozen calls of the numpy path cost about 135 us of a 1 ms token on the reference model.
+`next_tokens` is that path for the decode loop (generation.py): the draws come from `Draws` (a block of them from
+the generator at a time) and the tokens are Python ints, so a step makes no tensor to choose its token.
 """
 
 from __future__ import annotations
@@ -34,9 +42,65 @@ def _nothing_to_sample() -> GenerationError:
     return GenerationError("sampling: the logits hold no finite value to sample from (NaN, or all -inf)")
 
 
+class Draws:
+    """Uniform draws in [0, 1) from a generator, `rows` a step, drawn `steps` steps at a time (the decode loop's
+    64: one torch call per block instead of one per step). A seed gives the same draws every time."""
+
+    def __init__(self, generator: torch.Generator | None, rows: int, steps: int = 1):
+        self.generator, self.rows, self.steps, self._left = generator, rows, steps, []
+
+    def take(self) -> list[float]:
+        if not self._left:
+            block = torch.rand(self.steps * self.rows, dtype=torch.float64, generator=self.generator).tolist()
+            self._left = [block[i : i + self.rows] for i in range(len(block) - self.rows, -1, -self.rows)]
+        return self._left.pop()
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                top_p: float | None, draws: Draws | None) -> list[int] | None:
+    """The next token of every row of CPU logits [B, V] by the native sampler, as ints; None where it does not
+    take them (no native kernels, a tensor off the CPU, or sampling without a top_k below the vocabulary: the
+    caller takes sample_next). Greedy unless do_sample; draws: a sampling step's uniforms (one a row)."""
+    vocab = logits.shape[-1]
+    if logits.device.type != "cpu" or logits.dim() != 2 or (do_sample and not (top_k and top_k < vocab)):
+        return None
+    fn = _native()
+    if fn is None:
+        return None
+    x = logits.detach()
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    base, row = x.data_ptr(), 4 * vocab
+    if not do_sample:
+        return [fn.sample_argmax(base + i * row, vocab) for i in range(x.shape[0])]
+    temperature = max(float(temperature), 1e-5)
+    top_p = float(top_p) if top_p is not None and top_p < 1.0 else 0.0
+    out = []
+    for i, u in enumerate(draws.take()):
+        token = fn.sample_top_k(base + i * row, vocab, top_k, temperature, top_p, u)
+        if token < 0:
+            if token == -1:
+                raise _nothing_to_sample()
+            raise RuntimeError(f"sample.c: prism_sample_top_k returned {token}")
+        out.append(token)
+    return out
+
+
+def _native():
+    """The native kernels' entry points, or None without them (the numpy path runs)."""
+    from .native.build import load
+
+    return load()[0]
+
+
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B] (int64, on the logits' device). Greedy unless do_sample."""
+    if logits.device.type == "cpu" and logits.dim() == 2:
+        tokens = next_tokens(logits, do_sample, temperature, top_k, top_p,
+                             Draws(generator, logits.shape[0]) if do_sample else None)
+        if tokens is not None:
+            return torch.tensor(tokens, dtype=torch.int64)
     if logits.device.type != "cpu" or (do_sample and logits.shape[-1] < SMALL_VOCABULARY):
         return _torch_sample(logits, do_sample, temperature, top_k, top_p, generator)
     x = logits.detach()

@@ -1,5 +1,5 @@
 """Compiles the C sources (int_linear.c, q8_linear.c, expert_block.c, rms_norm.c, attention_decode.c,
-router_topk.c, decode_layer.c, read_range.c, expert_miss.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
+router_topk.c, decode_layer.c, read_range.c, expert_miss.c, sample.c: one library) on first use with the system C compiler and loads it with ctypes; nothing at
 install. q8_linear.c's VNNI code (AVX-VNNI, AVX512-VNNI) is compiled for those targets
 alone and runs only where the CPU reports them (`prism_q8_instructions`; AVX2 otherwise), so the library itself
 needs AVX2/FMA/F16C only.
@@ -26,7 +26,7 @@ from pathlib import Path
 _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c",
                                           "attention_decode.c", "router_topk.c", "decode_layer.c",
-                                          "read_range.c", "expert_miss.c"))  # one library
+                                          "read_range.c", "expert_miss.c", "sample.c"))  # one library
 HEADERS = (_HERE / "q8_linear.h", _HERE / "expert_miss.h")  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -173,6 +173,13 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.slab_free = lib.prism_slab_free  # address
     fn.slab_free.argtypes = [ctypes.c_void_p]
     fn.slab_free.restype = None
+    fn.sample_argmax = lib.prism_sample_argmax  # float *x, n -> index: sample.c
+    fn.sample_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    fn.sample_argmax.restype = ctypes.c_int64
+    fn.sample_top_k = lib.prism_sample_top_k  # float *x, n, k, temperature, top_p, u -> token or < 0: sample.c
+    fn.sample_top_k.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double,
+                                ctypes.c_double]
+    fn.sample_top_k.restype = ctypes.c_int64
     fn.expert_miss_fields = lib.prism_expert_miss_fields  # the count of expert_miss.h's fields
     fn.expert_miss_fields.restype = ctypes.c_int64
     fn.expert_miss_args = lib.prism_expert_miss_args  # its operators' argument count (native._ARGS)
