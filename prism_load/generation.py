@@ -14,7 +14,7 @@ import torch
 
 from .errors import GenerationError
 from .generation_config import GenerationConfig
-from .sampling import sample_next
+from .sampling import Draws, next_tokens, sample_next
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -68,12 +68,47 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  seed: int | None = None,
                  stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yields every row's next token [B] per step, up to config.max_new_tokens steps, until every row is done.
-    stop(tokens [B]) -> bool [B]: rows the caller ends after this token (stop strings), besides eos."""
+    stop(tokens [B]) -> bool [B]: rows the caller ends after this token (stop strings), besides eos.
+    On a CPU the rows' tokens and states are Python values between the steps (sampling.next_tokens), each
+    step's tokens a row of one tensor made up front: a step runs no torch op of its own to choose and record its
+    tokens (those cost tens of microseconds each on a small model's token, run cold after its layers)."""
     input_ids, mask = check_inputs(input_ids, attention_mask)
-    device = input_ids.device
-    eos = torch.tensor(list(config.eos_token_id or ()), dtype=torch.long, device=device)
-    fill = int(eos[0]) if eos.numel() else (config.pad_token_id or 0)
+    device, rows = input_ids.device, input_ids.shape[0]
+    eos = tuple(config.eos_token_id or ())
+    fill = eos[0] if eos else (config.pad_token_id or 0)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if device.type != "cpu":
+        yield from _device_steps(model, input_ids, mask, config, generator, eos, fill, stop)
+        return
+    draws = Draws(generator, rows, steps=64) if config.do_sample else None
+    sample = (config.do_sample, config.temperature, config.top_k, config.top_p)
+    cache = model.new_cache()
+    logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
+    tokens = torch.empty(config.max_new_tokens, rows, dtype=torch.long)  # step by step, one row each
+    held, ended, done = tokens.numpy(), set(eos), [False] * rows
+    for step in range(config.max_new_tokens):
+        chosen = next_tokens(logits, *sample, draws)
+        if chosen is None:  # a distribution the native sampler does not take, or no native kernels
+            chosen = sample_next(logits, *sample, generator).tolist()
+        chosen = [fill if d else t for t, d in zip(chosen, done)]
+        held[step] = chosen
+        nxt = tokens[step]
+        done = [d or t in ended for t, d in zip(chosen, done)]
+        if stop is not None:
+            done = [d or bool(s) for d, s in zip(done, stop(nxt).tolist())]
+        yield nxt
+        if all(done) or step == config.max_new_tokens - 1:
+            return
+        # a finished row's token is masked out: its attention output is unused and the experts skip it
+        live = torch.tensor([not d for d in done])[:, None] if any(done) else None
+        logits = model(nxt[:, None], cache=cache, attention_mask=live)[:, -1]
+
+
+def _device_steps(model, input_ids: torch.Tensor, mask: torch.Tensor | None, config: GenerationConfig,
+                  generator: torch.Generator | None, eos: tuple, fill: int, stop) -> Iterator[torch.Tensor]:
+    """decode_steps off the CPU: the tokens stay on the device, no step waits for it but the end test."""
+    device = input_ids.device
+    eos = torch.tensor(list(eos), dtype=torch.long, device=device)
     cache = model.new_cache()
     logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
@@ -87,7 +122,6 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         yield nxt
         if bool(done.all()) or step == config.max_new_tokens - 1:
             return
-        # a finished row's token is masked out: its attention output is unused and the experts skip it
         logits = model(nxt[:, None], cache=cache, attention_mask=(~done)[:, None] if bool(done.any()) else None)[:, -1]
 
 

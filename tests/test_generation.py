@@ -180,6 +180,35 @@ def test_rows_finish_independently_and_finished_rows_leave_the_experts(tiny_chec
     assert all(n == expected for n in counter.tokens.values()) and expected < 10 + 2 * 7
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_the_cpu_loop_steps_as_the_device_loop(tiny_checkpoint, do_sample):
+    """decode_steps on a CPU keeps the rows' tokens and states as Python values (sampling.next_tokens, draws in
+    blocks); off the CPU they stay tensors (_device_steps). Run on the same CPU model, both give the same tokens
+    step by step: greedy and seeded sampling (top-k, top-p), a padded batch, a row ended early by eos (then
+    filled) and one by the caller's stop rule."""
+    from prism_load.generation import _device_steps, decode_steps, settings
+
+    folder, ref = tiny_checkpoint("mixtral")
+    model = prism_load.load(folder, dtype=torch.float32)
+    ids, mask = left_pad(random_prompts(ref.config.vocab_size, [4, 7, 5], seed=3))
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], do_sample=do_sample,
+                          top_k=20, top_p=0.9, seed=5)[:, ids.shape[1]:]
+    eos = int(free[0, 2])  # row 0 ends at its third token; row 2 at the caller's rule after its fourth
+    config = settings(model, max_new_tokens=10, eos_token_id=eos, do_sample=do_sample, top_k=20, top_p=0.9)
+    count = [0]
+
+    def stop(tokens):
+        count[0] += 1
+        return torch.tensor([False, False, count[0] % 10 == 4])
+
+    cpu = [t.tolist() for t in decode_steps(model, ids, mask, config, seed=5, stop=stop)]
+    count[0] = 0
+    generator = torch.Generator().manual_seed(5)
+    device = [t.tolist() for t in _device_steps(model, ids, mask.bool(), config, generator, (eos,), eos, stop)]
+    assert cpu == device and len(cpu) == 10
+    assert [row[0] for row in cpu[2:]] == [eos] * 8 and [row[2] for row in cpu[4:]] == [eos] * 6
+
+
 def test_a_padded_batch_through_the_expert_cache(tmp_path):
     """Through the runtime's cache (30%: misses and evictions), each row equals its prompt alone, and the
     experts (so the cache and its statistics) never see a padding token."""
