@@ -75,7 +75,7 @@ class MoEForCausalLM(nn.Module):
         slots = torch.arange(start, start + length, device=device)
         key_valid = padding(attention_mask, batch, start, length, cache, device)
         if key_valid is None:  # no row padded: one position vector for the whole batch
-            cos, sin = self.rotary(slots, dtype)
+            cos, sin = self.rotary.span(start, length, dtype)
             return ForwardContext(slots, cos, sin, cache)
         if cache is not None:
             cache.key_valid = key_valid

@@ -115,11 +115,25 @@ class Rotary(torch.nn.Module):
         with torch.device("cpu"):  # real values even inside a meta-device skeleton (meta ops here would run
             inv, self.attention_scaling = cfg.inv_freq()  # torch's Python reference kernels, importing sympy)
         self.register_buffer("inv_freq", inv, persistent=False)
+        self._tables: dict = {}  # dtype -> (cos, sin) of positions 0 .. n-1 (span)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [length, D] of positions start .. start + length - 1: views of tables made by forward() for
+        the positions 0 .. n-1 (n grown by doubling as positions are asked for), the same bits as forward() on
+        those positions (its ops are elementwise; tested). Why: a decode step's rotary was about ten torch ops,
+        some 50 us of a small model's token, each run cold after the layers. The tables take 8 bytes per
+        position and rotary dimension: a hundredth of the KV cache of a model of 8 KV heads or more."""
+        end = start + length
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] < end or table[0].device != self.inv_freq.device:
+            n = max(256, 1 << (end - 1).bit_length())
+            table = self._tables[dtype] = self(torch.arange(n, device=self.inv_freq.device), dtype)
+        return table[0][start:end], table[1][start:end]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
