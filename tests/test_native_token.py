@@ -167,6 +167,27 @@ def test_served_experts_give_the_per_layer_paths_logits_and_statistics(q8, tmp_p
         assert resident.layers[0].mlp.experts.native_blocks() is None  # the odd experts' bf16 gates
 
 
+def test_resident_experts_in_other_forms_call_back_only_for_their_steps(q8, tmp_path, monkeypatch):
+    """Resident experts some of which no native block takes (the odd ones: bf16 gates): the others sit in a
+    resident table per layer, so the loop calls back only for a step routed to an odd expert, with the per-layer
+    path's logits (test above)."""
+    model = prism_load.load(write_plain(tmp_path, mixed=True), expert_kernel="native-int16")
+    decode(model, 1)
+    tables = model.__dict__["_token_layers"][0].resident
+    assert all(sorted(t.blocks) == [0, 2] for t in tables)  # the even experts: native blocks of one rounding
+    routed = []
+    real = model.__dict__["_token_layers"][2].route
+
+    def route(at, h, indices, weights, moe):
+        routed.append(indices[: model.layers[at].mlp.router.top_k].tolist())
+        return real(at, h, indices, weights, moe)
+
+    model.__dict__["_token_layers"][2].route = route
+    decode(model, 30)
+    assert routed and all(any(e % 2 for e in ids) for ids in routed)  # a callback only for an odd expert's step
+    assert len(routed) < 30 * CONFIG["num_hidden_layers"]
+
+
 def test_a_replaced_source_is_noticed_and_a_callbacks_error_comes_out(q8, tmp_path, monkeypatch):
     path = write_plain(tmp_path)
     model = prism_load.load(path, expert_kernel="native-int16")
@@ -174,6 +195,9 @@ def test_a_replaced_source_is_noticed_and_a_callbacks_error_comes_out(q8, tmp_pa
     assert not model.__dict__["_token_layers"][0].served
     cached = prism_load.load(path, expert_kernel="native-int16", expert_cache="50%", prefetch=False)
     model.layers[2].mlp.experts = cached.layers[2].mlp.experts  # a replaced expert source: worked out again
+    # the resident layers without their tables: each of their steps calls back into Python (route), where the
+    # broken acquire below raises
+    monkeypatch.setattr(type(model.layers[1].mlp.experts), "resident_table", lambda self, layer: None)
     decode(model, 1)
     assert model.__dict__["_token_layers"][0].served
 

@@ -48,6 +48,33 @@ class ResidentExperts(nn.Module):
         of x; else None. The whole-token decode step (models/native_token.py) reads them from a table."""
         return one_rounding([w.block() for w in self.experts])
 
+    def resident_table(self, layer_index: int):
+        """Where not every expert is a native block of one rounding (native_blocks None): those that are, of the
+        most common rounding, as the whole-token decode loop's resident table (native.decode_layer.ResidentTable),
+        so a step whose routed experts are all in it runs without a callback into Python; a step routed to
+        another expert calls back (route), as every step did before. None without the native kernels. Why: on
+        the reference model one low-rank expert of 48 made every layer of every token call back, about a tenth
+        of its decode token."""
+        from ..native import available
+        from ..native.decode_layer import ResidentTable
+
+        if not available():
+            return None
+        table = self.__dict__.get("_table")
+        if table is None:
+            blocks = [w.block() for w in self.experts]
+            roundings = [b.wide for b in blocks if b is not None]
+            table = self.__dict__["_table"] = ResidentTable(self.num_experts)
+            if roundings:
+                common = max(set(roundings), key=roundings.count)
+                for e, block in enumerate(blocks):
+                    if block is not None and block.wide == common:
+                        table.put(e, block)
+        return table
+
+    def record_hits(self, records: list[tuple[int, list[int]]]) -> None:
+        """The steps the loop ran from the resident table: nothing counts a resident expert's uses."""
+
 
 def load_dense(c: Container, model: MoEForCausalLM, dtype: torch.dtype, verify_checksums: bool,
                expert_form: str = "decoded", kernel: str = "auto", device: str | torch.device = "cpu",
