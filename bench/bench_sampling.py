@@ -1,6 +1,8 @@
 """The next token's cost on a CPU: prism_load/sampling.py against the way it replaced (torch ops as transformers
 uses them: mask the vocabulary, softmax, torch.multinomial; torch's argmax for greedy), per vocabulary size of
-the families prism converts and per setting, in one run on the same logits.
+the families prism converts and per setting, in one run on the same logits; prism's numpy path (what runs
+without the native kernels, and for settings the native sampler does not take) beside its native one.
+These are warm calls in a loop: between two decode steps the calls run cold and cost more (sampling.py).
 
     python bench/bench_sampling.py [--repeats 200] [--threads 2] [--name sampling]
 
@@ -20,7 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_report  # noqa: E402
 
+from prism_load import sampling  # noqa: E402
 from prism_load.sampling import _torch_sample, sample_next  # noqa: E402
+
+
+def numpy_path(*args):
+    """sample_next without the native sampler (sampling._native() None)."""
+    native = sampling._native
+    sampling._native = lambda: None
+    try:
+        return sample_next(*args)
+    finally:
+        sampling._native = native
 
 VOCABULARIES = {"the reference model (4,096)": 4_096, "Mixtral (32,000)": 32_000, "OLMoE (50,304)": 50_304,
                 "DeepSeek-V2 (102,400)": 102_400, "Qwen-MoE (151,936)": 151_936}
@@ -60,18 +73,23 @@ def main() -> None:
         logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2.5
         for name, setting in SETTINGS.items():
             before = per_call(_torch_sample, logits, setting, args.repeats)
+            numpy_us = per_call(numpy_path, logits, setting, args.repeats)
             now = per_call(sample_next, logits, setting, args.repeats)
+            native = sampling.next_tokens(logits, setting[0], setting[1], setting[2], setting[3],
+                                          sampling.Draws(None, 1)) is not None
             rows.append({"vocabulary": vocab_name, "vocab": vocab, "setting": name, "torch_us": before,
-                         "prism_us": now, "speedup": before / now})
-            print(f"{vocab_name}, {name}: {before:.1f} -> {now:.1f} us", file=sys.stderr)
+                         "numpy_us": numpy_us, "prism_us": now, "native": native, "speedup": before / now})
+            print(f"{vocab_name}, {name}: {before:.1f} -> {numpy_us:.1f} (numpy) / {now:.1f} us", file=sys.stderr)
     result = {"threads": args.threads, "repeats": args.repeats, "rows": rows}
     lines = [f"# Next-token cost on a CPU ({args.threads} torch threads, median of {args.repeats} calls, one row)", "",
              "torch: masking, softmax and torch.multinomial (argmax for greedy), as transformers samples; prism: "
-             "prism_load/sampling.py. Microseconds per token.", "",
-             "| vocabulary | setting | torch | prism | speedup |", "|---|---|---|---|---|"]
+             "prism_load/sampling.py, its numpy path and what it runs (the native sampler where it takes the "
+             "setting: greedy and top-k). Microseconds per token, warm calls.", "",
+             "| vocabulary | setting | torch | prism, numpy path | prism | prism runs | speedup over torch |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['vocabulary']} | {r['setting']} | {r['torch_us']:.1f} | {r['prism_us']:.1f} | "
-                     f"{r['speedup']:.1f}x |")
+        lines.append(f"| {r['vocabulary']} | {r['setting']} | {r['torch_us']:.1f} | {r['numpy_us']:.1f} | "
+                     f"{r['prism_us']:.1f} | {'native' if r['native'] else 'numpy'} | {r['speedup']:.1f}x |")
     path = write_report(args.name, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}", file=sys.stderr)
