@@ -127,7 +127,8 @@ class Rotary(torch.nn.Module):
         the positions 0 .. n-1 (n grown by doubling as positions are asked for), the same bits as forward() on
         those positions (its ops are elementwise; tested). Why: a decode step's rotary was about ten torch ops,
         some 50 us of a small model's token, each run cold after the layers. The tables take 8 bytes per
-        position and rotary dimension: a hundredth of the KV cache of a model of 8 KV heads or more."""
+        position and rotary dimension (up to twice the positions used): per position 1 / (layers x KV heads)
+        of an fp32 KV cache's bytes."""
         end = start + length
         table = self._tables.get(dtype)
         if table is None or table[0].shape[0] < end or table[0].device != self.inv_freq.device:

@@ -196,7 +196,7 @@ int64_t prism_sample_top_k(const float *x, int64_t n, int64_t k, double temperat
     for (int64_t i = 0; i < m; i++) total += c[i].p;
     const double target = u * total;
     double running = 0;
-    int64_t chosen = c[m - 1].id;
+    int64_t chosen = -1;
     for (int64_t i = 0; i < m; i++) {
         running += c[i].p;
         if (running > target) {
@@ -204,6 +204,8 @@ int64_t prism_sample_top_k(const float *x, int64_t n, int64_t k, double temperat
             break;
         }
     }
+    for (int64_t i = m - 1; chosen < 0 && i >= 0; i--) /* rounding left u past the sum: the last token with any */
+        if (c[i].p > 0) chosen = c[i].id;
     free(c);
     return chosen;
 }
