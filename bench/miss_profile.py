@@ -3,7 +3,8 @@
 The torch profiler (bench_decode_profile.py) sees aten ops and the native kernels; a miss on the Python path is
 neither: it is a callback from the native decode loop into Python that chooses a victim, reads the expert into a
 slab and publishes it to the loop's table. By default a miss is served inside the loop instead
-(runtime/native_misses.py), where no timer here sees it: the script measures that path's token time first, then
+(runtime/native_misses.py), where no timer here sees it: the script measures that path's token time first (with
+the loads' time the loop records, stall_seconds, and one timer on the Python replay of its log), then
 times the Python path's steps with PRISM_NATIVE_MISSES=0 (what the native path replaces, and what still serves
 an expert's first read and the steps the loop cannot serve). This script wraps each of those steps (functions of the runtime, by name)
 with a timer, decodes sampled continuations of the bench prompts with the cache on demand, and reports each
@@ -61,11 +62,11 @@ def label(module: str, owner: str | None, name: str) -> str:
     return f"{owner or module.rsplit('.', 1)[-1]}.{name}"
 
 
-def wrap(totals: dict) -> Callable[[], None]:
-    """Replace each step by a timed wrapper that adds its calls and seconds to totals[label]; returns what puts
-    the steps back."""
+def wrap(totals: dict, steps: list | None = None) -> Callable[[], None]:
+    """Replace each step (STEPS by default) by a timed wrapper that adds its calls and seconds to totals[label];
+    returns what puts the steps back."""
     originals = []
-    for _, module, owner, name in STEPS:
+    for _, module, owner, name in steps or STEPS:
         holder = importlib.import_module(module)
         if owner is not None:
             holder = getattr(holder, owner)
@@ -82,11 +83,11 @@ def wrap(totals: dict) -> Callable[[], None]:
 
         originals.append((holder, name, inner))
         setattr(holder, name, timed)
-    # a name imported into another module before the wrap: rebound there too
-    from prism_load.native import decode_layer, expert_block
+    if steps is None:  # a name imported into another module before the wrap: rebound there too
+        from prism_load.native import decode_layer, expert_block
 
-    originals.append((decode_layer, "op_table", decode_layer.op_table))
-    decode_layer.op_table = expert_block.op_table
+        originals.append((decode_layer, "op_table", decode_layer.op_table))
+        decode_layer.op_table = expert_block.op_table
 
     def restore() -> None:
         for holder, name, inner in reversed(originals):
@@ -95,9 +96,11 @@ def wrap(totals: dict) -> Callable[[], None]:
     return restore
 
 
-def decode_rate(model, prompts, tokens: int, totals: dict | None = None) -> tuple[float, int, int]:
+def decode_rate(model, prompts, tokens: int, totals: dict | None = None,
+                stalls: list | None = None) -> tuple[float, int, int]:
     """Decode tokens/s, decode tokens and misses over the prompts (bench_runtime's sampled generation); with
-    totals, the steps' calls and seconds of the decode tokens only (each prompt's prefill taken off)."""
+    totals, the steps' calls and seconds of the decode tokens only (each prompt's prefill taken off); stalls:
+    gets each prompt's stall_seconds (the time the cache's loads took, timed where they run)."""
     seconds, count, misses = 0.0, 0, 0
     for p in prompts:
         at_first: dict = {}
@@ -114,6 +117,8 @@ def decode_rate(model, prompts, tokens: int, totals: dict | None = None) -> tupl
         seconds += at_first["end"] - at_first["start"]
         count += at_first["tokens"]
         misses += model.stats()["misses"] if hasattr(model, "stats") else 0
+        if stalls is not None:
+            stalls.append(model.stats()["stall_seconds"])
         for k, v in (totals or {}).items():  # what the prefill and first token spent is not the decode's
             v[2] += v[0] - at_first[k][0]
             v[3] += v[1] - at_first[k][1]
@@ -138,7 +143,14 @@ def main() -> None:
     # token time alone; the steps are timed on the Python path it replaces (PRISM_NATIVE_MISSES=0)
     native = prism_load.load(container, expert_cache=args.cache, prefetch=False)
     measure(native, prompts[0], 8)
-    native_rate, native_tokens, native_misses = decode_rate(native, prompts, args.tokens)
+    # the loop's loads are timed where they run (stall_seconds: slab, read, block); the Python side's replay of
+    # its log after each token by a timer here (one call a token, so its own cost is small)
+    replay: dict = {}
+    restore_replay = wrap(replay, [(0, "prism_load.runtime.native_misses", "NativeMisses", "replay")])
+    stalls: list = []
+    native_rate, native_tokens, native_misses = decode_rate(native, prompts, args.tokens, replay, stalls)
+    restore_replay()
+    replay_seconds = next(iter(replay.values()))[3]
     os.environ["PRISM_NATIVE_MISSES"] = "0"
     totals: dict = {}
     wrap(totals)
@@ -153,18 +165,25 @@ def main() -> None:
                      "us_per_call": 1e6 * seconds / max(calls, 1), "us_per_token": 1e6 * seconds / tokens})
     commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    native_us = (1e6 / native_rate - 1e6 / resident_rate) / max(native_misses / native_tokens, 1e-9)
+    native_load_us = 1e6 * sum(stalls) / max(native_misses, 1)
+    replay_us = 1e6 * replay_seconds / max(native_misses, 1)
     data = {"prism_commit": commit, "container": str(container), "cache": args.cache, "threads": args.threads, "decode_tokens": tokens,
             "resident_tokens_per_s": resident_rate, "cached_tokens_per_s": rate, "misses_per_token": misses / tokens,
-            "native_tokens_per_s": native_rate, "native_misses_per_token": native_misses / native_tokens, "steps": rows}
-    native_us = (1e6 / native_rate - 1e6 / resident_rate) / max(native_misses / native_tokens, 1e-9)
+            "native_tokens_per_s": native_rate, "native_misses_per_token": native_misses / native_tokens,
+            "native_us_per_miss": native_us, "native_load_us_per_miss": native_load_us,
+            "native_replay_us_per_miss": replay_us, "steps": rows}
     lines = [f"# Where a miss's time goes (cache {args.cache} on demand, {args.threads} thread(s), "
              f"{tokens} decode tokens, timers on)", "",
              f"prism at {commit}. Container: `{container}`. Resident {resident_rate:.1f} tokens/s ({1e6 / resident_rate:.0f} us a token); "
              f"cached with the timers on {rate:.1f} tokens/s ({token_us:.0f} us a token), "
              f"{misses / tokens:.2f} misses a token: {(token_us - 1e6 / resident_rate) / max(misses / tokens, 1e-9):.0f} "
-             f"us of the token per miss. With the native miss path (the default, no timers: the steps below are the "
+             f"us of the token per miss. With the native miss path (the default; the steps below are the "
              f"Python path it replaces, PRISM_NATIVE_MISSES=0): {native_rate:.1f} tokens/s, "
-             f"{native_misses / native_tokens:.2f} misses a token: {native_us:.0f} us of the token per miss.", "",
+             f"{native_misses / native_tokens:.2f} misses a token: {native_us:.0f} us of the token per miss, of "
+             f"which the load (stall_seconds: in the loop its slab, read and block; an expert's first read "
+             f"through Python) {native_load_us:.0f} us and Python's replay of the loop's log after the token "
+             f"{replay_us:.0f} us (its hits' records included; the one timer of this run).", "",
              "Decode tokens only (each prompt's prefill and first token left out). Inclusive times: a row contains the rows "
              "below it with one more dot; each includes its timer (about 1 us a call).",
              "", "| step | calls/token | us/call | us/token | share of a token |", "|---|---|---|---|---|"]
