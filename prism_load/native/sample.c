@@ -4,7 +4,7 @@
  * Why: sampling.py's numpy path is a dozen numpy and torch calls a token. Called once between two decode steps,
  * after the layers have streamed their weights through the caches, each of those calls runs cold: on the
  * reference model (vocabulary 4,096) the numpy path took about 135 us of a 1 ms token where the same calls warm
- * take 50. This is one call over the row.
+ * take 50 (throwaway timings). This is one call over the row.
  *
  * prism_sample_argmax(x, n): the index of the largest of x[0..n-1], the first among equals; a NaN counts as the
  * largest (the first NaN), as numpy's and torch's argmax.
