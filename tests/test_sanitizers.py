@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 # every test file whose tests call into the native library, the miss path's first
 NATIVE_TESTS = ("test_native_misses.py", "test_decode_layer.py", "test_native_token.py", "test_expert_block.py",
-                "test_attention_decode.py", "test_read_range.py", "test_native_kernels.py", "test_runtime_cache.py")
+                "test_attention_decode.py", "test_read_range.py", "test_native_kernels.py", "test_runtime_cache.py",
+                "test_sampling.py")
 
 
 def runtime_library(compiler: str, name: str) -> str | None:
