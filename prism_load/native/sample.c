@@ -128,24 +128,24 @@ static int has_nan(const float *x, int64_t n) {
     return any;
 }
 
-/* The indices i of x with x[i] >= t, in order, into ids (NULL: counted only); returns their count. */
-static int64_t at_least(const float *x, int64_t n, float t, int64_t *ids) {
+/* The tokens i of x with x[i] >= t, in order, into out[].id (NULL: counted only); returns their count. */
+static int64_t at_least(const float *x, int64_t n, float t, candidate *out) {
     const __m256 tv = _mm256_set1_ps(t);
     int64_t count = 0, i = 0;
     for (; i + 8 <= n; i += 8) {
         int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), tv, _CMP_GE_OQ));
-        if (!ids) {
+        if (!out) {
             count += __builtin_popcount((unsigned)hit);
             continue;
         }
         while (hit) {
-            ids[count++] = i + __builtin_ctz((unsigned)hit);
+            out[count++].id = i + __builtin_ctz((unsigned)hit);
             hit &= hit - 1;
         }
     }
     for (; i < n; i++)
         if (x[i] >= t) {
-            if (ids) ids[count] = i;
+            if (out) out[count].id = i;
             count++;
         }
     return count;
@@ -156,22 +156,14 @@ int64_t prism_sample_top_k(const float *x, int64_t n, int64_t k, double temperat
     if (has_nan(x, n)) return -1; /* no distribution (sampling.py says so on every path) */
     float kth;
     if (kth_largest(x, n, k, &kth)) return -3;
-    const int64_t m0 = at_least(x, n, kth, NULL);
-    int64_t *ids = malloc(sizeof(int64_t) * (size_t)m0);
-    candidate *c = malloc(sizeof(candidate) * (size_t)m0);
-    if (!ids || !c) {
-        free(ids);
-        free(c);
-        return -3;
-    }
-    int64_t m = at_least(x, n, kth, ids);
+    candidate *c = malloc(sizeof(candidate) * (size_t)at_least(x, n, kth, NULL));
+    if (!c) return -3;
+    int64_t m = at_least(x, n, kth, c);
     double top = -INFINITY;
     for (int64_t i = 0; i < m; i++) {
-        c[i].id = ids[i];
-        c[i].p = (double)x[ids[i]] / temperature;
+        c[i].p = (double)x[c[i].id] / temperature;
         if (c[i].p > top) top = c[i].p;
     }
-    free(ids);
     if (!isfinite(top)) { /* all -inf, or +inf */
         free(c);
         return -1;
