@@ -19,8 +19,8 @@ With the native kernels (prism_load/native/sample.c), greedy rows and top-k rows
 C call each instead: the same distribution (its probabilities differ from this module's by rounding, so a draw can
 differ only where it falls within that rounding of a boundary between two tokens; tested). Why: between two
 decode steps every numpy and torch call runs cold, the layers having just streamed their weights through the
-caches, and the dozen calls of the numpy path cost about 135 us of a 1 ms token on the reference model (a
-throwaway timing; warm, the same calls take about 50).
+caches, so the dozen calls of the numpy path cost several times their warm price (bench_sampling.py times them
+warm; bench/results/runtime_glue_* the decode token before and after this path with the rest of its change).
 `next_tokens` is that path for the decode loop (generation.py): the draws come from `Draws` (a block of them from
 the generator at a time) and the tokens are Python ints, so a step makes no tensor to choose its token.
 """

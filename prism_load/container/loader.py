@@ -53,8 +53,7 @@ class ResidentExperts(nn.Module):
         most common rounding, as the whole-token decode loop's resident table (native.decode_layer.ResidentTable),
         so a step whose routed experts are all in it runs without a callback into Python; a step routed to
         another expert calls back (route), as every step did before. None without the native kernels. Why: on
-        the reference model one low-rank expert of 48 made every layer of every token call back, about a tenth
-        of its decode token."""
+        the reference model one low-rank expert of 48 made every layer of every token call back."""
         from ..native import available
         from ..native.decode_layer import ResidentTable
 

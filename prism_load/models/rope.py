@@ -126,7 +126,7 @@ class Rotary(torch.nn.Module):
         """cos/sin [length, D] of positions start .. start + length - 1: views of tables made by forward() for
         the positions 0 .. n-1 (n grown by doubling as positions are asked for), the same bits as forward() on
         those positions (its ops are elementwise; tested). Why: a decode step's rotary was about ten torch ops,
-        some 50 us of a small model's token, each run cold after the layers. The tables take 8 bytes per
+        each run cold after the layers. The tables take 8 bytes per
         position and rotary dimension (up to twice the positions used): per position 1 / (layers x KV heads)
         of an fp32 KV cache's bytes."""
         end = start + length

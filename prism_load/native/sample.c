@@ -2,9 +2,9 @@
  * temperature and, optionally, top-p), as prism_load/sampling.py defines them.
  *
  * Why: sampling.py's numpy path is a dozen numpy and torch calls a token. Called once between two decode steps,
- * after the layers have streamed their weights through the caches, each of those calls runs cold: on the
- * reference model (vocabulary 4,096) the numpy path took about 135 us of a 1 ms token where the same calls warm
- * take 50 (throwaway timings). This is one call over the row.
+ * after the layers have streamed their weights through the caches, each of those calls runs cold and costs
+ * several times its warm price (bench/results/runtime_glue_*: with the rest of that change, the reference model's
+ * resident token 1.3-1.4x faster). This is one call over the row.
  *
  * prism_sample_argmax(x, n): the index of the largest of x[0..n-1], the first among equals; a NaN counts as the
  * largest (the first NaN), as numpy's and torch's argmax.
