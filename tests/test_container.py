@@ -214,6 +214,31 @@ def test_concurrent_reads_with_descriptor_eviction(tiny, monkeypatch):
     assert len(set(zip(ids, blobs))) == len(c.records)
 
 
+def test_close_leaves_a_held_descriptor_to_its_reader(tiny, monkeypatch):
+    """close() closes the descriptors no reader holds at once; one held in shard_fd (another thread's read) closes
+    when its reader lets go, never under it; reads after close() open their shard again."""
+    closed = []
+    real = os.close
+    monkeypatch.setattr(os, "close", lambda fd: closed.append(fd) or real(fd))
+    with Container(tiny[1]) as c:
+        held, other = c.records[0].shard, next(r.shard for r in c.records if r.shard != c.records[0].shard)
+        c.read_expert_bytes(c.record(c.records[0].layer, c.records[0].expert))
+        with c.shard_fd(other):
+            pass  # open, not held
+        other_fd = c._fds[other]
+        with c.shard_fd(held) as fd:
+            c.close()
+            assert closed == [other_fd]
+            assert os.fstat(fd).st_size > 0  # still this shard's, still open
+            assert c._fds == {held: fd}
+        assert closed == [other_fd, fd] and not c._fds
+        r = c.records[-1]
+        assert bytes(c.read_expert_bytes(r, verify_checksum=True))  # opens again
+        c.close()
+        c.close()
+    assert not c._fds
+
+
 def test_a_cache_reads_its_shards_randomly_and_a_resident_load_does_not(tiny, monkeypatch):
     """An expert cache's misses are random reads: every expert shard is advised POSIX_FADV_RANDOM (the kernel's
     readahead would read past each expert), those open when the cache is attached and those opened later; a

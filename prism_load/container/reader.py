@@ -86,6 +86,7 @@ class Container:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._checked_shards: set[int] = set()
         self._pins: dict[int, int] = {}
+        self._closing: set[int] = set()  # shards whose descriptor close() left to its readers (shard_fd) to close
         self._maps: dict[int, torch.Tensor] = {}  # shard index -> its whole file, memory-mapped (map_expert)
         self._random = False  # expert reads are random accesses: no kernel readahead on the shards (read_randomly)
         self._lock = threading.Lock()
@@ -105,11 +106,17 @@ class Container:
         self.close()
 
     def close(self) -> None:
-        """Close the cached descriptors. Mappings stay valid while tensors view them (each holds its mapping)."""
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-        if hasattr(self, "_fds"):
-            self._fds.clear()
+        """Close the cached descriptors, under the lock another thread's reads take; one a reader holds now
+        (shard_fd) closes when it lets go, not under it (its number could be reused by another file). Mappings stay
+        valid while tensors view them (each holds its mapping). A later read opens its shard again."""
+        if not hasattr(self, "_lock"):  # __init__ failed before making it
+            return
+        with self._lock:
+            for index in list(self._fds):
+                if self._pins.get(index):
+                    self._closing.add(index)
+                else:
+                    os.close(self._fds.pop(index))
             self._maps.clear()
 
     # -- files ---------------------------------------------------------------------------------------
@@ -160,6 +167,9 @@ class Container:
         finally:
             with self._lock:
                 self._pins[shard_index] -= 1
+                if not self._pins[shard_index] and shard_index in self._closing:
+                    self._closing.discard(shard_index)
+                    os.close(self._fds.pop(shard_index))
                 self._evict()
 
     def _acquire(self, shard_index: int) -> int:
