@@ -219,3 +219,58 @@ def test_out_of_descriptors_keeps_misses_on_the_python_path(q8, tmp_path, monkey
     assert model.stats()["misses"] > 0 and loads == [] and model.stats()["native_loads"] == 0
     reference, _ = run(False)
     assert torch.equal(out, reference)
+
+
+@pytest.fixture
+def frees(monkeypatch):
+    """Every address the native library frees, freeing it too (prism_slab_free)."""
+    from prism_load.native import _kernel
+
+    kernel, seen = _kernel(), []
+    real = kernel.slab_free
+    monkeypatch.setattr(kernel, "slab_free", lambda address: seen.append(address) or real(address))
+    return kernel, seen
+
+
+def test_a_native_slab_frees_its_memory_once_whoever_holds_it_last(q8, frees):
+    """A slab the loop allocated is freed when its NativeSlab goes, where Python never made it a tensor; once it
+    has, the memory outlives the NativeSlab for as long as any view of it lives, and is freed once."""
+    kernel, seen = frees
+    n = 4096
+    address = kernel.slab_alloc(n, 1)
+    slab = native_misses.NativeSlab(address, n)
+    assert (slab.address, slab.nbytes) == (address, n)
+    del slab
+    assert seen == [address]
+
+    address = kernel.slab_alloc(n, 1)
+    slab = native_misses.NativeSlab(address, n)
+    view = slab.buf[100:200]
+    assert slab.buf.data_ptr() == address and slab.buf.numel() == n and view.data_ptr() == address + 100
+    view.fill_(7)
+    del slab
+    assert seen == [seen[0]]  # the view keeps it
+    assert int(view.sum()) == 700
+    del view
+    assert seen[1:] == [address]
+
+
+def test_the_slab_pool_finds_free_slabs_by_address_and_says_which_is_missing():
+    from prism_load.runtime.tiers import Slab, SlabPool
+
+    pool = SlabPool(budget_bytes=1 << 20)
+    a, b, c = pool.take(4096), pool.take(4096), pool.take(8192)
+    assert pool.total_bytes == 16384 and (a.address, a.nbytes) == (a.buf.data_ptr(), 4096)
+    for slab in (a, b, c):
+        pool.give(slab)
+    assert sorted(pool.free_slabs()) == sorted([(a.address, 4096), (b.address, 4096), (c.address, 8192)])
+    assert pool.drop_free(a.address, 4096) is a
+    with pytest.raises(KeyError, match=f"no free slab of 4096 bytes at {a.address:#x}"):
+        pool.drop_free(a.address, 4096)
+    with pytest.raises(KeyError, match="no free slab of 8192 bytes"):
+        pool.drop_free(b.address, 8192)  # the right address, the wrong size
+    assert pool.take(4096) is b and pool.take(8192) is c  # reused, not new memory
+    assert pool.total_bytes == 16384
+    pool.give(b)
+    pool.adopt_free(Slab(torch.empty(4096, dtype=torch.uint8)))  # the last given is the first taken
+    assert pool.take(4096) is not b

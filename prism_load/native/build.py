@@ -170,7 +170,9 @@ def load() -> tuple[ctypes._CFuncPtr | None, str | None, float]:
     fn.slab_alloc = lib.prism_slab_alloc  # nbytes, huge -> address or 0: expert_miss.c
     fn.slab_alloc.argtypes = [ctypes.c_int64, ctypes.c_int64]
     fn.slab_alloc.restype = ctypes.c_void_p
-    fn.slab_free = lib.prism_slab_free  # address
+    # address; called with the interpreter lock held (PyDLL): a free() is shorter than handing the lock over and
+    # back, which a replay of the native miss log paid for every slab it gave up (runtime/native_misses.py)
+    fn.slab_free = ctypes.PyDLL(str(path)).prism_slab_free
     fn.slab_free.argtypes = [ctypes.c_void_p]
     fn.slab_free.restype = None
     fn.sample_argmax = lib.prism_sample_argmax  # float *x, n -> index: sample.c

@@ -711,7 +711,7 @@ class ExpertCache:
                                              f"{'in' if block is not None else 'out'} (pointers {held}), "
                                              f"its entry {'ready' if ready else 'not ready'}")
             if self.slabs is not None:  # every slab is an entry's or free
-                held = sum(e.slab.buf.numel() for e in self._entries.values() if e.slab is not None)
+                held = sum(e.slab.nbytes for e in self._entries.values() if e.slab is not None)
                 free = sum(size * len(spare) for size, spare in self.slabs.free.items())
                 if held + free != self.slabs.total_bytes:
                     raise AssertionError(f"slab pool: {self.slabs.total_bytes:,} bytes, entries hold {held:,} and "

@@ -197,11 +197,11 @@ class ContainerStore(StoreBase):
         record = self.container.record(layer, expert)
         return record.shard, record.offset, record.length, template
 
-    def native_weights(self, layer, expert, buf: torch.Tensor, block) -> ExpertWeights:
-        """The weights of an expert the native miss path read into buf, with the block it made there: views built
-        on first use, as read_into's."""
+    def native_weights(self, layer, expert, slab, block) -> ExpertWeights:
+        """The weights of an expert the native miss path read into the slab, with the block it made there: views
+        built on first use, as read_into's (the slab's tensor too, where it has none yet: NativeSlab)."""
         plan = self._view_plans[(layer, expert)]
-        return DeferredViews(functools.partial(slab_views, buf, plan), block, plan[4])
+        return DeferredViews(functools.partial(_views_of_slab, slab, plan), block, plan[4])
 
     def _view_plan(self, layer, expert):
         """(the expert's operators built once on the meta device; the dtype, shape, stride and element offset of
@@ -255,6 +255,10 @@ class ContainerStore(StoreBase):
         gate_up = buf[: 2 * inter * hidden * 4].view(torch.float32).view(2 * inter, hidden)
         down = buf[down_start : down_start + hidden * inter * 4].view(torch.float32).view(hidden, inter)
         return ExpertWeights(gate_up, down)
+
+
+def _views_of_slab(slab, plan: tuple) -> ExpertWeights:
+    return slab_views(slab.buf, plan)
 
 
 def slab_views(buf: torch.Tensor, plan: tuple) -> ExpertWeights:

@@ -46,6 +46,9 @@ FIELDS = ("on", "positions", "experts", "room", "pool_total", "pool_budget", "fr
           "template", "wide", "blocks", "tables", "position_layer", "loop_position", "scratch", "huge", "threads",
           "split_bytes", "error", "error_key", "drop")
 F = {name: i for i, name in enumerate(FIELDS)}
+ON, LOOP_POSITION, FREE_COUNT, ROOM, POOL_TOTAL, POOL_BUDGET, DECAY, CURRENT, THREADS, DROP, SPLIT_BYTES, LOG_COUNT = (
+    F[name] for name in ("on", "loop_position", "free_count", "room", "pool_total", "pool_budget", "decay", "current",
+                         "threads", "drop", "split_bytes", "log_count"))
 ABSENT, READY, LOADING, PERMANENT = 0, 1, 2, 4
 # a miss's read from this size up is split across the compute's OpenMP threads (read_range.c). Lower than the
 # Python path's 1 MiB (read_range.PARALLEL_READ_BYTES): served in the loop, the reference model's 60-230 KB misses
@@ -78,6 +81,29 @@ def _free(mem) -> None:
 def native_buffer(address: int, nbytes: int) -> torch.Tensor:
     """A uint8 tensor over memory prism_slab_alloc made, which it frees once nothing views it."""
     return torch.frombuffer(_owned(nbytes).from_address(address), dtype=torch.uint8)
+
+
+class NativeSlab(Slab):
+    """A slab the loop allocated (prism_slab_alloc), its tensor made only when Python needs it (an operator's
+    views, the Python path reading into it). Why: the replay of a miss made and dropped a tensor per slab the loop
+    took or gave up, touching torch's objects cold after the layers, for slabs Python mostly never looks into.
+    Until then this frees the memory when it goes; after, the tensor's buffer does (native_buffer)."""
+
+    __slots__ = ()
+
+    def __init__(self, address: int, nbytes: int):
+        self._buf, self.address, self.nbytes, self.built = None, address, nbytes, {}
+
+    @property
+    def buf(self) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = native_buffer(self.address, self.nbytes)
+        return self._buf
+
+    def __del__(self):
+        if self._buf is None:
+            with contextlib.suppress(Exception):  # at interpreter exit the library may be gone already
+                _kernel().slab_free(self.address)
 
 
 def _close_all(fds: dict) -> None:
@@ -123,9 +149,11 @@ class NativeMisses:
         worst_step = 3 + k + 9 * k + 3 * keys + 3 * (self.free_cap + keys)  # expert_miss.c's bound
         self.log = np.zeros(4 * worst_step + 1024, np.int64)
         self._templates: dict[int, object] = {}  # key index -> its BlockTemplate (alive while the block is used)
+        self._loads: dict[int, tuple] = {}  # key index -> (key, decoded bytes, stored bytes, read length)
         self._fds: dict[int, int] = {}  # shard -> our duplicate of its descriptor
         self._fresh: dict[int, Slab] = {}  # slabs the loop made, between their ALLOC and LOAD records
         weakref.finalize(self, _close_all, self._fds)
+        self._decay = None  # the decay h holds
         self._exported = None  # the slab pool's version the loop's free list copies
         self._holder = None  # the thread whose token holds the cache's lock (token)
         self.h = np.zeros(len(FIELDS), np.int64)
@@ -135,6 +163,9 @@ class NativeMisses:
                      "file_offset", "fd", "template", "wide", "blocks", "tables", "position_layer", "scratch"):
             h[F[name]] = getattr(self, name).ctypes.data
         self._blocks_address, self.address = int(h[F["blocks"]]), h.ctypes.data  # (.ctypes costs microseconds)
+        # the fields and the log as Python ints: a numpy scalar per field read or written cost a replay and an
+        # open microseconds each, run cold after the layers (bench/miss_profile.py)
+        self.hv, self.log_view = memoryview(h), memoryview(self.log)
         h[F["free_cap"]], h[F["log_cap"]] = self.free_cap, len(self.log)
         h[F["level"]], h[F["scale"]] = policy.level.ctypes.data, policy.scale.ctypes.data
         h[F["weight"]], h[F["offset"]] = policy.weight.ctypes.data, policy.offset.ctypes.data
@@ -157,7 +188,7 @@ class NativeMisses:
             return
         self.state[i] = READY | (PERMANENT if entry.permanent else 0)
         slab = entry.slab
-        self.slab[i], self.slab_size[i] = (slab.buf.data_ptr(), slab.buf.numel()) if slab is not None else (0, 0)
+        self.slab[i], self.slab_size[i] = (slab.address, slab.nbytes) if slab is not None else (0, 0)
         if not self.length[i]:
             self._learn(entry.key, i)
 
@@ -181,6 +212,8 @@ class NativeMisses:
             except OSError:  # out of descriptors (EMFILE): the expert stays on the Python path, which reads it
                 return
         self._templates[i] = template
+        store = self.cache.store
+        self._loads[i] = (key, store.nbytes(*key), store.stored_nbytes(*key), length)  # what a LOAD record needs
         self.template[i] = ctypes.addressof(template.arguments)
         self.wide[i], self.file_offset[i], self.fd[i] = template.wide, offset, fd
         self.length[i] = length
@@ -191,7 +224,7 @@ class NativeMisses:
             entry = self.cache._entries.get(key)
             state = ABSENT if entry is None else LOADING if not entry.ready else \
                 READY | (PERMANENT if entry.permanent else 0)
-            slab = entry.slab.buf.data_ptr() if entry is not None and entry.ready and entry.slab is not None else 0
+            slab = entry.slab.address if entry is not None and entry.ready and entry.slab is not None else 0
             if self.state[i] != state or self.slab[i] != slab:
                 raise AssertionError(f"native miss state of layer {key[0]} expert {key[1]}: {self.state[i]} at "
                                      f"{self.slab[i]:#x}, the cache's {state} at {slab:#x}")
@@ -209,7 +242,7 @@ class NativeMisses:
                 yield self.address
             finally:
                 self._holder = None
-                self.h[F["on"]] = 0
+                self.hv[ON] = 0
 
     def resume(self, loop_positions: int) -> None:
         """After a callback served a step: open again, where this thread's token holds the lock (a token not
@@ -222,9 +255,9 @@ class NativeMisses:
         slabs, the eviction order's position), and turn it on where it can serve exactly as the Python path: at a
         token's start, and after a callback served a step (ExpertServer._route), whose experts this unpins: the
         loop runs them before anything else can evict, as the Python path's next acquire unpins them first."""
-        cache, h = self.cache, self.h
-        h[F["on"]] = 0
-        h[F["loop_position"]] = loop_positions  # the address of the loop's int64 [L]
+        cache, h = self.cache, self.hv
+        h[ON] = 0
+        h[LOOP_POSITION] = loop_positions  # the address of the loop's int64 [L]
         cache._release_locked()
         policy, pool = cache.policy, cache.slabs
         if (any(cache._pins.values()) or cache._predictions or any(cache._expected.values()) or cache.route_log is not None
@@ -234,17 +267,18 @@ class NativeMisses:
             free = pool.free_slabs()
             if len(free) > self.free_cap - self.n * self.E:
                 return False
-            h[F["free_count"]] = len(free)
+            h[FREE_COUNT] = len(free)
             for j, (address, size) in enumerate(free):
                 self.free_addr[j], self.free_size[j] = address, size
             self._exported = pool.version
-        h[F["room"]] = cache.budget_bytes - cache.used_bytes
-        h[F["pool_total"]], h[F["pool_budget"]] = pool.total_bytes, pool.budget_bytes
-        h[F["current"]], h[F["decay"]] = policy.current, _bits(policy.decay)
-        h[F["threads"]] = torch.get_num_threads()
-        h[F["drop"]] = int(cache.drop_read_pages)
-        h[F["split_bytes"]] = cache.native_split_bytes
-        h[F["on"]] = 1
+        h[ROOM] = cache.budget_bytes - cache.used_bytes
+        h[POOL_TOTAL], h[POOL_BUDGET] = pool.total_bytes, pool.budget_bytes
+        if policy.decay != self._decay:
+            self._decay = policy.decay
+            h[DECAY] = _bits(policy.decay)
+        h[CURRENT], h[THREADS] = policy.current, torch.get_num_threads()
+        h[DROP], h[SPLIT_BYTES] = int(cache.drop_read_pages), cache.native_split_bytes
+        h[ON] = 1
         return True
 
     def error(self, rc: int) -> BaseException:
@@ -258,59 +292,70 @@ class NativeMisses:
     # -- the log -----------------------------------------------------------------------------------------
     def replay(self) -> None:
         """Apply the loop's log to the cache (under its lock, which the token holds), in order, and empty it."""
-        h, cache = self.h, self.cache
+        h, cache = self.hv, self.cache
         with cache._lock:  # the count read and emptied under it too: a token of another plan may flush hits
-            count = int(h[F["log_count"]])
+            count = h[LOG_COUNT]
             if not count:
                 return
-            words = self.log[:count].tolist()
-            h[F["log_count"]] = 0
-            cache.policy.current = int(h[F["current"]])  # the loop observed last: nothing has since
+            words = self.log_view[:count].tolist()
+            h[LOG_COUNT] = 0
+            cache.policy.current = h[CURRENT]  # the loop observed last: nothing has since
             self._apply(words)
             # what the loop left: its copy of the free list is the pool's again, whatever the order
-            cache.slabs.total_bytes = int(h[F["pool_total"]])
+            cache.slabs.total_bytes = h[POOL_TOTAL]
 
     def _apply(self, words: list[int]) -> None:
+        """The records in order. Written for speed: it runs after every token with misses, touching Python objects
+        the layers have pushed out of the caches, so the common records are handled inline."""
         cache = self.cache
-        st, entries, pool = cache.stats, cache._entries, cache.slabs
+        st, entries, pool, fresh, layer_stats = cache.stats, cache._entries, cache.slabs, self._fresh, None
         layer, at, end = None, 0, len(words)
         while at < end:
             kind = words[at]
             if kind in (EV_HIT, EV_STEP):
                 layer, k = words[at + 1], words[at + 2]
-                ids = words[at + 3 : at + 3 + k]
+                layer_stats = st.layer(layer)
+                layer_stats.unpredicted_steps += 1
+                if kind == EV_HIT:  # ExpertCache._count_hits, and each expert used
+                    st.uses += k
+                    st.hits += k
+                    layer_stats.uses += k
+                    layer_stats.hits += k
+                    for e in words[at + 3 : at + 3 + k]:
+                        entry = entries.get((layer, e))
+                        if entry is not None and (not entry.used or entry.unwanted or entry.expected):
+                            self._used(entry)
                 at += 3 + k
-                st.layer(layer).unpredicted_steps += 1
-                if kind == EV_HIT:
-                    cache._count_hits(layer, k)
-                    for e in ids:
-                        self._used(entries.get((layer, e)))
             elif kind == EV_SERVED:
-                cache._count_hits(layer, 1)
-                self._used(entries.get((layer, words[at + 1])))
+                st.uses += 1
+                st.hits += 1
+                layer_stats.uses += 1
+                layer_stats.hits += 1
+                entry = entries.get((layer, words[at + 1]))
+                if entry is not None and (not entry.used or entry.unwanted or entry.expected):
+                    self._used(entry)
                 at += 2
             elif kind == EV_EVICT:
                 self._evicted(words[at + 1], words[at + 2])
                 at += 3
             elif kind == EV_RELEASE:
-                address, size = words[at + 1], words[at + 2]
-                if self._fresh.pop(address, None) is None:
-                    pool.drop_free(address, size)
+                if fresh.pop(words[at + 1], None) is None:
+                    pool.drop_free(words[at + 1], words[at + 2])
                 at += 3
             elif kind == EV_ALLOC:
-                address, size = words[at + 1], words[at + 2]
-                self._fresh[address] = Slab(native_buffer(address, size))
+                fresh[words[at + 1]] = NativeSlab(words[at + 1], words[at + 2])
                 at += 3
             elif kind == EV_LOAD:
-                self._loaded(layer, words[at + 1], words[at + 2], words[at + 3])
+                self._loaded(layer, words[at + 1], words[at + 2], words[at + 3], layer_stats)
                 at += 4
             else:
                 raise RuntimeError(f"expert_miss.c's log: unknown record {kind} at {at}")
 
-    def _used(self, entry: Entry | None) -> None:
-        if entry is not None:  # as _plain_hits and _serve_now: used, no longer unwanted or expected
-            entry.unwanted = False
-            self.cache._mark_used(entry)
+    def _used(self, entry: Entry) -> None:
+        """As _plain_hits and _serve_now: used, no longer unwanted or expected (a no-op for an entry used already
+        and neither: the replay skips the call then)."""
+        entry.unwanted = False
+        self.cache._mark_used(entry)
 
     def _evicted(self, layer: int, e: int) -> None:
         """ExpertCache._evict's Python side: the loop took the expert out of its table, gave its room back and
@@ -331,29 +376,31 @@ class NativeMisses:
         if entry.prefetched and not entry.used and entry.cold:
             st.wasted_bytes += entry.stored_nbytes
 
-    def _loaded(self, layer: int, e: int, address: int, nanoseconds: int) -> None:
-        """_serve_now's reservation, _load_demand and _finish for an expert the loop read into the slab at address."""
-        cache, store = self.cache, self.cache.store
-        key, i = (layer, e), self.index[(layer, e)]
+    def _loaded(self, layer: int, e: int, address: int, nanoseconds: int, ls) -> None:
+        """_serve_now's reservation, _load_demand and _finish for an expert the loop read into the slab at address
+        (ls: the layer's statistics)."""
+        cache = self.cache
+        i = self.index[(layer, e)]
+        key, decoded, stored, length = self._loads[i]
         slab = self._fresh.pop(address, None)
         if slab is None:
-            slab = cache.slabs.drop_free(address, int(self.length[i]))
-        entry = Entry(key, store.nbytes(layer, e), store.stored_nbytes(layer, e))
+            slab = cache.slabs.drop_free(address, length)
+        entry = Entry(key, decoded, stored)
         cache._entries[key] = entry
         cache.layer_entries[layer] += 1
         cache.used_bytes += entry.nbytes
-        block = self._templates[i].placed(self._blocks_address + 8 * 3 * _ARGS * i, (self.blocks, slab.buf))
+        block = self._templates[i].placed(self._blocks_address + 8 * 3 * _ARGS * i, (self.blocks, slab))
         entry.slab, entry.cold, entry.ready = slab, True, True
-        entry.weights = store.native_weights(layer, e, slab.buf, block)
+        entry.weights = cache.store.native_weights(layer, e, slab, block)
         cache._tables[layer].blocks[e] = block
-        st, ls = cache.stats, cache.stats.layer(layer)
+        st = cache.stats
         seconds = nanoseconds * 1e-9
         st.uses, ls.uses, st.misses, ls.misses = st.uses + 1, ls.uses + 1, st.misses + 1, ls.misses + 1
         st.demand_loads += 1
         st.native_loads += 1
         st.loads += 1
-        st.bytes_fetched += entry.stored_nbytes
-        st.bytes_decoded += entry.decoded_nbytes
+        st.bytes_fetched += stored
+        st.bytes_decoded += decoded
         st.stall_seconds += seconds
         ls.stall_seconds += seconds
         cache._mark_used(entry)

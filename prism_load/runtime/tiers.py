@@ -78,13 +78,18 @@ class Slab:
     """One fast-tier buffer and the expert operators last built over it, by layout (ContainerStore.read_into).
     Why: an expert read into a slab that held one of the same layout gets the same views and the same bound
     kernel arguments (their pointers are the slab's), so a miss reuses them instead of building them again:
-    on small experts building them cost more than the read."""
+    on small experts building them cost more than the read. `address` and `nbytes` are plain ints, so the pool's
+    bookkeeping never touches the tensor (the native miss path's slabs make theirs only when Python needs it)."""
 
-    __slots__ = ("buf", "built")
+    __slots__ = ("_buf", "address", "nbytes", "built")
 
     def __init__(self, buf: torch.Tensor):
-        self.buf = buf
+        self._buf, self.address, self.nbytes = buf, buf.data_ptr(), buf.numel()
         self.built: dict = {}  # layout -> ExpertWeights viewing buf
+
+    @property
+    def buf(self) -> torch.Tensor:
+        return self._buf
 
 
 class SlabPool:
@@ -99,17 +104,17 @@ class SlabPool:
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes, self.total_bytes = budget_bytes, 0
-        self.free: dict[int, list[Slab]] = {}
+        self.free: dict[int, dict[int, Slab]] = {}  # bytes -> {address: slab}, the last given first out
         self.version = 0
 
     def take(self, nbytes: int) -> Slab:
         self.version += 1
         spare = self.free.get(nbytes)
         if spare:
-            return spare.pop()
+            return spare.popitem()[1]
         for size in list(self.free):
             while self.free[size] and self.total_bytes + nbytes > self.budget_bytes:
-                self.free[size].pop()
+                self.free[size].popitem()
                 self.total_bytes -= size
         self.total_bytes += nbytes
         return Slab(huge_buffer(nbytes))
@@ -119,16 +124,15 @@ class SlabPool:
         self.adopt_free(slab)
 
     def adopt_free(self, slab: Slab) -> None:
-        self.free.setdefault(slab.buf.numel(), []).append(slab)
+        self.free.setdefault(slab.nbytes, {})[slab.address] = slab
 
     def drop_free(self, address: int, nbytes: int) -> Slab:
         """The free slab at `address` (of nbytes), taken off the free list (KeyError where it is not on it)."""
-        spare = self.free.get(nbytes, [])
-        for i, slab in enumerate(spare):
-            if slab.buf.data_ptr() == address:
-                return spare.pop(i)
-        raise KeyError(f"no free slab of {nbytes} bytes at {address:#x}")
+        slab = self.free.get(nbytes, {}).pop(address, None)
+        if slab is None:
+            raise KeyError(f"no free slab of {nbytes} bytes at {address:#x}")
+        return slab
 
     def free_slabs(self) -> list[tuple[int, int]]:
         """(address, bytes) of every free slab."""
-        return [(slab.buf.data_ptr(), size) for size, spare in self.free.items() for slab in spare]
+        return [(address, size) for size, spare in self.free.items() for address in spare]
