@@ -74,8 +74,16 @@ def _owned(nbytes: int) -> type:
 
 
 def _free(mem) -> None:
-    with contextlib.suppress(Exception):  # at interpreter exit the library may be gone already
-        _kernel().slab_free(ctypes.addressof(mem))
+    _free_address(ctypes.addressof(mem))
+
+
+def _free_address(address: int) -> None:
+    # try/except, not contextlib.suppress: a replay frees a slab on most misses, and suppress's two Python calls ran
+    # cold there
+    try:  # noqa: SIM105
+        _kernel().slab_free(address)
+    except Exception:  # noqa: BLE001, S110 - at interpreter exit the library may be gone already
+        pass
 
 
 def native_buffer(address: int, nbytes: int) -> torch.Tensor:
@@ -102,8 +110,7 @@ class NativeSlab(Slab):
 
     def __del__(self):
         if self._buf is None:
-            with contextlib.suppress(Exception):  # at interpreter exit the library may be gone already
-                _kernel().slab_free(self.address)
+            _free_address(self.address)
 
 
 def _close_all(fds: dict) -> None:
