@@ -534,12 +534,27 @@ def test_router_topk_is_the_routers_softmax_top_k(kernel, experts, k, hidden, re
         assert torch.allclose(weights, want_w, rtol=2 * bound.max().item(), atol=1e-7)
 
 
+def test_router_topk_routes_each_row_of_a_batch_as_that_row_alone(kernel):
+    """A batch's rows (a decode batch, a short prompt) are routed one C call each: every row's logits, experts and
+    weights the same bits as the single-row call gives it, so a row's experts do not depend on its batch."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 96, generator=gen)
+    for rows in (2, 5, native.ROUTER_ROWS):
+        x = torch.randn(rows, 96, generator=gen)
+        logits, indices, weights = native.router_topk(x, w, 2, True)
+        assert logits.shape == (rows, 8) and indices.shape == weights.shape == (rows, 2)
+        for r in range(rows):
+            one = native.router_topk(x[r : r + 1], w, 2, True)
+            assert all(torch.equal(a[r : r + 1], b) for a, b in zip((logits, indices, weights), one))
+
+
 def test_router_topk_ties_go_to_the_lower_index_and_it_declines_what_it_does_not_take(kernel):
     x, w = torch.ones(1, 16), torch.zeros(6, 16)
     w[3] = w[1] = 1.0  # experts 1 and 3 tie at the top
     _, indices, weights = native.router_topk(x, w, 3, True)
     assert indices.tolist() == [[1, 3, 0]] and torch.allclose(weights.sum(), torch.tensor(1.0))
-    assert native.router_topk(torch.ones(2, 16), w, 2, True) is None  # two rows: torch
+    rows = native.ROUTER_ROWS
+    assert native.router_topk(torch.ones(rows + 1, 16), w, 2, True) is None  # more rows than a decode batch: torch
     assert native.router_topk(x.bfloat16(), w.bfloat16(), 2, True) is None  # bf16: torch
     assert native.router_topk(x, w, 7, True) is None  # k > experts
     assert native.router_topk(x.requires_grad_(), w, 2, True) is None  # autograd: torch

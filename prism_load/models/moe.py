@@ -52,7 +52,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        native_route = router_topk(x, self.weight, self.top_k, self.norm_topk_prob)  # a decode row: one call
+        native_route = router_topk(x, self.weight, self.top_k, self.norm_topk_prob)  # decode rows: a call each
         if native_route is not None:
             logits, indices, weights = native_route
             return RouterOutput(logits, indices, weights.to(x.dtype))
@@ -237,13 +237,17 @@ class MoEBlock(nn.Module):
             if blocks is not None:  # one native call where each is a native block
                 return expert_block(flat, blocks, route.weights).to(flat.dtype)
             return self.decode_sum(flat, ids, weights, route.weights)
-        used = torch.unique(indices).tolist()
-        weights = self.experts.acquire(self.layer_index, used)
         if indices.shape[0] <= BATCH_ROWS:  # a decode batch (or a short prompt): one native call where it can
+            routed = indices.tolist()
+            used = sorted({e for row in routed for e in row})  # torch.unique's order, without its sort's dispatch
+        else:
+            used = torch.unique(indices).tolist()
+        weights = self.experts.acquire(self.layer_index, used)
+        if indices.shape[0] <= BATCH_ROWS:
             blocks = self.native_blocks(used, weights)
             if blocks is not None and indices.shape[0] <= batch_row_limit(blocks[0].wide):
                 by_id = dict(zip(used, blocks))
-                rows = [[by_id[e] for e in row] for row in indices.tolist()]
+                rows = [[by_id[e] for e in row] for row in routed]
                 return expert_rows(flat, rows, route.weights).to(flat.dtype)
         out = torch.zeros_like(flat)
         for e in used:

@@ -373,27 +373,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
+ROUTER_ROWS = 64  # rows router_topk takes (a decode batch, a short prompt): one C call a row
+
+
 def router_topk(x: torch.Tensor, weight: torch.Tensor, k: int,
                 renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A softmax top-k router for one fp32 row x [1, H] and an fp32 weight [E, H] (router_topk.c): (logits
-    [1, E], indices int64 [1, k], weights fp32 [1, k]), the weights renormalised to sum 1 if asked; None where it
-    does not take the arguments (the caller uses torch)."""
-    if not (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2 and x.shape[0] == 1
-            and weight.dim() == 2 and x.shape[1] == weight.shape[1] and x.is_cpu and weight.is_cpu
-            and x.is_contiguous() and weight.is_contiguous() and 0 < k <= weight.shape[0] <= 4096
+    """A softmax top-k router for fp32 rows x [B, H] (B up to ROUTER_ROWS) and an fp32 weight [E, H]
+    (router_topk.c, one call a row): (logits [B, E], indices int64 [B, k], weights fp32 [B, k]), the weights
+    renormalised to sum 1 if asked; None where it does not take the arguments (the caller uses torch). Each row is
+    routed as the single-row decode step routes it (decode_layer.c calls the same function), so a batch's row
+    gets that row's experts whatever the batch; torch's batched matmul may order the logits' sums otherwise."""
+    if not (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2
+            and 0 < x.shape[0] <= ROUTER_ROWS and weight.dim() == 2 and x.shape[1] == weight.shape[1] and x.is_cpu
+            and weight.is_cpu and x.is_contiguous() and weight.is_contiguous() and 0 < k <= weight.shape[0] <= 4096
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
     fn = load()[0]
     if fn is None:
         return None
-    e = weight.shape[0]
-    logits = torch.empty(1, e, dtype=torch.float32)
-    indices = torch.empty(1, k, dtype=torch.int64)
-    weights = torch.empty(1, k, dtype=torch.float32)
+    b, (e, h) = x.shape[0], weight.shape
+    logits = torch.empty(b, e, dtype=torch.float32)
+    indices = torch.empty(b, k, dtype=torch.int64)
+    weights = torch.empty(b, k, dtype=torch.float32)
     args = _args()
-    args[:9] = (x.data_ptr(), weight.data_ptr(), e, weight.shape[1], k, int(renormalise), logits.data_ptr(),
-                indices.data_ptr(), weights.data_ptr())
-    _check_rc(fn.router_topk(ctypes.addressof(args)), "router_topk")
+    xp, lp, ip, wp = x.data_ptr(), logits.data_ptr(), indices.data_ptr(), weights.data_ptr()
+    args[:9] = (xp, weight.data_ptr(), e, h, k, int(renormalise), lp, ip, wp)
+    for r in range(b):
+        if r:
+            args[0], args[6], args[7], args[8] = xp + 4 * h * r, lp + 4 * e * r, ip + 8 * k * r, wp + 4 * k * r
+        _check_rc(fn.router_topk(ctypes.addressof(args)), "router_topk")
     return logits, indices, weights
 
 
