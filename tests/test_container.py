@@ -239,6 +239,33 @@ def test_close_leaves_a_held_descriptor_to_its_reader(tiny, monkeypatch):
     assert not c._fds
 
 
+def test_close_while_other_threads_read(tiny):
+    """close() called over and over while eight threads read experts with their checksums: every read returns its
+    expert's bytes (no descriptor closed under a reader, none read from another file), nothing raises."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Container(tiny[1]) as c:
+        ids = [(r.layer, r.expert) for r in c.records] * 20
+        want = {le: bytes(c.read_expert_bytes(c.record(*le), verify_checksum=True)) for le in set(ids)}
+        done = threading.Event()
+
+        def closer():
+            while not done.is_set():
+                c.close()
+
+        thread = threading.Thread(target=closer)
+        thread.start()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda le: bytes(c.read_expert_bytes(c.record(*le), verify_checksum=True)), ids))
+        finally:
+            done.set()
+            thread.join()
+    assert got == [want[le] for le in ids]
+    assert not c._fds
+
+
 def test_a_cache_reads_its_shards_randomly_and_a_resident_load_does_not(tiny, monkeypatch):
     """An expert cache's misses are random reads: every expert shard is advised POSIX_FADV_RANDOM (the kernel's
     readahead would read past each expert), those open when the cache is attached and those opened later; a
