@@ -23,17 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_report  # noqa: E402
 
 from prism_load import sampling  # noqa: E402
-from prism_load.sampling import _torch_sample, sample_next  # noqa: E402
-
-
-def numpy_path(*args):
-    """sample_next without the native sampler (sampling._native() None)."""
-    native = sampling._native
-    sampling._native = lambda: None
-    try:
-        return sample_next(*args)
-    finally:
-        sampling._native = native
+from prism_load.sampling import _torch_sample, sample_next, sample_without_native  # noqa: E402
 
 VOCABULARIES = {"the reference model (4,096)": 4_096, "Mixtral (32,000)": 32_000, "OLMoE (50,304)": 50_304,
                 "DeepSeek-V2 (102,400)": 102_400, "Qwen-MoE (151,936)": 151_936}
@@ -73,7 +63,7 @@ def main() -> None:
         logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 2.5
         for name, setting in SETTINGS.items():
             before = per_call(_torch_sample, logits, setting, args.repeats)
-            numpy_us = per_call(numpy_path, logits, setting, args.repeats)
+            numpy_us = per_call(sample_without_native, logits, setting, args.repeats)
             now = per_call(sample_next, logits, setting, args.repeats)
             native = sampling.next_tokens(logits, setting[0], setting[1], setting[2], setting[3],
                                           sampling.Draws(None, 1)) is not None

@@ -14,7 +14,7 @@ import torch
 
 from .errors import GenerationError
 from .generation_config import GenerationConfig
-from .sampling import Draws, next_tokens, sample_next
+from .sampling import Draws, next_tokens, sample_next, sample_without_native
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -89,7 +89,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     for step in range(config.max_new_tokens):
         chosen = next_tokens(logits, *sample, draws)
         if chosen is None:  # a distribution the native sampler does not take, or no native kernels
-            chosen = sample_next(logits, *sample, generator).tolist()
+            chosen = sample_without_native(logits, *sample, generator).tolist()
         chosen = [fill if d else t for t, d in zip(chosen, done)]
         held[step] = chosen
         nxt = tokens[step]

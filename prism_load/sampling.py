@@ -102,6 +102,13 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
                              Draws(generator, logits.shape[0]) if do_sample else None)
         if tokens is not None:
             return torch.tensor(tokens, dtype=torch.int64)
+    return sample_without_native(logits, do_sample, temperature, top_k, top_p, generator)
+
+
+def sample_without_native(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                          top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """sample_next where next_tokens did not take the logits: torch's ops off the CPU or for a small vocabulary
+    (a test model's), else the numpy path."""
     if logits.device.type != "cpu" or (do_sample and logits.shape[-1] < SMALL_VOCABULARY):
         return _torch_sample(logits, do_sample, temperature, top_k, top_p, generator)
     x = logits.detach()

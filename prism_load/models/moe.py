@@ -237,13 +237,14 @@ class MoEBlock(nn.Module):
             if blocks is not None:  # one native call where each is a native block
                 return expert_block(flat, blocks, route.weights).to(flat.dtype)
             return self.decode_sum(flat, ids, weights, route.weights)
-        if indices.shape[0] <= BATCH_ROWS:  # a decode batch (or a short prompt): one native call where it can
+        batch = indices.shape[0] <= BATCH_ROWS  # a decode batch (or a short prompt): one native call where it can
+        if batch:
             routed = indices.tolist()
             used = sorted({e for row in routed for e in row})  # torch.unique's order, without its sort's dispatch
         else:
             used = torch.unique(indices).tolist()
         weights = self.experts.acquire(self.layer_index, used)
-        if indices.shape[0] <= BATCH_ROWS:
+        if batch:
             blocks = self.native_blocks(used, weights)
             if blocks is not None and indices.shape[0] <= batch_row_limit(blocks[0].wide):
                 by_id = dict(zip(used, blocks))
