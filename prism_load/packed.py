@@ -410,8 +410,16 @@ class ExpertPacker:
     def reads_stored_form(self, encodings: dict[str, Encoding]) -> bool:
         """Whether every tensor of the expert is used as stored, so its bytes can be read straight into the
         memory the cache holds it in (no copy, no repacking)."""
-        return all(is_view_of_stored(enc, self.backend(enc)) if enc.kind == "int" else False
-                   for enc in encodings.values())
+        return all(self._used_as_stored(enc) for enc in encodings.values())
+
+    def _used_as_stored(self, enc: Encoding) -> bool:
+        """An `int` tensor its kernel reads as stored, or a low-rank operator kept factored whose parts all are
+        (int factors and base: an int+lowrank projection of the native expert block, expert_block.h)."""
+        if enc.kind == "int":
+            return is_view_of_stored(enc, self.backend(enc))
+        if enc.kind == "int+lowrank" or (enc.kind == "lowrank" and enc.rank * sum(enc.shape) < enc.shape[0] * enc.shape[1]):
+            return all(self._used_as_stored(part) for part in enc.parts().values())
+        return False
 
     def nbytes(self, encodings: dict[str, Encoding]) -> int:
         """Exact bytes of expert()'s tensors, from the encodings alone (built on the meta device)."""

@@ -1,7 +1,8 @@
 """expert_block.c: a decode token's routed experts in one native call equal the experts computed one by one
 with the same kernels (gate and up products, fp32 SwiGLU, the down product of its rounded input, the weighted
-sum); the same bits on one and two threads; experts of mixed widths; what it refuses; and MoEBlock using it
-only where every chosen expert is a native block."""
+sum); the same bits on one and two threads; experts of mixed widths; projections stored int + low-rank (the
+base through the same kernel, the correction in fp32 on the dequantised factors); what it refuses; and
+MoEBlock using it only where every chosen expert is a native block."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from prism_load import native
+from prism_load.container.codecs import LowRankLinear, decode
+from prism_load.container.format import Encoding
 from prism_load.container.reader import ConcatLinear
-from prism_load.native.expert_block import BlockOps, block_ops, expert_block, expert_rows
+from prism_load.native.expert_block import BlockOps, LowRankBound, block_ops, expert_block, expert_rows
 from tests.test_native_kernels import stored
 
 H, INTER = 256, 384
@@ -20,6 +23,28 @@ H, INTER = 256, 384
 def bound(n, k, bits, g, seed, act):
     t = stored(n, k, bits, g, seed=seed)
     return native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], bits, g, k, activations=act)
+
+
+def lowrank(n, k, rank, seed, act, bits=2, g=64, factor_bits=8, factor_act="fp32"):
+    """A projection stored int + low-rank: a `bits` base [n, k] and factors b [rank, k], a [n, rank] of
+    factor_bits (their own kernels: the exact one, as the packer gives factors too narrow for the integer ones)."""
+    return LowRankBound(bound(n, k, bits, g, seed, act), bound(rank, k, factor_bits, g, seed + 100, factor_act),
+                        bound(n, rank, factor_bits, rank, seed + 200, factor_act))
+
+
+def dequantised(op: native.BoundIntLinear) -> torch.Tensor:
+    q, s, z = op.tensors
+    t = {"qweight": q, "scales": s, "zeros": z}
+    return decode(Encoding("int", (op.n, op.k), bits=op.bits, group_size=op.group_size), t).double()
+
+
+def apply(op, x):
+    """One projection as the block computes it: a plain one by its kernel; a composite's base by its kernel plus
+    a (b x) in fp64 on the dequantised factors (the block's fp32 correction, up to rounding)."""
+    if isinstance(op, LowRankBound):
+        base, b, a = op.keep
+        return base(x).double() + (x.double() @ dequantised(b).T) @ dequantised(a).T
+    return op(x).double()
 
 
 class Op:
@@ -45,8 +70,8 @@ def one_by_one(x, experts, weights):
     out = torch.zeros(1, H, dtype=torch.float64)
     for b, w in zip(experts, weights.tolist()):
         gate, up, down = b.keep
-        h = F.silu(gate(x)) * up(x)
-        out += w * down(h).double()
+        h = (F.silu(apply(gate, x)) * apply(up, x)).float()
+        out += w * apply(down, h)
     return out
 
 
@@ -109,6 +134,72 @@ def test_refusals_say_what_is_wrong(q8):
                      Op(bound(H, 512, 4, 64, 2, "int16"))) is None
     assert block_ops(Op(bound(INTER, H, 4, 64, 0, "int16")), Op(bound(INTER, H, 4, 64, 1, "int8")),
                      Op(bound(H, INTER, 4, 64, 2, "int16"))) is None
+
+
+@pytest.mark.parametrize("act", ["int16", "int8"])
+@pytest.mark.parametrize("where", ["gate", "up", "down", "all"])
+def test_int_plus_lowrank_projections_add_their_correction(q8, act, where):
+    """A projection stored int + low-rank in any of the three places, beside plain experts: the base through the
+    integer tiles as a plain projection, plus a (b x) in fp32 on the dequantised factors (of rank 8 and 12, int8
+    and int4 factors, so the correction is far above the tolerance: the test fails without it)."""
+    def composite(n, k, seed, rank):
+        return lowrank(n, k, rank, seed, act, bits=4, factor_bits=8 if rank == 8 else 4)
+
+    gate = composite(INTER, H, 1, 8) if where in ("gate", "all") else bound(INTER, H, 4, 64, 1, act)
+    up = composite(INTER, H, 2, 12) if where in ("up", "all") else bound(INTER, H, 4, 64, 2, act)
+    down = composite(H, INTER, 3, 8) if where in ("down", "all") else bound(H, INTER, 8, 64, 3, act)
+    mixed = BlockOps(gate, up, down)
+    experts = [expert(20, act), mixed, expert(30, act, bits=(8, 8, 4))]
+    x = torch.randn(1, H, generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    got = expert_block(x, experts, weights)
+    close(got, one_by_one(x, experts, weights), tol=1e-5)
+    # the correction matters: the bases alone are far off
+    plain = BlockOps(*(op.keep[0] if isinstance(op, LowRankBound) else op for op in (gate, up, down)))
+    err = (expert_block(x, [experts[0], plain, experts[2]], weights).double() - got.double()).norm() / got.double().norm()
+    assert err > 1e-3
+
+
+def test_int_plus_lowrank_rows_and_threads_give_the_same_bits(q8):
+    """A batch whose rows share a composite expert: each row's output equals expert_block on that row alone, bit
+    for bit, on one and two threads (every output of the correction summed by one thread in a fixed order)."""
+    composite = BlockOps(lowrank(INTER, H, 8, 1, "int16"), bound(INTER, H, 4, 64, 2, "int16"),
+                         lowrank(H, INTER, 12, 3, "int16", bits=4))
+    experts = [composite, expert(10, "int16"), expert(20, "int16")]
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(1))
+    rows = [[0, 1], [2, 0], [1, 2], [0, 2]]
+    weights = torch.rand(4, 2, generator=torch.Generator().manual_seed(2))
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = expert_rows(x, [[experts[e] for e in r] for r in rows], weights)
+            for b, r in enumerate(rows):
+                assert torch.equal(out[b : b + 1], expert_block(x[b : b + 1], [experts[e] for e in r], weights[b]))
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_lowrank_operators_become_native_blocks_only_with_a_native_base_and_factors(q8):
+    """block_ops takes a LowRankLinear over three native operators (native_parts) and declines one without a base
+    (kind lowrank), with a tensor factor (bf16 factors), or whose factors do not chain; the C side checks the
+    factors' shapes too (a corrupted composite is refused, not read out of bounds)."""
+    g, u = Op(bound(INTER, H, 4, 64, 1, "int16")), Op(bound(INTER, H, 4, 64, 2, "int16"))
+    base, b, a = bound(H, INTER, 2, 64, 3, "int16"), bound(8, INTER, 8, 64, 4, "fp32"), bound(H, 8, 8, 8, 5, "fp32")
+    block = block_ops(g, u, LowRankLinear(Op(a), Op(b), Op(base)))
+    assert block is not None and isinstance(block.keep[2], LowRankBound)
+    assert block_ops(g, u, LowRankLinear(Op(a), Op(b))) is None  # no base
+    assert block_ops(g, u, LowRankLinear(torch.zeros(H, 8), Op(b), Op(base))) is None
+    assert block_ops(g, u, LowRankLinear(Op(bound(H, 4, 8, 4, 6, "fp32")), Op(b), Op(base))) is None
+    with pytest.raises(ValueError, match="factors must chain"):
+        LowRankBound(base, b, bound(H, 4, 8, 4, 6, "fp32"))
+    bad = block_ops(g, u, LowRankLinear(Op(a), Op(b), Op(base)))
+    bad.keep[2]._args[native._ARGS + 3] = INTER + 1  # b's K no longer the projection's input width
+    with pytest.raises(ValueError, match=r"expert_block rejected its arguments \(code -2\)"):
+        expert_block(torch.randn(1, H), [bad], torch.ones(1))
 
 
 @pytest.mark.parametrize("act", ["int16", "int8"])

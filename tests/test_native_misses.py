@@ -24,13 +24,19 @@ CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_exp
 FORMS = ((4, 32), (8, 32), (4, 64), (8, 64))  # (bits, group size): four slab sizes, all native blocks here
 
 
-def write_mixed(folder, bf16_gates: bool = False):
+LOWRANK = dict(kind="int+lowrank", bits=4, group_size=32, rank=8, factor_bits=8)
+
+
+def write_mixed(folder, bf16_gates: bool = False, lowrank: bool = False):
     """Experts in the four FORMS in turn (slabs of four sizes, each read as stored, each a native block of one
     rounding of x), two a layer hot; bf16_gates: expert 5 of each layer stores its gate bf16, which no native
-    block takes, so its steps call back into Python."""
+    block takes, so its steps call back into Python; lowrank: experts 3 and 4 of each layer store their gate
+    and down projections int + low-rank (native blocks too: expert_block.h's composites)."""
 
     def spec(layer, e, tensor):
         bits, group = FORMS[(layer + e) % len(FORMS)]
+        if lowrank and (e, tensor) in ((3, "gate_proj"), (4, "down_proj")):
+            return LOWRANK
         return dict(kind="bf16") if bf16_gates and e == 5 and tensor == "gate_proj" else \
             dict(kind="int", bits=bits, group_size=group)
 
@@ -68,15 +74,17 @@ def count_native_loads(monkeypatch) -> list:
     return loads
 
 
-@pytest.mark.parametrize("budget,bf16_gates,pin_hot", [("50%", False, "warm"), ("35%", False, "warm"),
-                                                       ("50%", True, "warm"), ("35%", True, "warm"),
-                                                       ("50%", False, "pin")])
-def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeypatch, budget, bf16_gates, pin_hot):
+@pytest.mark.parametrize("budget,bf16_gates,pin_hot,lowrank", [("50%", False, "warm", False), ("35%", False, "warm", False),
+                                                               ("50%", True, "warm", False), ("35%", True, "warm", False),
+                                                               ("50%", False, "pin", False), ("35%", False, "warm", True)])
+def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeypatch, budget, bf16_gates, pin_hot,
+                                                          lowrank):
     """The same tokens through two caches, one served in the loop, one by Python callbacks: after every token the
     same statistics, experts held, bytes reserved and eviction-order state (the doubles themselves), and the same
     logits; most misses served in the loop (each expert's first read goes through Python). pin_hot="pin": the hot
-    tier stays for good, never a victim (the loop skips permanent experts as NextUse does)."""
-    path = write_mixed(tmp_path, bf16_gates)
+    tier stays for good, never a victim (the loop skips permanent experts as NextUse does). lowrank: experts with
+    int + low-rank projections are served in the loop too (their blocks moved to the slab, factors included)."""
+    path = write_mixed(tmp_path, bf16_gates, lowrank)
     native = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False, pin_hot=pin_hot)
     python = prism_load.load(path, expert_kernel="native-int16", expert_cache=budget, prefetch=False, pin_hot=pin_hot)
     python.runtime.cache._native_checked = True  # never made: every miss calls back
@@ -105,6 +113,8 @@ def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeyp
     assert served >= (0.5 if bf16_gates else 0.9) * misses, f"{served} of {misses} misses served in the loop"
     if bf16_gates:  # the bf16-gated experts are no native blocks: always read through Python
         assert all(e != 5 for _, e in loads)
+    if lowrank:
+        assert {3, 4} <= {e for _, e in loads}
     pinned = native.runtime.cache.pinned_keys
     assert (len(pinned) > 0) == (pin_hot == "pin") and set(pinned) <= native.runtime.cache.resident_keys()
 

@@ -15,6 +15,7 @@ import prism_load
 from prism_convert.packing.container_writer import ExpertInput, write_container
 from prism_load.models import layers, native_token
 from prism_load.native.decode_layer import TokenLayers
+from prism_load.native.expert_block import LowRankBound
 
 CONFIG = dict(TINY_CONFIG, hidden_size=128, intermediate_size=128, num_local_experts=4, num_attention_heads=4,
               num_key_value_heads=2, num_hidden_layers=3)
@@ -90,8 +91,22 @@ def count_runs(monkeypatch, served: bool) -> list:
     return calls
 
 
-def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch):
-    model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
+def lowrank_downs(layer, e, tensor):
+    """Every odd expert's down projection int + low-rank (a composite native projection, expert_block.h)."""
+    if e % 2 and tensor == "down_proj":
+        return dict(kind="int+lowrank", bits=4, group_size=32, rank=8, factor_bits=8)
+    return dict(kind="int", bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("spec", [None, lowrank_downs], ids=["int4", "int4-and-int+lowrank"])
+def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch, spec):
+    """Resident experts all native blocks (int+lowrank ones included: no callback) run in one native call a token
+    with the bits of the per-layer steps and of the modules around the attention's own step."""
+    model = prism_load.load(write_plain(tmp_path, expert_spec=spec), expert_kernel="native-int16")
+    if spec is not None:
+        experts = model.layers[0].mlp.experts
+        odd = experts.acquire(0, [1])[1].block()
+        assert isinstance(odd.keep[2], LowRankBound)
     runs, steps = count_runs(monkeypatch, served=False), count(monkeypatch, layers, "decode_layer")
     whole, whole_cache = decode(model)  # 5 + 70 positions: the caches grow past their first 64 slots
     assert isinstance(model.__dict__["_token_layers"][0], TokenLayers)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from containers import EXACT_MIX, TINY_CONFIG, random_model, rtn, write_tiny
+from containers import EXACT_MIX, TINY_CONFIG, make_encoding, random_model, rtn, write_tiny
 from runtime_fixtures import CountingFetches, greedy, load_cached, prompts
 
 import prism_load
@@ -154,6 +154,23 @@ def test_packed_logits_track_the_decoded_fp32_reference(int4_container):
         assert kl(prism_load.load(int4_container, expert_kernel=kernel), torch.float32) < 0.1 * bf16_decoded
 
 
+def test_low_rank_operators_kept_factored_over_int_parts_are_read_as_stored(q8):
+    """An expert whose projections are int + low-rank (or low-rank kept factored) with int factors is used as
+    stored, so a cache reads it straight into its slab (and the native miss path may read it); bf16 factors are
+    converted copies and a rank too large to keep factored is decoded dense: those are not."""
+    packer = packed.ExpertPacker(torch.bfloat16, "cpu")
+
+    def stored_form(**spec):
+        return packer.reads_stored_form({"gate_proj": make_encoding(dict(kind="int", bits=4, group_size=32), (64, 96)),
+                                         "down_proj": make_encoding(spec, (96, 64))})
+
+    assert stored_form(kind="int+lowrank", bits=4, group_size=32, rank=8, factor_bits=8)
+    assert stored_form(kind="lowrank", rank=8, factor_bits=4, group_size=32)
+    assert not stored_form(kind="int+lowrank", bits=4, group_size=32, rank=8, factor_bits=16)
+    assert not stored_form(kind="lowrank", rank="dense", factor_bits=4, group_size=8)
+    assert not stored_form(kind="bf16")
+
+
 def test_cache_budget_counts_packed_bytes_and_reads_into_slabs(int4_container):
     """'100%' is every expert's packed bytes (the container's, for experts read as stored); a miss is one
     read into a slab (no fetch-then-decode); a 50% cache gives the packed resident model's tokens."""
@@ -236,15 +253,25 @@ def test_read_into_a_slab_reuses_the_operators_of_its_last_expert_of_that_layout
         assert torch.equal(got_op(x), want_op(x))
 
 
-def test_an_expert_in_another_slab_gets_its_layouts_block_moved(tmp_path):
+@pytest.mark.parametrize("mix", [[dict(kind="int", bits=b, group_size=32) for b in (4, 8)],
+                                 [dict(kind="int", bits=4, group_size=32),
+                                  dict(kind="int+lowrank", bits=4, group_size=32, rank=8, factor_bits=8)]],
+                         ids=["int4-int8", "int4-int+lowrank"])
+def test_an_expert_in_another_slab_gets_its_layouts_block_moved(tmp_path, mix):
     """The layout's first expert binds its native block the usual way; a later expert of the layout in another
     slab gets that block moved to its slab (BlockTemplate): the same kernel arguments as binding its own operators
     would give, pointers into its own slab, and the same expert_block output. Its Python operators wait until
-    something asks for them (DeferredViews)."""
-    from prism_load.native.expert_block import BlockOps, BlockTemplate, expert_block
+    something asks for them (DeferredViews). int+lowrank projections are read as stored and moved too, their
+    factors' arrays with them."""
+    from prism_load.native.expert_block import (
+        BlockOps,
+        BlockTemplate,
+        LowRankBound,
+        expert_block,
+        native_projection,
+    )
     from prism_load.runtime.stores import DeferredViews
 
-    mix = [dict(kind="int", bits=b, group_size=32) for b in (4, 8)]
     path = write_tiny(tmp_path / "m.prism", model=random_model(KERNEL_CONFIG), config=KERNEL_CONFIG, mix=mix)
     store = load_cached(path, "50%", prefetch=False).runtime.cache.store
     records = [r for r in expert_records(path) if store.reads_into(r.layer, r.expert)]
@@ -265,12 +292,17 @@ def test_an_expert_in_another_slab_gets_its_layouts_block_moved(tmp_path):
     assert b.gate_up.ops[0].tensors[0].untyped_storage().data_ptr() == slab.buf.untyped_storage().data_ptr()
     assert b._views is not None and b.block() is moved and store.read_into(second.layer, second.expert,
                                                                            lambda n: slab) is b
-    bound = BlockOps(*(op.native_bound() for op in (*b.gate_up.ops, b.down)))  # its own operators, bound anew
+    bound = BlockOps(*(native_projection(op) for op in (*b.gate_up.ops, b.down)))  # its own operators, bound anew
     assert moved is not bound and moved.wide == bound.wide and moved.hidden == bound.hidden
-    got, want = moved.arguments(), bound.arguments()
-    assert (got[:, 3:10] == want[:, 3:10]).all()  # K, the three weight pointers, N, bits, group size
+    composite = [isinstance(op, LowRankBound) for op in bound.keep]
+    assert any(composite) == ("int+lowrank" in str(mix))
+    got, want = moved.arguments().reshape(3, 3, -1), bound.arguments().reshape(3, 3, -1)
+    assert (got[:, 0, 0] == 1).tolist() == (want[:, 0, 0] == 1).tolist() == composite  # the composites' marks
+    assert (got[:, :, 3:10] == want[:, :, 3:10]).all()  # K, the three weight pointers, N, bits, group size
     base, end = slab.buf.data_ptr(), slab.buf.data_ptr() + slab.buf.numel()
-    assert ((got[:, 4:7] >= base) & (got[:, 4:7] < end)).all()
+    arrays = got[[j for j in range(3) for _ in range(3 if composite[j] else 1)],
+                 [i for j in range(3) for i in range(3 if composite[j] else 1)]]
+    assert ((arrays[:, 4:7] >= base) & (arrays[:, 4:7] < end)).all()
     x = torch.randn(1, moved.hidden, generator=torch.Generator().manual_seed(0))
     w = torch.tensor([0.7])
     assert torch.equal(expert_block(x, [moved], w), expert_block(x, [bound], w))

@@ -144,6 +144,10 @@ class LowRankLinear:
     def nbytes(self) -> int:
         return sum(op_nbytes(op) for op in (self.a, self.b, self.base) if op is not None)
 
+    def native_parts(self) -> tuple:
+        """(base or None, b, a): the operators a native expert block composes (native.expert_block.LowRankBound)."""
+        return self.base, self.b, self.a
+
 
 def linear(x: torch.Tensor, op) -> torch.Tensor:
     """x @ op^T for a weight tensor or any linear operator (LowRankLinear, PackedLinear, ...)."""

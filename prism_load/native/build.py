@@ -27,7 +27,7 @@ _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("int_linear.c", "q8_linear.c", "expert_block.c", "rms_norm.c",
                                           "attention_decode.c", "router_topk.c", "decode_layer.c",
                                           "read_range.c", "expert_miss.c", "sample.c"))  # one library
-HEADERS = (_HERE / "q8_linear.h", _HERE / "expert_miss.h")  # part of the cache key, not compiled alone
+HEADERS = (_HERE / "q8_linear.h", _HERE / "expert_miss.h", _HERE / "expert_block.h")  # part of the cache key, not compiled alone
 FLAGS = ["-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
 Q8_INSTRUCTIONS = {1: "AVX2", 2: "AVX512-VNNI", 3: "AVX-VNNI"}  # prism_q8_instructions' codes

@@ -13,71 +13,129 @@ import ctypes
 import numpy as np
 import torch
 
-from . import _ARGS, INTEGER_WIDE, BoundIntLinear, _check_rc, _kernel, bound_integer_ops
+from . import _ARGS, INTEGER_WIDE, BoundIntLinear, _check_rc, _kernel
 
 MAX_EXPERTS = 64  # EB_MAX_EXPERTS
 WEIGHT_POINTERS = slice(4, 7)  # qweight, scales, zeros in an int_linear argument array
-POINTER_SLOTS = tuple(op * _ARGS + i for op in range(3) for i in range(4, 7))  # theirs in a block's three arrays
+CALL_SLOTS = (0, 2, 10, 12)  # x, its rows, out, threads: a call's own slots (expert_block.c never reads them)
+LOWRANK = 1  # expert_block.h's EB_LOWRANK: the first word of a composite projection
+PROJECTION_WORDS = 3 * _ARGS  # EB_PROJECTION_WORDS: a projection's words where it may be a composite
+
+
+class LowRankBound:
+    """A projection stored `int` + low-rank, y = base(x) + a(b(x)), as expert_block.c reads it: the three bound
+    operators' argument arrays one after another, the first word marking the composite (expert_block.h). The
+    block runs the base through its integer tiles and adds the correction in fp32 on the dequantised factors,
+    so the factors' own kernels (b and a are often too narrow for the integer tiles) do not matter."""
+
+    __slots__ = ("keep", "_args", "n", "k", "activations")
+
+    def __init__(self, base: BoundIntLinear, b: BoundIntLinear, a: BoundIntLinear):
+        if b.k != base.k or a.k != b.n or a.n != base.n:
+            raise ValueError(f"a low-rank projection's factors must chain: base [{base.n}, {base.k}], b [{b.n}, "
+                             f"{b.k}], a [{a.n}, {a.k}]")
+        self.keep = (base, b, a)  # the tensors the arrays point at
+        words = [*base._args, *b._args, *a._args]
+        words[0] = LOWRANK
+        self._args = (ctypes.c_int64 * PROJECTION_WORDS)(*words)
+        self.n, self.k, self.activations = base.n, base.k, base.activations
+
+
+def native_projection(op) -> BoundIntLinear | LowRankBound | None:
+    """What expert_block.c reads for one operator: its bound kernel (`native_bound()`, as PackedLinear exposes
+    it), a LowRankBound for a low-rank operator over three native ones (`native_parts()` -> (base, b, a), as
+    codecs.LowRankLinear exposes it; one without a base is not taken), else None."""
+    bound = getattr(op, "native_bound", None)
+    if bound is not None:
+        return bound()
+    parts = getattr(op, "native_parts", None)
+    if parts is None:
+        return None
+    base, b, a = (native_projection(p) if p is not None else None for p in parts())
+    if not all(isinstance(p, BoundIntLinear) for p in (base, b, a)):
+        return None
+    return LowRankBound(base, b, a) if b.k == base.k and a.k == b.n and a.n == base.n else None
+
+
+def _words(address: int) -> list[int]:
+    """A projection's argument words, PROJECTION_WORDS of them (a plain one's array, then zeros)."""
+    words = list((ctypes.c_int64 * _ARGS).from_address(address))
+    if words[0] == LOWRANK:
+        return list((ctypes.c_int64 * PROJECTION_WORDS).from_address(address))
+    return words + [0] * (PROJECTION_WORDS - _ARGS)
 
 
 class BlockOps:
     """An expert's three bound operators as expert_block.c reads them: the addresses of their argument arrays
-    (only the weight fields are read, so any thread may use them) and the rounding of x they share."""
+    (only the weight fields are read, so any thread may use them) and the rounding of x they share. An operator
+    is a BoundIntLinear, or a LowRankBound (a composite of three)."""
 
     __slots__ = ("addresses", "wide", "hidden", "keep")
 
-    def __init__(self, gate: BoundIntLinear, up: BoundIntLinear, down: BoundIntLinear):
+    def __init__(self, gate: BoundIntLinear | LowRankBound, up: BoundIntLinear | LowRankBound,
+                 down: BoundIntLinear | LowRankBound):
         self.keep = (gate, up, down)  # the argument arrays (and the tensors they point at) live as long as this
         self.addresses = tuple(ctypes.addressof(op._args) for op in self.keep)
         self.wide = INTEGER_WIDE[gate.activations]
         self.hidden = down.n  # H: the width of x and of the output
 
     def arguments(self) -> np.ndarray:
-        """The three argument arrays, int64 [3, _ARGS] (a copy)."""
-        return np.array([list((ctypes.c_int64 * _ARGS).from_address(a)) for a in self.addresses], dtype=np.int64)
+        """The three projections' words, int64 [3, PROJECTION_WORDS] (a copy): a plain one's array followed by
+        zeros, a composite's three arrays."""
+        return np.array([_words(a) for a in self.addresses], dtype=np.int64)
 
 
 class BlockTemplate:
     """An expert's BlockOps with its weight pointers relative to the buffer holding its tensors: `at(base)` is the
-    same block for an expert of the same stored layout in another buffer: a copy of three argument arrays and
-    nine additions. Why: an expert read into a cache slab that last held another layout needed its three bound
-    calls rebound (checked, copied), which on the reference model's small experts cost as much as the read."""
+    same block for an expert of the same stored layout in another buffer: a copy of its argument words and an
+    addition per weight pointer. Why: an expert read into a cache slab that last held another layout needed its
+    three bound calls rebound (checked, copied), which on the reference model's small experts cost as much as the
+    read. The words are three projections of PROJECTION_WORDS each (expert_block.h), as the native miss path
+    (expert_miss.c) moves them too."""
 
-    __slots__ = ("arguments", "wide", "hidden")
+    __slots__ = ("arguments", "wide", "hidden", "slots")
 
     def __init__(self, block: BlockOps, base: int):
-        args = block.arguments()
-        args[:, WEIGHT_POINTERS] -= base
-        args[:, (0, 2, 10, 12)] = 0  # x, its rows, out, threads: a call's own slots (expert_block.c never reads them)
-        self.arguments = (ctypes.c_int64 * (3 * _ARGS))(*args.ravel().tolist())
+        args = block.arguments().reshape(3, 3, _ARGS)  # projection, array (base, b, a), word
+        composite = args[:, 0, 0] == LOWRANK
+        args[:, :, CALL_SLOTS] = 0
+        args[:, 0, 0] = np.where(composite, LOWRANK, 0)
+        arrays = [(j, part) for j in range(3) for part in range(3 if composite[j] else 1)]
+        for j, part in arrays:
+            args[j, part, WEIGHT_POINTERS] -= base
+        # the flat positions of the weight pointers `at` moves
+        self.slots = tuple(j * PROJECTION_WORDS + part * _ARGS + i for j, part in arrays for i in range(4, 7))
+        self.arguments = (ctypes.c_int64 * (3 * PROJECTION_WORDS))(*args.ravel().tolist())
         self.wide, self.hidden = block.wide, block.hidden
 
     def at(self, base: int, keep) -> BlockOps:
         """The block for tensors at `base` (keep: what holds them, kept alive by the block)."""
         args = type(self.arguments).from_buffer_copy(self.arguments)
-        for i in POINTER_SLOTS:
+        for i in self.slots:
             args[i] += base
         return self.placed(ctypes.addressof(args), (args, keep))
 
     def placed(self, start: int, keep) -> BlockOps:
-        """The block whose three argument arrays, this template moved already, lie at `start` one after another
+        """The block whose three projections, this template moved already, lie at `start` one after another
         (keep: what holds them and the tensors they point at, kept alive by the block). The native miss path
         moves them itself (expert_miss.c)."""
         b = object.__new__(BlockOps)
         b.keep, b.wide, b.hidden = keep, self.wide, self.hidden
-        b.addresses = (start, start + 8 * _ARGS, start + 16 * _ARGS)
+        step = 8 * PROJECTION_WORDS
+        b.addresses = (start, start + step, start + 2 * step)
         return b
 
 
 def block_ops(gate, up, down) -> BlockOps | None:
     """BlockOps for three operators where they are native integer-kernel operators of one rounding with
     matching shapes (gate and up [I, H], down [H, I]); else None (the caller multiplies them one by one).
-    Operators expose their BoundIntLinear as `native_bound()` (PackedLinear does)."""
-    bound = bound_integer_ops(gate, up, down)
-    if bound is None:
+    Operators expose their BoundIntLinear as `native_bound()` (PackedLinear does), a low-rank one its parts as
+    `native_parts()` (native_projection)."""
+    bound = [native_projection(op) for op in (gate, up, down)]
+    if any(b is None for b in bound) or len({b.activations for b in bound}) != 1:
         return None
     g, u, d = bound
-    if g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k:
+    if g.activations not in INTEGER_WIDE or g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k:
         return None
     return BlockOps(g, u, d)
 

@@ -34,13 +34,15 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include "expert_block.h"
 #include "expert_miss.h"
 
 int64_t prism_pread(int64_t fd, int64_t offset, int64_t length, void *dst, int64_t threads);
 int prism_resident_set(int64_t *table, int64_t E, int64_t e, int64_t wide, const int64_t *ptrs);
 int prism_resident_clear(int64_t *table, int64_t E, int64_t e);
 
-#define NM_ARGS 13           /* an int_linear argument array (native/__init__.py's _ARGS) */
+#define NM_ARGS EB_ARGS      /* an int_linear argument array (native/__init__.py's _ARGS) */
+#define NM_BLOCK_WORDS (3 * EB_PROJECTION_WORDS) /* an expert's block: three projections, each maybe a composite */
 #define NM_HUGE_PAGE (2 << 20)
 
 static double nm_double(int64_t bits) {
@@ -297,13 +299,18 @@ int prism_expert_miss_step(int64_t *nm, int64_t l, const int64_t *ids, int64_t k
         if (nm[NM_DROP])
             posix_fadvise((int)NM_PTR(nm, NM_FD, int64_t)[key], NM_PTR(nm, NM_FILE_OFFSET, int64_t)[key], bytes,
                           POSIX_FADV_DONTNEED);
-        /* the block: its layout's template moved to this slab (BlockTemplate.at) */
-        int64_t *args = NM_PTR(nm, NM_BLOCKS, int64_t) + key * 3 * NM_ARGS;
-        memcpy(args, (const int64_t *)(intptr_t)NM_PTR(nm, NM_TEMPLATE, int64_t)[key], sizeof(int64_t) * 3 * NM_ARGS);
-        for (int j = 0; j < 3; j++)
-            for (int s = 4; s < 7; s++) args[j * NM_ARGS + s] += slab;
-        const int64_t ptrs[3] = {(int64_t)(intptr_t)args, (int64_t)(intptr_t)(args + NM_ARGS),
-                                 (int64_t)(intptr_t)(args + 2 * NM_ARGS)};
+        /* the block: its layout's template moved to this slab (BlockTemplate.at): the weight pointers of each
+         * projection's arrays (three where it is a composite) */
+        int64_t *args = NM_PTR(nm, NM_BLOCKS, int64_t) + key * NM_BLOCK_WORDS;
+        memcpy(args, (const int64_t *)(intptr_t)NM_PTR(nm, NM_TEMPLATE, int64_t)[key], sizeof(int64_t) * NM_BLOCK_WORDS);
+        for (int j = 0; j < 3; j++) {
+            int64_t *projection = args + j * EB_PROJECTION_WORDS;
+            const int arrays = projection[0] == EB_LOWRANK ? 3 : 1;
+            for (int part = 0; part < arrays; part++)
+                for (int s = 4; s < 7; s++) projection[part * NM_ARGS + s] += slab;
+        }
+        const int64_t ptrs[3] = {(int64_t)(intptr_t)args, (int64_t)(intptr_t)(args + EB_PROJECTION_WORDS),
+                                 (int64_t)(intptr_t)(args + 2 * EB_PROJECTION_WORDS)};
         if (prism_resident_set(table, E, e, wides[key], ptrs)) { /* the checks above exclude it */
             nm_give_up(nm, footprint[key], slab, bytes);
             return -2;

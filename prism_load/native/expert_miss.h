@@ -33,9 +33,9 @@
 #define NM_LENGTH 25          /* int64 [n][E]: its stored bytes, its slab's size; 0: not served here */
 #define NM_FILE_OFFSET 26     /* int64 [n][E] */
 #define NM_FD 27              /* int64 [n][E]: its shard's descriptor (held open while served here) */
-#define NM_TEMPLATE 28        /* int64 [n][E]: its layout's BlockTemplate arguments (3 x 13 int64) */
+#define NM_TEMPLATE 28        /* int64 [n][E]: its layout's BlockTemplate arguments (3 x 39 int64) */
 #define NM_WIDE 29            /* int64 [n][E]: its block's rounding of x */
-#define NM_BLOCKS 30          /* int64 [n][E][3 x 13]: the block of an expert loaded here */
+#define NM_BLOCKS 30          /* int64 [n][E][3 x 39]: the block of an expert loaded here (expert_block.h) */
 #define NM_TABLES 31          /* int64 [n]: each position's resident table (0: none) */
 #define NM_POSITION_LAYER 32  /* int64 [n]: each position's layer index (the log's) */
 #define NM_LOOP_POSITION 33   /* int64 [L]: each decode-loop layer's position (-1: not served here) */

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..native import _ARGS, _kernel
+from ..native.expert_block import PROJECTION_WORDS
 from .eviction import MIN_ROUTING, RESCALE_BELOW, NextUse
 from .tiers import Entry, Slab, footprint
 
@@ -145,7 +146,7 @@ class NativeMisses:
         self.fd = np.full(keys, -1, np.int64)
         self.template = np.zeros(keys, np.int64)
         self.wide = np.zeros(keys, np.int64)
-        self.blocks = np.zeros(keys * 3 * _ARGS, np.int64)
+        self.blocks = np.zeros(keys * 3 * PROJECTION_WORDS, np.int64)  # expert_miss.c's NM_BLOCK_WORDS a key
         self.tables = np.zeros(n, np.int64)
         self.position_layer = np.array(policy.layers, np.int64)
         self.scratch = np.zeros(keys, np.float64)
@@ -396,7 +397,7 @@ class NativeMisses:
         cache._entries[key] = entry
         cache.layer_entries[layer] += 1
         cache.used_bytes += entry.nbytes
-        block = self._templates[i].placed(self._blocks_address + 8 * 3 * _ARGS * i, (self.blocks, slab))
+        block = self._templates[i].placed(self._blocks_address + 8 * 3 * PROJECTION_WORDS * i, (self.blocks, slab))
         entry.slab, entry.cold, entry.ready = slab, True, True
         entry.weights = cache.store.native_weights(layer, e, slab, block)
         cache._tables[layer].blocks[e] = block
