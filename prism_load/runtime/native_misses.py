@@ -19,7 +19,8 @@ the Python path, so a cache serves natively only once it has seen an expert.
 
 Exactness: the same victims, the same floating-point scores, the same counts; tests/test_native_misses.py
 decodes with and without this and compares the caches after every token. PRISM_NATIVE_MISSES=0 turns it off
-(bench A/B runs).
+(bench A/B runs), read once, when the cache first decodes (ExpertCache.native_misses): not in open(), where an
+environment lookup a token cost microseconds.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ class NativeMisses:
         cache._release_locked()
         policy, pool = cache.policy, cache.slabs
         if (any(cache._pins.values()) or cache._predictions or any(cache._expected.values()) or cache.route_log is not None
-                or cache.worker is not None or type(policy) is not NextUse or not cache.native_allowed or not enabled()):
+                or cache.worker is not None or type(policy) is not NextUse or not cache.native_allowed):
             return False
         if pool.version != self._exported:
             free = pool.free_slabs()
