@@ -28,13 +28,12 @@
  *
  * A projection may be a composite (expert_block.h: the container's int+lowrank, y = base(x) + a(b(x))): its base
  * runs through the tiles as any projection, and its correction a(b(x)) is added before the output is used
- * (gate and up before stage 3, down before stage 5), in fp32 on the dequantised factors, the `native` kernel's
- * arithmetic: t = b x from the projection's fp32 input (x, or h before its rounding), then y += a t, each output
- * summed by one thread in a fixed order (the same bits on any thread count). Why: such an expert was no native
+ * (gate and up before stage 3, down before stage 5), by the `native` kernel (int_linear.c's exact arithmetic on
+ * fp32 x, run by the block's threads: prism_int_linear_team): t = b x from the projection's fp32 input (x, or h
+ * before its rounding), then y += a t, each output summed by one thread in a fixed order. Why: such an expert was no native
  * block, so every step routed to it left the decode loop for Python (on the reference model one expert of 48:
  * a callback on a fifth of the tokens, 6% of the resident token and 11% of a token behind a half-size cache).
  * The factors are a small share of the projection's multiply-adds (rank x (K + N) against K x N). */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -55,7 +54,7 @@ static int same_rounding(const q8_problem *a, const q8_problem *b) { return a->b
 
 static int eb_lowrank(const int64_t *op) { return op[0] == EB_LOWRANK; }
 
-/* Whether a packed int weight's fields are ones the dequantising loop reads: k columns, n rows. */
+/* Whether a packed int weight's fields are ones the exact kernel takes: k columns, n rows. */
 static int eb_factor_ok(const int64_t *w, int64_t k, int64_t n) {
     return w[3] == k && w[7] == n && k > 0 && n > 0 && (w[8] == 2 || w[8] == 4 || w[8] == 8) && w[9] > 0 && w[4] &&
            w[5] && w[6];
@@ -67,82 +66,25 @@ static int eb_check_lowrank(const int64_t *op, int64_t k, int64_t n) {
     return eb_factor_ok(b, k, b[7]) && eb_factor_ok(a, b[7], n) ? 0 : -2;
 }
 
-/* Row r of a packed int weight dequantised: w[k] = (q[r, k] - zeros[r, k / g]) * scales[r, k / g] in fp32. */
-static void eb_dequantise_row(const int64_t *w, int64_t r, float *out) {
-    const int64_t K = w[3], bits = w[8], g = w[9], G = (K + g - 1) / g, ldq = (K * bits + 7) / 8;
-    const uint8_t *q = (const uint8_t *)(intptr_t)w[4] + r * ldq;
-    const uint16_t *s = (const uint16_t *)(intptr_t)w[5] + r * G, *z = (const uint16_t *)(intptr_t)w[6] + r * G;
-    const unsigned mask = (1u << bits) - 1;
-    for (int64_t gi = 0; gi < G; gi++) {
-        const float scale = _cvtsh_ss(s[gi]), zero = _cvtsh_ss(z[gi]);
-        const int64_t k1 = (gi + 1) * g < K ? (gi + 1) * g : K;
-        for (int64_t k = gi * g; k < k1; k++) {
-            const int64_t bit = k * bits; /* 2, 4 and 8 bit codes never straddle a byte */
-            out[k] = ((float)((q[bit >> 3] >> (bit & 7)) & mask) - zero) * scale;
-        }
-    }
-}
-
-/* y[m * ldy + r] (= or +=) sum_k w[r, k] x[m * ldx + k] for rows r0..r1 of w and the M rows of x; row: K floats. */
-static void eb_dequantised_rows(const int64_t *w, int64_t r0, int64_t r1, const float *x, int64_t ldx, int64_t M,
-                                float *y, int64_t ldy, int add, float *row) {
-    const int64_t K = w[3];
-    for (int64_t r = r0; r < r1; r++) {
-        eb_dequantise_row(w, r, row);
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * ldx;
-            float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) acc += row[k] * xm[k];
-            if (add) y[m * ldy + r] += acc;
-            else y[m * ldy + r] = acc;
-        }
-    }
-}
-
-/* The composite projections of a call: each with its input and output rows and its t = b x buffer. */
+/* The composite projections of a call: each with its input and output rows. */
 typedef struct {
     const int64_t *op; /* the composite's words */
     const float *x;
     int64_t ldx, M;
     float *y;
     int64_t ldy;
-    float *t; /* [M, R] */
 } eb_lowrank_part;
 
-#define EB_LOWRANK_ROWS 16 /* rows of a per scheduling unit */
-
-/* The corrections of parts[0..count-1]: t = b x, then y += a t, as two loops of the enclosing team (orphaned
- * worksharing: every thread of the region calls this). first_b / first_a [count + 1]: each part's first unit
- * of each loop (eb_lowrank_units); rows: each thread's row buffer, stride ld floats. */
-static void eb_lowrank_run(const eb_lowrank_part *parts, int count, const int64_t *first_b, const int64_t *first_a,
-                           float *rows, int64_t ld) {
-    float *row = rows + (int64_t)omp_get_thread_num() * ld;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t c = 0; c < first_b[count]; c++) {
-        int i = 0;
-        while (c >= first_b[i + 1]) i++;
-        const eb_lowrank_part *p = &parts[i];
-        const int64_t r = c - first_b[i], R = p->op[EB_ARGS + 7];
-        eb_dequantised_rows(p->op + EB_ARGS, r, r + 1, p->x, p->ldx, p->M, p->t, R, 0, row);
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < first_a[count]; c++) {
-        int i = 0;
-        while (c >= first_a[i + 1]) i++;
-        const eb_lowrank_part *p = &parts[i];
-        const int64_t *a = p->op + 2 * EB_ARGS, n0 = (c - first_a[i]) * EB_LOWRANK_ROWS;
-        const int64_t n1 = n0 + EB_LOWRANK_ROWS < a[7] ? n0 + EB_LOWRANK_ROWS : a[7];
-        eb_dequantised_rows(a, n0, n1, p->t, a[3], p->M, p->y, p->ldy, 1, row);
-    }
-}
-
-/* Each part's first unit of the two loops of eb_lowrank_run (b's rows one by one, a's in EB_LOWRANK_ROWS). */
-static void eb_lowrank_units(const eb_lowrank_part *parts, int count, int64_t *first_b, int64_t *first_a) {
-    first_b[0] = first_a[0] = 0;
+/* The corrections of parts[0..count-1], y += a (b x), each by int_linear.c's exact kernel over the whole team
+ * (every thread of the region calls this: orphaned worksharing) into t [M, R] and u [M, N], then added. */
+static void eb_lowrank_run(const eb_lowrank_part *parts, int count, float *t, float *u, float *scratch) {
     for (int i = 0; i < count; i++) {
-        const int64_t *b = parts[i].op + EB_ARGS, *a = parts[i].op + 2 * EB_ARGS;
-        first_b[i + 1] = first_b[i] + b[7];
-        first_a[i + 1] = first_a[i] + (a[7] + EB_LOWRANK_ROWS - 1) / EB_LOWRANK_ROWS;
+        const eb_lowrank_part *p = &parts[i];
+        const int64_t *b = p->op + EB_ARGS, *a = p->op + 2 * EB_ARGS, R = b[7], N = a[7], M = p->M;
+        prism_int_linear_team(b, p->x, p->ldx, M, t, R, scratch);
+        prism_int_linear_team(a, t, R, M, u, N, scratch);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < M * N; j++) p->y[(j / N) * p->ldy + j % N] += u[j];
     }
 }
 
@@ -199,8 +141,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
     }
     /* composite projections (expert_block.h): their factors checked, their t buffers and the row buffers sized */
     int parts_gu = 0, parts_dn = 0;
-    size_t lowrank_floats = 0;
-    int64_t widest = 0;
+    int64_t t_floats = 0, u_floats = 0, team_floats = 0; /* the most any composite needs */
     for (int u = 0; u < U; u++)
         for (int j = 0; j < 3; j++) {
             const int64_t *op = ops[3 * first[u] + j];
@@ -210,10 +151,13 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
                 free(meta);
                 return -2;
             }
-            const int64_t R = op[EB_ARGS + 7];
-            lowrank_floats += (size_t)(rows[u] * R);
-            widest = k > widest ? k : widest;
-            widest = R > widest ? R : widest;
+            const int64_t M = rows[u], t = M * op[EB_ARGS + 7], un = M * n;
+            const int64_t team = prism_int_linear_team_floats(op + EB_ARGS, M),
+                          team_a = prism_int_linear_team_floats(op + 2 * EB_ARGS, M);
+            t_floats = t > t_floats ? t : t_floats;
+            u_floats = un > u_floats ? un : u_floats;
+            team_floats = team > team_floats ? team : team_floats;
+            team_floats = team_a > team_floats ? team_a : team_floats;
             if (j < 2) parts_gu++;
             else parts_dn++;
         }
@@ -239,41 +183,33 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
         hs[u] = at, at = eb_align(at + q8_x_bytes(&dn[u], wide));
     }
     if (threads < 1) threads = 1;
-    /* the composites' parts (gate and up ones first), their loops' units, t buffers and row buffers */
+    /* the composites' parts (gate and up ones first) and the buffers their corrections share */
     const int parts = parts_gu + parts_dn;
     void *lowrank = NULL;
     eb_lowrank_part *part = NULL;
-    int64_t *gu_b = NULL, *gu_a = NULL, *dn_b = NULL, *dn_a = NULL;
-    float *lowrank_rows = NULL;
+    float *lr_t = NULL, *lr_u = NULL, *lr_scratch = NULL;
     if (parts) {
-        lowrank = malloc(sizeof(eb_lowrank_part) * (size_t)parts + sizeof(int64_t) * 4 * ((size_t)parts + 1) +
-                         sizeof(float) * (lowrank_floats + (size_t)(threads * widest)));
+        lowrank = malloc(sizeof(eb_lowrank_part) * (size_t)parts + sizeof(float) * (size_t)(t_floats + u_floats + team_floats));
         if (!lowrank) {
             free(scratch);
             free(meta);
             return -1;
         }
         part = lowrank;
-        gu_b = (int64_t *)(part + parts), gu_a = gu_b + parts_gu + 1, dn_b = gu_a + parts_gu + 1;
-        dn_a = dn_b + parts_dn + 1;
-        float *t = (float *)(dn_a + parts_dn + 1);
+        lr_t = (float *)(part + parts), lr_u = lr_t + t_floats, lr_scratch = lr_u + u_floats;
         int at_gu = 0, at_dn = parts_gu;
         for (int u = 0; u < U; u++)
             for (int j = 0; j < 3; j++) {
                 const int64_t *op = ops[3 * first[u] + j];
                 if (!eb_lowrank(op)) continue;
                 eb_lowrank_part *p = &part[j < 2 ? at_gu++ : at_dn++];
-                p->op = op, p->M = rows[u], p->t = t;
+                p->op = op, p->M = rows[u];
                 if (j < 2) {
                     p->x = xin[u], p->ldx = H, p->y = gu[2 * u + j].y, p->ldy = hidden[u];
                 } else {
                     p->x = gu[2 * u].y, p->ldx = hidden[u], p->y = dn[u].y, p->ldy = H; /* h before its rounding */
                 }
-                t += rows[u] * op[EB_ARGS + 7];
             }
-        lowrank_rows = t;
-        eb_lowrank_units(part, parts_gu, gu_b, gu_a);
-        eb_lowrank_units(part + parts_gu, parts_dn, dn_b, dn_a);
     }
     const int64_t chunks_gu = q8_chunks(gu, 2 * U, first_gu, step_gu);
     const int64_t chunks_dn = q8_chunks(dn, U, first_dn, step_dn);
@@ -294,7 +230,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
                 gu[2 * u + 1].xq = gu[2 * u].xq, gu[2 * u + 1].d = gu[2 * u].d, gu[2 * u + 1].sxq = gu[2 * u].sxq;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_gu; c++) q8_chunk_run(gu, 2 * U, first_gu, step_gu, c, wide, instructions);
-        if (parts_gu) eb_lowrank_run(part, parts_gu, gu_b, gu_a, lowrank_rows, widest);
+        if (parts_gu) eb_lowrank_run(part, parts_gu, lr_t, lr_u, lr_scratch);
 #pragma omp for schedule(static)
         for (int u = 0; u < U; u++) {
             float *gate = gu[2 * u].y;
@@ -304,7 +240,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_dn; c++) q8_chunk_run(dn, U, first_dn, step_dn, c, wide, instructions);
-        if (parts_dn) eb_lowrank_run(part + parts_gu, parts_dn, dn_b, dn_a, lowrank_rows, widest);
+        if (parts_dn) eb_lowrank_run(part + parts_gu, parts_dn, lr_t, lr_u, lr_scratch);
 #pragma omp for schedule(static)
         for (int64_t br = 0; br < B * H; br++) {
             const int64_t b = br / H, r = br % H;

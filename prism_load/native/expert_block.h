@@ -12,4 +12,16 @@
 #define EB_LOWRANK 1                    /* first word of a composite projection */
 #define EB_PROJECTION_WORDS (3 * EB_ARGS) /* a projection's words where it may be a composite */
 
+#include <stdint.h>
+
+/* int_linear.c's exact kernel (its direct path: fp32 x, codes widened in registers; any number of rows of x) for
+ * a caller's parallel region: every thread of the team calls it with the same arguments, its loops being
+ * orphaned worksharing constructs (each ends in a barrier). w: argument words of which the weight fields are
+ * read (checked by the caller); y [M, N] (row stride ldy) = x [M, K] (row stride ldx) w^T; scratch: the
+ * floats prism_int_linear_team_floats says, shared by the team. Each output is summed by one thread in a fixed
+ * order. */
+__attribute__((visibility("hidden"))) int64_t prism_int_linear_team_floats(const int64_t *w, int64_t M);
+__attribute__((visibility("hidden"))) void prism_int_linear_team(const int64_t *w, const float *x, int64_t ldx,
+                                                                 int64_t M, float *y, int64_t ldy, float *scratch);
+
 #endif

@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "expert_block.h"
+
 #define INLINE static inline __attribute__((always_inline))
 /* Decode reads four rows at once, 8 bytes of each per step: four short streams the hardware prefetcher does
  * not ramp up on, so weights coming from DRAM (an expert just fetched) arrived at 3.4 GB/s. Prefetching the
@@ -555,6 +557,20 @@ static int make_problem(const float *x, int64_t ldx, int64_t M, int64_t K, const
                  group_size, N, y, ldy};
     *P = Q;
     return 0;
+}
+
+/* For expert_block.c's low-rank factors (expert_block.h): the direct path inside the caller's parallel region. */
+int64_t prism_int_linear_team_floats(const int64_t *w, int64_t M) {
+    return M * w[3] + M * ((w[3] + w[9] - 1) / w[9]);
+}
+
+void prism_int_linear_team(const int64_t *w, const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy,
+                           float *scratch) {
+    problem P;
+    if (make_problem(x, ldx, M, w[3], (const uint8_t *)(intptr_t)w[4], (const uint16_t *)(intptr_t)w[5],
+                     (const uint16_t *)(intptr_t)w[6], w[7], (int)w[8], w[9], y, ldy, &P))
+        return; /* the caller checked the fields (eb_check_lowrank) */
+    direct_team(&P, 1, (int)w[8], scratch, scratch + M * w[3]);
 }
 
 /* Returns 0, -1 when out of memory, -2 for arguments the kernel does not take (the caller checks first). */
