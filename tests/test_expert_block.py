@@ -1,7 +1,7 @@
 """expert_block.c: a decode token's routed experts in one native call equal the experts computed one by one
 with the same kernels (gate and up products, fp32 SwiGLU, the down product of its rounded input, the weighted
 sum); the same bits on one and two threads; experts of mixed widths; projections stored int + low-rank (the
-base through the same kernel, the correction in fp32 on the dequantised factors); what it refuses; and
+base through the same kernel, each factor's product as its own kernel computes it); what it refuses; and
 MoEBlock using it only where every chosen expert is a native block."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ def bound(n, k, bits, g, seed, act):
     return native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], bits, g, k, activations=act)
 
 
-def lowrank(n, k, rank, seed, act, bits=2, g=64, factor_bits=8, factor_act="fp32"):
+def lowrank(n, k, rank, seed, act, bits=2, g=64, factor_bits=8):
     """A projection stored int + low-rank: a `bits` base [n, k] and factors b [rank, k], a [n, rank] of
-    factor_bits (their own kernels: the exact one, as the packer gives factors too narrow for the integer ones)."""
-    return LowRankBound(bound(n, k, bits, g, seed, act), bound(rank, k, factor_bits, g, seed + 100, factor_act),
-                        bound(n, rank, factor_bits, rank, seed + 200, factor_act))
+    factor_bits, bound to the block's integer kernel where it takes them (else the exact one, as for a narrow a)."""
+    return LowRankBound(bound(n, k, bits, g, seed, act), bound(rank, k, factor_bits, g, seed + 100, act),
+                        bound(n, rank, factor_bits, rank, seed + 200, act))
 
 
 def dequantised(op: native.BoundIntLinear) -> torch.Tensor:
@@ -40,11 +40,18 @@ def dequantised(op: native.BoundIntLinear) -> torch.Tensor:
 
 def apply(op, x):
     """One projection as the block computes it: a plain one by its kernel; a composite's base by its kernel plus
-    a (b x) in fp64 on the dequantised factors (the block's fp32 correction, up to rounding)."""
+    a(b(x)), each factor by its own kernel (the block runs a factor on its integer tiles where they take it, as a
+    single call does, else on the exact kernel)."""
     if isinstance(op, LowRankBound):
         base, b, a = op.keep
-        return base(x).double() + (x.double() @ dequantised(b).T) @ dequantised(a).T
+        return base(x).double() + a(b(x)).double()
     return op(x).double()
+
+
+def exact_correction(op, x):
+    """a (b x) in fp64 on the dequantised factors: what the correction approximates."""
+    _, b, a = op.keep
+    return (x.double() @ dequantised(b).T) @ dequantised(a).T
 
 
 class Op:
@@ -140,8 +147,10 @@ def test_refusals_say_what_is_wrong(q8):
 @pytest.mark.parametrize("where", ["gate", "up", "down", "all"])
 def test_int_plus_lowrank_projections_add_their_correction(q8, act, where):
     """A projection stored int + low-rank in any of the three places, beside plain experts: the base through the
-    integer tiles as a plain projection, plus a (b x) in fp32 on the dequantised factors (of rank 8 and 12, int8
-    and int4 factors, so the correction is far above the tolerance: the test fails without it)."""
+    integer tiles as a plain projection, plus a(b(x)), each factor's product as a single call of its kernel gives
+    it (the integer tiles where they take it, the exact kernel for the narrow a), within that kernel's rounding of
+    the exact correction (rank 8 and 12, int8 and int4 factors, so the correction is far above the tolerance:
+    the test fails without it)."""
     def composite(n, k, seed, rank):
         return lowrank(n, k, rank, seed, act, bits=4, factor_bits=8 if rank == 8 else 4)
 
@@ -153,7 +162,11 @@ def test_int_plus_lowrank_projections_add_their_correction(q8, act, where):
     x = torch.randn(1, H, generator=torch.Generator().manual_seed(0))
     weights = torch.tensor([0.2, 0.5, 0.3])
     got = expert_block(x, experts, weights)
-    close(got, one_by_one(x, experts, weights), tol=1e-5)
+    close(got, one_by_one(x, experts, weights))
+    # each factor's product is within its kernel's rounding of the exact one
+    for op in (gate, up):
+        if isinstance(op, LowRankBound):
+            close(apply(op, x) - op.keep[0](x).double(), exact_correction(op, x), tol=2e-2 if act == "int8" else 1e-3)
     # the correction matters: the bases alone are far off
     plain = BlockOps(*(op.keep[0] if isinstance(op, LowRankBound) else op for op in (gate, up, down)))
     err = (expert_block(x, [experts[0], plain, experts[2]], weights).double() - got.double()).norm() / got.double().norm()

@@ -28,9 +28,10 @@
  *
  * A projection may be a composite (expert_block.h: the container's int+lowrank, y = base(x) + a(b(x))): its base
  * runs through the tiles as any projection, and its correction a(b(x)) is added before the output is used
- * (gate and up before stage 3, down before stage 5), by the `native` kernel (int_linear.c's exact arithmetic on
- * fp32 x, run by the block's threads: prism_int_linear_team): t = b x from the projection's fp32 input (x, or h
- * before its rounding), then y += a t, each output summed by one thread in a fixed order. Why: such an expert was no native
+ * (gate and up before stage 3, down before stage 5): t = b x from the projection's fp32 input (x, or h before
+ * its rounding), then y += a t, each factor's product on the integer tiles where they take it (its input rounded
+ * for it, as a single call of its kernel rounds it) and by the exact kernel elsewhere (int_linear.c, run by the
+ * block's threads: prism_int_linear_team), each output summed by one thread in a fixed order. Why: such an expert was no native
  * block, so every step routed to it left the decode loop for Python (on the reference model one expert of 48:
  * a callback on a fifth of the tokens, 6% of the resident token and 11% of a token behind a half-size cache).
  * The factors are a small share of the projection's multiply-adds (rank x (K + N) against K x N). */
@@ -66,25 +67,44 @@ static int eb_check_lowrank(const int64_t *op, int64_t k, int64_t n) {
     return eb_factor_ok(b, k, b[7]) && eb_factor_ok(a, b[7], n) ? 0 : -2;
 }
 
-/* The composite projections of a call: each with its input and output rows. */
+/* A composite projection of a call: its input and output rows, its t = b x [M, R] and u = a t [M, N] buffers,
+ * and each factor's product: on the block's integer tiles where they take the factor (q8_make_bound accepts
+ * it: its own rounding of its input, as a single call of its kernel rounds it), else the exact kernel. */
 typedef struct {
     const int64_t *op; /* the composite's words */
     const float *x;
     int64_t ldx, M;
     float *y;
     int64_t ldy;
+    float *t, *u;
+    int tiles[2];       /* b, a: 1 on the integer tiles */
+    q8_problem P[2];    /* b, a where on the tiles */
+    uint8_t *xs[2];     /* their rounded inputs */
+    int64_t first[2][2], step[2][1];
 } eb_lowrank_part;
 
-/* The corrections of parts[0..count-1], y += a (b x), each by int_linear.c's exact kernel over the whole team
- * (every thread of the region calls this: orphaned worksharing) into t [M, R] and u [M, N], then added. */
-static void eb_lowrank_run(const eb_lowrank_part *parts, int count, float *t, float *u, float *scratch) {
+/* One factor's product w (x [M, K]) -> y [M, N] by the whole team (every thread of the region calls this). */
+static void eb_factor_run(eb_lowrank_part *p, int f, const float *x, int64_t ldx, float *y, int64_t ldy, int wide,
+                          int instructions, float *team) {
+    if (!p->tiles[f]) {
+        prism_int_linear_team(p->op + (f + 1) * EB_ARGS, x, ldx, p->M, y, ldy, team);
+        return;
+    }
+#pragma omp single
+    q8_prepare_x(&p->P[f], x, ldx, wide, p->xs[f]);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < p->first[f][1]; c++) q8_chunk_run(&p->P[f], 1, p->first[f], p->step[f], c, wide, instructions);
+}
+
+/* The corrections of parts[0..count-1]: y += a (b x), the two products by the whole team, then the sum. */
+static void eb_lowrank_run(eb_lowrank_part *parts, int count, int wide, int instructions, float *team) {
     for (int i = 0; i < count; i++) {
-        const eb_lowrank_part *p = &parts[i];
-        const int64_t *b = p->op + EB_ARGS, *a = p->op + 2 * EB_ARGS, R = b[7], N = a[7], M = p->M;
-        prism_int_linear_team(b, p->x, p->ldx, M, t, R, scratch);
-        prism_int_linear_team(a, t, R, M, u, N, scratch);
+        eb_lowrank_part *p = &parts[i];
+        const int64_t R = p->op[EB_ARGS + 7], N = p->op[2 * EB_ARGS + 7], M = p->M;
+        eb_factor_run(p, 0, p->x, p->ldx, p->t, R, wide, instructions, team);
+        eb_factor_run(p, 1, p->t, R, p->u, N, wide, instructions, team);
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < M * N; j++) p->y[(j / N) * p->ldy + j % N] += u[j];
+        for (int64_t j = 0; j < M * N; j++) p->y[(j / N) * p->ldy + j % N] += p->u[j];
     }
 }
 
@@ -141,7 +161,8 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
     }
     /* composite projections (expert_block.h): their factors checked, their t buffers and the row buffers sized */
     int parts_gu = 0, parts_dn = 0;
-    int64_t t_floats = 0, u_floats = 0, team_floats = 0; /* the most any composite needs */
+    size_t lowrank_bytes = 0;
+    int64_t team_floats = 0; /* the exact kernel's scratch: the most any factor needs */
     for (int u = 0; u < U; u++)
         for (int j = 0; j < 3; j++) {
             const int64_t *op = ops[3 * first[u] + j];
@@ -151,13 +172,15 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
                 free(meta);
                 return -2;
             }
-            const int64_t M = rows[u], t = M * op[EB_ARGS + 7], un = M * n;
-            const int64_t team = prism_int_linear_team_floats(op + EB_ARGS, M),
-                          team_a = prism_int_linear_team_floats(op + 2 * EB_ARGS, M);
-            t_floats = t > t_floats ? t : t_floats;
-            u_floats = un > u_floats ? un : u_floats;
-            team_floats = team > team_floats ? team : team_floats;
-            team_floats = team_a > team_floats ? team_a : team_floats;
+            const int64_t M = rows[u], R = op[EB_ARGS + 7];
+            q8_problem probe;
+            lowrank_bytes += sizeof(float) * (size_t)(M * (R + n)) + 4 * EB_ALIGN;
+            for (int f = 0; f < 2; f++) {
+                const int64_t *w = op + (f + 1) * EB_ARGS, fk = f ? R : k, fn = f ? n : R;
+                if (!q8_make_bound(w, fk, fn, M, NULL, wide, &probe)) lowrank_bytes += q8_x_bytes(&probe, wide);
+                const int64_t team = prism_int_linear_team_floats(w, M);
+                team_floats = team > team_floats ? team : team_floats;
+            }
             if (j < 2) parts_gu++;
             else parts_dn++;
         }
@@ -183,31 +206,44 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
         hs[u] = at, at = eb_align(at + q8_x_bytes(&dn[u], wide));
     }
     if (threads < 1) threads = 1;
-    /* the composites' parts (gate and up ones first) and the buffers their corrections share */
+    /* the composites' parts (gate and up ones first), their buffers and problems */
     const int parts = parts_gu + parts_dn;
     void *lowrank = NULL;
     eb_lowrank_part *part = NULL;
-    float *lr_t = NULL, *lr_u = NULL, *lr_scratch = NULL;
+    float *lr_team = NULL;
     if (parts) {
-        lowrank = malloc(sizeof(eb_lowrank_part) * (size_t)parts + sizeof(float) * (size_t)(t_floats + u_floats + team_floats));
+        lowrank = malloc(sizeof(eb_lowrank_part) * (size_t)parts + sizeof(float) * (size_t)team_floats + lowrank_bytes +
+                         EB_ALIGN);
         if (!lowrank) {
             free(scratch);
             free(meta);
             return -1;
         }
         part = lowrank;
-        lr_t = (float *)(part + parts), lr_u = lr_t + t_floats, lr_scratch = lr_u + u_floats;
+        lr_team = (float *)(part + parts);
+        uint8_t *lr_at = eb_align((uint8_t *)(lr_team + team_floats));
         int at_gu = 0, at_dn = parts_gu;
         for (int u = 0; u < U; u++)
             for (int j = 0; j < 3; j++) {
                 const int64_t *op = ops[3 * first[u] + j];
                 if (!eb_lowrank(op)) continue;
                 eb_lowrank_part *p = &part[j < 2 ? at_gu++ : at_dn++];
-                p->op = op, p->M = rows[u];
+                const int64_t M = rows[u], R = op[EB_ARGS + 7], k = j < 2 ? H : hidden[u], n = j < 2 ? hidden[u] : H;
+                p->op = op, p->M = M;
                 if (j < 2) {
                     p->x = xin[u], p->ldx = H, p->y = gu[2 * u + j].y, p->ldy = hidden[u];
                 } else {
                     p->x = gu[2 * u].y, p->ldx = hidden[u], p->y = dn[u].y, p->ldy = H; /* h before its rounding */
+                }
+                p->t = (float *)lr_at, lr_at = eb_align(lr_at + sizeof(float) * (size_t)(M * R));
+                p->u = (float *)lr_at, lr_at = eb_align(lr_at + sizeof(float) * (size_t)(M * n));
+                for (int f = 0; f < 2; f++) {
+                    const int64_t *w = op + (f + 1) * EB_ARGS, fk = f ? R : k, fn = f ? n : R;
+                    p->tiles[f] = !q8_make_bound(w, fk, fn, M, f ? p->u : p->t, wide, &p->P[f]);
+                    if (p->tiles[f]) {
+                        p->xs[f] = lr_at, lr_at = eb_align(lr_at + q8_x_bytes(&p->P[f], wide));
+                        q8_chunks(&p->P[f], 1, p->first[f], p->step[f]);
+                    }
                 }
             }
     }
@@ -230,7 +266,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
                 gu[2 * u + 1].xq = gu[2 * u].xq, gu[2 * u + 1].d = gu[2 * u].d, gu[2 * u + 1].sxq = gu[2 * u].sxq;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_gu; c++) q8_chunk_run(gu, 2 * U, first_gu, step_gu, c, wide, instructions);
-        if (parts_gu) eb_lowrank_run(part, parts_gu, lr_t, lr_u, lr_scratch);
+        if (parts_gu) eb_lowrank_run(part, parts_gu, wide, instructions, lr_team);
 #pragma omp for schedule(static)
         for (int u = 0; u < U; u++) {
             float *gate = gu[2 * u].y;
@@ -240,7 +276,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_dn; c++) q8_chunk_run(dn, U, first_dn, step_dn, c, wide, instructions);
-        if (parts_dn) eb_lowrank_run(part + parts_gu, parts_dn, lr_t, lr_u, lr_scratch);
+        if (parts_dn) eb_lowrank_run(part + parts_gu, parts_dn, wide, instructions, lr_team);
 #pragma omp for schedule(static)
         for (int64_t br = 0; br < B * H; br++) {
             const int64_t b = br / H, r = br % H;

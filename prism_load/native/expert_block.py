@@ -25,8 +25,9 @@ PROJECTION_WORDS = 3 * _ARGS  # EB_PROJECTION_WORDS: a projection's words where 
 class LowRankBound:
     """A projection stored `int` + low-rank, y = base(x) + a(b(x)), as expert_block.c reads it: the three bound
     operators' argument arrays one after another, the first word marking the composite (expert_block.h). The
-    block runs the base through its integer tiles and adds the correction in fp32 on the dequantised factors,
-    so the factors' own kernels (b and a are often too narrow for the integer tiles) do not matter."""
+    block runs the base through its integer tiles and adds the correction a(b(x)), each factor's product on the
+    integer tiles where they take it (its input rounded for it, as a single call of the integer kernel rounds it)
+    and on the exact kernel where they do not (a narrow a: K is the rank)."""
 
     __slots__ = ("keep", "_args", "n", "k", "activations")
 
