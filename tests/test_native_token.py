@@ -122,6 +122,23 @@ def test_one_call_gives_the_per_layer_steps_bits(q8, tmp_path, monkeypatch, spec
         assert torch.equal(a[:, :, :75], b[:, :, :75])
 
 
+def test_int_plus_lowrank_experts_through_a_memory_map_and_in_a_batch(q8, tmp_path):
+    """Composite experts built over a memory map of the container (load(mmap=True)) are native blocks with the
+    resident load's logits; a batch of three greedy prompts gives each row the tokens it gets alone (expert_rows
+    runs the composites for the batch's rows)."""
+    path = write_plain(tmp_path, expert_spec=lowrank_downs)
+    resident = prism_load.load(path, expert_kernel="native-int16")
+    mapped = prism_load.load(path, expert_kernel="native-int16", mmap=True)
+    for model in (resident, mapped):
+        assert isinstance(model.layers[0].mlp.experts.acquire(0, [1])[1].block().keep[2], LowRankBound)
+    assert torch.equal(decode(resident, 10)[0], decode(mapped, 10)[0])
+    ids = torch.randint(0, CONFIG["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(3))
+    batch = resident.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    for i in range(3):
+        assert torch.equal(batch[i], resident.generate(ids[i : i + 1], max_new_tokens=8, do_sample=False,
+                                                       eos_token_id=[])[0]), f"row {i}"
+
+
 def test_steps_aside_for_observers_and_hooks(q8, tmp_path, monkeypatch):
     model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
     runs = count_runs(monkeypatch, served=False)
