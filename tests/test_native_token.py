@@ -7,6 +7,9 @@ callback must come out of the forward."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from containers import TINY_CONFIG, encode, make_encoding, random_model
@@ -137,6 +140,30 @@ def test_int_plus_lowrank_experts_through_a_memory_map_and_in_a_batch(q8, tmp_pa
     for i in range(3):
         assert torch.equal(batch[i], resident.generate(ids[i : i + 1], max_new_tokens=8, do_sample=False,
                                                        eos_token_id=[])[0]), f"row {i}"
+
+
+def test_cache_buffers_are_checked_when_they_change_and_not_kept_alive(q8, tmp_path):
+    """TokenLayers checks a layer's KV buffers when new ones come (the cache grew them: the 75 positions of
+    test_one_call_gives_the_per_layer_steps_bits) and only the slot while the same come back; a slot outside
+    known buffers, or new buffers of the wrong form, still raise; and the plan holds the buffers by
+    weak reference, so a finished generation's KV cache is freed."""
+    model = prism_load.load(write_plain(tmp_path), expert_kernel="native-int16")
+    _, cache = decode(model, 3)
+    plan = model.__dict__["_token_layers"][0]
+    keys = weakref.ref(cache.keys[0])
+    assert plan._caches[0][0]() is cache.keys[0]
+    with torch.inference_mode():
+        cache.lengths[0] = -1  # a slot outside the known buffers (their checks skipped, the slot's not)
+        with pytest.raises(ValueError, match="free slot at -1"):
+            model(torch.tensor([[1]]), cache=cache)
+        cache.lengths[0] = 8
+        k = cache.keys[1]
+        cache.keys[1] = torch.zeros(1, k.shape[1] + 1, *k.shape[2:])  # new buffers of another shape: checked
+        with pytest.raises(ValueError, match="fp32 contiguous caches"):
+            model(torch.tensor([[1]]), cache=cache)
+    del cache, k
+    gc.collect()
+    assert keys() is None
 
 
 def test_steps_aside_for_observers_and_hooks(q8, tmp_path, monkeypatch):

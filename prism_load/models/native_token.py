@@ -115,15 +115,28 @@ def layer_hook_between_layers(model) -> bool:
     return hook is not None and (runtime is None or hook != runtime.on_layer or runtime.predicts)
 
 
-def module_refs(model) -> list:
-    """What a TokenLayers was made from: each layer's MLP and its expert source (held by the plan anyway, through
-    its operators, until the next decode token works it out again)."""
-    return [(layer.mlp, getattr(layer.mlp, "experts", None)) for layer in model.layers]
+def _attribute(module, name: str):
+    """getattr(module, name, None) for an nn.Module without its __getattr__ (its instance dict first, then its
+    submodules), which costs about a microsecond a call cold, every decode token, every layer."""
+    found = module.__dict__
+    return found[name] if name in found else module._modules.get(name)
 
 
-def same_modules(model, refs: list) -> bool:
-    return len(refs) == len(model.layers) and all(
-        layer.mlp is mlp and getattr(mlp, "experts", None) is source for layer, (mlp, source) in zip(model.layers, refs))
+def module_refs(model) -> tuple:
+    """What a TokenLayers was made from (held by the plan anyway, through its operators, until the next decode
+    token works it out again): the layer list, its layers, and each layer's MLP and expert source."""
+    layers = _attribute(model, "layers")
+    mlps = tuple(_attribute(layer, "mlp") for layer in layers._modules.values())
+    return layers, tuple(layers._modules.values()), mlps, tuple(_attribute(m, "experts") for m in mlps)
+
+
+def same_modules(model, refs: tuple) -> bool:
+    """Whether the model's layers, their MLPs and expert sources are the ones refs holds (identity)."""
+    layers, listed, mlps, sources = refs
+    if _attribute(model, "layers") is not layers or tuple(layers._modules.values()) != listed:
+        return False
+    return all(_attribute(layer, "mlp") is mlp and _attribute(mlp, "experts") is source
+               for layer, mlp, source in zip(listed, mlps, sources))
 
 
 def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
@@ -136,10 +149,10 @@ def run(model, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         plan = token_layers(model) or False
         server = expert_server(model, plan) if plan and plan.served else None
         found = model.__dict__["_token_layers"] = (plan, module_refs(model), server)
-    plan, _, server = found
+    plan, refs, server = found
     if (not plan or ctx.cache is None or ctx.key_valid is not None
             or x.dtype is not torch.float32 or ctx.cos.dim() != 2 or (torch.is_grad_enabled() and x.requires_grad)
-            or any(layer.mlp.observer is not None for layer in layers)
+            or any(mlp.observer is not None for mlp in refs[2])
             or (model.layer_hook is not None and server is None)):
         return None
     slots = []

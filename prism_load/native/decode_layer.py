@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+import weakref
 
 import torch
 
@@ -143,6 +144,11 @@ class ResidentTable:
         return tuple(int(v) for v in self.table[2 + 3 * expert : 5 + 3 * expert])
 
 
+def _dead() -> None:
+    """A weak reference to nothing (TokenLayers._caches before a layer's first check)."""
+    return None
+
+
 class TokenLayers:
     """Every decoder layer of a model in one native call a decode token (decode_layer.c's prism_decode_layers):
     each layer a routed LayerStep, and its experts either all resident native blocks (expert_block.BlockOps) of
@@ -180,6 +186,10 @@ class TokenLayers:
         self.scratch_np = {name: self.scratch[name].numpy() for name in ("indices", "ctl")}
         self.out = torch.zeros(hidden, dtype=torch.float32)
         self.attention: list[ctypes.Array] | None = None  # attention_args per layer, made at the first token
+        # per layer (keys, values, capacity) checked last, the tensors by weak reference (a plan outlives a
+        # generation; its KV buffers must not): their checks skipped while the same tensors come back (the KV cache
+        # hands the same buffers out until it grows them)
+        self._caches: list[tuple] = []
         self.args: list[ctypes.Array] = []
         self.records: ctypes.Array | None = None
         self._lock = threading.Lock()
@@ -253,11 +263,19 @@ class TokenLayers:
                           0 if b is None else b[0].wide)))
             return threads
         check_rotary(cos, sin, self.steps[0].head_dim, "decode_layers")
-        for a, s, (keys, values, n) in zip(self.attention, self.steps, slots):
-            cap = check_cache(keys, values, n, s.kv_heads, s.head_dim, "decode_layers")
-            a[SLOT_COS], a[SLOT_SIN] = cos.data_ptr(), sin.data_ptr()
-            a[SLOT_KEYS], a[SLOT_VALUES] = keys.data_ptr(), values.data_ptr()
-            a[SLOT_CAPACITY], a[SLOT_N], a[SLOT_THREADS] = cap, n, threads
+        checked = self._caches
+        if len(checked) != len(slots):
+            checked[:] = [(_dead, _dead, 0)] * len(slots)
+        cos_at, sin_at = cos.data_ptr(), sin.data_ptr()
+        for i, (a, s, (keys, values, n)) in enumerate(zip(self.attention, self.steps, slots)):
+            known_keys, known_values, cap = checked[i]
+            if keys is not known_keys() or values is not known_values():  # new buffers: checked, addresses set
+                cap = check_cache(keys, values, n, s.kv_heads, s.head_dim, "decode_layers")
+                checked[i] = (weakref.ref(keys), weakref.ref(values), cap)
+                a[SLOT_KEYS], a[SLOT_VALUES], a[SLOT_CAPACITY] = keys.data_ptr(), values.data_ptr(), cap
+            elif not 0 <= n < cap:
+                check_cache(keys, values, n, s.kv_heads, s.head_dim, "decode_layers")  # raises, saying why
+            a[SLOT_COS], a[SLOT_SIN], a[SLOT_N], a[SLOT_THREADS] = cos_at, sin_at, n, threads
         return threads
 
 
