@@ -25,11 +25,12 @@ def bound(n, k, bits, g, seed, act):
     return native.BoundIntLinear(t["qweight"], t["scales"], t["zeros"], bits, g, k, activations=act)
 
 
-def lowrank(n, k, rank, seed, act, bits=2, g=64, factor_bits=8):
-    """A projection stored int + low-rank: a `bits` base [n, k] and factors b [rank, k], a [n, rank] of
-    factor_bits, bound to the block's integer kernel where it takes them (else the exact one, as for a narrow a)."""
-    return LowRankBound(bound(n, k, bits, g, seed, act), bound(rank, k, factor_bits, g, seed + 100, act),
-                        bound(n, rank, factor_bits, rank, seed + 200, act))
+def lowrank(n, k, rank, seed, act, bits=2, g=64, factor_bits=8, base=True):
+    """A projection stored int + low-rank: a `bits` base [n, k] (base=False: none, kind lowrank) and factors
+    b [rank, k], a [n, rank] of factor_bits, bound to the block's integer kernel where it takes them (else the
+    exact one, as for a narrow a)."""
+    return LowRankBound(bound(n, k, bits, g, seed, act) if base else None,
+                        bound(rank, k, factor_bits, g, seed + 100, act), bound(n, rank, factor_bits, rank, seed + 200, act))
 
 
 def dequantised(op: native.BoundIntLinear) -> torch.Tensor:
@@ -44,7 +45,7 @@ def apply(op, x):
     single call does, else on the exact kernel)."""
     if isinstance(op, LowRankBound):
         base, b, a = op.keep
-        return base(x).double() + a(b(x)).double()
+        return a(b(x)).double() + (0 if base is None else base(x).double())
     return op(x).double()
 
 
@@ -144,20 +145,22 @@ def test_refusals_say_what_is_wrong(q8):
 
 
 @pytest.mark.parametrize("act", ["int16", "int8"])
-@pytest.mark.parametrize("where", ["gate", "up", "down", "all"])
+@pytest.mark.parametrize("where", ["gate", "up", "down", "all", "down-no-base", "all-no-base"])
 def test_int_plus_lowrank_projections_add_their_correction(q8, act, where):
     """A projection stored int + low-rank in any of the three places, beside plain experts: the base through the
     integer tiles as a plain projection, plus a(b(x)), each factor's product as a single call of its kernel gives
     it (the integer tiles where they take it, the exact kernel for the narrow a), within that kernel's rounding of
     the exact correction (rank 8 and 12, int8 and int4 factors, so the correction is far above the tolerance:
     the test fails without it)."""
-    def composite(n, k, seed, rank):
-        return lowrank(n, k, rank, seed, act, bits=4, factor_bits=8 if rank == 8 else 4)
+    base = not where.endswith("no-base")  # without: kind lowrank, the correction is the projection
 
-    gate = composite(INTER, H, 1, 8) if where in ("gate", "all") else bound(INTER, H, 4, 64, 1, act)
-    up = composite(INTER, H, 2, 12) if where in ("up", "all") else bound(INTER, H, 4, 64, 2, act)
-    down = composite(H, INTER, 3, 8) if where in ("down", "all") else bound(H, INTER, 8, 64, 3, act)
-    mixed = BlockOps(gate, up, down)
+    def composite(n, k, seed, rank):
+        return lowrank(n, k, rank, seed, act, bits=4, factor_bits=8 if rank == 8 else 4, base=base)
+
+    gate = composite(INTER, H, 1, 8) if where in ("gate", "all", "all-no-base") else bound(INTER, H, 4, 64, 1, act)
+    up = composite(INTER, H, 2, 12) if where in ("up", "all", "all-no-base") else bound(INTER, H, 4, 64, 2, act)
+    down = composite(H, INTER, 3, 8) if where.startswith(("down", "all")) else bound(H, INTER, 8, 64, 3, act)
+    mixed = BlockOps(gate, up, down, act)
     experts = [expert(20, act), mixed, expert(30, act, bits=(8, 8, 4))]
     x = torch.randn(1, H, generator=torch.Generator().manual_seed(0))
     weights = torch.tensor([0.2, 0.5, 0.3])
@@ -166,19 +169,22 @@ def test_int_plus_lowrank_projections_add_their_correction(q8, act, where):
     # each factor's product is within its kernel's rounding of the exact one
     for op in (gate, up):
         if isinstance(op, LowRankBound):
-            close(apply(op, x) - op.keep[0](x).double(), exact_correction(op, x), tol=2e-2 if act == "int8" else 1e-3)
-    # the correction matters: the bases alone are far off
-    plain = BlockOps(*(op.keep[0] if isinstance(op, LowRankBound) else op for op in (gate, up, down)))
-    err = (expert_block(x, [experts[0], plain, experts[2]], weights).double() - got.double()).norm() / got.double().norm()
-    assert err > 1e-3
+            correction = apply(op, x) - (0 if op.keep[0] is None else op.keep[0](x).double())
+            close(correction, exact_correction(op, x), tol=2e-2 if act == "int8" else 1e-3)
+    if base:  # the correction matters: the bases alone are far off
+        plain = BlockOps(*(op.keep[0] if isinstance(op, LowRankBound) else op for op in (gate, up, down)))
+        err = (expert_block(x, [experts[0], plain, experts[2]], weights).double() - got.double()).norm() / got.double().norm()
+        assert err > 1e-3
 
 
 def test_int_plus_lowrank_rows_and_threads_give_the_same_bits(q8):
-    """A batch whose rows share a composite expert: each row's output equals expert_block on that row alone, bit
-    for bit, on one and two threads (every output of the correction summed by one thread in a fixed order)."""
+    """A batch whose rows share composite experts (with bases and without): each row's output equals expert_block
+    on that row alone, bit for bit, on one and two threads (every output of the correction summed by one thread in a fixed order)."""
     composite = BlockOps(lowrank(INTER, H, 8, 1, "int16"), bound(INTER, H, 4, 64, 2, "int16"),
                          lowrank(H, INTER, 12, 3, "int16", bits=4))
-    experts = [composite, expert(10, "int16"), expert(20, "int16")]
+    alone = BlockOps(bound(INTER, H, 4, 64, 4, "int16"), lowrank(INTER, H, 8, 5, "int16", base=False),
+                     lowrank(H, INTER, 12, 6, "int16", base=False))  # kind lowrank: no bases
+    experts = [composite, expert(10, "int16"), alone]
     x = torch.randn(4, H, generator=torch.Generator().manual_seed(1))
     rows = [[0, 1], [2, 0], [1, 2], [0, 2]]
     weights = torch.rand(4, 2, generator=torch.Generator().manual_seed(2))
@@ -197,14 +203,17 @@ def test_int_plus_lowrank_rows_and_threads_give_the_same_bits(q8):
 
 
 def test_lowrank_operators_become_native_blocks_only_with_a_native_base_and_factors(q8):
-    """block_ops takes a LowRankLinear over three native operators (native_parts) and declines one without a base
-    (kind lowrank), with a tensor factor (bf16 factors), or whose factors do not chain; the C side checks the
+    """block_ops takes a LowRankLinear over native operators (native_parts; without a base too, kind lowrank) and
+    declines one whose base is no native operator, with a tensor factor (bf16 factors), or whose factors do not
+    chain; the C side checks the
     factors' shapes too (a corrupted composite is refused, not read out of bounds)."""
     g, u = Op(bound(INTER, H, 4, 64, 1, "int16")), Op(bound(INTER, H, 4, 64, 2, "int16"))
     base, b, a = bound(H, INTER, 2, 64, 3, "int16"), bound(8, INTER, 8, 64, 4, "fp32"), bound(H, 8, 8, 8, 5, "fp32")
     block = block_ops(g, u, LowRankLinear(Op(a), Op(b), Op(base)))
     assert block is not None and isinstance(block.keep[2], LowRankBound)
-    assert block_ops(g, u, LowRankLinear(Op(a), Op(b))) is None  # no base
+    alone = block_ops(g, u, LowRankLinear(Op(a), Op(b)))  # no base (kind lowrank): the correction alone
+    assert alone is not None and alone.keep[2].keep[0] is None and alone.wide == block.wide
+    assert block_ops(g, u, LowRankLinear(Op(a), Op(b), torch.zeros(H, INTER))) is None  # a base of no kernel
     assert block_ops(g, u, LowRankLinear(torch.zeros(H, 8), Op(b), Op(base))) is None
     assert block_ops(g, u, LowRankLinear(Op(bound(H, 4, 8, 4, 6, "fp32")), Op(b), Op(base))) is None
     with pytest.raises(ValueError, match="factors must chain"):

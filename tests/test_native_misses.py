@@ -25,18 +25,22 @@ FORMS = ((4, 32), (8, 32), (4, 64), (8, 64))  # (bits, group size): four slab si
 
 
 LOWRANK = dict(kind="int+lowrank", bits=4, group_size=32, rank=8, factor_bits=8)
+LOWRANK_ONLY = dict(kind="lowrank", rank=8, factor_bits=8, group_size=32)
 
 
 def write_mixed(folder, bf16_gates: bool = False, lowrank: bool = False):
     """Experts in the four FORMS in turn (slabs of four sizes, each read as stored, each a native block of one
     rounding of x), two a layer hot; bf16_gates: expert 5 of each layer stores its gate bf16, which no native
     block takes, so its steps call back into Python; lowrank: experts 3 and 4 of each layer store their gate
-    and down projections int + low-rank (native blocks too: expert_block.h's composites)."""
+    and down projections int + low-rank, expert 2 its up projection low-rank alone (native blocks too:
+    expert_block.h's composites)."""
 
     def spec(layer, e, tensor):
         bits, group = FORMS[(layer + e) % len(FORMS)]
         if lowrank and (e, tensor) in ((3, "gate_proj"), (4, "down_proj")):
             return LOWRANK
+        if lowrank and (e, tensor) == (2, "up_proj"):
+            return LOWRANK_ONLY
         return dict(kind="bf16") if bf16_gates and e == 5 and tensor == "gate_proj" else \
             dict(kind="int", bits=bits, group_size=group)
 
@@ -114,7 +118,7 @@ def test_served_in_the_loop_as_the_python_path_serves_them(q8, tmp_path, monkeyp
     if bf16_gates:  # the bf16-gated experts are no native blocks: always read through Python
         assert all(e != 5 for _, e in loads)
     if lowrank:
-        assert {3, 4} <= {e for _, e in loads}
+        assert {2, 3, 4} <= {e for _, e in loads}
     pinned = native.runtime.cache.pinned_keys
     assert (len(pinned) > 0) == (pin_hot == "pin") and set(pinned) <= native.runtime.cache.resident_keys()
 

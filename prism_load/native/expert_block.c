@@ -26,8 +26,8 @@
  * call instead of a dozen torch ops each. Every output of a row is computed as for that row alone (the tiles
  * compute each row of x as a single-row call does), so a batch row gets prism_expert_block's bits.
  *
- * A projection may be a composite (expert_block.h: the container's int+lowrank, y = base(x) + a(b(x))): its base
- * runs through the tiles as any projection, and its correction a(b(x)) is added before the output is used
+ * A projection may be a composite (expert_block.h: the container's int+lowrank, y = base(x) + a(b(x)), or its
+ * lowrank, y = a(b(x)), whose base is no problem at all): its base runs through the tiles as any projection, and its correction a(b(x)) is added before the output is used
  * (gate and up before stage 3, down before stage 5): t = b x from the projection's fp32 input (x, or h before
  * its rounding), then y += a t, each factor's product on the integer tiles where they take it (its input rounded
  * for it, as a single call of its kernel rounds it) and by the exact kernel elsewhere (int_linear.c, run by the
@@ -53,7 +53,17 @@ static uint8_t *eb_align(uint8_t *p) { return (uint8_t *)(((uintptr_t)p + EB_ALI
 
 static int same_rounding(const q8_problem *a, const q8_problem *b) { return a->bits == b->bits && a->g == b->g; }
 
-static int eb_lowrank(const int64_t *op) { return op[0] == EB_LOWRANK; }
+static int eb_lowrank(const int64_t *op) { return op[0] == EB_LOWRANK || op[0] == EB_LOWRANK_ONLY; }
+
+/* A projection's base problem: q8_make_bound's, or for a low-rank projection without a base, one of no rows of
+ * the weight (its shape checked; nothing reads it, its output is the correction alone). */
+static int eb_make(const int64_t *op, int64_t k, int64_t n, int64_t M, int wide, q8_problem *P) {
+    if (op[0] != EB_LOWRANK_ONLY) return q8_make_bound(op, k, n, M, NULL, wide, P);
+    if (op[3] != k || op[7] != n) return -2;
+    memset(P, 0, sizeof *P);
+    P->M = M, P->K = k;
+    return 0;
+}
 
 /* Whether a packed int weight's fields are ones the exact kernel takes: k columns, n rows. */
 static int eb_factor_ok(const int64_t *w, int64_t k, int64_t n) {
@@ -103,8 +113,13 @@ static void eb_lowrank_run(eb_lowrank_part *parts, int count, int wide, int inst
         const int64_t R = p->op[EB_ARGS + 7], N = p->op[2 * EB_ARGS + 7], M = p->M;
         eb_factor_run(p, 0, p->x, p->ldx, p->t, R, wide, instructions, team);
         eb_factor_run(p, 1, p->t, R, p->u, N, wide, instructions, team);
+        if (p->op[0] == EB_LOWRANK_ONLY) { /* no base wrote y: the correction is the output */
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < M * N; j++) p->y[(j / N) * p->ldy + j % N] += p->u[j];
+            for (int64_t j = 0; j < M * N; j++) p->y[(j / N) * p->ldy + j % N] = p->u[j];
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < M * N; j++) p->y[(j / N) * p->ldy + j % N] += p->u[j];
+        }
     }
 }
 
@@ -151,8 +166,8 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
         const int64_t I = hidden[u] = g[7], M = rows[u];
         offset[u + 1] = offset[u] + M;
         /* y fields are set below, once the buffers exist */
-        if (q8_make_bound(g, H, I, M, NULL, wide, &gu[2 * u]) || q8_make_bound(up, H, I, M, NULL, wide, &gu[2 * u + 1]) ||
-            q8_make_bound(d, I, H, M, NULL, wide, &dn[u])) {
+        if (eb_make(g, H, I, M, wide, &gu[2 * u]) || eb_make(up, H, I, M, wide, &gu[2 * u + 1]) ||
+            eb_make(d, I, H, M, wide, &dn[u])) {
             free(meta);
             return -2;
         }
@@ -258,11 +273,12 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
                 for (int64_t m = 0; m < rows[u]; m++)
                     memcpy((float *)xin[u] + m * H, x + (int64_t)member[offset[u] + m] * H, sizeof(float) * (size_t)H);
 #pragma omp for schedule(static)
-        for (int i = 0; i < 2 * U; i++) /* an up projection rounded as its gate shares the gate's x */
-            if (!(i & 1) || !same_rounding(&gu[i - 1], &gu[i])) q8_prepare_x(&gu[i], xin[i / 2], H, wide, xs[i]);
+        for (int i = 0; i < 2 * U; i++) /* an up projection rounded as its gate shares the gate's x (none: no base) */
+            if (gu[i].N && (!(i & 1) || !gu[i - 1].N || !same_rounding(&gu[i - 1], &gu[i])))
+                q8_prepare_x(&gu[i], xin[i / 2], H, wide, xs[i]);
 #pragma omp single
         for (int u = 0; u < U; u++)
-            if (same_rounding(&gu[2 * u], &gu[2 * u + 1]))
+            if (gu[2 * u].N && gu[2 * u + 1].N && same_rounding(&gu[2 * u], &gu[2 * u + 1]))
                 gu[2 * u + 1].xq = gu[2 * u].xq, gu[2 * u + 1].d = gu[2 * u].d, gu[2 * u + 1].sxq = gu[2 * u].sxq;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_gu; c++) q8_chunk_run(gu, 2 * U, first_gu, step_gu, c, wide, instructions);
@@ -272,7 +288,7 @@ int prism_expert_rows(const int64_t *hdr, const int64_t *const *ops, const float
             float *gate = gu[2 * u].y;
             const float *up = gu[2 * u + 1].y;
             for (int64_t j = 0; j < rows[u] * hidden[u]; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
-            q8_prepare_x(&dn[u], gate, hidden[u], wide, hs[u]);
+            if (dn[u].N) q8_prepare_x(&dn[u], gate, hidden[u], wide, hs[u]);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks_dn; c++) q8_chunk_run(dn, U, first_dn, step_dn, c, wide, instructions);

@@ -18,50 +18,61 @@ from . import _ARGS, INTEGER_WIDE, BoundIntLinear, _check_rc, _kernel
 MAX_EXPERTS = 64  # EB_MAX_EXPERTS
 WEIGHT_POINTERS = slice(4, 7)  # qweight, scales, zeros in an int_linear argument array
 CALL_SLOTS = (0, 2, 10, 12)  # x, its rows, out, threads: a call's own slots (expert_block.c never reads them)
-LOWRANK = 1  # expert_block.h's EB_LOWRANK: the first word of a composite projection
+LOWRANK = 1  # expert_block.h's EB_LOWRANK: the first word of a composite projection with a base
+LOWRANK_ONLY = 2  # EB_LOWRANK_ONLY: of one without (a base array of its shape alone)
 PROJECTION_WORDS = 3 * _ARGS  # EB_PROJECTION_WORDS: a projection's words where it may be a composite
 
 
 class LowRankBound:
-    """A projection stored `int` + low-rank, y = base(x) + a(b(x)), as expert_block.c reads it: the three bound
-    operators' argument arrays one after another, the first word marking the composite (expert_block.h). The
-    block runs the base through its integer tiles and adds the correction a(b(x)), each factor's product on the
-    integer tiles where they take it (its input rounded for it, as a single call of the integer kernel rounds it)
-    and on the exact kernel where they do not (a narrow a: K is the rank)."""
+    """A projection stored low-rank, y = base(x) + a(b(x)) (int+lowrank) or y = a(b(x)) (lowrank: base None), as
+    expert_block.c reads it: the bound operators' argument arrays one after another, the first word marking the
+    composite (expert_block.h). The block runs the base through its integer tiles and adds the correction
+    a(b(x)), each factor's product on the integer tiles where they take it (its input rounded for it, as a single
+    call of the integer kernel rounds it) and on the exact kernel where they do not (a narrow a: K is the rank).
+    Without a base its rounding of x is the block's (activations None)."""
 
     __slots__ = ("keep", "_args", "n", "k", "activations")
 
-    def __init__(self, base: BoundIntLinear, b: BoundIntLinear, a: BoundIntLinear):
-        if b.k != base.k or a.k != b.n or a.n != base.n:
-            raise ValueError(f"a low-rank projection's factors must chain: base [{base.n}, {base.k}], b [{b.n}, "
-                             f"{b.k}], a [{a.n}, {a.k}]")
+    def __init__(self, base: BoundIntLinear | None, b: BoundIntLinear, a: BoundIntLinear):
+        n = a.n if base is None else base.n
+        if a.k != b.n or (base is not None and (b.k != base.k or a.n != base.n)):
+            shape = "none" if base is None else f"[{base.n}, {base.k}]"
+            raise ValueError(f"a low-rank projection's factors must chain: base {shape}, b [{b.n}, {b.k}], "
+                             f"a [{a.n}, {a.k}]")
         self.keep = (base, b, a)  # the tensors the arrays point at
-        words = [*base._args, *b._args, *a._args]
-        words[0] = LOWRANK
-        self._args = (ctypes.c_int64 * PROJECTION_WORDS)(*words)
-        self.n, self.k, self.activations = base.n, base.k, base.activations
+        if base is None:  # its shape alone: K at [3], N at [7]
+            head = [LOWRANK_ONLY, 0, 0, b.k, 0, 0, 0, n] + [0] * (_ARGS - 8)
+        else:
+            head = [LOWRANK, *base._args[1:]]
+        self._args = (ctypes.c_int64 * PROJECTION_WORDS)(*head, *b._args, *a._args)
+        self.n, self.k = n, b.k
+        self.activations = None if base is None else base.activations
 
 
 def native_projection(op) -> BoundIntLinear | LowRankBound | None:
     """What expert_block.c reads for one operator: its bound kernel (`native_bound()`, as PackedLinear exposes
-    it), a LowRankBound for a low-rank operator over three native ones (`native_parts()` -> (base, b, a), as
-    codecs.LowRankLinear exposes it; one without a base is not taken), else None."""
+    it), a LowRankBound for a low-rank operator over native ones (`native_parts()` -> (base or None, b, a), as
+    codecs.LowRankLinear exposes it), else None."""
     bound = getattr(op, "native_bound", None)
     if bound is not None:
         return bound()
     parts = getattr(op, "native_parts", None)
     if parts is None:
         return None
-    base, b, a = (native_projection(p) if p is not None else None for p in parts())
-    if not all(isinstance(p, BoundIntLinear) for p in (base, b, a)):
+    base_op, b_op, a_op = parts()
+    base, b, a = (None if p is None else native_projection(p) for p in (base_op, b_op, a_op))
+    if not (isinstance(b, BoundIntLinear) and isinstance(a, BoundIntLinear)) or (
+            base_op is not None and not isinstance(base, BoundIntLinear)):
         return None
-    return LowRankBound(base, b, a) if b.k == base.k and a.k == b.n and a.n == base.n else None
+    if a.k != b.n or (base is not None and (b.k != base.k or a.n != base.n)):
+        return None
+    return LowRankBound(base, b, a)
 
 
 def _words(address: int) -> list[int]:
     """A projection's argument words, PROJECTION_WORDS of them (a plain one's array, then zeros)."""
     words = list((ctypes.c_int64 * _ARGS).from_address(address))
-    if words[0] == LOWRANK:
+    if words[0] in (LOWRANK, LOWRANK_ONLY):
         return list((ctypes.c_int64 * PROJECTION_WORDS).from_address(address))
     return words + [0] * (PROJECTION_WORDS - _ARGS)
 
@@ -74,10 +85,10 @@ class BlockOps:
     __slots__ = ("addresses", "wide", "hidden", "keep")
 
     def __init__(self, gate: BoundIntLinear | LowRankBound, up: BoundIntLinear | LowRankBound,
-                 down: BoundIntLinear | LowRankBound):
+                 down: BoundIntLinear | LowRankBound, activations: str | None = None):
         self.keep = (gate, up, down)  # the argument arrays (and the tensors they point at) live as long as this
         self.addresses = tuple(ctypes.addressof(op._args) for op in self.keep)
-        self.wide = INTEGER_WIDE[gate.activations]
+        self.wide = INTEGER_WIDE[activations or gate.activations]  # the block's rounding of x
         self.hidden = down.n  # H: the width of x and of the output
 
     def arguments(self) -> np.ndarray:
@@ -98,10 +109,12 @@ class BlockTemplate:
 
     def __init__(self, block: BlockOps, base: int):
         args = block.arguments().reshape(3, 3, _ARGS)  # projection, array (base, b, a), word
-        composite = args[:, 0, 0] == LOWRANK
+        marks = np.where(np.isin(args[:, 0, 0], (LOWRANK, LOWRANK_ONLY)), args[:, 0, 0], 0)
         args[:, :, CALL_SLOTS] = 0
-        args[:, 0, 0] = np.where(composite, LOWRANK, 0)
-        arrays = [(j, part) for j in range(3) for part in range(3 if composite[j] else 1)]
+        args[:, 0, 0] = marks
+        # the arrays with weights: a plain projection's, a composite's base (where it has one) and factors
+        arrays = [(j, part) for j in range(3) for part in range(3 if marks[j] else 1)
+                  if not (part == 0 and marks[j] == LOWRANK_ONLY)]
         for j, part in arrays:
             args[j, part, WEIGHT_POINTERS] -= base
         # the flat positions of the weight pointers `at` moves
@@ -133,12 +146,16 @@ def block_ops(gate, up, down) -> BlockOps | None:
     Operators expose their BoundIntLinear as `native_bound()` (PackedLinear does), a low-rank one its parts as
     `native_parts()` (native_projection)."""
     bound = [native_projection(op) for op in (gate, up, down)]
-    if any(b is None for b in bound) or len({b.activations for b in bound}) != 1:
+    if any(b is None for b in bound):
         return None
+    # the rounding of x: the projections' with a base; low-rank ones alone take the block's (all of them low-rank:
+    # their first factor's kernel)
+    acts = {b.activations for b in bound if b.activations is not None} or {bound[0].keep[1].activations}
+    activations = acts.pop() if len(acts) == 1 else None
     g, u, d = bound
-    if g.activations not in INTEGER_WIDE or g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k:
+    if activations not in INTEGER_WIDE or g.k != u.k or g.n != u.n or d.k != g.n or d.n != g.k:
         return None
-    return BlockOps(g, u, d)
+    return BlockOps(g, u, d, activations)
 
 
 def one_rounding(blocks: list) -> list[BlockOps] | None:

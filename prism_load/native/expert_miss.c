@@ -305,8 +305,8 @@ int prism_expert_miss_step(int64_t *nm, int64_t l, const int64_t *ids, int64_t k
         memcpy(args, (const int64_t *)(intptr_t)NM_PTR(nm, NM_TEMPLATE, int64_t)[key], sizeof(int64_t) * NM_BLOCK_WORDS);
         for (int j = 0; j < 3; j++) {
             int64_t *projection = args + j * EB_PROJECTION_WORDS;
-            const int arrays = projection[0] == EB_LOWRANK ? 3 : 1;
-            for (int part = 0; part < arrays; part++)
+            const int kind = (int)projection[0], arrays = kind == EB_LOWRANK || kind == EB_LOWRANK_ONLY ? 3 : 1;
+            for (int part = kind == EB_LOWRANK_ONLY; part < arrays; part++) /* a base of no weights stays 0 */
                 for (int s = 4; s < 7; s++) projection[part * NM_ARGS + s] += slab;
         }
         const int64_t ptrs[3] = {(int64_t)(intptr_t)args, (int64_t)(intptr_t)(args + EB_PROJECTION_WORDS),
