@@ -31,10 +31,10 @@
  * (gate and up before stage 3, down before stage 5): t = b x from the projection's fp32 input (x, or h before
  * its rounding), then y += a t, each factor's product on the integer tiles where they take it (its input rounded
  * for it, as a single call of its kernel rounds it) and by the exact kernel elsewhere (int_linear.c, run by the
- * block's threads: prism_int_linear_team), each output summed by one thread in a fixed order. Why: such an expert was no native
- * block, so every step routed to it left the decode loop for Python (on the reference model one expert of 48:
- * a callback on a fifth of the tokens, 6% of the resident token and 11% of a token behind a half-size cache).
- * The factors are a small share of the projection's multiply-adds (rank x (K + N) against K x N). */
+ * block's threads: prism_int_linear_team), each output summed by one thread in a fixed order. Why: such an
+ * expert was no native block, so every step routed to it left the decode loop for Python (README, "Low-rank
+ * corrections in the native block"). The factors are a small share of the projection's multiply-adds
+ * (rank x (K + N) against K x N). */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
