@@ -83,6 +83,24 @@ def one_by_one(x, experts, weights):
     return out
 
 
+def rows_as_alone_on_one_and_two_threads(x, experts, rows, weights) -> list[torch.Tensor]:
+    """expert_rows of the batch (rows[b]: the indices into experts of row b's route) on one and on two threads,
+    each row checked bit for bit against expert_block on that row alone; the two outputs."""
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = expert_rows(x, [[experts[e] for e in r] for r in rows], weights)
+            for b, r in enumerate(rows):
+                alone = expert_block(x[b : b + 1], [experts[e] for e in r], weights[b])
+                assert torch.equal(out[b : b + 1], alone), f"row {b}, {threads} threads"
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    return outs
+
+
 def close(a, b, tol=2e-6):
     err = (a.double() - b.double()).norm() / b.double().norm()
     assert err < tol, f"relative error {err:.3g}"
@@ -188,25 +206,14 @@ def test_int_plus_lowrank_rows_and_threads_give_the_same_bits(q8):
     x = torch.randn(4, H, generator=torch.Generator().manual_seed(1))
     rows = [[0, 1], [2, 0], [1, 2], [0, 2]]
     weights = torch.rand(4, 2, generator=torch.Generator().manual_seed(2))
-    outs = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out = expert_rows(x, [[experts[e] for e in r] for r in rows], weights)
-            for b, r in enumerate(rows):
-                assert torch.equal(out[b : b + 1], expert_block(x[b : b + 1], [experts[e] for e in r], weights[b]))
-            outs.append(out)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+    one, two = rows_as_alone_on_one_and_two_threads(x, experts, rows, weights)
+    assert torch.equal(one, two)
 
 
 def test_lowrank_operators_become_native_blocks_only_with_a_native_base_and_factors(q8):
     """block_ops takes a LowRankLinear over native operators (native_parts; without a base too, kind lowrank) and
     declines one whose base is no native operator, with a tensor factor (bf16 factors), or whose factors do not
-    chain; the C side checks the
-    factors' shapes too (a corrupted composite is refused, not read out of bounds)."""
+    chain; the C side checks the factors' shapes too (a corrupted composite is refused, not read out of bounds)."""
     g, u = Op(bound(INTER, H, 4, 64, 1, "int16")), Op(bound(INTER, H, 4, 64, 2, "int16"))
     base, b, a = bound(H, INTER, 2, 64, 3, "int16"), bound(8, INTER, 8, 64, 4, "fp32"), bound(H, 8, 8, 8, 5, "fp32")
     block = block_ops(g, u, LowRankLinear(Op(a), Op(b), Op(base)))
@@ -236,16 +243,7 @@ def test_rows_of_a_batch_get_each_rows_bits(q8, act, batch):
     rows = [[(b + j) % 4 for j in range(2)] for b in range(batch)]
     rows[0].reverse()
     weights = torch.rand(batch, 2, generator=gen)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out = expert_rows(x, [[experts[e] for e in r] for r in rows], weights)
-            for b, r in enumerate(rows):
-                alone = expert_block(x[b : b + 1], [experts[e] for e in r], weights[b])
-                assert torch.equal(out[b : b + 1], alone), f"row {b}, {threads} threads"
-    finally:
-        torch.set_num_threads(before)
+    rows_as_alone_on_one_and_two_threads(x, experts, rows, weights)
 
 
 def test_rows_refusals_say_what_is_wrong(q8):
