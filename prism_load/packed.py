@@ -40,7 +40,7 @@ from dataclasses import replace
 import torch
 
 from . import kernels, native  # native compiles nothing at import (native.available() builds on first use)
-from .container.codecs import LowRankLinear, unpack_bits
+from .container.codecs import LowRankLinear, kept_factored, unpack_bits
 from .container.format import Encoding, packed_row_bytes
 from .errors import ContainerError
 from .models.linear import linear
@@ -379,7 +379,7 @@ class ExpertPacker:
         if enc.kind in ("bf16", "fp16", "fp32"):
             return tensors["weight"].to(self.dtype, copy=True)
         parts = enc.parts()
-        if enc.kind == "lowrank" and enc.rank * sum(enc.shape) >= enc.shape[0] * enc.shape[1]:
+        if enc.kind == "lowrank" and not kept_factored(enc):
             return self._dense(enc, tensors)  # factors larger than the matrix: as the decoded form does
         a = self.linear(parts["lr_a"], _sub(tensors, "lr_a"), count)
         b = self.linear(parts["lr_b"], _sub(tensors, "lr_b"), count)
@@ -417,7 +417,7 @@ class ExpertPacker:
         (int factors and base: an int+lowrank projection of the native expert block, expert_block.h)."""
         if enc.kind == "int":
             return is_view_of_stored(enc, self.backend(enc))
-        if enc.kind == "int+lowrank" or (enc.kind == "lowrank" and enc.rank * sum(enc.shape) < enc.shape[0] * enc.shape[1]):
+        if enc.kind == "int+lowrank" or kept_factored(enc):
             return all(self._used_as_stored(part) for part in enc.parts().values())
         return False
 

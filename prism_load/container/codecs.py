@@ -160,12 +160,16 @@ def op_nbytes(op) -> int:
     return op.numel() * op.element_size() if isinstance(op, torch.Tensor) else op.nbytes
 
 
+def kept_factored(enc: Encoding) -> bool:
+    """Whether the runtime keeps a `lowrank` encoding as its factors: they hold fewer values than the dense matrix
+    (rank x (out + in) < out x in); else it decodes them dense. The decoded form, the packed form and the stores'
+    sizes all follow this one rule."""
+    return enc.kind == "lowrank" and enc.rank * sum(enc.shape) < math.prod(enc.shape)
+
+
 def decode_linear(enc: Encoding, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
     """Runtime form: a dense tensor, or a LowRankLinear when keeping the factors is smaller than dense."""
-    if enc.kind != "lowrank":
-        return decode(enc, tensors, dtype)
-    out, inp = enc.shape
-    if enc.rank * (out + inp) >= out * inp:
+    if not kept_factored(enc):
         return decode(enc, tensors, dtype)
     a = decode(enc.parts()["lr_a"], _sub(tensors, "lr_a"), dtype)
     b = decode(enc.parts()["lr_b"], _sub(tensors, "lr_b"), dtype)

@@ -35,7 +35,7 @@ class LowRankBound:
 
     def __init__(self, base: BoundIntLinear | None, b: BoundIntLinear, a: BoundIntLinear):
         n = a.n if base is None else base.n
-        if a.k != b.n or (base is not None and (b.k != base.k or a.n != base.n)):
+        if not _chains(base, b, a):
             shape = "none" if base is None else f"[{base.n}, {base.k}]"
             raise ValueError(f"a low-rank projection's factors must chain: base {shape}, b [{b.n}, {b.k}], "
                              f"a [{a.n}, {a.k}]")
@@ -64,9 +64,12 @@ def native_projection(op) -> BoundIntLinear | LowRankBound | None:
     if not (isinstance(b, BoundIntLinear) and isinstance(a, BoundIntLinear)) or (
             base_op is not None and not isinstance(base, BoundIntLinear)):
         return None
-    if a.k != b.n or (base is not None and (b.k != base.k or a.n != base.n)):
-        return None
-    return LowRankBound(base, b, a)
+    return LowRankBound(base, b, a) if _chains(base, b, a) else None
+
+
+def _chains(base: BoundIntLinear | None, b: BoundIntLinear, a: BoundIntLinear) -> bool:
+    """Whether b [R, K] and a [N, R] compose, and match the base [N, K] where there is one."""
+    return a.k == b.n and (base is None or (b.k == base.k and a.n == base.n))
 
 
 def _words(address: int) -> list[int]:

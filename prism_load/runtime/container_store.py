@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import kernels
-from ..container.codecs import codes_nbytes
+from ..container.codecs import codes_nbytes, kept_factored
 from ..container.format import Encoding, aligned
 from ..container.reader import codes_layout, decode_expert
 from ..models.moe import ExpertWeights
@@ -42,7 +42,7 @@ def decoded_nbytes(encodings: dict[str, Encoding], dtype: torch.dtype, codes: bo
     for name, enc in encodings.items():
         if as_codes.get(name):
             total += codes_nbytes(enc)
-        elif enc.kind == "lowrank" and enc.rank * sum(enc.shape) < math.prod(enc.shape):
+        elif kept_factored(enc):
             total += enc.rank * sum(enc.shape) * dtype.itemsize
         else:
             total += math.prod(enc.shape) * dtype.itemsize
